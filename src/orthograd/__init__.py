@@ -1,0 +1,24 @@
+"""orthograd: machine unlearning by per-sample gradient orthogonalization (OrthoGrad), baselines and benchmarks."""
+
+from orthograd import methods
+from orthograd.api import UnlearnResult, unlearn
+from orthograd.geometry import project_out
+from orthograd.grads import per_sample_grads
+from orthograd.lora import LoRAConfig, attach_lora, merge_lora
+from orthograd.metrics import accuracy, uis
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRAConfig",
+    "UnlearnResult",
+    "__version__",
+    "accuracy",
+    "attach_lora",
+    "merge_lora",
+    "methods",
+    "per_sample_grads",
+    "project_out",
+    "uis",
+    "unlearn",
+]

@@ -1,0 +1,249 @@
+"""``unlearn()``: one call that wires task, method, data, evaluation and stopping into a run.
+
+The runner owns what every method shares, so that comparisons are fair: the same working copy of the model, the
+same LoRA adapters (for a given seed), the same evaluation schedule and the same stopping rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from orthograd import methods
+from orthograd.lora import LoRAConfig, attach_lora, merge_lora
+from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
+from orthograd.stopping import StopRule, resolve_stop
+from orthograd.tasks import Task, get_task
+
+log = logging.getLogger(__name__)
+EVAL_BATCH_SIZE = 512
+ProgressCallback = Callable[[Mapping[str, Any]], None]
+
+
+@dataclass
+class UnlearnResult:
+    """What a run produced: the unlearned model and an account of how it got there."""
+
+    model: nn.Module
+    method: str
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+    stop_reason: str  # "target_reached" | "max_epochs" | "one_shot" | "non_finite"
+    steps: int
+    epochs: int
+    wall_time_s: float
+    original: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last evaluation row (the state of the returned model)."""
+        return self.history[-1]
+
+
+def unlearn(
+    model: nn.Module,
+    forget: Dataset | DataLoader,
+    retain: Dataset | DataLoader,
+    *,
+    method: str = "orthograd",
+    task: str | Task = "classification",
+    stop: str | StopRule | None = None,
+    test: Dataset | DataLoader | None = None,
+    max_epochs: int = 30,
+    eval_every: int | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    inplace: bool = False,
+    num_classes: int | None = None,
+    forget_classes: Iterable[int] = (),
+    on_eval: ProgressCallback | None = None,
+    config: MethodConfig | None = None,
+    **method_kwargs: Any,
+) -> UnlearnResult:
+    """Remove the influence of ``forget`` from ``model`` using ``retain`` (and nothing else) with ``method``.
+
+    ``forget``, ``retain`` and ``test`` are datasets or DataLoaders of the task's batches. ``stop`` is the paper's
+    rule: ``"random"`` (forget accuracy within 0.5 points of the original test accuracy, or lower; needs
+    ``test``), ``"class"`` (forget accuracy below 1%), a callable on a history row, or None (run ``max_epochs``).
+    Evaluation runs after every epoch, and every ``eval_every`` optimizer steps when given. ``method_kwargs``
+    (or ``config=``) are the method's hyperparameters, e.g. ``alpha``, ``lr``, ``lora``, ``retain_grads``.
+    The input model is left untouched unless ``inplace=True``. Returns an ``UnlearnResult``.
+    """
+    if config is not None and method_kwargs:
+        raise ValueError("pass hyperparameters either as config= or as keyword arguments, not both")
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1 or None, got {eval_every}")
+    method_cls = methods.get(method)
+    cfg = methods.make_config(method, config if config is not None else method_kwargs)
+    task_adapter = get_task(task)
+    if method_cls.tasks is not None and task_adapter.name not in method_cls.tasks:
+        raise ValueError(f"method {method!r} supports tasks {list(method_cls.tasks)}, not {task_adapter.name!r}")
+    run_device = resolve_device(device)
+    _check_not_empty(forget=forget, retain=retain)
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    working = model if inplace else copy.deepcopy(model)
+    working.to(run_device)
+    evaluator = _Evaluator(task_adapter, run_device, forget=forget, retain=retain, test=test)
+    started = time.perf_counter()
+    original = evaluator(working)
+    stop_rule = resolve_stop(stop, original=original)
+
+    lora: LoRAConfig | None = getattr(cfg, "lora", None)
+    adapted = attach_lora(working, lora, seed=seed) if lora is not None else working
+    if lora is None:
+        for p in adapted.parameters():
+            p.requires_grad_(True)
+    context = MethodContext(
+        model=adapted,
+        task=task_adapter,
+        forget=forget,
+        retain=retain,
+        device=run_device,
+        generator=generator,
+        num_classes=num_classes,
+        forget_classes=tuple(forget_classes),
+    )
+    runner = _Run(method_cls(cfg, context), evaluator, stop_rule, on_eval, started)
+    runner.record(step=0, epoch=0, metrics=original, stats={})
+    stop_reason = runner.loop(max_epochs=max_epochs, eval_every=eval_every)
+    final = merge_lora(adapted)
+    final.eval()
+    return UnlearnResult(
+        model=final,
+        method=method,
+        config=cfg.to_dict(),
+        history=runner.history,
+        stop_reason=stop_reason,
+        steps=runner.steps,
+        epochs=runner.epochs,
+        wall_time_s=time.perf_counter() - started,
+        original=original,
+    )
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (CUDA when available and none is named); a missing CUDA device is a clear error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was requested but CUDA is not available here; use device='cpu'")
+    return resolved
+
+
+def _check_not_empty(**sets: Dataset | DataLoader) -> None:
+    for name, data in sets.items():
+        size = len(data.dataset) if isinstance(data, DataLoader) else len(data)  # type: ignore[arg-type]
+        if size == 0:
+            raise ValueError(f"the {name} set is empty: unlearning needs at least one {name} sample")
+
+
+class _Evaluator:
+    """Computes the task metric on forget, retain and (if given) test data."""
+
+    def __init__(self, task: Task, device: torch.device, **sets: Dataset | DataLoader | None) -> None:
+        self.task = task
+        self.device = device
+        self.loaders = {name: self._loader(data) for name, data in sets.items() if data is not None}
+
+    def _loader(self, data: Dataset | DataLoader) -> DataLoader:
+        if isinstance(data, DataLoader):
+            return data
+        return DataLoader(data, batch_size=EVAL_BATCH_SIZE, shuffle=False, collate_fn=self.task.collate_fn())
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        return {name: self.task.evaluate(model, loader, device=self.device) for name, loader in self.loaders.items()}
+
+
+class _Run:
+    """The epoch/step loop: evaluation schedule, stopping, non-finite guard and history."""
+
+    def __init__(
+        self,
+        method: UnlearningMethod,
+        evaluator: _Evaluator,
+        stop_rule: StopRule | None,
+        on_eval: ProgressCallback | None,
+        started: float,
+    ) -> None:
+        self.method = method
+        self.evaluator = evaluator
+        self.stop_rule = stop_rule
+        self.on_eval = on_eval
+        self.started = started
+        self.history: list[dict[str, Any]] = []
+        self.steps = 0
+        self.epochs = 0
+        self._last_good = self._snapshot()
+
+    @property
+    def model(self) -> nn.Module:
+        return self.method.context.model
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _restore_last_good(self) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self._last_good.items():
+                params[name].copy_(value)
+
+    def record(self, *, step: int, epoch: int, metrics: Mapping[str, float], stats: Mapping[str, float]) -> bool:
+        """Append a history row; True when the stop rule says the target is reached."""
+        row = {"step": step, "epoch": epoch, **metrics, **stats, "time_s": time.perf_counter() - self.started}
+        self.history.append(row)
+        if self.on_eval is not None:
+            self.on_eval(row)
+        return self.stop_rule is not None and bool(self.stop_rule(row))
+
+    def evaluate(self, stats: Mapping[str, float]) -> bool:
+        self._last_good = self._snapshot()
+        return self.record(step=self.steps, epoch=self.epochs, metrics=self.evaluator(self.model), stats=stats)
+
+    def loop(self, *, max_epochs: int, eval_every: int | None) -> str:
+        if self.stop_rule is not None and self.stop_rule(self.history[-1]):
+            return "target_reached"
+        self.model.train(self.method.train_mode)
+        for epoch in range(1, max_epochs + 1):
+            totals: dict[str, float] = {}
+            count = 0
+            for stats in self.method.run_epoch(epoch):
+                self.steps += 1
+                if not all(math.isfinite(v) for v in stats.values()):
+                    log.warning("non-finite value at step %d (%s); restoring the last good state", self.steps, stats)
+                    self._restore_last_good()
+                    self.history[-1]["non_finite_step"] = self.steps
+                    return "non_finite"
+                count += 1
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                if eval_every is not None and self.steps % eval_every == 0:
+                    if self._evaluate_in_loop({k: v / count for k, v in totals.items()}):
+                        return "target_reached"
+            self.epochs = epoch
+            if self.method.one_shot:
+                self.evaluate({})
+                return "one_shot"
+            if eval_every is None or self.steps % eval_every != 0:
+                if self._evaluate_in_loop({k: v / max(count, 1) for k, v in totals.items()}):
+                    return "target_reached"
+        return "max_epochs"
+
+    def _evaluate_in_loop(self, stats: Mapping[str, float]) -> bool:
+        reached = self.evaluate(stats)
+        self.model.train(self.method.train_mode)
+        return reached

@@ -1,0 +1,147 @@
+"""The method interface: a config dataclass plus an object that runs epochs of optimizer steps.
+
+Each unlearning method lives in its own module: a ``MethodConfig`` subclass whose defaults are the source's and
+whose ``__post_init__`` validates them, and an ``UnlearningMethod`` subclass registered by name. The runner
+(``orthograd.api.unlearn``) owns everything the methods share: copying the model, attaching LoRA, evaluation,
+stopping and merging. A method only says what one epoch of its updates is.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import itertools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from orthograd.lora import LoRAConfig
+from orthograd.tasks.base import Task
+
+OptimizerName = Literal["sgd", "adam", "adamw"]
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's hyperparameters: dict round trip with unknown keys rejected."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, LoRAConfig) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "MethodConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s) {unknown} for {cls.__name__}; valid: {sorted(known)}")
+        kwargs = dict(values)
+        if "lora" in kwargs:
+            kwargs["lora"] = LoRAConfig.from_value(kwargs["lora"])
+        return cls(**kwargs)
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+@dataclass
+class IterativeConfig(MethodConfig):
+    """Settings shared by methods that train: what is trainable, batch sizes and the optimizer.
+
+    ``lora`` is the fairness policy of the library: every iterative method trains the same LoRA adapters as
+    OrthoGrad (r=8, alpha=32 by default, same initialisation for a given seed); ``None`` trains all parameters.
+    """
+
+    lr: float = 1e-3
+    forget_batch_size: int = 128
+    retain_batch_size: int = 256
+    optimizer: OptimizerName = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lora: LoRAConfig | None = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        _check_positive(lr=self.lr, forget_batch_size=self.forget_batch_size, retain_batch_size=self.retain_batch_size)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError("momentum and weight_decay must be >= 0")
+        self.lora = LoRAConfig.from_value(self.lora)
+
+
+@dataclass
+class MethodContext:
+    """What a method may use: the working model, the task, the data and the run's randomness."""
+
+    model: nn.Module
+    task: Task
+    forget: Dataset | DataLoader
+    retain: Dataset | DataLoader
+    device: torch.device
+    generator: torch.Generator
+    num_classes: int | None = None
+    forget_classes: tuple[int, ...] = ()
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def loader(self, which: Literal["forget", "retain"], *, batch_size: int, shuffle: bool = True) -> DataLoader:
+        """A DataLoader over the forget or retain data (a user's DataLoader is used as given)."""
+        data = self.forget if which == "forget" else self.retain
+        if isinstance(data, DataLoader):
+            return data
+        return DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=self.generator,
+            collate_fn=self.task.collate_fn(),
+        )
+
+    def batches(self, loader: DataLoader) -> Iterator[Any]:
+        """Batches of ``loader`` moved to the run's device."""
+        for batch in loader:
+            yield self.task.to_device(batch, self.device)
+
+    def endless(self, loader: DataLoader) -> Iterator[Any]:
+        """Batches of ``loader`` forever, reshuffled at each pass (for the set that is cycled)."""
+        for _ in itertools.count():
+            yield from self.batches(loader)
+
+
+def make_optimizer(config: IterativeConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer named in the config over ``params``."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+class UnlearningMethod(abc.ABC):
+    """One unlearning algorithm. Subclasses set ``name`` and ``config_class`` and implement ``run_epoch``."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    one_shot: ClassVar[bool] = False  # True: a single weight edit, no training loop
+    tasks: ClassVar[tuple[str, ...] | None] = None  # task names it supports (None: any)
+    train_mode: ClassVar[bool] = False  # model.train() during updates (BatchNorm/dropout), as the source does
+
+    def __init__(self, config: MethodConfig, context: MethodContext) -> None:
+        self.config = config
+        self.context = context
+
+    @abc.abstractmethod
+    def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
+        """Run one epoch, yielding after every optimizer step a dict of scalar statistics (e.g. losses)."""

@@ -1,0 +1,33 @@
+"""Stopping rules of the paper (Section 5.2), as predicates on an evaluation row of the run history."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+StopRule = Callable[[Mapping[str, Any]], bool]
+RANDOM_TOLERANCE_POINTS = 0.5
+CLASS_THRESHOLD_PERCENT = 1.0
+
+
+def random_forgetting_rule(*, original_test: float, tolerance: float = RANDOM_TOLERANCE_POINTS) -> StopRule:
+    """Stop once forget accuracy is within ``tolerance`` points of the original test accuracy, or lower."""
+    return lambda row: row["forget"] <= original_test + tolerance
+
+
+def class_forgetting_rule(*, threshold: float = CLASS_THRESHOLD_PERCENT) -> StopRule:
+    """Stop once forget accuracy is below ``threshold`` percent."""
+    return lambda row: row["forget"] < threshold
+
+
+def resolve_stop(stop: str | StopRule | None, *, original: Mapping[str, float]) -> StopRule | None:
+    """Turn the ``stop=`` argument of ``unlearn`` into a predicate (None: run to ``max_epochs``)."""
+    if stop is None or callable(stop):
+        return stop
+    if stop == "class":
+        return class_forgetting_rule()
+    if stop == "random":
+        if "test" not in original:
+            raise ValueError("stop='random' compares with the original test accuracy: pass test=<held-out data>")
+        return random_forgetting_rule(original_test=original["test"])
+    raise ValueError(f"stop must be None, 'random', 'class' or a callable(history_row) -> bool; got {stop!r}")

@@ -1,0 +1,52 @@
+"""Classification: batches are ``(inputs, labels)``, the loss is cross-entropy and the metric accuracy."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from orthograd.tasks.base import Task
+
+
+class ClassificationTask(Task):
+    """Cross-entropy per sample; accuracy in percent."""
+
+    name: ClassVar[str] = "classification"
+    metric: ClassVar[str] = "accuracy"
+    higher_is_better: ClassVar[bool] = True
+
+    def logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        inputs, _ = batch
+        return model(inputs)
+
+    def per_sample_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        _, labels = batch
+        return F.cross_entropy(self.logits(model, batch), labels, reduction="none")
+
+    def mean_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        _, labels = batch
+        return F.cross_entropy(self.logits(model, batch), labels)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> float:
+        was_training = model.training
+        model.eval()
+        correct = total = 0
+        try:
+            for batch in loader:
+                inputs, labels = self.to_device(batch, device)
+                correct += int((model(inputs).argmax(dim=1) == labels).sum())
+                total += int(labels.numel())
+        finally:
+            model.train(was_training)
+        if total == 0:
+            raise ValueError("cannot evaluate accuracy on an empty set")
+        return 100.0 * correct / total
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        inputs, labels = batch
+        return inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
