@@ -9,6 +9,7 @@ stopping and merging. A method only says what one epoch of its updates is.
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import itertools
 from collections.abc import Iterator, Mapping
@@ -92,6 +93,19 @@ class MethodContext:
     generator: torch.Generator
     num_classes: int | None = None
     forget_classes: tuple[int, ...] = ()
+    _teacher: nn.Module | None = field(default=None, init=False, repr=False)
+
+    def teacher(self) -> nn.Module:
+        """A frozen copy of the model as it was before unlearning (eval mode, no gradients).
+
+        Call it before the first update (e.g. in the method's ``__init__``): the copy is taken on first call.
+        LoRA adapters start with B = 0, so the copy computes exactly the original model's function.
+        """
+        if self._teacher is None:
+            self._teacher = copy.deepcopy(self.model).eval()
+            for p in self._teacher.parameters():
+                p.requires_grad_(False)
+        return self._teacher
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
