@@ -6,8 +6,23 @@ import abc
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+
+
+IGNORE_INDEX = -100
+
+
+def per_sample_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per sample; for ``[B, T, V]`` logits the mean over each sample's non-ignored tokens."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE_INDEX)
+    token_losses = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
+    ).view_as(targets)
+    counts = (targets != IGNORE_INDEX).sum(dim=1).clamp_min(1)
+    return token_losses.sum(dim=1) / counts
 
 
 class Task(abc.ABC):
@@ -18,8 +33,20 @@ class Task(abc.ABC):
     higher_is_better: ClassVar[bool]
 
     @abc.abstractmethod
+    def logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Unnormalised scores: ``[B, C]`` for classification, ``[B, T, V]`` for sequences (teacher forced)."""
+
+    @abc.abstractmethod
+    def targets(self, batch: Any) -> torch.Tensor:
+        """Gold labels aligned with ``logits``: ``[B]`` or ``[B, T]`` with ``IGNORE_INDEX`` at padding."""
+
+    @abc.abstractmethod
+    def replace_targets(self, batch: Any, targets: torch.Tensor) -> Any:
+        """The same batch with other labels (e.g. sampled ones, for a Monte-Carlo Fisher)."""
+
     def per_sample_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """Loss of each sample in the batch, shape ``[k]``; differentiable with respect to the model."""
+        """Cross-entropy of each sample, shape ``[k]`` (sequences: mean over the sample's labelled tokens)."""
+        return per_sample_cross_entropy(self.logits(model, batch), self.targets(batch))
 
     def mean_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Mean loss over the batch (what ordinary gradient descent differentiates)."""

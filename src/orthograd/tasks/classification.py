@@ -23,13 +23,14 @@ class ClassificationTask(Task):
         inputs, _ = batch
         return model(inputs)
 
-    def per_sample_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        _, labels = batch
-        return F.cross_entropy(self.logits(model, batch), labels, reduction="none")
+    def targets(self, batch: Any) -> torch.Tensor:
+        return batch[1]
+
+    def replace_targets(self, batch: Any, targets: torch.Tensor) -> Any:
+        return batch[0], targets
 
     def mean_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        _, labels = batch
-        return F.cross_entropy(self.logits(model, batch), labels)
+        return F.cross_entropy(self.logits(model, batch), self.targets(batch))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> float:
