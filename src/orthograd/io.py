@@ -1,0 +1,89 @@
+"""Crash-safe file output: atomic whole-file writes and an append-only JSON-lines results log.
+
+A result file is either the old version or the new one, never half of each (temp file + fsync + rename), and a
+results log never ends in a half-written record that a reader would trust (each record is one line written and
+fsynced at once; a torn last line from a crash is ignored when reading and cut off before the next append).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Atomic text write (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, payload: Any) -> None:
+    """Atomic, human-readable JSON write."""
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+class ResultsLog:
+    """Append-only JSON-lines file of run records, safe to resume after a crash or Ctrl-C."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every complete record; a torn final line (crash mid-write) is skipped."""
+        return list(self._iter_records())
+
+    def _iter_records(self) -> Iterator[dict[str, Any]]:
+        if not self.path.exists():
+            return
+        with self.path.open("r", encoding="utf-8") as handle:
+            for line in handle:
+                if not line.endswith("\n"):
+                    return  # torn last line: never trusted
+                stripped = line.strip()
+                if stripped:
+                    yield json.loads(stripped)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Append one record as a single fsynced line (a torn tail from an earlier crash is cut first)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_torn_tail()
+        line = json.dumps(dict(record), sort_keys=True, default=_json_default) + "\n"
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _truncate_torn_tail(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with self.path.open("r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
