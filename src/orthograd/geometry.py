@@ -82,14 +82,15 @@ def _split_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tens
     return [part.view_as(t) for part, t in zip(torch.split(flat, sizes), like)]
 
 
-def _default_rcond(dtype: torch.dtype) -> float:
+def default_rcond(dtype: torch.dtype) -> float:
+    """The default relative singular-value cut-off for gradients of ``dtype``: ten machine epsilons."""
     return 10.0 * torch.finfo(dtype).eps
 
 
 def _project_flat(g: torch.Tensor, G: torch.Tensor, method: str, rcond: float | None) -> torch.Tensor:
     if G.shape[0] == 0:
         return g.clone()
-    cutoff = _default_rcond(torch.promote_types(g.dtype, G.dtype)) if rcond is None else rcond
+    cutoff = default_rcond(torch.promote_types(g.dtype, G.dtype)) if rcond is None else rcond
     if method == "qr":
         return _project_qr(g, G, cutoff)
     gram, Gg = _gram_and_product(G, g)
@@ -118,14 +119,23 @@ def _project_gram(
     g: torch.Tensor, G: torch.Tensor, gram: torch.Tensor, Gg: torch.Tensor, rcond: float
 ) -> torch.Tensor:
     """Solve (G G^T) c = G g in float64 with an eigenvalue cut-off; return g - G^T c."""
+    return _subtract_combination(g, G, gram_coefficients(gram, Gg, rcond=rcond))
+
+
+def gram_coefficients(gram: torch.Tensor, Gg: torch.Tensor, *, rcond: float) -> torch.Tensor:
+    """Coefficients c with G^T c the projection of g onto span(rows of G), from ``gram = G G^T`` and ``Gg = G g``.
+
+    Solves the k x k system in float64 by an eigen-decomposition; eigenvalues below ``rcond**2`` times the largest
+    (dependent retain gradients) are dropped. Engines that never form ``G`` (layer-wise Gram blocks) use this too.
+    """
+    gram, Gg = gram.double(), Gg.double()
     eigvals, eigvecs = torch.linalg.eigh(gram)
     top = eigvals.max()
     if top <= 0:
-        return g.clone()
+        return torch.zeros_like(Gg)
     keep = eigvals > (rcond**2) * top
     inverse = torch.where(keep, 1.0 / torch.where(keep, eigvals, torch.ones_like(eigvals)), torch.zeros_like(eigvals))
-    coeffs = eigvecs @ (inverse * (eigvecs.T @ Gg))
-    return _subtract_combination(g, G, coeffs)
+    return eigvecs @ (inverse * (eigvecs.T @ Gg))
 
 
 def _gram_and_product(G: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

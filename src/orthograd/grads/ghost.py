@@ -1,0 +1,222 @@
+"""Ghost engine: the k x k Gram matrix of per-sample gradients, ``G g`` and ``G^T w`` without forming ``G``.
+
+OrthoGrad needs from the per-sample retain gradients ``G`` ([k, d]) only ``G G^T``, ``G g_u`` and a weighted sum
+``G^T w``. Per layer these follow from the layer's input and the gradient of the summed loss with respect to its
+output (the "book-keeping" / ghost-norm idea of differentially private training, here extended from norms to
+inner products). One forward and one backward of the retain batch, with a forward hook on every layer that owns
+trainable parameters, capture both: the hook keeps the input and the output's gradient edge, and
+``torch.autograd.grad`` returns the output gradients without computing any parameter gradient (edges, unlike
+full backward hooks, survive the in-place ReLU of torchvision's ResNet). ``ghost_layers`` turns them into pieces.
+
+``chunk_size`` processes the retain batch in chunks of samples (bounding the autograd memory); Gram blocks between
+chunks are accumulated from the stored pieces. BatchNorm runs in eval mode (per-sample gradients of a batch-mixing
+layer do not exist), as in the torch.func engine. ``unsupported_reason`` says when a model needs that engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils._pytree import tree_map
+
+from orthograd.grads.functorch import PerSampleGradError, batch_size_of, batchnorm_in_eval
+from orthograd.grads.ghost_layers import layer_pieces
+from orthograd.grads.ghost_layers import unsupported_reason as layer_unsupported_reason
+from orthograd.grads.ghost_math import Piece
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class GhostUnsupportedError(PerSampleGradError):
+    """The ghost engine cannot compute this model's per-sample gradients; use the torch.func engine."""
+
+
+@dataclass
+class GhostSpan:
+    """What OrthoGrad needs of the per-sample retain gradients ``G`` ([k, d] over the chosen parameters).
+
+    gram: ``G G^T`` [k, k] float64; product: ``G probe`` [k] float64; losses: the k per-sample losses.
+    ``combine(weights)`` returns ``weights @ G`` per parameter for ``[m, k]`` weights (e.g. ``1/k`` for the mean).
+    """
+
+    gram: torch.Tensor
+    product: torch.Tensor
+    losses: torch.Tensor
+    pieces: dict[str, list[tuple[int, Piece]]]
+
+    def combine(self, weights: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """``weights @ G`` for each of the ``m`` rows of ``weights`` ([m, k]), as ``m`` dicts of parameter tensors."""
+        totals: dict[str, torch.Tensor] = {}
+        for name, chunks in self.pieces.items():
+            for start, piece in chunks:
+                part = piece.combine(weights[:, start : start + piece.n])
+                totals[name] = totals[name] + part if name in totals else part
+        return [{name: total[row] for name, total in totals.items()} for row in range(weights.shape[0])]
+
+
+def unsupported_reason(model: nn.Module, params: Iterable[str] | None = None) -> str | None:
+    """Why the ghost engine cannot handle ``model`` for the given trainable parameters (None when it can)."""
+    wanted = _resolve(model, params)
+    owners: dict[int, str] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for local, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{local}" if module_name else local
+            if id(param) in owners and owners[id(param)] != full and (full in wanted or owners[id(param)] in wanted):
+                return f"parameter {full} is shared with {owners[id(param)]}"
+            owners[id(param)] = full
+            if full not in wanted:
+                continue
+            reason = layer_unsupported_reason(module)
+            if reason is not None:
+                return f"{module_name or type(model).__name__}: {reason}"
+    return None
+
+
+def ghost_span(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    probe: Mapping[str, torch.Tensor],
+    params: Iterable[str] | None = None,
+    chunk_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> GhostSpan:
+    """Gram matrix, product with ``probe`` and per-sample pieces of the per-sample gradients of ``loss_fn``.
+
+    ``loss_fn(model, batch)`` returns ``k`` per-sample losses; ``probe`` maps every chosen parameter name to a tensor
+    of its shape (OrthoGrad passes the forget gradient). ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the
+    forward and backward under autocast; Gram blocks and products are always accumulated in float64.
+    Raises ``GhostUnsupportedError`` when a layer is unsupported or is not called exactly once per forward.
+    """
+    names = _resolve(model, params)
+    reason = unsupported_reason(model, names)
+    if reason is not None:
+        raise GhostUnsupportedError(reason)
+    missing = [n for n in names if n not in probe]
+    if missing:
+        raise KeyError(f"probe lacks parameters {missing[:5]}; pass a tensor for every differentiated parameter")
+    modules = _owners(model, names)
+    k = batch_size_of(batch)
+    step = k if chunk_size is None else chunk_size
+    pieces: dict[str, list[tuple[int, Piece]]] = {n: [] for n in names}
+    losses = []
+    with batchnorm_in_eval(model):
+        for start in range(0, k, step):
+            chunk = tree_map(lambda t: t[start : start + step] if isinstance(t, torch.Tensor) else t, batch)
+            chunk_losses, chunk_pieces = _chunk_pieces(model, loss_fn, chunk, modules, autocast_dtype)
+            losses.append(chunk_losses)
+            for name, piece in chunk_pieces.items():
+                pieces[name].append((start, piece))
+    gram, product = _accumulate(pieces, probe, k)
+    return GhostSpan(gram=gram, product=product, losses=torch.cat(losses), pieces=pieces)
+
+
+def _resolve(model: nn.Module, params: Iterable[str] | None) -> list[str]:
+    if params is None:
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+    return list(params)
+
+
+def _owners(model: nn.Module, names: list[str]) -> dict[str, tuple[nn.Module, list[tuple[str, str]]]]:
+    """Module name -> (module, [(local parameter name, full name)]) for the modules owning the chosen parameters."""
+    wanted = set(names)
+    owners: dict[str, tuple[nn.Module, list[tuple[str, str]]]] = {}
+    for module_name, module in model.named_modules():
+        for local, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{local}" if module_name else local
+            if full in wanted:
+                owners.setdefault(module_name, (module, []))[1].append((local, full))
+    return owners
+
+
+@dataclass
+class _Capture:
+    inputs: list[torch.Tensor]
+    edges: list[GradientEdge]
+
+
+@contextmanager
+def _capturing(modules: Mapping[str, tuple[nn.Module, Any]]) -> Iterator[dict[str, _Capture]]:
+    """Forward hooks that record each module's input and the gradient edge of its output."""
+    captures = {name: _Capture([], []) for name in modules}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+                raise GhostUnsupportedError(f"{name}: the ghost engine needs a tensor input and a tensor output")
+            captures[name].inputs.append(args[0].detach())
+            captures[name].edges.append(get_gradient_edge(output))
+
+        return hook
+
+    with ExitStack() as stack:
+        for name, (module, _) in modules.items():
+            stack.callback(module.register_forward_hook(hook_for(name)).remove)
+        yield captures
+
+
+def _chunk_pieces(
+    model: nn.Module,
+    loss_fn: LossFn,
+    chunk: Any,
+    modules: Mapping[str, tuple[nn.Module, list[tuple[str, str]]]],
+    autocast_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, dict[str, Piece]]:
+    """One forward and one backward of a chunk; the pieces of every chosen parameter."""
+    n = batch_size_of(chunk)
+    device_type = next(model.parameters()).device.type
+    amp = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    with _capturing(modules) as captures:
+        with amp:
+            losses = loss_fn(model, chunk).reshape(-1)
+    for name, capture in captures.items():
+        if len(capture.edges) != 1:
+            raise GhostUnsupportedError(
+                f"module {name!r} ran {len(capture.edges)} times in one forward; the ghost engine needs exactly once"
+            )
+    if losses.shape[0] != n:
+        raise ValueError(f"loss_fn returned {losses.shape[0]} losses for a batch of {n} samples")
+    order = list(captures)
+    grads = torch.autograd.grad(
+        losses.float().sum(), [captures[name].edges[0] for name in order], allow_unused=True, materialize_grads=True
+    )
+    pieces: dict[str, Piece] = {}
+    for name, output_grads in zip(order, grads):
+        module, params = modules[name]
+        inputs = captures[name].inputs[0]
+        if inputs.shape[0] != n or output_grads.shape[0] != n:
+            raise GhostUnsupportedError(
+                f"module {name!r} saw a leading dimension of {inputs.shape[0]} for {n} samples; the ghost engine "
+                "needs the sample dimension first in every layer (batch_first)"
+            )
+        local = layer_pieces(module, inputs, output_grads.detach())
+        for local_name, full in params:
+            pieces[full] = local[local_name]
+    return losses.detach(), pieces
+
+
+def _accumulate(
+    pieces: Mapping[str, list[tuple[int, Piece]]], probe: Mapping[str, torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over parameters of the Gram blocks between every pair of chunks, and of the products with ``probe``."""
+    device = probe[next(iter(pieces))].device
+    gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+    product = torch.zeros(k, dtype=torch.float64, device=device)
+    for name, chunks in pieces.items():
+        for i, (start_i, piece_i) in enumerate(chunks):
+            rows = slice(start_i, start_i + piece_i.n)
+            product[rows] += piece_i.dot(probe[name])
+            for start_j, piece_j in chunks[: i + 1]:
+                cols = slice(start_j, start_j + piece_j.n)
+                block = piece_i.gram(piece_j)
+                gram[rows, cols] += block
+                if start_j != start_i:
+                    gram[cols, rows] += block.T
+    return gram, product

@@ -1,0 +1,175 @@
+"""Registry of the layers whose per-sample gradients the ghost engine derives from (input, output gradient).
+
+One small function per layer type (the opacus ``grad_sample`` pattern): given the module, the input it saw for
+``n`` samples and the gradient of the summed loss with respect to its output, return a ``Piece`` per trainable
+parameter. Types match exactly (a subclass may use its parameters differently, e.g. ``nn.MultiheadAttention``'s
+``out_proj``), and each type states what it cannot handle. peft LoRA layers need no entry of their own: their
+``lora_A`` / ``lora_B`` factors are plain ``nn.Linear`` / ``nn.Conv2d`` modules called on the layer's input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orthograd.grads.ghost_math import Dense, Lookup, Outer, Piece, prefer_ghost
+
+PieceFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, Piece]]
+CheckFn = Callable[[nn.Module], str | None]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    pieces: PieceFn
+    check: CheckFn
+
+
+_REGISTRY: dict[type[nn.Module], _Entry] = {}
+
+
+def _always(_: nn.Module) -> str | None:
+    return None
+
+
+def register(*types: type[nn.Module], check: CheckFn = _always) -> Callable[[PieceFn], PieceFn]:
+    """Make ``fn(module, inputs, output_grads) -> {param name: Piece}`` the handler of ``types``."""
+
+    def decorate(fn: PieceFn) -> PieceFn:
+        for cls in types:
+            _REGISTRY[cls] = _Entry(fn, check)
+        return fn
+
+    return decorate
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why the ghost engine cannot handle this module's trainable parameters (None when it can)."""
+    entry = _REGISTRY.get(type(module))
+    if entry is None:
+        return f"no ghost rule for {type(module).__name__}"
+    return entry.check(module)
+
+
+def layer_pieces(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+    """Per-sample gradient pieces of the module's trainable parameters (local names such as ``weight``)."""
+    pieces = _REGISTRY[type(module)].pieces(module, inputs, output_grads)
+    return {name: piece for name, piece in pieces.items() if getattr(module, name).requires_grad}
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Norm statistics are recomputed in float32 (float64 stays): bf16 autocast runs norm layers in float32 too."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _bias_piece(module: nn.Module, grads: torch.Tensor) -> dict[str, Piece]:
+    """``{"bias": sum over positions of the output gradient}`` when the layer has a bias; ``grads`` is [n, T, d_out]."""
+    return {"bias": Dense(grads.sum(dim=1))} if getattr(module, "bias", None) is not None else {}
+
+
+@register(nn.Linear)
+def _linear(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+    n, d_in, d_out = inputs.shape[0], module.in_features, module.out_features
+    grads = output_grads.reshape(n, -1, d_out)
+    weight = Outer(
+        inputs=inputs,
+        rows=lambda x: x.reshape(x.shape[0], -1, d_in),
+        grads=grads,
+        shape=module.weight.shape,
+        ghost=prefer_ghost(positions=grads.shape[1], d_in=d_in, d_out=d_out),
+    )
+    return {"weight": weight, **_bias_piece(module, grads)}
+
+
+def _conv_check(module: nn.Module) -> str | None:
+    if module.groups != 1:
+        return f"Conv2d with groups={module.groups} (only groups=1)"
+    if isinstance(module.padding, str) and module.padding != "valid":
+        return f"Conv2d with padding={module.padding!r} (use integer padding)"
+    if module.padding_mode != "zeros":
+        return f"Conv2d with padding_mode={module.padding_mode!r} (only 'zeros')"
+    return None
+
+
+@register(nn.Conv2d, check=_conv_check)
+def _conv2d(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+    n, d_out = inputs.shape[0], module.out_channels
+    padding = 0 if module.padding == "valid" else module.padding
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+        return patches.transpose(1, 2)  # [s, positions, C_in * kh * kw]
+
+    grads = output_grads.reshape(n, d_out, -1).transpose(1, 2)
+    d_in = module.weight[0].numel()
+    weight = Outer(
+        inputs=inputs,
+        rows=rows,
+        grads=grads,
+        shape=module.weight.shape,
+        ghost=prefer_ghost(positions=grads.shape[1], d_in=d_in, d_out=d_out),
+    )
+    return {"weight": weight, **_bias_piece(module, grads)}
+
+
+def _embedding_check(module: nn.Module) -> str | None:
+    if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+        return "Embedding with max_norm, scale_grad_by_freq or sparse gradients"
+    return None
+
+
+@register(nn.Embedding, check=_embedding_check)
+def _embedding(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+    n = inputs.shape[0]
+    index = inputs.reshape(n, -1)
+    grads = output_grads.reshape(n, index.shape[1], module.embedding_dim)
+    if module.padding_idx is not None:  # the padding row gets no gradient
+        grads = grads * (index != module.padding_idx).unsqueeze(-1)
+    return {"weight": Lookup(index=index, grads=grads, num_rows=module.num_embeddings)}
+
+
+def _affine_pieces(module: nn.Module, normalised: torch.Tensor, output_grads: torch.Tensor, channel_dim: int) -> dict[str, Piece]:
+    """Weight and bias pieces of an elementwise affine ``y = x_hat * weight + bias`` over ``channel_dim``."""
+    n, channels = normalised.shape[0], module.weight.numel()
+    if channel_dim == 1:  # [n, C, *] -> per-channel sums over the remaining dims
+        product = (normalised * output_grads).reshape(n, channels, -1).sum(dim=2)
+        pieces: dict[str, Piece] = {"weight": Dense(product)}
+        summed = output_grads.reshape(n, channels, -1).sum(dim=2)
+    else:  # trailing normalised shape -> sums over the leading positions
+        product = (normalised * output_grads).reshape(n, -1, channels).sum(dim=1)
+        pieces = {"weight": Dense(product.view(n, *module.weight.shape))}
+        summed = output_grads.reshape(n, -1, channels).sum(dim=1)
+    if getattr(module, "bias", None) is not None:
+        pieces["bias"] = Dense(summed.view(n, *module.weight.shape))
+    return pieces
+
+
+@register(nn.LayerNorm)
+def _layer_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+    normalised = F.layer_norm(_wide(inputs), module.normalized_shape, eps=module.eps)
+    return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=-1)
+
+
+@register(nn.GroupNorm)
+def _group_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+    normalised = F.group_norm(_wide(inputs), module.num_groups, eps=module.eps)
+    return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=1)
+
+
+def _batch_norm_check(module: nn.Module) -> str | None:
+    if module.running_mean is None:
+        return f"{type(module).__name__} without running statistics (its output mixes the samples of a batch)"
+    return None
+
+
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, check=_batch_norm_check)
+def _batch_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+    if module.training:
+        raise RuntimeError("the ghost engine evaluates BatchNorm in eval mode; call it through ghost_span")
+    shape = (1, -1) + (1,) * (inputs.dim() - 2)
+    mean, var = module.running_mean.view(shape), module.running_var.view(shape)
+    normalised = (_wide(inputs) - mean) / torch.sqrt(var + module.eps)
+    return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=1)

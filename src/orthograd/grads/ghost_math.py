@@ -1,0 +1,186 @@
+"""Per-sample gradients of one parameter kept in factored form: Gram blocks, products and combinations.
+
+A layer's per-sample gradient is a simple function of what the layer saw (its input) and what came back (the
+gradient of the summed loss with respect to its output). These "pieces" answer the three questions OrthoGrad asks
+of the per-sample gradients ``G`` of one parameter for a block of samples, without forming ``G`` when that is cheaper:
+
+* ``gram(other)``: the block ``G_self G_other^T`` (float64), the parameter's share of the k x k Gram matrix;
+* ``dot(probe)``: ``G_self probe`` (float64) for a vector of the parameter's shape (the forget gradient);
+* ``combine(weights)``: ``weights @ G_self`` for ``[m, n]`` weights, i.e. ``m`` weighted sums of per-sample grads.
+
+``Outer`` covers Linear and Conv2d weights (a sum over positions of outer products ``b_t a_t^T``): the Gram block is
+either the "ghost" inner product ``sum_{t,s} (a_t . a'_s)(b_t . b'_s)`` or the product of materialised per-sample
+gradients, whichever costs fewer operations. ``Lookup`` covers Embedding weights, ``Dense`` everything small.
+Working sets are bounded by ``WORKSPACE`` elements (blocks of samples are processed in turn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+WORKSPACE = 1 << 25  # elements of the largest temporary a piece builds at once (e.g. a block of per-sample grads)
+
+
+class Piece(Protocol):
+    """Per-sample gradients of one parameter for ``n`` samples, in whatever form is cheapest."""
+
+    n: int
+
+    def gram(self, other: "Piece") -> torch.Tensor: ...
+
+    def dot(self, probe: torch.Tensor) -> torch.Tensor: ...
+
+    def combine(self, weights: torch.Tensor) -> torch.Tensor: ...
+
+
+def _combine_dtype(t: torch.Tensor) -> torch.dtype:
+    """Weighted sums are formed in float32 (float64 for float64 models): bf16 factors are upcast first."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _blocks(n: int, per_sample: int) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)`` whose working set (``per_sample`` elements each) fits ``WORKSPACE``."""
+    step = max(1, WORKSPACE // max(per_sample, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+@dataclass
+class Dense:
+    """Materialised per-sample gradients ``[n, *shape]`` (norm-layer affine parameters, biases)."""
+
+    values: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.values.shape[0]
+
+    def gram(self, other: Piece) -> torch.Tensor:
+        assert isinstance(other, Dense)
+        return self.values.flatten(1).double() @ other.values.flatten(1).double().T
+
+    def dot(self, probe: torch.Tensor) -> torch.Tensor:
+        return self.values.flatten(1).double() @ probe.reshape(-1).double()
+
+    def combine(self, weights: torch.Tensor) -> torch.Tensor:
+        dtype = _combine_dtype(self.values)
+        flat = weights.to(dtype) @ self.values.flatten(1).to(dtype)
+        return flat.view(weights.shape[0], *self.values.shape[1:])
+
+
+@dataclass
+class Outer:
+    """A weight whose per-sample gradient is ``sum_t b[i, t] a[i, t]^T`` (shape ``[d_out, d_in]`` viewed as ``shape``).
+
+    ``inputs`` is what the layer saw and ``rows(inputs[block]) -> [s, T, d_in]`` turns it into per-position rows
+    (a reshape for Linear, an unfold for Conv2d, done lazily to keep the stored tensor small); ``grads`` is
+    ``[n, T, d_out]``. ``ghost`` picks the Gram method (decided from the layer's sizes by ``prefer_ghost``).
+    """
+
+    inputs: torch.Tensor
+    rows: Callable[[torch.Tensor], torch.Tensor]
+    grads: torch.Tensor
+    shape: torch.Size
+    ghost: bool
+
+    @property
+    def n(self) -> int:
+        return self.grads.shape[0]
+
+    @property
+    def positions(self) -> int:
+        return self.grads.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.grads.shape[2]
+
+    @property
+    def d_in(self) -> int:
+        return self.shape.numel() // self.d_out
+
+    def _a(self, block: slice) -> torch.Tensor:
+        return self.rows(self.inputs[block])
+
+    def materialise(self, block: slice) -> torch.Tensor:
+        """Per-sample gradients ``[s, d_out * d_in]`` (float64) of the samples in ``block``."""
+        a, b = self._a(block).double(), self.grads[block].double()
+        return torch.bmm(b.transpose(1, 2), a).flatten(1)
+
+    def gram(self, other: Piece) -> torch.Tensor:
+        assert isinstance(other, Outer)
+        out = torch.empty(self.n, other.n, dtype=torch.float64, device=self.grads.device)
+        if self.ghost:
+            a2 = other._a(slice(None)).double().flatten(0, 1)
+            b2 = other.grads.double().flatten(0, 1)
+            for block in _blocks(self.n, self.positions * a2.shape[0]):
+                a1, b1 = self._a(block).double(), self.grads[block].double()
+                s = a1.shape[0]
+                pair = (a1.flatten(0, 1) @ a2.T) * (b1.flatten(0, 1) @ b2.T)
+                out[block] = pair.view(s, self.positions, other.n, other.positions).sum(dim=(1, 3))
+            return out
+        size = self.shape.numel()
+        for block in _blocks(self.n, size):
+            left = self.materialise(block)
+            for block2 in _blocks(other.n, size):
+                out[block, block2] = left @ other.materialise(block2).T
+        return out
+
+    def dot(self, probe: torch.Tensor) -> torch.Tensor:
+        weight = probe.reshape(self.d_out, self.d_in).double()
+        out = torch.empty(self.n, dtype=torch.float64, device=self.grads.device)
+        for block in _blocks(self.n, self.positions * (self.d_in + self.d_out)):
+            projected = self._a(block).double() @ weight.T  # [s, T, d_out]
+            out[block] = (projected * self.grads[block].double()).sum(dim=(1, 2))
+        return out
+
+    def combine(self, weights: torch.Tensor) -> torch.Tensor:
+        m, dtype = weights.shape[0], _combine_dtype(self.grads)
+        out = torch.zeros(m, self.d_out, self.d_in, dtype=dtype, device=self.grads.device)
+        for block in _blocks(self.n, m * self.positions * self.d_out):
+            scaled = weights[:, block, None, None].to(dtype) * self.grads[block].to(dtype)  # [m, s, T, d_out]
+            a = self._a(block).to(dtype).flatten(0, 1)  # [s*T, d_in]
+            out += scaled.flatten(1, 2).transpose(1, 2) @ a
+        return out.view(m, *self.shape)
+
+
+def prefer_ghost(*, positions: int, d_in: int, d_out: int) -> bool:
+    """Ghost inner products cost ``T^2 (d_in + d_out)`` per sample pair, materialised gradients ``d_in d_out``."""
+    return positions * positions * (d_in + d_out) < d_in * d_out
+
+
+@dataclass
+class Lookup:
+    """An embedding table whose per-sample gradient scatters ``grads[i, t]`` into row ``index[i, t]``."""
+
+    index: torch.Tensor  # [n, T] int64
+    grads: torch.Tensor  # [n, T, D]
+    num_rows: int
+
+    @property
+    def n(self) -> int:
+        return self.grads.shape[0]
+
+    def gram(self, other: Piece) -> torch.Tensor:
+        assert isinstance(other, Lookup)
+        n, t = self.index.shape
+        index2, b2 = other.index.reshape(-1), other.grads.double().flatten(0, 1)
+        out = torch.empty(n, other.n, dtype=torch.float64, device=self.grads.device)
+        for block in _blocks(n, t * index2.numel()):
+            same = self.index[block].reshape(-1, 1) == index2.reshape(1, -1)
+            pair = (self.grads[block].double().flatten(0, 1) @ b2.T) * same
+            out[block] = pair.view(-1, t, other.n, other.index.shape[1]).sum(dim=(1, 3))
+        return out
+
+    def dot(self, probe: torch.Tensor) -> torch.Tensor:
+        return (probe.double()[self.index] * self.grads.double()).sum(dim=(1, 2))
+
+    def combine(self, weights: torch.Tensor) -> torch.Tensor:
+        m, width, dtype = weights.shape[0], self.grads.shape[2], _combine_dtype(self.grads)
+        scaled = weights.to(dtype)[:, :, None, None] * self.grads.to(dtype)  # [m, n, T, D]
+        out = torch.zeros(m, self.num_rows, width, dtype=dtype, device=self.grads.device)
+        return out.index_add_(1, self.index.reshape(-1), scaled.flatten(1, 2))

@@ -1,0 +1,210 @@
+"""Ghost engine vs the batch-size-1 loop, layer type by layer type (the opacus testing idea).
+
+For every supported layer, with and without peft LoRA, in float32 and under bf16 autocast, the engine's Gram
+matrix ``G G^T``, product ``G p`` and weighted sums ``W G`` must equal those of the per-sample gradients from the
+loop engine (one backward per sample). Both Gram methods (ghost inner products and materialised per-sample
+gradients) are forced in turn, and chunking is exercised.
+Tolerances, relative to the largest entry: float32 1e-5; bf16 5e-2 against a loop run under the same autocast
+(bf16 keeps 8 mantissa bits, so per-sample gradients differ by a few 1e-3 between the two evaluation orders).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orthograd.grads import per_sample_grads
+from orthograd.grads import ghost_layers
+from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, unsupported_reason
+from orthograd.lora import LoRAConfig, attach_lora
+
+K = 5
+
+
+class _Head(nn.Module):
+    """``body`` then flatten (or mean over a sequence) and a linear classifier over 3 classes."""
+
+    def __init__(self, body: nn.Module, width: int, *, pool_sequence: bool = False) -> None:
+        super().__init__()
+        self.body = body
+        self.pool_sequence = pool_sequence
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        h = h.mean(dim=1) if self.pool_sequence else h.flatten(1)
+        return self.head(torch.tanh(h))
+
+
+def _batchnorm_body() -> nn.Module:
+    body = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(inplace=True))
+    body[1].running_mean.normal_()
+    body[1].running_var.uniform_(0.5, 2.0)
+    return body.train()  # the engine must evaluate BatchNorm in eval mode and restore train mode
+
+
+def _image(gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(K, 2, 6, 6, generator=gen)
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], torch.Tensor]]] = {
+    "linear": (lambda: _Head(nn.Linear(5, 4), 4), lambda g: torch.randn(K, 5, generator=g)),
+    "linear_sequence": (
+        lambda: _Head(nn.Linear(5, 4), 4, pool_sequence=True),
+        lambda g: torch.randn(K, 6, 5, generator=g),
+    ),
+    "conv2d": (
+        lambda: _Head(nn.Conv2d(2, 3, 3, stride=2, padding=1), 3 * 3 * 3),
+        _image,
+    ),
+    "conv2d_dilated_no_bias": (
+        lambda: _Head(nn.Conv2d(2, 3, 2, dilation=2, bias=False), 3 * 4 * 4),
+        _image,
+    ),
+    "embedding": (
+        lambda: _Head(nn.Embedding(12, 4, padding_idx=0), 4, pool_sequence=True),
+        lambda g: torch.randint(0, 12, (K, 7), generator=g),
+    ),
+    "layernorm": (
+        lambda: _Head(nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4)), 4, pool_sequence=True),
+        lambda g: torch.randn(K, 6, 5, generator=g),
+    ),
+    "groupnorm": (
+        lambda: _Head(nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4)), 4 * 4 * 4),
+        _image,
+    ),
+    "batchnorm_eval": (lambda: _Head(_batchnorm_body(), 3 * 6 * 6), _image),
+}
+LORA_CASES = {
+    "lora_linear": ("linear_sequence", ("body",)),
+    "lora_conv2d": ("conv2d", ("body",)),
+    "lora_linear_and_conv2d": ("conv2d", ("body", "head")),
+}
+
+
+def _loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    inputs, labels = batch
+    return F.cross_entropy(model(inputs).float(), labels, reduction="none")
+
+
+def _build(case: str, *, lora_targets: tuple[str, ...] | None = None, seed: int = 0):
+    make_model, make_inputs = CASES[case]
+    torch.manual_seed(seed)
+    model = make_model()
+    gen = torch.Generator().manual_seed(seed + 1)
+    batch = (make_inputs(gen), torch.randint(0, 3, (K,), generator=gen))
+    if lora_targets is not None:
+        model = attach_lora(model, LoRAConfig(r=2, targets=lora_targets), seed=seed)
+        for name, param in model.named_parameters():  # peft starts B at zero: make every factor informative
+            if "lora_B" in name:
+                param.data.normal_(std=0.3)
+    return model, batch
+
+
+def _check_against_loop(model: nn.Module, batch, *, bf16: bool, chunk_size: int | None, tol: float) -> None:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(7)
+    probe = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters() if p.requires_grad}
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    def loop_loss(m: nn.Module, b) -> torch.Tensor:
+        with amp:
+            return _loss_fn(m, b)
+
+    mode = model.training
+    reference = per_sample_grads(model, loop_loss, batch, params=names, engine="loop")
+    G = torch.cat([reference[n].reshape(K, -1) for n in names], dim=1).double()
+    p = torch.cat([probe[n].reshape(-1) for n in names]).double()
+    span = ghost_span(
+        model, _loss_fn, batch, probe=probe, params=names, chunk_size=chunk_size,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+    )
+    assert model.training == mode
+    weights = torch.randn(2, K, generator=gen, dtype=torch.float64)
+    combined = span.combine(weights)
+    got = torch.stack([torch.cat([c[n].reshape(-1) for n in names]) for c in combined]).double()
+
+    def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+        scale = expected.abs().max().clamp_min(1e-12)
+        assert (actual - expected).abs().max() <= tol * scale, float((actual - expected).abs().max() / scale)
+
+    close(span.gram, G @ G.T)
+    close(span.product, G @ p)
+    close(got, weights @ G)
+
+
+@pytest.fixture(params=["ghost", "dense"])
+def gram_method(request, monkeypatch):
+    """Force the Gram method of Linear/Conv2d weights (otherwise chosen from the layer's sizes)."""
+    monkeypatch.setattr(ghost_layers, "prefer_ghost", lambda **_: request.param == "ghost")
+    return request.param
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_layer_matches_batch_size_1_loop(case, bf16, gram_method):
+    model, batch = _build(case)
+    _check_against_loop(model, batch, bf16=bf16, chunk_size=None, tol=5e-2 if bf16 else 1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+@pytest.mark.parametrize("case", sorted(LORA_CASES))
+def test_lora_layers_match_batch_size_1_loop(case, bf16, gram_method):
+    base, targets = LORA_CASES[case]
+    model, batch = _build(base, lora_targets=targets)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    _check_against_loop(model, batch, bf16=bf16, chunk_size=None, tol=5e-2 if bf16 else 1e-5)
+
+
+@pytest.mark.parametrize("case", ["embedding", "batchnorm_eval", "layernorm"])
+def test_chunks_give_the_same_gram(case, gram_method):
+    model, batch = _build(case)
+    _check_against_loop(model, batch, bf16=False, chunk_size=2, tol=1e-5)
+
+
+def test_automatic_gram_method_choice_follows_the_cost_model():
+    assert ghost_layers.prefer_ghost(positions=4, d_in=512, d_out=512)  # 16 * 1024 < 512^2
+    assert not ghost_layers.prefer_ghost(positions=1024, d_in=576, d_out=64)  # early conv layers: materialise
+
+
+class _RawParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def test_unsupported_layers_are_named():
+    model = nn.Sequential(_RawParameter(), nn.Linear(5, 3))
+    assert "_RawParameter" in unsupported_reason(model)
+    assert unsupported_reason(model, ["1.weight", "1.bias"]) is None  # only the chosen parameters matter
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    assert "groups=2" in unsupported_reason(grouped)
+    with pytest.raises(GhostUnsupportedError, match="_RawParameter"):
+        ghost_span(model, _loss_fn, (torch.randn(K, 5), torch.zeros(K, dtype=torch.long)),
+                   probe={n: torch.zeros_like(p) for n, p in model.named_parameters()})
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.tanh(self.layer(x)))
+
+
+def test_shared_parameters_and_repeated_calls_are_refused():
+    layer = nn.Linear(3, 3)
+    assert "shared" in unsupported_reason(nn.Sequential(layer, nn.Tanh(), layer))
+    model = _Twice()
+    probe = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    assert unsupported_reason(model) is None  # only visible when the forward runs
+    with pytest.raises(GhostUnsupportedError, match="2 times"):
+        ghost_span(model, _loss_fn, (torch.randn(K, 3), torch.zeros(K, dtype=torch.long)), probe=probe)

@@ -1,0 +1,176 @@
+"""OrthoGrad on the ghost engine: the same update direction as the reference path (torch.func + QR), the engine
+choice and its fallback visible in the log and the history, and the configuration's guards."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import orthograd as og
+from orthograd.lora import LoRAConfig, attach_lora
+from orthograd.methods import MethodContext, make_config
+from orthograd.models import SmallCNN
+from orthograd.tasks import ClassificationTask
+
+RETAIN, FORGET = 6, 4
+
+
+class _ResidualNet(nn.Module):
+    """A ResNet-style block: conv, BatchNorm, in-place ReLU and an in-place residual sum (full backward hooks fail)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 10)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.relu(self.bn1(self.stem(x)))
+        out = self.bn2(self.conv(identity))
+        out += identity
+        return self.fc(self.relu(out).mean(dim=(2, 3)))
+
+
+class _TokenNet(nn.Module):
+    """Embedding, LayerNorm and linear layers on token sequences; the 8x8 'image' is read as 8 tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = (x.reshape(x.shape[0], 8, 8).sum(dim=2).abs() * 3).long().clamp(max=15)
+        return self.fc(torch.tanh(self.proj(self.norm(self.embed(tokens)))).mean(dim=1))
+
+
+class _RawScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) * self.scale
+
+
+def _lora_cnn() -> nn.Module:
+    model = attach_lora(SmallCNN(width=4), LoRAConfig(r=2), seed=0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; make the test see every factor
+            param.data.normal_(std=0.2)
+    return model
+
+
+MODELS = {
+    "cnn_groupnorm": lambda: SmallCNN(width=4),
+    "cnn_batchnorm": lambda: SmallCNN(width=4, norm="batch"),
+    "residual_inplace": _ResidualNet,
+    "tokens": _TokenNet,
+    "cnn_lora": _lora_cnn,
+}
+
+
+def _data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def _method(model: nn.Module, **hyper):
+    config = make_config("orthograd", {"lora": None, **hyper})
+    context = MethodContext(
+        model=model,
+        task=ClassificationTask(),
+        forget=_data(FORGET, 1),
+        retain=_data(RETAIN, 2),
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+    )
+    return og.methods.get("orthograd")(config, context)
+
+
+def _direction(model: nn.Module, **hyper) -> tuple[torch.Tensor, dict[str, float]]:
+    method = _method(model, alpha=0.3, **hyper)
+    direction, stats = method.update_direction(_data(FORGET, 1).tensors, _data(RETAIN, 2).tensors)
+    return torch.cat([direction[n].reshape(-1) for n in method.params]).double(), stats
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_ghost_direction_equals_vmap_qr_reference(name):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()  # as the runner sets it (OrthoGrad.train_mode is False)
+    reference, ref_stats = _direction(model, engine="vmap", projection="qr")
+    for chunk_size in (None, 4):
+        ghost, stats = _direction(model, engine="ghost", chunk_size=chunk_size)
+        assert stats["engine_ghost"] == 1.0 and ref_stats["engine_ghost"] == 0.0
+        assert _relative(ghost, reference) <= 1e-5
+        assert stats["kept_fraction"] == pytest.approx(ref_stats["kept_fraction"], rel=1e-5)
+        assert stats["retain_loss"] == pytest.approx(ref_stats["retain_loss"], rel=1e-6)
+
+
+def test_bf16_autocast_direction_is_close_to_float32():
+    """bf16 forward/backward with a float64 solve: within 5% of the float32 direction (8-bit mantissa)."""
+    torch.manual_seed(0)
+    model = _ResidualNet().eval()
+    reference, _ = _direction(model, engine="vmap", projection="qr")
+    ghost, _ = _direction(model, engine="ghost", bf16=True)
+    assert _relative(ghost, reference) <= 5e-2
+
+
+def test_auto_falls_back_for_an_unsupported_layer_and_says_so(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(_RawScale(), nn.Linear(64, 10))
+    with caplog.at_level(logging.INFO, logger="orthograd.methods.orthograd"):
+        result = og.unlearn(model, _data(FORGET, 1), _data(RETAIN, 2), max_epochs=1, lora=None, lr=1e-2)
+    assert "torch.func" in caplog.text and "_RawScale" in caplog.text
+    assert result.history[-1]["engine_ghost"] == 0.0
+    supported = og.unlearn(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), _data(FORGET, 1), _data(RETAIN, 2),
+                           max_epochs=1, lora=None, lr=1e-2)
+    assert supported.history[-1]["engine_ghost"] == 1.0
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(64, 64)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.layer(torch.tanh(self.layer(x.flatten(1))))))
+
+
+def test_run_time_refusal_switches_to_the_reference_engine(caplog):
+    torch.manual_seed(0)
+    model = _Twice()
+    reference, _ = _direction(model, engine="vmap", projection="qr")
+    with caplog.at_level(logging.WARNING, logger="orthograd.methods.orthograd"):
+        auto, stats = _direction(model)
+    assert "ghost engine failed" in caplog.text and stats["engine_ghost"] == 0.0
+    assert _relative(auto, reference) <= 1e-5
+    with pytest.raises(Exception, match="2 times"):
+        _direction(model, engine="ghost")
+
+
+def test_configuration_guards():
+    with pytest.raises(ValueError, match="engine='vmap' for projection='qr'"):
+        make_config("orthograd", {"engine": "ghost", "projection": "qr"})
+    with pytest.raises(ValueError, match="per_tensor"):
+        make_config("orthograd", {"engine": "ghost", "projection_scope": "per_tensor"})
+    with pytest.raises(ValueError, match="_RawScale"):
+        _method(nn.Sequential(_RawScale(), nn.Linear(64, 10)), engine="ghost")
+    assert _method(SmallCNN(width=4), projection="qr").engine != "ghost"  # QR stays the reference path
