@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[dev,vision]'
+	$(PY) -m pip install --quiet -e '.[dev,vision,asr]'
+	# speech tests and the espeak benchmark: real LibriVox recordings, a speech synthesiser and sox (root in CI)
+	if command -v apt-get >/dev/null; then dpkg -s pocketsphinx-testdata espeak-ng sox >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq pocketsphinx-testdata espeak-ng sox); fi
 	touch $(STAMP)
 
 demo: $(STAMP)

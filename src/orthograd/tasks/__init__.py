@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from orthograd.tasks.asr import ASRTask
 from orthograd.tasks.base import Task
 from orthograd.tasks.classification import ClassificationTask
 
-_TASKS: dict[str, type[Task]] = {ClassificationTask.name: ClassificationTask}
+_TASKS: dict[str, type[Task]] = {ClassificationTask.name: ClassificationTask, ASRTask.name: ASRTask}
 
 
 def get_task(task: str | Task) -> Task:
@@ -24,4 +25,4 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
-__all__ = ["ClassificationTask", "Task", "get_task", "register_task"]
+__all__ = ["ASRTask", "ClassificationTask", "Task", "get_task", "register_task"]
