@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from orthograd.lora import LoRAConfig, attach_lora, merge_lora
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
 from orthograd.stopping import StopRule, resolve_stop
 from orthograd.tasks import Task, get_task
+from orthograd.validation import check_disjoint, dataset_of, fingerprint
 
 log = logging.getLogger(__name__)
 EVAL_BATCH_SIZE = 512
@@ -42,11 +44,19 @@ class UnlearnResult:
     epochs: int
     wall_time_s: float
     original: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)  # fingerprints of the forget and retain sets
 
     @property
     def final(self) -> dict[str, Any]:
         """The last evaluation row (the state of the returned model)."""
         return self.history[-1]
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+        """Save the model (safetensors) and a JSON audit record beside it; see ``orthograd.audit``."""
+        from orthograd.audit import save_result
+
+        return save_result(self, path, overwrite=overwrite)
 
 
 def unlearn(
@@ -65,6 +75,7 @@ def unlearn(
     inplace: bool = False,
     num_classes: int | None = None,
     forget_classes: Iterable[int] = (),
+    check_overlap: bool = True,
     on_eval: ProgressCallback | None = None,
     config: MethodConfig | None = None,
     **method_kwargs: Any,
@@ -76,6 +87,9 @@ def unlearn(
     ``test``), ``"class"`` (forget accuracy below 1%), a callable on a history row, or None (run ``max_epochs``).
     Evaluation runs after every epoch, and every ``eval_every`` optimizer steps when given. ``method_kwargs``
     (or ``config=``) are the method's hyperparameters, e.g. ``alpha``, ``lr``, ``lora``, ``retain_grads``.
+    ``forget_classes`` names the classes being forgotten (class forgetting). Before anything runs, the data is
+    checked: forget and retain must not share a sample (``check_overlap=False`` skips this content check for
+    huge sets you split yourself), labels must fit the model's outputs, and the model must take the inputs.
     The input model is left untouched unless ``inplace=True``. Returns an ``UnlearnResult``.
     """
     if config is not None and method_kwargs:
@@ -91,11 +105,18 @@ def unlearn(
         raise ValueError(f"method {method!r} supports tasks {list(method_cls.tasks)}, not {task_adapter.name!r}")
     run_device = resolve_device(device)
     _check_not_empty(forget=forget, retain=retain)
+    if check_overlap:
+        check_disjoint(forget, retain)
+    fingerprints = {name: fingerprint(data) for name, data in (("forget", forget), ("retain", retain))}
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     working = model if inplace else copy.deepcopy(model)
     working.to(run_device)
+    sets = {"forget": dataset_of(forget), "retain": dataset_of(retain)}
+    if test is not None:
+        sets["test"] = dataset_of(test)
+    task_adapter.validate(working, sets=sets, forget_classes=tuple(forget_classes), device=run_device)
     evaluator = _Evaluator(task_adapter, run_device, forget=forget, retain=retain, test=test)
     started = time.perf_counter()
     original = evaluator(working)
@@ -116,6 +137,11 @@ def unlearn(
         num_classes=num_classes,
         forget_classes=tuple(forget_classes),
     )
+    if not method_cls.one_shot and not context.trainable_parameters():
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters for {method!r}: it has no parameters, or the LoRA "
+            "targets hold none; pass lora=None to train all parameters or choose other LoRA targets"
+        )
     runner = _Run(method_cls(cfg, context), evaluator, stop_rule, on_eval, started)
     runner.record(step=0, epoch=0, metrics=original, stats={})
     stop_reason = runner.loop(max_epochs=max_epochs, eval_every=eval_every)
@@ -131,6 +157,8 @@ def unlearn(
         epochs=runner.epochs,
         wall_time_s=time.perf_counter() - started,
         original=original,
+        seed=seed,
+        data=fingerprints,
     )
 
 

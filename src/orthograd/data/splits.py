@@ -36,14 +36,21 @@ class UnlearningSplit:
 
 
 def labels_of(dataset: Dataset) -> np.ndarray:
-    """Integer labels of a dataset of ``(input, label)`` pairs (fast path for TensorDataset and torchvision)."""
-    tensors = getattr(dataset, "tensors", None)
+    """Integer labels of a dataset of ``(input, label)`` pairs.
+
+    Subset views are resolved to their base dataset; TensorDataset and torchvision-style ``targets`` are read
+    directly, anything else sample by sample.
+    """
+    from orthograd.validation import base_and_indices
+
+    base, indices = base_and_indices(dataset)
+    tensors = getattr(base, "tensors", None)
     if tensors is not None:
-        return tensors[1].cpu().numpy()
-    targets = getattr(dataset, "targets", None)
+        return tensors[1].cpu().numpy()[indices]
+    targets = getattr(base, "targets", None)
     if targets is not None:
-        return np.asarray(targets)
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
+        return np.asarray(targets)[indices]
+    return np.asarray([int(base[int(i)][1]) for i in indices])  # type: ignore[index]
 
 
 def _take_retain(pool: np.ndarray, retain_size: int | None, rng: np.random.Generator) -> np.ndarray:

@@ -60,6 +60,30 @@ class Task(abc.ABC):
     def to_device(self, batch: Any, device: torch.device) -> Any:
         """Move a batch to ``device``."""
 
+    def validate(self, model: nn.Module, *, sets: dict[str, Any], forget_classes: tuple[int, ...], device: torch.device) -> None:
+        """Check before a run that the model can process the data (a clear error instead of a crash mid-run).
+
+        ``sets`` maps "forget", "retain" and optionally "test" to datasets. The default runs the model on one
+        forget sample; tasks add their own checks (e.g. label ranges).
+        """
+        self.first_logits(model, sets["forget"], device=device)
+
+    @torch.no_grad()
+    def first_logits(self, model: nn.Module, dataset: Any, *, device: torch.device) -> torch.Tensor:
+        """Logits of the first sample of ``dataset``; a model that cannot take the input gets a clear error."""
+        batch = self.to_device(next(iter(DataLoader(dataset, batch_size=1, collate_fn=self.collate_fn()))), device)
+        was_training = model.training
+        model.eval()
+        try:
+            return self.logits(model, batch)
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            raise ValueError(
+                f"{type(model).__name__} could not process a sample of the data ({type(exc).__name__}: {exc}). "
+                "Check that the inputs have the shape and dtype the model was trained on."
+            ) from exc
+        finally:
+            model.train(was_training)
+
     def collate_fn(self) -> Any:
         """The DataLoader collate function for this task's datasets (None: PyTorch's default)."""
         return None

@@ -1,0 +1,86 @@
+"""Saving an unlearned model with an audit record of what was forgotten and how.
+
+The weights go to a safetensors file and a JSON sidecar records the method, its config, the seed, fingerprints
+of the forget and retain data, metrics before and after, the stop reason, and library versions. Both are written
+atomically (temp file + rename), and an existing file is never overwritten unless asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from orthograd.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from orthograd.api import UnlearnResult
+
+
+def sidecar_path(weights: str | Path) -> Path:
+    """Where the audit record of a weights file lives: ``model.safetensors`` -> ``model.json``."""
+    return Path(weights).with_suffix(".json")
+
+
+def save_result(result: "UnlearnResult", path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``result.model``'s weights (safetensors) and the audit sidecar; returns both paths."""
+    from safetensors.torch import save_model
+
+    from orthograd import __version__
+
+    weights = Path(path)
+    if weights.suffix != ".safetensors":
+        raise ValueError(f"save to a .safetensors file, got {weights.name!r}")
+    sidecar = sidecar_path(weights)
+    existing = [p for p in (weights, sidecar) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass overwrite=True or choose another path (nothing was written)")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)
+    os.close(fd)
+    try:
+        save_model(result.model, tmp, metadata={"format": "pt", "orthograd_method": result.method})
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        os.replace(tmp, weights)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_json(sidecar, audit_record(result, weights_file=weights.name, weights_sha256=digest, version=__version__))
+    return weights, sidecar
+
+
+def audit_record(result: "UnlearnResult", *, weights_file: str, weights_sha256: str, version: str) -> dict[str, Any]:
+    """The JSON sidecar's content."""
+    return {
+        "weights_file": weights_file,
+        "weights_sha256": weights_sha256,
+        "model_class": f"{type(result.model).__module__}.{type(result.model).__qualname__}",
+        "method": result.method,
+        "config": result.config,
+        "seed": result.seed,
+        "data": result.data,
+        "metrics": {"before": result.original, "after": result.final},
+        "stop_reason": result.stop_reason,
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "wall_time_s": result.wall_time_s,
+        "versions": {"orthograd": version, "torch": torch.__version__, "python": platform.python_version()},
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load saved weights into ``model`` (same architecture) and return it."""
+    from safetensors.torch import load_model
+
+    weights = Path(path)
+    if not weights.exists():
+        raise FileNotFoundError(f"no weights at {weights}; pass the .safetensors file written by result.save()")
+    load_model(model, str(weights))
+    return model
