@@ -29,6 +29,9 @@ from orthograd.validation import check_disjoint, dataset_of, fingerprint
 log = logging.getLogger(__name__)
 EVAL_BATCH_SIZE = 512
 ProgressCallback = Callable[[Mapping[str, Any]], None]
+# Builds the method object from its class, config and context (default: ``method_cls(config, context)``); the
+# data-parallel runner (``orthograd.distributed``) passes one that shards the data and synchronises the updates.
+MethodFactory = Callable[[type[UnlearningMethod], MethodConfig, MethodContext], UnlearningMethod]
 
 
 @dataclass
@@ -78,6 +81,7 @@ def unlearn(
     check_overlap: bool = True,
     on_eval: ProgressCallback | None = None,
     config: MethodConfig | None = None,
+    make_method: MethodFactory | None = None,
     **method_kwargs: Any,
 ) -> UnlearnResult:
     """Remove the influence of ``forget`` from ``model`` using ``retain`` (and nothing else) with ``method``.
@@ -90,7 +94,8 @@ def unlearn(
     ``forget_classes`` names the classes being forgotten (class forgetting). Before anything runs, the data is
     checked: forget and retain must not share a sample (``check_overlap=False`` skips this content check for
     huge sets you split yourself), labels must fit the model's outputs, and the model must take the inputs.
-    The input model is left untouched unless ``inplace=True``. Returns an ``UnlearnResult``.
+    The input model is left untouched unless ``inplace=True``. ``make_method`` replaces the construction of the
+    method object (``orthograd.distributed`` uses it for data-parallel runs). Returns an ``UnlearnResult``.
     """
     if config is not None and method_kwargs:
         raise ValueError("pass hyperparameters either as config= or as keyword arguments, not both")
@@ -142,7 +147,8 @@ def unlearn(
             f"{type(model).__name__} has no trainable parameters for {method!r}: it has no parameters, or the LoRA "
             "targets hold none; pass lora=None to train all parameters or choose other LoRA targets"
         )
-    runner = _Run(method_cls(cfg, context), evaluator, stop_rule, on_eval, started)
+    built = make_method(method_cls, cfg, context) if make_method is not None else method_cls(cfg, context)
+    runner = _Run(built, evaluator, stop_rule, on_eval, started)
     runner.record(step=0, epoch=0, metrics=original, stats={})
     stop_reason = runner.loop(max_epochs=max_epochs, eval_every=eval_every)
     final = merge_lora(adapted)
