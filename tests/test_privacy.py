@@ -111,7 +111,7 @@ def _memorising_setup() -> tuple[nn.Module, TensorDataset, TensorDataset, Tensor
         optimizer.zero_grad()
         F.cross_entropy(model(x[:300]), y[:300]).backward()
         optimizer.step()
-    forget, retain, test = TensorDataset(x[:100], y[:100]), TensorDataset(x[100:300], y[100:300]), TensorDataset(x[300:], y[300:])
+    forget, retain, test = (TensorDataset(x[a:b], y[a:b]) for a, b in ((0, 100), (100, 300), (300, 500)))
     return model.eval(), forget, retain, test
 
 
