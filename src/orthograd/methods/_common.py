@@ -4,8 +4,7 @@
   and optional gradient-norm clipping (a documented deviation, off by default);
 - ``OneSetDescent``: the SPARSE/SALUN training wrapper of FT and NegGrad (one pass over one set per epoch, the task
   loss with a sign, one optimizer step per batch);
-- ``descend``: one optimizer step on a loss; ``cross_entropy`` and ``distill_kl`` on logits, so that a method that
-  needs both from one forward pass does not run the model twice.
+- ``descend``: one optimizer step on a loss; ``distill_kl``: SCRUB's temperature-scaled KL on logits.
 """
 
 from __future__ import annotations
@@ -64,14 +63,6 @@ def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, *, max_grad_no
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy: over the batch for ``[B, C]`` logits, over all labelled tokens for ``[B, T, V]``.
-
-    The token-level mean is the Hugging Face seq2seq loss the spec prescribes for ASR (BASELINES.md section 1).
-    """
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def distill_kl(

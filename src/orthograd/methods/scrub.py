@@ -21,9 +21,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from orthograd.methods._common import ScheduleConfig, cross_entropy, decayed_lr, descend, distill_kl, set_lr
+from orthograd.methods._common import ScheduleConfig, decayed_lr, descend, distill_kl, set_lr
 from orthograd.methods.base import MethodConfig, MethodContext, OptimizerName, UnlearningMethod, make_optimizer
 from orthograd.methods.registry import register
+from orthograd.tasks.base import per_sample_cross_entropy
 
 
 @dataclass
@@ -37,7 +38,8 @@ class ScrubConfig(ScheduleConfig):
     feature-distillation term that is 0 for its ``distill='kd'``, so it is not a setting here.
 
     KL_T is ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` averaged per sample; for sequence outputs it is
-    averaged per labelled token (the spec's ASR adaptation), and CE is the token-level mean.
+    averaged per labelled token (the spec's ASR adaptation); CE is the task's loss (``Task.mean_loss``: for
+    sequences the per-utterance token mean, averaged over the batch, as every other method uses).
     [DEVIATION] ``retain_steps_per_epoch`` caps the min-step pass (None, the default, is the source's full pass;
     a cap keeps epochs affordable on a large retain set). ``max_grad_norm`` (default None) is not in the source
     (its clip line is commented out). The source trains all parameters for a fixed number of epochs and offers
@@ -103,7 +105,7 @@ class Scrub(UnlearningMethod):
         cfg: ScrubConfig = self.config  # type: ignore[assignment]
         student, teacher = self._logits(retain_batch)
         targets = self.context.task.targets(retain_batch)
-        ce = cross_entropy(student, targets)
+        ce = per_sample_cross_entropy(student, targets).mean()  # Task.mean_loss, from the same forward pass
         kl = distill_kl(student, teacher, targets, temperature=cfg.temperature)
         return cfg.gamma * ce + cfg.alpha * kl, {"retain_loss": float(ce.detach()), "retain_kl": float(kl.detach())}
 
