@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
 	$(PY) -m pip install --quiet -e '.[dev,vision,asr]'
-	# speech tests and the espeak benchmark: real LibriVox recordings, a speech synthesiser and sox (root in CI)
-	if command -v apt-get >/dev/null; then dpkg -s pocketsphinx-testdata espeak-ng sox >/dev/null 2>&1 || \
-		(apt-get update -qq && apt-get install -y -qq pocketsphinx-testdata espeak-ng sox); fi
+	# speech tests and the espeak benchmark: real LibriVox recordings, a speech synthesiser and sox; Fashion-MNIST
+	# for the image benchmark (root in CI)
+	if command -v apt-get >/dev/null; then dpkg -s pocketsphinx-testdata espeak-ng sox dataset-fashion-mnist >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq pocketsphinx-testdata espeak-ng sox dataset-fashion-mnist); fi
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -53,6 +53,44 @@ def demo(
     console.print(f"results: {out / 'results.jsonl'}  table: {out / 'table.md'}")
 
 
+@app.command()
+def bench(
+    config: Annotated[Path, typer.Argument(help="Benchmark config (YAML); shipped ones are in configs/.")],
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config value: dotted.key=value (repeatable).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<config name>).")] = None,
+) -> None:
+    """Run a benchmark config; rerunning the same command resumes it, skipping finished runs."""
+    from orthograd.bench.config import ConfigError
+    from orthograd.bench.console import bench_command, config_task
+    from orthograd.bench.report import write_report
+
+    try:
+        run_dir = bench_command(config, set_ or [], out, console)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(code=2) from None
+    if config_task(config) != "asr":  # the speaker benchmark writes its own tables
+        paths = write_report([run_dir])
+        console.print(paths["table"].read_text())
+    console.print(f"results: {run_dir / 'results.jsonl'}")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Folders written by `orthograd bench` (combined).")],
+    out: Annotated[Optional[Path], typer.Option(help="Where to write (default: the first folder).")] = None,
+) -> None:
+    """Tables (Markdown, CSV, JSON) and plots from stored benchmark results."""
+    from orthograd.bench.report import write_report
+
+    paths = write_report(run_dirs, out_dir=out)
+    console.print(paths["table"].read_text())
+    for name, path in paths.items():
+        console.print(f"{name}: {path}")
+
+
 def main() -> None:
     app()
 

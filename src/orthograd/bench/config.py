@@ -1,0 +1,280 @@
+"""Benchmark configs: a YAML file validated by pydantic, ``--set key=value`` overrides and content hashes.
+
+Every section forbids unknown keys, so a typo is an error naming the valid keys instead of a silent default.
+Method hyperparameters are checked against the method's own config class when the file is loaded, so a bad
+learning rate fails before any model is trained. The hash of the parts that determine the original model
+(data, model, training) keys its cache; the hash of a whole section keys a results record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A benchmark config that cannot run, with a message that says what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Which dataset, where it lives, and how much of it the benchmark uses.
+
+    ``validation_size`` samples are held out of the training data before anything is trained: the original model
+    never sees them, and sweeps select hyperparameters on them (never on test). ``train_size`` / ``test_size``
+    subsample the rest (None: all), for CPU-sized runs.
+    """
+
+    name: Literal["digits", "fashion_mnist", "cifar10", "imagenet"]
+    root: Path | None = None
+    train_size: int | None = Field(default=None, ge=1)
+    test_size: int | None = Field(default=None, ge=1)
+    validation_size: int = Field(default=0, ge=0)
+    image_size: int = Field(default=224, ge=8)  # ImageNet only: resize + center crop to this
+    verify_checksums: bool = True  # CIFAR-10 only: torchvision's md5 check of the batch files
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> "DataConfig":
+        if self.name in ("cifar10", "imagenet") and self.root is None:
+            raise ValueError(f"data.root is required for {self.name}: the folder that holds your local copy")
+        return self
+
+
+class SmallCNNConfig(_Section):
+    arch: Literal["small_cnn"]
+    width: int = Field(default=16, ge=1)
+    norm: Literal["group", "batch", "none"] = "group"
+    weights: Path | None = None
+
+
+class ResNet18Config(_Section):
+    arch: Literal["resnet18"]
+    stem: Literal["cifar", "imagenet"] = "imagenet"  # cifar: 3x3 stride-1 first conv, no max-pool
+    weights: Path | None = None
+
+
+class ViTConfig(_Section):
+    """torchvision's VisionTransformer; the defaults are ViT-B/16 (smaller sizes for tests and CPUs)."""
+
+    arch: Literal["vit_b_16"]
+    patch_size: int = Field(default=16, ge=1)
+    num_layers: int = Field(default=12, ge=1)
+    num_heads: int = Field(default=12, ge=1)
+    hidden_dim: int = Field(default=768, ge=1)
+    mlp_dim: int = Field(default=3072, ge=1)
+    weights: Path | None = None
+
+
+ModelConfig = Annotated[SmallCNNConfig | ResNet18Config | ViTConfig, Field(discriminator="arch")]
+
+
+class TrainConfig(_Section):
+    """How the original model (and the retrained reference) is trained; ``epochs: 0`` uses ``model.weights`` as is."""
+
+    epochs: int = Field(ge=0)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(default=128, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(default=0.9, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    seed: int = 0
+
+
+class ScenarioConfig(_Section):
+    """What is forgotten: ``random`` samples (one split per seed) or a whole ``class`` (one split per class)."""
+
+    kind: Literal["random", "class"]
+    forget_size: int | None = Field(default=None, ge=1)
+    retain_size: list[int]
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    classes: list[int] = Field(default_factory=list)
+    retrain: bool = False
+
+    @field_validator("retain_size", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ScenarioConfig":
+        if not self.retain_size or min(self.retain_size) < 1:
+            raise ValueError("scenario.retain_size must be a positive size or a non-empty list of them")
+        if self.kind == "random":
+            if self.forget_size is None:
+                raise ValueError("scenario.forget_size is required when scenario.kind is 'random'")
+            if not self.seeds:
+                raise ValueError("scenario.seeds must list at least one seed")
+            if self.classes:
+                raise ValueError("scenario.classes is for kind 'class'; random forgetting uses scenario.seeds")
+        else:
+            if not self.classes:
+                raise ValueError("scenario.classes must list the classes to forget when scenario.kind is 'class'")
+            if self.forget_size is not None:
+                raise ValueError("scenario.forget_size is for kind 'random'; class forgetting forgets the whole class")
+        return self
+
+
+class UnlearnConfig(_Section):
+    """The run protocol shared by every method: epoch cap, evaluation schedule and the paper's stopping rule."""
+
+    max_epochs: int = Field(default=30, ge=1)
+    eval_every: int | None = Field(default=None, ge=1)  # evaluate every n steps (None: after every epoch)
+    stop: bool = True  # the paper's rule for the scenario (random: A_u <= A_test^p + 0.5; class: A_u < 1%)
+
+
+class SweepConfig(_Section):
+    """A grid per method, scored by UIS on the validation split; the best point is then run on test."""
+
+    grid: dict[str, dict[str, list[Any]]]
+    splits: int = Field(default=1, ge=1)  # how many of the scenario's splits (seeds/classes) each point is scored on
+
+
+class BenchConfig(_Section):
+    """A whole benchmark: data, model, original training, scenario, methods, protocol and execution."""
+
+    name: str
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    scenario: ScenarioConfig
+    methods: dict[str, dict[str, Any]]
+    unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
+    sweep: SweepConfig | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(default=1, ge=1)  # worker processes for unlearning runs (1: in this process)
+    threads_per_worker: int | None = Field(default=None, ge=1)  # torch threads in each worker (None: cores/workers)
+    cache_dir: Path = Path("runs/cache")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_known(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from orthograd import methods
+
+        if not value:
+            raise ValueError("methods must name at least one method")
+        for name, hyper in value.items():
+            methods.make_config(name, hyper or {})  # unknown method or hyperparameter: the method's own error
+        return {name: dict(hyper or {}) for name, hyper in value.items()}
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "BenchConfig":
+        from orthograd import methods
+
+        if self.sweep is not None:
+            if self.data.validation_size < 1:
+                raise ValueError("a sweep selects on the validation split: set data.validation_size > 0")
+            for name, grid in self.sweep.grid.items():
+                if name not in self.methods:
+                    raise ValueError(f"sweep.grid names {name!r}, which is not in methods {sorted(self.methods)}")
+                for key, values in grid.items():
+                    if not values:
+                        raise ValueError(f"sweep.grid.{name}.{key} is an empty list")
+                    for value in values:
+                        methods.make_config(name, {**self.methods[name], key: value})
+            n_splits = len(self.scenario.seeds if self.scenario.kind == "random" else self.scenario.classes)
+            if self.sweep.splits > n_splits:
+                raise ValueError(f"sweep.splits is {self.sweep.splits} but the scenario has {n_splits} splits")
+        return self
+
+    def original_hash(self) -> str:
+        """Hash of what determines the original model: data, model and training settings."""
+        return content_hash(
+            {"data": self.data.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
+             "train": self.train.model_dump(mode="json")}
+        )
+
+
+def content_hash(value: Any) -> str:
+    """Short, stable hash of a JSON-able value (keys sorted)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``raw`` with each ``dotted.key=value`` set (the value parsed as YAML: numbers, lists, null)."""
+    out: dict[str, Any] = json.loads(json.dumps(raw, default=str))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value (e.g. unlearn.max_epochs=5), got {item!r}")
+        parts = key.strip().split(".")
+        node: Any = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set {key}: {where} is a value ({child!r}), not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text)
+    return out
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {where!r}"
+    return f"{where}: {error['msg']}"
+
+
+_MODEL_ARCHS: dict[str, type[BaseModel]] = {
+    "small_cnn": SmallCNNConfig, "resnet18": ResNet18Config, "vit_b_16": ViTConfig,
+}
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field annotation may hold (several for the tagged model union)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _valid_keys(loc: Sequence[Any]) -> str:
+    """The keys accepted by the section that holds the unknown key at ``loc``."""
+    candidates: list[type[BaseModel]] = [BenchConfig]
+    for part in loc[:-1]:
+        if len(candidates) > 1:  # a tagged union: pydantic puts the tag (model.arch) in the location
+            candidates = [_MODEL_ARCHS[part]] if part in _MODEL_ARCHS else candidates
+            continue
+        field = candidates[0].model_fields.get(str(part))
+        candidates = _models_in(field.annotation) if field is not None else []
+        if not candidates:
+            return "(see the config reference)"
+    return ", ".join(sorted(candidates[0].model_fields))
+
+
+def validate_config(raw: Mapping[str, Any]) -> BenchConfig:
+    """A ``BenchConfig`` from a dict, or a ``ConfigError`` listing every problem (and the valid keys)."""
+    try:
+        return BenchConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            line = _describe(error)
+            if error["type"] == "extra_forbidden":
+                line += f"; valid keys here: {_valid_keys(error['loc'])}"
+            lines.append(line)
+        raise ConfigError("invalid benchmark config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, *, overrides: Sequence[str] = ()) -> tuple[BenchConfig, dict[str, Any]]:
+    """Read, override and validate a YAML config; returns the config and the raw dict it came from."""
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(f"config file {str(source)!r} does not exist (shipped configs are in configs/)")
+    raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a benchmark config is a YAML mapping (name:, data:, model:, ...)")
+    raw = apply_overrides(raw, overrides)
+    return validate_config(raw), raw

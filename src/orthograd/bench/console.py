@@ -1,0 +1,56 @@
+"""The terminal side of ``orthograd bench``: dispatch by task, progress bars, a line per finished run, the table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from orthograd.bench.config import ConfigError, load_config
+from orthograd.bench.runner import run_bench
+
+
+def config_task(path: Path) -> str:
+    """The ``task:`` a config file names (image classification when absent)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist (shipped configs are in configs/)")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return str(raw.get("task", "classification")) if isinstance(raw, dict) else "classification"
+
+
+def bench_command(path: Path, overrides: Sequence[str], out: Path | None, console: Console) -> Path:
+    """Run (or resume) a benchmark config with progress output; returns the run folder."""
+    if config_task(path) == "asr":  # speaker unlearning has its own runner (orthograd.asr_bench)
+        from orthograd import asr_bench
+
+        extra = [f"output={out}"] if out is not None else []
+        asr_bench.run_config_file(path, [*overrides, *extra])
+        return out or Path(asr_bench.load_config(path, overrides).output)
+    config, raw = load_config(path, overrides=overrides)
+    run_dir = out or Path("runs") / config.name
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    ) as progress:
+        task = progress.add_task("preparing data and the original model", total=None)
+
+        def started(phase: str, total: int) -> None:
+            progress.update(task, total=total, completed=0, description=f"{phase} runs")
+
+        def finished(record: dict[str, Any]) -> None:
+            final = record["final"]
+            split = f"class {record['forget_class']}" if record["forget_class"] is not None else f"seed {record['seed']}"
+            uis = "–" if record["uis"] is None else f"{record['uis']:.3f}"
+            progress.console.log(
+                f"{record['phase']:>5} {record['method']:<10} {split} retain {record['retain_size']}: "
+                f"A_u {final['forget']:.2f} A_test {final['test']:.2f} UIS {uis} "
+                f"({record['stop_reason']}, {record['steps']} steps, {record['wall_time_s']:.1f}s)"
+            )
+            progress.advance(task)
+
+        run_bench(config, raw, out_dir=run_dir, on_start=started, on_run=finished)
+    return run_dir

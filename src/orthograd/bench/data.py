@@ -1,0 +1,207 @@
+"""Benchmark datasets: digits, Fashion-MNIST (Debian package), CIFAR-10 and ImageNet from a user's folders.
+
+Each loader returns the full training and test sets; ``load_bench_data`` then holds out the validation split and
+subsamples train/test as the config asks. A missing folder is a ``ConfigError`` that names the expected layout.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from orthograd.bench.config import ConfigError, DataConfig
+from orthograd.data import load_digits_dataset
+from orthograd.data.splits import labels_of
+
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """Train (what the original model learns, forget/retain splits come from it), validation and test sets."""
+
+    train: Dataset
+    train_labels: np.ndarray
+    validation: Dataset | None
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: int  # side of the (square) input images
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX array (the MNIST file format: magic, dims, big-endian sizes, raw bytes), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(root: Path | None) -> tuple[TensorDataset, TensorDataset]:
+    """Fashion-MNIST as ``(images [N,1,28,28] in [0,1], labels)`` train and test datasets."""
+    folder = root or FASHION_MNIST_ROOT
+    missing = [name for pair in FASHION_MNIST_FILES.values() for name in pair if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"Fashion-MNIST not found in {folder} (missing {missing}). Install the Debian package "
+            "'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist, or `make install`), or set data.root "
+            "to a folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+            "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz"
+        )
+
+    def split(images: str, labels: str) -> TensorDataset:
+        x = torch.from_numpy(read_idx(folder / images).astype(np.float32) / 255.0).unsqueeze(1)
+        y = torch.from_numpy(read_idx(folder / labels).astype(np.int64))
+        return TensorDataset(x, y)
+
+    return split(*FASHION_MNIST_FILES["train"]), split(*FASHION_MNIST_FILES["test"])
+
+
+def _normalized(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """``[N, H, W, C]`` uint8 -> ``[N, C, H, W]`` float, normalized per channel."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def load_cifar10(root: Path, *, verify_checksums: bool) -> tuple[TensorDataset, TensorDataset]:
+    """CIFAR-10 from ``root/cifar-10-batches-py`` through torchvision (no download), as normalized tensors.
+
+    ``verify_checksums=False`` skips torchvision's md5 check of the batch files (needed for re-packed or
+    generated batches); the files are still parsed by torchvision's own loader.
+    """
+    from torchvision.datasets import CIFAR10
+
+    folder = root / CIFAR10.base_folder
+    expected = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+    missing = [name for name in expected if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"CIFAR-10 not found under {root}: expected {folder}/ with {', '.join(expected)} (the python version "
+            f"of CIFAR-10, as torchvision's CIFAR10(root, download=True) leaves it); missing {missing}"
+        )
+    cls = CIFAR10 if verify_checksums else _unchecked_cifar10()
+    try:
+        train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"CIFAR-10 under {root} failed torchvision's integrity check ({exc}); re-extract the archive, or set "
+            "data.verify_checksums=false for batches you generated yourself"
+        ) from exc
+
+    def tensors(ds: object) -> TensorDataset:
+        x = _normalized(np.asarray(ds.data), CIFAR10_MEAN, CIFAR10_STD)  # type: ignore[attr-defined]
+        return TensorDataset(x, torch.as_tensor(ds.targets, dtype=torch.long))  # type: ignore[attr-defined]
+
+    return tensors(train), tensors(test)
+
+
+def _unchecked_cifar10() -> type:
+    from torchvision.datasets import CIFAR10
+
+    class UncheckedCIFAR10(CIFAR10):
+        """torchvision's CIFAR10 that trusts files by presence instead of md5."""
+
+        def _check_integrity(self) -> bool:
+            names = [name for name, _ in self.train_list + self.test_list]
+            return all((Path(self.root) / self.base_folder / name).is_file() for name in names)
+
+    return UncheckedCIFAR10
+
+
+def load_imagenet(root: Path, *, image_size: int) -> tuple[Dataset, Dataset]:
+    """ImageNet (or any ImageFolder tree) from ``root/train/<class>/*`` and ``root/val/<class>/*``.
+
+    Images are resized (shorter side to 8/7 of ``image_size``), center-cropped to ``image_size`` and normalized
+    with the ImageNet statistics, as torchvision's pretrained models expect.
+    """
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    missing = [sub for sub in ("train", "val") if not (root / sub).is_dir()]
+    if missing:
+        raise ConfigError(
+            f"ImageNet not found under {root}: expected {root}/train/<class name>/<image> and "
+            f"{root}/val/<class name>/<image> (torchvision ImageFolder layout, the same class folders in both); "
+            f"missing {[str(root / sub) for sub in missing]}"
+        )
+    transform = transforms.Compose(
+        [
+            transforms.Resize(round(image_size * 8 / 7)),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    train = ImageFolder(str(root / "train"), transform=transform)
+    test = ImageFolder(str(root / "val"), transform=transform)
+    if train.classes != test.classes:
+        raise ConfigError(f"{root}/train and {root}/val must hold the same class folders")
+    return train, test
+
+
+def _take(dataset: Dataset, indices: np.ndarray) -> Dataset:
+    """The samples at ``indices``: copied tensors for in-memory data (fast batching), else a ``Subset`` view."""
+    if isinstance(dataset, TensorDataset):
+        index = torch.from_numpy(indices)
+        return TensorDataset(*(t[index] for t in dataset.tensors))
+    return Subset(dataset, indices.tolist())
+
+
+def load_bench_data(config: DataConfig) -> BenchData:
+    """The config's dataset with its validation split held out and train/test subsampled (seeded)."""
+    if config.name == "digits":
+        train, test = load_digits_dataset()
+    elif config.name == "fashion_mnist":
+        train, test = load_fashion_mnist(config.root)
+    elif config.name == "cifar10":
+        assert config.root is not None  # enforced by DataConfig
+        train, test = load_cifar10(config.root, verify_checksums=config.verify_checksums)
+    else:
+        assert config.root is not None
+        train, test = load_imagenet(config.root, image_size=config.image_size)
+    train_labels = labels_of(train)
+    num_classes = int(max(train_labels.max(), labels_of(test).max())) + 1
+    first = train[0][0]
+    in_channels, image_size = int(first.shape[0]), int(first.shape[-1])
+
+    rng = np.random.default_rng(config.split_seed)
+    order = rng.permutation(len(train_labels))
+    needed = config.validation_size + (config.train_size or 0)
+    if needed > len(order) or config.validation_size >= len(order):
+        raise ConfigError(
+            f"data.validation_size ({config.validation_size}) + data.train_size ({config.train_size}) exceed the "
+            f"{len(order)} training samples of {config.name}"
+        )
+    validation_idx = np.sort(order[: config.validation_size])
+    rest = order[config.validation_size :]
+    train_idx = np.sort(rest[: config.train_size] if config.train_size else rest)
+    validation = _take(train, validation_idx) if config.validation_size else None
+    if config.test_size is not None:
+        if config.test_size > len(test):  # type: ignore[arg-type]
+            raise ConfigError(f"data.test_size {config.test_size} exceeds the {len(test)} test samples")  # type: ignore[arg-type]
+        test_idx = np.sort(rng.permutation(len(test))[: config.test_size])  # type: ignore[arg-type]
+        test = _take(test, test_idx)
+    return BenchData(
+        train=_take(train, train_idx),
+        train_labels=train_labels[train_idx],
+        validation=validation,
+        test=test,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+    )

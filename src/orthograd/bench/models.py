@@ -1,0 +1,89 @@
+"""Benchmark models: SmallCNN for CPUs, torchvision ResNet18 (CIFAR or ImageNet stem) and ViT-B/16 for GPUs.
+
+Pretrained weights come from a local file (``model.weights``: a state dict saved with ``torch.save`` or
+safetensors); nothing is downloaded. A checkpoint that does not fit the architecture is a clear error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from orthograd.bench.config import ConfigError, ResNet18Config, SmallCNNConfig, ViTConfig
+from orthograd.models import SmallCNN
+
+
+def build_model(
+    config: SmallCNNConfig | ResNet18Config | ViTConfig, *, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    """A freshly initialised model for the config (with ``config.weights`` loaded when given)."""
+    if isinstance(config, SmallCNNConfig):
+        model: nn.Module = SmallCNN(in_channels=in_channels, num_classes=num_classes, width=config.width,
+                                    norm=config.norm)
+    elif isinstance(config, ResNet18Config):
+        model = _resnet18(stem=config.stem, num_classes=num_classes, in_channels=in_channels)
+    else:
+        model = _vit(config, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    if config.weights is not None:
+        load_weights(model, config.weights)
+    return model
+
+
+def _resnet18(*, stem: str, num_classes: int, in_channels: int) -> nn.Module:
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None, num_classes=num_classes)
+    if stem == "cifar":  # the usual CIFAR variant: keep 32x32 resolution through the first stage
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+def _vit(config: ViTConfig, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if in_channels != 3:
+        raise ConfigError(f"vit_b_16 takes 3-channel images; this dataset has {in_channels} channel(s)")
+    if image_size % config.patch_size:
+        raise ConfigError(f"image size {image_size} is not a multiple of model.patch_size {config.patch_size}")
+    return VisionTransformer(
+        image_size=image_size,
+        patch_size=config.patch_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        hidden_dim=config.hidden_dim,
+        mlp_dim=config.mlp_dim,
+        num_classes=num_classes,
+    )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a ``torch.save`` file (tensors only)."""
+    if not path.is_file():
+        raise ConfigError(f"model.weights {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint into ``model`` strictly (every key present, every shape equal)."""
+    state = read_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"the weights in {path} do not fit {type(model).__name__} with this config ({exc}). Check model.arch, "
+            "model.stem and the number of classes of the dataset"
+        ) from exc
