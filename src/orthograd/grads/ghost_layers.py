@@ -81,7 +81,7 @@ def _linear(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor)
         shape=module.weight.shape,
         ghost=prefer_ghost(positions=grads.shape[1], d_in=d_in, d_out=d_out),
     )
-    return {"weight": weight, **_bias_piece(module, grads)}
+    return {"weight": weight.compact(), **_bias_piece(module, grads)}
 
 
 def _conv_check(module: nn.Module) -> str | None:
@@ -112,7 +112,7 @@ def _conv2d(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor)
         shape=module.weight.shape,
         ghost=prefer_ghost(positions=grads.shape[1], d_in=d_in, d_out=d_out),
     )
-    return {"weight": weight, **_bias_piece(module, grads)}
+    return {"weight": weight.compact(), **_bias_piece(module, grads)}
 
 
 def _embedding_check(module: nn.Module) -> str | None:

@@ -107,9 +107,22 @@ class Outer:
         return self.rows(self.inputs[block])
 
     def materialise(self, block: slice) -> torch.Tensor:
-        """Per-sample gradients ``[s, d_out * d_in]`` (float64) of the samples in ``block``."""
-        a, b = self._a(block).double(), self.grads[block].double()
+        """Per-sample gradients ``[s, d_out * d_in]`` of the samples in ``block`` (float32, or float64 models).
+
+        Rounded like the torch.func engine's; Gram blocks of them are then formed in float64, so the Gram matrix
+        stays the exact Gram matrix of a (rounded) gradient matrix and the solver's rank cut-off applies as is.
+        """
+        dtype = _combine_dtype(self.grads)
+        a, b = self._a(block).to(dtype), self.grads[block].to(dtype)
         return torch.bmm(b.transpose(1, 2), a).flatten(1)
+
+    def compact(self) -> Piece:
+        """``Dense`` per-sample gradients when the Gram method materialises them anyway and they are smaller than
+        the stored factors (e.g. LoRA factors on long sequences), else ``self``."""
+        if self.ghost or self.n * self.shape.numel() > self.inputs.numel() + self.grads.numel():
+            return self
+        blocks = [self.materialise(block) for block in _blocks(self.n, self.positions * self.d_in)]
+        return Dense(torch.cat(blocks).view(self.n, *self.shape))
 
     def gram(self, other: Piece) -> torch.Tensor:
         assert isinstance(other, Outer)
@@ -125,17 +138,18 @@ class Outer:
             return out
         size = self.shape.numel()
         for block in _blocks(self.n, size):
-            left = self.materialise(block)
+            left = self.materialise(block).double()
             for block2 in _blocks(other.n, size):
-                out[block, block2] = left @ other.materialise(block2).T
+                out[block, block2] = left @ other.materialise(block2).double().T
         return out
 
     def dot(self, probe: torch.Tensor) -> torch.Tensor:
-        weight = probe.reshape(self.d_out, self.d_in).double()
+        dtype = _combine_dtype(self.grads)
+        weight = probe.reshape(self.d_out, self.d_in).to(dtype)
         out = torch.empty(self.n, dtype=torch.float64, device=self.grads.device)
         for block in _blocks(self.n, self.positions * (self.d_in + self.d_out)):
-            projected = self._a(block).double() @ weight.T  # [s, T, d_out]
-            out[block] = (projected * self.grads[block].double()).sum(dim=(1, 2))
+            projected = self._a(block).to(dtype) @ weight.T  # [s, T, d_out], the layer's forward cost
+            out[block] = (projected.double() * self.grads[block].double()).sum(dim=(1, 2))
         return out
 
     def combine(self, weights: torch.Tensor) -> torch.Tensor:
