@@ -1,0 +1,74 @@
+"""Every figure is a valid, non-blank PNG written atomically from synthetic run records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from orthograd.plots import plot_tradeoff, plot_trajectories, plot_uis_vs_retain_size
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _record(method: str, scenario: str, seed: int, *, retain_size: int | None = None) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    forget_end = 88.0 if scenario == "random" else 0.5
+    history = [
+        {"step": step, "epoch": step // 4, "forget": 99.0 - (99.0 - forget_end) * step / 8,
+         "retain": 98.0, "test": 90.0 - step * 0.3 + rng.normal(0, 0.2), "time_s": 0.1 * step}
+        for step in range(0, 9, 2)
+    ]
+    record: dict[str, Any] = {
+        "method": method, "scenario": scenario, "seed": seed, "forget_class": None if scenario == "random" else 3,
+        "original": {"forget": 99.0, "retain": 98.5, "test": 90.0},
+        "final": {k: history[-1][k] for k in ("forget", "retain", "test")},
+        "uis": float(0.05 + 0.01 * seed + (0.02 if method == "neggrad" else 0.0)), "history": history,
+    }
+    if retain_size is not None:
+        record["retain_size"] = retain_size
+        record["uis"] = 0.3 / np.sqrt(retain_size / 100) + 0.01 * seed
+    return record
+
+
+RECORDS = [_record(m, s, seed) for m in ("orthograd", "neggrad", "finetune") for s in ("random", "class") for seed in (0, 1)]
+
+
+def _assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    pixels = imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 300
+    assert float(pixels[..., :3].var()) > 1e-3  # not a blank canvas
+    assert not list(path.parent.glob(".*.tmp")), "a temp file of the atomic write was left behind"
+
+
+def test_uis_vs_retain_size(tmp_path: Path) -> None:
+    records = [_record(m, "random", seed, retain_size=n) for m in ("orthograd", "neggrad+") for seed in (0, 1)
+               for n in (100, 1000, 10000)]
+    out = plot_uis_vs_retain_size(records + RECORDS, path=tmp_path / "figs" / "uis.png")
+    assert out == tmp_path / "figs" / "uis.png"
+    _assert_png(out)
+    with pytest.raises(ValueError, match="retain_size"):
+        plot_uis_vs_retain_size(RECORDS, path=tmp_path / "none.png")
+
+
+def test_trajectories(tmp_path: Path) -> None:
+    out = plot_trajectories(RECORDS, path=tmp_path / "traj.png")
+    _assert_png(out)
+    _assert_png(plot_trajectories(RECORDS, path=tmp_path / "traj_epoch.png", x="epoch", metrics=("forget",)))
+    with pytest.raises(ValueError, match="x must be"):
+        plot_trajectories(RECORDS, path=tmp_path / "bad.png", x="wall")
+    with pytest.raises(ValueError, match="history"):
+        plot_trajectories([{**r, "history": []} for r in RECORDS], path=tmp_path / "empty.png")
+
+
+def test_tradeoff_overwrites_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "tradeoff.png"
+    path.write_bytes(b"old")
+    assert plot_tradeoff(RECORDS, path=path) == path
+    _assert_png(path)
+    asr = [{**r, "scenario": "speaker", "metric": "wer"} for r in RECORDS if r["scenario"] == "random"]
+    _assert_png(plot_tradeoff(asr, path=tmp_path / "asr.png"))
