@@ -1,0 +1,139 @@
+"""``unlearn_distributed``: ``orthograd.unlearn`` on every rank of a process group, as one data-parallel run.
+
+Launch one process per device (``torchrun --nproc_per_node=N``), initialise the process group
+(``init_process_group_from_env``), build the same model and data on every rank, and call
+``unlearn_distributed`` where one process would call ``unlearn``. What happens on each rank:
+
+* the model (with its LoRA adapters) is broadcast from rank 0, so every rank starts from the same weights;
+* iterative methods see only their rank's share of every global batch (``sharding``); the global batches are the
+  ones a single process with the same seed would draw;
+* OrthoGrad runs as ``DistributedOrthoGrad``: the update equals the single-process update on the global batches;
+* every other iterative method runs unchanged, and the gradients of the trainable parameters are averaged over
+  the ranks right before each optimizer step (an optimizer step pre-hook). For methods whose step is a linear
+  function of batch-mean gradients (Finetune, NegGrad, NegGrad+, SCRUB, DUCK) this is DDP's usual gradient
+  all-reduce: the global-batch update when the shards are equal in size, the mean of the shards' means otherwise.
+  GDR-GMA's conflict removal then acts on each rank's own gradients before the average;
+* one-shot methods (Fisher, influence) run whole on every rank (same data, same edit): correct, not faster;
+* evaluation (and so the stopping rule) runs on the full sets on every rank; identical weights give every rank
+  the same metrics and the same decision to stop.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
+
+from orthograd.api import UnlearnResult, unlearn
+from orthograd.distributed.collectives import world
+from orthograd.distributed.orthograd import DistributedOrthoGrad
+from orthograd.distributed.sharding import ShardedContext
+from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
+from orthograd.methods.orthograd import OrthoGrad
+
+
+def init_process_group_from_env(*, backend: str | None = None) -> torch.device:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_*``).
+
+    ``backend`` defaults to NCCL when CUDA is available, else gloo. Returns this process's device (its local GPU,
+    or the CPU). A process that is already in a group keeps it.
+    """
+    missing = [key for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
+    if missing:
+        raise RuntimeError(f"environment variables {missing} are not set: start this program with torchrun")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"))
+    return device
+
+
+def unlearn_distributed(
+    model: nn.Module, forget: Any, retain: Any, *, group: dist.ProcessGroup | None = None, **kwargs: Any
+) -> UnlearnResult:
+    """``orthograd.unlearn(model, forget, retain, **kwargs)`` as one data-parallel run over the ranks of ``group``.
+
+    Call it on every rank with the same model, data and arguments (``seed`` included). Every rank returns the same
+    unlearned model and history. See the module docstring for what each method does under data parallelism.
+    """
+    world(group)
+    factory = _DataParallelMethods(group)
+    try:
+        return unlearn(model, forget, retain, make_method=factory, **kwargs)
+    finally:
+        factory.close()
+
+
+class _DataParallelMethods:
+    """The ``make_method`` hook of ``unlearn``: builds the method for this rank and synchronises its updates."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+        self._hook: RemovableHandle | None = None
+
+    def __call__(self, method_cls: type[UnlearningMethod], config: MethodConfig, context: MethodContext) -> UnlearningMethod:
+        broadcast_module(context.model, group=self.group)
+        if method_cls.one_shot:
+            return method_cls(config, context)
+        rank, size = world(self.group)
+        sharded = ShardedContext.from_context(context, rank=rank, world_size=size)
+        if method_cls is OrthoGrad:
+            return DistributedOrthoGrad(config, sharded, group=self.group)  # type: ignore[arg-type]
+        average = GradientAverager(list(context.trainable_parameters().values()), group=self.group)
+        self._hook = register_optimizer_step_pre_hook(average)
+        return method_cls(config, sharded)
+
+    def close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def broadcast_module(module: nn.Module, *, group: dist.ProcessGroup | None = None) -> None:
+    """Copy rank 0's parameters and buffers into every rank's ``module`` (as DDP does at construction)."""
+    source = dist.get_global_rank(group, 0) if group is not None else 0
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=source, group=group)
+
+
+class GradientAverager:
+    """Optimizer step pre-hook: average ``.grad`` of the given parameters over the ranks before the step.
+
+    Only parameters in ``params`` that the optimizer holds are touched. A parameter with a gradient on some ranks
+    but not others counts as zero where it has none; one with no gradient anywhere is left without one.
+    """
+
+    def __init__(self, params: list[nn.Parameter], *, group: dist.ProcessGroup | None = None) -> None:
+        self.ids = {id(p) for p in params}
+        self.group = group
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if id(p) in self.ids]
+        if not params:
+            return
+        _, size = world(self.group)
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+        dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group)
+        synced = [p for p, flag in zip(params, present.tolist()) if flag]
+        for bucket in _buckets(synced):
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            flat /= size
+            for p, part in zip(bucket, torch.split(flat, [p.numel() for p in bucket])):
+                p.grad = part.view_as(p).clone()
+
+
+def _buckets(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """Parameters grouped by (device, dtype), each group flattened into one all-reduce."""
+    groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    return list(groups.values())

@@ -1,0 +1,97 @@
+"""Every rank sees the same global batches as a single process would, and keeps its contiguous share of rows.
+
+The shuffling is the single-process one: the same sampler, seeded by the run's generator (identical on every rank),
+so the global batch ``b`` of a data-parallel run is the batch ``b`` of a one-process run with the same seed, and the
+concatenation of the ranks' shards (in rank order) is that batch. For datasets, each rank loads only its own rows
+(a batch sampler that slices the index lists); a user's DataLoader is iterated as given and each batch is sliced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.utils._pytree import tree_map
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
+
+from orthograd.grads import batch_size_of
+from orthograd.methods.base import MethodContext
+
+
+def shard_bounds(total: int, *, rank: int, world_size: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank ``rank``'s rows of ``total``: contiguous, in rank order, sizes differing by <= 1."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+class RankSlice(Sampler[list[int]]):
+    """The rank's contiguous share of each index list of a batch sampler (the same global batches on every rank)."""
+
+    def __init__(self, batches: BatchSampler, *, rank: int, world_size: int) -> None:
+        self.batches = batches
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for indices in self.batches:
+            start, stop = shard_bounds(len(indices), rank=self.rank, world_size=self.world_size)
+            yield list(indices)[start:stop]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@dataclass
+class ShardedContext(MethodContext):
+    """A ``MethodContext`` whose loaders and batches hold only this rank's share of every global batch."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_context(cls, context: MethodContext, *, rank: int, world_size: int) -> "ShardedContext":
+        values = {f.name: getattr(context, f.name) for f in dataclasses.fields(MethodContext) if f.init}
+        return cls(**values, rank=rank, world_size=world_size)
+
+    def loader(self, which: Literal["forget", "retain"], *, batch_size: int, shuffle: bool = True) -> DataLoader:
+        data = self.forget if which == "forget" else self.retain
+        if isinstance(data, DataLoader):
+            return data
+        _check_shards_not_empty(which, len(data), batch_size=batch_size, world_size=self.world_size)  # type: ignore[arg-type]
+        sampler: Sampler[int] = RandomSampler(data, generator=self.generator) if shuffle else SequentialSampler(data)
+        batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
+        return DataLoader(
+            data,
+            batch_sampler=RankSlice(batches, rank=self.rank, world_size=self.world_size),
+            generator=self.generator,  # the single-process loader draws its worker seed from it too
+            collate_fn=self.task.collate_fn(),
+        )
+
+    def batches(self, loader: DataLoader) -> Iterator[Any]:
+        sliced = isinstance(loader.batch_sampler, RankSlice)
+        for batch in loader:
+            yield self.task.to_device(batch if sliced else self.shard(batch), self.device)
+
+    def shard(self, batch: Any) -> Any:
+        """This rank's rows of a global batch (every tensor is sliced along its first dimension)."""
+        total = batch_size_of(batch)
+        start, stop = shard_bounds(total, rank=self.rank, world_size=self.world_size)
+        if stop == start:
+            raise ValueError(
+                f"a batch of {total} samples cannot give each of {self.world_size} ranks a sample; use batches of at "
+                "least world_size samples (set the DataLoader's drop_last=True if only the last batch is short)"
+            )
+        return tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t, batch)
+
+
+def _check_shards_not_empty(which: str, size: int, *, batch_size: int, world_size: int) -> None:
+    sizes: Sequence[int] = [min(batch_size, size), size % batch_size]
+    short = [s for s in sizes if 0 < s < world_size]
+    if short:
+        raise ValueError(
+            f"the {which} set ({size} samples, batch size {batch_size}) has a batch of {short[0]} samples, fewer than "
+            f"the {world_size} ranks: every rank needs at least one sample per batch; choose a batch size >= "
+            f"{world_size} whose last batch (size % batch_size) is 0 or >= {world_size}"
+        )

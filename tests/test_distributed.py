@@ -1,0 +1,129 @@
+"""Data-parallel unlearning: 2 gloo processes on CPU reproduce the single-process run on the same global batches.
+
+One spawn runs every scenario (process start-up dominates the cost); the parent process runs the same scenarios
+single-process and compares the unlearned weights. Tolerances: float64 models, 1e-9 relative (in max-abs over all
+weights), and float32, 1e-5 relative: reduction order differs, nothing else.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import TensorDataset
+
+from orthograd import unlearn
+from orthograd.distributed import unlearn_distributed
+from orthograd.distributed.collectives import gather_counts, global_combination, global_gram_and_product
+from orthograd.distributed.sharding import ShardedContext
+from orthograd.models import SmallCNN
+
+WORLD = 2
+# name -> (method, dtype, sizes (forget, retain), hyperparameters). Batch sizes chosen so shards are uneven
+# (7 -> 3 + 4) and the last batch is short (20 = 9 + 9 + 2) for OrthoGrad, whose update weights shards by size.
+SCENARIOS: dict[str, tuple[str, torch.dtype, tuple[int, int], dict[str, Any]]] = {
+    "orthograd_f64": ("orthograd", torch.float64, (14, 20),
+                      {"forget_batch_size": 7, "retain_batch_size": 9, "lr": 0.05, "alpha": 0.8, "engine": "vmap"}),
+    "orthograd_f32_full": ("orthograd", torch.float32, (14, 20),
+                           {"forget_batch_size": 7, "retain_batch_size": 9, "lr": 0.05, "lora": None,
+                            "momentum": 0.9}),
+    "orthograd_mean_f64": ("orthograd", torch.float64, (14, 20),
+                           {"forget_batch_size": 7, "retain_batch_size": 10, "lr": 0.05, "retain_grads": "mean"}),
+    "neggrad+_f64": ("neggrad+", torch.float64, (16, 16), {"forget_batch_size": 8, "retain_batch_size": 8, "lr": 0.1}),
+}
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
+
+
+def _data(dtype: torch.dtype, forget: int, retain: int) -> tuple[TensorDataset, TensorDataset]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(forget + retain, 1, 8, 8, generator=g, dtype=dtype)
+    y = torch.randint(0, 10, (forget + retain,), generator=g)
+    return TensorDataset(x[:forget], y[:forget]), TensorDataset(x[forget:], y[forget:])
+
+
+def _model(dtype: torch.dtype) -> SmallCNN:
+    torch.manual_seed(0)
+    return SmallCNN(width=4).to(dtype)
+
+
+def _run(name: str, run: Any) -> dict[str, torch.Tensor]:
+    method, dtype, (n_forget, n_retain), hyper = SCENARIOS[name]
+    forget, retain = _data(dtype, n_forget, n_retain)
+    result = run(_model(dtype), forget, retain, method=method, max_epochs=2, seed=3, device="cpu", **hyper)
+    return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        results = {name: _run(name, unlearn_distributed) for name in SCENARIOS}
+        results["collectives"] = _collectives(rank)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _collectives(rank: int) -> dict[str, torch.Tensor]:
+    """Global Gram, product and combination of a fixed [5, 11] matrix split 2 + 3 rows over the ranks."""
+    G = torch.arange(55, dtype=torch.float64).reshape(5, 11).sin()
+    probe = torch.linspace(-1, 1, 11, dtype=torch.float64)
+    rows = G[:2] if rank == 0 else G[2:]
+    counts = gather_counts(rows.shape[0], device=torch.device("cpu"))
+    gram, product = global_gram_and_product(rows, probe, counts=counts)
+    weights = torch.arange(10, dtype=torch.float64).reshape(2, 5)
+    combined = global_combination(rows, weights[:, :2] if rank == 0 else weights[:, 2:])
+    return {"gram": gram, "product": product, "combined": combined}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("ddp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_collectives_equal_the_dense_formulas(ranks: list[dict[str, Any]]) -> None:
+    G = torch.arange(55, dtype=torch.float64).reshape(5, 11).sin()
+    probe = torch.linspace(-1, 1, 11, dtype=torch.float64)
+    weights = torch.arange(10, dtype=torch.float64).reshape(2, 5)
+    for got in (r["collectives"] for r in ranks):
+        torch.testing.assert_close(got["gram"], G @ G.T, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["product"], G @ probe, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["combined"], weights @ G, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_data_parallel_run_equals_single_process(ranks: list[dict[str, Any]], name: str) -> None:
+    torch.manual_seed(0)
+    single = _run(name, unlearn)
+    initial = _model(SCENARIOS[name][1]).state_dict()
+    tol = TOLERANCE[SCENARIOS[name][1]]
+    for rank in ranks:
+        for key, expected in single.items():
+            got = rank[name][key]
+            scale = float(expected.abs().max().clamp_min(1e-12))
+            assert float((got - expected).abs().max()) <= tol * scale, f"{name}: {key} differs from one process"
+    moved = max(float((single[k] - initial[k]).abs().max()) for k in initial)
+    assert moved > 1e-3, f"{name}: the run barely changed the model, so the comparison would prove nothing"
+
+
+def test_shards_must_not_be_empty() -> None:
+    forget, retain = _data(torch.float32, 5, 5)
+    from orthograd.methods.base import MethodContext
+    from orthograd.tasks import get_task
+
+    context = MethodContext(model=_model(torch.float32), task=get_task("classification"), forget=forget,
+                            retain=retain, device=torch.device("cpu"), generator=torch.Generator())
+    sharded = ShardedContext.from_context(context, rank=0, world_size=4)
+    with pytest.raises(ValueError, match="fewer than the 4 ranks"):
+        sharded.loader("forget", batch_size=2)  # 5 = 2 + 2 + 1: the last batch cannot feed 4 ranks
+    assert len(sharded.loader("forget", batch_size=5)) == 1
