@@ -285,6 +285,33 @@ def test_duck_rejects_other_tasks_and_unsplittable_models() -> None:
         find_head(SmallCNN(), "nope")
 
 
+def test_duck_takes_r_plus_1_steps_and_rolls_phase_2_back() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=3)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    forget = TensorDataset(torch.rand(6, 1, 8, 8), torch.zeros(6, dtype=torch.long))
+    retain = TensorDataset(torch.rand(10, 1, 8, 8), torch.tensor([1, 2] * 5))
+    context = methods.MethodContext(model=model.train(), task=CLASSIFICATION, forget=forget, retain=retain,
+                                    device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
+                                    forget_classes=(0,))
+    config = methods.make_config("duck", dict(lora=None, forget_batch_size=3, retain_batch_size=2, retain_steps=2,
+                                              phase2_batch_size=4))
+    duck = methods.get("duck")(config, context)
+    epoch = duck.run_epoch(1)
+    phase1 = [next(epoch) for _ in range(2 * 3)]  # 2 forget batches x (R + 1) = 3 of the 5 retain batches
+    after_phase1 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    phase2 = list(epoch)  # class removal: first forget batch only, 3 retain batches of 4, 2 epochs
+    assert len(phase1) == 6 and len(phase2) == 6
+    assert len(duck.assignments) == 2 and duck.class_ids.tolist() == [1, 2]
+    assert not torch.equal(model.head[2].weight, after_phase1["head.2.weight"])
+    for group in duck.optimizer.param_groups:  # a zero-size phase-1 step exposes the state it starts from
+        group["lr"] = 0.0
+    next(duck.run_epoch(2))
+    for name, param in model.named_parameters():
+        assert torch.equal(param, after_phase1[name]), name
+
+
 # ---------------------------------------------------------------- digits class forgetting
 
 

@@ -23,7 +23,7 @@ Library [DEVIATION]s:
   phase 2. Here the runner's stop rule (the same for every method) replaces that check, and phase 2 is applied
   after every epoch and rolled back (parameters and buffers) before the next: each per-epoch evaluation sees the
   model DUCK would return had it stopped there, and phase 1 continues from its own state. Evaluations between
-  epochs (``eval_every``) see the phase-1 state;
+  epochs (``eval_every``) see the phase-1 state, and a stop there returns it without phase 2;
 - phase 2 uses no train-time augmentation and no loader drops its last incomplete batch (``drop_last`` would
   leave no forget batch on small forget sets);
 - the backbone is everything before the head: the embedding is captured at the head module's input (``fc``,
