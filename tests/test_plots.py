@@ -34,7 +34,9 @@ def _record(method: str, scenario: str, seed: int, *, retain_size: int | None = 
     return record
 
 
-RECORDS = [_record(m, s, seed) for m in ("orthograd", "neggrad", "finetune") for s in ("random", "class") for seed in (0, 1)]
+RECORDS = [
+    _record(m, s, seed) for m in ("orthograd", "neggrad", "finetune") for s in ("random", "class") for seed in (0, 1)
+]
 
 
 def _assert_png(path: Path) -> None:

@@ -3,20 +3,45 @@
 A run record is a dict with at least ``method``, ``scenario`` ("random" | "class"), ``original`` and ``final``
 (metric dicts with ``forget``, ``retain``, ``test``) and ``uis``. The layout follows the paper's Tables 3-5:
 an Original row first, a Finetune reference row (no UIS, as in the paper), then every unlearning method.
+
+Optional record keys add to the table: ``retrained`` (the metrics of a model retrained from scratch without the
+forget set, per split) adds a Retrain row; ``privacy`` (``orthograd.privacy.privacy_metrics``, whose
+``"retrained"`` / ``"original"`` entries feed the Retrain / Original rows) adds MIA columns. ASR ablations
+(records with ``metric: "wer"``) use the paper's Table 1 layout instead: W_retain, W_unlearn, W_speaker, W_test
+per variant (``label``, else ``method``), mean ± std over speakers. Every table exports as Markdown, CSV and JSON.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from orthograd.io import atomic_write_json, atomic_write_text
 
 SCENARIOS: tuple[str, ...] = ("random", "class")
 COLUMNS: tuple[tuple[str, str], ...] = (("A_u", "forget"), ("A_r", "retain"), ("A_test", "test"), ("UIS", "uis"))
+PRIVACY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("MIA-L", "mia_loss_accuracy"),  # loss attack, cross-validated accuracy (0.5: forget looks unseen)
+    ("MIA-AUC", "mia_loss_auc"),
+    ("MIA-E", "mia_efficacy"),  # SalUn's SVC MIA-efficacy (fraction of forget predicted non-member)
+)
+ABLATION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("W_retain", "retain"),
+    ("W_unlearn", "forget"),
+    ("W_speaker", "speaker"),
+    ("W_test", "test"),
+)
+THREE_DIGIT_COLUMNS = {"UIS", *(label for label, _ in PRIVACY_COLUMNS)}  # scores and fractions; metrics are in %
 REFERENCE_METHODS = ("finetune",)
+SPLIT_ROWS = {"original": "original", "retrain": "retrained"}  # rows evaluated once per split: row -> record key
 DISPLAY_NAMES = {
     "original": "Original",
+    "retrain": "Retrain",
     "finetune": "FT",
     "neggrad": "NegGrad",
     "neggrad+": "NegGrad+",
@@ -50,25 +75,35 @@ def summarize(values: Sequence[float]) -> Cell | None:
 
 
 def method_order(records: Iterable[Mapping[str, Any]]) -> list[str]:
-    """Original, then reference methods, then the rest in order of first appearance."""
+    """Original (and Retrain, when runs carry a retrained model), then reference methods, then the rest in order
+    of first appearance."""
+    records = list(records)
     seen: list[str] = []
     for record in records:
         if record["method"] not in seen:
             seen.append(record["method"])
     refs = [m for m in REFERENCE_METHODS if m in seen]
-    return ["original", *refs, *[m for m in seen if m not in refs]]
+    splits = [row for row, key in SPLIT_ROWS.items() if row == "original" or any(r.get(key) for r in records)]
+    return [*splits, *refs, *[m for m in seen if m not in refs]]
+
+
+def table_columns(records: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """The paper layout's (label, key) columns: A_u, A_r, A_test, UIS, plus MIA columns when runs carry privacy."""
+    return COLUMNS + (PRIVACY_COLUMNS if any(r.get("privacy") for r in records) else ())
 
 
 def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Cell | None]]]:
-    """{row name: {scenario: {column: Cell}}}; the Original row comes from each run's original metrics."""
+    """{row name: {scenario: {column: Cell}}}; the Original / Retrain rows come from each split's original /
+    retrained metrics."""
     table: dict[str, dict[str, dict[str, Cell | None]]] = {}
+    privacy_columns = table_columns(records)[len(COLUMNS):]
     for row in method_order(records):
         table[row] = {}
         for scenario in SCENARIOS:
             runs = [r for r in records if r["scenario"] == scenario]
-            if row == "original":
-                runs = _one_per_split(runs)
-                metrics = [r["original"] for r in runs]
+            if row in SPLIT_ROWS:
+                runs = _one_per_split([r for r in runs if r.get(SPLIT_ROWS[row])])
+                metrics = [r[SPLIT_ROWS[row]] for r in runs]
             else:
                 runs = [r for r in runs if r["method"] == row]
                 metrics = [r["final"] for r in runs]
@@ -78,9 +113,36 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[
                 label: summarize([m.get(key) for m in metrics]) for label, key in COLUMNS if key != "uis"
             }
             show_uis = row != "original" and row not in REFERENCE_METHODS
-            cells["UIS"] = summarize([r.get("uis") for r in runs]) if show_uis else None
+            cells["UIS"] = summarize([_uis_of(row, r) for r in runs]) if show_uis else None
+            privacy = [_privacy_of(row, r) for r in runs]
+            cells.update({label: summarize([p.get(key) for p in privacy]) for label, key in privacy_columns})
             table[row][scenario] = cells
     return table
+
+
+def _uis_of(row: str, run: Mapping[str, Any]) -> float | None:
+    """A method run's UIS; for the Retrain row, the retrained model's UIS against the same original model."""
+    if row != "retrain":
+        return run.get("uis")
+    from orthograd.metrics import uis
+
+    original, retrained = run["original"], run["retrained"]
+    if original.get("test") is None or retrained.get("test") is None or retrained.get("forget") is None:
+        return None
+    return uis(
+        original_test=original["test"],
+        unlearned_test=retrained["test"],
+        unlearned_forget=retrained["forget"],
+        scenario=run["scenario"],
+    )
+
+
+def _privacy_of(row: str, run: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The privacy values of a row's model: the run's own, or the original / retrained model's entry in it."""
+    privacy = run.get("privacy") or {}
+    if row in SPLIT_ROWS:
+        return privacy.get(SPLIT_ROWS[row]) or {}
+    return privacy
 
 
 def _one_per_split(runs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -94,17 +156,20 @@ def _one_per_split(runs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]
 def table_cells(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows of the paper layout: Method | Random A_u A_r A_test UIS | Class ... ."""
     table = aggregate(records)
+    columns = table_columns(records)
     scenarios = [s for s in SCENARIOS if any(s in cells for cells in table.values())]
-    header = ["Method"] + [f"{s.capitalize()} {label}" for s in scenarios for label, _ in COLUMNS]
+    header = ["Method"] + [f"{s.capitalize()} {label}" for s in scenarios for label, _ in columns]
     rows = []
     for row, by_scenario in table.items():
         cells = [DISPLAY_NAMES.get(row, row)]
         for scenario in scenarios:
-            for label, _ in COLUMNS:
-                cell = by_scenario.get(scenario, {}).get(label)
-                cells.append("–" if cell is None else cell.format(digits=3 if label == "UIS" else 2))
+            cells += [_format(by_scenario.get(scenario, {}).get(label), label=label) for label, _ in columns]
         rows.append(cells)
     return header, rows
+
+
+def _format(cell: Cell | None, *, label: str) -> str:
+    return "–" if cell is None else cell.format(digits=3 if label in THREE_DIGIT_COLUMNS else 2)
 
 
 def markdown_table(records: Sequence[Mapping[str, Any]], *, title: str = "") -> str:
@@ -165,3 +230,107 @@ def run_record(
         "versions": {"orthograd": __version__, "torch": torch.__version__},
         **extra,
     }
+
+
+def ablation_aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Cell | None]]]:
+    """The paper's Table 1 for ASR ablations: {variant: {scenario: {W_retain, W_unlearn, W_speaker, W_test}}}.
+
+    A variant is a record's ``label`` (e.g. "OrthoGrad Mean + LoRA"), else its ``method``; each cell is the mean ±
+    std of the final WER over that variant's runs (one per speaker), in order of first appearance.
+    """
+    table: dict[str, dict[str, dict[str, Cell | None]]] = {}
+    for record in records:
+        table.setdefault(_variant(record), {}).setdefault(record["scenario"], {})
+    for variant, by_scenario in table.items():
+        for scenario in by_scenario:
+            finals = [r["final"] for r in records if _variant(r) == variant and r["scenario"] == scenario]
+            by_scenario[scenario] = {label: summarize([f.get(key) for f in finals]) for label, key in ABLATION_COLUMNS}
+    return table
+
+
+def _variant(record: Mapping[str, Any]) -> str:
+    return record.get("label") or record["method"]
+
+
+def layout(records: Sequence[Mapping[str, Any]]) -> str:
+    """"ablation" (Table 1) for WER records, "paper" (Tables 3-5) for accuracy records; mixing them is an error."""
+    if not records:
+        raise ValueError("no run records to tabulate")
+    metrics = {r.get("metric", "accuracy") for r in records}
+    if len(metrics) > 1:
+        raise ValueError(f"records mix metrics {sorted(metrics)}: tabulate each benchmark's records separately")
+    return "ablation" if metrics == {"wer"} else "paper"
+
+
+def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The aggregated table in long form, one dict per (row, scenario): ``method``, ``name``, ``scenario`` and
+    ``cells`` ({column label: {"mean", "std", "n"} or None}); the layout follows ``layout(records)``."""
+    if layout(records) == "ablation":
+        table, columns = ablation_aggregate(records), ABLATION_COLUMNS
+    else:
+        table, columns = aggregate(records), table_columns(records)
+    return [
+        {
+            "method": row,
+            "name": DISPLAY_NAMES.get(row, row),
+            "scenario": scenario,
+            "cells": {label: _cell_dict(cells.get(label)) for label, _ in columns},
+        }
+        for row, by_scenario in table.items()
+        for scenario, cells in by_scenario.items()
+    ]
+
+
+def _cell_dict(cell: Cell | None) -> dict[str, Any] | None:
+    return None if cell is None else {"mean": cell.mean, "std": cell.std, "n": cell.n}
+
+
+def json_table(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The aggregated table as a JSON-ready dict: ``layout``, ``columns`` and ``rows`` (see ``table_rows``)."""
+    rows = table_rows(records)
+    return {"layout": layout(records), "columns": list(rows[0]["cells"]) if rows else [], "rows": rows}
+
+
+def csv_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """The aggregated table as CSV: method, name, scenario, then ``<column> mean|std|n`` (empty where no value)."""
+    table = json_table(records)
+    header = ["method", "name", "scenario"] + [f"{c} {stat}" for c in table["columns"] for stat in ("mean", "std", "n")]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in table["rows"]:
+        values = [row["method"], row["name"], row["scenario"]]
+        for column in table["columns"]:
+            cell = row["cells"][column]
+            values += ["", "", ""] if cell is None else [repr(cell["mean"]), repr(cell["std"]), cell["n"]]
+        writer.writerow(values)
+    return buffer.getvalue()
+
+
+def ablation_markdown(records: Sequence[Mapping[str, Any]], *, title: str = "") -> str:
+    """The paper's Table 1 layout as Markdown: Method | W_retain | W_unlearn | W_speaker | W_test (mean ± std)."""
+    table = ablation_aggregate(records)
+    several = len({r["scenario"] for r in records}) > 1
+    lines = [f"### {title}", ""] if title else []
+    header = ["Method", *(label for label, _ in ABLATION_COLUMNS)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant, by_scenario in table.items():
+        for scenario, cells in by_scenario.items():
+            name = DISPLAY_NAMES.get(variant, variant) + (f" ({scenario})" if several else "")
+            values = [_format(cells[label], label=label) for label, _ in ABLATION_COLUMNS]
+            lines.append("| " + " | ".join([name, *values]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(
+    records: Sequence[Mapping[str, Any]], *, directory: str | Path, stem: str = "table", title: str = ""
+) -> dict[str, Path]:
+    """Write ``<stem>.md``, ``<stem>.csv`` and ``<stem>.json`` (atomically) in the layout the records call for;
+    returns {"md" | "csv" | "json": path}."""
+    out = Path(directory)
+    markdown = ablation_markdown if layout(records) == "ablation" else markdown_table
+    paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "csv", "json")}
+    atomic_write_text(paths["md"], markdown(records, title=title))
+    atomic_write_text(paths["csv"], csv_table(records))
+    atomic_write_json(paths["json"], json_table(records))
+    return paths
