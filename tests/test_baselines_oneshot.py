@@ -108,7 +108,9 @@ def test_empirical_fisher_adds_eps_before_squaring() -> None:
     model = tiny_classifier().eval()
     x, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
     names = [n for n, _ in model.named_parameters()]
-    fisher, _ = fisher_diagonal(model, CLASSIFICATION, iter([(x, y)]), names, kind="empirical", generator=torch.Generator())
+    fisher, _ = fisher_diagonal(
+        model, CLASSIFICATION, iter([(x, y)]), names, kind="empirical", generator=torch.Generator()
+    )
     expected = [torch.zeros_like(p) for p in model.parameters()]
     for i in range(4):
         log_p = torch.log_softmax(model(x[i : i + 1]), dim=1)[0, y[i]]

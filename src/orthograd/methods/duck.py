@@ -233,7 +233,9 @@ class DUCK(UnlearningMethod):
             self._phase1_state = self._snapshot()
             yield from self._phase2()
 
-    def _phase1_batch(self, n: int, x_f: torch.Tensor, y_f: torch.Tensor, *, first_epoch: bool) -> Iterator[dict[str, float]]:
+    def _phase1_batch(
+        self, n: int, x_f: torch.Tensor, y_f: torch.Tensor, *, first_epoch: bool
+    ) -> Iterator[dict[str, float]]:
         cfg: DUCKConfig = self.config
         for m, (x_r, y_r) in enumerate(self.context.batches(self.retain_loader)):
             z_f, _ = self.embed(x_f)

@@ -51,7 +51,9 @@ class InfluenceConfig(OneShotConfig):
             raise ValueError(f"batch_size and woodfisher_n must be >= 1, got {self.batch_size}, {self.woodfisher_n}")
 
 
-def summed_gradient(model: nn.Module, task: Task, batches: Iterable[Any], params: list[nn.Parameter]) -> tuple[torch.Tensor, int]:
+def summed_gradient(
+    model: nn.Module, task: Task, batches: Iterable[Any], params: list[nn.Parameter]
+) -> tuple[torch.Tensor, int]:
     """Flat sum over samples of the per-sample loss gradients, and the number of samples."""
     total = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
     count = 0
