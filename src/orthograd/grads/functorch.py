@@ -150,7 +150,8 @@ def _vmap_grads(
                 f"torch.func.vmap could not compute per-sample gradients for {type(model).__name__}: {exc}. "
                 "Use engine='loop' (exact, slower), or replace in-place/batch-mixing operations in the model."
             ) from exc
-    return {n: grads[f"model.{n}"] for n in names}, losses.detach()
+    # detached: with only some parameters chosen, the outputs would otherwise keep the graph of the others alive
+    return {n: grads[f"model.{n}"].detach() for n in names}, losses.detach()
 
 
 def _loop_grads(
