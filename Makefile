@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[dev,vision,asr]'
+	$(PY) -m pip install --quiet -e '.[dev,vision,asr,ray]'
 	# speech tests and the espeak benchmark: real LibriVox recordings, a speech synthesiser and sox; Fashion-MNIST
 	# for the image benchmark (root in CI)
 	if command -v apt-get >/dev/null; then dpkg -s pocketsphinx-testdata espeak-ng sox dataset-fashion-mnist >/dev/null 2>&1 || \

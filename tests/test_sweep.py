@@ -1,0 +1,79 @@
+"""``orthograd sweep``: a tiny digits grid on a local Ray cluster (2 CPUs), then a resume without Ray.
+
+Run 1 (Ray): the sweep grid has two OrthoGrad learning rates and one NegGrad point whose LoRA targets match no
+module, so that trial fails at run time; the other trials' records must survive and the sweep must report the
+failure. Run 2 (Ray reported missing, so local processes with a note): the failing point is dropped; the finished
+trials are skipped by key, the best OrthoGrad point is selected by validation UIS and run on test.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orthograd.bench.config import validate_config
+from orthograd.io import ResultsLog
+from orthograd.sweep import runner as sweep_runner
+from orthograd.sweep.ray_trials import TrialsFailed
+
+LRS = [1.0e-4, 3.0e-2]
+
+
+def _raw(cache: Path, *, failing_point: bool) -> dict[str, Any]:
+    grid: dict[str, Any] = {"orthograd": {"lr": LRS}}
+    if failing_point:
+        grid["neggrad"] = {"lora": [{"targets": ["no_such_module"]}]}
+    return {
+        "name": "tiny_sweep",
+        "data": {"name": "digits", "validation_size": 100, "train_size": 500, "test_size": 200},
+        "model": {"arch": "small_cnn", "width": 4},
+        "train": {"epochs": 2, "lr": 3.0e-3, "batch_size": 64},
+        "scenario": {"kind": "random", "forget_size": 40, "retain_size": 60, "seeds": [0]},
+        "unlearn": {"max_epochs": 2, "stop": False},
+        "methods": {
+            "orthograd": {"optimizer": "adam", "forget_batch_size": 20, "retain_batch_size": 30},
+            "neggrad": {"lr": 5.0e-3},
+        },
+        "sweep": {"grid": grid},
+        "device": "cpu",
+        "cache_dir": str(cache),
+    }
+
+
+def test_ray_sweep_keeps_finished_trials_resumes_and_selects_on_validation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    raw = _raw(tmp_path / "cache", failing_point=True)
+    with pytest.raises(TrialsFailed, match="1 of 3 sweep trials failed"):
+        sweep_runner.run_sweep(validate_config(raw), raw, out_dir=out, backend="ray", num_cpus=2, cpus_per_trial=1)
+    first = ResultsLog(out / "results.jsonl").records()
+    assert sorted(r["hyperparameters"]["lr"] for r in first) == LRS  # both good trials kept despite the failure
+    assert {(r["phase"], r["evaluated_on"], r["method"]) for r in first} == {("sweep", "validation", "orthograd")}
+
+    raw = _raw(tmp_path / "cache", failing_point=False)
+    notes: list[str] = []
+    starts: list[tuple[str, int]] = []
+    monkeypatch.setattr(sweep_runner, "ray_available", lambda: False)
+    tested = sweep_runner.run_sweep(
+        validate_config(raw), raw, out_dir=out, num_cpus=1, on_note=notes.append,
+        on_start=lambda phase, todo: starts.append((phase, todo)),
+    )
+    assert notes == [sweep_runner.NO_RAY_NOTE]
+    assert starts == [("sweep", 0), ("test", 2)]  # the finished sweep trials were skipped, not rerun
+
+    records = ResultsLog(out / "results.jsonl").records()
+    sweep = [r for r in records if r["phase"] == "sweep"]
+    assert len(sweep) == 2 and len(records) == 4 and len(tested) == 2
+    best = min(sweep, key=lambda r: r["uis"])  # validation UIS: lower is better
+    selection = yaml.safe_load((out / "selection.json").read_text())["orthograd"]
+    assert selection["hyperparameters"]["lr"] == best["hyperparameters"]["lr"]
+    assert selection["validation_uis"] == pytest.approx(statistics.fmean([best["uis"]]))
+    test_orthograd = next(r for r in tested if r["method"] == "orthograd")
+    assert test_orthograd["evaluated_on"] == "test"
+    assert test_orthograd["hyperparameters"]["lr"] == best["hyperparameters"]["lr"]
+    assert sweep[0]["uis"] != sweep[1]["uis"]  # the grid points differ, so the selection is a real choice
