@@ -1,0 +1,215 @@
+"""Config of the speaker-unlearning benchmark (a YAML file with ``task: asr``), as validated dataclasses.
+
+Schema (every section optional except ``runs``; unknown keys are errors):
+
+    task: asr                      # lets ``orthograd bench`` dispatch here
+    name: espeak_speaker
+    output: runs/espeak_speaker    # results.jsonl (one record per speaker x run, resumable) and tables.md
+    corpus:   {kind: espeak | librispeech, ...}           see CorpusConfig
+    model:    {source, window_s, max_new_tokens, device}   see ModelConfig
+    original: {steps, batch_size, lr, seed}                fine-tune before unlearning (0 steps: use as loaded)
+    speakers: {count, seed, names}                         which speakers are unlearned (one run each)
+    protocol: {heldout_fraction, retain_fraction, split_seed}
+    unlearning: {max_epochs, stop_wer, eval_every, seed, defaults}   defaults: params shared by every run
+    runs:     [{label, method, params, tables, grid}]      tables: [1] ablation, [2] comparison; grid: lists
+
+``grid`` expands a run into one run per combination (e.g. the paper's alpha x lr grid); the tables then report,
+per label, the combination with the lowest mean W_test among those that reach the WER target on every speaker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+def _build(cls: type, values: Mapping[str, Any] | None, section: str) -> Any:
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {section}; valid: {sorted(known)}")
+    return cls(**values)
+
+
+@dataclass
+class CorpusConfig:
+    """espeak: synthetic voices (the first ``train_voices`` train the original model, the next ``test_voices`` are
+    the unseen test speakers). librispeech: ``train_dir`` (train-clean-100) and ``test_dir`` (test-clean)."""
+
+    kind: Literal["espeak", "librispeech"] = "espeak"
+    train_voices: int = 12
+    test_voices: int = 4
+    sentences_per_voice: int = 30
+    test_sentences_per_voice: int = 10
+    seed: int = 0
+    cache_dir: str | None = None
+    train_dir: str | None = None
+    test_dir: str | None = None
+    test_max: int | None = None  # evaluate on a random subset of the test set (None: all)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("espeak", "librispeech"):
+            raise ValueError(f"corpus.kind must be 'espeak' or 'librispeech', got {self.kind!r}")
+        if self.kind == "librispeech" and (self.train_dir is None or self.test_dir is None):
+            raise ValueError("corpus.train_dir and corpus.test_dir are required for LibriSpeech (your local copy)")
+        if min(self.train_voices, self.test_voices, self.sentences_per_voice, self.test_sentences_per_voice) < 1:
+            raise ValueError("corpus voice and sentence counts must be >= 1")
+        if self.test_sentences_per_voice > self.sentences_per_voice:
+            raise ValueError("corpus.test_sentences_per_voice cannot exceed sentences_per_voice")
+        if self.test_max is not None and self.test_max < 1:
+            raise ValueError("corpus.test_max must be >= 1 or null")
+
+
+@dataclass
+class ModelConfig:
+    """Whisper to start from (hub id, folder or "tiny.en-offline"), its input window and decoding cap."""
+
+    source: str = "tiny.en-offline"
+    window_s: float = 30.0
+    max_new_tokens: int = 128
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.window_s <= 30:
+            raise ValueError(f"model.window_s must be in (0, 30], got {self.window_s}")
+        if self.max_new_tokens < 1:
+            raise ValueError("model.max_new_tokens must be >= 1")
+
+
+@dataclass
+class OriginalConfig:
+    """Full fine-tuning (Adam) of the loaded model on the training speakers, to make the 'original' model."""
+
+    steps: int = 0
+    batch_size: int = 8
+    lr: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("original.steps >= 0, original.batch_size >= 1 and original.lr > 0 are required")
+
+
+@dataclass
+class SpeakersConfig:
+    """``names`` (explicit speakers) or ``count`` random training speakers drawn with ``seed``."""
+
+    count: int = 5
+    seed: int = 0
+    names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.names is None and self.count < 1:
+            raise ValueError("speakers.count must be >= 1")
+
+
+@dataclass
+class ProtocolConfig:
+    heldout_fraction: float = 0.1
+    retain_fraction: float = 0.1
+    split_seed: int = 0
+
+
+@dataclass
+class UnlearningConfig:
+    max_epochs: int = 30
+    stop_wer: float | None = 75.0
+    eval_every: int | None = None
+    seed: int = 0
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_epochs < 1:
+            raise ValueError("unlearning.max_epochs must be >= 1")
+
+
+@dataclass
+class RunSpec:
+    """One table row: a method with its hyperparameters (``grid``: lists of values to try)."""
+
+    label: str
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    tables: list[int] = field(default_factory=lambda: [2])
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not set(self.tables) <= {1, 2}:
+            raise ValueError(f"run {self.label!r}: tables must be a subset of [1, 2], got {self.tables}")
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"run {self.label!r}: grid.{key} must be a non-empty list")
+
+    def expand(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(variant name, params)`` for every grid combination (just the run itself without a grid)."""
+        if not self.grid:
+            return [(self.label, dict(self.params))]
+        keys = sorted(self.grid)
+        out = []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            chosen = dict(zip(keys, values))
+            name = self.label + " (" + ", ".join(f"{k}={v}" for k, v in chosen.items()) + ")"
+            out.append((name, {**self.params, **chosen}))
+        return out
+
+
+@dataclass
+class SpeakerBenchConfig:
+    runs: list[RunSpec]
+    task: Literal["asr"] = "asr"
+    name: str = "speaker_unlearning"
+    output: str = "runs/speaker_unlearning"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    original: OriginalConfig = field(default_factory=OriginalConfig)
+    speakers: SpeakersConfig = field(default_factory=SpeakersConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
+
+    def __post_init__(self) -> None:
+        if self.task != "asr":
+            raise ValueError(f"this benchmark runs task 'asr', the config says {self.task!r}")
+        if not self.runs:
+            raise ValueError("runs must list at least one method")
+        labels = [r.label for r in self.runs]
+        if len(labels) != len(set(labels)):
+            raise ValueError(f"run labels must be unique, got {labels}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "SpeakerBenchConfig":
+        values = dict(values)
+        sections = {
+            "corpus": CorpusConfig,
+            "model": ModelConfig,
+            "original": OriginalConfig,
+            "speakers": SpeakersConfig,
+            "protocol": ProtocolConfig,
+            "unlearning": UnlearningConfig,
+        }
+        for key, section_cls in sections.items():
+            if key in values:
+                values[key] = _build(section_cls, values[key], key)
+        values["runs"] = [_build(RunSpec, run, f"runs[{i}]") for i, run in enumerate(values.get("runs") or [])]
+        return _build(cls, values, "the config")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SpeakerBenchConfig:
+    """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
+    values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep:
+            raise ValueError(f"override {override!r} must look like section.key=value")
+        target = values
+        *parents, last = key.strip().split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[last] = yaml.safe_load(raw)
+    return SpeakerBenchConfig.from_dict(values)

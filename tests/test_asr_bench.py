@@ -1,0 +1,56 @@
+"""The offline speaker benchmark: espeak voices are distinct, and a tiny end-to-end unlearning run works."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from orthograd import asr_bench
+from orthograd.asr_bench.tables import COLUMNS
+from orthograd.data.espeak import PROBE_SENTENCE, VOICES, make_sentences, speak, synthesize_corpus
+
+
+def test_every_espeak_voice_sounds_different(tmp_path):
+    digests = set()
+    for voice in VOICES:
+        speak(voice, PROBE_SENTENCE, tmp_path / f"{voice.name}.wav")
+        digests.add(hashlib.sha256((tmp_path / f"{voice.name}.wav").read_bytes()).hexdigest())
+    assert len(VOICES) >= 12 and len(digests) == len(VOICES)
+    sentences = make_sentences(600)
+    assert len(set(sentences)) == 600
+
+
+def test_corpus_is_cached_and_each_voice_reads_its_own_sentences(tmp_path):
+    first = synthesize_corpus(VOICES[:2], sentences_per_voice=2, cache_dir=tmp_path)
+    stamp = first[0].path.stat().st_mtime_ns
+    again = synthesize_corpus(VOICES[:2], sentences_per_voice=2, cache_dir=tmp_path)
+    assert again == first and again[0].path.stat().st_mtime_ns == stamp
+    assert len({u.text for u in first}) == 4 and {u.speaker for u in first} == {VOICES[0].name, VOICES[1].name}
+    hashes = json.loads((first[0].path.parent / "voice_hashes.json").read_text())
+    assert len(set(hashes.values())) == 2
+
+
+def test_tiny_speaker_unlearning_run_writes_records_and_tables(tmp_path):
+    overrides = [
+        f"output={tmp_path / 'run'}",
+        f"corpus.cache_dir={tmp_path / 'espeak'}",
+        "corpus.train_voices=2", "corpus.test_voices=1", "corpus.sentences_per_voice=4",
+        "corpus.test_sentences_per_voice=2",
+        "model.window_s=6.0", "model.max_new_tokens=20",
+        "original.steps=1", "original.batch_size=2",
+        "unlearning.defaults={forget_batch_size: 2, retain_batch_size: 2, optimizer: adam}",
+        "runs=[{label: OrthoGrad, method: orthograd, tables: [1, 2], params: {alpha: 0.2, lr: 1.0e-3}}]",
+    ]
+    records = asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", overrides)
+    assert [r["label"] for r in records] == ["Original", "OrthoGrad"]
+    for record in records:
+        assert all(0.0 <= record[c] <= 100.0 for c in COLUMNS)
+    run = records[1]
+    assert run["stop_reason"] in ("target_reached", "max_epochs") and run["steps"] >= 1
+    assert run["history"][0]["forget"] == records[0]["W_unlearn"]  # every run starts from the same original model
+    tables = (tmp_path / "run" / "tables.md").read_text()
+    assert "Table 1" in tables and "Table 2" in tables and "| Original |" in tables
+    # Resuming does no work twice: the same records come back and nothing is appended.
+    lines = (tmp_path / "run" / "results.jsonl").read_text().count("\n")
+    assert len(asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", overrides)) == 2
+    assert (tmp_path / "run" / "results.jsonl").read_text().count("\n") == lines
