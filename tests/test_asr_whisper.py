@@ -68,3 +68,15 @@ def test_real_tiny_en_bundle_transcribes_librivox_recordings():
     assert len(items) == 5
     loader = DataLoader(SpeechDataset(items, window_s=8.0), batch_size=5, collate_fn=task.collate_fn())
     assert task.evaluate(model, loader, device=torch.device("cpu")) < 20.0
+
+
+def test_local_transformers_folder_loads_with_its_tokenizer(tmp_path):
+    from transformers import WhisperTokenizerFast
+
+    original = tiny_whisper(seed=2)
+    original.save_pretrained(tmp_path)
+    WhisperTokenizerFast(tokenizer_file=str(offline_tiny_en_path() / "tokenizer.json")).save_pretrained(tmp_path)
+    model, text = load_whisper(tmp_path)
+    assert text.prefix == (50257, 50362) and text.eos == 50256
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
