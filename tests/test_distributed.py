@@ -18,7 +18,10 @@ import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from orthograd import unlearn
+from orthograd.bench.config import validate_config
+from orthograd.bench.runner import Job, execute, job_key
 from orthograd.distributed import unlearn_distributed
+from orthograd.distributed.bench import run_bench_distributed
 from orthograd.distributed.collectives import gather_counts, global_combination, global_gram_and_product
 from orthograd.distributed.sharding import ShardedContext
 from orthograd.models import SmallCNN
@@ -37,6 +40,18 @@ SCENARIOS: dict[str, tuple[str, torch.dtype, tuple[int, int], dict[str, Any]]] =
     "neggrad+_f64": ("neggrad+", torch.float64, (16, 16), {"forget_batch_size": 8, "retain_batch_size": 8, "lr": 0.1}),
 }
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
+ORTHOGRAD = {"optimizer": "adam", "lr": 1e-3, "forget_batch_size": 20, "retain_batch_size": 30}
+
+
+def _bench_raw(cache: str) -> dict[str, Any]:
+    """A tiny digits benchmark (the `orthograd unlearn-ddp` path): original model trained once, cached."""
+    return {
+        "name": "ddp_bench", "data": {"name": "digits", "train_size": 300, "test_size": 100},
+        "model": {"arch": "small_cnn", "width": 4}, "train": {"epochs": 2, "lr": 3e-3, "batch_size": 64},
+        "scenario": {"kind": "random", "forget_size": 40, "retain_size": 60, "seeds": [0]},
+        "unlearn": {"max_epochs": 2, "stop": False}, "methods": {"orthograd": ORTHOGRAD}, "device": "cpu",
+        "cache_dir": cache,
+    }
 
 
 def _data(dtype: torch.dtype, forget: int, retain: int) -> tuple[TensorDataset, TensorDataset]:
@@ -64,6 +79,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         results = {name: _run(name, unlearn_distributed) for name in SCENARIOS}
         results["collectives"] = _collectives(rank)
+        config = validate_config(_bench_raw(str(Path(out_dir) / "cache")))
+        run_bench_distributed(config, out_dir=Path(out_dir) / "bench", device=torch.device("cpu"))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -88,7 +105,20 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_worker, args=(port, str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return [{**torch.load(out / f"rank{r}.pt"), "dir": out} for r in range(WORLD)]
+
+
+def test_unlearn_ddp_bench_records_match_the_single_process_bench(ranks: list[dict[str, Any]]) -> None:
+    from orthograd.io import ResultsLog
+
+    config = validate_config(_bench_raw(str(ranks[0]["dir"] / "cache")))
+    key = job_key(config, phase="test", method="orthograd", hyperparameters=ORTHOGRAD, split_index=0, retain_size=60)
+    written = ResultsLog(ranks[0]["dir"] / "bench" / "results.jsonl").records()
+    assert [(r["key"], r["world_size"], r["evaluated_on"]) for r in written] == [(key, WORLD, "test")]
+    single = execute(config, Job("test", "orthograd", ORTHOGRAD, 0, 60, key))  # what `orthograd bench` runs
+    assert written[0]["final"] == single["final"] and written[0]["steps"] == single["steps"] == 4
+    for ddp_row, row in zip(written[0]["history"], single["history"], strict=True):
+        assert ddp_row.get("forget_loss", 0.0) == pytest.approx(row.get("forget_loss", 0.0), rel=1e-5)
 
 
 def test_collectives_equal_the_dense_formulas(ranks: list[dict[str, Any]]) -> None:

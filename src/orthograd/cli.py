@@ -91,6 +91,52 @@ def report(
         console.print(f"{name}: {path}")
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Benchmark config (YAML) with a sweep: block.")],
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config value: dotted.key=value (repeatable).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<config name>).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (ray://head:10001, auto); "
+                                                        "default: a local Ray cluster for this command.")] = None,
+    num_cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster (or local workers).")] = None,
+    cpus_per_trial: Annotated[float, typer.Option(help="CPUs reserved per trial (also its torch threads).")] = 1.0,
+    gpus_per_trial: Annotated[float, typer.Option(help="GPUs reserved per trial (fractions share a GPU).")] = 0.0,
+) -> None:
+    """Run a config's sweep grid and test runs as Ray Tune trials (local workers without Ray); rerun to resume."""
+    from orthograd.bench.config import ConfigError
+    from orthograd.sweep.console import sweep_command
+
+    try:
+        run_dir = sweep_command(config, set_ or [], out, console, address=address, num_cpus=num_cpus,
+                                cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(code=2) from None
+    console.print(f"results: {run_dir / 'results.jsonl'}")
+
+
+@app.command("unlearn-ddp")
+def unlearn_ddp(
+    config: Annotated[Path, typer.Argument(help="Benchmark config (YAML); its methods run on the test split.")],
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config value: dotted.key=value (repeatable).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<config name>).")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(help="Run only these methods (repeatable).")] = None,
+) -> None:
+    """Data-parallel unlearning runs; start with: torchrun --nproc_per_node=N --no-python orthograd unlearn-ddp CFG."""
+    from orthograd.bench.config import ConfigError
+    from orthograd.distributed.console import ddp_command
+
+    try:
+        ddp_command(config, set_ or [], out, method, console)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(code=2) from None
+
+
 def main() -> None:
     app()
 

@@ -37,22 +37,27 @@ from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
 from orthograd.methods.orthograd import OrthoGrad
 
 
-def init_process_group_from_env(*, backend: str | None = None) -> torch.device:
+def init_process_group_from_env(*, device: str = "auto", backend: str | None = None) -> torch.device:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_*``).
 
-    ``backend`` defaults to NCCL when CUDA is available, else gloo. Returns this process's device (its local GPU,
-    or the CPU). A process that is already in a group keeps it.
+    ``device``: "auto" (this rank's local GPU when CUDA is available, else the CPU), "cuda" or "cpu".
+    ``backend`` defaults to NCCL on GPUs and gloo on CPUs. Returns this process's device. A process that is
+    already in a group keeps it.
     """
     missing = [key for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
     if missing:
         raise RuntimeError(f"environment variables {missing} are not set: start this program with torchrun")
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available here; use device='cpu'")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(resolved)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"))
-    return device
+    return resolved
 
 
 def unlearn_distributed(

@@ -1,0 +1,38 @@
+"""The terminal side of ``orthograd unlearn-ddp`` (one process per device, started by torchrun)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from rich.console import Console
+
+from orthograd.bench.config import load_config
+from orthograd.distributed.bench import run_bench_distributed
+from orthograd.distributed.runner import init_process_group_from_env
+
+
+def ddp_command(
+    path: Path, overrides: Sequence[str], out: Path | None, method_names: Sequence[str] | None, console: Console
+) -> Path:
+    """Join torchrun's process group, run the config's test runs data-parallel, print from rank 0 only."""
+    config, _ = load_config(path, overrides=overrides)
+    run_dir = out or Path("runs") / config.name
+    device = init_process_group_from_env(device=config.device)
+    lead = dist.get_rank() == 0
+
+    def finished(record: dict[str, Any]) -> None:
+        final = record["final"]
+        console.log(f"{record['method']:<10} seed {record['seed']} retain {record['retain_size']}: "
+                    f"A_u {final['forget']:.2f} A_test {final['test']:.2f} ({record['stop_reason']}, "
+                    f"{record['steps']} steps, {record['wall_time_s']:.1f}s on {record['world_size']} ranks)")
+
+    try:
+        if lead:
+            console.log(f"{dist.get_world_size()} ranks ({dist.get_backend()}), rank 0 on {device}; results: {run_dir}")
+        run_bench_distributed(config, out_dir=run_dir, device=device, method_names=method_names, on_run=finished)
+    finally:
+        dist.destroy_process_group()
+    return run_dir
