@@ -202,6 +202,22 @@ class _Evaluator:
         return {name: self.task.evaluate(model, loader, device=self.device) for name, loader in self.loaders.items()}
 
 
+class _RunningMeans:
+    """Mean of each step statistic over the steps that reported it (methods may report different keys per step)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, stats: Mapping[str, float]) -> None:
+        for key, value in stats.items():
+            self.totals[key] = self.totals.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {key: total / self.counts[key] for key, total in self.totals.items()}
+
+
 class _Run:
     """The epoch/step loop: evaluation schedule, stopping, non-finite guard and history."""
 
@@ -253,8 +269,7 @@ class _Run:
             return "target_reached"
         self.model.train(self.method.train_mode)
         for epoch in range(1, max_epochs + 1):
-            totals: dict[str, float] = {}
-            count = 0
+            epoch_stats = _RunningMeans()
             for stats in self.method.run_epoch(epoch):
                 self.steps += 1
                 if not all(math.isfinite(v) for v in stats.values()):
@@ -262,18 +277,16 @@ class _Run:
                     self._restore_last_good()
                     self.history[-1]["non_finite_step"] = self.steps
                     return "non_finite"
-                count += 1
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + value
+                epoch_stats.add(stats)
                 if eval_every is not None and self.steps % eval_every == 0:
-                    if self._evaluate_in_loop({k: v / count for k, v in totals.items()}):
+                    if self._evaluate_in_loop(epoch_stats.means()):
                         return "target_reached"
             self.epochs = epoch
             if self.method.one_shot:
                 self.evaluate({})
                 return "one_shot"
             if eval_every is None or self.steps % eval_every != 0:
-                if self._evaluate_in_loop({k: v / max(count, 1) for k, v in totals.items()}):
+                if self._evaluate_in_loop(epoch_stats.means()):
                     return "target_reached"
         return "max_epochs"
 
