@@ -47,6 +47,11 @@ def _trial(params: Mapping[str, Any], *, raw: dict[str, Any], jobs: list[Job], w
     """One job in a Ray worker: relative paths (cache, data) resolve as on the driver; the record goes to Tune."""
     import torch
 
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(
+            f"the driver's working folder {workdir} does not exist on this node: run `orthograd sweep` from a folder "
+            "that every node has (shared storage), so the config's relative paths mean the same everywhere"
+        )
     os.chdir(workdir)
     torch.set_num_threads(threads)
     job = jobs[params["index"]]
@@ -59,10 +64,14 @@ class _RecordWriter(tune.Callback):
     """Driver side: hand each finished trial's record to ``on_record`` (the bench appends it to its log)."""
 
     def __init__(self, on_record: Callable[[dict[str, Any]], None]) -> None:
-        self.on_record = on_record
+        self.on_record: Callable[[dict[str, Any]], None] | None = on_record
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its run config into the experiment state; the hook (which may hold a terminal) is not state.
+        return {"on_record": None}
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
-        if RECORD in result:
+        if RECORD in result and self.on_record is not None:
             self.on_record(json.loads(result[RECORD]))
 
 
