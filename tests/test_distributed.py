@@ -157,3 +157,17 @@ def test_shards_must_not_be_empty() -> None:
     with pytest.raises(ValueError, match="fewer than the 4 ranks"):
         sharded.loader("forget", batch_size=2)  # 5 = 2 + 2 + 1: the last batch cannot feed 4 ranks
     assert len(sharded.loader("forget", batch_size=5)) == 1
+
+
+@pytest.mark.parametrize("setting", [{"projection": "qr"}, {"projection_scope": "per_tensor"}, {"engine": "ghost"}])
+def test_single_process_only_settings_are_refused_with_the_fix(setting: dict[str, str]) -> None:
+    from orthograd.distributed import DistributedOrthoGrad
+    from orthograd.methods.base import MethodContext
+    from orthograd.methods.orthograd import OrthoGradConfig
+    from orthograd.tasks import get_task
+
+    forget, retain = _data(torch.float32, 4, 4)
+    context = MethodContext(model=_model(torch.float32), task=get_task("classification"), forget=forget,
+                            retain=retain, device=torch.device("cpu"), generator=torch.Generator())
+    with pytest.raises(ValueError, match="single-process"):
+        DistributedOrthoGrad(OrthoGradConfig(**setting), context)

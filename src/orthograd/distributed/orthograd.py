@@ -56,7 +56,9 @@ class DistributedOrthoGrad(OrthoGrad):
         """The global mean from this rank's mean over ``count`` of ``total`` samples (float64)."""
         return all_reduce_sum(local_mean.detach().double() * count, group=self.group) / total
 
-    def update_direction(self, forget_batch: Any, retain_batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def update_direction(
+        self, forget_batch: Any, retain_batch: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The single-process direction on the concatenation of every rank's ``forget_batch`` and ``retain_batch``."""
         cfg: OrthoGradConfig = self.config
         task, model = self.context.task, self.context.model
@@ -105,7 +107,7 @@ class DistributedOrthoGrad(OrthoGrad):
         local_grad = _flatten(torch.autograd.grad(local_loss, params))
         mean_flat = self._weighted_mean(local_grad, counts[rank], sum(counts))
         retain_loss = float(self._weighted_mean(local_loss, counts[rank], sum(counts)))
-        if not (bool(torch.isfinite(mean_flat).all()) and all(bool(torch.isfinite(g).all()) for g in forget_grad.values())):
+        if not all(bool(torch.isfinite(t).all()) for t in (mean_flat, *forget_grad.values())):
             return {}, {"forget_loss": float(forget_loss), "retain_loss": retain_loss, "finite_grads": math.nan}
         retain_mean = _unflatten(mean_flat.to(params[0].dtype), self.params)
         span = {n: g.unsqueeze(0) for n, g in retain_mean.items()}

@@ -83,7 +83,9 @@ class _DataParallelMethods:
         self.group = group
         self._hook: RemovableHandle | None = None
 
-    def __call__(self, method_cls: type[UnlearningMethod], config: MethodConfig, context: MethodContext) -> UnlearningMethod:
+    def __call__(
+        self, method_cls: type[UnlearningMethod], config: MethodConfig, context: MethodContext
+    ) -> UnlearningMethod:
         broadcast_module(context.model, group=self.group)
         if method_cls.one_shot:
             return method_cls(config, context)

@@ -59,7 +59,8 @@ class ShardedContext(MethodContext):
         data = self.forget if which == "forget" else self.retain
         if isinstance(data, DataLoader):
             return data
-        _check_shards_not_empty(which, len(data), batch_size=batch_size, world_size=self.world_size)  # type: ignore[arg-type]
+        size = len(data)  # type: ignore[arg-type]
+        _check_shards_not_empty(which, size, batch_size=batch_size, world_size=self.world_size)
         sampler: Sampler[int] = RandomSampler(data, generator=self.generator) if shuffle else SequentialSampler(data)
         batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
         return DataLoader(

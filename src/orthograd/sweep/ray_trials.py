@@ -57,7 +57,8 @@ def _trial(params: Mapping[str, Any], *, raw: dict[str, Any], jobs: list[Job], w
     job = jobs[params["index"]]
     record = execute(validate_config(raw), job)
     uis = record.get("uis")
-    tune.report({"uis": math.nan if uis is None else float(uis), "key": job.key, RECORD: json.dumps(record, default=str)})
+    score = math.nan if uis is None else float(uis)
+    tune.report({"uis": score, "key": job.key, RECORD: json.dumps(record, default=str)})
 
 
 class _RecordWriter(tune.Callback):
@@ -70,7 +71,9 @@ class _RecordWriter(tune.Callback):
         # Tune pickles its run config into the experiment state; the hook (which may hold a terminal) is not state.
         return {"on_record": None}
 
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
         if RECORD in result and self.on_record is not None:
             self.on_record(json.loads(result[RECORD]))
 
