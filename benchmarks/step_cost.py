@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orthograd.grads import PerSampleGradError
 from orthograd.lora import LoRAConfig, attach_lora
 from orthograd.methods import MethodContext, make_config
 from orthograd.methods.orthograd import OrthoGrad
@@ -292,7 +293,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for setup in setups:
         for engine in args.engines:
-            r = measure(setup, engine, device=device, repeats=args.repeats, bf16=args.bf16, chunk_size=args.chunk_size)
+            try:
+                r = measure(setup, engine, device=device, repeats=args.repeats, bf16=args.bf16, chunk_size=args.chunk_size)
+            except PerSampleGradError as exc:  # e.g. vmap on peft's MultiheadAttention LoRA
+                print(f"| {setup.name} | {engine} | fails: {str(exc).splitlines()[0][:160]} |||||||", flush=True)
+                continue
             print(
                 f"| {r['setup']} (retain {setup.retain}, forget {setup.forget}) | {r['engine']} ({r['used']}) "
                 f"| {r['trainable']:,} | {r['orthograd_ms']:.1f} | {r['neggrad_plus_ms']:.1f} | {r['time_ratio']:.2f}x "
