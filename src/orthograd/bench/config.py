@@ -170,6 +170,8 @@ class BenchConfig(_Section):
     def _cross_checks(self) -> "BenchConfig":
         from orthograd import methods
 
+        if self.train.epochs == 0 and self.model.weights is None:
+            raise ValueError("train.epochs is 0 (use model.weights as the original model) but model.weights is not set")
         if self.sweep is not None:
             if self.data.validation_size < 1:
                 raise ValueError("a sweep selects on the validation split: set data.validation_size > 0")

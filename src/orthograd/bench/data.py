@@ -114,11 +114,11 @@ def _unchecked_cifar10() -> type:
     from torchvision.datasets import CIFAR10
 
     class UncheckedCIFAR10(CIFAR10):
-        """torchvision's CIFAR10 that trusts files by presence instead of md5."""
+        """torchvision's CIFAR10 with no md5 sums: its integrity check then only asks that the files exist."""
 
-        def _check_integrity(self) -> bool:
-            names = [name for name, _ in self.train_list + self.test_list]
-            return all((Path(self.root) / self.base_folder / name).is_file() for name in names)
+        train_list = [[name, None] for name, _ in CIFAR10.train_list]
+        test_list = [[name, None] for name, _ in CIFAR10.test_list]
+        meta = {**CIFAR10.meta, "md5": None}
 
     return UncheckedCIFAR10
 

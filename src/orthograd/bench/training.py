@@ -121,6 +121,10 @@ class ModelCache:
         started = time.perf_counter()
         train_model(model, dataset, config=self.config.train, device=self.device)
         elapsed = time.perf_counter() - started
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise FloatingPointError(
+                f"training {name} diverged (non-finite weights); lower train.lr or raise train.batch_size"
+            )
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write_bytes(weights, save(state))
         atomic_write_json(

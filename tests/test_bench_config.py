@@ -1,0 +1,98 @@
+"""Benchmark configs: validation errors that name the fix, --set overrides, missing data folders, shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from orthograd.bench.config import ConfigError, apply_overrides, load_config, validate_config
+from orthograd.bench.data import load_bench_data
+from orthograd.cli import app
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def demo_raw() -> dict:
+    return yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml") if "speaker" not in p.name))
+def test_every_shipped_image_config_validates(name: str) -> None:
+    config, _ = load_config(CONFIGS / name)
+    assert config.name == name.removesuffix(".yaml") or name == "demo.yaml"
+
+
+def test_unknown_key_names_the_valid_keys() -> None:
+    raw = demo_raw()
+    raw["data"]["nme"] = "digits"
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    message = str(info.value)
+    assert "unknown key 'data.nme'" in message
+    assert "validation_size" in message and "train_size" in message
+
+
+def test_unknown_key_in_a_model_variant_lists_that_variant() -> None:
+    raw = demo_raw()
+    raw["model"]["stem"] = "cifar"  # a ResNet18 setting given to the small CNN
+    with pytest.raises(ConfigError, match=r"unknown key 'model.small_cnn.stem'.*valid keys here: arch, norm, weights"):
+        validate_config(raw)
+
+
+def test_bad_values_and_unknown_hyperparameters_are_errors() -> None:
+    with pytest.raises(ConfigError, match="train.lr"):
+        validate_config(apply_overrides(demo_raw(), ["train.lr=-1"]))
+    with pytest.raises(ConfigError, match="scenario.forget_size is required"):
+        validate_config(apply_overrides(demo_raw(), ["scenario.forget_size=null"]))
+    with pytest.raises(ConfigError, match=r"unknown hyperparameter\(s\) \['alhpa'\].*valid: .*'alpha'"):
+        validate_config(apply_overrides(demo_raw(), ["methods.orthograd.alhpa=0.5"]))
+    with pytest.raises(ConfigError, match="unknown method 'orthgrad'"):
+        validate_config(apply_overrides(demo_raw(), ["methods.orthgrad={}"]))
+    with pytest.raises(ConfigError, match="data.validation_size > 0"):
+        validate_config(apply_overrides(demo_raw(), ["sweep={grid: {neggrad: {lr: [0.1]}}}"]))
+    with pytest.raises(ConfigError, match="model.weights is not set"):
+        validate_config(apply_overrides(demo_raw(), ["train.epochs=0"]))
+
+
+def test_set_overrides_parse_yaml_values_into_nested_keys() -> None:
+    raw = apply_overrides(
+        demo_raw(), ["unlearn.max_epochs=5", "scenario.seeds=[3, 4]", "data.train_size=null", "methods.neggrad.lr=0.5"]
+    )
+    config = validate_config(raw)
+    assert config.unlearn.max_epochs == 5
+    assert config.scenario.seeds == [3, 4]
+    assert config.data.train_size is None
+    assert config.methods["neggrad"] == {"lr": 0.5}
+    assert demo_raw()["unlearn"]["max_epochs"] == 30  # the source dict is not modified
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(demo_raw(), ["unlearn.max_epochs"])
+    with pytest.raises(ConfigError, match="is a value"):
+        apply_overrides(demo_raw(), ["name.inner=1"])
+
+
+def test_original_hash_follows_data_model_and_training_only() -> None:
+    base = validate_config(demo_raw())
+    assert validate_config(apply_overrides(demo_raw(), ["unlearn.max_epochs=3"])).original_hash() == base.original_hash()
+    assert validate_config(apply_overrides(demo_raw(), ["train.epochs=3"])).original_hash() != base.original_hash()
+
+
+def test_missing_data_folders_name_the_expected_layout(tmp_path: Path) -> None:
+    cifar, _ = load_config(CONFIGS / "cifar10_resnet18_random.yaml", overrides=[f"data.root={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match=r"cifar-10-batches-py.*data_batch_1"):
+        load_bench_data(cifar.data)
+    imagenet, _ = load_config(CONFIGS / "imagenet_vit_class.yaml", overrides=[f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"train/<class name>/<image>"):
+        load_bench_data(imagenet.data)
+    fashion, _ = load_config(CONFIGS / "fashion_mnist_random.yaml", overrides=[f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match="dataset-fashion-mnist"):
+        load_bench_data(fashion.data)
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", str(CONFIGS / "demo.yaml"), "--set", "unlearn.max_epoch=3",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "unknown key 'unlearn.max_epoch'" in result.output and "max_epochs" in result.output
