@@ -65,6 +65,10 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], torc
         lambda: _Head(nn.Conv2d(2, 3, 2, dilation=2, bias=False), 3 * 4 * 4),
         _image,
     ),
+    "conv1d": (
+        lambda: _Head(nn.Conv1d(2, 3, 3, stride=2, padding=1), 3 * 4),
+        lambda g: torch.randn(K, 2, 8, generator=g),
+    ),
     "embedding": (
         lambda: _Head(nn.Embedding(12, 4, padding_idx=0), 4, pool_sequence=True),
         lambda g: torch.randint(0, 12, (K, 7), generator=g),

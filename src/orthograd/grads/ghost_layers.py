@@ -85,23 +85,38 @@ def _linear(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor)
 
 
 def _conv_check(module: nn.Module) -> str | None:
+    kind = type(module).__name__
     if module.groups != 1:
-        return f"Conv2d with groups={module.groups} (only groups=1)"
+        return f"{kind} with groups={module.groups} (only groups=1)"
     if isinstance(module.padding, str) and module.padding != "valid":
-        return f"Conv2d with padding={module.padding!r} (use integer padding)"
+        return f"{kind} with padding={module.padding!r} (use integer padding)"
     if module.padding_mode != "zeros":
-        return f"Conv2d with padding_mode={module.padding_mode!r} (only 'zeros')"
+        return f"{kind} with padding_mode={module.padding_mode!r} (only 'zeros')"
     return None
 
 
-@register(nn.Conv2d, check=_conv_check)
-def _conv2d(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+def _as_2d(value: tuple[int, ...] | int | str, filler: int) -> tuple[int, int] | int:
+    """A Conv1d setting as the matching Conv2d setting over a height-1 image ([n, C, L] -> [n, C, 1, L])."""
+    if isinstance(value, str):  # "valid"
+        return 0
+    return (filler, value[0]) if isinstance(value, tuple) else (filler, value)
+
+
+@register(nn.Conv1d, nn.Conv2d, check=_conv_check)
+def _conv(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     n, d_out = inputs.shape[0], module.out_channels
-    padding = 0 if module.padding == "valid" else module.padding
+    one_d = isinstance(module, nn.Conv1d)
+    if one_d:  # a Conv1d is a Conv2d over a height-1 image with a 1 x k kernel
+        kernel, stride = _as_2d(module.kernel_size, 1), _as_2d(module.stride, 1)
+        dilation, padding = _as_2d(module.dilation, 1), _as_2d(module.padding, 0)
+    else:
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+        padding = 0 if module.padding == "valid" else module.padding
 
     def rows(x: torch.Tensor) -> torch.Tensor:
-        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-        return patches.transpose(1, 2)  # [s, positions, C_in * kh * kw]
+        image = x.unsqueeze(2) if one_d else x
+        patches = F.unfold(image, kernel, dilation=dilation, padding=padding, stride=stride)
+        return patches.transpose(1, 2)  # [s, positions, C_in * kernel size]
 
     grads = output_grads.reshape(n, d_out, -1).transpose(1, 2)
     d_in = module.weight[0].numel()
