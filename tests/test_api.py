@@ -31,6 +31,9 @@ def test_class_forgetting_reaches_target_and_leaves_input_untouched(digits, digi
     assert result.final["test"] > 80.0  # 9 of 10 classes still recognised
     assert result.history[0]["step"] == 0 and result.history[0]["forget"] > 95.0
     assert [row["step"] for row in result.history] == sorted(row["step"] for row in result.history)
+    # eval_every=1 probes the forget set each step; only epoch ends and the stopping step become (full) rows
+    assert all({"forget", "retain", "test"} <= set(row) for row in result.history)
+    assert len(result.history) <= result.epochs + 2 < result.steps + 1
     for key, value in before.items():
         assert torch.equal(value, digits_model.state_dict()[key]), key
     assert type(result.model) is SmallCNN

@@ -89,7 +89,9 @@ def unlearn(
     ``forget``, ``retain`` and ``test`` are datasets or DataLoaders of the task's batches. ``stop`` is the paper's
     rule: ``"random"`` (forget accuracy within 0.5 points of the original test accuracy, or lower; needs
     ``test``), ``"class"`` (forget accuracy below 1%), a callable on a history row, or None (run ``max_epochs``).
-    Evaluation runs after every epoch, and every ``eval_every`` optimizer steps when given. ``method_kwargs``
+    Every set is evaluated after every epoch (the paper's schedule); with ``eval_every``, the stop rule is also
+    checked every ``eval_every`` optimizer steps (on the forget set alone for the built-in rules, then a full
+    evaluation row when it fires). ``method_kwargs``
     (or ``config=``) are the method's hyperparameters, e.g. ``alpha``, ``lr``, ``lora``, ``retain_grads``.
     ``forget_classes`` names the classes being forgotten (class forgetting). Before anything runs, the data is
     checked: forget and retain must not share a sample (``check_overlap=False`` skips this content check for
@@ -198,8 +200,10 @@ class _Evaluator:
             return data
         return DataLoader(data, batch_size=EVAL_BATCH_SIZE, shuffle=False, collate_fn=self.task.collate_fn())
 
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        return {name: self.task.evaluate(model, loader, device=self.device) for name, loader in self.loaders.items()}
+    def __call__(self, model: nn.Module, *, only: Iterable[str] | None = None) -> dict[str, float]:
+        """The metric on every set, or on the named sets ``only``."""
+        names = self.loaders if only is None else [name for name in only if name in self.loaders]
+        return {name: self.task.evaluate(model, self.loaders[name], device=self.device) for name in names}
 
 
 class _RunningMeans:
@@ -264,6 +268,16 @@ class _Run:
         self._last_good = self._snapshot()
         return self.record(step=self.steps, epoch=self.epochs, metrics=self.evaluator(self.model), stats=stats)
 
+    def probe(self, stats: Mapping[str, float]) -> bool:
+        """A mid-epoch check: evaluate only what the stop rule reads; a full evaluation row when it fires."""
+        needs = getattr(self.stop_rule, "needs", None)
+        if needs is None:
+            return self.evaluate(stats)
+        self._last_good = self._snapshot()
+        if self.stop_rule is not None and self.stop_rule(self.evaluator(self.model, only=needs)):
+            return self.evaluate(stats)
+        return False
+
     def loop(self, *, max_epochs: int, eval_every: int | None) -> str:
         if self.stop_rule is not None and self.stop_rule(self.history[-1]):
             return "target_reached"
@@ -279,18 +293,22 @@ class _Run:
                     return "non_finite"
                 epoch_stats.add(stats)
                 if eval_every is not None and self.steps % eval_every == 0:
-                    if self._evaluate_in_loop(epoch_stats.means()):
+                    if self._probe_in_loop(epoch_stats.means()):
                         return "target_reached"
             self.epochs = epoch
             if self.method.one_shot:
                 self.evaluate({})
                 return "one_shot"
-            if eval_every is None or self.steps % eval_every != 0:
-                if self._evaluate_in_loop(epoch_stats.means()):
-                    return "target_reached"
+            if self._evaluate_in_loop(epoch_stats.means()):
+                return "target_reached"
         return "max_epochs"
 
     def _evaluate_in_loop(self, stats: Mapping[str, float]) -> bool:
         reached = self.evaluate(stats)
+        self.model.train(self.method.train_mode)
+        return reached
+
+    def _probe_in_loop(self, stats: Mapping[str, float]) -> bool:
+        reached = self.probe(stats)
         self.model.train(self.method.train_mode)
         return reached

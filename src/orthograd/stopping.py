@@ -11,19 +11,39 @@ CLASS_THRESHOLD_PERCENT = 1.0
 WER_TARGET_PERCENT = 75.0
 
 
+class ForgetMetricRule:
+    """A stop rule that reads only the forget-set metric, so the runner may evaluate just that set to check it.
+
+    A plain callable rule is given full evaluation rows; this one declares ``needs = ("forget",)``.
+    """
+
+    needs: tuple[str, ...] = ("forget",)
+
+    def __init__(self, predicate: Callable[[float], bool], description: str) -> None:
+        self.predicate = predicate
+        self.description = description
+
+    def __call__(self, row: Mapping[str, Any]) -> bool:
+        return bool(self.predicate(row["forget"]))
+
+    def __repr__(self) -> str:
+        return f"ForgetMetricRule({self.description})"
+
+
 def random_forgetting_rule(*, original_test: float, tolerance: float = RANDOM_TOLERANCE_POINTS) -> StopRule:
     """Stop once forget accuracy is within ``tolerance`` points of the original test accuracy, or lower."""
-    return lambda row: row["forget"] <= original_test + tolerance
+    limit = original_test + tolerance
+    return ForgetMetricRule(lambda forget: forget <= limit, f"forget <= {limit:.2f}")
 
 
 def class_forgetting_rule(*, threshold: float = CLASS_THRESHOLD_PERCENT) -> StopRule:
     """Stop once forget accuracy is below ``threshold`` percent."""
-    return lambda row: row["forget"] < threshold
+    return ForgetMetricRule(lambda forget: forget < threshold, f"forget < {threshold}")
 
 
 def wer_target_rule(*, threshold: float = WER_TARGET_PERCENT) -> StopRule:
     """Speaker unlearning (ASR): stop once the forget-set WER reaches ``threshold`` percent."""
-    return lambda row: row["forget"] >= threshold
+    return ForgetMetricRule(lambda forget: forget >= threshold, f"forget WER >= {threshold}")
 
 
 def resolve_stop(stop: str | StopRule | None, *, original: Mapping[str, float]) -> StopRule | None:
