@@ -75,16 +75,18 @@ def summarize(values: Sequence[float]) -> Cell | None:
 
 
 def method_order(records: Iterable[Mapping[str, Any]]) -> list[str]:
-    """Original (and Retrain, when runs carry a retrained model), then reference methods, then the rest in order
-    of first appearance."""
+    """Original (and Retrain, when runs carry a retrained model), then reference methods, then the paper's methods
+    in the paper's row order, then any other method in order of first appearance."""
     records = list(records)
     seen: list[str] = []
     for record in records:
         if record["method"] not in seen:
             seen.append(record["method"])
     refs = [m for m in REFERENCE_METHODS if m in seen]
+    known = [m for m in DISPLAY_NAMES if m in seen and m not in refs]
+    others = [m for m in seen if m not in refs and m not in known]
     splits = [row for row, key in SPLIT_ROWS.items() if row == "original" or any(r.get(key) for r in records)]
-    return [*splits, *refs, *[m for m in seen if m not in refs]]
+    return [*splits, *refs, *known, *others]
 
 
 def table_columns(records: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, str], ...]:
