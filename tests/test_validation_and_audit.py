@@ -72,3 +72,16 @@ def test_saved_model_and_audit_sidecar(tmp_path, digits, digits_model):
         result.save(weights)
     assert weights.read_bytes() == before  # the existing file is untouched
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_every_results_record_names_seed_split_and_versions(digits, digits_model):
+    from orthograd.reporting import run_record
+
+    train, test = digits
+    forget, retain = _split(train)
+    result = og.unlearn(digits_model, forget, retain, test=test, max_epochs=1, lr=1e-3, seed=7)
+    record = run_record(result, scenario="class", seed=7, forget_class=2)
+    assert record["seed"] == 7 and record["forget_class"] == 2
+    assert record["data"]["forget"] == fingerprint(forget) and record["data"]["retain"] == fingerprint(retain)
+    assert record["versions"] == {"orthograd": og.__version__, "torch": torch.__version__}
+    json.dumps(record)  # the record is plain JSON

@@ -229,6 +229,7 @@ def run_record(
         "epochs": result.epochs,
         "wall_time_s": result.wall_time_s,
         "history": result.history,
+        "data": result.data,  # fingerprints of the forget and retain sets (the split)
         "versions": {"orthograd": __version__, "torch": torch.__version__},
         **extra,
     }
