@@ -70,7 +70,14 @@ def test_cifar10_resnet18_config_runs_on_generated_batches(tmp_path: Path) -> No
     assert record["scenario"] == "class" and record["forget_class"] == 3
     assert record["forget_size"] == 5  # class 3: one image in each of the 5 generated training batches
     assert record["retrained"]["forget"] >= 0 and record["efficiency"] > 0
-    assert set(record["privacy"]) >= {"mia_loss_accuracy", "mia_efficacy", "gap"}
+    assert set(record["privacy"]) >= {"mia_loss_accuracy", "mia_efficacy", "gap", "original"}
+    assert set(record["privacy"]["original"]) >= {"mia_loss_accuracy", "mia_efficacy"}
+    from orthograd.reporting import table_cells
+
+    header, rows = table_cells(records)
+    original_row = next(cells for cells in rows if cells[0] == "Original")
+    mia_columns = [i for i, name in enumerate(header) if "MIA" in name]
+    assert mia_columns and all(original_row[i] != "–" for i in mia_columns)  # the Original row shows its MIA
 
 
 @pytest.mark.parametrize(

@@ -181,10 +181,12 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
             k: record["final"][k] - v for k, v in reference["accuracy"].items() if k in record["final"]
         }
     if job.phase == "test":
+        sets = {"forget": forget, "retain": retain, "test": evaluation}
         record["privacy"] = privacy_metrics(
-            result.model, forget=forget, retain=retain, test=evaluation, device=ctx.device, seed=seed,
-            reference=reference.get("privacy"),
+            result.model, **sets, device=ctx.device, seed=seed, reference=reference.get("privacy")
         )
+        # the same attacks on the original model fill the Original row's MIA columns
+        record["privacy"]["original"] = privacy_metrics(ctx.original, **sets, device=ctx.device, seed=seed)
     return record
 
 
