@@ -1,6 +1,5 @@
 """Property tests over splits and configs, and a long run whose memory stays flat."""
 
-import dataclasses
 
 import numpy as np
 import pytest

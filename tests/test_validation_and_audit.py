@@ -1,6 +1,5 @@
 """Bad input gets a clear error before anything runs; the audit record says what was forgotten and how."""
 
-import copy
 import json
 
 import pytest
