@@ -96,3 +96,20 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path) -> None:
                                       "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "unknown key 'unlearn.max_epoch'" in result.output and "max_epochs" in result.output
+
+
+def test_paper_configs_carry_the_appendix_a_grids_and_every_point_is_a_valid_config() -> None:
+    import itertools
+
+    from orthograd.bench.config import load_config
+    from orthograd.methods import make_config
+
+    paper = sorted(CONFIGS.glob("cifar10_resnet18_*.yaml")) + sorted(CONFIGS.glob("imagenet_*.yaml"))
+    assert len(paper) == 6
+    for path in paper:
+        config, _ = load_config(path)
+        assert config.sweep is not None and set(config.sweep.grid) == set(config.methods) - {"finetune"}
+        assert config.sweep.grid["orthograd"]["alpha"] == [0.9, 0.8]  # Appendix A.1
+        for method, grid in config.sweep.grid.items():
+            for values in itertools.product(*grid.values()):
+                make_config(method, {**config.methods[method], **dict(zip(grid, values))})

@@ -62,6 +62,7 @@ def test_cifar10_resnet18_config_runs_on_generated_batches(tmp_path: Path) -> No
     config, raw = load_config(
         CONFIGS / "cifar10_resnet18_class.yaml",
         overrides=[f"data.root={tmp_path / 'cifar'}", "data.verify_checksums=false", "data.validation_size=0",
+                   "sweep=null",
                    "scenario.classes=[3]", "scenario.retain_size=8", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
                    "methods={neggrad: {lr: 1.0e-5, forget_batch_size: 8}}", *TINY_PROTOCOL],
     )
@@ -93,6 +94,7 @@ def test_imagenet_configs_run_on_a_generated_imagefolder(tmp_path: Path, name: s
     config, raw = load_config(
         CONFIGS / name,
         overrides=[f"data.root={tmp_path / 'imagenet'}", "data.image_size=32", "data.validation_size=0",
+                   "sweep=null",
                    "model.weights=null", "train.lr=1.0e-3", "scenario.forget_size=6", "scenario.retain_size=6", "scenario.seeds=[0]",
                    "device=cpu", f"cache_dir={tmp_path / 'cache'}",
                    "methods={orthograd: {lr: 1.0e-3, forget_batch_size: 6, retain_batch_size: 6}}",
