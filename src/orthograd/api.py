@@ -91,8 +91,8 @@ def unlearn(
     ``test``), ``"class"`` (forget accuracy below 1%), a callable on a history row, or None (run ``max_epochs``).
     Every set is evaluated after every epoch (the paper's schedule); with ``eval_every``, the stop rule is also
     checked every ``eval_every`` optimizer steps (on the forget set alone for the built-in rules, then a full
-    evaluation row when it fires). ``method_kwargs``
-    (or ``config=``) are the method's hyperparameters, e.g. ``alpha``, ``lr``, ``lora``, ``retain_grads``.
+    evaluation row when it fires). ``method_kwargs`` (or ``config=``) are the method's hyperparameters, e.g.
+    ``alpha``, ``lr``, ``lora``, ``retain_grads``.
     ``forget_classes`` names the classes being forgotten (class forgetting). Before anything runs, the data is
     checked: forget and retain must not share a sample (``check_overlap=False`` skips this content check for
     huge sets you split yourself), labels must fit the model's outputs, and the model must take the inputs.
