@@ -21,6 +21,8 @@ from orthograd.models import SmallCNN
 from orthograd.tasks import get_task
 from orthograd.tasks.base import IGNORE_INDEX, Task, per_sample_cross_entropy
 
+from conftest import train_classifier
+
 CLASSIFICATION = get_task("classification")
 
 
@@ -319,15 +321,9 @@ def test_duck_takes_r_plus_1_steps_and_rolls_phase_2_back() -> None:
 
 @pytest.fixture(scope="module")
 def digits() -> dict[str, Any]:
-    torch.manual_seed(0)
     train, test = load_digits_dataset()
-    model = SmallCNN()
-    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(8):
-        for x, y in DataLoader(train, batch_size=64, shuffle=True):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+    torch.manual_seed(0)
+    model = train_classifier(SmallCNN(), train, epochs=8)
     split = class_forgetting_split(labels_of(train), forget_class=3, retain_size=200, seed=0)
     forget, retain = split.datasets(train)
     return dict(model=model, forget=forget, retain=retain, test=test)
