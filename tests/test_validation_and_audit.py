@@ -84,3 +84,31 @@ def test_every_results_record_names_seed_split_and_versions(digits, digits_model
     assert record["data"]["forget"] == fingerprint(forget) and record["data"]["retain"] == fingerprint(retain)
     assert record["versions"] == {"orthograd": og.__version__, "torch": torch.__version__}
     json.dumps(record)  # the record is plain JSON
+
+
+
+def test_overlap_check_and_fingerprints_read_each_sample_once(digits):
+    train, _ = digits
+    forget, retain = _split(train)
+
+    class CountingDataset(torch.utils.data.Dataset):
+        """A dataset that counts item reads (standing in for one that decodes files per item)."""
+
+        def __init__(self, base):
+            self.base, self.reads = base, 0
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, index):
+            self.reads += 1
+            return self.base[index]
+
+    uncached, cached = CountingDataset(forget), CountingDataset(forget)
+    check_disjoint(uncached, retain)
+    fingerprint(uncached)
+    assert uncached.reads == 2 * len(forget)
+    cache: dict = {}
+    check_disjoint(cached, retain, cache=cache)
+    assert fingerprint(cached, cache=cache) == fingerprint(uncached)
+    assert cached.reads == len(forget)  # the overlap check and the fingerprint share one read of each sample

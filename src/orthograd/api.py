@@ -112,9 +112,10 @@ def unlearn(
         raise ValueError(f"method {method!r} supports tasks {list(method_cls.tasks)}, not {task_adapter.name!r}")
     run_device = resolve_device(device)
     _check_not_empty(forget=forget, retain=retain)
+    hashes: dict[int, list[str]] = {}  # each sample is read once for the overlap check and the fingerprints
     if check_overlap:
-        check_disjoint(forget, retain)
-    fingerprints = {name: fingerprint(data) for name, data in (("forget", forget), ("retain", retain))}
+        check_disjoint(forget, retain, cache=hashes)
+    fingerprints = {name: fingerprint(data, cache=hashes) for name, data in (("forget", forget), ("retain", retain))}
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

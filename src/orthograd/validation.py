@@ -34,8 +34,24 @@ def base_and_indices(dataset: Dataset) -> tuple[Dataset, np.ndarray]:
     return dataset, indices
 
 
-def sample_hashes(dataset: Dataset) -> list[str]:
-    """A content hash per sample (every tensor, array and scalar in it)."""
+HashCache = dict[int, list[str]]
+
+
+def sample_hashes(dataset: Dataset, *, cache: HashCache | None = None) -> list[str]:
+    """A content hash per sample (every tensor, array and scalar in it).
+
+    ``cache`` (keyed by dataset identity) lets the overlap check and the fingerprint of one run read each sample
+    once: for datasets that decode files or compute features per item, that read is the expensive part.
+    """
+    if cache is not None and id(dataset) in cache:
+        return cache[id(dataset)]
+    hashes = _compute_hashes(dataset)
+    if cache is not None:
+        cache[id(dataset)] = hashes
+    return hashes
+
+
+def _compute_hashes(dataset: Dataset) -> list[str]:
     base, indices = base_and_indices(dataset)
     if isinstance(base, TensorDataset):
         columns = [t[torch.as_tensor(indices, dtype=torch.long)].contiguous().cpu() for t in base.tensors]
@@ -56,7 +72,7 @@ def _digest(parts: Iterable[Any]) -> str:
     return h.hexdigest()
 
 
-def check_disjoint(forget: DataLike, retain: DataLike) -> None:
+def check_disjoint(forget: DataLike, retain: DataLike, *, cache: HashCache | None = None) -> None:
     """Raise if a sample is in both sets (by index into a shared dataset, else by content)."""
     f_base, f_idx = base_and_indices(dataset_of(forget))
     r_base, r_idx = base_and_indices(dataset_of(retain))
@@ -65,8 +81,8 @@ def check_disjoint(forget: DataLike, retain: DataLike) -> None:
         kind = "indices"
         examples = shared[:5].tolist()
     else:
-        f_hashes = set(sample_hashes(dataset_of(forget)))
-        shared_hashes = [h for h in sample_hashes(dataset_of(retain)) if h in f_hashes]
+        f_hashes = set(sample_hashes(dataset_of(forget), cache=cache))
+        shared_hashes = [h for h in sample_hashes(dataset_of(retain), cache=cache) if h in f_hashes]
         shared = np.asarray(shared_hashes)
         kind = "identical samples"
         examples = [h[:12] for h in shared_hashes[:3]]
@@ -78,12 +94,12 @@ def check_disjoint(forget: DataLike, retain: DataLike) -> None:
         )
 
 
-def fingerprint(data: DataLike) -> dict[str, Any]:
+def fingerprint(data: DataLike, *, cache: HashCache | None = None) -> dict[str, Any]:
     """What identifies a dataset in an audit record: its size and a hash of its sample ids or contents."""
     dataset = dataset_of(data)
     base, indices = base_and_indices(dataset)
     if base is not dataset:
         digest = hashlib.blake2b(np.asarray(indices, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
         return {"size": int(len(indices)), "ids_hash": digest, "by": "index"}
-    digest = hashlib.blake2b("".join(sample_hashes(dataset)).encode(), digest_size=16).hexdigest()
+    digest = hashlib.blake2b("".join(sample_hashes(dataset, cache=cache)).encode(), digest_size=16).hexdigest()
     return {"size": int(len(indices)), "content_hash": digest, "by": "content"}
