@@ -274,7 +274,7 @@ class _Run:
         needs = getattr(self.stop_rule, "needs", None)
         if needs is None:
             return self.evaluate(stats)
-        self._last_good = self._snapshot()
+        # no snapshot here: the state restored after a non-finite step must be the one the last history row shows
         if self.stop_rule is not None and self.stop_rule(self.evaluator(self.model, only=needs)):
             return self.evaluate(stats)
         return False
