@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from orthograd.io import atomic_write_json
+from orthograd.io import atomic_write_json, new_file_mode
 
 if TYPE_CHECKING:
     from orthograd.api import UnlearnResult
@@ -47,6 +47,7 @@ def save_result(result: "UnlearnResult", path: str | Path, *, overwrite: bool = 
     try:
         save_model(result.model, tmp, metadata={"format": "pt", "orthograd_method": result.method})
         digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, weights)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
