@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import VisionTransformer
 
-from orthograd.grads import per_sample_grads
-from orthograd.grads import ghost_layers
+from orthograd.grads import ghost_layers, per_sample_grads
 from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, unsupported_reason
 from orthograd.lora import LoRAConfig, attach_lora
 
@@ -102,11 +102,16 @@ def _build(case: str, *, lora_targets: tuple[str, ...] | None = None, seed: int 
     gen = torch.Generator().manual_seed(seed + 1)
     batch = (make_inputs(gen), torch.randint(0, 3, (K,), generator=gen))
     if lora_targets is not None:
-        model = attach_lora(model, LoRAConfig(r=2, targets=lora_targets), seed=seed)
-        for name, param in model.named_parameters():  # peft starts B at zero: make every factor informative
-            if "lora_B" in name:
-                param.data.normal_(std=0.3)
+        model = _informative(attach_lora(model, LoRAConfig(r=2, targets=lora_targets), seed=seed))
     return model, batch
+
+
+def _informative(model: nn.Module) -> nn.Module:
+    """peft starts every LoRA B factor at zero: draw them so that every factor shows in the gradients."""
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.3)
+    return model
 
 
 def _check_against_loop(model: nn.Module, batch, *, bf16: bool, chunk_size: int | None, tol: float) -> None:
@@ -161,6 +166,44 @@ def test_lora_layers_match_batch_size_1_loop(case, bf16, gram_method):
     base, targets = LORA_CASES[case]
     model, batch = _build(base, lora_targets=targets)
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    _check_against_loop(model, batch, bf16=bf16, chunk_size=None, tol=5e-2 if bf16 else 1e-5)
+
+
+class _CrossAttention(nn.Module):
+    """Sequence-first ``nn.MultiheadAttention`` whose keys and values differ from its queries (not self-attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memory = torch.tanh(x[:, :4]).transpose(0, 1)
+        out, _ = self.attention(x.transpose(0, 1), memory, memory.flip(0))
+        return self.head(out.mean(dim=0))
+
+
+ATTENTION_CASES = {
+    "vit": (
+        lambda: VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                                  num_classes=3),
+        lambda g: torch.randn(K, 3, 8, 8, generator=g),
+        "self_attention",
+    ),
+    "cross_attention": (_CrossAttention, lambda g: torch.randn(K, 6, 4, generator=g), "attention"),
+}
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+@pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
+def test_lora_on_multihead_attention_matches_batch_size_1_loop(case, bf16, gram_method):
+    """LoRA on ``nn.MultiheadAttention`` (torchvision ViT's attention) runs on the ghost engine, exactly."""
+    make_model, make_inputs, target = ATTENTION_CASES[case]
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    batch = (make_inputs(gen), torch.randint(0, 3, (K,), generator=gen))
+    model = _informative(attach_lora(make_model(), LoRAConfig(r=2, targets=(target,)), seed=0)).eval()
+    assert unsupported_reason(model) is None
     _check_against_loop(model, batch, bf16=bf16, chunk_size=None, tol=5e-2 if bf16 else 1e-5)
 
 

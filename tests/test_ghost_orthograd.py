@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+from torchvision.models import VisionTransformer
 
 import orthograd as og
 from orthograd.lora import LoRAConfig, attach_lora
@@ -73,12 +74,39 @@ def _lora_cnn() -> nn.Module:
     return model
 
 
+class _GreyViT(nn.Module):
+    """A tiny torchvision ViT on the 1-channel 8x8 test images (the channel repeated)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = _tiny_vit(image_size=8, patch_size=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x.expand(-1, 3, -1, -1))
+
+
+def _tiny_vit(*, image_size: int, patch_size: int) -> VisionTransformer:
+    vit = VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=2, num_heads=2, hidden_dim=32,
+                            mlp_dim=64, num_classes=10)
+    nn.init.normal_(vit.heads.head.weight, std=0.2)  # torchvision starts the head at zero
+    return vit
+
+
+def _lora_vit() -> nn.Module:
+    model = attach_lora(_GreyViT(), LoRAConfig(r=2), seed=0)  # default targets: the nn.MultiheadAttention modules
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.2)
+    return model
+
+
 MODELS = {
     "cnn_groupnorm": lambda: SmallCNN(width=4),
     "cnn_batchnorm": lambda: SmallCNN(width=4, norm="batch"),
     "residual_inplace": _ResidualNet,
     "tokens": _TokenNet,
     "cnn_lora": _lora_cnn,
+    "vit_lora_attention": _lora_vit,
 }
 
 
@@ -121,6 +149,20 @@ def test_ghost_direction_equals_vmap_qr_reference(name):
         assert _relative(ghost, reference) <= 1e-5
         assert stats["kept_fraction"] == pytest.approx(ref_stats["kept_fraction"], rel=1e-5)
         assert stats["retain_loss"] == pytest.approx(ref_stats["retain_loss"], rel=1e-6)
+
+
+def test_orthograd_on_a_torchvision_vit_with_lora_on_attention_uses_the_ghost_engine():
+    """The paper's ViT setting (LoRA on nn.MultiheadAttention) never falls to the batch-size-1 loop."""
+    torch.manual_seed(0)
+    vit, g = _tiny_vit(image_size=32, patch_size=8), torch.Generator().manual_seed(0)
+    forget, retain = (
+        TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in (8, 16)
+    )
+    result = og.unlearn(vit, forget, retain, max_epochs=1, lr=1e-2)
+    assert result.history[-1]["engine_ghost"] == 1.0
+    assert type(result.model) is VisionTransformer
+    assert all(type(layer.self_attention) is nn.MultiheadAttention for layer in result.model.encoder.layers)
+    assert list(result.model.state_dict()) == list(vit.state_dict())
 
 
 def test_bf16_autocast_direction_is_close_to_float32():

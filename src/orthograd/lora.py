@@ -2,21 +2,30 @@
 
 The paper trains only LoRA factors (r=8, scaling alpha=32) and merges them into the base weights when done, so
 the user gets back a plain module of the class they gave. The default targets follow the paper: the linear
-projections of attention layers for transformers, and every convolution and linear layer for CNNs.
+projections of attention layers for transformers (transformers' ``Conv1D`` counts as linear: GPT-2's ``c_attn`` and
+``attn.c_proj``), and every convolution and linear layer for CNNs. Default targets are logged, with a warning when
+they reduce to a single small layer such as a classification head.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from orthograd.attention import expose_projections, restore_attention
+from orthograd.grads.ghost_layers import is_transformers_conv1d
+
 ATTENTION_PROJECTIONS: frozenset[str] = frozenset(
     {"q_proj", "k_proj", "v_proj", "out_proj", "o_proj", "query", "key", "value", "qkv", "c_attn", "Wqkv"}
 )
 _CNN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_ATTENTION_BLOCK_MARKS = ("attn", "attention")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,20 +72,44 @@ def default_lora_targets(model: nn.Module) -> list[str]:
     attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     if attention:
         return attention
-    projections = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS
-    ]
+    projections = [name for name, m in model.named_modules() if _is_projection(m) and _in_attention(name)]
     if projections:
         return projections
-    layers = [name for name, m in model.named_modules() if isinstance(m, _CNN_LAYERS) and name]
+    layers = [name for name, m in model.named_modules() if (isinstance(m, _CNN_LAYERS) or _is_projection(m)) and name]
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no attention projection, convolution or linear layer to adapt; "
             "pass lora=LoRAConfig(targets=[...]) naming the modules, or lora=None to train all parameters"
         )
+    _warn_if_head_only(model, layers)
     return layers
+
+
+def _is_projection(module: nn.Module) -> bool:
+    """A linear projection: ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2's linear layer, weight [in, out])."""
+    return isinstance(module, nn.Linear) or is_transformers_conv1d(module)
+
+
+def _in_attention(name: str) -> bool:
+    """An attention projection by name (``q_proj``, ``c_attn``, ...) or by its place inside an attention block
+    (GPT-2's ``attn.c_proj``, BERT's ``attention.output.dense``)."""
+    *blocks, leaf = name.split(".")
+    return leaf in ATTENTION_PROJECTIONS or any(mark in block.lower() for block in blocks for mark in _ATTENTION_BLOCK_MARKS)
+
+
+def _warn_if_head_only(model: nn.Module, targets: list[str]) -> None:
+    """Warn when the default targets are one layer holding a minority of the weights (typically the output head)."""
+    if len(targets) != 1:
+        return
+    adapted = sum(p.numel() for p in model.get_submodule(targets[0]).parameters())
+    total = sum(p.numel() for p in model.parameters())
+    if 2 * adapted < total:
+        log.warning(
+            "LoRA adapts only %r (%d of the model's %d parameters): no attention projection, convolution or other "
+            "linear layer was found, so the rest of %s stays frozen; name the layers to adapt with "
+            "lora=LoRAConfig(targets=[...]) or pass lora=None to train all parameters",
+            targets[0], adapted, total, type(model).__name__,
+        )
 
 
 def attach_lora(model: nn.Module, config: LoRAConfig, *, seed: int | None = None) -> nn.Module:
@@ -87,6 +120,8 @@ def attach_lora(model: nn.Module, config: LoRAConfig, *, seed: int | None = None
     from peft import LoraConfig, get_peft_model
 
     targets = list(config.targets) if config.targets is not None else default_lora_targets(model)
+    if config.targets is None:
+        log.info("LoRA default targets of %s: %s", type(model).__name__, targets)
     module_names = {name for name, _ in model.named_modules()}
     unmatched = [t for t in targets if t not in module_names and not any(n.endswith("." + t) for n in module_names)]
     if unmatched:
@@ -94,6 +129,7 @@ def attach_lora(model: nn.Module, config: LoRAConfig, *, seed: int | None = None
             f"LoRA targets {unmatched} match no module of {type(model).__name__}; "
             f"choose from module names such as {sorted(module_names - {''})[:8]}"
         )
+    targets = expose_projections(model, targets)  # LoRA on nn.MultiheadAttention as LoRA on its linear projections
     peft_config = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets)
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
@@ -112,4 +148,4 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold the adapters into the base weights and return the plain base module (no peft layers left)."""
     if not is_lora_model(model):
         return model
-    return model.merge_and_unload()
+    return restore_attention(model.merge_and_unload())
