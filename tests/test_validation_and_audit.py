@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import orthograd as og
 from orthograd.audit import load_weights
@@ -19,16 +19,63 @@ def _split(train, forget_class=2):
     return class_forgetting_split(labels_of(train), forget_class=forget_class, retain_size=100, seed=0).datasets(train)
 
 
-def test_overlap_by_index_and_by_content(digits, digits_model):
+def test_overlap_by_index_and_by_content_names_positions(digits, digits_model):
     train, _ = digits
     forget, retain = _split(train)
     overlapping = Subset(train, list(retain.indices) + list(forget.indices[:3]))
-    with pytest.raises(ValueError, match="overlap: 3 shared indices"):
+    message = r"overlap: 3 shared samples \(same dataset index\): forget\[0\] = retain\[100\], forget\[1\] = "
+    with pytest.raises(ValueError, match=message):
         og.unlearn(digits_model, forget, overlapping)
-    copied = TensorDataset(*(t[forget.indices[:2]].clone() for t in train.tensors))  # same samples, new tensors
-    with pytest.raises(ValueError, match="overlap: 2 shared identical samples"):
+    picked = [forget.indices[3], forget.indices[1]]
+    copied = TensorDataset(*(t[picked].clone() for t in train.tensors))  # same samples, new tensors
+    message = r"2 shared identical samples: forget\[1\] = retain\[1\], forget\[0\] = retain\[3\]\."
+    with pytest.raises(ValueError, match=message):
         check_disjoint(copied, Subset(train, list(forget.indices[:5])))
     check_disjoint(forget, retain)  # disjoint splits pass
+
+
+def _with_value(dataset: TensorDataset, position: int, value: float) -> TensorDataset:
+    inputs = dataset.tensors[0].clone()
+    inputs[position].view(-1)[5] = value
+    return TensorDataset(inputs, dataset.tensors[1])
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    """Samples read one by one (the path for datasets that are not TensorDatasets)."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return self.samples[index]
+
+
+def test_nan_or_inf_inputs_are_refused_with_the_set_and_position(digits, digits_model):
+    train, _ = digits
+    forget, retain = _split(train)
+    forget_data = TensorDataset(*(t[forget.indices] for t in train.tensors))
+    with pytest.raises(ValueError, match="sample 7 of the forget set holds NaN or inf values; drop or repair it"):
+        og.unlearn(digits_model, _with_value(forget_data, 7, float("nan")), retain)
+    poisoned_train = _with_value(train, int(retain.indices[42]), float("inf"))
+    with pytest.raises(ValueError, match="sample 42 of the retain set holds NaN or inf"):  # a Subset: its position
+        og.unlearn(digits_model, forget, DataLoader(Subset(poisoned_train, retain.indices), batch_size=16))
+    samples = [forget_data[i] for i in range(len(forget_data))]
+    samples[3] = (samples[3][0] * float("nan"), samples[3][1])
+    with pytest.raises(ValueError, match="sample 3 of the forget set holds NaN"):
+        og.unlearn(digits_model, _ListDataset(samples), retain)
+    with pytest.raises(ValueError, match="sample 7 of the given set holds NaN"):  # no overlap check: still refused
+        og.unlearn(digits_model, _with_value(forget_data, 7, float("nan")), retain, check_overlap=False)
+
+
+@pytest.mark.parametrize("model", [None, "model.pt", {"weights": 1}])
+def test_a_model_that_is_not_a_module_is_a_type_error_naming_the_fix(digits, model):
+    train, _ = digits
+    forget, retain = _split(train)
+    with pytest.raises(TypeError, match=f"model must be a trained torch.nn.Module, got {type(model).__name__}"):
+        og.unlearn(model, forget, retain)
 
 
 def test_labels_outside_model_outputs_and_absent_class(digits, digits_model):
@@ -70,6 +117,12 @@ def test_saved_model_and_audit_sidecar(tmp_path, digits, digits_model):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         result.save(weights)
     assert weights.read_bytes() == before  # the existing file is untouched
+    other = og.unlearn(digits_model, forget, retain, max_epochs=1, lr=1e-2, seed=5)
+    assert other.save(weights, overwrite=True) == (weights, sidecar)
+    replaced = load_weights(SmallCNN(), weights)
+    for a, b in zip(replaced.parameters(), other.model.parameters()):
+        assert torch.equal(a, b)
+    assert weights.read_bytes() != before and json.loads(sidecar.read_text())["seed"] == 5
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
 
 
@@ -112,3 +165,20 @@ def test_overlap_check_and_fingerprints_read_each_sample_once(digits):
     check_disjoint(cached, retain, cache=cache)
     assert fingerprint(cached, cache=cache) == fingerprint(uncached)
     assert cached.reads == len(forget)  # the overlap check and the fingerprint share one read of each sample
+
+
+def test_fingerprints_tell_different_data_apart(digits):
+    train, _ = digits
+    x, y = train.tensors
+    base = TensorDataset(x[:50].clone(), y[:50].clone())
+    assert fingerprint(base) == fingerprint(TensorDataset(x[:50].clone(), y[:50].clone()))  # content, not identity
+    for other in (_with_value(base, 20, 0.123), TensorDataset(x[:50], y[:50].roll(1)), TensorDataset(x[1:51], y[1:51])):
+        assert fingerprint(other)["content_hash"] != fingerprint(base)["content_hash"]
+    edited = _with_value(base, 3, 0.5)
+    view, edited_view = Subset(base, [1, 3, 5]), Subset(edited, [1, 3, 5])
+    assert fingerprint(view)["ids_hash"] == fingerprint(edited_view)["ids_hash"]  # same indices...
+    assert fingerprint(view)["content_hash"] != fingerprint(edited_view)["content_hash"]  # ...into other data
+    assert fingerprint(Subset(base, [3, 1, 5]))["ids_hash"] != fingerprint(view)["ids_hash"]
+    copy = TensorDataset(x[[1, 3, 5]].clone(), y[[1, 3, 5]].clone())
+    assert fingerprint(view)["content_hash"] == fingerprint(copy)["content_hash"]
+    assert "ids_hash" not in fingerprint(copy) and fingerprint(view)["size"] == 3

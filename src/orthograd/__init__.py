@@ -2,10 +2,12 @@
 
 from orthograd import methods
 from orthograd.api import UnlearnResult, unlearn
+from orthograd.evaluation import evaluate
 from orthograd.geometry import project_out
 from orthograd.grads import per_sample_grads
 from orthograd.lora import LoRAConfig, attach_lora, merge_lora
 from orthograd.metrics import accuracy, uis
+from orthograd.training import train_classifier
 
 __version__ = "0.1.0"
 
@@ -15,10 +17,12 @@ __all__ = [
     "__version__",
     "accuracy",
     "attach_lora",
+    "evaluate",
     "merge_lora",
     "methods",
     "per_sample_grads",
     "project_out",
+    "train_classifier",
     "uis",
     "unlearn",
 ]

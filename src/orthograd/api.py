@@ -24,7 +24,7 @@ from orthograd.lora import LoRAConfig, attach_lora, merge_lora
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
 from orthograd.stopping import StopRule, resolve_stop
 from orthograd.tasks import Task, get_task
-from orthograd.validation import check_disjoint, dataset_of, fingerprint
+from orthograd.validation import check_disjoint, check_model, dataset_of, fingerprint
 
 log = logging.getLogger(__name__)
 EVAL_BATCH_SIZE = 512
@@ -99,6 +99,7 @@ def unlearn(
     The input model is left untouched unless ``inplace=True``. ``make_method`` replaces the construction of the
     method object (``orthograd.distributed`` uses it for data-parallel runs). Returns an ``UnlearnResult``.
     """
+    check_model(model)
     if config is not None and method_kwargs:
         raise ValueError("pass hyperparameters either as config= or as keyword arguments, not both")
     if max_epochs < 1:

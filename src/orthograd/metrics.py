@@ -5,15 +5,34 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from orthograd.evaluation import evaluate
 
 Scenario = Literal["random", "class"]
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy in percent."""
-    if labels.numel() == 0:
+def accuracy(
+    logits_or_model: torch.Tensor | nn.Module,
+    labels_or_data: torch.Tensor | Dataset | DataLoader,
+    *,
+    device: str | torch.device | None = None,
+) -> float:
+    """Top-1 accuracy in percent: of ``logits`` against ``labels``, or of a model on a dataset or DataLoader.
+
+    ``accuracy(model, test)`` is ``orthograd.evaluate(model, test)["accuracy"]`` (``device`` as there).
+    """
+    if isinstance(logits_or_model, nn.Module):
+        return evaluate(logits_or_model, labels_or_data, task="classification", device=device)["accuracy"]
+    if not isinstance(logits_or_model, torch.Tensor) or not isinstance(labels_or_data, torch.Tensor):
+        raise TypeError(
+            "accuracy takes (logits, labels) tensors or (model, dataset or DataLoader), got "
+            f"({type(logits_or_model).__name__}, {type(labels_or_data).__name__})"
+        )
+    if labels_or_data.numel() == 0:
         raise ValueError("accuracy of an empty set is undefined")
-    return 100.0 * float((logits.argmax(dim=-1) == labels).float().mean())
+    return 100.0 * float((logits_or_model.argmax(dim=-1) == labels_or_data).float().mean())
 
 
 def unlearning_target(*, scenario: Scenario, original_test: float) -> float:

@@ -1,19 +1,21 @@
 """Input checks at the API boundary, and data fingerprints for the audit record.
 
 Unlearning honours deletion requests, so a run on the wrong data must fail loudly before it starts: forget and
-retain sets that share samples, labels the model cannot output, a forgotten class with no samples, inputs the
-model cannot take. Samples are identified by index when both sets are views of the same dataset, otherwise by a
-hash of their content.
+retain sets that share samples, NaN or inf values, labels the model cannot output, a forgotten class with no
+samples, inputs the model cannot take, a model that is not an ``nn.Module``. Shared samples are found by index when
+both sets are views of the same dataset, otherwise by a hash of their content, and named by their positions.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils._pytree import tree_flatten
 
@@ -37,15 +39,40 @@ def base_and_indices(dataset: Dataset) -> tuple[Dataset, np.ndarray]:
 HashCache = dict[int, list[str]]
 
 
-def sample_hashes(dataset: Dataset, *, cache: HashCache | None = None) -> list[str]:
-    """A content hash per sample (every tensor, array and scalar in it).
+class NonFiniteSampleError(ValueError):
+    """A sample holds NaN or inf: every loss on it would be non-finite, so the run is refused before it starts."""
 
-    ``cache`` (keyed by dataset identity) lets the overlap check and the fingerprint of one run read each sample
-    once: for datasets that decode files or compute features per item, that read is the expensive part.
+    def __init__(self, position: int, name: str = "given") -> None:
+        self.position = position
+        super().__init__(
+            f"sample {position} of the {name} set holds NaN or inf values; drop or repair it (e.g. torch.nan_to_num) "
+            "before unlearning: a non-finite input makes every loss on it non-finite"
+        )
+
+
+def check_model(model: object) -> None:
+    """Refuse anything that is not an ``nn.Module`` (e.g. ``None``) with what is expected instead."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a trained torch.nn.Module, got {type(model).__name__}; pass the network to unlearn "
+            "(og.train_classifier trains one on a dataset)"
+        )
+
+
+def sample_hashes(dataset: Dataset, *, cache: HashCache | None = None, name: str = "given") -> list[str]:
+    """A content hash per sample (every tensor, array and scalar in it); NaN or inf raise ``NonFiniteSampleError``.
+
+    This is the one pass that reads every sample, so it also checks that the values are finite. ``cache`` (keyed
+    by dataset identity) lets the overlap check and the fingerprint of one run read each sample once: for datasets
+    that decode files or compute features per item, that read is the expensive part. ``name`` names the set in
+    errors.
     """
     if cache is not None and id(dataset) in cache:
         return cache[id(dataset)]
-    hashes = _compute_hashes(dataset)
+    try:
+        hashes = _compute_hashes(dataset)
+    except NonFiniteSampleError as exc:
+        raise NonFiniteSampleError(exc.position, name) from None
     if cache is not None:
         cache[id(dataset)] = hashes
     return hashes
@@ -55,8 +82,34 @@ def _compute_hashes(dataset: Dataset) -> list[str]:
     base, indices = base_and_indices(dataset)
     if isinstance(base, TensorDataset):
         columns = [t[torch.as_tensor(indices, dtype=torch.long)].contiguous().cpu() for t in base.tensors]
+        for column in columns:
+            _check_finite_rows(column)
         return [_digest(column[i] for column in columns) for i in range(len(indices))]
-    return [_digest(tree_flatten(base[int(i)])[0]) for i in indices]
+    hashes = []
+    for position, index in enumerate(indices):
+        parts = tree_flatten(base[int(index)])[0]
+        if not all(_is_finite(part) for part in parts):
+            raise NonFiniteSampleError(position)
+        hashes.append(_digest(parts))
+    return hashes
+
+
+def _check_finite_rows(column: torch.Tensor) -> None:
+    if not (column.is_floating_point() or column.is_complex()) or column.numel() == 0:
+        return
+    bad = ~torch.isfinite(column).reshape(column.shape[0], -1).all(dim=1)
+    if bool(bad.any()):
+        raise NonFiniteSampleError(int(bad.nonzero()[0, 0]))
+
+
+def _is_finite(part: Any) -> bool:
+    if isinstance(part, torch.Tensor):
+        return not (part.is_floating_point() or part.is_complex()) or bool(torch.isfinite(part).all())
+    if isinstance(part, np.ndarray):
+        return part.dtype.kind not in "fc" or bool(np.isfinite(part).all())
+    if isinstance(part, float):
+        return math.isfinite(part)
+    return True
 
 
 def _digest(parts: Iterable[Any]) -> str:
@@ -73,33 +126,48 @@ def _digest(parts: Iterable[Any]) -> str:
 
 
 def check_disjoint(forget: DataLike, retain: DataLike, *, cache: HashCache | None = None) -> None:
-    """Raise if a sample is in both sets (by index into a shared dataset, else by content)."""
+    """Raise if a sample is in both sets (by index into a shared dataset, else by content), naming its positions.
+
+    Reads every sample of both sets (once, with ``cache``), which also refuses NaN or inf values.
+    """
+    forget_hashes = sample_hashes(dataset_of(forget), cache=cache, name="forget")
+    retain_hashes = sample_hashes(dataset_of(retain), cache=cache, name="retain")
     f_base, f_idx = base_and_indices(dataset_of(forget))
     r_base, r_idx = base_and_indices(dataset_of(retain))
     if f_base is r_base:
-        shared = np.intersect1d(f_idx, r_idx)
-        kind = "indices"
-        examples = shared[:5].tolist()
+        pairs, kind = shared_positions(f_idx.tolist(), r_idx.tolist()), "samples (same dataset index)"
     else:
-        f_hashes = set(sample_hashes(dataset_of(forget), cache=cache))
-        shared_hashes = [h for h in sample_hashes(dataset_of(retain), cache=cache) if h in f_hashes]
-        shared = np.asarray(shared_hashes)
-        kind = "identical samples"
-        examples = [h[:12] for h in shared_hashes[:3]]
-    if shared.size:
+        pairs, kind = shared_positions(forget_hashes, retain_hashes), "identical samples"
+    if pairs:
+        shown = ", ".join(f"forget[{f}] = retain[{r}]" for f, r in pairs[:5]) + (", ..." if len(pairs) > 5 else "")
         raise ValueError(
-            f"forget and retain sets overlap: {shared.size} shared {kind} (e.g. {examples}). A sample to forget must "
-            "not be used to retain performance: remove the forget samples from the retain set "
+            f"forget and retain sets overlap: {len(pairs)} shared {kind}: {shown}. A sample to forget must not be "
+            "used to retain performance: remove these from the retain set "
             "(orthograd.data.random_forgetting_split / class_forgetting_split build disjoint splits)"
         )
 
 
-def fingerprint(data: DataLike, *, cache: HashCache | None = None) -> dict[str, Any]:
-    """What identifies a dataset in an audit record: its size and a hash of its sample ids or contents."""
+def shared_positions(forget_keys: list[Any], retain_keys: list[Any]) -> list[tuple[int, int]]:
+    """(forget position, retain position) of every retain sample whose key (index or hash) is also in forget."""
+    first: dict[Any, int] = {}
+    for position, key in enumerate(forget_keys):
+        first.setdefault(key, position)
+    return [(first[key], position) for position, key in enumerate(retain_keys) if key in first]
+
+
+def fingerprint(data: DataLike, *, cache: HashCache | None = None, name: str = "given") -> dict[str, Any]:
+    """What identifies a dataset in an audit record: its size, a hash of its contents and, for a view of a larger
+    dataset (``Subset``), a hash of the indices it selects.
+
+    The content hash covers the samples themselves, so two views with the same indices into different data differ.
+    """
     dataset = dataset_of(data)
     base, indices = base_and_indices(dataset)
+    hashes = sample_hashes(dataset, cache=cache, name=name)
+    record: dict[str, Any] = {
+        "size": int(len(indices)),
+        "content_hash": hashlib.blake2b("".join(hashes).encode(), digest_size=16).hexdigest(),
+    }
     if base is not dataset:
-        digest = hashlib.blake2b(np.asarray(indices, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
-        return {"size": int(len(indices)), "ids_hash": digest, "by": "index"}
-    digest = hashlib.blake2b("".join(sample_hashes(dataset, cache=cache)).encode(), digest_size=16).hexdigest()
-    return {"size": int(len(indices)), "content_hash": digest, "by": "content"}
+        record["ids_hash"] = hashlib.blake2b(np.asarray(indices, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+    return record

@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from orthograd.bench.config import BenchConfig, TrainConfig
 from orthograd.bench.data import BenchData
 from orthograd.bench.models import build_model
+from orthograd.evaluation import evaluate as evaluate_metrics
 from orthograd.io import atomic_write_bytes, atomic_write_json
-from orthograd.tasks import get_task
+from orthograd.training import train_classifier
 
 log = logging.getLogger(__name__)
-EVAL_BATCH_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -42,32 +42,15 @@ class TrainedModel:
 
 def train_model(model: nn.Module, dataset: Dataset, *, config: TrainConfig, device: torch.device) -> nn.Module:
     """Plain supervised training with cross-entropy (Adam or SGD), seeded by ``config.seed``."""
-    torch.manual_seed(config.seed)
-    model.to(device).train()
-    if config.optimizer == "adam":
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(
-            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
-    else:
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    loader = DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config.seed)
+    return train_classifier(
+        model, dataset, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, optimizer=config.optimizer,
+        momentum=config.momentum, weight_decay=config.weight_decay, seed=config.seed, device=device,
     )
-    for _ in range(config.epochs):
-        for inputs, labels in loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(inputs.to(device)), labels.to(device))
-            loss.backward()
-            optimizer.step()
-    return model.eval()
 
 
 def evaluate(model: nn.Module, dataset: Dataset, *, device: torch.device) -> float:
     """Accuracy (percent) of ``model`` on ``dataset``."""
-    loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE, shuffle=False)
-    return get_task("classification").evaluate(model, loader, device=device)
+    return evaluate_metrics(model, dataset, task="classification", device=device)["accuracy"]
 
 
 def indices_fingerprint(indices: np.ndarray) -> str:

@@ -7,7 +7,8 @@ from DUCK ``src/Unlearning_methods.py::DUCK.run``:
 - centroids: mean embedding per class over the first 50 retain batches (eval mode, fixed for the run); in class
   removal the forgotten classes get none, and centroid rows are mapped to class ids explicitly (the code's row
   index != class id once classes are skipped [QUIRK, fixed]); distance 1 - cos;
-- per forget batch (forget set unshuffled), a fresh pass over the shuffled retain set with R + 1 Adam steps on
+- per forget batch (in a fixed order: a shuffled forget DataLoader is read in dataset order), a fresh pass over the
+  shuffled retain set with R + 1 Adam steps on
   ``lambda_forget * mean_i (1 - cos(z_i, C_{a_i})) + lambda_retain * CE(logits_r / T, y_r)``; MultiStepLR per epoch;
 - the assignment a_i is the nearest wrong centroid. In the first epoch it is recomputed at every step, as the code
   does; later epochs reuse the assignment cached for the sample at its first visit (default). The code indexes
@@ -41,7 +42,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from orthograd.lora import is_lora_model
 from orthograd.methods.base import IterativeConfig, MethodConfig, MethodContext, OptimizerName, UnlearningMethod
@@ -173,6 +174,26 @@ def class_centroids(
     return centroids, torch.tensor(ids, device=centroids.device)
 
 
+def in_fixed_order(data: Any) -> DataLoader | None:
+    """A user's shuffled forget DataLoader re-read in dataset order (same batch size and collate function).
+
+    DUCK caches an assignment per forget batch, so the batches must come in the same order every epoch. Returns
+    None when ``data`` is not a shuffled DataLoader (it is then used as given); a loader whose sampler selects or
+    weights samples cannot be reordered without changing what is forgotten, so it is refused with the fix.
+    """
+    if not isinstance(data, DataLoader) or isinstance(data.sampler, SequentialSampler):
+        return None
+    sampler = data.sampler
+    if type(sampler) is not RandomSampler or sampler.replacement or sampler.num_samples != len(data.dataset):
+        raise ValueError(
+            f"DUCK needs the forget batches in a fixed order, and a DataLoader with a {type(sampler).__name__} "
+            "cannot be reordered without changing which samples it yields: pass the forget dataset itself"
+        )
+    return DataLoader(
+        data.dataset, batch_size=data.batch_size, shuffle=False, drop_last=data.drop_last, collate_fn=data.collate_fn
+    )
+
+
 @register
 class DUCK(UnlearningMethod):
     """Forget embeddings pulled to the nearest wrong class centroid, retain cross-entropy at temperature T."""
@@ -184,16 +205,15 @@ class DUCK(UnlearningMethod):
 
     def __init__(self, config: DUCKConfig, context: MethodContext) -> None:
         super().__init__(config, context)
-        if config.assignment == "cached" and isinstance(context.forget, DataLoader):
-            if isinstance(context.forget.sampler, RandomSampler):
-                raise ValueError("DUCK caches assignments per forget sample: pass the forget set unshuffled")
         self.params = context.trainable_parameters()
         self.optimizer = make_optimizer(config, list(self.params.values()))
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(config.milestones), gamma=config.lr_gamma
         )
         self.embed = Embedder(context.model, find_head(context.model, config.head_module))
-        self.forget_loader = context.loader("forget", batch_size=config.forget_batch_size, shuffle=False)
+        self.forget_loader = in_fixed_order(context.forget) or context.loader(
+            "forget", batch_size=config.forget_batch_size, shuffle=False
+        )
         self.retain_loader = context.loader("retain", batch_size=config.retain_batch_size, shuffle=True)
         self.class_removal = bool(context.forget_classes)
         was_training = context.model.training
