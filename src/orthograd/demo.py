@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from orthograd import methods
 from orthograd.api import unlearn
@@ -25,6 +25,7 @@ from orthograd.data.splits import UnlearningSplit, labels_of
 from orthograd.io import ResultsLog, atomic_write_text
 from orthograd.models import SmallCNN
 from orthograd.reporting import markdown_table, run_record
+from orthograd.training import train_classifier
 
 # Per-method settings for the demo data. The library defaults are the original papers' (CIFAR/ImageNet-sized)
 # settings; on 8x8 digits with 32/64-sample batches these make each method take a few steps. Same LoRA for all.
@@ -64,16 +65,7 @@ class DemoSpec:
 def train_original(train: Dataset, *, seed: int, epochs: int) -> nn.Module:
     """The 'original' model: a SmallCNN trained with Adam on all of ``train``."""
     torch.manual_seed(seed)
-    model = SmallCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    model.train()
-    for _ in range(epochs):
-        for inputs, labels in loader:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(inputs), labels).backward()
-            optimizer.step()
-    return model.eval()
+    return train_classifier(SmallCNN(), train, epochs=epochs, lr=3e-3, batch_size=64, seed=seed, device="cpu")
 
 
 def method_settings(method: str, scenario: str) -> dict[str, Any]:
