@@ -97,6 +97,12 @@ def _in_attention(name: str) -> bool:
     return leaf in ATTENTION_PROJECTIONS or any(mark in block.lower() for block in blocks for mark in _ATTENTION_BLOCK_MARKS)
 
 
+def _only_conv1d(model: nn.Module, targets: list[str]) -> bool:
+    """True when every targeted module is a transformers ``Conv1D`` (peft's ``fan_in_fan_out`` layout, [in, out])."""
+    chosen = [m for name, m in model.named_modules() if any(name == t or name.endswith("." + t) for t in targets)]
+    return bool(chosen) and all(is_transformers_conv1d(m) for m in chosen)
+
+
 def _warn_if_head_only(model: nn.Module, targets: list[str]) -> None:
     """Warn when the default targets are one layer holding a minority of the weights (typically the output head)."""
     if len(targets) != 1:
@@ -130,7 +136,13 @@ def attach_lora(model: nn.Module, config: LoRAConfig, *, seed: int | None = None
             f"choose from module names such as {sorted(module_names - {''})[:8]}"
         )
     targets = expose_projections(model, targets)  # LoRA on nn.MultiheadAttention as LoRA on its linear projections
-    peft_config = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets)
+    peft_config = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        fan_in_fan_out=_only_conv1d(model, targets),
+    )
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

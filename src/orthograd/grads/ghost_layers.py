@@ -5,10 +5,14 @@ One small function per layer type (the opacus ``grad_sample`` pattern): given th
 parameter. Types match exactly (a subclass may use its parameters differently, e.g. ``nn.MultiheadAttention``'s
 ``out_proj``), and each type states what it cannot handle. peft LoRA layers need no entry of their own: their
 ``lora_A`` / ``lora_B`` factors are plain ``nn.Linear`` / ``nn.Conv2d`` modules called on the layer's input.
+Layers of transformers are recognised without importing it (``match``): ``Conv1D`` (GPT-2's linear layer, weight
+``[in, out]``) and the RMSNorm classes of its models (``LlamaRMSNorm`` and kin: ``weight * x / rms(x)``).
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +33,7 @@ class _Entry:
 
 
 _REGISTRY: dict[type[nn.Module], _Entry] = {}
+_MATCHERS: list[tuple[Callable[[nn.Module], bool], _Entry]] = []  # rules for types recognised by a predicate
 
 
 def _always(_: nn.Module) -> str | None:
@@ -46,9 +51,32 @@ def register(*types: type[nn.Module], check: CheckFn = _always) -> Callable[[Pie
     return decorate
 
 
+def match(predicate: Callable[[nn.Module], bool], *, check: CheckFn = _always) -> Callable[[PieceFn], PieceFn]:
+    """Make ``fn`` the handler of the module types for which ``predicate(module)`` holds (checked after exact types)."""
+
+    def decorate(fn: PieceFn) -> PieceFn:
+        _MATCHERS.append((predicate, _Entry(fn, check)))
+        return fn
+
+    return decorate
+
+
+def _entry(module: nn.Module) -> _Entry | None:
+    entry = _REGISTRY.get(type(module))
+    if entry is not None:
+        return entry
+    return next((found for predicate, found in _MATCHERS if predicate(module)), None)
+
+
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (``y = x @ W + b`` with ``W`` of shape [in, out]); transformers is not imported."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and type(module) is getattr(utils, "Conv1D", None)
+
+
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why the ghost engine cannot handle this module's trainable parameters (None when it can)."""
-    entry = _REGISTRY.get(type(module))
+    entry = _entry(module)
     if entry is None:
         return f"no ghost rule for {type(module).__name__}"
     return entry.check(module)
@@ -56,7 +84,10 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 def layer_pieces(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     """Per-sample gradient pieces of the module's trainable parameters (local names such as ``weight``)."""
-    pieces = _REGISTRY[type(module)].pieces(module, inputs, output_grads)
+    entry = _entry(module)
+    if entry is None:
+        raise KeyError(f"no ghost rule for {type(module).__name__}")
+    pieces = entry.pieces(module, inputs, output_grads)
     return {name: piece for name, piece in pieces.items() if getattr(module, name).requires_grad}
 
 
@@ -82,6 +113,41 @@ def _linear(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor)
         ghost=prefer_ghost(positions=grads.shape[1], d_in=d_in, d_out=d_out),
     )
     return {"weight": weight.compact(), **_bias_piece(module, grads)}
+
+
+@dataclass
+class _Transposed:
+    """Per-sample gradients of a weight stored transposed (Conv1D's [in, out]), from a piece of its [out, in] form."""
+
+    inner: Piece
+
+    @property
+    def n(self) -> int:
+        return self.inner.n
+
+    def gram(self, other: Piece) -> torch.Tensor:
+        assert isinstance(other, _Transposed)
+        return self.inner.gram(other.inner)
+
+    def dot(self, probe: torch.Tensor) -> torch.Tensor:
+        return self.inner.dot(probe.transpose(0, 1))
+
+    def combine(self, weights: torch.Tensor) -> torch.Tensor:
+        return self.inner.combine(weights).transpose(1, 2)
+
+
+@match(is_transformers_conv1d)
+def _transformers_conv1d(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+    n, (d_in, d_out) = inputs.shape[0], module.weight.shape
+    grads = output_grads.reshape(n, -1, d_out)
+    weight = Outer(
+        inputs=inputs,
+        rows=lambda x: x.reshape(x.shape[0], -1, d_in),
+        grads=grads,
+        shape=torch.Size((d_out, d_in)),
+        ghost=prefer_ghost(positions=grads.shape[1], d_in=d_in, d_out=d_out),
+    )
+    return {"weight": _Transposed(weight.compact()), **_bias_piece(module, grads)}
 
 
 def _conv_check(module: nn.Module) -> str | None:
@@ -188,3 +254,30 @@ def _batch_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Ten
     mean, var = module.running_mean.view(shape), module.running_var.view(shape)
     normalised = (_wide(inputs) - mean) / torch.sqrt(var + module.eps)
     return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=1)
+
+
+@register(nn.RMSNorm)
+def _rms_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+    normalised = F.rms_norm(_wide(inputs), module.normalized_shape, eps=module.eps)
+    return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=-1)
+
+
+def is_transformers_rms_norm(module: nn.Module) -> bool:
+    """A transformers RMSNorm (``LlamaRMSNorm`` and kin): one input, a 1-D ``weight``, an epsilon, no bias.
+
+    Its output is ``weight * x / rms(x)`` (Gemma's ``(1 + weight) * x / rms(x)`` has the same weight gradient).
+    """
+    cls = type(module)
+    if not cls.__module__.startswith("transformers.") or not cls.__name__.endswith("RMSNorm"):
+        return False
+    weight = getattr(module, "weight", None)
+    one_input = len(inspect.signature(cls.forward).parameters) == 2  # (self, hidden_states): no gate
+    has_eps = isinstance(getattr(module, "variance_epsilon", getattr(module, "eps", None)), float)
+    return one_input and has_eps and isinstance(weight, nn.Parameter) and weight.dim() == 1 and getattr(module, "bias", None) is None
+
+
+@match(is_transformers_rms_norm)
+def _transformers_rms_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    normalised = F.rms_norm(_wide(inputs), (module.weight.shape[0],), eps=eps)
+    return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=-1)

@@ -9,14 +9,15 @@ import importlib
 from typing import Any
 
 from orthograd.tasks.base import Task
+from orthograd.tasks.causal_lm import CausalLMTask
 from orthograd.tasks.classification import ClassificationTask
 
-_TASKS: dict[str, type[Task]] = {ClassificationTask.name: ClassificationTask}
+_TASKS: dict[str, type[Task]] = {ClassificationTask.name: ClassificationTask, CausalLMTask.name: CausalLMTask}
 _LAZY: dict[str, tuple[str, str]] = {"asr": ("orthograd.tasks.asr", "ASRTask")}
 
 
 def get_task(task: str | Task) -> Task:
-    """A task adapter from its name (``"classification"``, ``"asr"``) or an instance, returned as is."""
+    """A task adapter from its name (``"classification"``, ``"causal_lm"``, ``"asr"``) or an instance, returned as is."""
     if isinstance(task, Task):
         return task
     if task not in _TASKS and task in _LAZY:
@@ -40,4 +41,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ASRTask", "ClassificationTask", "Task", "get_task", "register_task"]
+__all__ = ["ASRTask", "CausalLMTask", "ClassificationTask", "Task", "get_task", "register_task"]

@@ -44,7 +44,7 @@ class ASRTask(Task):
     """
 
     name: ClassVar[str] = "asr"
-    metric: ClassVar[str] = "wer"
+    metric: str = "wer"
     higher_is_better: ClassVar[bool] = False
 
     def __init__(

@@ -14,13 +14,18 @@ from torch.utils.data import DataLoader
 IGNORE_INDEX = -100
 
 
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every token of ``[B, T, V]`` logits against ``[B, T]`` targets, 0 where ignored."""
+    return F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
+    ).view_as(targets)
+
+
 def per_sample_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy per sample; for ``[B, T, V]`` logits the mean over each sample's non-ignored tokens."""
     if logits.dim() == 2:
         return F.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE_INDEX)
-    token_losses = F.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
-    ).view_as(targets)
+    token_losses = token_cross_entropy(logits, targets)
     counts = (targets != IGNORE_INDEX).sum(dim=1).clamp_min(1)
     return token_losses.sum(dim=1) / counts
 
@@ -29,7 +34,7 @@ class Task(abc.ABC):
     """Turns batches into per-sample losses and a metric; methods and the runner only talk to this interface."""
 
     name: ClassVar[str]
-    metric: ClassVar[str]  # e.g. "accuracy" or "wer", reported in percent
+    metric: str  # e.g. "accuracy" or "wer", reported in percent (a class attribute, or set per instance)
     higher_is_better: ClassVar[bool]
 
     @abc.abstractmethod
@@ -47,6 +52,17 @@ class Task(abc.ABC):
     def per_sample_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Cross-entropy of each sample, shape ``[k]`` (sequences: mean over the sample's labelled tokens)."""
         return per_sample_cross_entropy(self.logits(model, batch), self.targets(batch))
+
+    def per_sample_nll(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Negative log-likelihood of each sample's whole target, ``[k]``: -log p(y | x), summed over its tokens.
+
+        Equal to ``per_sample_loss`` for one label per sample; for sequences it is the sum, not the mean, over
+        the labelled tokens (what preference-style losses such as NPO compare between two models).
+        """
+        logits, targets = self.logits(model, batch), self.targets(batch)
+        if logits.dim() == 2:
+            return per_sample_cross_entropy(logits, targets)
+        return token_cross_entropy(logits, targets).sum(dim=1)
 
     def mean_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Mean loss over the batch (what ordinary gradient descent differentiates)."""

@@ -1,36 +1,43 @@
-"""Classification: batches are ``(inputs, labels)``, the loss is cross-entropy and the metric accuracy."""
+"""Classification: batches are ``(inputs, labels)`` pairs or Hugging Face style dicts; cross-entropy and accuracy.
+
+Dict batches pass their fields (all but ``labels``) to the model as keyword arguments; a model may return logits
+or a ``ModelOutput`` (its ``logits``). Labels of -100 are ignored, as in transformers.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from orthograd.tasks.base import Task
+from orthograd.tasks import batches
+from orthograd.tasks.base import IGNORE_INDEX, Task
 
 
 class ClassificationTask(Task):
-    """Cross-entropy per sample; accuracy in percent."""
+    """Cross-entropy per sample; accuracy in percent over the samples whose label is not -100."""
 
     name: ClassVar[str] = "classification"
-    metric: ClassVar[str] = "accuracy"
+    metric: str = "accuracy"
     higher_is_better: ClassVar[bool] = True
 
     def logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        inputs, _ = batch
-        return model(inputs)
+        inputs, _ = batches.split_batch(batch)
+        return batches.call_model(model, inputs)
 
     def targets(self, batch: Any) -> torch.Tensor:
-        return batch[1]
+        return batches.split_batch(batch)[1]
 
     def replace_targets(self, batch: Any, targets: torch.Tensor) -> Any:
-        return batch[0], targets
+        return batches.with_labels(batch, targets)
 
     def mean_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return F.cross_entropy(self.logits(model, batch), self.targets(batch))
+        return F.cross_entropy(self.logits(model, batch), self.targets(batch), ignore_index=IGNORE_INDEX)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> float:
@@ -39,9 +46,11 @@ class ClassificationTask(Task):
         correct = total = 0
         try:
             for batch in loader:
-                inputs, labels = self.to_device(batch, device)
-                correct += int((model(inputs).argmax(dim=1) == labels).sum())
-                total += int(labels.numel())
+                batch = self.to_device(batch, device)
+                labels = self.targets(batch)
+                kept = labels != IGNORE_INDEX
+                correct += int(((self.logits(model, batch).argmax(dim=-1) == labels) & kept).sum())
+                total += int(kept.sum())
         finally:
             model.train(was_training)
         if total == 0:
@@ -50,18 +59,22 @@ class ClassificationTask(Task):
 
     def validate(self, model: nn.Module, *, sets: dict[str, Any], forget_classes: tuple[int, ...], device: torch.device) -> None:
         """Labels must be class indices the model outputs; a class to forget must occur in the forget set."""
-        from orthograd.data.splits import labels_of
-
-        num_classes = int(self.first_logits(model, sets["forget"], device=device).shape[-1])
+        logits = self.first_logits(model, sets["forget"], device=device)
+        if logits.dim() != 2:
+            raise ValueError(
+                f"task='classification' expects logits of shape [batch, classes]; the model gave {list(logits.shape)} "
+                "(for a language model use task='causal_lm')"
+            )
+        num_classes = int(logits.shape[-1])
         for name, dataset in sets.items():
-            labels = labels_of(dataset)
-            bad = labels[(labels < 0) | (labels >= num_classes)]
+            labels = _labels(dataset)
+            bad = labels[((labels < 0) | (labels >= num_classes)) & (labels != IGNORE_INDEX)]
             if bad.size:
                 raise ValueError(
                     f"the {name} set has labels {sorted(set(bad.tolist()))[:5]} outside the model's "
                     f"{num_classes} outputs (valid: 0..{num_classes - 1}); remap the labels or use the matching model"
                 )
-        forget_labels = set(labels_of(sets["forget"]).tolist())
+        forget_labels = set(_labels(sets["forget"]).tolist())
         absent = [c for c in forget_classes if c not in forget_labels]
         if absent:
             raise ValueError(
@@ -70,5 +83,20 @@ class ClassificationTask(Task):
             )
 
     def to_device(self, batch: Any, device: torch.device) -> Any:
-        inputs, labels = batch
-        return inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        return batches.to_device(batch, device)
+
+    def collate_fn(self) -> Any:
+        return batches.pad_collate
+
+
+def _labels(dataset: Dataset) -> np.ndarray:
+    """Integer labels of a dataset of ``(input, label)`` pairs or of dicts with ``labels``."""
+    from orthograd.data.splits import labels_of
+
+    first = dataset[0]
+    if not isinstance(first, Mapping):
+        batches.split_batch(first)  # a sample of another shape: the error says what was expected
+        return labels_of(dataset)
+    key = batches.label_key(first)
+    labels = [dataset[i][key] for i in range(len(dataset))]  # type: ignore[arg-type]
+    return np.asarray([int(label) for label in labels])
