@@ -1,21 +1,78 @@
-"""The ``orthograd`` command line: ``demo`` (the main job), plus benchmark commands registered below."""
+"""The ``orthograd`` command line: ``demo`` (the main job), plus benchmark commands registered below.
+
+Every error a command raises ends the command with one line on stderr and exit code 2 (``ORTHOGRAD_DEBUG=1``
+shows the traceback instead).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Machine unlearning with OrthoGrad.")
+USER_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an exception: its message for user errors, its type too for anything else."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, USER_ERRORS):
+        return f"error: {message}"
+    return f"error ({type(exc).__name__}): {message} (ORTHOGRAD_DEBUG=1 shows the traceback)"
+
+
+class OneLineErrors(TyperGroup):
+    """A command group whose commands' exceptions become one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            if os.environ.get("ORTHOGRAD_DEBUG"):
+                raise
+            click.echo(error_line(exc), err=True)
+            raise typer.Exit(code=2) from None
+
+
+app = typer.Typer(
+    cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Machine unlearning with OrthoGrad.",
+)
+
+
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI: wide enough for the tables
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from orthograd import __version__
+
+        typer.echo(f"orthograd {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """Machine unlearning with OrthoGrad: demo, benchmarks and reports."""
+
+
+def _run_label(record: dict[str, Any]) -> str:
+    """``seed N`` for random forgetting, ``class C`` (the class forgotten) for class forgetting."""
+    if record.get("forget_class") is not None:
+        return f"class {record['forget_class']}"
+    return f"seed {record['seed']}"
 
 
 @app.command()
@@ -26,9 +83,10 @@ def demo(
     """Train a digits CNN, unlearn with every method (random and class forgetting), print the paper-style table."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from orthograd.demo import run_demo
+    from orthograd.demo import check_methods, run_demo
     from orthograd.reporting import rich_table
 
+    check_methods(method or [])
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
@@ -41,7 +99,7 @@ def demo(
         def finished(record: dict) -> None:
             final = record["final"]
             progress.console.log(
-                f"{record['scenario']:>6} {record['method']:<10} seed/class {record['seed']}: "
+                f"{record['scenario']:>6} {record['method']:<10} {_run_label(record)}: "
                 f"A_u {final['forget']:.1f} A_test {final.get('test', float('nan')):.1f} "
                 f"({record['stop_reason']}, {record['steps']} steps, {record['wall_time_s']:.1f}s)"
             )
@@ -55,22 +113,18 @@ def demo(
 
 @app.command()
 def bench(
-    config: Annotated[Path, typer.Argument(help="Benchmark config (YAML); shipped ones are in configs/.")],
+    config: Annotated[Path, typer.Argument(help="Benchmark config (YAML), or a shipped config's name (e.g. demo).")],
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a config value: dotted.key=value (repeatable).")
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<config name>).")] = None,
 ) -> None:
     """Run a benchmark config; rerunning the same command resumes it, skipping finished runs."""
-    from orthograd.bench.config import ConfigError
-    from orthograd.bench.console import bench_command, config_task
+    from orthograd.bench.console import bench_command, config_task, resolve_config
     from orthograd.bench.report import write_report
 
-    try:
-        run_dir = bench_command(config, set_ or [], out, console)
-    except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc}")
-        raise typer.Exit(code=2) from None
+    config = resolve_config(config)
+    run_dir = bench_command(config, set_ or [], out, console)
     if config_task(config) != "asr":  # the speaker benchmark writes its own tables
         paths = write_report([run_dir])
         console.print(paths["table"].read_text())
@@ -93,7 +147,7 @@ def report(
 
 @app.command()
 def sweep(
-    config: Annotated[Path, typer.Argument(help="Benchmark config (YAML) with a sweep: block.")],
+    config: Annotated[Path, typer.Argument(help="Benchmark config (YAML) with a sweep: block, or a shipped name.")],
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a config value: dotted.key=value (repeatable).")
     ] = None,
@@ -103,23 +157,20 @@ def sweep(
     num_cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster (or local workers).")] = None,
     cpus_per_trial: Annotated[float, typer.Option(help="CPUs reserved per trial (also its torch threads).")] = 1.0,
     gpus_per_trial: Annotated[float, typer.Option(help="GPUs reserved per trial (fractions share a GPU).")] = 0.0,
+    backend: Annotated[str, typer.Option(help="auto (Ray when installed), ray, or local worker processes.")] = "auto",
 ) -> None:
     """Run a config's sweep grid and test runs as Ray Tune trials (local workers without Ray); rerun to resume."""
-    from orthograd.bench.config import ConfigError
+    from orthograd.bench.console import resolve_config
     from orthograd.sweep.console import sweep_command
 
-    try:
-        run_dir = sweep_command(config, set_ or [], out, console, address=address, num_cpus=num_cpus,
-                                cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
-    except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc}")
-        raise typer.Exit(code=2) from None
+    run_dir = sweep_command(resolve_config(config), set_ or [], out, console, address=address, num_cpus=num_cpus,
+                            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, backend=backend)
     console.print(f"results: {run_dir / 'results.jsonl'}")
 
 
 @app.command("unlearn-ddp")
 def unlearn_ddp(
-    config: Annotated[Path, typer.Argument(help="Benchmark config (YAML); its methods run on the test split.")],
+    config: Annotated[Path, typer.Argument(help="Benchmark config (YAML) or shipped name; its methods run on test.")],
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a config value: dotted.key=value (repeatable).")
     ] = None,
@@ -127,14 +178,10 @@ def unlearn_ddp(
     method: Annotated[Optional[list[str]], typer.Option(help="Run only these methods (repeatable).")] = None,
 ) -> None:
     """Data-parallel unlearning runs; start with: torchrun --nproc_per_node=N --no-python orthograd unlearn-ddp CFG."""
-    from orthograd.bench.config import ConfigError
+    from orthograd.bench.console import resolve_config
     from orthograd.distributed.console import ddp_command
 
-    try:
-        ddp_command(config, set_ or [], out, method, console)
-    except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc}")
-        raise typer.Exit(code=2) from None
+    ddp_command(resolve_config(config), set_ or [], out, method, console)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ epoch: the stopping rule then fires at the first step that reaches the target, f
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,16 @@ def demo_splits(train: Dataset, spec: DemoSpec) -> list[UnlearningSplit]:
     return random_splits + class_splits
 
 
+def check_methods(names: Sequence[str]) -> None:
+    """Refuse unknown method names, suggesting the closest registered one."""
+    available = methods.available()
+    for name in names:
+        if name not in available:
+            close = difflib.get_close_matches(name, available, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown method {name!r}: {hint}available: {', '.join(available)}")
+
+
 def run_demo(
     *,
     out_dir: str | Path = "runs/demo",
@@ -121,9 +132,7 @@ def _run_demo(
     on_start: Callable[[int], None] | None,
 ) -> list[dict[str, Any]]:
     names = list(method_names) if method_names is not None else methods.available()
-    unknown = sorted(set(names) - set(methods.available()))
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; available: {methods.available()}")
+    check_methods(names)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = ResultsLog(out / "results.jsonl")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,27 @@ from orthograd.bench.config import ConfigError, load_config
 from orthograd.bench.runner import run_bench
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs installed with the package, by name (file name without ``.yaml``)."""
+    folder = Path(str(resources.files("orthograd") / "configs"))
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_config(path: Path) -> Path:
+    """``path`` when it is a file, else the shipped config of that name (``demo`` or ``demo.yaml``)."""
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.name.removesuffix(".yaml")
+    if path.parent == Path(".") and name in shipped:
+        return shipped[name]
+    raise ConfigError(f"config file {str(path)!r} does not exist; shipped configs: {', '.join(shipped)}")
+
+
 def config_task(path: Path) -> str:
     """The ``task:`` a config file names (image classification when absent)."""
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist (shipped configs are in configs/)")
+        raise ConfigError(f"config file {str(path)!r} does not exist; shipped configs: {', '.join(shipped_configs())}")
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     return str(raw.get("task", "classification")) if isinstance(raw, dict) else "classification"
 

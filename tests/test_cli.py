@@ -1,0 +1,173 @@
+"""The ``orthograd`` commands as a user types them: one-line errors, --version, shipped configs, every command run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import orthograd
+from orthograd.bench.config import load_config
+from orthograd.bench.console import config_task, resolve_config, shipped_configs
+from orthograd.cli import app
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+runner = CliRunner()
+
+
+def _fails_in_one_line(args: list[str], *, match: str) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def _tiny_config(tmp_path: Path) -> Path:
+    """A digits benchmark of seconds: a 2-point learning-rate grid for OrthoGrad, one seed."""
+    raw: dict[str, Any] = {
+        "name": "tiny_cli",
+        "data": {"name": "digits", "validation_size": 100, "train_size": 300, "test_size": 100},
+        "model": {"arch": "small_cnn", "width": 4},
+        "train": {"epochs": 2, "lr": 3.0e-3, "batch_size": 64},
+        "scenario": {"kind": "random", "forget_size": 40, "retain_size": 60, "seeds": [0]},
+        "unlearn": {"max_epochs": 2, "stop": False},
+        "methods": {"orthograd": {"optimizer": "adam", "lr": 1.0e-3, "forget_batch_size": 20, "retain_batch_size": 30}},
+        "sweep": {"grid": {"orthograd": {"lr": [1.0e-4, 3.0e-2]}}},
+        "device": "cpu",
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"orthograd {orthograd.__version__}"
+
+
+def test_a_misspelt_demo_method_is_one_line_naming_the_fix() -> None:
+    line = _fails_in_one_line(["demo", "--method", "orthgrad"], match="unknown method 'orthgrad'")
+    assert "did you mean 'orthograd'?" in line
+
+
+def test_report_on_a_missing_folder_is_one_line(tmp_path: Path) -> None:
+    _fails_in_one_line(["report", str(tmp_path / "missing-folder")], match="results.jsonl does not exist")
+
+
+def test_an_unknown_config_lists_the_shipped_ones(tmp_path: Path) -> None:
+    line = _fails_in_one_line(["bench", str(tmp_path / "nope.yaml")], match="does not exist")
+    assert "shipped configs: " in line and "fashion_mnist_random" in line
+
+
+def test_a_bad_override_is_one_line() -> None:
+    _fails_in_one_line(["bench", "demo", "--set", "train.epochs=many"], match="train.epochs")
+
+
+def test_unlearn_ddp_outside_torchrun_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    _fails_in_one_line(["unlearn-ddp", str(_tiny_config(tmp_path))], match="start this program with torchrun")
+
+
+def test_an_unexpected_error_names_its_type_and_the_debug_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise KeyError("final")
+
+    monkeypatch.setattr("orthograd.bench.report.write_report", broken)
+    result = runner.invoke(app, ["report", "anything"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error (KeyError): 'final' (ORTHOGRAD_DEBUG=1 shows the traceback)"
+    monkeypatch.setenv("ORTHOGRAD_DEBUG", "1")
+    assert isinstance(runner.invoke(app, ["report", "anything"]).exception, KeyError)
+
+
+def test_shipped_configs_are_the_repository_configs_and_resolve_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml"))
+    assert sorted(shipped_configs()) == repo and "demo" in repo
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    assert resolve_config(Path("demo")) == resolve_config(Path("demo.yaml")) == shipped_configs()["demo"]
+    (tmp_path / "demo.yaml").write_text("name: mine\n")
+    assert resolve_config(Path("demo.yaml")) == Path("demo.yaml")  # a file of that name wins
+
+
+@pytest.mark.parametrize("name", sorted(shipped_configs()))
+def test_every_shipped_config_validates_against_its_schema(name: str) -> None:
+    path = shipped_configs()[name]
+    if config_task(path) == "asr":
+        from orthograd.asr_bench import load_config as load_speech_config
+
+        config = load_speech_config(path)
+        assert config.runs, f"{name} runs no method"
+        with pytest.raises((ValueError, TypeError), match="nonsense"):
+            load_speech_config(path, ["protocol.nonsense=1"])
+    else:
+        config, _ = load_config(path)
+        assert config.name and config.methods
+        with pytest.raises(ValueError, match="nonsense"):
+            load_config(path, overrides=["unlearn.nonsense=1"])
+
+
+def test_demo_command_runs_a_method_and_labels_class_runs_by_class(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--method", "orthograd", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for label in ("seed 0", "seed 1", "seed 2", "class 1", "class 4", "class 7"):
+        assert f"orthograd  {label}: " in result.stdout, label
+    assert "seed/class" not in result.stdout
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["forget_class"] for r in records if r["scenario"] == "class"] == [1, 4, 7]
+    assert all(r["final"]["forget"] < 1.0 for r in records if r["scenario"] == "class")
+    assert "OrthoGrad" in (out / "table.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder written by ``orthograd sweep`` on local worker processes."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    out = tmp_path / "run"
+    args = ["sweep", str(_tiny_config(tmp_path)), "--backend", "local", "--num-cpus", "1", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_sweep_command_selects_on_validation_and_runs_the_choice_on_test(swept: Path) -> None:
+    records = [json.loads(line) for line in (swept / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["hyperparameters"]["lr"] for r in records if r["phase"] == "sweep") == [1.0e-4, 3.0e-2]
+    (test,) = [r for r in records if r["phase"] == "test"]
+    assert test["evaluated_on"] == "test" and test["hyperparameters"]["lr"] in (1.0e-4, 3.0e-2)
+
+
+def test_report_command_writes_tables_and_plots(swept: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["report", str(swept), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "OrthoGrad" in result.stdout
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"report.md", "table.md", "trajectories.png", "tradeoff.png"} <= written, written
+
+
+@pytest.mark.distributed
+def test_unlearn_ddp_command_under_torchrun(tmp_path: Path) -> None:
+    bin_dir = Path(sys.executable).parent
+    torchrun, orthograd_cli = bin_dir / "torchrun", bin_dir / "orthograd"
+    if not (torchrun.exists() and orthograd_cli.exists()):
+        pytest.skip("torchrun or the orthograd script is not installed beside this Python")
+    out = tmp_path / "run"
+    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "--no-python", str(orthograd_cli),
+               "unlearn-ddp", str(_tiny_config(tmp_path)), "--set", "sweep=null", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert record["world_size"] == 2 and record["method"] == "orthograd" and record["steps"] >= 1
+
