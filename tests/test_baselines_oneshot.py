@@ -1,4 +1,4 @@
-"""Fisher forgetting, influence unlearning (IU) and DUCK against direct computations of BASELINES.md 6, 7, 9."""
+"""Fisher forgetting, influence unlearning (IU) and DUCK against direct computations of docs/baselines.md 6, 7, 9."""
 
 from __future__ import annotations
 

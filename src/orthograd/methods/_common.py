@@ -71,7 +71,7 @@ def distill_kl(
     """KL(teacher || student) of temperature-softened outputs, times T^2 (SCRUB's ``DistillKL``).
 
     ``[B, C]`` logits: the sum over classes averaged over the batch ("batchmean"). ``[B, T, V]`` logits: averaged
-    over the labelled tokens (``targets != IGNORE_INDEX``), the per-token version of BASELINES.md section 8.
+    over the labelled tokens (``targets != IGNORE_INDEX``), the per-token version of docs/baselines.md section 8.
     """
     log_student = F.log_softmax(student_logits / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)

@@ -1,7 +1,7 @@
 """DUCK (Cotogni et al., "DUCK: Distance-based Unlearning via Centroid Kinematics", arXiv:2312.02052), classification.
 
 Pulls each forget sample's embedding (the input of the classification head) toward the nearest centroid of a
-*wrong* class, while training on the retain set with a temperature-scaled cross-entropy. BASELINES.md section 9,
+*wrong* class, while training on the retain set with a temperature-scaled cross-entropy. docs/baselines.md section 9,
 from DUCK ``src/Unlearning_methods.py::DUCK.run``:
 
 - centroids: mean embedding per class over the first 50 retain batches (eval mode, fixed for the run); in class

@@ -1,7 +1,7 @@
 """Finetune (FT): fine-tune on the retain set only, the "catastrophic forgetting" baseline.
 
 As in the SPARSE/SALUN code that the unlearning literature uses for FT (Jia et al., "Model Sparsity Can Simplify
-Machine Unlearning", NeurIPS 2023; ``unlearn/FT.py`` + ``unlearn/impl.py``; BASELINES.md section 3).
+Machine Unlearning", NeurIPS 2023; ``unlearn/FT.py`` + ``unlearn/impl.py``; docs/baselines.md section 3).
 """
 
 from __future__ import annotations

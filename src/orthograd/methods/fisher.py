@@ -2,7 +2,7 @@
 
 Replaces every edited parameter by a sample around its trained value whose variance is large where the retain
 set's Fisher information is small: directions the retain data do not pin down are scrambled, which is meant to
-destroy what only the forget data taught. Specified in BASELINES.md section 6.
+destroy what only the forget data taught. Specified in docs/baselines.md section 6.
 
 Default (form 6a, GOLATKAR ``Forgetting.ipynb`` / SPARSE ``fisher_new``): true Fisher diagonal on the retain set,
 ``F = mean_i sum_c p(c | x_i) * (d CE(x_i, c) / d theta)^2`` (per sample, as GOLATKAR's batch size 1), then

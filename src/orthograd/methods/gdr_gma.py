@@ -1,7 +1,7 @@
 """GDR-GMA: gradient direction rectification and gradient magnitude adjustment.
 
 Lin et al., "GDR-GMA: Machine Unlearning via Direction-Rectified and Magnitude-Adjusted Gradients", ACM MM 2024,
-as in the authors' code (``RUIYUN-ML/GDR-GMA``: ``unlearn.py``, ``memory_bank.py``; BASELINES.md section 10).
+as in the authors' code (``RUIYUN-ML/GDR-GMA``: ``unlearn.py``, ``memory_bank.py``; docs/baselines.md section 10).
 Each step, on a forget batch and a retain batch (``zip`` of the two loaders, so an epoch is min of their lengths):
 
 1. x = grad of the retain CE, y = grad of -CE on the forget batch (ascent written as descent), per tensor;

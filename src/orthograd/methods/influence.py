@@ -3,7 +3,7 @@
 A one-shot edit from the influence-function approximation of retraining without the forget set. Reweighting the
 training loss from 1/N on every sample to 1/n_r on the retain set and 0 on the forget set moves the optimum by
 about H^-1 v with v = (1/N) sum_{D_f} grad l_i - (n_f / (N n_r)) sum_{D_r} grad l_j = (n_f / N)(g_f - g_r).
-The code (BASELINES.md section 7) does, in eval mode with mean-reduced CE:
+The code (docs/baselines.md section 7) does, in eval mode with mean-reduced CE:
 
     v = forget_sum / N - retain_sum * n_f / (N n_r)      (sums over batches of 256 of grad CE_mean * |batch|)
     k = woodfisher_code(v)                               (retain samples one at a time, N_wf = 1000)

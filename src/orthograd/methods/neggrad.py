@@ -1,6 +1,6 @@
 """NegGrad (gradient ascent, "GA"): maximise the loss on the forget set.
 
-As in the SPARSE/SALUN code (Jia et al., NeurIPS 2023; ``unlearn/GA.py`` + ``unlearn/impl.py``; BASELINES.md
+As in the SPARSE/SALUN code (Jia et al., NeurIPS 2023; ``unlearn/GA.py`` + ``unlearn/impl.py``; docs/baselines.md
 section 4). Thudi et al. and Golatkar et al. use the same baseline under the names GA / NegGrad.
 """
 

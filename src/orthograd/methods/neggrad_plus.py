@@ -1,7 +1,7 @@
 """NegGrad+: descent on the retain loss and ascent on the forget loss, weighted by beta.
 
 Kurmanji et al., "Towards Unbounded Machine Unlearning", NeurIPS 2023, as coded in the SCRUB repository
-(``small_scale_unlearning.ipynb``, ``run_neggrad_epoch``; BASELINES.md section 5):
+(``small_scale_unlearning.ipynb``, ``run_neggrad_epoch``; docs/baselines.md section 5):
 
     L = beta * [CE(retain batch) + (prox_wd / 2) * sum_p ||p - p0||^2] - (1 - beta) * CE(forget batch)
 

@@ -1,7 +1,7 @@
 """What the one-shot baselines (Fisher forgetting, influence unlearning) share: the parameters they edit.
 
 One-shot methods make a single weight edit and train nothing, so their configs have no ``lora`` field: the
-runner attaches no adapters and the method chooses the tensors it edits itself (BASELINES.md section 1):
+runner attaches no adapters and the method chooses the tensors it edits itself (docs/baselines.md section 1):
 
 - ``"lora_targets_base"`` (default, the spec's recommendation): the base weights (and biases) of the modules
   LoRA would adapt (``orthograd.lora.default_lora_targets``, or ``targets``), i.e. the same layers OrthoGrad

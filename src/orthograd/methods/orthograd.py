@@ -11,7 +11,7 @@ Algorithm 1 of the paper, one step:
 
 The paper's ablations are options: ``retain_grads="mean"`` projects against the mean retain gradient only,
 ``lora=None`` trains all parameters, ``alpha=0`` is pure orthogonal ascent. ``projection_scope="per_tensor"`` is
-the per-tensor projection of the code found online (see DESIGN.md for why it is not the default).
+the per-tensor projection of the code found online (see docs/design.md for why it is not the default).
 Per-sample engine: ``engine="auto"`` uses the ghost engine (``grads/ghost.py``: k x k Gram blocks from layer inputs
 and output gradients, never the [k, d] matrix; always the Gram solve) when every trainable parameter sits in a
 supported layer, else torch.func. ``projection="qr"``, ``projection_scope="per_tensor"`` and ``retain_grads="mean"``
@@ -86,7 +86,8 @@ class OrthoGradConfig(IterativeConfig):
 
 @register
 class OrthoGrad(UnlearningMethod):
-    """Forget-gradient ascent projected orthogonally to every per-sample retain gradient, plus alpha * retain descent."""
+    """Forget-gradient ascent projected orthogonally to every per-sample retain gradient, plus alpha * retain
+    descent."""
 
     name: ClassVar[str] = "orthograd"
     config_class: ClassVar[type[MethodConfig]] = OrthoGradConfig
@@ -99,7 +100,8 @@ class OrthoGrad(UnlearningMethod):
         self.engine = self._choose_engine()
 
     def _choose_engine(self) -> str:
-        """"ghost" when the config and every trainable layer allow it, else the torch.func engine named by the config."""
+        """"ghost" when the config and every trainable layer allow it, else the torch.func engine named by the
+        config."""
         cfg: OrthoGradConfig = self.config
         if cfg.engine in ENGINES and cfg.engine != "auto":
             return cfg.engine
@@ -127,7 +129,9 @@ class OrthoGrad(UnlearningMethod):
         for forget_batch in self.context.batches(forget_loader):
             yield self.step(forget_batch, next(self._retain))
 
-    def update_direction(self, forget_batch: Any, retain_batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def update_direction(
+        self, forget_batch: Any, retain_batch: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The descent direction alpha * mean(G_r) - (1 - alpha) * g_u_perp, and step statistics."""
         cfg: OrthoGradConfig = self.config
         task, model, names = self.context.task, self.context.model, list(self.params)
@@ -145,7 +149,8 @@ class OrthoGrad(UnlearningMethod):
         if cfg.retain_grads == "per_sample":
             with self._autocast():
                 per_sample, losses = per_sample_grads_and_losses(
-                    model, task.per_sample_loss, retain_batch, params=names, chunk_size=cfg.chunk_size, engine=self.engine
+                    model, task.per_sample_loss, retain_batch, params=names, chunk_size=cfg.chunk_size,
+                    engine=self.engine,
                 )
             retain_mean = {n: g.mean(dim=0) for n, g in per_sample.items()}
             retain_loss = float(losses.mean())
@@ -157,7 +162,8 @@ class OrthoGrad(UnlearningMethod):
             retain_loss = float(mean_loss.detach())
             span = {n: g.unsqueeze(0) for n, g in retain_mean.items()}
         if not (math.isfinite(_norm(forget_grad)) and math.isfinite(_norm(span))):
-            return {}, {"forget_loss": float(forget_loss.detach()), "retain_loss": retain_loss, "finite_grads": math.nan}
+            return {}, {"forget_loss": float(forget_loss.detach()), "retain_loss": retain_loss,
+                        "finite_grads": math.nan}
         orthogonal = project_out(forget_grad, span, method=cfg.projection, scope=cfg.projection_scope)
         return self._combine(forget_loss, forget_grad, retain_mean, orthogonal, retain_loss)
 
@@ -176,8 +182,10 @@ class OrthoGrad(UnlearningMethod):
             autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
         )
         retain_loss = float(span.losses.mean())
-        if not (math.isfinite(_norm(forget_grad)) and math.isfinite(_norm({"gram": span.gram, "product": span.product}))):
-            return {}, {"forget_loss": float(forget_loss.detach()), "retain_loss": retain_loss, "finite_grads": math.nan}
+        span_norm = _norm({"gram": span.gram, "product": span.product})
+        if not (math.isfinite(_norm(forget_grad)) and math.isfinite(span_norm)):
+            return {}, {"forget_loss": float(forget_loss.detach()), "retain_loss": retain_loss,
+                        "finite_grads": math.nan}
         dtype = next(iter(forget_grad.values())).dtype
         coeffs = gram_coefficients(span.gram, span.product, rcond=default_rcond(dtype))
         retain_mean, projection = span.combine(torch.stack([torch.full_like(coeffs, 1.0 / coeffs.numel()), coeffs]))
@@ -194,7 +202,9 @@ class OrthoGrad(UnlearningMethod):
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """alpha * mean(G_r) - (1 - alpha) * g_u_perp, and the step statistics."""
         alpha = self.config.alpha
-        direction = {n: alpha * retain_mean[n].to(g.dtype) - (1.0 - alpha) * orthogonal[n] for n, g in forget_grad.items()}
+        direction = {
+            n: alpha * retain_mean[n].to(g.dtype) - (1.0 - alpha) * orthogonal[n] for n, g in forget_grad.items()
+        }
         stats = {
             "forget_loss": float(forget_loss.detach()),
             "retain_loss": retain_loss,

@@ -3,7 +3,7 @@ forget set.
 
 Kurmanji et al., "Towards Unbounded Machine Unlearning", NeurIPS 2023, as coded in the SCRUB repository
 (``thirdparty/repdistiller/helper/loops.py::train_distill``, ``distiller_zoo/KD.py::DistillKL``,
-``small_scale_unlearning.ipynb``; BASELINES.md section 8). Epoch e (1-based):
+``small_scale_unlearning.ipynb``; docs/baselines.md section 8). Epoch e (1-based):
 
 1. learning rate ``lr * lr_decay_rate ** #{m in lr_decay_epochs: m < e}``;
 2. if ``e <= msteps``: one pass over the forget set, a "max step" on ``-KL_T(teacher || student)`` per batch;
