@@ -16,9 +16,11 @@ from transformers import GPT2LMHeadModel  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+from hf_helpers import assert_ghost_matches_loop  # noqa: E402
+
 import orthograd as og  # noqa: E402
 from orthograd.grads import ghost_layers, per_sample_grads  # noqa: E402
-from orthograd.grads.ghost import ghost_span, unsupported_reason  # noqa: E402
+from orthograd.grads.ghost import unsupported_reason  # noqa: E402
 from orthograd.lora import LoRAConfig, attach_lora, default_lora_targets  # noqa: E402
 from orthograd.tasks import get_task  # noqa: E402
 from orthograd.tasks.batches import pad_collate  # noqa: E402
@@ -79,28 +81,6 @@ class Conv1DNet(nn.Module):
 
 def _ce(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
-
-
-def _stack(grads: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    return torch.cat([grads[n].flatten(1) for n in names], dim=1).double()
-
-
-def assert_ghost_matches_loop(model: nn.Module, loss_fn, batch, names: list[str]) -> None:
-    """Gram matrix, product with a probe and weighted sums of the ghost engine against batch-size-1 backward passes."""
-    reference = per_sample_grads(model, loss_fn, batch, params=names, engine="loop")
-    params = dict(model.named_parameters())
-    probe = {n: torch.randn_like(params[n]) for n in names}
-    span = ghost_span(model, loss_fn, batch, probe=probe, params=names)
-    G = _stack(reference, names)
-    flat_probe = torch.cat([probe[n].flatten() for n in names]).double()
-    scale = float((G @ G.T).abs().max())
-    torch.testing.assert_close(span.gram, G @ G.T, atol=1e-5 * scale, rtol=1e-5)
-    torch.testing.assert_close(span.product, G @ flat_probe, atol=1e-5 * float(G.abs().max()), rtol=1e-4)
-    weights = torch.randn(1, G.shape[0])
-    combined = span.combine(weights)[0]
-    expected = weights.double() @ G
-    got = torch.cat([combined[n].flatten() for n in names]).double()
-    torch.testing.assert_close(got, expected[0], atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
 
 
 def test_conv1d_and_rms_norms_per_sample_grads_equal_batch_size_one_loop():
