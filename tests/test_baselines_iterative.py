@@ -340,7 +340,17 @@ def test_gradient_bank_clean_mean_and_inplace_quirk() -> None:
 # ---------------------------------------------------------------- end to end on digits
 
 SOURCE_EPOCHS = {"finetune": 10, "neggrad": 5, "neggrad+": 10, "scrub": 10, "gdr-gma": 10}
-DIGITS_LR = {"neggrad": 3e-3, "neggrad+": 0.1, "scrub": 3e-3, "gdr-gma": 1e-3}
+# Tuned on this problem. SCRUB's max steps have zero gradient while the student equals the teacher, and its source
+# schedule (3 max-step epochs, lr decayed 10x after epochs 5, 8, 9) leaves it at the edge: with lr 3e-3 it stalled at
+# A_u = 100% on some model x run seeds and thread counts. Max steps in every epoch (msteps=30, inside A.2's
+# {10, 20, 30} grid) at a constant lr 5e-3 reached the target within 4 of 30 epochs, test accuracy >= 74.9%, on all
+# 12 model seed (0-3) x run seed (0-2) combinations tried, with 1 and 2 torch threads.
+DIGITS_HYPER = {
+    "neggrad": {"lr": 3e-3},
+    "neggrad+": {"lr": 0.1},
+    "scrub": {"lr": 5e-3, "msteps": 30, "lr_decay_epochs": ()},
+    "gdr-gma": {"lr": 1e-3},
+}
 
 
 @pytest.fixture(scope="module")
@@ -371,10 +381,10 @@ def test_code_defaults_do_not_forget_a_digits_class_in_the_source_budget(name: s
     assert result.final["forget"] > 90.0 and result.final["retain"] > 90.0
 
 
-@pytest.mark.parametrize("name", sorted(DIGITS_LR))
-def test_forgets_a_digits_class_with_a_tuned_learning_rate(name: str, digits_problem) -> None:
+@pytest.mark.parametrize("name", sorted(DIGITS_HYPER))
+def test_forgets_a_digits_class_with_tuned_hyperparameters(name: str, digits_problem) -> None:
     model, forget, retain, test = digits_problem
-    result = og.unlearn(model, forget, retain, test=test, method=name, stop="class", max_epochs=30, lr=DIGITS_LR[name])
+    result = og.unlearn(model, forget, retain, test=test, method=name, stop="class", max_epochs=30, **DIGITS_HYPER[name])
     assert result.stop_reason == "target_reached" and result.final["forget"] < 1.0
     assert result.final["test"] > (50.0 if name != "neggrad" else 30.0)
     assert type(result.model) is SmallCNN  # LoRA (the default, as for OrthoGrad) merged back
