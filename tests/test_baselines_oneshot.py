@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
 import orthograd as og
 from orthograd import methods
@@ -345,16 +345,38 @@ def test_influence_at_its_default_alpha_does_not_forget(digits: dict[str, Any]) 
     # alpha large enough to forget the class wrecks the retain accuracy too.
     default = forget_digit_3(digits, "influence")
     assert default.final["forget"] > 95 and default.stop_reason == "one_shot"
+    assert largest_relative_change(digits["model"], default.model) > 1e-3  # it did edit the weights (~1e-2 here)
     strong = forget_digit_3(digits, "influence", alpha=10.0)
     assert strong.final["forget"] < 1 and strong.final["retain"] < 90
 
 
 def test_duck_reduces_forget_accuracy(digits: dict[str, Any]) -> None:
-    # Default hyperparameters except digits-sized batches (DUCK's 256 leaves one retain step per epoch here).
-    result = forget_digit_3(digits, "duck", forget_batch_size=32, retain_batch_size=32, max_epochs=3)
-    assert result.final["forget"] < result.original["forget"] - 30
+    # Default hyperparameters except digits-sized batches (DUCK's 256 leaves one retain step per epoch here). Forget
+    # accuracy falls steadily, by ~10 points an epoch: 10% to 25% after 6 epochs over the seeds tried, against a
+    # bound of 50 (and ~100 before).
+    result = forget_digit_3(digits, "duck", forget_batch_size=32, retain_batch_size=32, max_epochs=6)
+    assert result.original["forget"] > 95
+    assert result.final["forget"] < 50
     assert result.final["retain"] > 90
     assert result.model.__class__ is SmallCNN
+
+
+def test_duck_reads_a_shuffled_forget_loader_in_dataset_order(digits: dict[str, Any]) -> None:
+    kwargs: dict[str, Any] = dict(forget_batch_size=32, retain_batch_size=32, max_epochs=1, lora=None)
+    from_dataset = forget_digit_3(digits, "duck", **kwargs)
+    shuffled = DataLoader(digits["forget"], batch_size=32, shuffle=True)
+    from_loader = forget_digit_3({**digits, "forget": shuffled}, "duck", **{**kwargs, "forget_batch_size": 7})
+    for a, b in zip(from_dataset.model.parameters(), from_loader.model.parameters()):
+        assert torch.equal(a, b)  # the loader's dataset and batch size (32), in order: the same run
+    sampled = DataLoader(digits["forget"], batch_size=32, sampler=SubsetRandomSampler(range(10)))
+    with pytest.raises(ValueError, match="SubsetRandomSampler cannot be reordered .*: pass the forget dataset itself"):
+        forget_digit_3({**digits, "forget": sampled}, "duck", **kwargs)
+
+
+def largest_relative_change(before: nn.Module, after: nn.Module) -> float:
+    """The largest ``|after - before| / |before|`` over the parameter tensors."""
+    pairs = zip(after.parameters(), before.parameters())
+    return max(float((a.detach() - b.detach()).norm() / b.detach().norm()) for a, b in pairs)
 
 
 # ---------------------------------------------------------------- configs

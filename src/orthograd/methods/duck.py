@@ -174,12 +174,14 @@ def class_centroids(
     return centroids, torch.tensor(ids, device=centroids.device)
 
 
-def in_fixed_order(data: Any) -> DataLoader | None:
+def in_fixed_order(data: Any, *, generator: torch.Generator) -> DataLoader | None:
     """A user's shuffled forget DataLoader re-read in dataset order (same batch size and collate function).
 
-    DUCK caches an assignment per forget batch, so the batches must come in the same order every epoch. Returns
-    None when ``data`` is not a shuffled DataLoader (it is then used as given); a loader whose sampler selects or
-    weights samples cannot be reordered without changing what is forgotten, so it is refused with the fix.
+    DUCK caches an assignment per forget batch, so the batches must come in the same order every epoch. The loader
+    draws from the run's ``generator`` as the one built for a dataset does: a shuffled DataLoader gives the run
+    that its dataset and batch size give. Returns None when ``data`` is not a shuffled DataLoader (it is then used
+    as given); a sampler that selects or weights samples cannot be reordered without changing what is forgotten,
+    so it is refused with the fix.
     """
     if not isinstance(data, DataLoader) or isinstance(data.sampler, SequentialSampler):
         return None
@@ -190,7 +192,8 @@ def in_fixed_order(data: Any) -> DataLoader | None:
             "cannot be reordered without changing which samples it yields: pass the forget dataset itself"
         )
     return DataLoader(
-        data.dataset, batch_size=data.batch_size, shuffle=False, drop_last=data.drop_last, collate_fn=data.collate_fn
+        data.dataset, batch_size=data.batch_size, shuffle=False, drop_last=data.drop_last, collate_fn=data.collate_fn,
+        generator=generator,
     )
 
 
@@ -211,7 +214,7 @@ class DUCK(UnlearningMethod):
             self.optimizer, milestones=list(config.milestones), gamma=config.lr_gamma
         )
         self.embed = Embedder(context.model, find_head(context.model, config.head_module))
-        self.forget_loader = in_fixed_order(context.forget) or context.loader(
+        self.forget_loader = in_fixed_order(context.forget, generator=context.generator) or context.loader(
             "forget", batch_size=config.forget_batch_size, shuffle=False
         )
         self.retain_loader = context.loader("retain", batch_size=config.retain_batch_size, shuffle=True)
