@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from orthograd.plots import plot_tradeoff, plot_trajectories, plot_uis_vs_retain_size
+from orthograd.plots import (
+    plot_tradeoff,
+    plot_trajectories,
+    plot_uis_vs_retain_size,
+    tradeoff_figure,
+    trajectories_figure,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -74,3 +80,54 @@ def test_tradeoff_overwrites_atomically(tmp_path: Path) -> None:
     _assert_png(path)
     asr = [{**r, "scenario": "speaker", "metric": "wer"} for r in RECORDS if r["scenario"] == "random"]
     _assert_png(plot_tradeoff(asr, path=tmp_path / "asr.png"))
+
+
+def _lines(ax: Any) -> dict[str, Any]:
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_trajectories_draw_a_mean_and_std_band_per_method_and_the_original() -> None:
+    figure = trajectories_figure(RECORDS, metrics=("test",))
+    random_ax = figure.axes[0]
+    lines = _lines(random_ax)
+    assert {"OrthoGrad (n=2)", "NegGrad (n=2)", "FT (n=2)", "Original"} <= set(lines), set(lines)
+    runs = [r for r in RECORDS if r["method"] == "orthograd" and r["scenario"] == "random"]
+    expected = np.mean([[h["test"] for h in r["history"]] for r in runs], axis=0)
+    np.testing.assert_allclose(lines["OrthoGrad (n=2)"].get_ydata(), expected)
+    assert len(random_ax.collections) == 3  # one ± std band per method
+    assert list(lines["Original"].get_xdata()) == [0] and list(lines["Original"].get_ydata()) == [90.0]
+    assert random_ax.get_xscale() == "linear"
+
+
+def test_a_run_that_stopped_keeps_its_last_value_in_the_mean() -> None:
+    short = _record("neggrad", "random", 0)
+    short["history"] = short["history"][:2]  # stopped at step 2
+    long = _record("neggrad", "random", 1)
+    lines = _lines(trajectories_figure([short, long], metrics=("forget",)).axes[0])
+    mean = lines["NegGrad (n=2)"]
+    assert list(mean.get_xdata()) == [0, 2, 4, 6, 8]
+    assert mean.get_ydata()[-1] == pytest.approx((short["history"][-1]["forget"] + long["history"][-1]["forget"]) / 2)
+
+
+def test_one_shot_methods_get_markers_and_a_symlog_axis_when_run_lengths_differ_100_fold() -> None:
+    oneshot = [{**_record("fisher", "class", seed), "history": [
+        {"step": 0, "forget": 99.0, "test": 90.0}, {"step": 1, "forget": 3.0, "test": 80.0}]} for seed in (0, 1)]
+    long = [{**r, "history": [{**h, "step": h["step"] * 100} for h in r["history"]]}
+            for r in RECORDS if r["scenario"] == "class"]
+    ax = trajectories_figure(oneshot + long, metrics=("forget",)).axes[0]
+    lines = _lines(ax)
+    assert lines["FISHER (n=2)"].get_marker() == "o" and lines["OrthoGrad (n=2)"].get_marker() in ("None", None, "")
+    assert ax.get_xscale() == "symlog" and "symlog" in ax.get_xlabel()
+
+
+def test_figures_are_titled_with_the_benchmark_name() -> None:
+    named = [{**r, "bench": "fashion_mnist_random"} for r in RECORDS]
+    assert trajectories_figure(named).get_suptitle() == "fashion_mnist_random"
+    assert tradeoff_figure(named, title="mine").get_suptitle() == "mine"
+    assert tradeoff_figure(RECORDS).get_suptitle() == ""
+
+
+def test_tradeoff_marks_the_original_model() -> None:
+    lines = _lines(tradeoff_figure(RECORDS).axes[1])  # class forgetting
+    assert (list(lines["Original"].get_xdata()), list(lines["Original"].get_ydata())) == ([99.0], [90.0])
+    assert list(lines["ideal"].get_xdata()) == [0.0]

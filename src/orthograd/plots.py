@@ -1,7 +1,10 @@
 """Benchmark figures from run records (PNG): UIS vs retain-set size, metric trajectories, and the trade-off scatter.
 
-Each function takes the records of a results log (see ``orthograd.reporting.run_record``) and an output path, draws
-one panel per scenario present, writes the PNG atomically and returns its path. Figures are built on
+Each ``plot_*`` function takes the records of a results log (see ``orthograd.reporting.run_record``) and an output
+path, draws one panel per scenario present, writes the PNG atomically and returns its path; the matching
+``*_figure`` function returns the figure itself. Runs of one method (seeds, classes) are summarised as a mean with
+a ± std band or error bars; the original model is drawn as a black point; the figure is titled with the
+benchmark's name (the records' ``bench`` key) unless ``title`` is given. Figures are built on
 ``matplotlib.figure.Figure`` with the Agg canvas, so plotting never touches pyplot's global state or a display.
 A method keeps its colour across all figures.
 """
@@ -14,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -24,6 +28,8 @@ from orthograd.reporting import DISPLAY_NAMES, SCENARIOS, method_order
 Record = Mapping[str, Any]
 PANEL_SIZE = (5.0, 3.6)  # inches per panel
 DPI = 110
+LOG_STEPS_RATIO = 100  # a symlog step axis when methods' run lengths differ this much
+FEW_POINTS = 3  # curves with this many points or fewer (one-shot methods) get markers
 
 
 def _scenarios(records: Sequence[Record]) -> list[str]:
@@ -50,10 +56,24 @@ def _metric_name(records: Sequence[Record]) -> str:
     return "/".join(sorted(names)).upper() if names != {"accuracy"} else "accuracy"
 
 
-def _panels(count: int, *, rows: int = 1) -> tuple[Figure, list[list[Axes]]]:
-    figure = Figure(figsize=(PANEL_SIZE[0] * count, PANEL_SIZE[1] * rows), dpi=DPI, layout="constrained")
+def _panels(count: int, *, rows: int = 1, title: str | None = None) -> tuple[Figure, list[list[Axes]]]:
+    figure = Figure(figsize=(PANEL_SIZE[0] * count, PANEL_SIZE[1] * rows + 0.3), dpi=DPI, layout="constrained")
     axes = figure.subplots(rows, count, squeeze=False)
+    if title:
+        figure.suptitle(title)
     return figure, [list(row) for row in axes]
+
+
+def _title(records: Sequence[Record], title: str | None) -> str | None:
+    """``title``, else the benchmark name(s) the records carry (``bench``), else None."""
+    if title is not None:
+        return title
+    names = list(dict.fromkeys(str(r["bench"]) for r in records if r.get("bench")))
+    return " + ".join(names) or None
+
+
+def _methods(colours: Mapping[str, Any], runs: Sequence[Record]) -> list[str]:
+    return [m for m in colours if any(r["method"] == m for r in runs)]
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
@@ -69,42 +89,62 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def plot_uis_vs_retain_size(records: Sequence[Record], *, path: str | Path) -> Path:
-    """UIS (mean ± std over seeds) against retain-set size, one line per method (the paper's Figures 2-3).
+def plot_uis_vs_retain_size(records: Sequence[Record], *, path: str | Path, title: str | None = None) -> Path:
+    """UIS (mean ± std over seeds) against retain-set size, one line per method (the paper's Figures 2-3)."""
+    return _save(uis_vs_retain_size_figure(records, title=title), path)
 
-    Uses the records that carry ``retain_size`` and a UIS; the x axis is logarithmic when sizes span >= 10x.
-    """
+
+def uis_vs_retain_size_figure(records: Sequence[Record], *, title: str | None = None) -> Figure:
+    """The figure of ``plot_uis_vs_retain_size``: records without ``retain_size`` and a UIS are left out; the x axis
+    is logarithmic when sizes span >= 10x."""
     usable = [r for r in records if r.get("retain_size") is not None and r.get("uis") is not None]
     if not usable:
         raise ValueError("no record carries both 'retain_size' and 'uis': run a retain-size sweep first")
     colours = _colours(usable)
     scenarios = _scenarios(usable)
-    figure, axes = _panels(len(scenarios))
+    figure, axes = _panels(len(scenarios), title=_title(usable, title))
     for ax, scenario in zip(axes[0], scenarios):
         runs = [r for r in usable if r["scenario"] == scenario]
-        for method in [m for m in colours if any(r["method"] == m for r in runs)]:
+        for method in _methods(colours, runs):
             sizes = sorted({int(r["retain_size"]) for r in runs if r["method"] == method})
             stats = [
                 _mean_std([r["uis"] for r in runs if r["method"] == method and int(r["retain_size"]) == size])
                 for size in sizes
             ]
-            means = [m for m, _ in stats]
-            ax.errorbar(sizes, means, yerr=[s for _, s in stats], marker="o", capsize=3, color=colours[method],
-                        label=_label(method))
+            ax.errorbar(sizes, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
+                        color=colours[method], label=_label(method))
         all_sizes = [int(r["retain_size"]) for r in runs]
         if max(all_sizes) >= 10 * min(all_sizes):
             ax.set_xscale("log")
         ax.set(title=f"{scenario.capitalize()} forgetting", xlabel="retain-set size", ylabel="UIS (lower is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    return _save(figure, path)
+    return figure
 
 
 def plot_trajectories(
-    records: Sequence[Record], *, path: str | Path, x: str = "step", metrics: Sequence[str] = ("forget", "test")
+    records: Sequence[Record],
+    *,
+    path: str | Path,
+    x: str = "step",
+    metrics: Sequence[str] = ("forget", "test"),
+    title: str | None = None,
 ) -> Path:
-    """Forget and test metric during unlearning (each run's ``history``): a row per scenario, a column per metric,
-    a line per run coloured by method. The forget panel marks the unlearning target (dashed)."""
+    """Forget and test metric during unlearning: a row per scenario, a column per metric, per method the mean over
+    its runs with a ± std band (see ``trajectories_figure``)."""
+    return _save(trajectories_figure(records, x=x, metrics=metrics, title=title), path)
+
+
+def trajectories_figure(
+    records: Sequence[Record], *, x: str = "step", metrics: Sequence[str] = ("forget", "test"), title: str | None = None
+) -> Figure:
+    """The figure of ``plot_trajectories``, from each run's ``history``.
+
+    A run that stopped keeps its last value up to the longest run's end, so every point of a method's mean covers
+    all its runs. Curves of a few points (one-shot methods) get markers; the original model is a black star at
+    x = 0; the forget panel marks the unlearning target (dashed). With ``x="step"`` the axis is symlog when the
+    methods' run lengths differ 100-fold or more.
+    """
     usable = [r for r in records if r.get("history")]
     if not usable:
         raise ValueError("no record carries a 'history' of evaluations to plot")
@@ -113,34 +153,82 @@ def plot_trajectories(
     colours = _colours(usable)
     scenarios = _scenarios(usable)
     metric = _metric_name(usable)
-    figure, axes = _panels(len(metrics), rows=len(scenarios))
+    figure, axes = _panels(len(metrics), rows=len(scenarios), title=_title(usable, title))
     for row, scenario in zip(axes, scenarios):
         runs = [r for r in usable if r["scenario"] == scenario]
+        log_x = x == "step" and _run_lengths_differ(runs)
         for ax, key in zip(row, metrics):
-            labelled: set[str] = set()
-            for run in runs:
-                points = [(h[x], h[key]) for h in run["history"] if h.get(key) is not None and h.get(x) is not None]
-                method = run["method"]
-                ax.plot([p[0] for p in points], [p[1] for p in points], color=colours[method], alpha=0.8,
-                        label=None if method in labelled else _label(method))
-                labelled.add(method)
+            for method in _methods(colours, runs):
+                _mean_band(ax, [r for r in runs if r["method"] == method], x=x, key=key, colour=colours[method],
+                           label=_label(method))
+            _mark_original(ax, runs, key=key)
             if key == "forget":
                 _mark_target(ax, runs, scenario=scenario, vertical=False)
-            ax.set(title=f"{scenario.capitalize()}: {key} {metric}", xlabel=x, ylabel=f"{key} {metric} (%)")
+            if log_x:
+                ax.set_xscale("symlog", linthresh=1)
+            ax.set(title=f"{scenario.capitalize()}: {key} {metric}", ylabel=f"{key} {metric} (%)",
+                   xlabel=f"{x} (symlog)" if log_x else x)
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
-    return _save(figure, path)
+    return figure
 
 
-def _original_test(runs: Sequence[Record]) -> float | None:
-    """The original model's test metric, averaged over the runs' splits (None when no run carries it)."""
-    tests = [r["original"]["test"] for r in runs if r.get("original", {}).get("test") is not None]
-    return statistics.fmean(tests) if tests else None
+def _curve(run: Record, *, x: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    points = [(h[x], h[key]) for h in run["history"] if h.get(key) is not None and h.get(x) is not None]
+    xs, ys = zip(*points) if points else ((), ())
+    return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+
+
+def _aligned(runs: Sequence[Record], *, x: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The union of the runs' x values and, per run, its latest value at each of them ([runs, points])."""
+    curves = [c for c in (_curve(r, x=x, key=key) for r in runs) if len(c[0])]
+    if not curves:
+        return np.empty(0), np.empty((0, 0))
+    grid = np.unique(np.concatenate([xs for xs, _ in curves]))
+    values = []
+    for xs, ys in curves:
+        order = np.argsort(xs, kind="stable")
+        index = np.searchsorted(xs[order], grid, side="right") - 1
+        values.append(np.where(index >= 0, ys[order][np.clip(index, 0, None)], np.nan))
+    return grid, np.vstack(values)
+
+
+def _mean_band(ax: Axes, runs: Sequence[Record], *, x: str, key: str, colour: Any, label: str) -> None:
+    grid, values = _aligned(runs, x=x, key=key)
+    if not len(grid):
+        return
+    mean = np.nanmean(values, axis=0)
+    marker = "o" if len(grid) <= FEW_POINTS else None
+    ax.plot(grid, mean, color=colour, marker=marker, label=f"{label} (n={len(values)})")
+    if len(values) > 1:
+        std = np.nanstd(values, axis=0, ddof=1)
+        ax.fill_between(grid, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
+
+
+def _run_lengths_differ(runs: Sequence[Record]) -> bool:
+    """Whether the methods' median last steps differ by ``LOG_STEPS_RATIO`` or more."""
+    lengths = []
+    for method in {r["method"] for r in runs}:
+        ends = [max(h.get("step") or 0 for h in r["history"]) for r in runs if r["method"] == method]
+        lengths.append(max(statistics.median(ends), 1))
+    return len(lengths) > 1 and max(lengths) >= LOG_STEPS_RATIO * min(lengths)
+
+
+def _original(runs: Sequence[Record], key: str) -> float | None:
+    """The original model's metric ``key``, averaged over the runs' splits (None when no run carries it)."""
+    values = [r["original"][key] for r in runs if r.get("original", {}).get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _mark_original(ax: Axes, runs: Sequence[Record], *, key: str) -> None:
+    value = _original(runs, key)
+    if value is not None:
+        ax.plot([0], [value], marker="*", markersize=12, color="black", linestyle="none", label="Original")
 
 
 def _target(runs: Sequence[Record], *, scenario: str) -> float | None:
     """The forget metric's target for random or class forgetting; None for other scenarios or without originals."""
-    original_test = _original_test(runs)
+    original_test = _original(runs, "test")
     if scenario not in ("random", "class") or original_test is None:
         return None
     return unlearning_target(scenario=scenario, original_test=original_test)  # type: ignore[arg-type]
@@ -154,32 +242,38 @@ def _mark_target(ax: Axes, runs: Sequence[Record], *, scenario: str, vertical: b
     line(target, color="black", linestyle="--", linewidth=1, label=f"target ({target:.1f})")
 
 
-def plot_tradeoff(records: Sequence[Record], *, path: str | Path) -> Path:
-    """A_test against A_u per method (mean ± std over runs), one panel per scenario.
+def plot_tradeoff(records: Sequence[Record], *, path: str | Path, title: str | None = None) -> Path:
+    """A_test against A_u per method (mean ± std over runs), one panel per scenario (see ``tradeoff_figure``)."""
+    return _save(tradeoff_figure(records, title=title), path)
 
-    The target is marked: a dashed line at the target A_u (original test accuracy for random forgetting, 0 for
-    class forgetting) and a star at (target, original A_test), the ideal an unlearned model aims for.
-    """
+
+def tradeoff_figure(records: Sequence[Record], *, title: str | None = None) -> Figure:
+    """The figure of ``plot_tradeoff``. The original model is a black square at its (A_u, A_test); the target is a
+    dashed line at the target A_u (original test accuracy for random forgetting, 0 for class forgetting) and a star
+    at (target, original A_test), the ideal an unlearned model aims for."""
     usable = [r for r in records if r.get("final", {}).get("forget") is not None and r["final"].get("test") is not None]
     if not usable:
         raise ValueError("no record carries final 'forget' and 'test' metrics to plot")
     colours = _colours(usable)
     scenarios = _scenarios(usable)
     metric = _metric_name(usable)
-    figure, axes = _panels(len(scenarios))
+    figure, axes = _panels(len(scenarios), title=_title(usable, title))
     for ax, scenario in zip(axes[0], scenarios):
         runs = [r for r in usable if r["scenario"] == scenario]
-        for method in [m for m in colours if any(r["method"] == m for r in runs)]:
+        for method in _methods(colours, runs):
             mine = [r["final"] for r in runs if r["method"] == method]
             (fx, sx), (fy, sy) = _mean_std([f["forget"] for f in mine]), _mean_std([f["test"] for f in mine])
             ax.errorbar(fx, fy, xerr=sx, yerr=sy, marker="o", capsize=3, color=colours[method], label=_label(method))
+        original = (_original(runs, "forget"), _original(runs, "test"))
+        if None not in original:
+            ax.plot(*original, marker="s", markersize=9, color="black", linestyle="none", label="Original")
         _mark_target(ax, runs, scenario=scenario, vertical=True)
         target = _target(runs, scenario=scenario)
         if target is not None:
-            ax.plot([target], [_original_test(runs)], marker="*", markersize=14, color="black", linestyle="none",
+            ax.plot([target], [original[1]], marker="*", markersize=14, color="black", linestyle="none",
                     label="ideal")
         ax.set(title=f"{scenario.capitalize()} forgetting", xlabel=f"forget {metric} (%)",
                ylabel=f"test {metric} (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    return _save(figure, path)
+    return figure
