@@ -61,7 +61,8 @@ def bench_command(path: Path, overrides: Sequence[str], out: Path | None, consol
 
         def finished(record: dict[str, Any]) -> None:
             final = record["final"]
-            split = f"class {record['forget_class']}" if record["forget_class"] is not None else f"seed {record['seed']}"
+            forget_class = record["forget_class"]
+            split = f"class {forget_class}" if forget_class is not None else f"seed {record['seed']}"
             uis = "–" if record["uis"] is None else f"{record['uis']:.3f}"
             progress.console.log(
                 f"{record['phase']:>5} {record['method']:<10} {split} retain {record['retain_size']}: "
