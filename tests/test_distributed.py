@@ -116,7 +116,12 @@ def test_unlearn_ddp_bench_records_match_the_single_process_bench(ranks: list[di
     written = ResultsLog(ranks[0]["dir"] / "bench" / "results.jsonl").records()
     assert [(r["key"], r["world_size"], r["evaluated_on"]) for r in written] == [(key, WORLD, "test")]
     single = execute(config, Job("test", "orthograd", ORTHOGRAD, 0, 60, key))  # what `orthograd bench` runs
-    assert written[0]["final"] == single["final"] and written[0]["steps"] == single["steps"] == 4
+    assert written[0]["steps"] == single["steps"] == 4
+    # the weights agree to ~1e-5 relative (reduction order differs), so at most a near-tie sample may flip
+    sizes = {"forget": 40, "retain": 60, "test": 100}
+    assert written[0]["final"].keys() == single["final"].keys() == sizes.keys()
+    for name, size in sizes.items():
+        assert written[0]["final"][name] == pytest.approx(single["final"][name], abs=100.0 / size + 1e-9), name
     for ddp_row, row in zip(written[0]["history"], single["history"], strict=True):
         assert ddp_row.get("forget_loss", 0.0) == pytest.approx(row.get("forget_loss", 0.0), rel=1e-5)
 
