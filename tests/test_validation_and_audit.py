@@ -74,7 +74,8 @@ def test_nan_or_inf_inputs_are_refused_with_the_set_and_position(digits, digits_
 def test_a_model_that_is_not_a_module_is_a_type_error_naming_the_fix(digits, model):
     train, _ = digits
     forget, retain = _split(train)
-    with pytest.raises(TypeError, match=f"model must be a trained torch.nn.Module, got {type(model).__name__}"):
+    expected = rf"model must be a torch.nn.Module \(the network itself\), got {type(model).__name__}; "
+    with pytest.raises(TypeError, match=expected):
         og.unlearn(model, forget, retain)
 
 

@@ -54,8 +54,8 @@ def check_model(model: object) -> None:
     """Refuse anything that is not an ``nn.Module`` (e.g. ``None``) with what is expected instead."""
     if not isinstance(model, nn.Module):
         raise TypeError(
-            f"model must be a trained torch.nn.Module, got {type(model).__name__}; pass the network to unlearn "
-            "(og.train_classifier trains one on a dataset)"
+            f"model must be a torch.nn.Module (the network itself), got {type(model).__name__}; "
+            "orthograd.train_classifier trains one on a dataset"
         )
 
 
