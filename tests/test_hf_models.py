@@ -22,7 +22,7 @@ import orthograd as og  # noqa: E402
 from orthograd.grads import ghost_layers, per_sample_grads  # noqa: E402
 from orthograd.grads.ghost import unsupported_reason  # noqa: E402
 from orthograd.lora import LoRAConfig, attach_lora, default_lora_targets  # noqa: E402
-from orthograd.tasks import get_task  # noqa: E402
+from orthograd.tasks import ClassificationTask, get_task  # noqa: E402
 from orthograd.tasks.batches import pad_collate  # noqa: E402
 
 VOCAB, LENGTH = 30, 6
@@ -252,3 +252,26 @@ def test_llama_rms_norm_gets_a_ghost_rule_and_gated_norms_do_not():
     GatedRMSNorm.__module__ = "transformers.models.fake.modeling_fake"
     GatedRMSNorm.__name__ = "FakeGatedRMSNorm"
     assert "no ghost rule" in ghost_layers.unsupported_reason(GatedRMSNorm())
+
+
+def test_custom_task_example_in_the_docs_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "custom_task.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "docs/custom_task.md", "exec"), namespace)
+    result = namespace["result"]
+    assert result.history[0]["forget"] > 0 and result.final["epoch"] == 2
+    assert get_task("regression").metric == "rmse"
+
+
+def test_padded_sequences_of_unequal_length_classify_as_they_do_alone():
+    model = _gpt2_classifier().eval()
+    items = [{"input_ids": torch.randint(1, VOCAB, (n,)), "labels": torch.tensor(n % 3)} for n in (3, 6, 4)]
+    task = ClassificationTask(pad_token_id=model.config.pad_token_id)
+    batch = task.collate_fn()(items)
+    with torch.no_grad():
+        together = task.logits(model, batch)
+        alone = torch.cat([model(input_ids=item["input_ids"][None]).logits for item in items])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)

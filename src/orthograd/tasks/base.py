@@ -1,4 +1,11 @@
-"""What a task adapter must provide: the meaning of a batch for losses and for the task's metric."""
+"""What a task adapter must provide: the meaning of a batch for losses and for the task's metric.
+
+A custom task subclasses ``Task`` and implements ``logits``, ``targets``, ``replace_targets``, ``evaluate`` and
+``to_device``; it overrides ``per_sample_loss`` when its loss is not cross-entropy on ``logits``, and ``validate`` /
+``collate_fn`` when its data needs checks or padding. ``per_sample_loss`` must give each sample's loss from that
+sample alone: the per-sample gradient engines differentiate it sample by sample. Register it with
+``orthograd.tasks.register_task`` to select it by name. docs/custom_task.md has the table and a worked example.
+"""
 
 from __future__ import annotations
 

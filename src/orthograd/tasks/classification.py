@@ -6,6 +6,7 @@ or a ``ModelOutput`` (its ``logits``). Labels of -100 are ignored, as in transfo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -20,11 +21,18 @@ from orthograd.tasks.base import IGNORE_INDEX, Task
 
 
 class ClassificationTask(Task):
-    """Cross-entropy per sample; accuracy in percent over the samples whose label is not -100."""
+    """Cross-entropy per sample; accuracy in percent over the samples whose label is not -100.
+
+    ``pad_token_id`` pads token sequences of unequal length in dict samples (the collate function adds the
+    attention mask); models that locate the last token by it (GPT-2's classifier) need their config's value.
+    """
 
     name: ClassVar[str] = "classification"
     metric: str = "accuracy"
     higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, *, pad_token_id: int = 0) -> None:
+        self.pad_token_id = pad_token_id
 
     def logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
         inputs, _ = batches.split_batch(batch)
@@ -86,7 +94,7 @@ class ClassificationTask(Task):
         return batches.to_device(batch, device)
 
     def collate_fn(self) -> Any:
-        return batches.pad_collate
+        return functools.partial(batches.pad_collate, pad_token_id=self.pad_token_id)
 
 
 def _labels(dataset: Dataset) -> np.ndarray:
