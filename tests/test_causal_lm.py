@@ -11,11 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 pytest.importorskip("transformers")
-from hf_helpers import GPT2_LORA, LLAMA_LORA, QADataset, assert_ghost_matches_loop, tiny_gpt2, tiny_llama  # noqa: E402
+from hf_helpers import GPT2_LORA, LLAMA_LORA, QADataset, assert_ghost_matches_loop, tiny_gpt2, tiny_llama
 
-import orthograd as og  # noqa: E402
-from orthograd.lora import LoRAConfig, attach_lora  # noqa: E402
-from orthograd.tasks import CausalLMTask, get_task  # noqa: E402
+import orthograd as og
+from orthograd.lora import LoRAConfig, attach_lora
+from orthograd.tasks import CausalLMTask, get_task
 
 CPU = torch.device("cpu")
 

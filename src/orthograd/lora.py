@@ -55,7 +55,7 @@ class LoRAConfig:
         return out
 
     @classmethod
-    def from_value(cls, value: "LoRAConfig | dict[str, Any] | None") -> "LoRAConfig | None":
+    def from_value(cls, value: LoRAConfig | dict[str, Any] | None) -> LoRAConfig | None:
         """Accept a config, a dict of its fields (unknown keys rejected) or None (no LoRA: all parameters)."""
         if value is None or isinstance(value, LoRAConfig):
             return value

@@ -21,8 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from orthograd.methods._common import descend
-from orthograd.methods.base import IterativeConfig, MethodConfig, MethodContext, OptimizerName, UnlearningMethod
-from orthograd.methods.base import make_optimizer
+from orthograd.methods.base import (
+    IterativeConfig,
+    MethodConfig,
+    MethodContext,
+    OptimizerName,
+    UnlearningMethod,
+    make_optimizer,
+)
 from orthograd.methods.registry import register
 
 

@@ -37,7 +37,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 def __getattr__(name: str) -> Any:
     if name == "ASRTask":
-        return getattr(importlib.import_module("orthograd.tasks.asr"), "ASRTask")
+        return importlib.import_module("orthograd.tasks.asr").ASRTask
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
