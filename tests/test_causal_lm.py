@@ -196,3 +196,14 @@ def test_sequences_without_labels_learn_every_token():
     batch = task.collate_fn()([{"input_ids": [3, 4, 5]}, {"input_ids": [6, 7]}])
     assert batch["labels"].tolist() == [[3, 4, 5], [6, 7, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_loss_based_membership_outputs_are_the_sequence_losses():
+    from orthograd.privacy import sample_outputs
+
+    task, model = get_task("causal_lm"), tiny_llama()
+    data = QADataset(5, seed=7)
+    outputs = sample_outputs(model, data, task="causal_lm", device="cpu", batch_size=2)
+    expected = task.sequence_losses(model, DataLoader(data, batch_size=5, collate_fn=task.collate_fn()), device=CPU)
+    assert outputs.probs is None
+    torch.testing.assert_close(torch.from_numpy(outputs.losses).float(), expected, atol=1e-5, rtol=1e-5)
