@@ -1,0 +1,56 @@
+"""The README tells the truth about the tree and its first example runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "orthograd"
+
+
+def _section(title: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def _layout_paths() -> list[Path]:
+    """Every path the Layout block names: top-level entries, and entries indented under ``src/orthograd/``."""
+    block = _section("Layout").split("```")[1]
+    paths = []
+    for line in block.strip().splitlines():
+        name = line.split()[0]
+        paths.append(PACKAGE / name if line.startswith("  ") else ROOT / name)
+    return paths
+
+
+def test_every_path_in_the_layout_block_exists() -> None:
+    missing = [str(p.relative_to(ROOT)) for p in _layout_paths() if not p.exists()]
+    assert not missing, f"README Layout names paths that do not exist: {missing}"
+
+
+def test_every_module_and_package_is_in_the_layout_block() -> None:
+    named = set(_layout_paths())
+    entries = [p for p in PACKAGE.iterdir() if not p.name.startswith(("_", ".")) and p.name != "py.typed"]
+    modules = [p for p in entries if p.suffix == ".py" or (p.is_dir() and p.name != "__pycache__")]
+    unnamed = sorted(p.name for p in modules if p not in named)
+    assert not unnamed, f"src/orthograd entries missing from the README Layout block: {unnamed}"
+
+
+def test_the_ten_lines_run() -> None:
+    code = re.search(r"```python\n(.*?)```", _section("Ten lines of Python"), re.S)
+    assert code is not None
+    namespace: dict = {}
+    exec(compile(code.group(1), "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    result = namespace["result"]
+    assert result.stop_reason == "target_reached" and result.final["forget"] < 1.0
+    assert namespace["unlearned"] is result.model
+
+
+@pytest.mark.parametrize("path", ["docs/baselines.md", "docs/design.md"])
+def test_cited_documents_are_in_the_repository(path: str) -> None:
+    assert (ROOT / path).is_file()
