@@ -42,6 +42,9 @@ def test_evaluate_and_accuracy_errors_name_what_is_expected(digits, digits_model
         og.evaluate(digits_model, empty)
     with pytest.raises(ValueError, match="unknown task"):
         og.evaluate(digits_model, test, task="regression")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here; use device='cpu'"):
+            og.evaluate(digits_model, test, device="cuda")
 
 
 def test_train_classifier_trains_a_model_to_unlearn_from(digits):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from orthograd.api import resolve_device
 from orthograd.tasks import Task, get_task
 from orthograd.validation import check_model
 
@@ -34,7 +35,7 @@ def evaluate(
     check_model(model)
     adapter = get_task(task)
     home = model_device(model)
-    run_device = torch.device(device) if device is not None else home
+    run_device = resolve_device(device) if device is not None else home
     loader = data if isinstance(data, DataLoader) else DataLoader(
         data, batch_size=batch_size, shuffle=False, collate_fn=adapter.collate_fn()
     )
