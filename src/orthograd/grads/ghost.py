@@ -15,10 +15,10 @@ layer do not exist), as in the torch.func engine. ``unsupported_reason`` says wh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,19 +42,28 @@ class GhostSpan:
     """What OrthoGrad needs of the per-sample retain gradients ``G`` ([k, d] over the chosen parameters).
 
     gram: ``G G^T`` [k, k] float64; product: ``G probe`` [k] float64; losses: the k per-sample losses.
-    ``combine(weights)`` returns ``weights @ G`` per parameter for ``[m, k]`` weights (e.g. ``1/k`` for the mean).
+    ``combine(weights)`` returns ``weights @ G`` per parameter for ``[m, k]`` weights (e.g. ``1/k`` for the mean);
+    it is called once, with every row needed, and then frees the pieces (layer inputs and output gradients, as
+    large as the retain batch's activations) before the caller combines the results further.
     """
 
     gram: torch.Tensor
     product: torch.Tensor
     losses: torch.Tensor
-    pieces: dict[str, list[tuple[int, Piece]]]
+    pieces: dict[str, list[tuple[int, Piece]]] | None
 
     def combine(self, weights: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """``weights @ G`` for each of the ``m`` rows of ``weights`` ([m, k]), as ``m`` dicts of parameter tensors."""
+        """``weights @ G`` for each of the ``m`` rows of ``weights`` ([m, k]), as ``m`` dicts of parameter tensors.
+
+        Each row costs one weight-gradient-sized contraction per layer: pass one row where one suffices (e.g.
+        ``alpha / k + (1 - alpha) c`` for OrthoGrad's update, whose norms follow from ``gram`` and ``product``).
+        """
+        if self.pieces is None:
+            raise RuntimeError("GhostSpan.combine frees the per-sample pieces: call it once, with every row needed")
+        pieces, self.pieces = self.pieces, None
         totals: dict[str, torch.Tensor] = {}
-        for name, chunks in self.pieces.items():
-            for start, piece in chunks:
+        for name in list(pieces):
+            for start, piece in pieces.pop(name):  # each layer's factors are freed once combined
                 part = piece.combine(weights[:, start : start + piece.n])
                 totals[name] = totals[name] + part if name in totals else part
         return [{name: total[row] for name, total in totals.items()} for row in range(weights.shape[0])]
@@ -109,7 +118,8 @@ def ghost_span(
     losses = []
     with batchnorm_in_eval(model):
         for start in range(0, k, step):
-            chunk = tree_map(lambda t: t[start : start + step] if isinstance(t, torch.Tensor) else t, batch)
+            rows = slice(start, start + step)
+            chunk = tree_map(lambda t, rows=rows: t[rows] if isinstance(t, torch.Tensor) else t, batch)
             chunk_losses, chunk_pieces = _chunk_pieces(model, loss_fn, chunk, modules, autocast_dtype)
             losses.append(chunk_losses)
             for name, piece in chunk_pieces.items():
@@ -173,9 +183,8 @@ def _chunk_pieces(
     n = batch_size_of(chunk)
     device_type = next(model.parameters()).device.type
     amp = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    with _capturing(modules) as captures:
-        with amp:
-            losses = loss_fn(model, chunk).reshape(-1)
+    with _capturing(modules) as captures, amp:
+        losses = loss_fn(model, chunk).reshape(-1)
     for name, capture in captures.items():
         if len(capture.edges) != 1:
             raise GhostUnsupportedError(
@@ -212,11 +221,12 @@ def _accumulate(
     for name, chunks in pieces.items():
         for i, (start_i, piece_i) in enumerate(chunks):
             rows = slice(start_i, start_i + piece_i.n)
-            product[rows] += piece_i.dot(probe[name])
-            for start_j, piece_j in chunks[: i + 1]:
+            block, dot = piece_i.gram_and_dot(probe[name])  # one pass over the chunk's per-sample gradients
+            gram[rows, rows] += block
+            product[rows] += dot
+            for start_j, piece_j in chunks[:i]:
                 cols = slice(start_j, start_j + piece_j.n)
                 block = piece_i.gram(piece_j)
                 gram[rows, cols] += block
-                if start_j != start_i:
-                    gram[cols, rows] += block.T
+                gram[cols, rows] += block.T
     return gram, product

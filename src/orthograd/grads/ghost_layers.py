@@ -129,6 +129,9 @@ class _Transposed:
         assert isinstance(other, _Transposed)
         return self.inner.gram(other.inner)
 
+    def gram_and_dot(self, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.gram_and_dot(probe.transpose(0, 1))
+
     def dot(self, probe: torch.Tensor) -> torch.Tensor:
         return self.inner.dot(probe.transpose(0, 1))
 

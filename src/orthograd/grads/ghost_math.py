@@ -30,7 +30,9 @@ class Piece(Protocol):
 
     n: int
 
-    def gram(self, other: "Piece") -> torch.Tensor: ...
+    def gram(self, other: Piece) -> torch.Tensor: ...
+
+    def gram_and_dot(self, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def dot(self, probe: torch.Tensor) -> torch.Tensor: ...
 
@@ -63,6 +65,10 @@ class Dense:
         assert isinstance(other, Dense)
         return self.values.flatten(1).double() @ other.values.flatten(1).double().T
 
+    def gram_and_dot(self, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values = self.values.flatten(1).double()
+        return values @ values.T, values @ probe.reshape(-1).double()
+
     def dot(self, probe: torch.Tensor) -> torch.Tensor:
         return self.values.flatten(1).double() @ probe.reshape(-1).double()
 
@@ -77,8 +83,9 @@ class Outer:
     """A weight whose per-sample gradient is ``sum_t b[i, t] a[i, t]^T`` (shape ``[d_out, d_in]`` viewed as ``shape``).
 
     ``inputs`` is what the layer saw and ``rows(inputs[block]) -> [s, T, d_in]`` turns it into per-position rows
-    (a reshape for Linear, an unfold for Conv2d, done lazily to keep the stored tensor small); ``grads`` is
-    ``[n, T, d_out]``. ``ghost`` picks the Gram method (decided from the layer's sizes by ``prefer_ghost``).
+    (a reshape for Linear, an unfold for Conv2d); ``grads`` is ``[n, T, d_out]``. The rows are formed once, on first
+    use, and kept in place of the inputs when they fit ``WORKSPACE`` (else formed again per block of samples).
+    ``ghost`` picks the Gram method (decided from the layer's sizes by ``prefer_ghost``).
     """
 
     inputs: torch.Tensor
@@ -103,63 +110,99 @@ class Outer:
     def d_in(self) -> int:
         return self.shape.numel() // self.d_out
 
+    def _unfold_once(self) -> None:
+        """Replace the inputs by their rows (in the working dtype, contiguous) when those fit the workspace."""
+        if self.rows is _as_is or self.n * self.positions * self.d_in > WORKSPACE:
+            return
+        self.inputs = self.rows(self.inputs).to(_combine_dtype(self.grads)).contiguous()
+        self.rows = _as_is
+
     def _a(self, block: slice) -> torch.Tensor:
-        return self.rows(self.inputs[block])
+        return self.rows(self.inputs[block]).to(_combine_dtype(self.grads))
 
-    def materialise(self, block: slice) -> torch.Tensor:
-        """Per-sample gradients ``[s, d_out * d_in]`` of the samples in ``block`` (float32, or float64 models).
+    def _materialise(self, out_rows: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Per-sample gradients ``[n, r * d_in]`` of the weight rows ``out_rows`` (float32, or float64 models), in
+        ``dtype`` if given: the factors are cast before the product when they are the smaller side (fewer
+        positions than rows), else the product is."""
+        work = _combine_dtype(self.grads)
+        dtype = work if dtype is None else dtype
+        cast = dtype if self.positions < out_rows.stop - out_rows.start else work
+        b = self.grads[:, :, out_rows].to(cast).transpose(1, 2)  # [n, r, T]
+        if self.rows is _as_is:
+            values = torch.bmm(b, self.inputs.to(cast))
+        else:
+            values = torch.cat([torch.bmm(b[block], self._a(block).to(cast)) for block in self._sample_blocks()])
+        return values.flatten(1).to(dtype)
 
-        Rounded like the torch.func engine's; Gram blocks of them are then formed in float64, so the Gram matrix
-        stays the exact Gram matrix of a (rounded) gradient matrix and the solver's rank cut-off applies as is.
-        """
-        dtype = _combine_dtype(self.grads)
-        a, b = self._a(block).to(dtype), self.grads[block].to(dtype)
-        return torch.bmm(b.transpose(1, 2), a).flatten(1)
+    def _sample_blocks(self) -> Iterator[slice]:
+        return _blocks(self.n, self.positions * self.d_in)
+
+    def _row_chunks(self, n: int) -> Iterator[slice]:
+        """Slices of the weight's output rows whose per-sample gradients for ``n`` samples fit the workspace."""
+        return _blocks(self.d_out, n * self.d_in)
 
     def compact(self) -> Piece:
         """``Dense`` per-sample gradients when the Gram method materialises them anyway and they are smaller than
         the stored factors (e.g. LoRA factors on long sequences), else ``self``."""
         if self.ghost or self.n * self.shape.numel() > self.inputs.numel() + self.grads.numel():
             return self
-        blocks = [self.materialise(block) for block in _blocks(self.n, self.positions * self.d_in)]
-        return Dense(torch.cat(blocks).view(self.n, *self.shape))
+        self._unfold_once()
+        chunks = [self._materialise(rows).view(self.n, -1, self.d_in) for rows in self._row_chunks(self.n)]
+        return Dense(torch.cat(chunks, dim=1).view(self.n, *self.shape))
 
     def gram(self, other: Piece) -> torch.Tensor:
         assert isinstance(other, Outer)
-        out = torch.empty(self.n, other.n, dtype=torch.float64, device=self.grads.device)
+        self._unfold_once()
+        other._unfold_once()
+        out = torch.zeros(self.n, other.n, dtype=torch.float64, device=self.grads.device)
         if self.ghost:
-            a2 = other._a(slice(None)).double().flatten(0, 1)
-            b2 = other.grads.double().flatten(0, 1)
+            a2, b2 = other._a(slice(None)).double().flatten(0, 1), other.grads.double().flatten(0, 1)
             for block in _blocks(self.n, self.positions * a2.shape[0]):
-                a1, b1 = self._a(block).double(), self.grads[block].double()
-                s = a1.shape[0]
-                pair = (a1.flatten(0, 1) @ a2.T) * (b1.flatten(0, 1) @ b2.T)
-                out[block] = pair.view(s, self.positions, other.n, other.positions).sum(dim=(1, 3))
+                a1, b1 = self._a(block).double().flatten(0, 1), self.grads[block].double().flatten(0, 1)
+                pair = (a1 @ a2.T) * (b1 @ b2.T)
+                out[block] = pair.view(-1, self.positions, other.n, other.positions).sum(dim=(1, 3))
             return out
-        size = self.shape.numel()
-        for block in _blocks(self.n, size):
-            left = self.materialise(block).double()
-            for block2 in _blocks(other.n, size):
-                out[block, block2] = left @ other.materialise(block2).double().T
+        for rows in self._row_chunks(max(self.n, other.n)):
+            out += self._materialise(rows, torch.float64) @ other._materialise(rows, torch.float64).T
         return out
 
+    def gram_and_dot(self, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ghost:
+            return self.gram(self), self.dot(probe)
+        self._unfold_once()
+        weight = probe.reshape(self.d_out, self.d_in)
+        gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.grads.device)
+        dot = torch.zeros(self.n, dtype=torch.float64, device=self.grads.device)
+        for rows in self._row_chunks(self.n):
+            values = self._materialise(rows, torch.float64)
+            gram += values @ values.T
+            dot += values @ weight[rows].reshape(-1).double()
+        return gram, dot
+
     def dot(self, probe: torch.Tensor) -> torch.Tensor:
+        self._unfold_once()
         dtype = _combine_dtype(self.grads)
         weight = probe.reshape(self.d_out, self.d_in).to(dtype)
         out = torch.empty(self.n, dtype=torch.float64, device=self.grads.device)
         for block in _blocks(self.n, self.positions * (self.d_in + self.d_out)):
-            projected = self._a(block).to(dtype) @ weight.T  # [s, T, d_out], the layer's forward cost
-            out[block] = (projected.double() * self.grads[block].double()).sum(dim=(1, 2))
+            projected = self._a(block) @ weight.T  # [s, T, d_out], the layer's forward cost
+            out[block] = (projected * self.grads[block].to(dtype)).sum(dim=(1, 2), dtype=torch.float64)
         return out
 
     def combine(self, weights: torch.Tensor) -> torch.Tensor:
+        self._unfold_once()
         m, dtype = weights.shape[0], _combine_dtype(self.grads)
-        out = torch.zeros(m, self.d_out, self.d_in, dtype=dtype, device=self.grads.device)
+        out = None
         for block in _blocks(self.n, m * self.positions * self.d_out):
             scaled = weights[:, block, None, None].to(dtype) * self.grads[block].to(dtype)  # [m, s, T, d_out]
-            a = self._a(block).to(dtype).flatten(0, 1)  # [s*T, d_in]
-            out += scaled.flatten(1, 2).transpose(1, 2) @ a
+            part = scaled.flatten(1, 2).transpose(1, 2) @ self._a(block).flatten(0, 1)
+            out = part if out is None else out.add_(part)
         return out.view(m, *self.shape)
+
+
+def _as_is(x: torch.Tensor) -> torch.Tensor:
+    """``Outer.rows`` once the inputs have been replaced by their rows."""
+    return x
 
 
 def prefer_ghost(*, positions: int, d_in: int, d_out: int) -> bool:
@@ -189,6 +232,9 @@ class Lookup:
             pair = (self.grads[block].double().flatten(0, 1) @ b2.T) * same
             out[block] = pair.view(-1, t, other.n, other.index.shape[1]).sum(dim=(1, 3))
         return out
+
+    def gram_and_dot(self, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gram(self), self.dot(probe)
 
     def dot(self, probe: torch.Tensor) -> torch.Tensor:
         return (probe.double()[self.index] * self.grads.double()).sum(dim=(1, 2))
