@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_classifier
 from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
@@ -20,8 +21,6 @@ from orthograd.methods.oneshot import scoped_parameters
 from orthograd.models import SmallCNN
 from orthograd.tasks import get_task
 from orthograd.tasks.base import IGNORE_INDEX, Task, per_sample_cross_entropy
-
-from conftest import train_classifier
 
 CLASSIFICATION = get_task("classification")
 
@@ -150,8 +149,8 @@ def test_monte_carlo_fisher_on_sequences_matches_hand_loop() -> None:
 
 
 def _rules(**overrides: Any) -> NoiseRules:
-    values = dict(alpha=0.5, num_classes=3, variance_clamp=1e3, head_variance_clamp=1e2, share_variance=True,
-                  head_rules=True, vector_rule=True, forget_classes=())
+    values = {"alpha": 0.5, "num_classes": 3, "variance_clamp": 1e3, "head_variance_clamp": 1e2,
+              "share_variance": True, "head_rules": True, "vector_rule": True, "forget_classes": ()}
     values.update(overrides)
     return NoiseRules(**values)
 
@@ -299,8 +298,8 @@ def test_duck_takes_r_plus_1_steps_and_rolls_phase_2_back() -> None:
     context = methods.MethodContext(model=model.train(), task=CLASSIFICATION, forget=forget, retain=retain,
                                     device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
                                     forget_classes=(0,))
-    config = methods.make_config("duck", dict(lora=None, forget_batch_size=3, retain_batch_size=2, retain_steps=2,
-                                              phase2_batch_size=4))
+    config = methods.make_config("duck", {"lora": None, "forget_batch_size": 3, "retain_batch_size": 2,
+                                          "retain_steps": 2, "phase2_batch_size": 4})
     duck = methods.get("duck")(config, context)
     epoch = duck.run_epoch(1)
     phase1 = [next(epoch) for _ in range(2 * 3)]  # 2 forget batches x (R + 1) = 3 of the 5 retain batches
@@ -326,7 +325,7 @@ def digits() -> dict[str, Any]:
     model = train_classifier(SmallCNN(), train, epochs=8)
     split = class_forgetting_split(labels_of(train), forget_class=3, retain_size=200, seed=0)
     forget, retain = split.datasets(train)
-    return dict(model=model, forget=forget, retain=retain, test=test)
+    return {"model": model, "forget": forget, "retain": retain, "test": test}
 
 
 def forget_digit_3(digits: dict[str, Any], method: str, **kwargs: Any) -> og.UnlearnResult:
@@ -362,7 +361,7 @@ def test_duck_reduces_forget_accuracy(digits: dict[str, Any]) -> None:
 
 
 def test_duck_reads_a_shuffled_forget_loader_in_dataset_order(digits: dict[str, Any]) -> None:
-    kwargs: dict[str, Any] = dict(forget_batch_size=32, retain_batch_size=32, max_epochs=1, lora=None)
+    kwargs: dict[str, Any] = {"forget_batch_size": 32, "retain_batch_size": 32, "max_epochs": 1, "lora": None}
     from_dataset = forget_digit_3(digits, "duck", **kwargs)
     shuffled = DataLoader(digits["forget"], batch_size=32, shuffle=True)
     from_loader = forget_digit_3({**digits, "forget": shuffled}, "duck", **{**kwargs, "forget_batch_size": 7})

@@ -36,7 +36,9 @@ def test_random_split_sizes_are_exact_and_disjoint(n, classes, forget_frac, reta
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(min_value=3, max_value=200), classes=st.integers(min_value=2, max_value=8), seed=st.integers(0, 1000))
+@given(
+    n=st.integers(min_value=3, max_value=200), classes=st.integers(min_value=2, max_value=8), seed=st.integers(0, 1000)
+)
 def test_class_split_forgets_exactly_one_class(n, classes, seed):
     labels = np.arange(n) % classes
     forget_class = seed % min(classes, n)

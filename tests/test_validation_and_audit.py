@@ -82,7 +82,7 @@ def test_a_model_that_is_not_a_module_is_a_type_error_naming_the_fix(digits, mod
 def test_labels_outside_model_outputs_and_absent_class(digits, digits_model):
     train, _ = digits
     forget, retain = _split(train)
-    x, y = train.tensors
+    x = train.tensors[0]
     bad = TensorDataset(x[:20].clone(), torch.full((20,), 12))
     with pytest.raises(ValueError, match=r"labels \[12\] outside the model's 10 outputs"):
         og.unlearn(digits_model, bad, retain)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils._pytree import tree_flatten
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 DataLike = Dataset | DataLoader
 
@@ -165,7 +165,7 @@ def fingerprint(data: DataLike, *, cache: HashCache | None = None, name: str = "
     base, indices = base_and_indices(dataset)
     hashes = sample_hashes(dataset, cache=cache, name=name)
     record: dict[str, Any] = {
-        "size": int(len(indices)),
+        "size": len(indices),
         "content_hash": hashlib.blake2b("".join(hashes).encode(), digest_size=16).hexdigest(),
     }
     if base is not dataset:

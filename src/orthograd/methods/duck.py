@@ -45,8 +45,14 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from orthograd.lora import is_lora_model
-from orthograd.methods.base import IterativeConfig, MethodConfig, MethodContext, OptimizerName, UnlearningMethod
-from orthograd.methods.base import make_optimizer
+from orthograd.methods.base import (
+    IterativeConfig,
+    MethodConfig,
+    MethodContext,
+    OptimizerName,
+    UnlearningMethod,
+    make_optimizer,
+)
 from orthograd.methods.registry import register
 
 HEAD_ATTRIBUTES: tuple[str, ...] = ("fc", "head", "heads", "classifier")
