@@ -200,19 +200,28 @@ def _config_eos(model: nn.Module) -> int | None:
 def _greedy(model: nn.Module, prompt: torch.Tensor, *, budget: int, eos: int | None) -> list[int]:
     """Greedy decoding of one prompt ``[1, P]``; reuses the model's key/value cache when it returns one."""
     tokens: list[int] = []
-    sequence, cache = prompt, None
-    step_input = prompt
+    sequence, step_input, cache = prompt, prompt, {}
     for _ in range(budget):
-        output = model(input_ids=step_input, past_key_values=cache) if cache is not None else model(input_ids=step_input)
+        output = model(input_ids=step_input, **cache)
         token = int(batches.output_logits(output)[0, -1].argmax())
         tokens.append(token)
         if token == eos:
             break
         next_token = torch.tensor([[token]], device=prompt.device)
         sequence = torch.cat([sequence, next_token], dim=1)
-        cache = getattr(output, "past_key_values", None)
-        step_input = next_token if cache is not None else sequence
+        cache = _cache_of(output)
+        step_input = next_token if cache else sequence
     return tokens
+
+
+def _cache_of(output: Any) -> dict[str, Any]:
+    """The key/value cache a model returned, keyed by the keyword that passes it back ("cache" in transformers
+    5.x, "past_key_values" before); empty for a model without one."""
+    for name in ("cache", "past_key_values"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return {name: value}
+    return {}
 
 
 def _rouge_scorer() -> Any:
