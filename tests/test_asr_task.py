@@ -77,7 +77,9 @@ def test_per_sample_grads_on_whisper_lora_match_single_utterance_backward(task):
     assert set(grads) == set(names) and any("encoder_attn" in n for n in names)
     for row in range(len(TEXTS)):
         single = {k: v[row : row + 1] for k, v in batch.items()}
-        reference = torch.autograd.grad(task.mean_loss(model, single), [dict(model.named_parameters())[n] for n in names])
+        reference = torch.autograd.grad(
+            task.mean_loss(model, single), [dict(model.named_parameters())[n] for n in names]
+        )
         for name, ref in zip(names, reference):
             assert torch.allclose(grads[name][row], ref, atol=1e-5, rtol=1e-4), name
 

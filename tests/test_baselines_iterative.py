@@ -384,7 +384,9 @@ def test_code_defaults_do_not_forget_a_digits_class_in_the_source_budget(name: s
 @pytest.mark.parametrize("name", sorted(DIGITS_HYPER))
 def test_forgets_a_digits_class_with_tuned_hyperparameters(name: str, digits_problem) -> None:
     model, forget, retain, test = digits_problem
-    result = og.unlearn(model, forget, retain, test=test, method=name, stop="class", max_epochs=30, **DIGITS_HYPER[name])
+    result = og.unlearn(
+        model, forget, retain, test=test, method=name, stop="class", max_epochs=30, **DIGITS_HYPER[name]
+    )
     assert result.stop_reason == "target_reached" and result.final["forget"] < 1.0
     assert result.final["test"] > (50.0 if name != "neggrad" else 30.0)
     assert type(result.model) is SmallCNN  # LoRA (the default, as for OrthoGrad) merged back

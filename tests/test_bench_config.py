@@ -75,7 +75,9 @@ def test_set_overrides_parse_yaml_values_into_nested_keys() -> None:
 
 def test_original_hash_follows_data_model_and_training_only() -> None:
     base = validate_config(demo_raw())
-    assert validate_config(apply_overrides(demo_raw(), ["unlearn.max_epochs=3"])).original_hash() == base.original_hash()
+    assert (
+        validate_config(apply_overrides(demo_raw(), ["unlearn.max_epochs=3"])).original_hash() == base.original_hash()
+    )
     assert validate_config(apply_overrides(demo_raw(), ["train.epochs=3"])).original_hash() != base.original_hash()
 
 

@@ -22,7 +22,13 @@ from orthograd.bench.runner import run_bench
 from orthograd.io import ResultsLog
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY_PROTOCOL = ["unlearn.max_epochs=1", "unlearn.stop=false", "unlearn.eval_every=null", "train.epochs=1", "train.batch_size=16"]
+TINY_PROTOCOL = [
+    "unlearn.max_epochs=1",
+    "unlearn.stop=false",
+    "unlearn.eval_every=null",
+    "train.epochs=1",
+    "train.batch_size=16",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -93,12 +99,23 @@ def test_imagenet_configs_run_on_a_generated_imagefolder(tmp_path: Path, name: s
     write_fake_imagenet(tmp_path / "imagenet")
     config, raw = load_config(
         CONFIGS / name,
-        overrides=[f"data.root={tmp_path / 'imagenet'}", "data.image_size=32", "data.validation_size=0",
-                   "sweep=null",
-                   "model.weights=null", "train.lr=1.0e-3", "scenario.forget_size=6", "scenario.retain_size=6", "scenario.seeds=[0]",
-                   "device=cpu", f"cache_dir={tmp_path / 'cache'}",
-                   "methods={orthograd: {lr: 1.0e-3, forget_batch_size: 6, retain_batch_size: 6}}",
-                   *TINY_PROTOCOL, "train.batch_size=32", *model_overrides],  # one batch: BatchNorm sees 18
+        overrides=[
+            f"data.root={tmp_path / 'imagenet'}",
+            "data.image_size=32",
+            "data.validation_size=0",
+            "sweep=null",
+            "model.weights=null",
+            "train.lr=1.0e-3",
+            "scenario.forget_size=6",
+            "scenario.retain_size=6",
+            "scenario.seeds=[0]",
+            "device=cpu",
+            f"cache_dir={tmp_path / 'cache'}",
+            "methods={orthograd: {lr: 1.0e-3, forget_batch_size: 6, retain_batch_size: 6}}",
+            *TINY_PROTOCOL,
+            "train.batch_size=32",
+            *model_overrides,
+        ],  # one batch: BatchNorm sees 18
     )
     (record,) = run_bench(config, raw, out_dir=tmp_path / "run")
     assert record["method"] == "orthograd" and record["steps"] >= 1

@@ -36,7 +36,9 @@ def test_sequence_loss_is_the_mean_answer_token_cross_entropy_as_transformers_co
         by_hand = -torch.stack([F.log_softmax(logits[i, t - 1], -1)[batch["labels"][i, t]] for t in answer]).mean()
         length = int(batch["attention_mask"][i].sum())
         with torch.no_grad():
-            hf = model(input_ids=batch["input_ids"][i : i + 1, :length], labels=batch["labels"][i : i + 1, :length]).loss
+            hf = model(
+                input_ids=batch["input_ids"][i : i + 1, :length], labels=batch["labels"][i : i + 1, :length]
+            ).loss
         torch.testing.assert_close(losses[i], by_hand, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(losses[i], hf, atol=1e-5, rtol=1e-5)
     summed = task.per_sample_nll(model, batch)
@@ -83,8 +85,11 @@ def test_orthograd_unlearns_a_causal_lm_from_dict_datasets_with_the_ghost_engine
     assert type(result.model) is type(model)
     assert all(row["engine_ghost"] == 1.0 for row in result.history[1:])
     assert result.final["forget"] < result.original["forget"]  # forget answers became less likely
-    expected = get_task("causal_lm").evaluate(result.model, DataLoader(QADataset(6, seed=1), batch_size=6,
-                                                                       collate_fn=get_task("causal_lm").collate_fn()), device=CPU)
+    expected = get_task("causal_lm").evaluate(
+        result.model,
+        DataLoader(QADataset(6, seed=1), batch_size=6, collate_fn=get_task("causal_lm").collate_fn()),
+        device=CPU,
+    )
     assert result.final["forget"] == pytest.approx(expected, rel=1e-5)
 
 

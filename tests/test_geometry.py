@@ -122,7 +122,9 @@ def test_bad_arguments_are_explained():
 def test_property_orthogonal_and_minimal_change(k, d, rank, seed):
     gen = torch.Generator().manual_seed(seed)
     rank = min(rank, k, d)
-    G = torch.randn(k, rank, dtype=torch.float64, generator=gen) @ torch.randn(rank, d, dtype=torch.float64, generator=gen)
+    G = torch.randn(k, rank, dtype=torch.float64, generator=gen) @ torch.randn(
+        rank, d, dtype=torch.float64, generator=gen
+    )
     g = torch.randn(d, dtype=torch.float64, generator=gen)
     for method in ("qr", "gram", "auto"):
         out = project_out(g, G, method=method)

@@ -52,7 +52,9 @@ def save_result(result: "UnlearnResult", path: str | Path, *, overwrite: bool = 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    atomic_write_json(sidecar, audit_record(result, weights_file=weights.name, weights_sha256=digest, version=__version__))
+    atomic_write_json(
+        sidecar, audit_record(result, weights_file=weights.name, weights_sha256=digest, version=__version__)
+    )
     return weights, sidecar
 
 

@@ -59,7 +59,9 @@ def project_out(
             raise ValueError("g and G must be dicts with the same keys when g is a dict of per-parameter tensors")
         if scope == "per_tensor":
             return {
-                name: _project_flat(g[name].reshape(-1), G[name].reshape(G[name].shape[0], -1), method, rcond).view_as(g[name])
+                name: _project_flat(g[name].reshape(-1), G[name].reshape(G[name].shape[0], -1), method, rcond).view_as(
+                    g[name]
+                )
                 for name in g
             }
         names = list(g)

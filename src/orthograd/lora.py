@@ -94,7 +94,9 @@ def _in_attention(name: str) -> bool:
     """An attention projection by name (``q_proj``, ``c_attn``, ...) or by its place inside an attention block
     (GPT-2's ``attn.c_proj``, BERT's ``attention.output.dense``)."""
     *blocks, leaf = name.split(".")
-    return leaf in ATTENTION_PROJECTIONS or any(mark in block.lower() for block in blocks for mark in _ATTENTION_BLOCK_MARKS)
+    return leaf in ATTENTION_PROJECTIONS or any(
+        mark in block.lower() for block in blocks for mark in _ATTENTION_BLOCK_MARKS
+    )
 
 
 def _only_conv1d(model: nn.Module, targets: list[str]) -> bool:

@@ -58,4 +58,6 @@ def resolve_stop(stop: str | StopRule | None, *, original: Mapping[str, float]) 
         if "test" not in original:
             raise ValueError("stop='random' compares with the original test accuracy: pass test=<held-out data>")
         return random_forgetting_rule(original_test=original["test"])
-    raise ValueError(f"stop must be None, 'random', 'class', 'speaker' or a callable(history_row) -> bool; got {stop!r}")
+    raise ValueError(
+        f"stop must be None, 'random', 'class', 'speaker' or a callable(history_row) -> bool; got {stop!r}"
+    )

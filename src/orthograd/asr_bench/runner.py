@@ -51,11 +51,15 @@ def run(config: SpeakerBenchConfig, *, on_record: Callable[[Record], None] | Non
     original = _original_model(config, model, task, corpus, device=device, cache_dir=out)
     results = ResultsLog(out / "results.jsonl")
     done = {(r["speaker"], r["variant"], r["key"]) for r in results.records()}
-    speakers = config.speakers.names or pick_speakers(corpus.train, count=config.speakers.count, seed=config.speakers.seed)
+    speakers = config.speakers.names or pick_speakers(
+        corpus.train, count=config.speakers.count, seed=config.speakers.seed
+    )
     stop = wer_target_rule(threshold=config.unlearning.stop_wer) if config.unlearning.stop_wer is not None else None
     for speaker in speakers:
         split = _split(config, corpus, speaker)
-        sets = {name: _dataset(getattr(split, name), config) for name in ("unlearn", "speaker_heldout", "retain", "test")}
+        sets = {
+            name: _dataset(getattr(split, name), config) for name in ("unlearn", "speaker_heldout", "retain", "test")
+        }
         key = _key(config, "Original", {})
         if (speaker, "Original", key) not in done:
             metrics = {name: task.evaluate(original, _loader(data, task), device=device) for name, data in sets.items()}
@@ -86,7 +90,9 @@ def run(config: SpeakerBenchConfig, *, on_record: Callable[[Record], None] | Non
                     "unlearn": final["forget"],
                     "retain": final["retain"],
                     "test": final["test"],
-                    "speaker_heldout": task.evaluate(result.model, _loader(sets["speaker_heldout"], task), device=device),
+                    "speaker_heldout": task.evaluate(
+                        result.model, _loader(sets["speaker_heldout"], task), device=device
+                    ),
                 }
                 record = _record(speaker, spec.label, variant, spec.method, merged, spec.tables, key, metrics)
                 record.update(
@@ -199,7 +205,13 @@ def finetune(
             optimizer.step()
             step += 1
             if step % 20 == 0 or step == steps:
-                log.info("original model: step %d/%d loss %.3f (%.0f s)", step, steps, float(loss.detach()), time.perf_counter() - started)
+                log.info(
+                    "original model: step %d/%d loss %.3f (%.0f s)",
+                    step,
+                    steps,
+                    float(loss.detach()),
+                    time.perf_counter() - started,
+                )
             if step == steps:
                 break
     return model.eval()

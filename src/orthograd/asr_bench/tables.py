@@ -29,7 +29,9 @@ def _best_variant(by_variant: Mapping[str, list[Mapping[str, Any]]], target: flo
     def mean(variant: str, column: str) -> float:
         return float(np.mean([r[column] for r in by_variant[variant]]))
 
-    reached = [v for v, rows in by_variant.items() if target is not None and all(r["W_unlearn"] >= target for r in rows)]
+    reached = [
+        v for v, rows in by_variant.items() if target is not None and all(r["W_unlearn"] >= target for r in rows)
+    ]
     if reached:
         return min(reached, key=lambda v: mean(v, "W_test"))
     return max(by_variant, key=lambda v: mean(v, "W_unlearn"))
@@ -40,7 +42,10 @@ def speaker_tables(records: Sequence[Mapping[str, Any]], config: SpeakerBenchCon
     speakers = sorted({r["speaker"] for r in records})
     labels = ["Original"] + [spec.label for spec in config.runs]
     tables_of = {"Original": [2], **{spec.label: spec.tables for spec in config.runs}}
-    lines = [f"Speakers ({len(speakers)}): {', '.join(speakers)}. WER in %, clipped at 100, mean ± std over speakers.", ""]
+    lines = [
+        f"Speakers ({len(speakers)}): {', '.join(speakers)}. WER in %, clipped at 100, mean ± std over speakers.",
+        "",
+    ]
     for table in (1, 2):
         rows = []
         for label in labels:
@@ -55,7 +60,9 @@ def speaker_tables(records: Sequence[Mapping[str, Any]], config: SpeakerBenchCon
             variant = _best_variant(by_variant, config.unlearning.stop_wer)
             chosen = by_variant[variant]
             name = variant if len(by_variant) > 1 else label
-            rows.append(f"| {name} | " + " | ".join(_cell([r[c] for r in chosen]) for c in COLUMNS) + f" | {len(chosen)} |")
+            rows.append(
+                f"| {name} | " + " | ".join(_cell([r[c] for r in chosen]) for c in COLUMNS) + f" | {len(chosen)} |"
+            )
         if rows:
             lines += [f"### {TITLES[table]}", "", "| Method | " + " | ".join(COLUMNS) + " | speakers |",
                       "|---|" + "---|" * (len(COLUMNS) + 1), *rows, ""]

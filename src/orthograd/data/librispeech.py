@@ -108,7 +108,9 @@ def speaker_unlearning_split(
     own = [u for u in train if u.speaker == speaker]
     others = [u for u in train if u.speaker != speaker]
     if len(own) < 2:
-        raise ValueError(f"speaker {speaker!r} has {len(own)} training utterances; choose from {speakers_of(train)[:10]}")
+        raise ValueError(
+            f"speaker {speaker!r} has {len(own)} training utterances; choose from {speakers_of(train)[:10]}"
+        )
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(own))
     n_heldout = _fraction(len(own), heldout_fraction)

@@ -215,7 +215,9 @@ def _embedding(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tens
     return {"weight": Lookup(index=index, grads=grads, num_rows=module.num_embeddings)}
 
 
-def _affine_pieces(module: nn.Module, normalised: torch.Tensor, output_grads: torch.Tensor, channel_dim: int) -> dict[str, Piece]:
+def _affine_pieces(
+    module: nn.Module, normalised: torch.Tensor, output_grads: torch.Tensor, channel_dim: int
+) -> dict[str, Piece]:
     """Weight and bias pieces of an elementwise affine ``y = x_hat * weight + bias`` over ``channel_dim``."""
     n, channels = normalised.shape[0], module.weight.numel()
     if channel_dim == 1:  # [n, C, *] -> per-channel sums over the remaining dims
@@ -276,7 +278,13 @@ def is_transformers_rms_norm(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     one_input = len(inspect.signature(cls.forward).parameters) == 2  # (self, hidden_states): no gate
     has_eps = isinstance(getattr(module, "variance_epsilon", getattr(module, "eps", None)), float)
-    return one_input and has_eps and isinstance(weight, nn.Parameter) and weight.dim() == 1 and getattr(module, "bias", None) is None
+    return (
+        one_input
+        and has_eps
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 1
+        and getattr(module, "bias", None) is None
+    )
 
 
 @match(is_transformers_rms_norm)

@@ -90,7 +90,10 @@ class NPO(UnlearningMethod):
         with torch.no_grad():
             reference_nll = task.per_sample_nll(self.reference, forget_batch)
         loss = npo_loss(nll, reference_nll, beta=cfg.beta)
-        return loss, {"forget_nll": float(nll.detach().mean()), "log_ratio": float((reference_nll - nll).detach().mean())}
+        return loss, {
+            "forget_nll": float(nll.detach().mean()),
+            "log_ratio": float((reference_nll - nll).detach().mean()),
+        }
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
         cfg: NPOConfig = self.config  # type: ignore[assignment]

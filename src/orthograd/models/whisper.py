@@ -93,13 +93,17 @@ def load_offline_text() -> WhisperText:
     return WhisperText.from_tokenizer(tokenizer, multilingual=False)
 
 
-def load_ct2_whisper(folder: str | Path, *, language: str = "en") -> tuple[WhisperForConditionalGeneration, WhisperText]:
+def load_ct2_whisper(
+    folder: str | Path, *, language: str = "en"
+) -> tuple[WhisperForConditionalGeneration, WhisperText]:
     """Convert a faster-whisper folder (``model.bin`` + ``tokenizer.json``) into a ``transformers`` model."""
     folder = Path(folder)
     ct2 = read_ct2(folder / "model.bin")
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     sizes = whisper_config_kwargs(ct2)
-    text = WhisperText.from_tokenizer(tokenizer, multilingual=sizes["vocab_size"] >= MULTILINGUAL_VOCAB, language=language)
+    text = WhisperText.from_tokenizer(
+        tokenizer, multilingual=sizes["vocab_size"] >= MULTILINGUAL_VOCAB, language=language
+    )
     config = WhisperConfig(
         **sizes,
         decoder_start_token_id=text.prefix[0],

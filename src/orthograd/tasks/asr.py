@@ -71,7 +71,9 @@ class ASRTask(Task):
         return self._text
 
     def logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        out = model(input_features=batch["input_features"], decoder_input_ids=batch["decoder_input_ids"], use_cache=False)
+        out = model(
+            input_features=batch["input_features"], decoder_input_ids=batch["decoder_input_ids"], use_cache=False
+        )
         return out.logits
 
     def targets(self, batch: Any) -> torch.Tensor:
@@ -80,7 +82,9 @@ class ASRTask(Task):
     def replace_targets(self, batch: Any, targets: torch.Tensor) -> Any:
         """Labels replaced (e.g. sampled for a Fisher estimate); decoder inputs stay those of the original text."""
         if targets.shape != batch["labels"].shape:
-            raise ValueError(f"targets of shape {tuple(targets.shape)} do not match labels {tuple(batch['labels'].shape)}")
+            raise ValueError(
+                f"targets of shape {tuple(targets.shape)} do not match labels {tuple(batch['labels'].shape)}"
+            )
         return {**batch, "labels": targets}
 
     def to_device(self, batch: Any, device: torch.device) -> Any:
@@ -121,7 +125,9 @@ class ASRTask(Task):
         cache_field = _cache_field()
         past, step_input = None, tokens
         for _ in range(self.max_new_tokens):
-            out = model(encoder_outputs=encoder_out, decoder_input_ids=step_input, use_cache=True, **{cache_field: past})
+            out = model(
+                encoder_outputs=encoder_out, decoder_input_ids=step_input, use_cache=True, **{cache_field: past}
+            )
             scores = out.logits[:, -1, :]
             scores[:, text.eos + 1 :] = float("-inf")  # no special tokens inside a transcript
             next_token = scores.argmax(dim=-1).masked_fill(finished, text.eos)

@@ -82,7 +82,9 @@ class Task(abc.ABC):
     def to_device(self, batch: Any, device: torch.device) -> Any:
         """Move a batch to ``device``."""
 
-    def validate(self, model: nn.Module, *, sets: dict[str, Any], forget_classes: tuple[int, ...], device: torch.device) -> None:
+    def validate(
+        self, model: nn.Module, *, sets: dict[str, Any], forget_classes: tuple[int, ...], device: torch.device
+    ) -> None:
         """Check before a run that the model can process the data (a clear error instead of a crash mid-run).
 
         ``sets`` maps "forget", "retain" and optionally "test" to datasets. The default runs the model on one

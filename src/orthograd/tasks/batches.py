@@ -90,7 +90,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         return {key: _move(value, device, where=f"field {key!r}") for key, value in batch.items()}
     inputs, labels = split_batch(batch)
-    moved = inputs.to(device, non_blocking=True) if isinstance(inputs, torch.Tensor) else _move(inputs, device, where="inputs")
+    moved = (
+        inputs.to(device, non_blocking=True)
+        if isinstance(inputs, torch.Tensor)
+        else _move(inputs, device, where="inputs")
+    )
     return moved, _move(labels, device, where="labels")
 
 

@@ -78,7 +78,9 @@ class CausalLMTask(Task):
     def replace_targets(self, batch: Any, targets: torch.Tensor) -> Any:
         labels = batch["labels"]
         if targets.shape != labels[:, 1:].shape:
-            raise ValueError(f"targets of shape {list(targets.shape)} do not match shifted labels {list(labels[:, 1:].shape)}")
+            raise ValueError(
+                f"targets of shape {list(targets.shape)} do not match shifted labels {list(labels[:, 1:].shape)}"
+            )
         return {**batch, "labels": torch.cat([labels[:, :1], targets], dim=1)}
 
     def to_device(self, batch: Any, device: torch.device) -> Any:
@@ -88,10 +90,14 @@ class CausalLMTask(Task):
     def collate_fn(self) -> Any:
         return functools.partial(collate, pad_token_id=self.pad_token_id)
 
-    def validate(self, model: nn.Module, *, sets: dict[str, Any], forget_classes: tuple[int, ...], device: torch.device) -> None:
+    def validate(
+        self, model: nn.Module, *, sets: dict[str, Any], forget_classes: tuple[int, ...], device: torch.device
+    ) -> None:
         """The model must give ``[B, T, V]`` logits; every sequence needs a labelled token inside the vocabulary."""
         if forget_classes:
-            raise ValueError("forget_classes applies to classification; causal_lm forgets the sequences of the forget set")
+            raise ValueError(
+                "forget_classes applies to classification; causal_lm forgets the sequences of the forget set"
+            )
         logits = self.first_logits(model, sets["forget"], device=device)
         if logits.dim() != 3:
             raise ValueError(f"task='causal_lm' expects logits [batch, tokens, vocabulary]; got {list(logits.shape)}")
@@ -112,7 +118,9 @@ class CausalLMTask(Task):
     @torch.no_grad()
     def sequence_losses(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> torch.Tensor:
         """Per-sequence mean answer-token cross-entropy over ``loader`` (``exp(-loss)`` is the answer probability)."""
-        losses = [self.per_sample_loss(model, batch).float().cpu() for batch in self._eval_batches(model, loader, device)]
+        losses = [
+            self.per_sample_loss(model, batch).float().cpu() for batch in self._eval_batches(model, loader, device)
+        ]
         return torch.cat(losses) if losses else torch.empty(0)
 
     @torch.no_grad()
@@ -167,7 +175,12 @@ def _check(batch: Any) -> None:
     if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
         raise ValueError(f"task='causal_lm' expects {EXPECTED}; got {batches.describe(batch)}")
     ids, labels = batch["input_ids"], batch["labels"]
-    if not isinstance(ids, torch.Tensor) or not isinstance(labels, torch.Tensor) or ids.dim() != 2 or ids.shape != labels.shape:
+    if (
+        not isinstance(ids, torch.Tensor)
+        or not isinstance(labels, torch.Tensor)
+        or ids.dim() != 2
+        or ids.shape != labels.shape
+    ):
         raise ValueError(f"task='causal_lm' expects {EXPECTED} of one shape; got {batches.describe(batch)}")
 
 
@@ -183,7 +196,9 @@ def _check_labels(name: str, dataset: Dataset, *, vocab: int) -> None:
                 "label the answer tokens with their ids"
             )
         if int(learned.min()) < 0 or int(learned.max()) >= vocab:
-            raise ValueError(f"sample {index} of the {name} set has labels outside the model's vocabulary 0..{vocab - 1}")
+            raise ValueError(
+                f"sample {index} of the {name} set has labels outside the model's vocabulary 0..{vocab - 1}"
+            )
 
 
 def _first_labelled(labels: torch.Tensor) -> int:

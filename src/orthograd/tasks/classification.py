@@ -65,7 +65,9 @@ class ClassificationTask(Task):
             raise ValueError("cannot evaluate accuracy on an empty set")
         return 100.0 * correct / total
 
-    def validate(self, model: nn.Module, *, sets: dict[str, Any], forget_classes: tuple[int, ...], device: torch.device) -> None:
+    def validate(
+        self, model: nn.Module, *, sets: dict[str, Any], forget_classes: tuple[int, ...], device: torch.device
+    ) -> None:
         """Labels must be class indices the model outputs; a class to forget must occur in the forget set."""
         logits = self.first_logits(model, sets["forget"], device=device)
         if logits.dim() != 2:
