@@ -45,8 +45,8 @@ def test_random_forgetting_rule_and_determinism(digits, digits_model):
     split = random_forgetting_split(labels_of(train), forget_size=130, retain_size=200, seed=1)
     forget, retain = split.datasets(train)
     # 150 steps of budget; on the machines tried the rule fires within 9 to 31 steps
-    kwargs = dict(test=test, stop="random", optimizer="adam", lr=1e-3, alpha=0.5, forget_batch_size=32,
-                  retain_batch_size=64, eval_every=1, seed=3, max_epochs=30)
+    kwargs = {"test": test, "stop": "random", "optimizer": "adam", "lr": 1e-3, "alpha": 0.5, "forget_batch_size": 32,
+              "retain_batch_size": 64, "eval_every": 1, "seed": 3, "max_epochs": 30}
     first = og.unlearn(digits_model, forget, retain, **kwargs)
     second = og.unlearn(digits_model, forget, retain, **kwargs)
     target = first.original["test"] + 0.5
@@ -80,7 +80,7 @@ def test_a_callable_stop_rule_sees_every_row_and_stops_the_run(digits, digits_mo
 
 
 def test_max_epochs_without_stop_rule_and_one_epoch_counts(digits, digits_model):
-    train, test = digits
+    train, _ = digits
     forget, retain = _class_split(train, forget_class=5)
     result = og.unlearn(digits_model, DataLoader(forget, batch_size=100), retain, max_epochs=2, lr=1e-4)
     assert result.stop_reason == "max_epochs" and result.epochs == 2
@@ -99,7 +99,7 @@ def test_inplace_modifies_the_given_model(digits, digits_model):
 
 
 def test_bad_input_gets_clear_errors(digits, digits_model):
-    train, test = digits
+    train, _ = digits
     forget, retain = _class_split(train)
     empty = TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="forget set is empty"):
@@ -156,10 +156,12 @@ def test_non_finite_step_stops_and_returns_the_last_rows_state(digits, digits_mo
 
     steps_per_epoch = math.ceil(len(forget) / 32)
     result = og.unlearn(model, forget, retain, test=test, stop="class", eval_every=1, max_epochs=5, lr=3e-4,
-                        lora=None, forget_batch_size=32, retain_batch_size=32, inplace=True, on_eval=on_eval)
+                        schedule="fixed", lora=None, forget_batch_size=32, retain_batch_size=32, inplace=True,
+                        on_eval=on_eval)  # fixed: the adaptive schedule's held-out evaluations add forward passes
     assert result.stop_reason == "non_finite"
     assert result.history[-1]["epoch"] == 1 and len(result.history) == len(row_states) == 2
-    assert result.history[-1]["non_finite_step"] == steps_per_epoch + 3  # two probed steps, then the bad one
+    # mid-epoch 2, after at least one step the probe checked (each probe runs >= 1 forward without autograd)
+    assert steps_per_epoch + 2 <= result.history[-1]["non_finite_step"] <= steps_per_epoch + 3
     final = result.model.inner.state_dict()
     for name, value in row_states[-1].items():
         assert torch.equal(final[name], value), name  # exactly the state the last history row evaluated
@@ -167,8 +169,6 @@ def test_non_finite_step_stops_and_returns_the_last_rows_state(digits, digits_mo
     assert og.accuracy(result.model.inner, forget) == pytest.approx(result.history[-1]["forget"])
 
 
-@pytest.mark.xfail(strict=True, reason="bug in api._Run: an epoch-end step that leaves NaN weights with finite stats "
-                   "is evaluated (argmax of NaN logits: forget accuracy 0) and snapshotted as the last good state")
 def test_nan_weights_after_a_finite_step_are_never_reported_or_returned(digits, digits_model):
     train, test = digits
     forget, retain = _class_split(train)

@@ -116,7 +116,7 @@ def _data(n: int, seed: int) -> TensorDataset:
 
 
 def _method(model: nn.Module, **hyper):
-    config = make_config("orthograd", {"lora": None, **hyper})
+    config = make_config("orthograd", {"lora": None, "schedule": "fixed", **hyper})  # Algorithm 1's direction
     context = MethodContext(
         model=model,
         task=ClassificationTask(),

@@ -36,6 +36,7 @@ def _one_step(model, forget, retain, **kwargs):
         TensorDataset(*retain),
         max_epochs=1,
         lora=None,
+        schedule="fixed",  # Algorithm 1 as written
         forget_batch_size=len(forget[0]),
         retain_batch_size=len(retain[0]),
         **kwargs,
@@ -108,7 +109,7 @@ def test_adam_optimizer_and_per_tensor_scope_run():
 
 
 def test_config_validation_and_round_trip():
-    cfg = make_config("orthograd", {"alpha": 0.8, "lora": {"r": 4}})
+    cfg = make_config("orthograd", {"schedule": "fixed", "alpha": 0.8, "lora": {"r": 4}})
     assert isinstance(cfg, OrthoGradConfig) and cfg.lora.r == 4
     again = OrthoGradConfig.from_dict(cfg.to_dict())
     assert again == cfg

@@ -10,6 +10,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class UnlearnResult:
     original: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     data: dict[str, dict[str, Any]] = field(default_factory=dict)  # fingerprints of the forget and retain sets
+    missed_target: str | None = None  # why the stop rule's target was not reached, and what to try (None: reached)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -80,6 +82,7 @@ def unlearn(
     forget_classes: Iterable[int] = (),
     check_overlap: bool = True,
     on_eval: ProgressCallback | None = None,
+    verbose: bool = False,
     config: MethodConfig | None = None,
     make_method: MethodFactory | None = None,
     **method_kwargs: Any,
@@ -96,7 +99,12 @@ def unlearn(
     ``forget_classes`` names the classes being forgotten (class forgetting). Before anything runs, the data is
     checked: forget and retain must not share a sample (``check_overlap=False`` skips this content check for
     huge sets you split yourself), labels must fit the model's outputs, and the model must take the inputs.
-    The input model is left untouched unless ``inplace=True``. ``make_method`` replaces the construction of the
+    The input model is left untouched unless ``inplace=True``. ``on_eval(row)`` is called with every history row
+    as it is recorded (a dict: step, epoch, the metric per set, step statistics averaged since the previous row,
+    time_s); ``verbose=True`` prints each row. A run that ends without reaching its stop rule's target says so
+    in a ``UserWarning`` and in ``result.missed_target`` (what was reached, and the knob most likely to help).
+    OrthoGrad's default (``schedule="adaptive"``) steers on the stop rule's checks: with no ``eval_every`` it is
+    checked four times an epoch. ``make_method`` replaces the construction of the
     method object (``orthograd.distributed`` uses it for data-parallel runs). Returns an ``UnlearnResult``.
     """
     check_model(model)
@@ -152,9 +160,15 @@ def unlearn(
             "targets hold none; pass lora=None to train all parameters or choose other LoRA targets"
         )
     built = make_method(method_cls, cfg, context) if make_method is not None else method_cls(cfg, context)
-    runner = _Run(built, evaluator, stop_rule, on_eval, started)
+    if eval_every is None:
+        eval_every = _preferred_eval_every(built, forget, batch_size=getattr(cfg, "forget_batch_size", None))
+    callbacks = [callback for callback in (on_eval, print_row if verbose else None) if callback is not None]
+    runner = _Run(built, evaluator, stop_rule, callbacks, started)
     runner.record(step=0, epoch=0, metrics=original, stats={})
     stop_reason = runner.loop(max_epochs=max_epochs, eval_every=eval_every)
+    missed = _missed_target(stop, stop_reason, runner.history[-1], built) if stop_rule is not None else None
+    if missed is not None:
+        warnings.warn(missed, UserWarning, stacklevel=2)
     final = merge_lora(adapted)
     final.eval()
     return UnlearnResult(
@@ -169,7 +183,40 @@ def unlearn(
         original=original,
         seed=seed,
         data=fingerprints,
+        missed_target=missed,
     )
+
+
+def _preferred_eval_every(method: UnlearningMethod, forget: Dataset | DataLoader, *, batch_size: int | None) -> int | None:
+    """Steps between checks for a method that asks for a number of checks per epoch (None: once an epoch)."""
+    checks = method.checks_per_epoch()
+    if checks is None:
+        return None
+    if isinstance(forget, DataLoader):
+        steps = len(forget)
+    else:
+        steps = math.ceil(len(forget) / (batch_size or 1))  # type: ignore[arg-type]
+    return max(1, steps // checks)
+
+
+def _missed_target(stop: object, stop_reason: str, final: Mapping[str, Any], method: UnlearningMethod) -> str | None:
+    """The warning text for a run that ended without reaching its target (None when it reached it)."""
+    if stop_reason in ("target_reached", "one_shot"):
+        return None
+    reached = ", ".join(f"{k} {final[k]:.2f}" for k in ("forget", "retain", "test") if k in final)
+    rule = f"{stop!r}" if isinstance(stop, str) else "stop rule's"
+    hint = "lower lr (a step produced non-finite values)" if stop_reason == "non_finite" else method.hint_when_target_missed()
+    return (
+        f"{method.name} ended ({stop_reason}, epoch {final.get('epoch')}) without reaching the {rule} target: "
+        f"{reached}; try: {hint}"
+    )
+
+
+def print_row(row: Mapping[str, Any]) -> None:
+    """``verbose=True``: one line per history row (step, epoch, metrics, then the method's statistics)."""
+    head = f"step {row['step']:>5} epoch {row['epoch']:>3}"
+    keys = [k for k in ("forget", "retain", "test", "alpha", "lr", "holdout_retain") if k in row]
+    print(head + "  " + "  ".join(f"{k} {row[k]:.4g}" for k in keys), flush=True)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -232,13 +279,13 @@ class _Run:
         method: UnlearningMethod,
         evaluator: _Evaluator,
         stop_rule: StopRule | None,
-        on_eval: ProgressCallback | None,
+        callbacks: list[ProgressCallback],
         started: float,
     ) -> None:
         self.method = method
         self.evaluator = evaluator
         self.stop_rule = stop_rule
-        self.on_eval = on_eval
+        self.callbacks = callbacks
         self.started = started
         self.history: list[dict[str, Any]] = []
         self.steps = 0
@@ -262,13 +309,15 @@ class _Run:
         """Append a history row; True when the stop rule says the target is reached."""
         row = {"step": step, "epoch": epoch, **metrics, **stats, "time_s": time.perf_counter() - self.started}
         self.history.append(row)
-        if self.on_eval is not None:
-            self.on_eval(row)
+        for callback in self.callbacks:
+            callback(row)
         return self.stop_rule is not None and bool(self.stop_rule(row))
 
     def evaluate(self, stats: Mapping[str, float]) -> bool:
         self._last_good = self._snapshot()
-        return self.record(step=self.steps, epoch=self.epochs, metrics=self.evaluator(self.model), stats=stats)
+        metrics = self.evaluator(self.model)
+        steering = self.method.observe(metrics)
+        return self.record(step=self.steps, epoch=self.epochs, metrics=metrics, stats={**stats, **steering})
 
     def probe(self, stats: Mapping[str, float]) -> bool:
         """A mid-epoch check: evaluate only what the stop rule reads; a full evaluation row when it fires."""
@@ -276,8 +325,10 @@ class _Run:
         if needs is None:
             return self.evaluate(stats)
         # no snapshot here: the state restored after a non-finite step must be the one the last history row shows
-        if self.stop_rule is not None and self.stop_rule(self.evaluator(self.model, only=needs)):
+        metrics = self.evaluator(self.model, only=needs)
+        if self.stop_rule is not None and self.stop_rule(metrics):
             return self.evaluate(stats)
+        self.method.observe(metrics)
         return False
 
     def loop(self, *, max_epochs: int, eval_every: int | None) -> str:
@@ -289,14 +340,15 @@ class _Run:
             for stats in self.method.run_epoch(epoch):
                 self.steps += 1
                 if not all(math.isfinite(v) for v in stats.values()):
-                    log.warning("non-finite value at step %d (%s); restoring the last good state", self.steps, stats)
-                    self._restore_last_good()
-                    self.history[-1]["non_finite_step"] = self.steps
-                    return "non_finite"
+                    return self._stop_non_finite(f"non-finite statistics {stats}")
                 epoch_stats.add(stats)
                 if eval_every is not None and self.steps % eval_every == 0:
+                    if not self._weights_finite():
+                        return self._stop_non_finite("non-finite weights")
                     if self._probe_in_loop(epoch_stats.means()):
                         return "target_reached"
+            if not self._weights_finite():  # a step with finite statistics can still leave NaN weights
+                return self._stop_non_finite("non-finite weights")
             self.epochs = epoch
             if self.method.one_shot:
                 self.evaluate({})
@@ -304,6 +356,16 @@ class _Run:
             if self._evaluate_in_loop(epoch_stats.means()):
                 return "target_reached"
         return "max_epochs"
+
+    def _weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad)
+
+    def _stop_non_finite(self, what: str) -> str:
+        """Restore the state the last history row evaluated and end the run."""
+        log.warning("%s at step %d; restoring the last good state", what, self.steps)
+        self._restore_last_good()
+        self.history[-1]["non_finite_step"] = self.steps
+        return "non_finite"
 
     def _evaluate_in_loop(self, stats: Mapping[str, float]) -> bool:
         reached = self.evaluate(stats)

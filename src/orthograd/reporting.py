@@ -50,6 +50,7 @@ DISPLAY_NAMES = {
     "scrub": "SCRUB",
     "duck": "DUCK",
     "gdr-gma": "GDR-GMA",
+    "orthograd-fixed": "OrthoGrad (fixed)",
     "orthograd": "OrthoGrad",
 }
 

@@ -159,3 +159,21 @@ class UnlearningMethod(abc.ABC):
     @abc.abstractmethod
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
         """Run one epoch, yielding after every optimizer step a dict of scalar statistics (e.g. losses)."""
+
+    def checks_per_epoch(self) -> int | None:
+        """How often per epoch a method that steers on the stop rule's checks wants them (None: no preference).
+
+        The runner uses it when the caller gave no ``eval_every``.
+        """
+        return None
+
+    def observe(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Called by the runner with the metrics of each check (at least "forget"); returns statistics to record.
+
+        Methods that adapt during a run (OrthoGrad's adaptive schedule) steer here; the default ignores it.
+        """
+        return {}
+
+    def hint_when_target_missed(self) -> str:
+        """The one knob most likely to help when a run ends without reaching its stop rule's target."""
+        return "raise lr (or max_epochs)"

@@ -9,6 +9,12 @@ Algorithm 1 of the paper, one step:
    the forget loss along directions that leave every retain sample's loss unchanged to first order;
 5. optimizer step on the trainable parameters (LoRA adapters by default), merged at the end by the runner.
 
+Two schedules. ``schedule="adaptive"`` (the default, see ``methods/pressure.py``): both terms are normalised to
+unit norm before mixing, so ``alpha`` is the retain share of the update whatever the gradients' norms, and after
+each check of the stop rule a controller raises the forget share (then the learning rate) while the forget metric
+stalls and backs off while a held-out slice of the retain set (``holdout_fraction``, never trained on) is worse
+than at the start by more than ``retain_tolerance`` points. ``schedule="fixed"`` is Algorithm 1 exactly, with the
+paper's fixed alpha and learning rate (use it to reproduce the paper's tables).
 The paper's ablations are options: ``retain_grads="mean"`` projects against the mean retain gradient only,
 ``lora=None`` trains all parameters, ``alpha=0`` is pure orthogonal ascent. ``projection_scope="per_tensor"`` is
 the per-tensor projection of the code found online (see docs/design.md for why it is not the default).
@@ -22,40 +28,77 @@ BatchNorm layers run in eval mode throughout (per-sample gradients cannot update
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from orthograd.geometry import PROJECTION_METHODS, PROJECTION_SCOPES, default_rcond, gram_coefficients, project_out
 from orthograd.grads import ENGINES, per_sample_grads_and_losses
 from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, unsupported_reason
-from orthograd.methods.base import IterativeConfig, MethodConfig, MethodContext, UnlearningMethod, make_optimizer
+from orthograd.methods.base import (
+    IterativeConfig,
+    MethodConfig,
+    MethodContext,
+    OptimizerName,
+    UnlearningMethod,
+    make_optimizer,
+)
+from orthograd.methods._common import set_lr
+from orthograd.methods.pressure import ForgetPressure, ProgressMeter, retain_drop
 from orthograd.methods.registry import register
+from orthograd.validation import dataset_of
 
 RETAIN_GRAD_MODES: tuple[str, ...] = ("per_sample", "mean")
+# What ``None`` resolves to under each schedule (see OrthoGradConfig).
+SCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fixed": {"alpha": 0.9, "lr": 1e-3, "optimizer": "sgd", "forget_batch_size": 128, "retain_batch_size": 256},
+    "adaptive": {"alpha": 0.5, "lr": 1e-3, "optimizer": "adam", "forget_batch_size": 32, "retain_batch_size": 64},
+}
 ORTHOGRAD_ENGINES: tuple[str, ...] = ("ghost", *ENGINES)
 
 log = logging.getLogger(__name__)
+_TINY = 1e-30
+_CHECKS_PER_EPOCH = 4
+_HOLDOUT_BATCH = 256
+_ACTION_CODES = {"back_off": -1.0, "hold": 0.0, "raise": 1.0}
 
 
 @dataclass
 class OrthoGradConfig(IterativeConfig):
-    """OrthoGrad hyperparameters; defaults are the paper's image-classification choices (Appendix A.1).
+    """OrthoGrad hyperparameters; ``None`` means the schedule's default.
 
-    alpha: weight of the mean retain gradient (0.9 random, 0.8 class forgetting in the paper; 0.05-0.5 for ASR).
+    schedule: "adaptive" (tuning-free: normalised terms, forget pressure controlled by the run's measurements) or
+        "fixed" (Algorithm 1 as written, the paper's fixed alpha and lr).
+    alpha: weight of the mean retain gradient. Fixed: the paper's alpha on raw gradients (default 0.9; 0.9 random,
+        0.8 class forgetting in Appendix A.1; 0.05-0.5 for ASR). Adaptive: the starting retain share of the
+        normalised update (default 0.5).
+    lr, optimizer, forget_batch_size, retain_batch_size: fixed defaults 1e-3, "sgd", 128, 256 (the library's
+        paper-style defaults); adaptive defaults 1e-3 (the starting lr), "adam", 32, 64.
+    holdout_fraction, retain_tolerance (adaptive only): the share of the retain set held out to watch for damage
+        (at least one sample; never trained on), and how many metric points it may lose before the controller
+        backs off (at least one held-out sample's worth).
     retain_grads: "per_sample" (OrthoGrad) or "mean" (the "OrthoGrad Mean" ablation).
     projection: "auto" | "gram" | "qr" solver; projection_scope: "global" (Algorithm 1) or "per_tensor".
     chunk_size: samples per forward/backward chunk (bounds memory); engine: "auto" | "ghost" | "vmap" | "loop".
     bf16: run forward and backward under bfloat16 autocast (the projection solve stays float64).
     """
 
-    alpha: float = 0.9
-    lr: float = 1e-3
+    schedule: Literal["adaptive", "fixed"] = "adaptive"
+    alpha: float | None = None  # type: ignore[assignment]
+    lr: float | None = None  # type: ignore[assignment]
+    optimizer: OptimizerName | None = None  # type: ignore[assignment]
+    forget_batch_size: int | None = None  # type: ignore[assignment]
+    retain_batch_size: int | None = None  # type: ignore[assignment]
+    holdout_fraction: float = 0.1
+    retain_tolerance: float = 2.0
     retain_grads: Literal["per_sample", "mean"] = "per_sample"
     projection: Literal["auto", "qr", "gram"] = "auto"
     projection_scope: Literal["global", "per_tensor"] = "global"
@@ -64,11 +107,22 @@ class OrthoGradConfig(IterativeConfig):
     bf16: bool = False
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULE_DEFAULTS:
+            raise ValueError(f"schedule must be one of {tuple(SCHEDULE_DEFAULTS)}, got {self.schedule!r}")
+        for name, default in SCHEDULE_DEFAULTS[self.schedule].items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
         super().__post_init__()
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if self.retain_tolerance < 0:
+            raise ValueError(f"retain_tolerance must be >= 0 metric points, got {self.retain_tolerance}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.alpha == 1.0:
             raise ValueError("alpha=1 ignores the forget set entirely (that is Finetune); use alpha < 1")
+        if self.schedule == "adaptive" and not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"the adaptive schedule starts from a retain share alpha in (0, 1), got {self.alpha}")
         if self.retain_grads not in RETAIN_GRAD_MODES:
             raise ValueError(f"retain_grads must be one of {RETAIN_GRAD_MODES}, got {self.retain_grads!r}")
         if self.projection not in PROJECTION_METHODS:
@@ -96,8 +150,27 @@ class OrthoGrad(UnlearningMethod):
         super().__init__(config, context)
         self.params = context.trainable_parameters()
         self.optimizer = make_optimizer(config, list(self.params.values()))
-        self._retain = context.endless(context.loader("retain", batch_size=config.retain_batch_size))
+        self.controller = _AdaptiveControl(config, context) if config.schedule == "adaptive" else None
+        training_context = self.controller.training_context if self.controller is not None else context
+        self._retain = context.endless(training_context.loader("retain", batch_size=config.retain_batch_size))
         self.engine = self._choose_engine()
+
+    def checks_per_epoch(self) -> int | None:
+        """The adaptive schedule wants the stop rule checked 4 times an epoch (it steers on those checks)."""
+        return _CHECKS_PER_EPOCH if self.controller is not None else None
+
+    def hint_when_target_missed(self) -> str:
+        if self.controller is None:
+            return "lower alpha (e.g. 0.2: the fixed schedule's retain term can drown the forget term) or schedule='adaptive'"
+        return "raise max_epochs (the adaptive schedule was still raising the forget pressure)"
+
+    def observe(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Feed a check of the stop rule to the controller (adaptive schedule); its decision is returned."""
+        if self.controller is None:
+            return {}
+        decision = self.controller.observe(metrics, self.context.model)
+        set_lr(self.optimizer, self.controller.pressure.lr)
+        return decision
 
     def _choose_engine(self) -> str:
         """"ghost" when the config and every trainable layer allow it, else the torch.func engine named by the
@@ -200,16 +273,26 @@ class OrthoGrad(UnlearningMethod):
         orthogonal: dict[str, torch.Tensor],
         retain_loss: float,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """alpha * mean(G_r) - (1 - alpha) * g_u_perp, and the step statistics."""
-        alpha = self.config.alpha
+        """alpha * mean(G_r) - (1 - alpha) * g_u_perp (adaptive: each term at unit norm), and step statistics."""
+        forget_norm, retain_norm = _norm(orthogonal), _norm(retain_mean)
+        if self.controller is None:
+            alpha, retain_scale, forget_scale = self.config.alpha, 1.0, 1.0
+        else:
+            alpha = self.controller.pressure.alpha
+            retain_scale, forget_scale = 1.0 / max(retain_norm, _TINY), 1.0 / max(forget_norm, _TINY)
+            self.controller.record_forget_loss(float(forget_loss.detach()))
         direction = {
-            n: alpha * retain_mean[n].to(g.dtype) - (1.0 - alpha) * orthogonal[n] for n, g in forget_grad.items()
+            n: alpha * retain_scale * retain_mean[n].to(g.dtype) - (1.0 - alpha) * forget_scale * orthogonal[n]
+            for n, g in forget_grad.items()
         }
         stats = {
             "forget_loss": float(forget_loss.detach()),
             "retain_loss": retain_loss,
-            "kept_fraction": _norm(orthogonal) / max(_norm(forget_grad), 1e-30),
+            "kept_fraction": forget_norm / max(_norm(forget_grad), _TINY),
+            "retain_to_forget_norm": retain_norm / max(forget_norm, _TINY),
             "engine_ghost": float(self.engine == "ghost"),
+            "alpha": alpha,
+            "lr": self.optimizer.param_groups[0]["lr"],
         }
         return direction, stats
 
@@ -224,6 +307,58 @@ class OrthoGrad(UnlearningMethod):
         return stats
 
 
+class _AdaptiveControl:
+    """The adaptive schedule's state: the held-out retain slice, the forget pressure and the progress meter."""
+
+    def __init__(self, config: OrthoGradConfig, context: MethodContext) -> None:
+        train_part, holdout = split_holdout(context.retain, fraction=config.holdout_fraction, generator=context.generator)
+        self.training_context = dataclasses.replace(context, retain=train_part)
+        self.task, self.device = context.task, context.device
+        self.holdout = DataLoader(holdout, batch_size=_HOLDOUT_BATCH, shuffle=False, collate_fn=self.task.collate_fn())
+        self.holdout_start = self.task.evaluate(context.model, self.holdout, device=self.device)
+        # one held-out sample's worth of metric points is the finest change the slice can show
+        self.tolerance = max(config.retain_tolerance, 100.0 / len(holdout))
+        self.pressure = ForgetPressure(share=1.0 - config.alpha, lr=config.lr)
+        self.meter = ProgressMeter(higher_is_better=self.task.higher_is_better)
+        self._losses: list[float] = []
+        log.info(
+            "OrthoGrad adaptive schedule: %d retain samples held out to watch for damage (never trained on), "
+            "tolerance %.1f points", len(holdout), self.tolerance,
+        )
+
+    def record_forget_loss(self, loss: float) -> None:
+        self._losses.append(loss)
+
+    def observe(self, metrics: Mapping[str, float], model: nn.Module) -> dict[str, float]:
+        """One check: did forgetting progress, did the held-out slice degrade; move the pressure accordingly."""
+        if "forget" not in metrics or not self._losses:
+            return {}
+        forget_loss = sum(self._losses) / len(self._losses)
+        self._losses.clear()
+        progressed = self.meter.progressed(forget_metric=metrics["forget"], forget_loss=forget_loss)
+        was_training = model.training
+        holdout_now = self.task.evaluate(model, self.holdout, device=self.device)
+        model.train(was_training)
+        drop = retain_drop(before=self.holdout_start, now=holdout_now, higher_is_better=self.task.higher_is_better)
+        action = self.pressure.update(progressed=progressed, retain_degraded=drop > self.tolerance)
+        log.debug("adaptive check: forget %.2f, holdout drop %.2f -> %s", metrics["forget"], drop, action)
+        return {"holdout_retain": holdout_now, "control": _ACTION_CODES[action]}
+
+
+def split_holdout(retain: Dataset | DataLoader, *, fraction: float, generator: torch.Generator) -> tuple[Dataset, Dataset]:
+    """(training part, held-out part) of the retain set: a random ``fraction`` (at least one sample) held out.
+
+    A retain set of one sample cannot be split: it is then both (the slice still tells if that sample degrades).
+    """
+    dataset = dataset_of(retain)
+    size = len(dataset)  # type: ignore[arg-type]
+    if size < 2:
+        return dataset, dataset
+    order = torch.randperm(size, generator=generator).tolist()
+    held = min(size - 1, max(1, round(fraction * size)))
+    return Subset(dataset, order[held:]), Subset(dataset, order[:held])
+
+
 def _norm(tensors: dict[str, torch.Tensor]) -> float:
     """Euclidean norm of all tensors together: a norm of per-tensor norms, with no float64 copy of the tensors.
 
@@ -231,3 +366,18 @@ def _norm(tensors: dict[str, torch.Tensor]) -> float:
     """
     norms = torch.stack([torch.linalg.vector_norm(t.detach()).double() for t in tensors.values()])
     return float(torch.linalg.vector_norm(norms))
+
+
+@dataclass
+class FixedOrthoGradConfig(OrthoGradConfig):
+    """``OrthoGradConfig`` with the paper's fixed schedule as the default (Algorithm 1 as written)."""
+
+    schedule: Literal["adaptive", "fixed"] = "fixed"
+
+
+@register
+class FixedOrthoGrad(OrthoGrad):
+    """OrthoGrad registered with ``schedule="fixed"`` by default, so a benchmark can list it beside the default."""
+
+    name: ClassVar[str] = "orthograd-fixed"
+    config_class: ClassVar[type[MethodConfig]] = FixedOrthoGradConfig

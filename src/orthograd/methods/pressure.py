@@ -1,0 +1,96 @@
+"""The tuning-free schedule of OrthoGrad: a controller of the forget pressure, driven by what a run measures anyway.
+
+Why: with fixed hyperparameters the share of the update that forgets depends on how the norms of the orthogonal
+forget gradient and the mean retain gradient compare, which changes with the model, the data and the forget-set
+size (on Fashion-MNIST random forgetting, alpha = 0.9 left ~1% of the update to forgetting: nothing was forgotten).
+The adaptive schedule therefore
+
+1. normalises both terms before mixing, so ``share`` (= 1 - alpha) is the fraction of the update that forgets,
+   whatever the norms;
+2. after each check of the stop rule, raises the pressure while the forget metric stalls (first the share,
+   halving the retain share, then, at the largest share, the learning rate), and backs off (halving the share,
+   then the learning rate) when the held-out retain slice (carved from the retain set, never trained on) has
+   degraded by more than its tolerance.
+
+Everything here is plain arithmetic on scalars, so the rule can be tested without a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Action = Literal["raise", "back_off", "hold"]
+
+
+@dataclass
+class ForgetPressure:
+    """The forget share and learning rate of an adaptive OrthoGrad run, and the rule that moves them.
+
+    ``share`` stays in [min_share, max_share]; ``lr`` in [lr_start / lr_range, lr_start * lr_range].
+    """
+
+    share: float
+    lr: float
+    min_share: float = 0.05
+    max_share: float = 0.95
+    lr_range: float = 16.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_share <= self.share <= self.max_share < 1.0:
+            raise ValueError(
+                f"need 0 < min_share <= share <= max_share < 1, got {self.min_share}, {self.share}, {self.max_share}"
+            )
+        if not (self.lr > 0 and self.lr_range >= 1):
+            raise ValueError(f"need lr > 0 and lr_range >= 1, got {self.lr}, {self.lr_range}")
+        self._lr_low = self.lr / self.lr_range
+        self._lr_high = self.lr * self.lr_range
+
+    @property
+    def alpha(self) -> float:
+        """The weight of the (normalised) mean retain gradient, the paper's alpha."""
+        return 1.0 - self.share
+
+    def update(self, *, progressed: bool, retain_degraded: bool) -> Action:
+        """Apply the rule to one check: back off on retain damage, raise on a stall, else hold."""
+        if retain_degraded:
+            if self.share > self.min_share:
+                self.share = max(self.min_share, self.share / 2)
+            else:
+                self.lr = max(self._lr_low, self.lr / 2)
+            return "back_off"
+        if not progressed:
+            if self.share < self.max_share:
+                self.share = min(self.max_share, 1.0 - (1.0 - self.share) / 2)
+            else:
+                self.lr = min(self._lr_high, self.lr * 2)
+            return "raise"
+        return "hold"
+
+
+@dataclass
+class ProgressMeter:
+    """Did forgetting progress since the last check? The forget metric moved toward forgetting, or the forget loss
+    (averaged over the steps since the last check) rose by ``loss_rise`` relative to the previous window.
+
+    The loss is the earlier signal: on class forgetting, accuracy sits at 100% for a while before it falls.
+    ``higher_is_better`` is the task metric's direction (accuracy: True, WER: False); forgetting moves against it.
+    """
+
+    higher_is_better: bool
+    loss_rise: float = 0.1
+    _metric: float | None = None
+    _loss: float | None = None
+
+    def progressed(self, *, forget_metric: float, forget_loss: float) -> bool:
+        metric_before, loss_before = self._metric, self._loss
+        self._metric, self._loss = forget_metric, forget_loss
+        if metric_before is None or loss_before is None:
+            return True  # the first check has no window to compare with
+        moved = metric_before - forget_metric if self.higher_is_better else forget_metric - metric_before
+        return moved > 0 or forget_loss > loss_before * (1.0 + self.loss_rise)
+
+
+def retain_drop(*, before: float, now: float, higher_is_better: bool) -> float:
+    """How many metric points the held-out retain slice got worse by (negative: it got better)."""
+    return before - now if higher_is_better else now - before
