@@ -53,7 +53,8 @@ def librivox_items() -> list[tuple[Path, str]]:
 
 def write_ct2(path: Path, variables: dict[str, np.ndarray], *, spec: str = "WhisperSpec",
               aliases: dict[str, str] | None = None) -> None:
-    """Write a CTranslate2 model.bin (format version 6) from numpy arrays (float16 -> dtype 4, float32 -> 0, int8 -> 1)."""
+    """Write a CTranslate2 model.bin (format version 6) from numpy arrays (float16 -> dtype 4, float32 -> 0,
+    int8 -> 1)."""
     codes = {np.dtype("float32"): 0, np.dtype("int8"): 1, np.dtype("int16"): 2, np.dtype("int32"): 3,
              np.dtype("float16"): 4}
 

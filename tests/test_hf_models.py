@@ -64,7 +64,8 @@ def _gpt2_classifier() -> nn.Module:
 
 
 class Conv1DNet(nn.Module):
-    """Embedding -> Conv1D -> tanh -> RMSNorm -> Conv1D -> LlamaRMSNorm -> mean pool -> Linear: HF layers in a plain net."""
+    """Embedding -> Conv1D -> tanh -> RMSNorm -> Conv1D -> LlamaRMSNorm -> mean pool -> Linear: HF layers in a
+    plain net."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -101,7 +101,8 @@ def speaker_unlearning_split(
     heldout_fraction: float = HELDOUT_FRACTION,
     retain_fraction: float = RETAIN_FRACTION,
 ) -> SpeakerSplit:
-    """Unlearn ``speaker``: hold out ``heldout_fraction`` of their utterances, retain ``retain_fraction`` of the rest."""
+    """Unlearn ``speaker``: hold out ``heldout_fraction`` of their utterances, retain ``retain_fraction`` of the
+    rest."""
     for name, value in (("heldout_fraction", heldout_fraction), ("retain_fraction", retain_fraction)):
         if not 0.0 < value < 1.0:
             raise ValueError(f"{name} must be in (0, 1), got {value}")

@@ -17,7 +17,8 @@ _LAZY: dict[str, tuple[str, str]] = {"asr": ("orthograd.tasks.asr", "ASRTask")}
 
 
 def get_task(task: str | Task) -> Task:
-    """A task adapter from its name (``"classification"``, ``"causal_lm"``, ``"asr"``) or an instance, returned as is."""
+    """A task adapter from its name (``"classification"``, ``"causal_lm"``, ``"asr"``) or an instance, returned as
+    is."""
     if isinstance(task, Task):
         return task
     if task not in _TASKS and task in _LAZY:
