@@ -187,7 +187,9 @@ def unlearn(
     )
 
 
-def _preferred_eval_every(method: UnlearningMethod, forget: Dataset | DataLoader, *, batch_size: int | None) -> int | None:
+def _preferred_eval_every(
+    method: UnlearningMethod, forget: Dataset | DataLoader, *, batch_size: int | None
+) -> int | None:
     """Steps between checks for a method that asks for a number of checks per epoch (None: once an epoch)."""
     checks = method.checks_per_epoch()
     if checks is None:
@@ -205,7 +207,11 @@ def _missed_target(stop: object, stop_reason: str, final: Mapping[str, Any], met
         return None
     reached = ", ".join(f"{k} {final[k]:.2f}" for k in ("forget", "retain", "test") if k in final)
     rule = f"{stop!r}" if isinstance(stop, str) else "stop rule's"
-    hint = "lower lr (a step produced non-finite values)" if stop_reason == "non_finite" else method.hint_when_target_missed()
+    hint = (
+        "lower lr (a step produced non-finite values)"
+        if stop_reason == "non_finite"
+        else method.hint_when_target_missed()
+    )
     return (
         f"{method.name} ended ({stop_reason}, epoch {final.get('epoch')}) without reaching the {rule} target: "
         f"{reached}; try: {hint}"

@@ -161,7 +161,10 @@ class OrthoGrad(UnlearningMethod):
 
     def hint_when_target_missed(self) -> str:
         if self.controller is None:
-            return "lower alpha (e.g. 0.2: the fixed schedule's retain term can drown the forget term) or schedule='adaptive'"
+            return (
+                "lower alpha (e.g. 0.2: the fixed schedule's retain term can drown the forget term) "
+                "or schedule='adaptive'"
+            )
         return "raise max_epochs (the adaptive schedule was still raising the forget pressure)"
 
     def observe(self, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -311,7 +314,9 @@ class _AdaptiveControl:
     """The adaptive schedule's state: the held-out retain slice, the forget pressure and the progress meter."""
 
     def __init__(self, config: OrthoGradConfig, context: MethodContext) -> None:
-        train_part, holdout = split_holdout(context.retain, fraction=config.holdout_fraction, generator=context.generator)
+        train_part, holdout = split_holdout(
+            context.retain, fraction=config.holdout_fraction, generator=context.generator
+        )
         self.training_context = dataclasses.replace(context, retain=train_part)
         self.task, self.device = context.task, context.device
         self.holdout = DataLoader(holdout, batch_size=_HOLDOUT_BATCH, shuffle=False, collate_fn=self.task.collate_fn())
@@ -345,7 +350,9 @@ class _AdaptiveControl:
         return {"holdout_retain": holdout_now, "control": _ACTION_CODES[action]}
 
 
-def split_holdout(retain: Dataset | DataLoader, *, fraction: float, generator: torch.Generator) -> tuple[Dataset, Dataset]:
+def split_holdout(
+    retain: Dataset | DataLoader, *, fraction: float, generator: torch.Generator
+) -> tuple[Dataset, Dataset]:
     """(training part, held-out part) of the retain set: a random ``fraction`` (at least one sample) held out.
 
     A retain set of one sample cannot be split: it is then both (the slice still tells if that sample degrades).
