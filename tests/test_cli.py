@@ -129,6 +129,7 @@ def test_demo_command_runs_a_method_and_labels_class_runs_by_class(tmp_path: Pat
     assert [r["forget_class"] for r in records if r["scenario"] == "class"] == [1, 4, 7]
     assert all(r["final"]["forget"] < 1.0 for r in records if r["scenario"] == "class")
     assert "OrthoGrad" in (out / "table.md").read_text()
+    assert all((out / name).read_bytes()[:4] == b"\x89PNG" for name in ("trajectories.png", "tradeoff.png"))
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def _run_label(record: dict[str, Any]) -> str:
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for results.jsonl and table.md.")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option(help="Folder for results.jsonl, table.md and the plots.")] = Path("runs/demo"),
     method: Annotated[Optional[list[str]], typer.Option(help="Run only these methods (repeatable).")] = None,
 ) -> None:
     """Train a digits CNN, unlearn with every method (random and class forgetting), print the paper-style table."""
@@ -108,7 +108,7 @@ def demo(
         records = run_demo(out_dir=out, method_names=method, on_start=started, on_run=finished)
     title = "Digits, SmallCNN: mean ± std over 3 seeds (random) / 3 classes (class)"
     console.print(rich_table(records, title=title))
-    console.print(f"results: {out / 'results.jsonl'}  table: {out / 'table.md'}")
+    console.print(f"results: {out / 'results.jsonl'}  table: {out / 'table.md'}  plots: {out}/*.png")
 
 
 @app.command()

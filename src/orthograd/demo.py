@@ -25,6 +25,7 @@ from orthograd.data import class_forgetting_split, load_digits_dataset, random_f
 from orthograd.data.splits import UnlearningSplit, labels_of
 from orthograd.io import ResultsLog, atomic_write_text
 from orthograd.models import SmallCNN
+from orthograd.plots import plot_tradeoff, plot_trajectories
 from orthograd.reporting import markdown_table, run_record
 from orthograd.training import train_classifier
 
@@ -109,7 +110,8 @@ def run_demo(
     on_run: Callable[[dict[str, Any]], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the demo, write ``results.jsonl`` and ``table.md`` under ``out_dir``, and return the run records.
+    """Run the demo, write ``results.jsonl``, ``table.md`` and two figures (``trajectories.png``: forget and test
+    accuracy during unlearning; ``tradeoff.png``: A_test against A_u) under ``out_dir``; return the run records.
 
     ``on_start(total_runs)`` and ``on_run(record)`` report progress. Earlier demo results in ``out_dir`` are
     replaced. The models are tiny, so the demo runs PyTorch on one thread (measured faster than two here, and
@@ -172,5 +174,8 @@ def _run_demo(
             records.append(record)
             if on_run is not None:
                 on_run(record)
-    atomic_write_text(out / "table.md", markdown_table(records, title="Digits, SmallCNN (orthograd demo)"))
+    title = "Digits, SmallCNN (orthograd demo)"
+    atomic_write_text(out / "table.md", markdown_table(records, title=title))
+    plot_trajectories(records, path=out / "trajectories.png", title=title)
+    plot_tradeoff(records, path=out / "tradeoff.png", title=title)
     return records
