@@ -1,0 +1,123 @@
+"""TOFU's metrics (Maini et al. 2024, "TOFU: A Task of Fictitious Unlearning"), on any causal LM and QA pairs.
+
+As TOFU's evaluation code computes them, with "probability" the length-normalised ``P(a | q)^(1/|a|)``:
+
+- answer probability and ROUGE-L recall of the greedy answer (``CausalLMTask``);
+- truth ratio per question: ``R = P(paraphrase)^(1/n) / mean-in-log of P(perturbed)^(1/n)``, i.e.
+  ``exp(mean_k loss(perturbed_k) - loss(paraphrase))``: above 1 when the model prefers the correct answer;
+- forget quality: the p-value of a two-sample Kolmogorov-Smirnov test between the truth ratios of the unlearned
+  model and of a model retrained without the forget set, on the forget questions (high: indistinguishable);
+- model utility: the harmonic mean of answer probability, ROUGE-L and truth score ``mean(max(0, 1 - 1/R))`` on
+  each retained set (retained authors, held-out phrasings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from orthograd.tasks.causal_lm import CausalLMTask
+from orthograd.tasks.qa_text import QAEncoder
+
+EVAL_BATCH_SIZE = 64
+
+
+class QA(Protocol):
+    """What the metrics read of a question/answer pair (``orthograd.data.authors.QAPair`` has it)."""
+
+    question: str
+    answer: str
+    paraphrase: str
+    perturbed: tuple[str, ...]
+
+
+def answer_losses(
+    model: nn.Module, questions: Sequence[str], answers: Sequence[str], *, encoder: QAEncoder, device: torch.device
+) -> np.ndarray:
+    """Mean answer-token cross-entropy of each (question, answer); ``exp(-loss)`` is the normalised probability."""
+    task = CausalLMTask(pad_token_id=encoder.pad_token_id)
+    items = [encoder.item(q, a) for q, a in zip(questions, answers, strict=True)]
+    loader = DataLoader(items, batch_size=EVAL_BATCH_SIZE, collate_fn=task.collate_fn())
+    return task.sequence_losses(model, loader, device=device).double().numpy()
+
+
+def truth_ratios(model: nn.Module, pairs: Sequence[QA], *, encoder: QAEncoder, device: torch.device) -> np.ndarray:
+    """TOFU's truth ratio of each pair (above 1: the paraphrased true answer beats the perturbed ones)."""
+    questions = [p.question for p in pairs]
+    paraphrase = answer_losses(model, questions, [p.paraphrase for p in pairs], encoder=encoder, device=device)
+    counts = {len(p.perturbed) for p in pairs}
+    if len(counts) != 1:
+        raise ValueError(f"every pair needs the same number of perturbed answers, got {sorted(counts)}")
+    k = counts.pop()
+    perturbed = answer_losses(
+        model, [q for q in questions for _ in range(k)], [a for p in pairs for a in p.perturbed], encoder=encoder,
+        device=device,
+    ).reshape(len(pairs), k)
+    return np.exp(perturbed.mean(axis=1) - paraphrase)
+
+
+def truth_score(ratios: np.ndarray) -> float:
+    """TOFU's truth-ratio entry of model utility: ``mean(max(0, 1 - 1/R))`` (0 when the wrong answers win)."""
+    return float(np.maximum(0.0, 1.0 - 1.0 / ratios).mean())
+
+
+def forget_quality(unlearned: np.ndarray, retrained: np.ndarray) -> float:
+    """KS-test p-value between forget-set truth ratios of the unlearned and the retrained model."""
+    from scipy.stats import ks_2samp
+
+    return float(ks_2samp(unlearned, retrained).pvalue)
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean (0 if any value is 0, as TOFU's model utility)."""
+    array = np.asarray(values, dtype=np.float64)
+    if (array <= 0).any():
+        return 0.0
+    return float(len(array) / (1.0 / array).sum())
+
+
+def qa_scores(model: nn.Module, pairs: Sequence[QA], *, encoder: QAEncoder, device: torch.device) -> dict[str, Any]:
+    """Answer probability, ROUGE-L recall (fractions) and truth ratios of ``model`` on ``pairs``."""
+    task = CausalLMTask(pad_token_id=encoder.pad_token_id, eos_token_id=encoder.eos_token_id, decode=encoder.decode)
+    items = [encoder.item(p.question, p.answer) for p in pairs]
+    loader = DataLoader(items, batch_size=EVAL_BATCH_SIZE, collate_fn=task.collate_fn())
+    probability = float(task.sequence_losses(model, loader, device=device).neg().exp().mean())
+    rouge = float(task.rouge_l(model, loader, device=device).mean())
+    ratios = truth_ratios(model, pairs, encoder=encoder, device=device)
+    return {"probability": probability, "rouge_l": rouge, "truth_ratios": ratios}
+
+
+def tofu_metrics(
+    model: nn.Module,
+    *,
+    forget: Sequence[QA],
+    retained: Mapping[str, Sequence[QA]],
+    encoder: QAEncoder,
+    device: torch.device,
+    retrained_forget_ratios: np.ndarray | None = None,
+) -> dict[str, float]:
+    """TOFU's table entries: forget probability / ROUGE-L / truth ratio, model utility over ``retained`` sets
+    (e.g. ``{"retain": ..., "heldout": ...}``), and forget quality when the retrained model's ratios are given."""
+    forget_scores = qa_scores(model, forget, encoder=encoder, device=device)
+    ratios = forget_scores["truth_ratios"]
+    out = {
+        "forget_probability": forget_scores["probability"],
+        "forget_rouge_l": forget_scores["rouge_l"],
+        "forget_truth_ratio": float(np.minimum(ratios, 1.0 / ratios).mean()),  # TOFU's forget-set "Truth Ratio"
+    }
+    parts: list[float] = []
+    for name, pairs in retained.items():
+        scores = qa_scores(model, pairs, encoder=encoder, device=device)
+        entries = {"probability": scores["probability"], "rouge_l": scores["rouge_l"],
+                   "truth": truth_score(scores["truth_ratios"])}
+        out.update({f"{name}_{key}": value for key, value in entries.items()})
+        parts.extend(entries.values())
+    out["model_utility"] = harmonic_mean(parts)
+    if retrained_forget_ratios is not None:
+        out["forget_quality"] = forget_quality(ratios, retrained_forget_ratios)
+    return out
