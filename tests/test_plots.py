@@ -96,7 +96,10 @@ def test_trajectories_draw_a_mean_and_std_band_per_method_and_the_original() -> 
     np.testing.assert_allclose(lines["OrthoGrad (n=2)"].get_ydata(), expected)
     assert len(random_ax.collections) == 3  # one ± std band per method
     assert list(lines["Original"].get_xdata()) == [0] and list(lines["Original"].get_ydata()) == [90.0]
-    assert random_ax.get_xscale() == "linear"
+    assert random_ax.get_xscale() == "linear" and random_ax.get_xlim()[0] == 0
+    (legend,) = figure.legends  # one legend for the figure, every entry once
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert sorted(labels) == sorted(set(labels)) and "Original" in labels and "FT (n=2)" in labels
 
 
 def test_a_run_that_stopped_keeps_its_last_value_in_the_mean() -> None:
@@ -117,7 +120,7 @@ def test_one_shot_methods_get_markers_and_a_symlog_axis_when_run_lengths_differ_
     ax = trajectories_figure(oneshot + long, metrics=("forget",)).axes[0]
     lines = _lines(ax)
     assert lines["FISHER (n=2)"].get_marker() == "o" and lines["OrthoGrad (n=2)"].get_marker() in ("None", None, "")
-    assert ax.get_xscale() == "symlog" and "symlog" in ax.get_xlabel()
+    assert ax.get_xscale() == "symlog" and "symlog" in ax.get_xlabel() and ax.get_xlim()[0] == 0
 
 
 def test_figures_are_titled_with_the_benchmark_name() -> None:
@@ -131,3 +134,12 @@ def test_tradeoff_marks_the_original_model() -> None:
     lines = _lines(tradeoff_figure(RECORDS).axes[1])  # class forgetting
     assert (list(lines["Original"].get_xdata()), list(lines["Original"].get_ydata())) == ([99.0], [90.0])
     assert list(lines["ideal"].get_xdata()) == [0.0]
+
+
+def test_the_std_band_stays_within_0_and_100_percent() -> None:
+    runs = [{**_record("neggrad", "class", seed), "history": [{"step": 0, "forget": 100.0}, {"step": 1, "forget": end},
+                                                              {"step": 2, "forget": end}, {"step": 3, "forget": end}]}
+            for seed, end in ((0, 100.0), (1, 90.0))]
+    ax = trajectories_figure(runs, metrics=("forget",)).axes[0]
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.max() == 100.0 and band.min() == pytest.approx(95.0 - np.std([100.0, 90.0], ddof=1))

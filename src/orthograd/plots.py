@@ -38,10 +38,10 @@ def _scenarios(records: Sequence[Record]) -> list[str]:
 
 
 def _colours(records: Sequence[Record]) -> dict[str, Any]:
-    """A fixed colour per method, in the table's method order."""
+    """A fixed colour per method, in the table's method order (18 distinct colours before any repeats)."""
     from matplotlib import colormaps
 
-    palette = colormaps["tab10"].colors
+    palette = colormaps["tab10"].colors + colormaps["Dark2"].colors
     methods = [m for m in method_order(records) if m != "original"]
     return {method: palette[i % len(palette)] for i, method in enumerate(methods)}
 
@@ -62,6 +62,15 @@ def _panels(count: int, *, rows: int = 1, title: str | None = None) -> tuple[Fig
     if title:
         figure.suptitle(title)
     return figure, [list(row) for row in axes]
+
+
+def _figure_legend(figure: Figure) -> None:
+    """One legend for the whole figure (every label once, in first-seen order), right of the panels."""
+    entries: dict[str, Any] = {}
+    for ax in figure.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    figure.legend(list(entries.values()), list(entries), loc="outside right upper", fontsize="small")
 
 
 def _title(records: Sequence[Record], title: str | None) -> str | None:
@@ -118,7 +127,7 @@ def uis_vs_retain_size_figure(records: Sequence[Record], *, title: str | None = 
             ax.set_xscale("log")
         ax.set(title=f"{scenario.capitalize()} forgetting", xlabel="retain-set size", ylabel="UIS (lower is better)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+    _figure_legend(figure)
     return figure
 
 
@@ -166,10 +175,11 @@ def trajectories_figure(
                 _mark_target(ax, runs, scenario=scenario, vertical=False)
             if log_x:
                 ax.set_xscale("symlog", linthresh=1)
+            ax.set_xlim(left=0)
             ax.set(title=f"{scenario.capitalize()}: {key} {metric}", ylabel=f"{key} {metric} (%)",
                    xlabel=f"{x} (symlog)" if log_x else x)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
+    _figure_legend(figure)
     return figure
 
 
@@ -202,7 +212,8 @@ def _mean_band(ax: Axes, runs: Sequence[Record], *, x: str, key: str, colour: An
     ax.plot(grid, mean, color=colour, marker=marker, label=f"{label} (n={len(values)})")
     if len(values) > 1:
         std = np.nanstd(values, axis=0, ddof=1)
-        ax.fill_between(grid, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
+        low, high = np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100)  # metrics are percentages
+        ax.fill_between(grid, low, high, color=colour, alpha=0.2, linewidth=0)
 
 
 def _run_lengths_differ(runs: Sequence[Record]) -> bool:
@@ -275,5 +286,5 @@ def tradeoff_figure(records: Sequence[Record], *, title: str | None = None) -> F
         ax.set(title=f"{scenario.capitalize()} forgetting", xlabel=f"forget {metric} (%)",
                ylabel=f"test {metric} (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+    _figure_legend(figure)
     return figure

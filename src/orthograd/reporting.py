@@ -50,6 +50,7 @@ DISPLAY_NAMES = {
     "scrub": "SCRUB",
     "duck": "DUCK",
     "gdr-gma": "GDR-GMA",
+    "npo": "NPO",
     "orthograd-fixed": "OrthoGrad (fixed)",
     "orthograd": "OrthoGrad",
 }
