@@ -133,3 +133,11 @@ def test_verbose_prints_a_line_per_evaluation(digits, digits_model, capsys) -> N
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(result.history) == len(rows) and lines[0].startswith("step     0 epoch   0")
     assert "alpha" in lines[-1] and "forget" in lines[-1]
+
+
+def test_an_adaptive_run_cut_short_names_max_epochs(digits, digits_model) -> None:
+    train, test = digits
+    forget, retain = _split("class", train, 0).datasets(train)
+    with pytest.warns(UserWarning, match="try: raise max_epochs"):
+        result = og.unlearn(digits_model, forget, retain, stop="class", test=test, alpha=0.95, max_epochs=1)
+    assert result.stop_reason == "max_epochs" and result.final["forget"] > 1.0

@@ -165,6 +165,8 @@ class OrthoGrad(UnlearningMethod):
                 "lower alpha (e.g. 0.2: the fixed schedule's retain term can drown the forget term) "
                 "or schedule='adaptive'"
             )
+        if self.controller.last_action == "back_off":
+            return "raise retain_tolerance (forgetting further was degrading the held-out retain slice)"
         return "raise max_epochs (the adaptive schedule was still raising the forget pressure)"
 
     def observe(self, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -326,6 +328,7 @@ class _AdaptiveControl:
         self.pressure = ForgetPressure(share=1.0 - config.alpha, lr=config.lr)
         self.meter = ProgressMeter(higher_is_better=self.task.higher_is_better)
         self._losses: list[float] = []
+        self.last_action: str | None = None
         log.info(
             "OrthoGrad adaptive schedule: %d retain samples held out to watch for damage (never trained on), "
             "tolerance %.1f points", len(holdout), self.tolerance,
@@ -346,6 +349,7 @@ class _AdaptiveControl:
         model.train(was_training)
         drop = retain_drop(before=self.holdout_start, now=holdout_now, higher_is_better=self.task.higher_is_better)
         action = self.pressure.update(progressed=progressed, retain_degraded=drop > self.tolerance)
+        self.last_action = action
         log.debug("adaptive check: forget %.2f, holdout drop %.2f -> %s", metrics["forget"], drop, action)
         return {"holdout_retain": holdout_now, "control": _ACTION_CODES[action]}
 
