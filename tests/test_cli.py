@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -22,7 +23,7 @@ runner = CliRunner()
 
 
 def _fails_in_one_line(args: list[str], *, match: str) -> str:
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, args, prog_name="orthograd")
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], result.stderr
@@ -66,6 +67,21 @@ def test_report_on_a_missing_folder_is_one_line(tmp_path: Path) -> None:
 def test_an_unknown_config_lists_the_shipped_ones(tmp_path: Path) -> None:
     line = _fails_in_one_line(["bench", str(tmp_path / "nope.yaml")], match="does not exist")
     assert "shipped configs: " in line and "fashion_mnist_random" in line
+
+
+def test_a_usage_error_is_one_line_naming_the_help() -> None:
+    line = _fails_in_one_line(["demo", "--methd", "orthograd"], match="No such option: --methd")
+    assert line.endswith("(see: orthograd demo --help)"), line
+    _fails_in_one_line(["bench"], match="Missing parameter: config")
+
+
+def test_a_command_that_exits_keeps_its_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    def stop(**kwargs: Any) -> None:
+        raise typer.Exit(code=0)
+
+    monkeypatch.setattr("orthograd.demo.run_demo", stop)
+    result = runner.invoke(app, ["demo", "--method", "orthograd"])
+    assert result.exit_code == 0 and not result.stderr
 
 
 def test_a_bad_override_is_one_line() -> None:

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -20,8 +19,12 @@ USER_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
 
 
 def error_line(exc: BaseException) -> str:
-    """One line for an exception: its message for user errors, its type too for anything else."""
+    """One line for an exception: usage errors name the command's --help, user errors give their message, anything
+    else its type too."""
     message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, typer.TyperException):  # unknown option, missing argument, bad value
+        context = getattr(exc, "ctx", None)
+        return f"error: {message} (see: {context.command_path if context else 'orthograd'} --help)"
     if isinstance(exc, USER_ERRORS):
         return f"error: {message}"
     return f"error ({type(exc).__name__}): {message} (ORTHOGRAD_DEBUG=1 shows the traceback)"
@@ -30,15 +33,15 @@ def error_line(exc: BaseException) -> str:
 class OneLineErrors(TyperGroup):
     """A command group whose commands' exceptions become one line on stderr and exit code 2."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:
             if os.environ.get("ORTHOGRAD_DEBUG"):
                 raise
-            click.echo(error_line(exc), err=True)
+            typer.echo(error_line(exc), err=True)
             raise typer.Exit(code=2) from None
 
 
