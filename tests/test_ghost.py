@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import VisionTransformer
 
-from orthograd.grads import ghost_layers, per_sample_grads
+from orthograd.grads import ghost_layers, ghost_math, per_sample_grads
 from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, unsupported_reason
 from orthograd.lora import LoRAConfig, attach_lora
 
@@ -211,6 +211,19 @@ def test_lora_on_multihead_attention_matches_batch_size_1_loop(case, bf16, gram_
 def test_chunks_give_the_same_gram(case, gram_method):
     model, batch = _build(case)
     _check_against_loop(model, batch, bf16=False, chunk_size=2, tol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+@pytest.mark.parametrize("kernel_positions", [1, 10**6], ids=["conv_kernel", "rows_gemm"])
+@pytest.mark.parametrize("case", ["conv2d", "conv1d", "linear_sequence"])
+def test_small_workspace_blocks_give_the_same_results(case, kernel_positions, bf16, gram_method, monkeypatch):
+    """Blocks of samples and of weight rows (a workspace of a few elements), rows formed per block, and both ways
+    of weighting convolution gradients (the layer's kernel, or a GEMM on the rows)."""
+    monkeypatch.setattr(ghost_math, "WORKSPACE", 40)
+    monkeypatch.setattr(ghost_math, "KERNEL_POSITIONS", kernel_positions)
+    model, batch = _build(case)
+    for chunk_size in (None, 2):
+        _check_against_loop(model, batch, bf16=bf16, chunk_size=chunk_size, tol=5e-2 if bf16 else 1e-5)
 
 
 def test_automatic_gram_method_choice_follows_the_cost_model():

@@ -187,6 +187,17 @@ def _conv(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -
         patches = F.unfold(image, kernel, dilation=dilation, padding=padding, stride=stride)
         return patches.transpose(1, 2)  # [s, positions, C_in * kernel size]
 
+    out_size = (1, output_grads.shape[2]) if one_d else tuple(output_grads.shape[2:])
+    settings = [_pair(v) for v in (stride, padding, dilation)]
+
+    def contract(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The weight gradient summed over the samples, by the layer's own kernel (no unfold)."""
+        image = (x.unsqueeze(2) if one_d else x).to(g.dtype)
+        weight = (module.weight.unsqueeze(2) if one_d else module.weight).detach().to(g.dtype)
+        g_image = g.transpose(1, 2).reshape(g.shape[0], d_out, *out_size)
+        mask = [False, True, False]
+        return torch.ops.aten.convolution_backward(g_image, image, weight, None, *settings, False, [0, 0], 1, mask)[1]
+
     grads = output_grads.reshape(n, d_out, -1).transpose(1, 2)
     d_in = module.weight[0].numel()
     weight = Outer(
@@ -195,8 +206,13 @@ def _conv(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -
         grads=grads,
         shape=module.weight.shape,
         ghost=prefer_ghost(positions=grads.shape[1], d_in=d_in, d_out=d_out),
+        contract=contract,
     )
     return {"weight": weight.compact(), **_bias_piece(module, grads)}
+
+
+def _pair(value: tuple[int, ...] | int) -> list[int]:
+    return list(value) if isinstance(value, tuple) else [value, value]
 
 
 def _embedding_check(module: nn.Module) -> str | None:

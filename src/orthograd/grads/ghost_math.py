@@ -13,6 +13,7 @@ of the per-sample gradients ``G`` of one parameter for a block of samples, witho
 either the "ghost" inner product ``sum_{t,s} (a_t . a'_s)(b_t . b'_s)`` or the product of materialised per-sample
 gradients, whichever costs fewer operations. ``Lookup`` covers Embedding weights, ``Dense`` everything small.
 Working sets are bounded by ``WORKSPACE`` elements (blocks of samples, or of weight rows, are processed in turn).
+Convolutions weight their per-sample gradients by the layer's own weight-gradient kernel (``Outer.contract``).
 
 Precision: per-sample gradients and weighted sums are float32 (float64 for float64 models); Gram blocks and
 products are accumulated in float64, because they feed the ill-conditioned k x k solve. A float32 Gram strays from
@@ -28,6 +29,7 @@ from typing import Protocol
 
 import torch
 
+KERNEL_POSITIONS = 16  # fewer positions: one GEMM on the (small) rows beats a conv weight-gradient kernel (CPU)
 WORKSPACE = 1 << 25  # elements of the largest temporary a piece builds at once (e.g. a block of per-sample grads)
 
 
@@ -84,14 +86,20 @@ class Dense:
         return flat.view(weights.shape[0], *self.values.shape[1:])
 
 
+Contract = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class Outer:
     """A weight whose per-sample gradient is ``sum_t b[i, t] a[i, t]^T`` (shape ``[d_out, d_in]`` viewed as ``shape``).
 
     ``inputs`` is what the layer saw and ``rows(inputs[block]) -> [s, T, d_in]`` turns it into per-position rows
-    (a reshape for Linear, an unfold for Conv2d); ``grads`` is ``[n, T, d_out]``. The rows are formed once, on first
-    use, and kept in place of the inputs when they fit ``WORKSPACE`` (else formed again per block of samples).
-    ``ghost`` picks the Gram method (decided from the layer's sizes by ``prefer_ghost``).
+    (a reshape for Linear, an unfold for Conv2d); ``grads`` is ``[n, T, d_out]``. The rows are formed once per pass
+    (Gram and ``G g`` together, or ``G^T w``) when they fit ``WORKSPACE``, else per block of samples.
+    ``ghost`` picks the Gram method (decided from the layer's sizes by ``prefer_ghost``). ``contract(inputs, grads)``,
+    when given, is the layer's own weight-gradient kernel (``sum_i`` of the per-sample gradients of ``grads`` in the
+    ``[s, T, d_out]`` layout, as a ``[d_out, d_in]`` tensor); ``combine`` uses it, and no rows, from
+    ``KERNEL_POSITIONS`` positions on.
     """
 
     inputs: torch.Tensor
@@ -99,6 +107,7 @@ class Outer:
     grads: torch.Tensor
     shape: torch.Size
     ghost: bool
+    contract: Contract | None = None
 
     @property
     def n(self) -> int:
@@ -116,32 +125,28 @@ class Outer:
     def d_in(self) -> int:
         return self.shape.numel() // self.d_out
 
-    def _unfold_once(self) -> None:
-        """Replace the inputs by their rows (in the working dtype, contiguous) when those fit the workspace."""
-        if self.rows is _as_is or self.n * self.positions * self.d_in > WORKSPACE:
-            return
-        self.inputs = self.rows(self.inputs).to(_combine_dtype(self.grads)).contiguous()
-        self.rows = _as_is
+    def _unfolded(self) -> torch.Tensor | None:
+        """All rows ``[n, T, d_in]`` in the working dtype when they fit the workspace, else None (form per block)."""
+        if self.n * self.positions * self.d_in > WORKSPACE:
+            return None
+        return self.rows(self.inputs).to(_combine_dtype(self.grads))
 
-    def _a(self, block: slice) -> torch.Tensor:
+    def _a(self, block: slice, unfolded: torch.Tensor | None) -> torch.Tensor:
+        if unfolded is not None:
+            return unfolded[block]
         return self.rows(self.inputs[block]).to(_combine_dtype(self.grads))
 
-    def _materialise(self, out_rows: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Per-sample gradients ``[n, r * d_in]`` of the weight rows ``out_rows`` (float32, or float64 models), in
-        ``dtype`` if given: the factors are cast before the product when they are the smaller side (fewer
-        positions than rows), else the product is."""
-        work = _combine_dtype(self.grads)
-        dtype = work if dtype is None else dtype
-        cast = dtype if self.positions < out_rows.stop - out_rows.start else work
+    def _materialise(self, out_rows: slice, dtype: torch.dtype, unfolded: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample gradients ``[n, r * d_in]`` of the weight rows ``out_rows`` in ``dtype``; the factors are cast
+        before the product when they are the smaller side (fewer positions than rows), else the product is."""
+        cast = dtype if self.positions < out_rows.stop - out_rows.start else _combine_dtype(self.grads)
         b = self.grads[:, :, out_rows].to(cast).transpose(1, 2)  # [n, r, T]
-        if self.rows is _as_is:
-            values = torch.bmm(b, self.inputs.to(cast))
+        if unfolded is not None:
+            values = torch.bmm(b, unfolded.to(cast))
         else:
-            values = torch.cat([torch.bmm(b[block], self._a(block).to(cast)) for block in self._sample_blocks()])
+            blocks = _blocks(self.n, self.positions * self.d_in)
+            values = torch.cat([torch.bmm(b[block], self._a(block, None).to(cast)) for block in blocks])
         return values.flatten(1).to(dtype)
-
-    def _sample_blocks(self) -> Iterator[slice]:
-        return _blocks(self.n, self.positions * self.d_in)
 
     def _row_chunks(self, n: int) -> Iterator[slice]:
         """Slices of the weight's output rows whose per-sample gradients for ``n`` samples fit the workspace."""
@@ -152,63 +157,65 @@ class Outer:
         the stored factors (e.g. LoRA factors on long sequences), else ``self``."""
         if self.ghost or self.n * self.shape.numel() > self.inputs.numel() + self.grads.numel():
             return self
-        self._unfold_once()
-        chunks = [self._materialise(rows).view(self.n, -1, self.d_in) for rows in self._row_chunks(self.n)]
-        return Dense(torch.cat(chunks, dim=1).view(self.n, *self.shape))
+        dtype, unfolded = _combine_dtype(self.grads), self._unfolded()
+        chunks = [self._materialise(rows, dtype, unfolded) for rows in self._row_chunks(self.n)]
+        return Dense(torch.cat([c.view(self.n, -1, self.d_in) for c in chunks], dim=1).view(self.n, *self.shape))
 
     def gram(self, other: Piece) -> torch.Tensor:
         assert isinstance(other, Outer)
-        self._unfold_once()
-        other._unfold_once()
+        return self._gram(other, self._unfolded(), other._unfolded())
+
+    def _gram(self, other: Outer, mine: torch.Tensor | None, theirs: torch.Tensor | None) -> torch.Tensor:
         out = torch.zeros(self.n, other.n, dtype=torch.float64, device=self.grads.device)
         if self.ghost:
-            a2, b2 = other._a(slice(None)).double().flatten(0, 1), other.grads.double().flatten(0, 1)
+            a2, b2 = other._a(slice(None), theirs).double().flatten(0, 1), other.grads.double().flatten(0, 1)
             for block in _blocks(self.n, self.positions * a2.shape[0]):
-                a1, b1 = self._a(block).double().flatten(0, 1), self.grads[block].double().flatten(0, 1)
+                a1, b1 = self._a(block, mine).double().flatten(0, 1), self.grads[block].double().flatten(0, 1)
                 pair = (a1 @ a2.T) * (b1 @ b2.T)
                 out[block] = pair.view(-1, self.positions, other.n, other.positions).sum(dim=(1, 3))
             return out
         for rows in self._row_chunks(max(self.n, other.n)):
-            out += self._materialise(rows, torch.float64) @ other._materialise(rows, torch.float64).T
+            out += self._materialise(rows, torch.float64, mine) @ other._materialise(rows, torch.float64, theirs).T
         return out
 
     def gram_and_dot(self, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        unfolded = self._unfolded()
         if self.ghost:
-            return self.gram(self), self.dot(probe)
-        self._unfold_once()
+            return self._gram(self, unfolded, unfolded), self._dot(probe, unfolded)
         weight = probe.reshape(self.d_out, self.d_in)
         gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.grads.device)
         dot = torch.zeros(self.n, dtype=torch.float64, device=self.grads.device)
         for rows in self._row_chunks(self.n):
-            values = self._materialise(rows, torch.float64)
+            values = self._materialise(rows, torch.float64, unfolded)
             gram += values @ values.T
             dot += values @ weight[rows].reshape(-1).double()
         return gram, dot
 
     def dot(self, probe: torch.Tensor) -> torch.Tensor:
-        self._unfold_once()
+        return self._dot(probe, self._unfolded())
+
+    def _dot(self, probe: torch.Tensor, unfolded: torch.Tensor | None) -> torch.Tensor:
         dtype = _combine_dtype(self.grads)
         weight = probe.reshape(self.d_out, self.d_in).to(dtype)
         out = torch.empty(self.n, dtype=torch.float64, device=self.grads.device)
         for block in _blocks(self.n, self.positions * (self.d_in + self.d_out)):
-            projected = self._a(block) @ weight.T  # [s, T, d_out], the layer's forward cost
+            projected = self._a(block, unfolded) @ weight.T  # [s, T, d_out], the layer's forward cost
             out[block] = (projected * self.grads[block].to(dtype)).sum(dim=(1, 2), dtype=torch.float64)
         return out
 
     def combine(self, weights: torch.Tensor) -> torch.Tensor:
-        self._unfold_once()
         m, dtype = weights.shape[0], _combine_dtype(self.grads)
+        kernel = self.contract is not None and self.positions >= KERNEL_POSITIONS
+        unfolded = None if kernel else self._unfolded()
         out = None
         for block in _blocks(self.n, m * self.positions * self.d_out):
             scaled = weights[:, block, None, None].to(dtype) * self.grads[block].to(dtype)  # [m, s, T, d_out]
-            part = scaled.flatten(1, 2).transpose(1, 2) @ self._a(block).flatten(0, 1)
-            out = part if out is None else out.add_(part)
+            if kernel:
+                part = torch.stack([self.contract(self.inputs[block], scaled[row]) for row in range(m)])
+            else:
+                part = scaled.flatten(1, 2).transpose(1, 2) @ self._a(block, unfolded).flatten(0, 1)
+            out = part if out is None else out.add_(part.view_as(out))
         return out.view(m, *self.shape)
-
-
-def _as_is(x: torch.Tensor) -> torch.Tensor:
-    """``Outer.rows`` once the inputs have been replaced by their rows."""
-    return x
 
 
 def prefer_ghost(*, positions: int, d_in: int, d_out: int) -> bool:
