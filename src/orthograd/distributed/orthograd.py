@@ -116,6 +116,11 @@ class DistributedOrthoGrad(OrthoGrad):
 
 
 def _check_supported(config: OrthoGradConfig) -> None:
+    if config.schedule != "fixed":
+        raise ValueError(
+            "data-parallel OrthoGrad runs the fixed schedule only (the adaptive controller and its held-out retain "
+            "slice are single-process): pass schedule='fixed' (or method 'orthograd-fixed'), or run single-process"
+        )
     if config.retain_grads == "mean":
         return
     if config.projection == "qr" or config.projection_scope == "per_tensor":
