@@ -1,0 +1,113 @@
+"""Config of the offline TOFU-style benchmark (a YAML file with ``task: causal_lm``), validated by pydantic.
+
+Schema (every section optional except ``runs``; unknown keys are errors):
+
+    task: causal_lm                  # lets ``orthograd bench`` dispatch here
+    name: authors_llm
+    output: runs/authors_llm         # results.jsonl (one record per fraction x run x seed, resumable), tables.md
+    corpus:   {authors, seed, perturbations}            fictitious authors (orthograd.data.authors)
+    model:    {hidden_size, layers, heads, intermediate_size, device}   a Llama config trained from scratch
+    training: {epochs, batch_size, lr, seed}            the original and the retrained models (cached)
+    protocol: {forget_fractions, split_seed, eval_size}  forget splits; eval_size caps each evaluated set
+    unlearning: {max_epochs, seeds, lora, defaults}      the same LoRA, budget and evaluation for every method
+    runs:     [{label, method, params}]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CorpusConfig(_Section):
+    authors: int = Field(200, ge=2)
+    seed: int = 0
+    perturbations: int = Field(3, ge=1)
+
+
+class ModelConfig(_Section):
+    hidden_size: int = Field(128, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    device: str | None = None
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    seed: int = 0
+
+
+class ProtocolConfig(_Section):
+    forget_fractions: tuple[float, ...] = (0.01, 0.05, 0.1)
+    split_seed: int = 0
+    eval_size: int = Field(200, ge=1)
+
+    @field_validator("forget_fractions")
+    @classmethod
+    def _fractions(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or not all(0.0 < f < 1.0 for f in value):
+            raise ValueError(f"forget_fractions must be fractions in (0, 1), got {list(value)}")
+        return value
+
+
+class UnlearningConfig(_Section):
+    max_epochs: int = Field(5, ge=1)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    lora: dict[str, Any] | None = Field(
+        default_factory=lambda: {"r": 8, "alpha": 32, "targets": list(LLAMA_PROJECTIONS)}
+    )
+    defaults: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunSpec(_Section):
+    label: str
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AuthorsBenchConfig(_Section):
+    runs: tuple[RunSpec, ...] = Field(min_length=1)
+    task: Literal["causal_lm"] = "causal_lm"
+    name: str = "authors_llm"
+    output: str = "runs/authors_llm"
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
+    unlearning: UnlearningConfig = Field(default_factory=UnlearningConfig)
+
+    @field_validator("runs")
+    @classmethod
+    def _unique_labels(cls, value: tuple[RunSpec, ...]) -> tuple[RunSpec, ...]:
+        labels = [r.label for r in value]
+        if len(labels) != len(set(labels)):
+            raise ValueError(f"run labels must be unique, got {labels}")
+        return value
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> AuthorsBenchConfig:
+    """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
+    values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep:
+            raise ValueError(f"override {override!r} must look like section.key=value")
+        target = values
+        *parents, last = key.strip().split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[last] = yaml.safe_load(raw)
+    return AuthorsBenchConfig.model_validate(values)
