@@ -3,12 +3,14 @@
 For each setup, each OrthoGrad engine (reference: torch.func + QR, vmap_gram: torch.func + Gram solve, ghost:
 layer-wise Gram blocks) is timed against a NegGrad+ step (one forward/backward of beta * L_r - (1 - beta) * L_f on
 the same retain and forget batches, then the same optimizer step), interleaved, median of ``--repeats`` after one
-warm-up. Peak memory is measured in separate runs: on CUDA the allocator's peak above what was allocated before the
-step; on CPU the resident set size sampled every 0.5 ms above its level before the step (glibc is told to return
-freed tensors to the OS, so the level before the step is not inflated by freed memory).
+warm-up. OrthoGrad runs Algorithm 1 as written (``schedule="fixed"``). Peak memory is measured in separate runs: on
+CUDA the allocator's peak above what was allocated before the step; on CPU the resident set size sampled every
+0.5 ms above its level before the step, with glibc told to return freed tensors to the OS during that measurement
+only (timings run under glibc's usual reuse of freed memory, as in any Python process).
 
     python benchmarks/step_cost.py --quick              # small CPU models (the figures in RESULTS.md)
-    python benchmarks/step_cost.py                      # paper shapes: ResNet18, ViT-B/16, Whisper-tiny (GPU)
+    python benchmarks/step_cost.py --gpu-full           # every paper shape, ghost engine, fp32 then bf16 (one GPU)
+    python benchmarks/step_cost.py --gpu-full --dry-run # builds every full shape, one tiny step each (CPU is fine)
     python benchmarks/step_cost.py --setups resnet18_32_lora --engines ghost --bf16
 """
 
@@ -23,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -72,6 +74,16 @@ def _speech(frames: int, tokens: int, vocab: int) -> Callable[[int, torch.Genera
     return make
 
 
+def _tokens(length: int, prompt: int, vocab: int) -> Callable[[int, torch.Generator], Any]:
+    def make(n: int, gen: torch.Generator) -> Any:
+        ids = torch.randint(0, vocab, (n, length), generator=gen)
+        labels = ids.clone()
+        labels[:, :prompt] = -100  # the loss is on the answer tokens only
+        return {"input_ids": ids, "labels": labels}
+
+    return make
+
+
 def _resnet18(classes: int = 10) -> nn.Module:
     from torchvision.models import resnet18
 
@@ -101,6 +113,19 @@ def _whisper(*, source_positions: int, layers: int = 4) -> Callable[[], nn.Modul
     return build
 
 
+def _causal_lm(*, layers: int, dim: int, heads: int, positions: int, vocab: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(  # a GPT-2-style decoder, random weights (no download)
+            vocab_size=vocab, n_positions=positions, n_embd=dim, n_layer=layers, n_head=heads,
+            bos_token_id=0, eos_token_id=0,
+        )
+        return GPT2LMHeadModel(config)
+
+    return build
+
+
 LORA = LoRAConfig(r=8, alpha=32)
 LORA_VIT_MLP = LoRAConfig(r=8, alpha=32, targets=("mlp.0", "mlp.3"))
 
@@ -119,11 +144,13 @@ def quick_setups() -> list[Setup]:
         Setup("vit_tiny_32_lora_mlp", vit, _images(32), "classification", LORA_VIT_MLP, 32, 16),
         Setup("whisper_tiny_3s_lora", _whisper(source_positions=150, layers=2), _speech(300, 24, 51865), "asr",
               LORA, 8, 8),
+        Setup("gpt2_2x128_seq64_lora", _causal_lm(layers=2, dim=128, heads=4, positions=64, vocab=1000),
+              _tokens(64, 32, 1000), "causal_lm", LORA, 16, 8),
     ]
 
 
 def full_setups() -> list[Setup]:
-    """The paper's shapes (issue 6's table); meant for a GPU."""
+    """The paper's shapes (issue 6's table) and a GPT-2-style causal LM; meant for a GPU."""
     vit_b16 = _vit(image=224, patch=16, layers=12, heads=12, hidden=768, mlp=3072)
     return [
         Setup("resnet18_32_full", _resnet18, _images(32), "classification", None, 256, 128),
@@ -133,6 +160,8 @@ def full_setups() -> list[Setup]:
         Setup("vit_b16_224_lora_attn", vit_b16, _images(224), "classification", LORA, 128, 128),
         Setup("vit_b16_224_lora_mlp", vit_b16, _images(224), "classification", LORA_VIT_MLP, 128, 128),
         Setup("whisper_tiny_30s_lora", _whisper(source_positions=1500), _speech(3000, 64, 51865), "asr", LORA, 48, 48),
+        Setup("gpt2_8x512_seq256_lora", _causal_lm(layers=8, dim=512, heads=8, positions=256, vocab=50257),
+              _tokens(256, 128, 50257), "causal_lm", LORA, 64, 64),
     ]
 
 
@@ -149,9 +178,8 @@ class _Steps:
         self.retain = self.task.to_device(setup.batch(setup.retain, gen), device)
         self.forget = self.task.to_device(setup.batch(setup.forget, gen), device)
         self.bf16 = bf16
-        config = make_config(
-            "orthograd", {"lora": None, "lr": 1e-6, "bf16": bf16, "chunk_size": chunk_size, **ENGINES[engine]}
-        )
+        hyper = {"schedule": "fixed", "lora": None, "lr": 1e-6, "bf16": bf16, "chunk_size": chunk_size}
+        config = make_config("orthograd", {**hyper, **ENGINES[engine]})
         context = MethodContext(
             model=self.model, task=self.task, forget=[self.forget], retain=[self.retain], device=device,
             generator=torch.Generator().manual_seed(0),
@@ -191,8 +219,26 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
 
 
 _LIBC = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
-if _LIBC is not None:
-    _LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD fixed: large tensors are mmapped and freed back to the OS
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@contextmanager
+def _freed_memory_returned() -> Iterator[None]:
+    """Large tensors mmapped and unmapped when freed, so the resident set size follows what is allocated.
+
+    Afterwards glibc gets its usual steady state back (freed memory below 32 MiB kept for reuse, the ceiling its
+    dynamic threshold reaches on 64-bit), so that timings do not pay a page fault for every temporary.
+    """
+    if _LIBC is None:
+        yield
+        return
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+    try:
+        yield
+    finally:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
 
 
 def _rss() -> int:
@@ -232,12 +278,14 @@ def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
         fn()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - base
-    with _cpu_peak() as peak:
+    with _freed_memory_returned(), _cpu_peak() as peak:
         fn()
     return peak[0]
 
 
-def measure(setup: Setup, engine: str, *, device: torch.device, repeats: int, bf16: bool, chunk_size: int | None) -> dict[str, Any]:
+def measure(
+    setup: Setup, engine: str, *, device: torch.device, repeats: int, bf16: bool, chunk_size: int | None
+) -> dict[str, Any]:
     """Median step times and peak memories of OrthoGrad (``engine``) and NegGrad+ on the same batches."""
     steps = _Steps(setup, engine, device=device, bf16=bf16, chunk_size=chunk_size)
     steps.orthograd_step()  # warm-up (and engine choice)
@@ -268,19 +316,75 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     threads = torch.get_num_threads()
-    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} torch threads (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU: {cpu}, {os.cpu_count()} cores, {threads} torch threads (torch {torch.__version__})"
 
 
-def main() -> None:
+PRECISIONS = {"fp32": False, "bf16": True}  # precision -> bf16 autocast
+
+
+def dry_run(setups: list[Setup], engines: list[str], *, device: torch.device, bf16: bool) -> list[dict[str, Any]]:
+    """Build every setup at its full shape with 2 retain and 2 forget samples and take one step of each method.
+
+    Checks on any machine (a CPU will do) that a ``--gpu-full`` run can construct every model, batch and adapter,
+    and which engine each setup gets, before spending GPU time on it.
+    """
+    rows = []
+    for setup in setups:
+        for engine in engines:
+            steps = _Steps(replace(setup, retain=2, forget=2), engine, device=device, bf16=bf16, chunk_size=None)
+            steps.orthograd_step()
+            steps.neggrad_plus_step()
+            rows.append({"setup": setup.name, "engine": engine, "used": steps.orthograd.engine, "bf16": bf16,
+                         "trainable": sum(p.numel() for p in steps.model.parameters() if p.requires_grad)})
+    return rows
+
+
+def _run(setups: list[Setup], args: argparse.Namespace, device: torch.device, bf16: bool) -> None:
+    print(f"machine: {machine(device)}; bf16={bf16}; chunk_size={args.chunk_size}; repeats={args.repeats}", flush=True)
+    if args.dry_run:
+        print("| setup | engine (used) | trainable | dry run |\n|---|---|---|---|")
+        for row in dry_run(setups, args.engines, device=device, bf16=bf16):
+            print(f"| {row['setup']} | {row['engine']} ({row['used']}) | {row['trainable']:,} | one step each: ok |",
+                  flush=True)
+        return
+    print("| setup | engine (used) | trainable | OrthoGrad ms | NegGrad+ ms | time ratio | OrthoGrad MiB "
+          "| NegGrad+ MiB | memory ratio |\n|---|---|---|---|---|---|---|---|---|")
+    for setup in setups:
+        for engine in args.engines:
+            try:
+                r = measure(setup, engine, device=device, repeats=args.repeats, bf16=bf16, chunk_size=args.chunk_size)
+            except (PerSampleGradError, torch.cuda.OutOfMemoryError) as exc:  # e.g. vmap on peft's MHA LoRA
+                print(f"| {setup.name} | {engine} | fails: {str(exc).splitlines()[0][:160]} |||||||", flush=True)
+                continue
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            print(
+                f"| {r['setup']} (retain {setup.retain}, forget {setup.forget}) | {r['engine']} ({r['used']}) "
+                f"| {r['trainable']:,} | {r['orthograd_ms']:.1f} | {r['neggrad_plus_ms']:.1f} | {r['time_ratio']:.2f}x "
+                f"| {r['orthograd_mib']:.0f} | {r['neggrad_plus_mib']:.0f} | {r['memory_ratio']:.2f}x |",
+                flush=True,
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small CPU models instead of the paper's shapes")
+    parser.add_argument("--gpu-full", action="store_true",
+                        help="every full shape, ghost engine, fp32 then bf16, in one run (under 10 min on one GPU)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the chosen setups at full shape and take one 2-sample step of each method")
     parser.add_argument("--setups", nargs="*", help="names of setups to run (default: all of the chosen list)")
-    parser.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(ENGINES))
+    parser.add_argument("--engines", nargs="*", choices=list(ENGINES), help="default: all (--gpu-full: ghost)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for both methods' forward/backward")
     parser.add_argument("--chunk-size", type=int, default=None, help="OrthoGrad retain chunk size (memory bound)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick and args.gpu_full:
+        parser.error("--quick and --gpu-full choose different setup lists; pass one")
+    args.engines = args.engines or (["ghost"] if args.gpu_full else list(ENGINES))
     device = torch.device(args.device)
     setups = quick_setups() if args.quick else full_setups()
     if args.setups:
@@ -288,22 +392,11 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown setups {unknown}; choose from {[s.name for s in setups]}")
         setups = [s for s in setups if s.name in args.setups]
-    print(f"machine: {machine(device)}; bf16={args.bf16}; chunk_size={args.chunk_size}; repeats={args.repeats}")
-    print("| setup | engine (used) | trainable | OrthoGrad ms | NegGrad+ ms | time ratio | OrthoGrad MiB | NegGrad+ MiB | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for setup in setups:
-        for engine in args.engines:
-            try:
-                r = measure(setup, engine, device=device, repeats=args.repeats, bf16=args.bf16, chunk_size=args.chunk_size)
-            except PerSampleGradError as exc:  # e.g. vmap on peft's MultiheadAttention LoRA
-                print(f"| {setup.name} | {engine} | fails: {str(exc).splitlines()[0][:160]} |||||||", flush=True)
-                continue
-            print(
-                f"| {r['setup']} (retain {setup.retain}, forget {setup.forget}) | {r['engine']} ({r['used']}) "
-                f"| {r['trainable']:,} | {r['orthograd_ms']:.1f} | {r['neggrad_plus_ms']:.1f} | {r['time_ratio']:.2f}x "
-                f"| {r['orthograd_mib']:.0f} | {r['neggrad_plus_mib']:.0f} | {r['memory_ratio']:.2f}x |",
-                flush=True,
-            )
+    precisions = list(PRECISIONS) if args.gpu_full else ["bf16" if args.bf16 else "fp32"]
+    start = time.perf_counter()
+    for precision in precisions:
+        _run(setups, args, device, PRECISIONS[precision])
+    print(f"total wall time: {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
