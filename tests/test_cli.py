@@ -40,7 +40,8 @@ def _tiny_config(tmp_path: Path) -> Path:
         "train": {"epochs": 2, "lr": 3.0e-3, "batch_size": 64},
         "scenario": {"kind": "random", "forget_size": 40, "retain_size": 60, "seeds": [0]},
         "unlearn": {"max_epochs": 2, "stop": False},
-        "methods": {"orthograd": {"optimizer": "adam", "lr": 1.0e-3, "forget_batch_size": 20, "retain_batch_size": 30}},
+        "methods": {"orthograd": {"schedule": "fixed", "optimizer": "adam", "lr": 1.0e-3, "forget_batch_size": 20,
+                                  "retain_batch_size": 30}},  # fixed: unlearn-ddp runs the fixed schedule
         "sweep": {"grid": {"orthograd": {"lr": [1.0e-4, 3.0e-2]}}},
         "device": "cpu",
         "cache_dir": str(tmp_path / "cache"),
