@@ -2,7 +2,7 @@
 
 One spawn runs every scenario (process start-up dominates the cost); the parent process runs the same scenarios
 single-process and compares the unlearned weights. Tolerances: float64 models, 1e-9 relative (in max-abs over all
-weights), and float32, 1e-4 relative: reduction order differs, nothing else; the same scenario in float64 pins the
+weights), and float32, 1e-5 relative: reduction order differs, nothing else; the same scenario in float64 pins the
 logic at 1e-9. Data-parallel OrthoGrad runs the fixed schedule (the adaptive one is refused with the fix).
 """
 
@@ -45,7 +45,7 @@ SCENARIOS: dict[str, tuple[str, torch.dtype, tuple[int, int], dict[str, Any]]] =
                             "schedule": "fixed"}),
     "neggrad+_f64": ("neggrad+", torch.float64, (16, 16), {"forget_batch_size": 8, "retain_batch_size": 8, "lr": 0.1}),
 }
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 ORTHOGRAD = {"schedule": "fixed", "optimizer": "adam", "lr": 1e-3, "forget_batch_size": 20, "retain_batch_size": 30}
 
 
