@@ -101,11 +101,36 @@ def test_mean_ablation_projects_against_mean_retain_gradient_only():
     assert (delta - delta_ps).norm() > 1e-3 * delta.norm()  # the two ablations really differ
 
 
-def test_adam_optimizer_and_per_tensor_scope_run():
+def _flat_delta(after, model) -> torch.Tensor:
+    return torch.cat([(a.detach() - p.detach()).reshape(-1) for a, p in zip(after.parameters(), model.parameters())])
+
+
+def test_adam_first_step_moves_every_entry_by_lr_along_the_sgd_direction():
+    """Adam's first step is -lr * d / (|d| + eps) per entry: the SGD step's signs, each entry moved by ~lr."""
     model, forget, retain = _mlp(), _data(7, 6), _data(8, 4)
-    for kwargs in ({"optimizer": "adam"}, {"projection_scope": "per_tensor"}):
-        after = _one_step(model, forget, retain, alpha=0.5, lr=1e-2, **kwargs)
-        assert any(not torch.equal(a, p) for a, p in zip(after.parameters(), model.parameters()))
+    lr = 1e-2
+    adam = _flat_delta(_one_step(model, forget, retain, alpha=0.5, lr=lr, optimizer="adam"), model)
+    sgd = _flat_delta(_one_step(model, forget, retain, alpha=0.5, lr=lr), model)
+    moved = sgd.abs() > 1e-6  # entries whose direction is well above Adam's eps
+    assert moved.float().mean() > 0.9
+    torch.testing.assert_close(adam[moved].abs(), torch.full_like(adam[moved], lr), rtol=1e-3, atol=0.0)
+    assert torch.equal(torch.sign(adam[moved]), torch.sign(sgd[moved]))
+
+
+def test_per_tensor_scope_projects_each_tensor_against_its_own_retain_gradients():
+    """alpha = 0, SGD: each tensor's update is orthogonal to every retain sample's gradient of that tensor."""
+    model, forget, retain = _mlp(torch.float64), _data(7, 6, torch.float64), _data(8, 4, torch.float64)
+    after = _one_step(model, forget, retain, alpha=0.0, lr=1e-2, projection_scope="per_tensor")
+    per_sample = og.per_sample_grads(
+        model, lambda m, batch: F.cross_entropy(m(batch[0]), batch[1], reduction="none"), retain
+    )
+    global_delta = _flat_delta(_one_step(model, forget, retain, alpha=0.0, lr=1e-2), model)
+    for (name, param), new in zip(model.named_parameters(), after.parameters()):
+        delta = (new.detach() - param.detach()).reshape(-1)
+        rows = per_sample[name].reshape(len(retain[0]), -1)
+        assert delta.norm() > 0 or rows.shape[0] >= delta.numel()  # a tensor smaller than the batch gets nothing
+        assert (rows @ delta).abs().max() <= 1e-9 * max(float(delta.norm()), 1e-30) * float(rows.norm())
+    assert (_flat_delta(after, model) - global_delta).norm() > 1e-3 * global_delta.norm()  # not the global step
 
 
 def test_config_validation_and_round_trip():

@@ -97,8 +97,9 @@ def unlearn(
     evaluation row when it fires). ``method_kwargs`` (or ``config=``) are the method's hyperparameters, e.g.
     ``alpha``, ``lr``, ``lora``, ``retain_grads``.
     ``forget_classes`` names the classes being forgotten (class forgetting). Before anything runs, the data is
-    checked: forget and retain must not share a sample (``check_overlap=False`` skips this content check for
-    huge sets you split yourself), labels must fit the model's outputs, and the model must take the inputs.
+    checked: forget and retain must not share a sample (``check_overlap=False`` skips this comparison for huge
+    sets you split yourself; the audit fingerprints still read every sample), labels must fit the model's outputs,
+    and the model must take the inputs.
     The input model is left untouched unless ``inplace=True``. ``on_eval(row)`` is called with every history row
     as it is recorded (a dict: step, epoch, the metric per set, step statistics averaged since the previous row,
     time_s); ``verbose=True`` prints each row. A run that ends without reaching its stop rule's target says so
@@ -124,7 +125,9 @@ def unlearn(
     hashes: dict[int, list[str]] = {}  # each sample is read once for the overlap check and the fingerprints
     if check_overlap:
         check_disjoint(forget, retain, cache=hashes)
-    fingerprints = {name: fingerprint(data, cache=hashes) for name, data in (("forget", forget), ("retain", retain))}
+    fingerprints = {
+        name: fingerprint(data, cache=hashes, name=name) for name, data in (("forget", forget), ("retain", retain))
+    }
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -164,8 +167,8 @@ def unlearn(
         eval_every = _preferred_eval_every(built, forget, batch_size=getattr(cfg, "forget_batch_size", None))
     callbacks = [callback for callback in (on_eval, print_row if verbose else None) if callback is not None]
     runner = _Run(built, evaluator, stop_rule, callbacks, started)
-    runner.record(step=0, epoch=0, metrics=original, stats={})
-    stop_reason = runner.loop(max_epochs=max_epochs, eval_every=eval_every)
+    reached_already = runner.record(step=0, epoch=0, metrics=original, stats={})
+    stop_reason = "target_reached" if reached_already else runner.loop(max_epochs=max_epochs, eval_every=eval_every)
     missed = _missed_target(stop, stop_reason, runner.history[-1], built) if stop_rule is not None else None
     if missed is not None:
         warnings.warn(missed, UserWarning, stacklevel=2)
@@ -338,8 +341,6 @@ class _Run:
         return False
 
     def loop(self, *, max_epochs: int, eval_every: int | None) -> str:
-        if self.stop_rule is not None and self.stop_rule(self.history[-1]):
-            return "target_reached"
         self.model.train(self.method.train_mode)
         for epoch in range(1, max_epochs + 1):
             epoch_stats = _RunningMeans()
