@@ -19,10 +19,31 @@ def demo_raw() -> dict:
     return yaml.safe_load((CONFIGS / "demo.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml") if "speaker" not in p.name))
+def image_configs() -> list[str]:
+    """Shipped configs of the image benchmark (speaker and causal-LM configs have their own schemas)."""
+    names = sorted(p.name for p in CONFIGS.glob("*.yaml") if "speaker" not in p.name)
+    return [n for n in names if yaml.safe_load((CONFIGS / n).read_text()).get("task") != "causal_lm"]
+
+
+@pytest.mark.parametrize("name", image_configs())
 def test_every_shipped_image_config_validates(name: str) -> None:
     config, _ = load_config(CONFIGS / name)
     assert config.name == name.removesuffix(".yaml") or name == "demo.yaml"
+
+
+def test_shipped_llm_config_validates_with_its_schema() -> None:
+    from orthograd import llm_bench
+    from orthograd.methods import make_config
+
+    config = llm_bench.load_config(CONFIGS / "authors_llm.yaml")
+    assert config.task == "causal_lm" and config.protocol.forget_fractions == (0.01, 0.05, 0.1)
+    assert len(config.unlearning.seeds) == 3 and set(config.unlearning.lora["targets"]) == set(
+        llm_bench.config.LLAMA_PROJECTIONS)  # attention and MLP projections, one LoRA for every method
+    methods = {run.method for run in config.runs}
+    assert {"orthograd", "orthograd-fixed", "neggrad", "neggrad+", "npo", "finetune", "scrub"} <= methods
+    for run in config.runs:
+        make_config(run.method, {**config.unlearning.defaults, **run.params})
+    assert "authors_llm" not in image_configs()
 
 
 def test_unknown_key_names_the_valid_keys() -> None:

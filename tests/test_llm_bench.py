@@ -8,12 +8,17 @@ import yaml
 pytest.importorskip("tokenizers")
 pytest.importorskip("rouge_score")
 
+from typer.testing import CliRunner  # noqa: E402
+
 from orthograd import llm_bench  # noqa: E402
+from orthograd.cli import app  # noqa: E402
+from orthograd.data.authors import forget_authors  # noqa: E402
+from orthograd.llm_bench.tuning import choose, validation_authors  # noqa: E402
 
 TINY = {
     "task": "causal_lm",
     "name": "authors_tiny",
-    "corpus": {"authors": 4},
+    "corpus": {"authors": 4, "holdout": 2},
     "model": {"hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64, "device": "cpu"},
     "training": {"epochs": 2, "batch_size": 16},
     "protocol": {"forget_fractions": [0.25], "eval_size": 8},
@@ -32,13 +37,16 @@ def test_tiny_benchmark_writes_records_and_tables_and_resumes(tmp_path):
     assert [(r["label"], r["seed"]) for r in records] == [("Original", None), ("Retrain", None), ("OrthoGrad", 0),
                                                           ("NPO", 0)]
     for record in records:
+        assert record["split"] == "test"
         assert 0.0 <= record["forget_quality"] <= 1.0 and 0.0 <= record["model_utility"] <= 1.0
         assert {"forget_rouge_l", "forget_probability", "retain_probability", "heldout_rouge_l"} <= set(record)
+        assert 0.0 <= record["mia_loss_auc"] <= 1.0 and 0.0 <= record["mia_loss_accuracy"] <= 1.0
     assert records[0]["fraction"] == 0.25 and "wall_s" in records[2]
     models = sorted((tmp_path / "out" / "models").glob("lm-*.pt"))
     assert len(models) == 2  # the original and the model retrained without the forget author, cached
     table = (tmp_path / "out" / "tables.md").read_text()
     assert "## Forget 25% of the authors" in table and "| NPO |" in table and "Forget quality" in table
+    assert "MIA AUC" in table
     again = llm_bench.run_config_file(config)  # resumes: nothing new to run
     assert again == records
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 4
@@ -55,3 +63,51 @@ def test_config_errors_are_clear(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(TINY))
     assert llm_bench.load_config(good, ["corpus.authors=9"]).corpus.authors == 9
+
+
+def test_gridded_runs_are_tuned_on_validation_authors_outside_the_test_forget_sets(tmp_path):
+    grid = {"lr": [0.01, 0.001]}
+    runs = [TINY["runs"][0], {**TINY["runs"][1], "grid": grid}]
+    raw = {**TINY, "runs": runs, "output": str(tmp_path / "out"), "tuning": {"fraction": 0.25, "seed": 3}}
+    config = llm_bench.AuthorsBenchConfig.model_validate(raw)
+    tested = set(forget_authors(4, fraction=0.25, seed=0))
+    assert not tested & set(validation_authors(config))
+    records = llm_bench.run(config)
+    validation = [r for r in records if r["split"] == "validation"]
+    assert [(r["label"], r["params"].get("lr")) for r in validation] == [("Original", None), ("Retrain", None),
+                                                                        ("NPO", 0.01), ("NPO", 0.001)]
+    original = validation[0]["model_utility"]
+    scored = [({"lr": r["params"]["lr"]}, r) for r in validation[2:]]
+    expected = choose(scored, original_utility=original, keep_utility=0.9)
+    npo = [r for r in records if r["split"] == "test" and r["label"] == "NPO"]
+    assert len(npo) == 1 and npo[0]["params"]["lr"] == expected["lr"]
+    assert len(list((tmp_path / "out" / "models").glob("lm-*.pt"))) == 3  # original, test and validation retrains
+    assert "## Validation split" in (tmp_path / "out" / "tables.md").read_text()
+
+
+def test_choose_keeps_utility_then_maximises_forget_quality():
+    scored = [({"lr": 1}, {"forget_quality": 0.9, "model_utility": 0.2}),
+              ({"lr": 2}, {"forget_quality": 0.3, "model_utility": 0.5}),
+              ({"lr": 3}, {"forget_quality": 0.1, "model_utility": 0.6})]
+    assert choose(scored, original_utility=0.6, keep_utility=0.8) == {"lr": 2}
+    assert choose(scored, original_utility=0.6, keep_utility=0.0) == {"lr": 1}
+    assert choose(scored, original_utility=1.0, keep_utility=0.9) == {"lr": 3}  # none keeps 0.9: the most useful
+
+
+def test_holdout_authors_are_never_trained_on():
+    corpus = llm_bench.build_corpus(llm_bench.AuthorsBenchConfig.model_validate(TINY))
+    assert {p.author for p in corpus.training()} == {0, 1, 2, 3}
+    assert {p.author for p in corpus.training(excluded=[2])} == {0, 1, 3}
+    assert {p.author for p in corpus.holdout()} == {4, 5}
+    assert not any(p.held_out for p in corpus.holdout())
+
+
+def test_cli_bench_dispatches_causal_lm_configs_and_prints_the_tables(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "runs": TINY["runs"][1:]}))
+    result = CliRunner().invoke(app, ["bench", str(config), "--out", str(tmp_path / "cli"), "--set", "corpus.seed=1"])
+    assert result.exit_code == 0, result.output
+    assert "forget 25% NPO seed 0: forget quality" in result.output  # a line per finished run
+    assert "## Forget 25% of the authors" in result.output and "| NPO |" in result.output
+    records = (tmp_path / "cli" / "results.jsonl").read_text().splitlines()
+    assert len(records) == 3 and '"label": "NPO"' in records[-1]

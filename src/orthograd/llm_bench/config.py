@@ -5,12 +5,14 @@ Schema (every section optional except ``runs``; unknown keys are errors):
     task: causal_lm                  # lets ``orthograd bench`` dispatch here
     name: authors_llm
     output: runs/authors_llm         # results.jsonl (one record per fraction x run x seed, resumable), tables.md
-    corpus:   {authors, seed, perturbations}            fictitious authors (orthograd.data.authors)
+    corpus:   {authors, holdout, seed, perturbations}   fictitious authors (orthograd.data.authors); ``holdout``
+                                                        more are never trained (the loss MIA's non-members)
     model:    {hidden_size, layers, heads, intermediate_size, device}   a Llama config trained from scratch
     training: {epochs, batch_size, lr, seed}            the original and the retrained models (cached)
     protocol: {forget_fractions, split_seed, eval_size}  forget splits; eval_size caps each evaluated set
     unlearning: {max_epochs, seeds, lora, defaults}      the same LoRA, budget and evaluation for every method
-    runs:     [{label, method, params}]
+    tuning:   {fraction, seed, keep_utility}             the validation split each run's grid is tried on
+    runs:     [{label, method, params, grid}]             grid: {name: [values]} chosen on validation (optional)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class _Section(BaseModel):
 
 class CorpusConfig(_Section):
     authors: int = Field(200, ge=2)
+    holdout: int = Field(10, ge=2)  # authors no model is trained on: TOFU's holdout set, non-members for the MIA
     seed: int = 0
     perturbations: int = Field(3, ge=1)
 
@@ -72,10 +75,25 @@ class UnlearningConfig(_Section):
     defaults: dict[str, Any] = Field(default_factory=dict)
 
 
+class TuningConfig(_Section):
+    fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    seed: int = 1
+    keep_utility: float = Field(0.9, ge=0.0, le=1.0)
+
+
 class RunSpec(_Section):
     label: str
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [name for name, values in value.items() if not values]
+        if empty:
+            raise ValueError(f"grid values must be non-empty lists, got none for {empty}")
+        return value
 
 
 class AuthorsBenchConfig(_Section):
@@ -88,6 +106,7 @@ class AuthorsBenchConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
     unlearning: UnlearningConfig = Field(default_factory=UnlearningConfig)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
 
     @field_validator("runs")
     @classmethod

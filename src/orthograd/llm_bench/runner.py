@@ -29,11 +29,13 @@ from orthograd import methods
 from orthograd.api import resolve_device, unlearn
 from orthograd.data.authors import QAPair, forget_authors, generate_authors, qa_pairs
 from orthograd.io import ResultsLog, atomic_write_bytes, atomic_write_text
-from orthograd.llm_bench.config import AuthorsBenchConfig, load_config
+from orthograd.llm_bench.config import AuthorsBenchConfig, RunSpec, load_config
 from orthograd.llm_bench.tables import authors_tables
+from orthograd.llm_bench.tuning import choose, grid_points, validation_authors
+from orthograd.privacy import loss_attack
 from orthograd.tasks.causal_lm import CausalLMTask
 from orthograd.tasks.qa_text import QAEncoder, train_tokenizer
-from orthograd.tasks.tofu import tofu_metrics, truth_ratios
+from orthograd.tasks.tofu import answer_losses, tofu_metrics, truth_ratios
 
 log = logging.getLogger(__name__)
 Record = dict[str, Any]
@@ -41,11 +43,23 @@ Record = dict[str, Any]
 
 @dataclass(frozen=True)
 class Corpus:
+    """Every QA pair (authors ``0..trainable-1`` can be trained on, the rest are the never-trained holdout)."""
+
     pairs: list[QAPair]
     encoder: QAEncoder
+    trainable: int
 
     def items(self, pairs: Sequence[QAPair]) -> list[dict[str, torch.Tensor]]:
         return [self.encoder.item(p.question, p.answer) for p in pairs]
+
+    def training(self, *, excluded: Sequence[int] = ()) -> list[QAPair]:
+        """The training phrasings of the trainable authors not in ``excluded``."""
+        skip = set(excluded)
+        return [p for p in self.pairs if not p.held_out and p.author < self.trainable and p.author not in skip]
+
+    def holdout(self) -> list[QAPair]:
+        """The training phrasings of the holdout authors, which no model sees (the MIA's non-members)."""
+        return [p for p in self.pairs if not p.held_out and p.author >= self.trainable]
 
 
 def run_config_file(path: str | Path, overrides: Sequence[str] = (), **kwargs: Any) -> list[Record]:
@@ -54,66 +68,149 @@ def run_config_file(path: str | Path, overrides: Sequence[str] = (), **kwargs: A
 
 
 def build_corpus(config: AuthorsBenchConfig) -> Corpus:
-    """QA pairs of the fictitious authors and a word-level tokenizer trained on all their text."""
-    authors = generate_authors(config.corpus.authors, seed=config.corpus.seed)
+    """QA pairs of the fictitious authors (plus the holdout ones) and a word-level tokenizer trained on their text."""
+    authors = generate_authors(config.corpus.authors + config.corpus.holdout, seed=config.corpus.seed)
     pairs = qa_pairs(authors, perturbations=config.corpus.perturbations, seed=config.corpus.seed)
     texts = [t for p in pairs for t in (p.question, p.answer, p.paraphrase, *p.perturbed)] + ["Question: Answer:"]
-    return Corpus(pairs=pairs, encoder=QAEncoder(train_tokenizer(texts)))
+    return Corpus(pairs=pairs, encoder=QAEncoder(train_tokenizer(texts)), trainable=config.corpus.authors)
 
 
 def run(config: AuthorsBenchConfig, *, on_record: Callable[[Record], None] | None = None) -> list[Record]:
-    """Run (or resume) the benchmark; returns every record of this config and writes ``tables.md``."""
+    """Run (or resume) the benchmark: tune each run's grid on the validation split, then every forget fraction x
+    run x seed with the chosen values; returns every record of this config and writes ``tables.md``."""
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.model.device)
-    corpus = build_corpus(config)
-    original = trained_model(config, corpus, excluded=(), device=device, cache_dir=out / "models")
-    results = ResultsLog(out / "results.jsonl")
-    done = {(r["fraction"], r["label"], r["seed"], r["key"]) for r in results.records()}
-    task = CausalLMTask(pad_token_id=corpus.encoder.pad_token_id, eos_token_id=corpus.encoder.eos_token_id)
+    bench = _Bench(config, on_record=on_record)
+    chosen = bench.tune() if any(spec.grid for spec in config.runs) else {}
     for fraction in config.protocol.forget_fractions:
-        forget_ids = set(forget_authors(config.corpus.authors, fraction=fraction, seed=config.protocol.split_seed))
-        train = [p for p in corpus.pairs if not p.held_out]
-        forget = [p for p in train if p.author in forget_ids]
-        retain = [p for p in train if p.author not in forget_ids]
-        rng = random.Random(config.protocol.split_seed)
-        size = config.protocol.eval_size
-        heldout = [p for p in corpus.pairs if p.held_out and p.author not in forget_ids]
-        evaluation = {
-            "retain": rng.sample(retain, min(size, len(retain))),
-            "heldout": rng.sample(heldout, min(size, len(heldout))),
-        }
-        forget_eval = rng.sample(forget, min(size, len(forget)))
-        retrained = trained_model(config, corpus, excluded=sorted(forget_ids), device=device, cache_dir=out / "models")
-        reference = truth_ratios(retrained, forget_eval, encoder=corpus.encoder, device=device)
-
-        def measure(model: nn.Module) -> dict[str, float]:
-            return tofu_metrics(model, forget=forget_eval, retained=evaluation, encoder=corpus.encoder,
-                                device=device, retrained_forget_ratios=reference)
-
-        for label, model in (("Original", original), ("Retrain", retrained)):
-            key = _key(config, label, {})
-            if (fraction, label, None, key) not in done:
-                _emit(results, on_record, {"fraction": fraction, "label": label, "method": label.lower(), "seed": None,
-                                           "key": key, **measure(model)})
+        ids = forget_authors(config.corpus.authors, fraction=fraction, seed=config.protocol.split_seed)
+        split = bench.split("test", fraction, ids)
         for spec in config.runs:
-            params = {**config.unlearning.defaults, **spec.params}
-            key = _key(config, spec.label, params)
+            params = {**config.unlearning.defaults, **spec.params, **chosen.get(spec.label, {})}
             for seed in config.unlearning.seeds:
-                if (fraction, spec.label, seed, key) in done:
-                    continue
-                log.info("forget %.0f%%: %s, seed %d", 100 * fraction, spec.label, seed)
-                started = time.perf_counter()
-                result = unlearn(original, corpus.items(forget), corpus.items(retain), method=spec.method, task=task,
-                                 max_epochs=config.unlearning.max_epochs, seed=seed, device=device,
-                                 **_with_lora(spec.method, params, config.unlearning.lora))
-                wall = time.perf_counter() - started
-                _emit(results, on_record, {"fraction": fraction, "label": spec.label, "method": spec.method,
-                                           "seed": seed, "key": key, "wall_s": wall, "epochs": result.epochs,
-                                           "stop_reason": result.stop_reason, **measure(result.model)})
-    records = [r for r in results.records() if r["key"] in _keys(config)]
+                bench.unlearn(split, spec, params, seed=seed)
+    records = [r for r in bench.results.records() if r["key"] in bench.keys]
     atomic_write_text(out / "tables.md", authors_tables(records, title=config.name))
     return records
+
+
+@dataclass(frozen=True)
+class Split:
+    """One forget split: what unlearning sees (``forget``, ``retain``) and how a model is measured on it."""
+
+    name: str  # "test" or "validation"
+    fraction: float
+    forget: list[QAPair]
+    retain: list[QAPair]
+    measure: Callable[[nn.Module], dict[str, float]]
+
+
+class _Bench:
+    """The state one run of the benchmark shares: corpus, original model, results log, what is already done."""
+
+    def __init__(self, config: AuthorsBenchConfig, *, on_record: Callable[[Record], None] | None) -> None:
+        self.config, self.on_record = config, on_record
+        self.device = resolve_device(config.model.device)
+        self.corpus = build_corpus(config)
+        self.models = Path(config.output) / "models"
+        self.original = trained_model(config, self.corpus, excluded=(), device=self.device, cache_dir=self.models)
+        self.results = ResultsLog(Path(config.output) / "results.jsonl")
+        self.done = {_identity(r): r for r in self.results.records()}
+        self.keys: set[str] = set()
+        self.task = CausalLMTask(pad_token_id=self.corpus.encoder.pad_token_id,
+                                 eos_token_id=self.corpus.encoder.eos_token_id)
+
+    def split(self, name: str, fraction: float, forget_ids: Sequence[int]) -> Split:
+        """The split forgetting ``forget_ids``, its retrained reference, and the Original and Retrain records."""
+        corpus, size = self.corpus, self.config.protocol.eval_size
+        excluded = set(forget_ids)
+        forget = [p for p in corpus.training() if p.author in excluded]
+        retain = corpus.training(excluded=sorted(excluded))
+        heldout = [p for p in corpus.pairs if p.held_out and p.author < corpus.trainable and p.author not in excluded]
+        rng = random.Random(self.config.protocol.split_seed)
+        evaluation = {"retain": _sample(rng, retain, size), "heldout": _sample(rng, heldout, size)}
+        forget_eval = _sample(rng, forget, size)
+        holdout_eval = _sample(rng, corpus.holdout(), size)
+        retrained = trained_model(self.config, corpus, excluded=sorted(excluded), device=self.device,
+                                  cache_dir=self.models)
+        reference = truth_ratios(retrained, forget_eval, encoder=corpus.encoder, device=self.device)
+
+        def measure(model: nn.Module) -> dict[str, float]:
+            metrics = tofu_metrics(model, forget=forget_eval, retained=evaluation, encoder=corpus.encoder,
+                                   device=self.device, retrained_forget_ratios=reference)
+            mia = loss_mia(model, forget=forget_eval, holdout=holdout_eval, encoder=corpus.encoder, device=self.device)
+            return {**metrics, **mia}
+
+        split = Split(name=name, fraction=fraction, forget=forget, retain=retain, measure=measure)
+        for label, model in (("Original", self.original), ("Retrain", retrained)):
+            self._record(split, label, label.lower(), {}, None, lambda model=model: ({}, measure(model)))
+        return split
+
+    def unlearn(self, split: Split, spec: RunSpec, params: dict[str, Any], *, seed: int) -> Record:
+        """One unlearning run from the original model (or its stored record when already done)."""
+        def execute() -> tuple[Record, dict[str, float]]:
+            log.info("%s split, forget %.0f%%: %s, seed %d", split.name, 100 * split.fraction, spec.label, seed)
+            started = time.perf_counter()
+            result = unlearn(self.original, self.corpus.items(split.forget), self.corpus.items(split.retain),
+                             method=spec.method, task=self.task, max_epochs=self.config.unlearning.max_epochs,
+                             seed=seed, device=self.device,
+                             **_with_lora(spec.method, params, self.config.unlearning.lora))
+            run = {"wall_s": time.perf_counter() - started, "epochs": result.epochs,
+                   "stop_reason": result.stop_reason}
+            return run, split.measure(result.model)
+
+        return self._record(split, spec.label, spec.method, params, seed, execute)
+
+    def tune(self) -> dict[str, dict[str, Any]]:
+        """Each gridded run's chosen values, tried with the first seed on the validation split."""
+        config = self.config
+        split = self.split("validation", config.tuning.fraction, validation_authors(config))
+        original = self.done[("validation", split.fraction, "Original", None, _key(config, "Original", {}))]
+        chosen: dict[str, dict[str, Any]] = {}
+        for spec in config.runs:
+            if not spec.grid:
+                continue
+            base = {**config.unlearning.defaults, **spec.params}
+            scored = [(point, self.unlearn(split, spec, {**base, **point}, seed=config.unlearning.seeds[0]))
+                      for point in grid_points(spec.grid)]
+            chosen[spec.label] = choose(scored, original_utility=original["model_utility"],
+                                        keep_utility=config.tuning.keep_utility)
+            log.info("validation: %s keeps %s", spec.label, chosen[spec.label])
+        return chosen
+
+    def _record(self, split: Split, label: str, method: str, params: dict[str, Any], seed: int | None,
+                execute: Callable[[], tuple[Record, dict[str, float]]]) -> Record:
+        key = _key(self.config, label, params)
+        self.keys.add(key)
+        identity = (split.name, split.fraction, label, seed, key)
+        if identity not in self.done:
+            run, metrics = execute()
+            record = {"split": split.name, "fraction": split.fraction, "label": label, "method": method, "seed": seed,
+                      "key": key, "params": params, **run, **metrics}
+            self.done[identity] = _emit(self.results, self.on_record, record)
+        return self.done[identity]
+
+
+def _identity(record: Record) -> tuple[Any, ...]:
+    return record["split"], record["fraction"], record["label"], record["seed"], record["key"]
+
+
+def _sample(rng: random.Random, pairs: Sequence[QAPair], size: int) -> list[QAPair]:
+    return rng.sample(list(pairs), min(size, len(pairs)))
+
+
+def loss_mia(
+    model: nn.Module, *, forget: Sequence[QAPair], holdout: Sequence[QAPair], encoder: QAEncoder, device: torch.device
+) -> dict[str, float]:
+    """Loss attack (``orthograd.privacy``) on answer losses, forget authors against never-trained holdout authors
+    (as OpenUnlearning's TOFU MIA): AUC 0.5 means the forget answers look unseen, near 1 that they are remembered."""
+    def losses(pairs: Sequence[QAPair]) -> np.ndarray:
+        return answer_losses(model, [p.question for p in pairs], [p.answer for p in pairs], encoder=encoder,
+                             device=device)
+
+    folds = min(5, len(forget), len(holdout))
+    scores = loss_attack(forget_losses=losses(forget), test_losses=losses(holdout), n_splits=folds)
+    return {"mia_loss_auc": scores["auc"], "mia_loss_accuracy": scores["accuracy"]}
 
 
 def build_model(config: AuthorsBenchConfig, encoder: QAEncoder, *, max_length: int) -> nn.Module:
@@ -134,7 +231,7 @@ def trained_model(
     config: AuthorsBenchConfig, corpus: Corpus, *, excluded: Sequence[int], device: torch.device, cache_dir: Path
 ) -> nn.Module:
     """The LM trained from scratch on the training phrasings of every author not in ``excluded`` (cached)."""
-    items = corpus.items([p for p in corpus.pairs if not p.held_out and p.author not in set(excluded)])
+    items = corpus.items(corpus.training(excluded=excluded))
     max_length = max(len(item["input_ids"]) for item in corpus.items(corpus.pairs)) + 8
     spec = {"corpus": config.corpus.model_dump(), "model": config.model.model_dump(exclude={"device"}),
             "training": config.training.model_dump(), "excluded": list(excluded)}
@@ -182,14 +279,9 @@ def _key(config: AuthorsBenchConfig, label: str, params: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _keys(config: AuthorsBenchConfig) -> set[str]:
-    labels = [("Original", {}), ("Retrain", {})]
-    labels += [(s.label, {**config.unlearning.defaults, **s.params}) for s in config.runs]
-    return {_key(config, label, params) for label, params in labels}
-
-
-def _emit(results: ResultsLog, on_record: Callable[[Record], None] | None, record: Record) -> None:
+def _emit(results: ResultsLog, on_record: Callable[[Record], None] | None, record: Record) -> Record:
     clean = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in record.items()}
     results.append(clean)
     if on_record is not None:
         on_record(clean)
+    return clean

@@ -1,4 +1,5 @@
-"""TOFU-style tables: per forget fraction, every method's mean ± std over seeds of TOFU's metrics and wall time."""
+"""TOFU-style tables: per forget fraction, every method's mean ± std over seeds of TOFU's metrics and wall time;
+then the validation split's grid points (what each tuned run was chosen from)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("forget_probability", "Forget prob."),
     ("forget_truth_ratio", "Forget truth ratio"),
     ("retain_rouge_l", "Retain ROUGE-L"),
+    ("mia_loss_auc", "MIA AUC (0.5: unseen)"),
     ("wall_s", "Wall s"),
 )
 
@@ -26,11 +28,22 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.3g} ± {np.std(values):.2g}"
 
 
+def record_line(record: Mapping[str, Any]) -> str:
+    """One line about a finished record (the CLI prints it as runs finish)."""
+    seed = "" if record["seed"] is None else f" seed {record['seed']}"
+    wall = f" ({record['wall_s']:.1f}s, {record['stop_reason']})" if "wall_s" in record else ""
+    return (f"forget {100 * record['fraction']:g}% {record['label']}{seed}: forget quality "
+            f"{record['forget_quality']:.3g}, model utility {record['model_utility']:.3f}, forget ROUGE-L "
+            f"{record['forget_rouge_l']:.3f}, MIA AUC {record['mia_loss_auc']:.3f}{wall}")
+
+
 def authors_tables(records: Sequence[Mapping[str, Any]], *, title: str) -> str:
-    """Markdown: one table per forget fraction, one row per label (Original and Retrain first), in record order."""
+    """Markdown: one table per forget fraction of the test records, one row per label (Original and Retrain first,
+    in record order), then the validation table when runs were tuned."""
     lines = [f"# {title}", ""]
-    for fraction in sorted({r["fraction"] for r in records}):
-        rows = [r for r in records if r["fraction"] == fraction]
+    tested = [r for r in records if r["split"] == "test"]
+    for fraction in sorted({r["fraction"] for r in tested}):
+        rows = [r for r in tested if r["fraction"] == fraction]
         labels = list(dict.fromkeys(r["label"] for r in rows))
         seeds = {r["seed"] for r in rows if r["seed"] is not None}
         lines += [f"## Forget {100 * fraction:g}% of the authors ({len(seeds)} seed(s) per method)", ""]
@@ -41,4 +54,21 @@ def authors_tables(records: Sequence[Mapping[str, Any]], *, title: str) -> str:
             cells = [_cell([float(r[key]) for r in chosen if key in r]) for key, _ in COLUMNS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+    validation = [r for r in records if r["split"] == "validation"]
+    if validation:
+        lines += validation_table(validation)
     return "\n".join(lines)
+
+
+def validation_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: every grid point tried on the validation split (one seed), with the metrics it was chosen by."""
+    fraction = records[0]["fraction"]
+    lines = [f"## Validation split (forget {100 * fraction:g}% other authors): the grid points tried, first seed", "",
+             "| Method | Values | Forget quality ↑ | Model utility ↑ | Forget ROUGE-L | MIA AUC |",
+             "|---|---|---|---|---|---|"]
+    for r in records:
+        values = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "–"
+        lines.append(f"| {r['label']} | {values} | {r['forget_quality']:.3g} | {r['model_utility']:.3f} | "
+                     f"{r['forget_rouge_l']:.3f} | {r['mia_loss_auc']:.3f} |")
+    lines.append("")
+    return lines

@@ -1,0 +1,47 @@
+"""Hyperparameters chosen on a validation split, as the image benchmarks do: never on the authors that are tested.
+
+The validation forget authors are drawn (with their own seed) from the authors outside every test forget set; each
+run's ``grid`` is tried once (the first seed) on that split against its own retrained reference, and the point kept
+is the one with the best forget quality among those that keep model utility within ``keep_utility`` of the
+original model's (the most useful point when none does).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from orthograd.data.authors import forget_authors
+from orthograd.llm_bench.config import AuthorsBenchConfig
+
+
+def validation_authors(config: AuthorsBenchConfig) -> list[int]:
+    """The validation forget authors: ``tuning.fraction`` of the authors, none of them in a test forget set."""
+    count, protocol = config.corpus.authors, config.protocol
+    tested = {a for f in protocol.forget_fractions for a in forget_authors(count, fraction=f, seed=protocol.split_seed)}
+    pool = [a for a in range(count) if a not in tested]
+    wanted = max(1, round(config.tuning.fraction * count))
+    if len(pool) < wanted:
+        raise ValueError(f"only {len(pool)} authors are outside the test forget sets, tuning needs {wanted}")
+    return sorted(random.Random(config.tuning.seed).sample(pool, wanted))
+
+
+def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a ``{name: [values]}`` grid, in order."""
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def choose(
+    scored: Sequence[tuple[dict[str, Any], Mapping[str, float]]], *, original_utility: float, keep_utility: float
+) -> dict[str, Any]:
+    """The point with the highest forget quality among those with model utility >= ``keep_utility`` x the
+    original's (ties: the more useful); when none keeps that much utility, the most useful point."""
+    if not scored:
+        raise ValueError("no grid point to choose from")
+    floor = keep_utility * original_utility
+    kept = [(p, m) for p, m in scored if m["model_utility"] >= floor]
+    if kept:
+        return max(kept, key=lambda pm: (pm[1]["forget_quality"], pm[1]["model_utility"]))[0]
+    return max(scored, key=lambda pm: pm[1]["model_utility"])[0]
