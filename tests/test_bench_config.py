@@ -33,6 +33,7 @@ def test_every_shipped_image_config_validates(name: str) -> None:
 
 def test_shipped_llm_config_validates_with_its_schema() -> None:
     from orthograd import llm_bench
+    from orthograd.llm_bench.tuning import grid_points
     from orthograd.methods import make_config
 
     config = llm_bench.load_config(CONFIGS / "authors_llm.yaml")
@@ -41,9 +42,11 @@ def test_shipped_llm_config_validates_with_its_schema() -> None:
         llm_bench.config.LLAMA_PROJECTIONS)  # attention and MLP projections, one LoRA for every method
     methods = {run.method for run in config.runs}
     assert {"orthograd", "orthograd-fixed", "neggrad", "neggrad+", "npo", "finetune", "scrub"} <= methods
-    for run in config.runs:
-        make_config(run.method, {**config.unlearning.defaults, **run.params})
-    assert "authors_llm" not in image_configs()
+    for run in config.runs:  # every grid point is a valid config; only the tuning-free default has no grid
+        assert bool(run.grid) == (run.method != "orthograd")
+        for point in grid_points(run.grid):
+            make_config(run.method, {**config.unlearning.defaults, **run.params, **point})
+    assert "authors_llm.yaml" not in image_configs()
 
 
 def test_unknown_key_names_the_valid_keys() -> None:
