@@ -47,6 +47,7 @@ def test_tiny_benchmark_writes_records_and_tables_and_resumes(tmp_path):
     table = (tmp_path / "out" / "tables.md").read_text()
     assert "## Forget 25% of the authors" in table and "| NPO |" in table and "Forget quality" in table
     assert "MIA AUC" in table
+    assert (tmp_path / "out" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     again = llm_bench.run_config_file(config)  # resumes: nothing new to run
     assert again == records
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 4
@@ -111,3 +112,19 @@ def test_cli_bench_dispatches_causal_lm_configs_and_prints_the_tables(tmp_path):
     assert "## Forget 25% of the authors" in result.output and "| NPO |" in result.output
     records = (tmp_path / "cli" / "results.jsonl").read_text().splitlines()
     assert len(records) == 3 and '"label": "NPO"' in records[-1]
+
+
+def test_tradeoff_figure_has_a_panel_per_tested_fraction_and_one_entry_per_label():
+    from orthograd.llm_bench.plots import tradeoff_figure
+
+    def record(split, fraction, label, seed, quality):
+        return {"split": split, "fraction": fraction, "label": label, "seed": seed, "forget_quality": quality,
+                "model_utility": 0.5}
+
+    records = [record("validation", 0.2, "NPO", 0, 0.5)]
+    for fraction in (0.1, 0.3):
+        records += [record("test", fraction, "Original", None, 1e-3), record("test", fraction, "Retrain", None, 1.0)]
+        records += [record("test", fraction, "NPO", seed, q) for seed, q in ((0, 0.0), (1, 0.2))]
+    figure = tradeoff_figure(records, title="t")
+    assert [ax.get_title() for ax in figure.axes] == ["forget 10%", "forget 30%"]
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["Original", "Retrain", "NPO"]

@@ -30,6 +30,7 @@ from orthograd.api import resolve_device, unlearn
 from orthograd.data.authors import QAPair, forget_authors, generate_authors, qa_pairs
 from orthograd.io import ResultsLog, atomic_write_bytes, atomic_write_text
 from orthograd.llm_bench.config import AuthorsBenchConfig, RunSpec, load_config
+from orthograd.llm_bench.plots import plot_tradeoff
 from orthograd.llm_bench.tables import authors_tables
 from orthograd.llm_bench.tuning import choose, grid_points, validation_authors
 from orthograd.privacy import loss_attack
@@ -77,7 +78,8 @@ def build_corpus(config: AuthorsBenchConfig) -> Corpus:
 
 def run(config: AuthorsBenchConfig, *, on_record: Callable[[Record], None] | None = None) -> list[Record]:
     """Run (or resume) the benchmark: tune each run's grid on the validation split, then every forget fraction x
-    run x seed with the chosen values; returns every record of this config and writes ``tables.md``."""
+    run x seed with the chosen values; returns every record of this config, writes ``tables.md`` and
+    ``tradeoff.png``."""
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     bench = _Bench(config, on_record=on_record)
@@ -91,6 +93,7 @@ def run(config: AuthorsBenchConfig, *, on_record: Callable[[Record], None] | Non
                 bench.unlearn(split, spec, params, seed=seed)
     records = [r for r in bench.results.records() if r["key"] in bench.keys]
     atomic_write_text(out / "tables.md", authors_tables(records, title=config.name))
+    plot_tradeoff(records, path=out / "tradeoff.png", title=config.name)
     return records
 
 
