@@ -130,13 +130,14 @@ def test_shipped_configs_are_the_repository_configs_and_resolve_by_name(
 @pytest.mark.parametrize("name", sorted(shipped_configs()))
 def test_every_shipped_config_validates_against_its_schema(name: str) -> None:
     path = shipped_configs()[name]
-    if config_task(path) == "asr":
-        from orthograd.asr_bench import load_config as load_speech_config
+    if config_task(path) in ("asr", "causal_lm"):  # the speaker and LLM benchmarks have their own schemas
+        from orthograd import asr_bench, llm_bench
 
-        config = load_speech_config(path)
+        load_own = asr_bench.load_config if config_task(path) == "asr" else llm_bench.load_config
+        config = load_own(path)
         assert config.runs, f"{name} runs no method"
         with pytest.raises((ValueError, TypeError), match="nonsense"):
-            load_speech_config(path, ["protocol.nonsense=1"])
+            load_own(path, ["protocol.nonsense=1"])
     else:
         config, _ = load_config(path)
         assert config.name and config.methods
