@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -191,12 +192,16 @@ def _conv(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -
     settings = [_pair(v) for v in (stride, padding, dilation)]
 
     def contract(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """The weight gradient summed over the samples, by the layer's own kernel (no unfold)."""
+        """The weight gradient summed over the samples, by the layer's own kernel (no unfold; no TF32 on a GPU,
+        so that ``G^T w`` has the float32 precision of the Gram matrix's per-sample gradients)."""
         image = (x.unsqueeze(2) if one_d else x).to(g.dtype)
         weight = (module.weight.unsqueeze(2) if one_d else module.weight).detach().to(g.dtype)
         g_image = g.transpose(1, 2).reshape(g.shape[0], d_out, *out_size)
         mask = [False, True, False]
-        return torch.ops.aten.convolution_backward(g_image, image, weight, None, *settings, False, [0, 0], 1, mask)[1]
+        with _without_tf32():
+            return torch.ops.aten.convolution_backward(
+                g_image, image, weight, None, *settings, False, [0, 0], 1, mask
+            )[1]
 
     grads = output_grads.reshape(n, d_out, -1).transpose(1, 2)
     d_in = module.weight[0].numel()
@@ -213,6 +218,16 @@ def _conv(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -
 
 def _pair(value: tuple[int, ...] | int) -> list[int]:
     return list(value) if isinstance(value, tuple) else [value, value]
+
+
+@contextmanager
+def _without_tf32() -> Iterator[None]:
+    cudnn = torch.backends.cudnn
+    allowed, cudnn.allow_tf32 = cudnn.allow_tf32, False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32 = allowed
 
 
 def _embedding_check(module: nn.Module) -> str | None:
