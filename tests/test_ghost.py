@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import VisionTransformer
 
+from orthograd.geometry import gram_coefficients
 from orthograd.grads import ghost_layers, ghost_math, per_sample_grads
 from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, unsupported_reason
 from orthograd.lora import LoRAConfig, attach_lora
@@ -224,6 +225,30 @@ def test_small_workspace_blocks_give_the_same_results(case, kernel_positions, bf
     model, batch = _build(case)
     for chunk_size in (None, 2):
         _check_against_loop(model, batch, bf16=bf16, chunk_size=chunk_size, tol=5e-2 if bf16 else 1e-5)
+
+
+@pytest.mark.parametrize("case", ["conv2d", "layernorm", "embedding"])
+def test_update_and_norms_need_one_contraction(case, gram_method):
+    """OrthoGrad's update from one row of weights, and both norms from the Gram matrix, as from G itself."""
+    model, batch = _build(case)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    loop = per_sample_grads(model, _loss_fn, batch, params=names, engine="loop")
+    G = torch.cat([loop[n].reshape(K, -1) for n in names], dim=1).double()
+    gen = torch.Generator().manual_seed(3)
+    probe = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters() if p.requires_grad}
+    p = torch.cat([probe[n].reshape(-1) for n in names]).double()
+    span = ghost_span(model, _loss_fn, batch, probe=probe, params=names)
+    coeffs = gram_coefficients(span.gram, span.product, rcond=1e-6)
+    residual = p - G.T @ coeffs
+    mean_norm, residual_norm = span.norms(coeffs, probe_norm=float(p.norm()))
+    assert mean_norm == pytest.approx(float(G.mean(dim=0).norm()), rel=1e-5)
+    assert residual_norm == pytest.approx(float(residual.norm()), rel=1e-5)
+    update = span.update(probe, coeffs, mean_weight=0.3, residual_weight=0.7)
+    got = torch.cat([update[n].reshape(-1) for n in names]).double()
+    expected = 0.3 * G.mean(dim=0) - 0.7 * residual
+    assert float((got - expected).norm() / expected.norm()) <= 1e-5
+    with pytest.raises(RuntimeError, match="call it once"):
+        span.combine(coeffs[None])
 
 
 def test_automatic_gram_method_choice_follows_the_cost_model():

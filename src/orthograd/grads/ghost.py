@@ -15,6 +15,7 @@ layer do not exist), as in the torch.func engine. ``unsupported_reason`` says wh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -67,6 +68,30 @@ class GhostSpan:
                 part = piece.combine(weights[:, start : start + piece.n])
                 totals[name] = totals[name] + part if name in totals else part
         return [{name: total[row] for name, total in totals.items()} for row in range(weights.shape[0])]
+
+    def norms(self, coeffs: torch.Tensor, *, probe_norm: float) -> tuple[float, float]:
+        """``|mean(G)|`` and ``|probe - G^T coeffs|`` from the k x k quantities alone (no pass over the layers).
+
+        ``probe_norm`` is ``|probe|``; with OrthoGrad's projection coefficients the second norm is ``|g_u_perp|``.
+        """
+        gram, coeffs = self.gram, coeffs.to(self.gram)
+        mean = torch.full_like(coeffs, 1.0 / coeffs.numel())
+        residual = probe_norm**2 - 2.0 * float(coeffs @ self.product) + float(coeffs @ gram @ coeffs)
+        return math.sqrt(max(float(mean @ gram @ mean), 0.0)), math.sqrt(max(residual, 0.0))
+
+    def update(
+        self, probe: Mapping[str, torch.Tensor], coeffs: torch.Tensor, *, mean_weight: float, residual_weight: float
+    ) -> dict[str, torch.Tensor]:
+        """``mean_weight * mean(G) - residual_weight * (probe - G^T coeffs)`` in one contraction per layer.
+
+        OrthoGrad's update is ``alpha * mean(G_r) - (1 - alpha) * g_u_perp``: ``probe`` the forget gradient,
+        ``coeffs`` its projection coefficients, ``mean_weight = alpha`` and ``residual_weight = 1 - alpha`` (times
+        the inverse norms from ``norms`` to put both terms at unit norm). Frees the pieces, like ``combine``.
+        """
+        coeffs = coeffs.to(self.gram)
+        weights = mean_weight / coeffs.numel() + residual_weight * coeffs
+        (combined,) = self.combine(weights[None])
+        return {name: combined[name].to(p.dtype).sub_(p, alpha=residual_weight) for name, p in probe.items()}
 
 
 def unsupported_reason(model: nn.Module, params: Iterable[str] | None = None) -> str | None:
