@@ -285,6 +285,15 @@ class _Twice(nn.Module):
         return self.layer(torch.tanh(self.layer(x)))
 
 
+def test_peft_lora_on_multihead_attention_is_named_with_the_way_out():
+    """LoRA that peft attaches to nn.MultiheadAttention itself never calls its factors: refused up front."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_CrossAttention(), LoraConfig(r=2, target_modules=["attention"]))
+    assert "orthograd.attach_lora" in unsupported_reason(model)
+    assert unsupported_reason(attach_lora(_CrossAttention(), LoRAConfig(r=2, targets=("attention",)))) is None
+
+
 def test_shared_parameters_and_repeated_calls_are_refused():
     layer = nn.Linear(3, 3)
     assert "shared" in unsupported_reason(nn.Sequential(layer, nn.Tanh(), layer))

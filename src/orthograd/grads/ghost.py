@@ -96,9 +96,14 @@ class GhostSpan:
 
 def unsupported_reason(model: nn.Module, params: Iterable[str] | None = None) -> str | None:
     """Why the ghost engine cannot handle ``model`` for the given trainable parameters (None when it can)."""
-    wanted = _resolve(model, params)
+    wanted = set(_resolve(model, params))
     owners: dict[int, str] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
+        if _is_peft_attention(module) and any(n.startswith(f"{module_name}.") for n in wanted):
+            return (
+                f"{module_name}: peft's LoRA on nn.MultiheadAttention folds its factors into the weights inside the "
+                "forward; attach LoRA with orthograd.attach_lora, which adapts the attention's projections as linears"
+            )
         for local, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{local}" if module_name else local
             if id(param) in owners and owners[id(param)] != full and (full in wanted or owners[id(param)] in wanted):
@@ -151,6 +156,12 @@ def ghost_span(
                 pieces[name].append((start, piece))
     gram, product = _accumulate(pieces, probe, k)
     return GhostSpan(gram=gram, product=product, losses=torch.cat(losses), pieces=pieces)
+
+
+def _is_peft_attention(module: nn.Module) -> bool:
+    """peft's LoRA layer for ``nn.MultiheadAttention`` (recognised without importing peft)."""
+    cls = type(module)
+    return cls.__name__ == "MultiheadAttention" and cls.__module__.startswith("peft.")
 
 
 def _resolve(model: nn.Module, params: Iterable[str] | None) -> list[str]:
