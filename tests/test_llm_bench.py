@@ -69,10 +69,11 @@ def test_config_errors_are_clear(tmp_path):
 def test_gridded_runs_are_tuned_on_validation_authors_outside_the_test_forget_sets(tmp_path):
     grid = {"lr": [0.01, 0.001]}
     runs = [TINY["runs"][0], {**TINY["runs"][1], "grid": grid}]
-    raw = {**TINY, "runs": runs, "output": str(tmp_path / "out"), "tuning": {"fraction": 0.25, "seed": 3}}
+    raw = {**TINY, "runs": runs, "output": str(tmp_path / "out"), "tuning": {"seed": 3}}
     config = llm_bench.AuthorsBenchConfig.model_validate(raw)
     tested = set(forget_authors(4, fraction=0.25, seed=0))
-    assert not tested & set(validation_authors(config))
+    assert len(validation_authors(config, fraction=0.25)) == 1
+    assert not tested & set(validation_authors(config, fraction=0.25))
     records = llm_bench.run(config)
     validation = [r for r in records if r["split"] == "validation"]
     assert [(r["label"], r["params"].get("lr")) for r in validation] == [("Original", None), ("Retrain", None),

@@ -11,7 +11,7 @@ Schema (every section optional except ``runs``; unknown keys are errors):
     training: {epochs, batch_size, lr, seed}            the original and the retrained models (cached)
     protocol: {forget_fractions, split_seed, eval_size}  forget splits; eval_size caps each evaluated set
     unlearning: {max_epochs, seeds, lora, defaults}      the same LoRA, budget and evaluation for every method
-    tuning:   {fraction, seed, keep_utility}             the validation split each run's grid is tried on
+    tuning:   {seed, keep_utility}                       per forget fraction, a validation split of other authors
     runs:     [{label, method, params, grid}]             grid: {name: [values]} chosen on validation (optional)
 """
 
@@ -76,7 +76,6 @@ class UnlearningConfig(_Section):
 
 
 class TuningConfig(_Section):
-    fraction: float = Field(0.05, gt=0.0, lt=1.0)
     seed: int = 1
     keep_utility: float = Field(0.9, ge=0.0, le=1.0)
 

@@ -77,14 +77,14 @@ def build_corpus(config: AuthorsBenchConfig) -> Corpus:
 
 
 def run(config: AuthorsBenchConfig, *, on_record: Callable[[Record], None] | None = None) -> list[Record]:
-    """Run (or resume) the benchmark: tune each run's grid on the validation split, then every forget fraction x
-    run x seed with the chosen values; returns every record of this config, writes ``tables.md`` and
-    ``tradeoff.png``."""
+    """Run (or resume) the benchmark: per forget fraction, tune each run's grid on a validation split of other
+    authors, then every run x seed on the test split with the chosen values; returns every record of this config,
+    writes ``tables.md`` and ``tradeoff.png``."""
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     bench = _Bench(config, on_record=on_record)
-    chosen = bench.tune() if any(spec.grid for spec in config.runs) else {}
     for fraction in config.protocol.forget_fractions:
+        chosen = bench.tune(fraction) if any(spec.grid for spec in config.runs) else {}
         ids = forget_authors(config.corpus.authors, fraction=fraction, seed=config.protocol.split_seed)
         split = bench.split("test", fraction, ids)
         for spec in config.runs:
@@ -103,6 +103,7 @@ class Split:
 
     name: str  # "test" or "validation"
     fraction: float
+    authors: tuple[int, ...]  # the forget authors
     forget: list[QAPair]
     retain: list[QAPair]
     measure: Callable[[nn.Module], dict[str, float]]
@@ -144,7 +145,8 @@ class _Bench:
             mia = loss_mia(model, forget=forget_eval, holdout=holdout_eval, encoder=corpus.encoder, device=self.device)
             return {**metrics, **mia}
 
-        split = Split(name=name, fraction=fraction, forget=forget, retain=retain, measure=measure)
+        split = Split(name=name, fraction=fraction, authors=tuple(sorted(excluded)), forget=forget, retain=retain,
+                      measure=measure)
         for label, model in (("Original", self.original), ("Retrain", retrained)):
             self._record(split, label, label.lower(), {}, None, lambda model=model: ({}, measure(model)))
         return split
@@ -164,11 +166,11 @@ class _Bench:
 
         return self._record(split, spec.label, spec.method, params, seed, execute)
 
-    def tune(self) -> dict[str, dict[str, Any]]:
-        """Each gridded run's chosen values, tried with the first seed on the validation split."""
+    def tune(self, fraction: float) -> dict[str, dict[str, Any]]:
+        """Each gridded run's chosen values, tried with the first seed on the validation split of ``fraction``."""
         config = self.config
-        split = self.split("validation", config.tuning.fraction, validation_authors(config))
-        original = self.done[("validation", split.fraction, "Original", None, _key(config, "Original", {}))]
+        split = self.split("validation", fraction, validation_authors(config, fraction=fraction))
+        original = self.done[("validation", fraction, "Original", None, _key(config, "Original", {}, split.authors))]
         chosen: dict[str, dict[str, Any]] = {}
         for spec in config.runs:
             if not spec.grid:
@@ -183,7 +185,7 @@ class _Bench:
 
     def _record(self, split: Split, label: str, method: str, params: dict[str, Any], seed: int | None,
                 execute: Callable[[], tuple[Record, dict[str, float]]]) -> Record:
-        key = _key(self.config, label, params)
+        key = _key(self.config, label, params, split.authors)
         self.keys.add(key)
         identity = (split.name, split.fraction, label, seed, key)
         if identity not in self.done:
@@ -274,11 +276,14 @@ def _with_lora(method: str, params: dict[str, Any], lora: dict[str, Any] | None)
     return {"lora": lora, **params} if "lora" in fields else dict(params)
 
 
-def _key(config: AuthorsBenchConfig, label: str, params: dict[str, Any]) -> str:
-    """What identifies a record: everything that changes its numbers (not the output folder or the other runs)."""
-    spec = config.model_dump(exclude={"runs", "output", "name"})
+def _key(config: AuthorsBenchConfig, label: str, params: dict[str, Any], authors: Sequence[int]) -> str:
+    """What identifies a record: everything that changes its numbers (the config but its output folder, runs and
+    tuning, which only pick ``params``; the forget authors), so a rerun resumes and a changed grid reruns only what
+    it changes."""
+    spec = config.model_dump(exclude={"runs", "output", "name", "tuning"})
     spec["model"].pop("device")
-    payload = json.dumps({"config": spec, "label": label, "params": params}, sort_keys=True, default=str)
+    payload = json.dumps({"config": spec, "label": label, "params": params, "forget": list(authors)}, sort_keys=True,
+                         default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -32,7 +32,8 @@ def record_line(record: Mapping[str, Any]) -> str:
     """One line about a finished record (the CLI prints it as runs finish)."""
     seed = "" if record["seed"] is None else f" seed {record['seed']}"
     wall = f" ({record['wall_s']:.1f}s, {record['stop_reason']})" if "wall_s" in record else ""
-    return (f"forget {100 * record['fraction']:g}% {record['label']}{seed}: forget quality "
+    split = "validation: " if record["split"] == "validation" else ""
+    return (f"{split}forget {100 * record['fraction']:g}% {record['label']}{seed}: forget quality "
             f"{record['forget_quality']:.3g}, model utility {record['model_utility']:.3f}, forget ROUGE-L "
             f"{record['forget_rouge_l']:.3f}, MIA AUC {record['mia_loss_auc']:.3f}{wall}")
 
@@ -55,13 +56,13 @@ def authors_tables(records: Sequence[Mapping[str, Any]], *, title: str) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     validation = [r for r in records if r["split"] == "validation"]
-    if validation:
-        lines += validation_table(validation)
+    for fraction in sorted({r["fraction"] for r in validation}):
+        lines += validation_table([r for r in validation if r["fraction"] == fraction])
     return "\n".join(lines)
 
 
 def validation_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Markdown lines: every grid point tried on the validation split (one seed), with the metrics it was chosen by."""
+    """Markdown lines: every grid point tried on one validation split (one seed), with the metrics it was chosen by."""
     fraction = records[0]["fraction"]
     lines = [f"## Validation split (forget {100 * fraction:g}% other authors): the grid points tried, first seed", "",
              "| Method | Values | Forget quality ↑ | Model utility ↑ | Forget ROUGE-L | MIA AUC |",

@@ -1,7 +1,8 @@
 """Hyperparameters chosen on a validation split, as the image benchmarks do: never on the authors that are tested.
 
-The validation forget authors are drawn (with their own seed) from the authors outside every test forget set; each
-run's ``grid`` is tried once (the first seed) on that split against its own retrained reference, and the point kept
+For each forget fraction, as many validation forget authors are drawn (with their own seed) from the authors
+outside every test forget set (a run's best values depend on how much it forgets); each run's ``grid`` is tried
+once (the first seed) on that split against its own retrained reference, and the point kept
 is the one with the best forget quality among those that keep model utility within ``keep_utility`` of the
 original model's (the most useful point when none does).
 """
@@ -17,12 +18,12 @@ from orthograd.data.authors import forget_authors
 from orthograd.llm_bench.config import AuthorsBenchConfig
 
 
-def validation_authors(config: AuthorsBenchConfig) -> list[int]:
-    """The validation forget authors: ``tuning.fraction`` of the authors, none of them in a test forget set."""
+def validation_authors(config: AuthorsBenchConfig, *, fraction: float) -> list[int]:
+    """The validation forget authors: ``fraction`` of the authors, none of them in a test forget set."""
     count, protocol = config.corpus.authors, config.protocol
     tested = {a for f in protocol.forget_fractions for a in forget_authors(count, fraction=f, seed=protocol.split_seed)}
     pool = [a for a in range(count) if a not in tested]
-    wanted = max(1, round(config.tuning.fraction * count))
+    wanted = max(1, round(fraction * count))
     if len(pool) < wanted:
         raise ValueError(f"only {len(pool)} authors are outside the test forget sets, tuning needs {wanted}")
     return sorted(random.Random(config.tuning.seed).sample(pool, wanted))
