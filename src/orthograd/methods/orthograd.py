@@ -266,9 +266,12 @@ class OrthoGrad(UnlearningMethod):
                         "finite_grads": math.nan}
         dtype = next(iter(forget_grad.values())).dtype
         coeffs = gram_coefficients(span.gram, span.product, rcond=default_rcond(dtype))
-        retain_mean, projection = span.combine(torch.stack([torch.full_like(coeffs, 1.0 / coeffs.numel()), coeffs]))
-        orthogonal = {n: forget_grad[n] - projection[n].to(forget_grad[n].dtype) for n in forget_grad}
-        return self._combine(forget_loss, forget_grad, retain_mean, orthogonal, retain_loss)
+        forget_norm = _norm(forget_grad)
+        retain_norm, orthogonal_norm = span.norms(coeffs, probe_norm=forget_norm)  # from the k x k system alone
+        alpha, retain_weight, forget_weight = self._weights(retain_norm=retain_norm, orthogonal_norm=orthogonal_norm)
+        direction = span.update(forget_grad, coeffs, mean_weight=retain_weight, residual_weight=forget_weight)
+        norms = {"forget": forget_norm, "orthogonal": orthogonal_norm, "retain": retain_norm}
+        return direction, self._stats(forget_loss, retain_loss, alpha=alpha, norms=norms)
 
     def _combine(
         self,
@@ -278,28 +281,43 @@ class OrthoGrad(UnlearningMethod):
         orthogonal: dict[str, torch.Tensor],
         retain_loss: float,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """alpha * mean(G_r) - (1 - alpha) * g_u_perp (adaptive: each term at unit norm), and step statistics."""
-        forget_norm, retain_norm = _norm(orthogonal), _norm(retain_mean)
-        if self.controller is None:
-            alpha, retain_scale, forget_scale = self.config.alpha, 1.0, 1.0
-        else:
-            alpha = self.controller.pressure.alpha
-            retain_scale, forget_scale = 1.0 / max(retain_norm, _TINY), 1.0 / max(forget_norm, _TINY)
-            self.controller.record_forget_loss(float(forget_loss.detach()))
+        """The update from materialised gradients (see ``_weights``), and the step statistics."""
+        norms = {"forget": _norm(forget_grad), "orthogonal": _norm(orthogonal), "retain": _norm(retain_mean)}
+        alpha, retain_weight, forget_weight = self._weights(retain_norm=norms["retain"],
+                                                            orthogonal_norm=norms["orthogonal"])
         direction = {
-            n: alpha * retain_scale * retain_mean[n].to(g.dtype) - (1.0 - alpha) * forget_scale * orthogonal[n]
+            n: retain_weight * retain_mean[n].to(g.dtype) - forget_weight * orthogonal[n]
             for n, g in forget_grad.items()
         }
-        stats = {
-            "forget_loss": float(forget_loss.detach()),
+        return direction, self._stats(forget_loss, retain_loss, alpha=alpha, norms=norms)
+
+    def _weights(self, *, retain_norm: float, orthogonal_norm: float) -> tuple[float, float, float]:
+        """(alpha, retain weight, forget weight) of ``retain_weight * mean(G_r) - forget_weight * g_u_perp``.
+
+        Fixed schedule: alpha and 1 - alpha (Algorithm 1). Adaptive: the controller's alpha with each term scaled
+        to unit norm, so that alpha is the retain share of the update whatever the norms.
+        """
+        if self.controller is None:
+            return self.config.alpha, self.config.alpha, 1.0 - self.config.alpha
+        alpha = self.controller.pressure.alpha
+        return alpha, alpha / max(retain_norm, _TINY), (1.0 - alpha) / max(orthogonal_norm, _TINY)
+
+    def _stats(
+        self, forget_loss: torch.Tensor, retain_loss: float, *, alpha: float, norms: Mapping[str, float]
+    ) -> dict[str, float]:
+        """The step statistics the history records (and the adaptive controller's forget-loss window)."""
+        loss = float(forget_loss.detach())
+        if self.controller is not None:
+            self.controller.record_forget_loss(loss)
+        return {
+            "forget_loss": loss,
             "retain_loss": retain_loss,
-            "kept_fraction": forget_norm / max(_norm(forget_grad), _TINY),
-            "retain_to_forget_norm": retain_norm / max(forget_norm, _TINY),
+            "kept_fraction": norms["orthogonal"] / max(norms["forget"], _TINY),
+            "retain_to_forget_norm": norms["retain"] / max(norms["orthogonal"], _TINY),
             "engine_ghost": float(self.engine == "ghost"),
             "alpha": alpha,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
-        return direction, stats
 
     def step(self, forget_batch: Any, retain_batch: Any) -> dict[str, float]:
         direction, stats = self.update_direction(forget_batch, retain_batch)
