@@ -14,7 +14,7 @@ from orthograd.data import class_forgetting_split, random_forgetting_split
 from orthograd.data.splits import labels_of
 from orthograd.methods import make_config
 from orthograd.methods.orthograd import SCHEDULE_DEFAULTS, split_holdout
-from orthograd.methods.pressure import ForgetPressure, ProgressMeter, retain_drop
+from orthograd.methods.pressure import ForgetPressure, ProgressMeter, retain_drop, sampling_noise
 
 
 def test_pressure_raises_share_then_lr_and_backs_off_share_then_lr() -> None:
@@ -36,7 +36,16 @@ def test_pressure_raises_share_then_lr_and_backs_off_share_then_lr() -> None:
         pressure.update(progressed=True, retain_degraded=True)
     assert pressure.share == pytest.approx(0.1)
     pressure.update(progressed=True, retain_degraded=True)
-    assert pressure.lr == pytest.approx(2e-3)  # at the smallest share, the lr falls
+    assert pressure.lr == pytest.approx(2e-3)  # at the smallest share, a raised lr falls back ...
+    for _ in range(5):
+        pressure.update(progressed=True, retain_degraded=True)
+    assert pressure.lr == pytest.approx(1e-3)  # ... but never below its start
+
+
+def test_sampling_noise_is_two_binomial_standard_errors() -> None:
+    assert sampling_noise(metric=90.0, size=100) == pytest.approx(6.0)  # 200 * sqrt(0.9 * 0.1 / 100)
+    assert sampling_noise(metric=100.0, size=20) == pytest.approx(200 * (0.975 * 0.025 / 20) ** 0.5)  # off 100%
+    assert sampling_noise(metric=90.0, size=400) < sampling_noise(metric=90.0, size=100)
 
 
 def test_pressure_rejects_shares_outside_its_bounds() -> None:

@@ -52,7 +52,7 @@ from orthograd.methods.base import (
     make_optimizer,
 )
 from orthograd.methods._common import set_lr
-from orthograd.methods.pressure import ForgetPressure, ProgressMeter, retain_drop
+from orthograd.methods.pressure import ForgetPressure, ProgressMeter, retain_drop, sampling_noise
 from orthograd.methods.registry import register
 from orthograd.validation import dataset_of
 
@@ -84,7 +84,7 @@ class OrthoGradConfig(IterativeConfig):
         paper-style defaults); adaptive defaults 1e-3 (the starting lr), "adam", 32, 64.
     holdout_fraction, retain_tolerance (adaptive only): the share of the retain set held out to watch for damage
         (at least one sample; never trained on), and how many metric points it may lose before the controller
-        backs off (at least one held-out sample's worth).
+        backs off (at least the slice's sampling noise: two binomial standard errors).
     retain_grads: "per_sample" (OrthoGrad) or "mean" (the "OrthoGrad Mean" ablation).
     projection: "auto" | "gram" | "qr" solver; projection_scope: "global" (Algorithm 1) or "per_tensor".
     chunk_size: samples per forward/backward chunk (bounds memory); engine: "auto" | "ghost" | "vmap" | "loop".
@@ -341,8 +341,8 @@ class _AdaptiveControl:
         self.task, self.device = context.task, context.device
         self.holdout = DataLoader(holdout, batch_size=_HOLDOUT_BATCH, shuffle=False, collate_fn=self.task.collate_fn())
         self.holdout_start = self.task.evaluate(context.model, self.holdout, device=self.device)
-        # one held-out sample's worth of metric points is the finest change the slice can show
-        self.tolerance = max(config.retain_tolerance, 100.0 / len(holdout))
+        # a drop counts once it exceeds the user's tolerance and the slice's own sampling noise
+        self.tolerance = max(config.retain_tolerance, sampling_noise(metric=self.holdout_start, size=len(holdout)))
         self.pressure = ForgetPressure(share=1.0 - config.alpha, lr=config.lr)
         self.meter = ProgressMeter(higher_is_better=self.task.higher_is_better)
         self._losses: list[float] = []
