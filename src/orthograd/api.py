@@ -297,6 +297,7 @@ class _Run:
         self.callbacks = callbacks
         self.started = started
         self.history: list[dict[str, Any]] = []
+        self._steering = _RunningMeans()  # what the method reported on the checks since the last row
         self.steps = 0
         self.epochs = 0
         self._last_good = self._snapshot()
@@ -325,7 +326,8 @@ class _Run:
     def evaluate(self, stats: Mapping[str, float]) -> bool:
         self._last_good = self._snapshot()
         metrics = self.evaluator(self.model)
-        steering = self.method.observe(metrics)
+        self._steering.add(self.method.observe(metrics))
+        steering, self._steering = self._steering.means(), _RunningMeans()
         return self.record(step=self.steps, epoch=self.epochs, metrics=metrics, stats={**stats, **steering})
 
     def probe(self, stats: Mapping[str, float]) -> bool:
@@ -337,7 +339,7 @@ class _Run:
         metrics = self.evaluator(self.model, only=needs)
         if self.stop_rule is not None and self.stop_rule(metrics):
             return self.evaluate(stats)
-        self.method.observe(metrics)
+        self._steering.add(self.method.observe(metrics))
         return False
 
     def loop(self, *, max_epochs: int, eval_every: int | None) -> str:

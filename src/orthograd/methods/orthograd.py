@@ -343,7 +343,7 @@ class _AdaptiveControl:
         self.holdout_start = self.task.evaluate(context.model, self.holdout, device=self.device)
         # a drop counts once it exceeds the user's tolerance and the slice's own sampling noise
         self.tolerance = max(config.retain_tolerance, sampling_noise(metric=self.holdout_start, size=len(holdout)))
-        self.pressure = ForgetPressure(share=1.0 - config.alpha, lr=config.lr)
+        self.pressure = ForgetPressure(share=1.0 - config.alpha, lr=config.lr, patience=_CHECKS_PER_EPOCH)
         self.meter = ProgressMeter(higher_is_better=self.task.higher_is_better)
         self._losses: list[float] = []
         self.last_action: str | None = None
