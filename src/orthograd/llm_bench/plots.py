@@ -40,7 +40,8 @@ def tradeoff_figure(records: Sequence[Mapping[str, Any]], *, title: str) -> Figu
             utility = np.array([r["model_utility"] for r in rows if r["label"] == label])
             quality = np.maximum([r["forget_quality"] for r in rows if r["label"] == label], FLOOR)
             ax.errorbar(utility.mean(), quality.mean(), xerr=utility.std(), yerr=quality.std(), label=label,
-                        fmt=MARKERS.get(label, "s"), color=colours.get(label, "black"), markersize=7, capsize=3)
+                        fmt=MARKERS.get(label, "s"), color=colours.get(label, "black"), markersize=7, capsize=3,
+                        zorder=3 if label in MARKERS else 2)  # the references stay visible under a method's point
         ax.set_yscale("log")
         ax.set_title(f"forget {100 * fraction:g}%")
         ax.set_xlabel("model utility ↑")
