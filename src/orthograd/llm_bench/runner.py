@@ -1,9 +1,11 @@
-"""The TOFU-style benchmark end to end: corpus -> original and retrained LMs -> runs x seeds -> results -> tables.
+"""The TOFU-style benchmark end to end: corpus -> original and retrained LMs -> validation -> runs x seeds -> tables.
 
-The original model learns every author's training phrasings; for each forget fraction a model retrained from
-scratch without the forget authors is the reference for forget quality. Both are trained once and cached beside
-the results. Every run starts from the original through ``orthograd.unlearn`` (``task="causal_lm"``) with the
-same LoRA, epoch budget and evaluation; records are appended after each run, so a rerun resumes.
+The original model learns every author's training phrasings (never the holdout authors'); for each forget split a
+model retrained from scratch without the forget authors is the reference for forget quality. Both are trained once
+and cached beside the results. Per forget fraction, gridded runs are first tuned on a validation split of other
+authors (``orthograd.llm_bench.tuning``). Every run starts from the original through ``orthograd.unlearn``
+(``task="causal_lm"``) with the same LoRA, epoch budget and evaluation; records are appended after each run, so a
+rerun resumes.
 """
 
 from __future__ import annotations
