@@ -66,7 +66,7 @@ def test_nan_or_inf_inputs_are_refused_with_the_set_and_position(digits, digits_
     samples[3] = (samples[3][0] * float("nan"), samples[3][1])
     with pytest.raises(ValueError, match="sample 3 of the forget set holds NaN"):
         og.unlearn(digits_model, _ListDataset(samples), retain)
-    with pytest.raises(ValueError, match="sample 7 of the given set holds NaN"):  # no overlap check: still refused
+    with pytest.raises(ValueError, match="sample 7 of the forget set holds NaN"):  # no overlap check: still refused
         og.unlearn(digits_model, _with_value(forget_data, 7, float("nan")), retain, check_overlap=False)
 
 

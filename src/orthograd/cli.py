@@ -135,7 +135,7 @@ def bench(
 
     config = resolve_config(config)
     run_dir = bench_command(config, set_ or [], out, console)
-    if config_task(config) != "asr":  # the speaker benchmark writes its own tables
+    if config_task(config) not in ("asr", "causal_lm"):  # the speech and LLM benchmarks write their own tables
         paths = write_report([run_dir])
         console.print(paths["table"].read_text())
     console.print(f"results: {run_dir / 'results.jsonl'}")

@@ -49,7 +49,7 @@ def bench_command(path: Path, overrides: Sequence[str], out: Path | None, consol
         asr_bench.run_config_file(path, [*overrides, *extra])
         return out or Path(asr_bench.load_config(path, overrides).output)
     if config_task(path) == "causal_lm":  # the TOFU-style LLM benchmark has its own runner (orthograd.llm_bench)
-        _llm_bench(path, overrides, out, console)
+        return _llm_bench(path, overrides, out, console)
     config, raw = load_config(path, overrides=overrides)
     run_dir = out or Path("runs") / config.name
     with Progress(
@@ -77,14 +77,11 @@ def bench_command(path: Path, overrides: Sequence[str], out: Path | None, consol
     return run_dir
 
 
-def _llm_bench(path: Path, overrides: Sequence[str], out: Path | None, console: Console) -> None:
-    """Run the LLM benchmark, print its tables, and end the command (its tables are not the image report's)."""
-    import typer
-
+def _llm_bench(path: Path, overrides: Sequence[str], out: Path | None, console: Console) -> Path:
+    """Run the LLM benchmark and print its tables (they are not the image report's); returns its run folder."""
     from orthograd import llm_bench
 
     config = llm_bench.load_config(path, [*overrides, *([f"output={out}"] if out is not None else [])])
     llm_bench.run(config, on_record=lambda record: console.log(llm_bench.record_line(record)))
     console.print((Path(config.output) / "tables.md").read_text(encoding="utf-8"))
-    console.print(f"results: {Path(config.output) / 'results.jsonl'}")
-    raise typer.Exit(0)
+    return Path(config.output)
