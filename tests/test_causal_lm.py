@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-pytest.importorskip("transformers")
 from hf_helpers import GPT2_LORA, LLAMA_LORA, QADataset, assert_ghost_matches_loop, tiny_gpt2, tiny_llama
 
 import orthograd as og
@@ -145,7 +144,6 @@ class NextToken(nn.Module):
 
 
 def test_greedy_answers_and_rouge_l_recall():
-    pytest.importorskip("rouge_score")
     task = CausalLMTask(metric="rouge_l")
     items = [
         {"input_ids": torch.tensor([1, 2, 3, 4, 5, 9]), "labels": torch.tensor([-100, -100, -100, 4, 5, 9])},

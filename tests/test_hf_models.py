@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-transformers = pytest.importorskip("transformers")
 from hf_helpers import assert_ghost_matches_loop
 from transformers import (
     BertConfig,

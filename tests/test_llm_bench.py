@@ -5,15 +5,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("rouge_score")
+from typer.testing import CliRunner
 
-from typer.testing import CliRunner  # noqa: E402
-
-from orthograd import llm_bench  # noqa: E402
-from orthograd.cli import app  # noqa: E402
-from orthograd.data.authors import forget_authors  # noqa: E402
-from orthograd.llm_bench.tuning import choose, validation_authors  # noqa: E402
+from orthograd import llm_bench
+from orthograd.cli import app
+from orthograd.data.authors import forget_authors
+from orthograd.llm_bench.tuning import choose, validation_authors
 
 TINY = {
     "task": "causal_lm",

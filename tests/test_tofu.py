@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("tokenizers")
-from hf_helpers import tiny_llama  # noqa: E402
+from hf_helpers import tiny_llama
 
-from orthograd.data.authors import FACTS, forget_authors, generate_authors, qa_pairs  # noqa: E402
-from orthograd.tasks.qa_text import QAEncoder, train_tokenizer  # noqa: E402
-from orthograd.tasks.tofu import (  # noqa: E402
+from orthograd.data.authors import FACTS, forget_authors, generate_authors, qa_pairs
+from orthograd.tasks.qa_text import QAEncoder, train_tokenizer
+from orthograd.tasks.tofu import (
     answer_losses,
     forget_quality,
     harmonic_mean,
