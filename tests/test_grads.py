@@ -105,3 +105,33 @@ def test_vmap_failure_is_explained_and_auto_falls_back():
 
 def test_public_alias():
     assert og.per_sample_grads is per_sample_grads
+
+
+class _DataDependent(torch.nn.Module):
+    """Branches on a tensor's value: vmap refuses, the batch-size-1 loop does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * 2.0 if bool(x.sum() > -1e9) else self.linear(x)
+
+
+def test_the_loop_fallback_is_logged_once_with_its_reason(caplog) -> None:
+    import logging
+
+    from orthograd.grads import per_sample_grads_and_losses
+
+    model, gen = _DataDependent(), torch.Generator().manual_seed(0)
+    batch = (torch.randn(4, 3, generator=gen), torch.tensor([0, 1, 0, 1]))
+
+    def loss(m, b):
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    with caplog.at_level(logging.WARNING, logger="orthograd.grads.functorch"):
+        for _ in range(3):
+            grads, _ = per_sample_grads_and_losses(model, loss, batch)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "vmap cannot handle _DataDependent (" in warnings[0]
+    assert grads["linear.weight"].shape == (4, 2, 3)

@@ -71,11 +71,23 @@ def per_sample_grads_and_losses(
         return _loop_grads(model, loss_fn, batch, names)
     try:
         return _vmap_grads(model, loss_fn, batch, names, chunk_size)
-    except PerSampleGradError:
+    except PerSampleGradError as exc:
         if engine == "vmap":
             raise
-        log.warning("vmap cannot handle %s; using the batch-size-1 loop engine (exact, slower)", type(model).__name__)
+        _warn_once(f"vmap cannot handle {type(model).__name__} ({exc}); using the batch-size-1 loop engine (exact)")
         return _loop_grads(model, loss_fn, batch, names)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a fallback once per process with its reason (a run would otherwise repeat it at every step)."""
+    if message in _WARNED:
+        log.debug(message)
+        return
+    _WARNED.add(message)
+    log.warning(message)
 
 
 def batch_size_of(batch: Any) -> int:
