@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 import yaml
 
+from orthograd.bench.config import apply_overrides
+
 
 def _build(cls: type, values: Mapping[str, Any] | None, section: str) -> Any:
     values = dict(values or {})
@@ -202,14 +204,5 @@ class SpeakerBenchConfig:
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SpeakerBenchConfig:
     """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
-    values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep:
-            raise ValueError(f"override {override!r} must look like section.key=value")
-        target = values
-        *parents, last = key.strip().split(".")
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[last] = yaml.safe_load(raw)
+    values = apply_overrides(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}, overrides)
     return SpeakerBenchConfig.from_dict(values)

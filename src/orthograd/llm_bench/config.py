@@ -24,6 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from orthograd.bench.config import apply_overrides
+
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -118,14 +120,5 @@ class AuthorsBenchConfig(_Section):
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> AuthorsBenchConfig:
     """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
-    values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep:
-            raise ValueError(f"override {override!r} must look like section.key=value")
-        target = values
-        *parents, last = key.strip().split(".")
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[last] = yaml.safe_load(raw)
+    values = apply_overrides(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}, overrides)
     return AuthorsBenchConfig.model_validate(values)
