@@ -313,6 +313,18 @@ def test_gdr_gma_step_is_adamw_on_the_weighted_direction() -> None:
         torch.testing.assert_close(got, want)
 
 
+def test_gdr_gma_eps_none_is_calibrated_to_the_first_retain_loss() -> None:
+    forget, retain = _data(8, seed=11), _data(8, seed=12)
+    method = _method("gdr-gma", _mlp(seed=3), forget, retain, eps=None, forget_batch_size=4, retain_batch_size=4)
+    steps = list(method.run_epoch(1))
+    first_loss = steps[0]["retain_loss"]
+    assert steps[0]["gma_eps"] == first_loss
+    assert steps[0]["gma_lambda"] == pytest.approx(0.5)  # lambda starts at 0.5 whatever the model's loss
+    assert steps[1]["gma_eps"] == steps[0]["gma_eps"]  # fixed after the first step
+    expected = 1.0 / (1.0 + math.exp(100.0 * (steps[1]["retain_loss"] - first_loss)))
+    assert steps[1]["gma_lambda"] == pytest.approx(expected)
+
+
 def test_gdr_gma_bank_last_tensor_and_temporal_rectification() -> None:
     forget, retain = _data(8, seed=11), _data(8, seed=12)
     method = _method("gdr-gma", _mlp(), forget, retain, forget_batch_size=4)

@@ -79,6 +79,11 @@ def test_bad_values_and_unknown_hyperparameters_are_errors() -> None:
         validate_config(apply_overrides(demo_raw(), ["sweep={grid: {neggrad: {lr: [0.1]}}}"]))
     with pytest.raises(ConfigError, match="model.weights is not set"):
         validate_config(apply_overrides(demo_raw(), ["train.epochs=0"]))
+    with pytest.raises(ConfigError, match=r"sweep.retain_size is 50, which is not one of scenario.retain_size"):
+        validate_config(apply_overrides(demo_raw(), [
+            "data.validation_size=100", "scenario.retain_size=[100, 200]",
+            "sweep={grid: {neggrad: {lr: [0.1]}}, retain_size: 50}",
+        ]))
 
 
 def test_set_overrides_parse_yaml_values_into_nested_keys() -> None:

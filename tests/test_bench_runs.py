@@ -164,6 +164,18 @@ def test_sweep_selects_on_validation_and_evaluates_the_choice_on_test(tmp_path: 
     assert sweep[0]["original"]["test"] != records[0]["original"]["test"]
 
 
+def test_sweep_scores_the_grid_at_the_chosen_retain_size(tmp_path: Path) -> None:
+    config, raw = tiny_digits(
+        tmp_path, "scenario.seeds=[0]", "scenario.retain_size=[40, 80]", "data.validation_size=200",
+        "methods={neggrad: {forget_batch_size: 32}}",
+        "sweep={grid: {neggrad: {lr: [1.0e-7, 5.0e-2]}}, retain_size: 80}",
+    )
+    records = run_bench(config, raw, out_dir=tmp_path / "run")
+    sweep = [r for r in ResultsLog(tmp_path / "run" / "results.jsonl").records() if r["phase"] == "sweep"]
+    assert len(sweep) == 2 and {r["retain_size"] for r in sweep} == {80}
+    assert sorted(r["retain_size"] for r in records) == [40, 80]
+
+
 def _bench_command(tmp_path: Path, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "orthograd.cli", "bench", str(CONFIGS / "demo.yaml"), "--out", str(out),

@@ -137,6 +137,7 @@ class SweepConfig(_Section):
 
     grid: dict[str, dict[str, list[Any]]]
     splits: int = Field(default=1, ge=1)  # how many of the scenario's splits (seeds/classes) each point is scored on
+    retain_size: int | None = Field(default=None, ge=1)  # the retain size the grid is scored at (None: the first)
 
 
 class BenchConfig(_Section):
@@ -186,6 +187,9 @@ class BenchConfig(_Section):
             n_splits = len(self.scenario.seeds if self.scenario.kind == "random" else self.scenario.classes)
             if self.sweep.splits > n_splits:
                 raise ValueError(f"sweep.splits is {self.sweep.splits} but the scenario has {n_splits} splits")
+            if self.sweep.retain_size is not None and self.sweep.retain_size not in self.scenario.retain_size:
+                raise ValueError(f"sweep.retain_size is {self.sweep.retain_size}, which is not one of "
+                                 f"scenario.retain_size {self.scenario.retain_size}")
         return self
 
     def original_hash(self) -> str:

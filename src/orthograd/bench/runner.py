@@ -242,9 +242,9 @@ class Bench:
         return Job(phase, method, hyper, index, retain_size, key, reference)
 
     def _sweep_jobs(self) -> list[Job]:
-        """Each grid point on the first ``sweep.splits`` splits, at the first retain size."""
+        """Each grid point on the first ``sweep.splits`` splits, at ``sweep.retain_size`` (default: the first)."""
         assert self.config.sweep is not None
-        retain_size = self.config.scenario.retain_size[0]
+        retain_size = self.config.sweep.retain_size or self.config.scenario.retain_size[0]
         return [
             self._job("sweep", name, {**self.config.methods[name], **point}, index, retain_size)
             for name, grid in self.config.sweep.grid.items()

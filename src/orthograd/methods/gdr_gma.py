@@ -52,11 +52,15 @@ class GdrGmaConfig(IterativeConfig):
     were listed for ``requires_grad`` parameters only (misaligned when anything is frozen); here by name.
     Otherwise the runner's fairness policy applies (the same LoRA adapters as OrthoGrad unless ``lora=None``, the
     same stopping rule and ``max_epochs`` for every method). With eps = 0.02 the forget term only matters when
-    the retain loss is near 0 (lambda ~ 0.05 at eps + 0.03); for ASR recalibrate eps to the model's retain loss.
+    the retain loss is near 0 (lambda ~ 0.05 at eps + 0.03), which is where the source's CIFAR models start.
+    [OPTION] ``eps=None`` calibrates eps to the model at hand: the retain loss of the first step, so lambda
+    starts at 0.5 for any model (Whisper's retain loss, for one, is far from 0.02) and then follows the source's
+    rule: less forgetting as the retain loss rises above its start, more as it falls. Each step records the
+    eps used (``gma_eps``).
     """
 
     gamma: float = 100.0
-    eps: float = 0.02
+    eps: float | None = 0.02
     rectify: Literal["code_sequential", "simultaneous"] = "code_sequential"
     bank_scope: Literal["last_tensor", "all"] = "last_tensor"
     bank_mean: Literal["clean", "code_inplace"] = "clean"
@@ -147,6 +151,7 @@ class GdrGma(UnlearningMethod):
         size = config.bank_size or len(context.loader("forget", batch_size=config.forget_batch_size))
         inplace = config.bank_mean == "code_inplace"
         self.banks = {name: GradientBank(size, inplace_mean=inplace) for name in banked}
+        self.eps = config.eps  # None until the first step's retain loss sets it
 
     def _flat_grads(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
         grads = torch.autograd.grad(loss, list(self.params.values()), materialize_grads=True)
@@ -182,9 +187,11 @@ class GdrGma(UnlearningMethod):
         retain_loader = self.context.loader("retain", batch_size=cfg.retain_batch_size)
         for forget_batch, retain_batch in zip(self.context.batches(forget_loader), self.context.batches(retain_loader)):
             x, y, stats = self.directions(forget_batch, retain_batch, epoch=epoch)
-            weight = gma_weight(stats["retain_loss"], gamma=cfg.gamma, eps=cfg.eps)
+            if self.eps is None:
+                self.eps = stats["retain_loss"]
+            weight = gma_weight(stats["retain_loss"], gamma=cfg.gamma, eps=self.eps)
             for name, param in self.params.items():
                 param.grad = ((1.0 - weight) * x[name] + weight * y[name]).view_as(param).to(param.dtype)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            yield {**stats, "gma_lambda": weight}
+            yield {**stats, "gma_lambda": weight, "gma_eps": self.eps}
