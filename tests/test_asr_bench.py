@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from orthograd import asr_bench
-from orthograd.asr_bench.tables import COLUMNS
+from orthograd.asr_bench.config import load_config
+from orthograd.asr_bench.corpus import build_corpus
+from orthograd.asr_bench.tables import COLUMNS, speaker_tables
 from orthograd.data.espeak import PROBE_SENTENCE, VOICES, make_sentences, speak, synthesize_corpus
 
 
@@ -54,3 +58,51 @@ def test_tiny_speaker_unlearning_run_writes_records_and_tables(tmp_path):
     lines = (tmp_path / "run" / "results.jsonl").read_text().count("\n")
     assert len(asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", overrides)) == 2
     assert (tmp_path / "run" / "results.jsonl").read_text().count("\n") == lines
+
+
+def _record(label: str, variant: str, speaker: str, *, unlearn: float, test: float, val: float) -> dict:
+    return {"label": label, "variant": variant, "speaker": speaker, "W_retain": 1.0, "W_unlearn": unlearn,
+            "W_speaker": unlearn, "W_test": test, "W_val": val}
+
+
+def test_grid_variant_is_chosen_on_validation_speakers_never_on_test():
+    config = load_config("configs/espeak_speaker_smoke.yaml", [
+        "corpus.validation_voices=1",
+        "runs=[{label: OrthoGrad, method: orthograd-fixed, tables: [1, 2], grid: {lr: [0.001, 0.003]}}]",
+    ])
+    a, b = "OrthoGrad (lr=0.001)", "OrthoGrad (lr=0.003)"
+    records = [
+        # both reach the target; a is better on test, b on validation: b must be chosen
+        *(_record("OrthoGrad", a, s, unlearn=90, test=5, val=30) for s in ("s1", "s2")),
+        *(_record("OrthoGrad", b, s, unlearn=90, test=20, val=10) for s in ("s1", "s2")),
+    ]
+    tables = speaker_tables(records, config)
+    assert f"| {b} | " in tables and f"| {a} | " not in tables
+    assert f"| OrthoGrad | {b} | 10.00 ± 0.00 | 2 |" in tables  # the selection table names the choice and its W_val
+    # a variant that misses the target on one speaker is not eligible, however good its validation WER
+    records[3] = _record("OrthoGrad", b, "s2", unlearn=50, test=20, val=10)
+    assert f"| {a} | " in speaker_tables(records, config)
+
+
+def test_a_grid_without_validation_speakers_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"set corpus.validation_voices"):
+        load_config("configs/espeak_speaker_smoke.yaml", [
+            "runs=[{label: OrthoGrad, method: orthograd-fixed, grid: {lr: [0.001, 0.003]}}]",
+        ])
+
+
+def test_espeak_corpus_keeps_test_voices_and_adds_distinct_validation_voices(tmp_path):
+    base = ["corpus.train_voices=2", "corpus.test_voices=1", "corpus.sentences_per_voice=2",
+            "corpus.test_sentences_per_voice=1", f"corpus.cache_dir={tmp_path}"]
+    without = build_corpus(load_config("configs/espeak_speaker_smoke.yaml", base).corpus, window_s=6.0)
+    with_val = build_corpus(
+        load_config("configs/espeak_speaker_smoke.yaml", [*base, "corpus.validation_voices=2"]).corpus, window_s=6.0
+    )
+    def ids(utterances):
+        return [(u.id, u.text) for u in utterances]
+
+    assert without.validation == [] and ids(with_val.test) == ids(without.test)
+    assert ids(with_val.train) == ids(without.train)
+    speakers = {u.speaker for u in with_val.validation}
+    assert len(speakers) == 2 and len(with_val.validation) == 2
+    assert not speakers & ({u.speaker for u in with_val.test} | {u.speaker for u in with_val.train})

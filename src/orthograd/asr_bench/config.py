@@ -43,18 +43,24 @@ def _build(cls: type, values: Mapping[str, Any] | None, section: str) -> Any:
 @dataclass
 class CorpusConfig:
     """espeak: synthetic voices (the first ``train_voices`` train the original model, the next ``test_voices`` are
-    the unseen test speakers). librispeech: ``train_dir`` (train-clean-100) and ``test_dir`` (test-clean)."""
+    the unseen test speakers, the next ``validation_voices`` unseen validation speakers). librispeech:
+    ``train_dir`` (train-clean-100), ``test_dir`` (test-clean) and ``validation_dir`` (dev-clean).
+
+    The validation speakers select a grid's variant (never the test set); a config with a grid needs them.
+    """
 
     kind: Literal["espeak", "librispeech"] = "espeak"
     train_voices: int = 12
     test_voices: int = 4
     sentences_per_voice: int = 30
-    test_sentences_per_voice: int = 10
+    test_sentences_per_voice: int = 10  # also per validation voice
+    validation_voices: int = 0
     seed: int = 0
     cache_dir: str | None = None
     train_dir: str | None = None
     test_dir: str | None = None
-    test_max: int | None = None  # evaluate on a random subset of the test set (None: all)
+    validation_dir: str | None = None
+    test_max: int | None = None  # evaluate on a random subset of the test (and validation) set (None: all)
 
     def __post_init__(self) -> None:
         if self.kind not in ("espeak", "librispeech"):
@@ -63,6 +69,8 @@ class CorpusConfig:
             raise ValueError("corpus.train_dir and corpus.test_dir are required for LibriSpeech (your local copy)")
         if min(self.train_voices, self.test_voices, self.sentences_per_voice, self.test_sentences_per_voice) < 1:
             raise ValueError("corpus voice and sentence counts must be >= 1")
+        if self.validation_voices < 0:
+            raise ValueError("corpus.validation_voices must be >= 0")
         if self.test_sentences_per_voice > self.sentences_per_voice:
             raise ValueError("corpus.test_sentences_per_voice cannot exceed sentences_per_voice")
         if self.test_max is not None and self.test_max < 1:
@@ -183,6 +191,15 @@ class SpeakerBenchConfig:
         labels = [r.label for r in self.runs]
         if len(labels) != len(set(labels)):
             raise ValueError(f"run labels must be unique, got {labels}")
+        has_validation = self.corpus.validation_voices > 0 if self.corpus.kind == "espeak" \
+            else self.corpus.validation_dir is not None
+        gridded = [r.label for r in self.runs if r.grid]
+        if gridded and not has_validation:
+            raise ValueError(
+                f"runs {gridded} have a grid, whose variant is chosen on validation speakers: set "
+                + ("corpus.validation_voices (e.g. 2)" if self.corpus.kind == "espeak"
+                   else "corpus.validation_dir (your dev-clean folder)")
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "SpeakerBenchConfig":

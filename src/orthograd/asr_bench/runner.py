@@ -1,5 +1,8 @@
 """Speaker unlearning end to end: corpus -> original Whisper -> every run x speaker -> results.jsonl -> tables.md.
 
+Every run is scored on the forget, retain, held-out and test utterances and, when the corpus has them, on the
+validation speakers (``W_val``), which alone choose among a grid's variants.
+
 The original model is made once (fine-tuned on the training speakers, each speaker's held-out 10% excluded so that
 W_speaker is measured on recordings the model never saw) and cached next to the results. Every run starts from it
 through ``orthograd.unlearn`` with the same LoRA seed, evaluation schedule and stopping rule (W_unlearn >= target).
@@ -55,11 +58,14 @@ def run(config: SpeakerBenchConfig, *, on_record: Callable[[Record], None] | Non
         corpus.train, count=config.speakers.count, seed=config.speakers.seed
     )
     stop = wer_target_rule(threshold=config.unlearning.stop_wer) if config.unlearning.stop_wer is not None else None
+    validation = _dataset(corpus.validation, config) if corpus.validation else None
     for speaker in speakers:
         split = _split(config, corpus, speaker)
         sets = {
             name: _dataset(getattr(split, name), config) for name in ("unlearn", "speaker_heldout", "retain", "test")
         }
+        if validation is not None:
+            sets["validation"] = validation
         key = _key(config, "Original", {})
         if (speaker, "Original", key) not in done:
             metrics = {name: task.evaluate(original, _loader(data, task), device=device) for name, data in sets.items()}
@@ -90,9 +96,8 @@ def run(config: SpeakerBenchConfig, *, on_record: Callable[[Record], None] | Non
                     "unlearn": final["forget"],
                     "retain": final["retain"],
                     "test": final["test"],
-                    "speaker_heldout": task.evaluate(
-                        result.model, _loader(sets["speaker_heldout"], task), device=device
-                    ),
+                    **{name: task.evaluate(result.model, _loader(sets[name], task), device=device)
+                       for name in ("speaker_heldout", "validation") if name in sets},
                 }
                 record = _record(speaker, spec.label, variant, spec.method, merged, spec.tables, key, metrics)
                 record.update(
@@ -130,6 +135,7 @@ def _record(
         "W_unlearn": metrics["unlearn"],
         "W_speaker": metrics["speaker_heldout"],
         "W_test": metrics["test"],
+        "W_val": metrics.get("validation"),  # the validation speakers (None without them)
     }
 
 
