@@ -12,8 +12,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from orthograd import methods
 from orthograd.lora import LoRAConfig, attach_lora, merge_lora
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
+from orthograd.results import UnlearnResult
+from orthograd.runtime import resolve_device, seeded_generator
 from orthograd.stopping import StopRule, resolve_stop
 from orthograd.tasks import Task, get_task
 from orthograd.validation import check_disjoint, check_model, dataset_of, fingerprint
@@ -33,35 +33,6 @@ ProgressCallback = Callable[[Mapping[str, Any]], None]
 # Builds the method object from its class, config and context (default: ``method_cls(config, context)``); the
 # data-parallel runner (``orthograd.distributed``) passes one that shards the data and synchronises the updates.
 MethodFactory = Callable[[type[UnlearningMethod], MethodConfig, MethodContext], UnlearningMethod]
-
-
-@dataclass
-class UnlearnResult:
-    """What a run produced: the unlearned model and an account of how it got there."""
-
-    model: nn.Module
-    method: str
-    config: dict[str, Any]
-    history: list[dict[str, Any]]
-    stop_reason: str  # "target_reached" | "max_epochs" | "one_shot" | "non_finite"
-    steps: int
-    epochs: int
-    wall_time_s: float
-    original: dict[str, float] = field(default_factory=dict)
-    seed: int = 0
-    data: dict[str, dict[str, Any]] = field(default_factory=dict)  # fingerprints of the forget and retain sets
-    missed_target: str | None = None  # why the stop rule's target was not reached, and what to try (None: reached)
-
-    @property
-    def final(self) -> dict[str, Any]:
-        """The last evaluation row (the state of the returned model)."""
-        return self.history[-1]
-
-    def save(self, path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
-        """Save the model (safetensors) and a JSON audit record beside it; see ``orthograd.audit``."""
-        from orthograd.audit import save_result
-
-        return save_result(self, path, overwrite=overwrite)
 
 
 def unlearn(
@@ -129,8 +100,7 @@ def unlearn(
         name: fingerprint(data, cache=hashes, name=name) for name, data in (("forget", forget), ("retain", retain))
     }
 
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded_generator(seed)
     working = model if inplace else copy.deepcopy(model)
     working.to(run_device)
     sets = {"forget": dataset_of(forget), "retain": dataset_of(retain)}
@@ -226,16 +196,6 @@ def print_row(row: Mapping[str, Any]) -> None:
     head = f"step {row['step']:>5} epoch {row['epoch']:>3}"
     keys = [k for k in ("forget", "retain", "test", "alpha", "lr", "holdout_retain") if k in row]
     print(head + "  " + "  ".join(f"{k} {row[k]:.4g}" for k in keys), flush=True)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device to run on (CUDA when available and none is named); a missing CUDA device is a clear error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was requested but CUDA is not available here; use device='cpu'")
-    return resolved
 
 
 def _check_not_empty(**sets: Dataset | DataLoader) -> None:

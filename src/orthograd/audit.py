@@ -12,15 +12,35 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
 
+from orthograd._version import __version__
 from orthograd.io import atomic_write_json, new_file_mode
 
-if TYPE_CHECKING:
-    from orthograd.api import UnlearnResult
+
+class AuditedRun(Protocol):
+    """What an audit record reads of a run (``orthograd.UnlearnResult`` has it): a protocol, so that this module
+    does not import the result type that calls it."""
+
+    model: nn.Module
+    method: str
+    config: Mapping[str, Any]
+    seed: int
+    data: Mapping[str, Any]
+    original: Mapping[str, float]
+    stop_reason: str
+    steps: int
+    epochs: int
+    wall_time_s: float
+
+    @property
+    def final(self) -> Mapping[str, Any]: ...
 
 
 def sidecar_path(weights: str | Path) -> Path:
@@ -28,12 +48,8 @@ def sidecar_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def save_result(result: "UnlearnResult", path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+def save_result(result: AuditedRun, path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``result.model``'s weights (safetensors) and the audit sidecar; returns both paths."""
-    from safetensors.torch import save_model
-
-    from orthograd import __version__
-
     weights = Path(path)
     if weights.suffix != ".safetensors":
         raise ValueError(f"save to a .safetensors file, got {weights.name!r}")
@@ -58,7 +74,7 @@ def save_result(result: "UnlearnResult", path: str | Path, *, overwrite: bool = 
     return weights, sidecar
 
 
-def audit_record(result: "UnlearnResult", *, weights_file: str, weights_sha256: str, version: str) -> dict[str, Any]:
+def audit_record(result: AuditedRun, *, weights_file: str, weights_sha256: str, version: str) -> dict[str, Any]:
     """The JSON sidecar's content."""
     return {
         "weights_file": weights_file,
@@ -80,8 +96,6 @@ def audit_record(result: "UnlearnResult", *, weights_file: str, weights_sha256: 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Load saved weights into ``model`` (same architecture) and return it."""
-    from safetensors.torch import load_model
-
     weights = Path(path)
     if not weights.exists():
         raise FileNotFoundError(f"no weights at {weights}; pass the .safetensors file written by result.save()")

@@ -1,7 +1,9 @@
 """The ``orthograd`` command line: ``demo`` (the main job), plus benchmark commands registered below.
 
 Every error a command raises ends the command with one line on stderr and exit code 2 (``ORTHOGRAD_DEBUG=1``
-shows the traceback instead).
+shows the traceback instead). Each command imports its pipeline when it runs (the speech and language-model
+pipelines load transformers, the benchmark scikit-learn and matplotlib): loaded up front they would triple the
+start-up of ``orthograd --version`` and ``--help``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
+
+from orthograd._version import __version__
+from orthograd.reporting import rich_table
 
 USER_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
 EXTRA_OF_MODULE = {  # optional dependencies -> the extra that installs them (pyproject.toml)
@@ -63,8 +69,6 @@ console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI: wi
 
 def _print_version(value: bool) -> None:
     if value:
-        from orthograd import __version__
-
         typer.echo(f"orthograd {__version__}")
         raise typer.Exit()
 
@@ -91,10 +95,7 @@ def demo(
     method: Annotated[Optional[list[str]], typer.Option(help="Run only these methods (repeatable).")] = None,
 ) -> None:
     """Train a digits CNN, unlearn with every method (random and class forgetting), print the paper-style table."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from orthograd.demo import check_methods, run_demo
-    from orthograd.reporting import rich_table
 
     check_methods(method or [])
     with Progress(

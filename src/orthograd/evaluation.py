@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from orthograd.api import resolve_device
+from orthograd.runtime import resolve_device
 from orthograd.tasks import Task, get_task
 from orthograd.validation import check_model
 

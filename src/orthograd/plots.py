@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -39,8 +40,6 @@ def _scenarios(records: Sequence[Record]) -> list[str]:
 
 def _colours(records: Sequence[Record]) -> dict[str, Any]:
     """A fixed colour per method, in the table's method order (18 distinct colours before any repeats)."""
-    from matplotlib import colormaps
-
     palette = colormaps["tab10"].colors + colormaps["Dark2"].colors
     methods = [m for m in method_order(records) if m != "original"]
     return {method: palette[i % len(palette)] for i, method in enumerate(methods)}

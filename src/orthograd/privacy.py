@@ -30,6 +30,7 @@ from sklearn.svm import SVC
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from orthograd.runtime import resolve_device
 from orthograd.tasks import Task, get_task
 from orthograd.tasks.base import per_sample_cross_entropy
 
@@ -100,8 +101,6 @@ def sample_outputs(
     """Per-sample losses (and, for ``[B, C]`` logits, softmax probabilities and labels) of ``model`` on ``data``,
     computed in eval mode on ``device`` (default: where the model's parameters are); the model's train/eval mode
     is restored afterwards."""
-    from orthograd.api import resolve_device
-
     adapter = get_task(task)
     if device is None:
         target = next((p.device for p in model.parameters()), torch.device("cpu"))

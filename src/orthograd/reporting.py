@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.table import Table
+
+from orthograd._version import __version__
 from orthograd.io import atomic_write_json, atomic_write_text
+from orthograd.metrics import uis
 
 SCENARIOS: tuple[str, ...] = ("random", "class")
 COLUMNS: tuple[tuple[str, str], ...] = (("A_u", "forget"), ("A_r", "retain"), ("A_test", "test"), ("UIS", "uis"))
@@ -128,8 +133,6 @@ def _uis_of(row: str, run: Mapping[str, Any]) -> float | None:
     """A method run's UIS; for the Retrain row, the retrained model's UIS against the same original model."""
     if row != "retrain":
         return run.get("uis")
-    from orthograd.metrics import uis
-
     original, retrained = run["original"], run["retrained"]
     if original.get("test") is None or retrained.get("test") is None or retrained.get("forget") is None:
         return None
@@ -187,8 +190,6 @@ def markdown_table(records: Sequence[Mapping[str, Any]], *, title: str = "") -> 
 
 def rich_table(records: Sequence[Mapping[str, Any]], *, title: str = "") -> Any:
     """The paper-layout table as a ``rich.table.Table`` for the terminal."""
-    from rich.table import Table
-
     header, rows = table_cells(records)
     out = Table(title=title or None, pad_edge=False)
     for index, name in enumerate(header):
@@ -202,11 +203,6 @@ def run_record(
     result: Any, *, scenario: str, seed: int, forget_class: int | None = None, **extra: Any
 ) -> dict[str, Any]:
     """One results-log record from an ``UnlearnResult``: metrics before/after, UIS, cost, config and history."""
-    import torch
-
-    from orthograd import __version__
-    from orthograd.metrics import uis
-
     final = {k: v for k, v in result.final.items() if k in ("forget", "retain", "test")}
     original = dict(result.original)
     score = None

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from orthograd.api import resolve_device
+from orthograd.runtime import resolve_device, seeded_generator
 from orthograd.tasks import get_task
 from orthograd.validation import check_model
 
@@ -43,14 +43,14 @@ def train_classifier(
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     task = get_task("classification")
     run_device = resolve_device(device)
-    torch.manual_seed(seed)
+    generator = seeded_generator(seed)
     model.to(run_device).train()
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     loader = data if isinstance(data, DataLoader) else DataLoader(
-        data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+        data, batch_size=batch_size, shuffle=True, generator=generator,
         collate_fn=task.collate_fn(),
     )
     for _ in range(epochs):

@@ -15,7 +15,10 @@ import json
 import logging
 from collections.abc import Sequence
 from functools import lru_cache
+from importlib.resources import files
 from typing import Literal
+
+from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
 log = logging.getLogger(__name__)
 MAX_WER = 100.0
@@ -25,15 +28,11 @@ ClipMode = Literal["set", "utterance"]
 @lru_cache(maxsize=1)
 def english_normalizer():  # type: ignore[no-untyped-def]
     """Whisper's English text normaliser (from transformers), with the spelling table when it is installed."""
-    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
-
     return EnglishTextNormalizer(_spelling_mapping())
 
 
 def _spelling_mapping() -> dict[str, str]:
     try:
-        from importlib.resources import files
-
         table = files("whisper_normalizer").joinpath("normalizers/english.json")
     except ModuleNotFoundError:
         log.warning("whisper-normalizer is not installed: British spellings are not mapped to American in WER")

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orthograd import methods
+
 
 class ConfigError(ValueError):
     """A benchmark config that cannot run, with a message that says what to change."""
@@ -159,8 +161,6 @@ class BenchConfig(_Section):
     @field_validator("methods")
     @classmethod
     def _methods_known(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from orthograd import methods
-
         if not value:
             raise ValueError("methods must name at least one method")
         for name, hyper in value.items():
@@ -169,8 +169,6 @@ class BenchConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "BenchConfig":
-        from orthograd import methods
-
         if self.train.epochs == 0 and self.model.weights is None:
             raise ValueError("train.epochs is 0 (use model.weights as the original model) but model.weights is not set")
         if self.sweep is not None:

@@ -43,7 +43,7 @@ def config_task(path: Path) -> str:
 def bench_command(path: Path, overrides: Sequence[str], out: Path | None, console: Console) -> Path:
     """Run (or resume) a benchmark config with progress output; returns the run folder."""
     if config_task(path) == "asr":  # speaker unlearning has its own runner (orthograd.asr_bench)
-        from orthograd import asr_bench
+        from orthograd import asr_bench  # on demand: the speech pipeline loads transformers
 
         extra = [f"output={out}"] if out is not None else []
         asr_bench.run_config_file(path, [*overrides, *extra])
@@ -79,7 +79,7 @@ def bench_command(path: Path, overrides: Sequence[str], out: Path | None, consol
 
 def _llm_bench(path: Path, overrides: Sequence[str], out: Path | None, console: Console) -> Path:
     """Run the LLM benchmark and print its tables (they are not the image report's); returns its run folder."""
-    from orthograd import llm_bench
+    from orthograd import llm_bench  # on demand: the language-model pipeline loads transformers
 
     config = llm_bench.load_config(path, [*overrides, *([f"output={out}"] if out is not None else [])])
     llm_bench.run(config, on_record=lambda record: console.log(llm_bench.record_line(record)))

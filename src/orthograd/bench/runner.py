@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import os
 import statistics
 from collections.abc import Callable, Iterator, Mapping
@@ -24,14 +25,16 @@ import torch
 import yaml
 
 from orthograd import methods
-from orthograd.api import resolve_device, unlearn
+from orthograd.api import unlearn
 from orthograd.bench.config import BenchConfig, content_hash, validate_config
 from orthograd.bench.data import BenchData, load_bench_data
 from orthograd.bench.memory import PeakMemory
 from orthograd.bench.training import ModelCache, evaluate, indices_fingerprint
 from orthograd.data.splits import UnlearningSplit, class_forgetting_split, random_forgetting_split
 from orthograd.io import ResultsLog, atomic_write_json, atomic_write_text
+from orthograd.privacy import privacy_metrics
 from orthograd.reporting import run_record
+from orthograd.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.jsonl"
@@ -128,8 +131,6 @@ def _context(config: BenchConfig) -> _Context:
 
 def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
     """Run one job and return its results record."""
-    from orthograd.privacy import privacy_metrics
-
     ctx = _context(config)
     split = make_split(config, ctx.data.train_labels, split_index=job.split_index, retain_size=job.retain_size)
     forget, retain = split.datasets(ctx.data.train)
@@ -281,8 +282,6 @@ class Bench:
 
     def _references(self, ctx: _Context) -> dict[tuple[int, int], dict[str, Any]]:
         """Per split: the retrained model's accuracies, privacy metrics and training time (trained once, cached)."""
-        from orthograd.privacy import privacy_metrics
-
         cache = ModelCache(self.config, ctx.data, device=ctx.device)
         out: dict[tuple[int, int], dict[str, Any]] = {}
         for index, retain_size in self._splits():
@@ -309,8 +308,6 @@ class Bench:
                 self._finish(execute(self.config, job), on_run)
             return
         threads = self.config.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
-        import multiprocessing
-
         with ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),

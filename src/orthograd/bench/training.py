@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -92,8 +93,6 @@ class ModelCache:
         )
 
     def _get(self, name: str, dataset: Dataset, *, meta: dict[str, Any]) -> TrainedModel:
-        from safetensors.torch import load_file, save
-
         weights, sidecar = self.root / f"{name}.safetensors", self.root / f"{name}.json"
         model = self.fresh_model()
         if weights.is_file() and sidecar.is_file():

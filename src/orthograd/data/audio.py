@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from transformers import WhisperFeatureExtractor
 
 from orthograd.models.whisper import FRAMES_PER_SECOND, FULL_WINDOW_S, SAMPLE_RATE
 
@@ -40,8 +41,6 @@ def resample(samples: np.ndarray, *, rate: int, target: int = SAMPLE_RATE) -> np
 
 @lru_cache(maxsize=1)
 def _extractor():  # type: ignore[no-untyped-def]
-    from transformers import WhisperFeatureExtractor
-
     return WhisperFeatureExtractor()  # 80 mel bins, 16 kHz, n_fft 400 (25 ms), hop 160 (10 ms)
 
 

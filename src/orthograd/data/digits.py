@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 def load_digits_dataset(*, test_fraction: float = 0.25, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     """Stratified train/test split of the digits as ``(images [N,1,8,8] in [0,1], labels)`` datasets."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # on first use: `import orthograd` loads this module
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < test_fraction < 1.0:

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from orthograd.validation import base_and_indices
+
 
 @dataclass(frozen=True)
 class UnlearningSplit:
@@ -41,8 +43,6 @@ def labels_of(dataset: Dataset) -> np.ndarray:
     Subset views are resolved to their base dataset; TensorDataset and torchvision-style ``targets`` are read
     directly, anything else sample by sample.
     """
-    from orthograd.validation import base_and_indices
-
     base, indices = base_and_indices(dataset)
     tensors = getattr(base, "tensors", None)
     if tensors is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from orthograd.io import atomic_write_bytes
@@ -25,8 +26,6 @@ MARKERS = {"Original": "o", "Retrain": "*"}
 
 def tradeoff_figure(records: Sequence[Mapping[str, Any]], *, title: str) -> Figure:
     """The figure for the test records of ``records`` (validation records are left out)."""
-    from matplotlib import colormaps
-
     tested = [r for r in records if r["split"] == "test"]
     fractions = sorted({r["fraction"] for r in tested})
     labels = list(dict.fromkeys(r["label"] for r in tested if r["label"] not in MARKERS))

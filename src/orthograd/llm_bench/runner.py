@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from orthograd import methods
-from orthograd.api import resolve_device, unlearn
+from orthograd.api import unlearn
 from orthograd.data.authors import QAPair, forget_authors, generate_authors, qa_pairs
 from orthograd.io import ResultsLog, atomic_write_bytes, atomic_write_text
 from orthograd.llm_bench.config import AuthorsBenchConfig, RunSpec, load_config
@@ -36,6 +37,7 @@ from orthograd.llm_bench.plots import plot_tradeoff
 from orthograd.llm_bench.tables import authors_tables
 from orthograd.llm_bench.tuning import choose, grid_points, validation_authors
 from orthograd.privacy import loss_attack
+from orthograd.runtime import resolve_device
 from orthograd.tasks.causal_lm import CausalLMTask
 from orthograd.tasks.qa_text import QAEncoder, train_tokenizer
 from orthograd.tasks.tofu import answer_losses, tofu_metrics, truth_ratios
@@ -222,8 +224,6 @@ def loss_mia(
 
 def build_model(config: AuthorsBenchConfig, encoder: QAEncoder, *, max_length: int) -> nn.Module:
     """A Llama-style causal LM of the configured size over the corpus vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     m = config.model
     llama = LlamaConfig(
         vocab_size=encoder.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,

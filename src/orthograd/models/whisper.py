@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
-from transformers import WhisperConfig, WhisperForConditionalGeneration
+from transformers import AutoTokenizer, WhisperConfig, WhisperForConditionalGeneration
 
 from orthograd.models.ct2 import read_ct2, whisper_config_kwargs, whisper_state_dict
 
@@ -66,8 +66,6 @@ def load_whisper(
     if path.is_dir() and (path / "model.bin").is_file():
         return load_ct2_whisper(path, language=language)
     model = WhisperForConditionalGeneration.from_pretrained(str(source), torch_dtype=torch.float32)
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(source)).backend_tokenizer
     text = WhisperText.from_tokenizer(
         tokenizer, multilingual=model.config.vocab_size >= MULTILINGUAL_VOCAB, language=language

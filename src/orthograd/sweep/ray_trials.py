@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray import tune
 
 from orthograd.bench.config import validate_config
@@ -45,8 +46,6 @@ class TrialsFailed(RuntimeError):
 
 def _trial(params: Mapping[str, Any], *, raw: dict[str, Any], jobs: list[Job], workdir: str, threads: int) -> None:
     """One job in a Ray worker: relative paths (cache, data) resolve as on the driver; the record goes to Tune."""
-    import torch
-
     if not os.path.isdir(workdir):
         raise FileNotFoundError(
             f"the driver's working folder {workdir} does not exist on this node: run `orthograd sweep` from a folder "

@@ -19,8 +19,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from transformers.modeling_outputs import Seq2SeqLMOutput
 
-from orthograd.models.whisper import WhisperText
+from orthograd.models.whisper import WhisperText, load_offline_text
 from orthograd.tasks.base import IGNORE_INDEX, Task
 from orthograd.wer import ClipMode, wer_from_counts, word_errors
 
@@ -29,8 +30,6 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 def _cache_field() -> str:
     """The decoder-cache keyword of the installed transformers ("cache" since 5.x, "past_key_values" before)."""
-    from transformers.modeling_outputs import Seq2SeqLMOutput
-
     names = {f.name for f in dataclasses.fields(Seq2SeqLMOutput)}
     return "cache" if "cache" in names else "past_key_values"
 
@@ -65,8 +64,6 @@ class ASRTask(Task):
     @property
     def text(self) -> WhisperText:
         if self._text is None:
-            from orthograd.models.whisper import load_offline_text
-
             self._text = load_offline_text()
         return self._text
 

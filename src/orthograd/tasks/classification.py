@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from orthograd.data.splits import labels_of
 from orthograd.tasks import batches
 from orthograd.tasks.base import IGNORE_INDEX, Task
 
@@ -101,8 +102,6 @@ class ClassificationTask(Task):
 
 def _labels(dataset: Dataset) -> np.ndarray:
     """Integer labels of a dataset of ``(input, label)`` pairs or of dicts with ``labels``."""
-    from orthograd.data.splits import labels_of
-
     first = dataset[0]
     if not isinstance(first, Mapping):
         batches.split_batch(first)  # a sample of another shape: the error says what was expected

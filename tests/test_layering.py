@@ -1,0 +1,77 @@
+"""Dependencies point one way: no import cycle between orthograd's modules, and the leaf modules stay leaves."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import orthograd
+
+SRC = Path(orthograd.__file__).resolve().parents[1]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every orthograd module -> the orthograd modules it imports anywhere (function bodies and TYPE_CHECKING too)."""
+    paths = {_module_name(p): p for p in (SRC / "orthograd").rglob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names)
+        # a module's own parent packages are loaded before it anyway: not an edge of the module's making
+        edges[name] = {t for t in found if t in paths and t != name and not name.startswith(t + ".")}
+    return edges
+
+
+def _cycle_from(start: str, edges: dict[str, set[str]]) -> list[str] | None:
+    path, seen = [start], set()
+
+    def walk(node: str) -> list[str] | None:
+        for nxt in sorted(edges[node]):
+            if nxt == start:
+                return [*path, start]
+            if nxt not in seen:
+                seen.add(nxt)
+                path.append(nxt)
+                found = walk(nxt)
+                if found:
+                    return found
+                path.pop()
+        return None
+
+    return walk(start)
+
+
+def test_no_import_cycle() -> None:
+    edges = _imports()
+    cycles = [cycle for name in edges if (cycle := _cycle_from(name, edges))]
+    assert not cycles, f"import cycles: {cycles[:3]}"
+
+
+@pytest.mark.parametrize(
+    ("module", "must_not_import"),
+    [
+        ("orthograd.audit", {"orthograd.api", "orthograd.results", "orthograd"}),
+        ("orthograd.reporting", {"orthograd"}),
+        ("orthograd.privacy", {"orthograd.api"}),
+        ("orthograd.evaluation", {"orthograd.api"}),
+        ("orthograd.training", {"orthograd.api"}),
+        ("orthograd.runtime", {"orthograd.api"}),
+    ],
+)
+def test_lower_layers_do_not_import_upper_ones(module: str, must_not_import: set[str]) -> None:
+    assert not _imports()[module] & must_not_import
