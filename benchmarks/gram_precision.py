@@ -74,7 +74,7 @@ def main() -> None:
     torch.manual_seed(0)
     train, _ = load_digits_dataset()
     trained = train_classifier(SmallCNN(width=16), train, epochs=30, seed=0)
-    lora = attach_lora(copy.deepcopy(trained), LoRAConfig(r=8, alpha=32), seed=0)
+    lora = attach_lora(copy.deepcopy(trained), LoRAConfig(r=8, lora_alpha=32), seed=0)
     for name, param in lora.named_parameters():  # a LoRA model some steps into unlearning (B is zero at first)
         if "lora_B" in name:
             param.data.normal_(std=0.01)

@@ -126,8 +126,8 @@ def _causal_lm(*, layers: int, dim: int, heads: int, positions: int, vocab: int)
     return build
 
 
-LORA = LoRAConfig(r=8, alpha=32)
-LORA_VIT_MLP = LoRAConfig(r=8, alpha=32, targets=("mlp.0", "mlp.3"))
+LORA = LoRAConfig(r=8, lora_alpha=32)
+LORA_VIT_MLP = LoRAConfig(r=8, lora_alpha=32, targets=("mlp.0", "mlp.3"))
 
 
 def quick_setups() -> list[Setup]:

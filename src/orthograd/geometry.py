@@ -21,10 +21,12 @@ from typing import Literal, TypeVar
 
 import torch
 
+from orthograd.choices import check_choice, choices
+
 ProjectionMethod = Literal["auto", "qr", "gram"]
 ProjectionScope = Literal["global", "per_tensor"]
-PROJECTION_METHODS: tuple[str, ...] = ("auto", "qr", "gram")
-PROJECTION_SCOPES: tuple[str, ...] = ("global", "per_tensor")
+PROJECTION_METHODS: tuple[str, ...] = choices(ProjectionMethod)
+PROJECTION_SCOPES: tuple[str, ...] = choices(ProjectionScope)
 
 _GRAM_CHUNK = 1 << 22  # columns of G upcast to float64 at a time (bounds the extra memory)
 
@@ -50,10 +52,8 @@ def project_out(
     ``rcond`` is the relative singular-value cut-off below which a direction of ``G`` counts as dependent; by
     default ten machine epsilons of the input dtype. The result has the dtype and device of ``g``.
     """
-    if method not in PROJECTION_METHODS:
-        raise ValueError(f"method must be one of {PROJECTION_METHODS}, got {method!r}")
-    if scope not in PROJECTION_SCOPES:
-        raise ValueError(f"scope must be one of {PROJECTION_SCOPES}, got {scope!r}")
+    check_choice("method", method, ProjectionMethod)
+    check_choice("scope", scope, ProjectionScope)
     if isinstance(g, Mapping):
         if not isinstance(G, Mapping) or set(G) != set(g):
             raise ValueError("g and G must be dicts with the same keys when g is a dict of per-parameter tensors")

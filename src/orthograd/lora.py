@@ -1,15 +1,18 @@
 """LoRA adapters through peft: attach to a copy of the model, train only the adapters, merge at the end.
 
-The paper trains only LoRA factors (r=8, scaling alpha=32) and merges them into the base weights when done, so
-the user gets back a plain module of the class they gave. The default targets follow the paper: the linear
-projections of attention layers for transformers (transformers' ``Conv1D`` counts as linear: GPT-2's ``c_attn`` and
-``attn.c_proj``), and every convolution and linear layer for CNNs. Default targets are logged, with a warning when
-they reduce to a single small layer such as a classification head.
+The paper trains only LoRA factors (r=8, scaling alpha=32: ``lora_alpha``, peft's name) and merges them into the
+base weights when done, so the user gets back a plain module of the class they gave. The default targets follow the
+paper: the linear projections of attention layers for transformers (transformers' ``Conv1D`` counts as linear:
+GPT-2's ``c_attn`` and ``attn.c_proj``), and every convolution and linear layer for CNNs. Default targets are
+logged, with a warning when they reduce to a single small layer such as a classification head.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,26 +31,42 @@ _ATTENTION_BLOCK_MARKS = ("attn", "attention")
 log = logging.getLogger(__name__)
 
 
+_ALPHA_RENAMED = (
+    "LoRA's 'alpha' is now 'lora_alpha' (peft's name; OrthoGrad's own alpha is a different setting); "
+    "'alpha' is accepted until the next release"
+)
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
-    """Rank, scaling and target modules of the adapters (``targets=None`` picks defaults for the model kind)."""
+    """Rank, scaling and target modules of the adapters (``targets=None`` picks defaults for the model kind).
+
+    ``lora_alpha`` scales the adapters' update by ``lora_alpha / r`` (peft's ``LoraConfig.lora_alpha``). Its old
+    name ``alpha`` is still accepted, with a ``DeprecationWarning``, for one release.
+    """
 
     r: int = 8
-    alpha: float = 32.0
+    lora_alpha: float = 32.0
     dropout: float = 0.0
     targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"LoRA lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if self.targets is not None:
             object.__setattr__(self, "targets", tuple(self.targets))
             if not self.targets:
                 raise ValueError("LoRA targets must name at least one module (or be None for the defaults)")
+
+    @property
+    def alpha(self) -> float:
+        """Deprecated name of ``lora_alpha`` (read with a DeprecationWarning)."""
+        warnings.warn(_ALPHA_RENAMED, DeprecationWarning, stacklevel=2)
+        return self.lora_alpha
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -60,11 +79,29 @@ class LoRAConfig:
         if value is None or isinstance(value, LoRAConfig):
             return value
         if isinstance(value, dict):
-            unknown = set(value) - {"r", "alpha", "dropout", "targets"}
+            unknown = set(value) - {"r", "lora_alpha", "alpha", "dropout", "targets"}
             if unknown:
-                raise ValueError(f"unknown LoRA settings {sorted(unknown)}; valid: r, alpha, dropout, targets")
+                raise ValueError(f"unknown LoRA settings {sorted(unknown)}; valid: r, lora_alpha, dropout, targets")
             return cls(**value)
         raise TypeError(f"lora must be a LoRAConfig, a dict or None, got {type(value).__name__}")
+
+
+def _accepting_old_alpha(init: Callable[..., None]) -> Callable[..., None]:
+    """``LoRAConfig(alpha=...)``: the old keyword of ``lora_alpha``, accepted with a DeprecationWarning."""
+
+    @functools.wraps(init)
+    def accept(self: LoRAConfig, *args: Any, alpha: float | None = None, **kwargs: Any) -> None:
+        if alpha is not None:
+            warnings.warn(_ALPHA_RENAMED, DeprecationWarning, stacklevel=2)
+            if "lora_alpha" in kwargs or len(args) > 1:
+                raise TypeError("LoRAConfig got both alpha and lora_alpha; pass lora_alpha only")
+            kwargs["lora_alpha"] = alpha
+        init(self, *args, **kwargs)
+
+    return accept
+
+
+LoRAConfig.__init__ = _accepting_old_alpha(LoRAConfig.__init__)  # type: ignore[method-assign]
 
 
 def default_lora_targets(model: nn.Module) -> list[str]:
@@ -125,7 +162,7 @@ def attach_lora(model: nn.Module, config: LoRAConfig, *, seed: int | None = None
 
     ``seed`` fixes the adapters' random initialisation so that every method starts from the same adapters.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # on first use: peft would add ~3 s to `import orthograd`
 
     targets = list(config.targets) if config.targets is not None else default_lora_targets(model)
     if config.targets is None:
@@ -140,7 +177,7 @@ def attach_lora(model: nn.Module, config: LoRAConfig, *, seed: int | None = None
     targets = expose_projections(model, targets)  # LoRA on nn.MultiheadAttention as LoRA on its linear projections
     peft_config = LoraConfig(
         r=config.r,
-        lora_alpha=config.alpha,
+        lora_alpha=config.lora_alpha,
         lora_dropout=config.dropout,
         target_modules=targets,
         fan_in_fan_out=_only_conv1d(model, targets),
@@ -153,7 +190,7 @@ def attach_lora(model: nn.Module, config: LoRAConfig, *, seed: int | None = None
 
 
 def is_lora_model(model: nn.Module) -> bool:
-    from peft import PeftModel
+    from peft import PeftModel  # on first use, as in attach_lora
 
     return isinstance(model, PeftModel)
 

@@ -30,12 +30,12 @@ from sklearn.svm import SVC
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from orthograd.choices import check_choice
 from orthograd.runtime import resolve_device
 from orthograd.tasks import Task, get_task
 from orthograd.tasks.base import per_sample_cross_entropy
 
 Feature = Literal["confidence", "entropy", "m_entropy"]
-FEATURES: tuple[str, ...] = ("confidence", "entropy", "m_entropy")
 DEFAULT_BATCH_SIZE = 512
 _LOG_FLOOR = 1e-30  # log of a zero probability is taken as log(1e-30), so features stay finite
 PRIVACY_KEYS: tuple[str, ...] = ("mia_loss_accuracy", "mia_loss_auc", "mia_efficacy")
@@ -229,8 +229,7 @@ def attack_features(outputs: SampleOutputs, *, feature: Feature = "confidence") 
     token probabilities); entropy: -sum_i p_i log p_i; m_entropy (Song & Mittal 2021):
     -(1 - p_y) log p_y - sum_{i != y} p_i log(1 - p_i).
     """
-    if feature not in FEATURES:
-        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+    check_choice("feature", feature, Feature)
     if outputs.probs is None or outputs.labels is None:
         if feature != "confidence":
             raise ValueError(f"feature {feature!r} needs class probabilities; this task only gives losses")

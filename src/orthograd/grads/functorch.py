@@ -18,9 +18,11 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
+from orthograd.choices import check_choice, choices
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 Engine = Literal["auto", "vmap", "loop"]
-ENGINES: tuple[str, ...] = ("auto", "vmap", "loop")
+ENGINES: tuple[str, ...] = choices(Engine)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,7 @@ def per_sample_grads_and_losses(
     engine: Engine = "auto",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``per_sample_grads`` that also returns the ``[k]`` per-sample losses (detached), at no extra cost."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    check_choice("engine", engine, Engine)
     names = _resolve_params(model, params)
     if engine == "loop":
         return _loop_grads(model, loss_fn, batch, names)

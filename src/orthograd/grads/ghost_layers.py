@@ -2,10 +2,12 @@
 
 One small function per layer type (the opacus ``grad_sample`` pattern): given the module, the input it saw for
 ``n`` samples and the gradient of the summed loss with respect to its output, return a ``Piece`` per trainable
-parameter. Types match exactly (a subclass may use its parameters differently, e.g. ``nn.MultiheadAttention``'s
-``out_proj``), and each type states what it cannot handle. peft LoRA layers need no entry of their own: their
-``lora_A`` / ``lora_B`` factors are plain ``nn.Linear`` / ``nn.Conv2d`` modules called on the layer's input.
-Layers of transformers are recognised without importing it (``match``): ``Conv1D`` (GPT-2's linear layer, weight
+parameter. The registry is public: ``register_ghost_rule`` adds a rule for a layer type of your own (as opacus'
+``register_grad_sampler`` does), ``register_ghost_matcher`` one for types recognised by a predicate. Types match
+exactly (a subclass may use its parameters differently, e.g. ``nn.MultiheadAttention``'s ``out_proj``), and each
+type states what it cannot handle. peft LoRA layers need no entry of their own: their ``lora_A`` / ``lora_B``
+factors are plain ``nn.Linear`` / ``nn.Conv2d`` modules called on the layer's input. Layers of transformers are
+recognised without importing it (``register_ghost_matcher``): ``Conv1D`` (GPT-2's linear layer, weight
 ``[in, out]``) and the RMSNorm classes of its models (``LlamaRMSNorm`` and kin: ``weight * x / rms(x)``).
 """
 
@@ -23,14 +25,16 @@ from torch import nn
 
 from orthograd.grads.ghost_math import Dense, Lookup, Outer, Piece, prefer_ghost
 
-PieceFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, Piece]]
-CheckFn = Callable[[nn.Module], str | None]
+# fn(module, inputs [n, ...], output_grads [n, ...]) -> {local parameter name: Piece}
+GhostRule = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, Piece]]
+# check(module) -> why the rule cannot handle this instance (None: it can)
+GhostCheck = Callable[[nn.Module], str | None]
 
 
 @dataclass(frozen=True)
 class _Entry:
-    pieces: PieceFn
-    check: CheckFn
+    pieces: GhostRule
+    check: GhostCheck
 
 
 _REGISTRY: dict[type[nn.Module], _Entry] = {}
@@ -41,10 +45,19 @@ def _always(_: nn.Module) -> str | None:
     return None
 
 
-def register(*types: type[nn.Module], check: CheckFn = _always) -> Callable[[PieceFn], PieceFn]:
-    """Make ``fn(module, inputs, output_grads) -> {param name: Piece}`` the handler of ``types``."""
+def register_ghost_rule(*types: type[nn.Module], check: GhostCheck = _always) -> Callable[[GhostRule], GhostRule]:
+    """Decorator: make ``fn(module, inputs, output_grads) -> {param name: Piece}`` the ghost rule of ``types``.
 
-    def decorate(fn: PieceFn) -> PieceFn:
+    ``inputs`` is the first positional argument the module was called with, for the ``n`` samples of a chunk
+    (sample dimension first); ``output_grads`` is the gradient of the summed per-sample losses with respect to its
+    output (the output's shape). Return a piece for each parameter the module owns directly (local names such as
+    ``"weight"``; frozen ones are dropped for you): ``Dense(per-sample gradients [n, *param.shape])`` always works,
+    ``Outer`` keeps a linear map's ``sum_t b_t a_t^T`` factored, ``Lookup`` an embedding's scatter. Types match
+    exactly (a subclass needs its own rule). ``check(module)`` returns why an instance is unsupported (None when it
+    is); the engine then falls back to torch.func and logs the reason. Registering a type again replaces its rule.
+    """
+
+    def decorate(fn: GhostRule) -> GhostRule:
         for cls in types:
             _REGISTRY[cls] = _Entry(fn, check)
         return fn
@@ -52,10 +65,13 @@ def register(*types: type[nn.Module], check: CheckFn = _always) -> Callable[[Pie
     return decorate
 
 
-def match(predicate: Callable[[nn.Module], bool], *, check: CheckFn = _always) -> Callable[[PieceFn], PieceFn]:
-    """Make ``fn`` the handler of the module types for which ``predicate(module)`` holds (checked after exact types)."""
+def register_ghost_matcher(
+    predicate: Callable[[nn.Module], bool], *, check: GhostCheck = _always
+) -> Callable[[GhostRule], GhostRule]:
+    """Decorator: make ``fn`` the ghost rule of the modules for which ``predicate(module)`` holds, for types that
+    cannot be named without importing an optional library (checked after the exact types, in registration order)."""
 
-    def decorate(fn: PieceFn) -> PieceFn:
+    def decorate(fn: GhostRule) -> GhostRule:
         _MATCHERS.append((predicate, _Entry(fn, check)))
         return fn
 
@@ -102,7 +118,7 @@ def _bias_piece(module: nn.Module, grads: torch.Tensor) -> dict[str, Piece]:
     return {"bias": Dense(grads.sum(dim=1))} if getattr(module, "bias", None) is not None else {}
 
 
-@register(nn.Linear)
+@register_ghost_rule(nn.Linear)
 def _linear(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     n, d_in, d_out = inputs.shape[0], module.in_features, module.out_features
     grads = output_grads.reshape(n, -1, d_out)
@@ -140,7 +156,7 @@ class _Transposed:
         return self.inner.combine(weights).transpose(1, 2)
 
 
-@match(is_transformers_conv1d)
+@register_ghost_matcher(is_transformers_conv1d)
 def _transformers_conv1d(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     n, (d_in, d_out) = inputs.shape[0], module.weight.shape
     grads = output_grads.reshape(n, -1, d_out)
@@ -172,7 +188,7 @@ def _as_2d(value: tuple[int, ...] | int | str, filler: int) -> tuple[int, int] |
     return (filler, value[0]) if isinstance(value, tuple) else (filler, value)
 
 
-@register(nn.Conv1d, nn.Conv2d, check=_conv_check)
+@register_ghost_rule(nn.Conv1d, nn.Conv2d, check=_conv_check)
 def _conv(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     n, d_out = inputs.shape[0], module.out_channels
     one_d = isinstance(module, nn.Conv1d)
@@ -236,7 +252,7 @@ def _embedding_check(module: nn.Module) -> str | None:
     return None
 
 
-@register(nn.Embedding, check=_embedding_check)
+@register_ghost_rule(nn.Embedding, check=_embedding_check)
 def _embedding(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     n = inputs.shape[0]
     index = inputs.reshape(n, -1)
@@ -264,13 +280,13 @@ def _affine_pieces(
     return pieces
 
 
-@register(nn.LayerNorm)
+@register_ghost_rule(nn.LayerNorm)
 def _layer_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     normalised = F.layer_norm(_wide(inputs), module.normalized_shape, eps=module.eps)
     return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=-1)
 
 
-@register(nn.GroupNorm)
+@register_ghost_rule(nn.GroupNorm)
 def _group_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     normalised = F.group_norm(_wide(inputs), module.num_groups, eps=module.eps)
     return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=1)
@@ -282,7 +298,7 @@ def _batch_norm_check(module: nn.Module) -> str | None:
     return None
 
 
-@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, check=_batch_norm_check)
+@register_ghost_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, check=_batch_norm_check)
 def _batch_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     if module.training:
         raise RuntimeError("the ghost engine evaluates BatchNorm in eval mode; call it through ghost_span")
@@ -292,7 +308,7 @@ def _batch_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Ten
     return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=1)
 
 
-@register(nn.RMSNorm)
+@register_ghost_rule(nn.RMSNorm)
 def _rms_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     normalised = F.rms_norm(_wide(inputs), module.normalized_shape, eps=module.eps)
     return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=-1)
@@ -318,7 +334,7 @@ def is_transformers_rms_norm(module: nn.Module) -> bool:
     )
 
 
-@match(is_transformers_rms_norm)
+@register_ghost_matcher(is_transformers_rms_norm)
 def _transformers_rms_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     normalised = F.rms_norm(_wide(inputs), (module.weight.shape[0],), eps=eps)

@@ -72,7 +72,7 @@ class UnlearningConfig(_Section):
     max_epochs: int = Field(5, ge=1)
     seeds: tuple[int, ...] = (0, 1, 2)
     lora: dict[str, Any] | None = Field(
-        default_factory=lambda: {"r": 8, "alpha": 32, "targets": list(LLAMA_PROJECTIONS)}
+        default_factory=lambda: {"r": 8, "lora_alpha": 32, "targets": list(LLAMA_PROJECTIONS)}
     )
     defaults: dict[str, Any] = Field(default_factory=dict)
 

@@ -1,19 +1,24 @@
 """Unlearning methods, selectable by name: ``available()`` lists them, ``get(name)`` returns the class.
 
-Every module of this package that defines a method registers it with ``@register``; they are all imported
-here, so adding a method is adding a module.
+Each method module registers its class with ``@register`` when imported; the built-in ones are imported below, in
+the order ``available()`` lists them. A new method is a module here plus its line below (or, outside the package,
+any module that applies ``@register`` before ``unlearn(method=...)`` names it).
 """
 
-import importlib
-import pkgutil
-
+from orthograd.methods import (  # noqa: F401 - imported to register their methods
+    duck,
+    finetune,
+    fisher,
+    gdr_gma,
+    influence,
+    neggrad,
+    neggrad_plus,
+    npo,
+    orthograd,
+    scrub,
+)
 from orthograd.methods.base import IterativeConfig, MethodConfig, MethodContext, UnlearningMethod
 from orthograd.methods.registry import available, get, make_config, register
-
-_INFRASTRUCTURE = {"base", "registry"}
-for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _module.name not in _INFRASTRUCTURE:
-        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "IterativeConfig",

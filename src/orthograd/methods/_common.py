@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,10 @@ def distill_kl(
     return temperature**2 * (per_position * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-class OneSetDescent(UnlearningMethod):
+ScheduleConfigT = TypeVar("ScheduleConfigT", bound=ScheduleConfig)
+
+
+class OneSetDescent(UnlearningMethod[ScheduleConfigT]):
     """One pass over one set per epoch, a step on ``sign * task loss`` per batch (SPARSE/SALUN ``impl.py``).
 
     Subclasses say which set (``data``) and the sign (+1 descent, -1 ascent); train mode as in the source.
@@ -92,12 +95,12 @@ class OneSetDescent(UnlearningMethod):
     sign: ClassVar[float]
     train_mode: ClassVar[bool] = True
 
-    def __init__(self, config: ScheduleConfig, context: MethodContext) -> None:
+    def __init__(self, config: ScheduleConfigT, context: MethodContext) -> None:
         super().__init__(config, context)
         self.optimizer = make_optimizer(config, list(context.trainable_parameters().values()))
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
-        cfg: ScheduleConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         set_lr(self.optimizer, decayed_lr(cfg, epoch))
         batch_size = cfg.retain_batch_size if self.data == "retain" else cfg.forget_batch_size
         loader = self.context.loader(self.data, batch_size=batch_size)

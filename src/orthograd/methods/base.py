@@ -14,22 +14,26 @@ import dataclasses
 import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar, get_args, get_origin
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from orthograd.choices import check_literal_fields
 from orthograd.lora import LoRAConfig
 from orthograd.tasks.base import Task
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 
 
 @dataclass
 class MethodConfig:
-    """Base of every method's hyperparameters: dict round trip with unknown keys rejected."""
+    """Base of every method's hyperparameters: dict round trip with unknown keys rejected, and every ``Literal``
+    field checked against its type's values (subclasses extend ``__post_init__`` and call it first)."""
+
+    def __post_init__(self) -> None:
+        check_literal_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -61,7 +65,7 @@ class IterativeConfig(MethodConfig):
     """Settings shared by methods that train: what is trainable, batch sizes and the optimizer.
 
     ``lora`` is the fairness policy of the library: every iterative method trains the same LoRA adapters as
-    OrthoGrad (r=8, alpha=32 by default, same initialisation for a given seed); ``None`` trains all parameters.
+    OrthoGrad (r=8, lora_alpha=32 by default, same initialisation for a given seed); ``None`` trains all parameters.
     """
 
     lr: float = 1e-3
@@ -73,9 +77,8 @@ class IterativeConfig(MethodConfig):
     lora: LoRAConfig | None = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_positive(lr=self.lr, forget_batch_size=self.forget_batch_size, retain_batch_size=self.retain_batch_size)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.momentum < 0 or self.weight_decay < 0:
             raise ValueError("momentum and weight_decay must be >= 0")
         self.lora = LoRAConfig.from_value(self.lora)
@@ -143,8 +146,15 @@ def make_optimizer(config: IterativeConfig, params: list[nn.Parameter]) -> torch
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-class UnlearningMethod(abc.ABC):
-    """One unlearning algorithm. Subclasses set ``name`` and ``config_class`` and implement ``run_epoch``."""
+ConfigT = TypeVar("ConfigT", bound=MethodConfig)
+
+
+class UnlearningMethod(abc.ABC, Generic[ConfigT]):
+    """One unlearning algorithm, generic over its config: ``class Mine(UnlearningMethod[MyConfig])`` types
+    ``self.config`` as ``MyConfig`` and sets ``config_class = MyConfig`` (which ``methods.make_config`` builds from
+    keyword values). Subclasses set ``name`` and implement ``run_epoch``. An unparameterised subclass sets
+    ``config_class`` itself, as before.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
@@ -152,7 +162,20 @@ class UnlearningMethod(abc.ABC):
     tasks: ClassVar[tuple[str, ...] | None] = None  # task names it supports (None: any)
     train_mode: ClassVar[bool] = False  # model.train() during updates (BatchNorm/dropout), as the source does
 
-    def __init__(self, config: MethodConfig, context: MethodContext) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = _declared_config(cls)
+        if declared is None:
+            return
+        if "config_class" not in cls.__dict__ and _declared_config(cls, own=True) is not None:
+            cls.config_class = declared
+        elif not issubclass(cls.config_class, declared):
+            raise TypeError(
+                f"{cls.__name__}.config_class is {cls.config_class.__name__}, not a {declared.__name__} as its "
+                f"UnlearningMethod[{declared.__name__}] base says"
+            )
+
+    def __init__(self, config: ConfigT, context: MethodContext) -> None:
         self.config = config
         self.context = context
 
@@ -177,3 +200,16 @@ class UnlearningMethod(abc.ABC):
     def hint_when_target_missed(self) -> str:
         """The one knob most likely to help when a run ends without reaching its stop rule's target."""
         return "raise lr (or max_epochs)"
+
+
+def _declared_config(cls: type, *, own: bool = False) -> type[MethodConfig] | None:
+    """The config class named by the nearest ``UnlearningMethod[...]`` base of ``cls`` (``own``: on its class line
+    only); None when no base names a concrete one."""
+    for klass in (cls,) if own else cls.__mro__:
+        for base in getattr(klass, "__orig_bases__", ()) if "__orig_bases__" in klass.__dict__ else ():
+            origin = get_origin(base)
+            if isinstance(origin, type) and issubclass(origin, UnlearningMethod):
+                (argument,) = get_args(base)
+                if isinstance(argument, type) and issubclass(argument, MethodConfig):
+                    return argument
+    return None

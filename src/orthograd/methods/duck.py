@@ -47,7 +47,6 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from orthograd.lora import is_lora_model
 from orthograd.methods.base import (
     IterativeConfig,
-    MethodConfig,
     MethodContext,
     OptimizerName,
     UnlearningMethod,
@@ -56,7 +55,6 @@ from orthograd.methods.base import (
 from orthograd.methods.registry import register
 
 HEAD_ATTRIBUTES: tuple[str, ...] = ("fc", "head", "heads", "classifier")
-ASSIGNMENTS: tuple[str, ...] = ("cached", "code_quirk")
 
 
 @dataclass
@@ -99,8 +97,6 @@ class DUCKConfig(IterativeConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.retain_steps < 0:
             raise ValueError(f"retain_steps (R) must be >= 0, got {self.retain_steps}")
-        if self.assignment not in ASSIGNMENTS:
-            raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
 
 
 def find_head(model: nn.Module, name: str | None = None) -> nn.Module:
@@ -204,11 +200,10 @@ def in_fixed_order(data: Any, *, generator: torch.Generator) -> DataLoader | Non
 
 
 @register
-class DUCK(UnlearningMethod):
+class DUCK(UnlearningMethod[DUCKConfig]):
     """Forget embeddings pulled to the nearest wrong class centroid, retain cross-entropy at temperature T."""
 
     name: ClassVar[str] = "duck"
-    config_class: ClassVar[type[MethodConfig]] = DUCKConfig
     tasks: ClassVar[tuple[str, ...] | None] = ("classification",)
     train_mode: ClassVar[bool] = True
 
@@ -249,7 +244,7 @@ class DUCK(UnlearningMethod):
         return F.cross_entropy(logits / temperature, labels, label_smoothing=self.config.label_smoothing)
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
-        cfg: DUCKConfig = self.config
+        cfg = self.config
         if self._phase1_state is not None:
             self._restore(self._phase1_state)
             self._phase1_state = None
@@ -265,7 +260,7 @@ class DUCK(UnlearningMethod):
     def _phase1_batch(
         self, n: int, x_f: torch.Tensor, y_f: torch.Tensor, *, first_epoch: bool
     ) -> Iterator[dict[str, float]]:
-        cfg: DUCKConfig = self.config
+        cfg = self.config
         for m, (x_r, y_r) in enumerate(self.context.batches(self.retain_loader)):
             z_f, _ = self.embed(x_f)
             if first_epoch:
@@ -288,7 +283,7 @@ class DUCK(UnlearningMethod):
 
     def _phase2(self) -> Iterator[dict[str, float]]:
         """The code's "low regime" fine-tune with a fresh Adam and per-iteration cosine annealing."""
-        cfg: DUCKConfig = self.config
+        cfg = self.config
         ctx = self.context
         retain_loader = ctx.loader("retain", batch_size=cfg.phase2_batch_size, shuffle=True)
         optimizer = torch.optim.Adam(list(self.params.values()), lr=cfg.phase2_lr, weight_decay=cfg.weight_decay)

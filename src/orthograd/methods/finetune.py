@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from orthograd.methods._common import OneSetDescent, ScheduleConfig
-from orthograd.methods.base import MethodConfig, OptimizerName
+from orthograd.methods.base import OptimizerName
 from orthograd.methods.registry import register
 
 
@@ -37,10 +37,9 @@ class FinetuneConfig(ScheduleConfig):
 
 
 @register
-class Finetune(OneSetDescent):
+class Finetune(OneSetDescent[FinetuneConfig]):
     """Gradient descent on the retain loss only."""
 
     name: ClassVar[str] = "finetune"
-    config_class: ClassVar[type[MethodConfig]] = FinetuneConfig
     data: ClassVar[Literal["forget", "retain"]] = "retain"
     sign: ClassVar[float] = 1.0

@@ -27,10 +27,6 @@ from orthograd.methods.base import IterativeConfig, MethodConfig, MethodContext,
 from orthograd.methods.base import make_optimizer
 from orthograd.methods.registry import register
 
-RECTIFY_MODES: tuple[str, ...] = ("code_sequential", "simultaneous")
-BANK_SCOPES: tuple[str, ...] = ("last_tensor", "all")
-BANK_MEANS: tuple[str, ...] = ("clean", "code_inplace")
-
 
 @dataclass
 class GdrGmaConfig(IterativeConfig):
@@ -75,12 +71,6 @@ class GdrGmaConfig(IterativeConfig):
         super().__post_init__()
         if not self.gamma > 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
-        if self.rectify not in RECTIFY_MODES:
-            raise ValueError(f"rectify must be one of {RECTIFY_MODES}, got {self.rectify!r}")
-        if self.bank_scope not in BANK_SCOPES:
-            raise ValueError(f"bank_scope must be one of {BANK_SCOPES}, got {self.bank_scope!r}")
-        if self.bank_mean not in BANK_MEANS:
-            raise ValueError(f"bank_mean must be one of {BANK_MEANS}, got {self.bank_mean!r}")
         if self.bank_size is not None and self.bank_size < 1:
             raise ValueError(f"bank_size must be >= 1 or None (one epoch of forget steps), got {self.bank_size}")
 
@@ -135,7 +125,7 @@ class GradientBank:
 
 
 @register
-class GdrGma(UnlearningMethod):
+class GdrGma(UnlearningMethod[GdrGmaConfig]):
     """Per-tensor conflict removal between retain descent and forget ascent, weighted by the retain loss."""
 
     name: ClassVar[str] = "gdr-gma"

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from orthograd.grads import per_sample_grads
-from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
+from orthograd.methods.base import MethodContext, UnlearningMethod
 from orthograd.methods.oneshot import OneShotConfig, scoped_parameters
 from orthograd.methods.registry import register
 from orthograd.tasks.base import Task
@@ -88,11 +88,10 @@ def _flatten(grads: Iterable[torch.Tensor | None], params: list[nn.Parameter]) -
 
 
 @register
-class InfluenceUnlearning(UnlearningMethod):
+class InfluenceUnlearning(UnlearningMethod[InfluenceConfig]):
     """One-shot: theta + alpha * WoodFisher-code(v), v = (n_f / N)(mean forget grad - mean retain grad)."""
 
     name: ClassVar[str] = "influence"
-    config_class: ClassVar[type[MethodConfig]] = InfluenceConfig
     one_shot: ClassVar[bool] = True
 
     def __init__(self, config: InfluenceConfig, context: MethodContext) -> None:
@@ -112,7 +111,7 @@ class InfluenceUnlearning(UnlearningMethod):
             yield from rows.to(params[0].dtype)
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
-        cfg: InfluenceConfig = self.config
+        cfg = self.config
         ctx = self.context
         params = list(self.params.values())
         ctx.model.eval()

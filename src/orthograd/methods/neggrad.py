@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from orthograd.methods._common import OneSetDescent, ScheduleConfig
-from orthograd.methods.base import MethodConfig, OptimizerName
+from orthograd.methods.base import OptimizerName
 from orthograd.methods.registry import register
 
 
@@ -39,10 +39,9 @@ class NegGradConfig(ScheduleConfig):
 
 
 @register
-class NegGrad(OneSetDescent):
+class NegGrad(OneSetDescent[NegGradConfig]):
     """Gradient ascent on the forget loss."""
 
     name: ClassVar[str] = "neggrad"
-    config_class: ClassVar[type[MethodConfig]] = NegGradConfig
     data: ClassVar[Literal["forget", "retain"]] = "forget"
     sign: ClassVar[float] = -1.0

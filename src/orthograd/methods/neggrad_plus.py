@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from orthograd.methods._common import descend
-from orthograd.methods.base import IterativeConfig, MethodConfig, MethodContext, OptimizerName, UnlearningMethod
+from orthograd.methods.base import IterativeConfig, MethodContext, OptimizerName, UnlearningMethod
 from orthograd.methods.base import make_optimizer
 from orthograd.methods.registry import register
 
@@ -62,11 +62,10 @@ class NegGradPlusConfig(IterativeConfig):
 
 
 @register
-class NegGradPlus(UnlearningMethod):
+class NegGradPlus(UnlearningMethod[NegGradPlusConfig]):
     """beta * (retain CE + proximal term) - (1 - beta) * forget CE, one SGD step per retain batch."""
 
     name: ClassVar[str] = "neggrad+"
-    config_class: ClassVar[type[MethodConfig]] = NegGradPlusConfig
     train_mode: ClassVar[bool] = False  # [QUIRK] the source's model.eval()
 
     def __init__(self, config: NegGradPlusConfig, context: MethodContext) -> None:
@@ -81,7 +80,7 @@ class NegGradPlus(UnlearningMethod):
 
     def objective(self, retain_batch: Any, forget_batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss to descend and its parts."""
-        cfg: NegGradPlusConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         task, model = self.context.task, self.context.model
         retain_loss = task.mean_loss(model, retain_batch)
         forget_loss = task.mean_loss(model, forget_batch)
@@ -93,7 +92,7 @@ class NegGradPlus(UnlearningMethod):
         return loss, stats
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
-        cfg: NegGradPlusConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         retain_loader = self.context.loader("retain", batch_size=cfg.retain_batch_size)
         forget_loader = self.context.loader("forget", batch_size=cfg.forget_batch_size)
         forget_batches = itertools.cycle(self.context.batches(forget_loader))

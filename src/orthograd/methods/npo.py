@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from orthograd.methods._common import descend
 from orthograd.methods.base import (
     IterativeConfig,
-    MethodConfig,
     MethodContext,
     OptimizerName,
     UnlearningMethod,
@@ -69,11 +68,10 @@ def npo_loss(nll: torch.Tensor, reference_nll: torch.Tensor, *, beta: float) -> 
 
 
 @register
-class NPO(UnlearningMethod):
+class NPO(UnlearningMethod[NPOConfig]):
     """NPO on forget batches plus ``retain_weight`` times the retain loss (NPO-RT), one optimizer step per pair."""
 
     name: ClassVar[str] = "npo"
-    config_class: ClassVar[type[MethodConfig]] = NPOConfig
     train_mode: ClassVar[bool] = True
 
     def __init__(self, config: NPOConfig, context: MethodContext) -> None:
@@ -84,7 +82,7 @@ class NPO(UnlearningMethod):
 
     def forget_loss(self, forget_batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """NPO's loss on a forget batch, and the batch's mean log-likelihood ratio to the reference."""
-        cfg: NPOConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         task = self.context.task
         nll = task.per_sample_nll(self.context.model, forget_batch)
         with torch.no_grad():
@@ -96,7 +94,7 @@ class NPO(UnlearningMethod):
         }
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
-        cfg: NPOConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         forget_loader = self.context.loader("forget", batch_size=cfg.forget_batch_size)
         for forget_batch in self.context.batches(forget_loader):
             loss, stats = self.forget_loss(forget_batch)

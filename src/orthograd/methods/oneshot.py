@@ -22,8 +22,6 @@ from torch import nn
 from orthograd.lora import default_lora_targets
 from orthograd.methods.base import MethodConfig
 
-PARAM_SCOPES: tuple[str, ...] = ("lora_targets_base", "all")
-
 
 @dataclass
 class OneShotConfig(MethodConfig):
@@ -38,8 +36,7 @@ class OneShotConfig(MethodConfig):
                 "param_scope='lora' is not offered: one-shot methods attach no adapters, and a fresh adapter "
                 "(B = 0) has zero gradient in A; use 'lora_targets_base' (same layers, base weights) or 'all'"
             )
-        if self.param_scope not in PARAM_SCOPES:
-            raise ValueError(f"param_scope must be one of {PARAM_SCOPES}, got {self.param_scope!r}")
+        super().__post_init__()
         if self.targets is not None:
             self.targets = tuple(self.targets)
             if not self.targets:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from orthograd.methods._common import ScheduleConfig, decayed_lr, descend, distill_kl, set_lr
-from orthograd.methods.base import MethodConfig, MethodContext, OptimizerName, UnlearningMethod, make_optimizer
+from orthograd.methods.base import MethodContext, OptimizerName, UnlearningMethod, make_optimizer
 from orthograd.methods.registry import register
 from orthograd.tasks.base import per_sample_cross_entropy
 
@@ -74,11 +74,10 @@ class ScrubConfig(ScheduleConfig):
 
 
 @register
-class Scrub(UnlearningMethod):
+class Scrub(UnlearningMethod[ScrubConfig]):
     """Max steps (forget, first ``msteps`` epochs) and min steps (retain) of teacher-student distillation."""
 
     name: ClassVar[str] = "scrub"
-    config_class: ClassVar[type[MethodConfig]] = ScrubConfig
     train_mode: ClassVar[bool] = True
 
     def __init__(self, config: ScrubConfig, context: MethodContext) -> None:
@@ -95,14 +94,14 @@ class Scrub(UnlearningMethod):
 
     def max_loss(self, forget_batch: Any) -> torch.Tensor:
         """-KL_T on a forget batch: push the student away from the teacher."""
-        cfg: ScrubConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         student, teacher = self._logits(forget_batch)
         targets = self.context.task.targets(forget_batch)
         return -distill_kl(student, teacher, targets, temperature=cfg.temperature)
 
     def min_loss(self, retain_batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """gamma * CE + alpha * KL_T on a retain batch: stay accurate and close to the teacher."""
-        cfg: ScrubConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         student, teacher = self._logits(retain_batch)
         targets = self.context.task.targets(retain_batch)
         ce = per_sample_cross_entropy(student, targets).mean()  # Task.mean_loss, from the same forward pass
@@ -110,7 +109,7 @@ class Scrub(UnlearningMethod):
         return cfg.gamma * ce + cfg.alpha * kl, {"retain_loss": float(ce.detach()), "retain_kl": float(kl.detach())}
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
-        cfg: ScrubConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         set_lr(self.optimizer, decayed_lr(cfg, epoch))
         if epoch <= cfg.msteps:
             forget_loader = self.context.loader("forget", batch_size=cfg.forget_batch_size)

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from orthograd.bench.config import BenchConfig
 from orthograd.bench.runner import Bench, Job, OnRun, OnStart
+from orthograd.choices import check_choice, choices
 
 if TYPE_CHECKING:  # ray is an optional extra: imported only when a sweep runs on it
     from orthograd.sweep.ray_trials import TrialResources
 
 log = logging.getLogger(__name__)
 Backend = Literal["auto", "ray", "local"]
-BACKENDS: tuple[str, ...] = ("auto", "ray", "local")
+BACKENDS: tuple[str, ...] = choices(Backend)
 NO_RAY_NOTE = (
     "Ray is not installed (pip install 'orthograd[ray]'): the sweep runs in local worker processes instead of Ray Tune"
 )
@@ -113,8 +114,7 @@ def run_sweep(
     joins an existing cluster; without it a local cluster with ``num_cpus`` CPUs is started and shut down here.
     Each trial reserves ``cpus_per_trial`` CPUs and ``gpus_per_trial`` GPUs.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, Backend)
     use_ray = backend == "ray" or (backend == "auto" and ray_available())
     if backend == "ray" and not ray_available():
         raise RuntimeError("backend='ray' needs Ray: pip install 'orthograd[ray]' (or use backend='local')")

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from orthograd.choices import check_choice
 from orthograd.tasks import batches
 from orthograd.tasks.base import IGNORE_INDEX, Task
 
 LMMetric = Literal["answer_probability", "rouge_l"]
-LM_METRICS: tuple[str, ...] = ("answer_probability", "rouge_l")
 EXPECTED = "a dict with 'input_ids' [B, T] and 'labels' [B, T] (-100 on the prompt and padding)"
 
 
@@ -54,8 +54,7 @@ class CausalLMTask(Task):
         max_new_tokens: int | None = None,
         decode: Callable[[list[int]], str] | None = None,
     ) -> None:
-        if metric not in LM_METRICS:
-            raise ValueError(f"metric must be one of {LM_METRICS}, got {metric!r}")
+        check_choice("metric", metric, LMMetric)
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 or None, got {max_new_tokens}")
         self.metric = metric
