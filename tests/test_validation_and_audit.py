@@ -11,8 +11,8 @@ import orthograd as og
 from orthograd.audit import load_weights
 from orthograd.data import class_forgetting_split
 from orthograd.data.splits import labels_of
+from orthograd.input_checks import check_disjoint, fingerprint
 from orthograd.models import SmallCNN
-from orthograd.validation import check_disjoint, fingerprint
 
 
 def _split(train, forget_class=2):

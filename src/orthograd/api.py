@@ -19,13 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from orthograd import methods
+from orthograd.input_checks import check_disjoint, check_model, dataset_of, fingerprint
 from orthograd.lora import LoRAConfig, attach_lora, merge_lora
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
 from orthograd.results import UnlearnResult
 from orthograd.runtime import resolve_device, seeded_generator
 from orthograd.stopping import StopRule, resolve_stop
 from orthograd.tasks import Task, get_task
-from orthograd.validation import check_disjoint, check_model, dataset_of, fingerprint
 
 log = logging.getLogger(__name__)
 EVAL_BATCH_SIZE = 512

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from orthograd.input_checks import check_model
 from orthograd.runtime import resolve_device
 from orthograd.tasks import Task, get_task
-from orthograd.validation import check_model
 
 EVAL_BATCH_SIZE = 512
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from orthograd.input_checks import check_model
 from orthograd.runtime import resolve_device, seeded_generator
 from orthograd.tasks import get_task
-from orthograd.validation import check_model
 
 
 def train_classifier(

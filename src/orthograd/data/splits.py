@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from orthograd.validation import base_and_indices
+from orthograd.input_checks import base_and_indices
 
 
 @dataclass(frozen=True)
