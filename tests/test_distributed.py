@@ -1,5 +1,8 @@
 """Data-parallel unlearning: 2 gloo processes on CPU reproduce the single-process run on the same global batches.
 
+The data-parallel retain span gives the single-process direction of ``span_helpers``' problem (as the materialised
+and ghost spans do in ``test_span.py``), and its non-finite guard fires on every rank when one rank's row is NaN.
+
 One spawn runs every scenario (process start-up dominates the cost); the parent process runs the same scenarios
 single-process and compares the unlearned weights. Tolerances: float64 models, 1e-9 relative (in max-abs over all
 weights), and float32, 1e-5 relative: reduction order differs, nothing else; the same scenario in float64 pins the
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import span_helpers
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -25,6 +29,10 @@ from orthograd.distributed import unlearn_distributed
 from orthograd.distributed.bench import run_bench_distributed
 from orthograd.distributed.collectives import gather_counts, global_combination, global_gram_and_product
 from orthograd.distributed.sharding import ShardedContext
+from orthograd.distributed.span import DataParallelSpan
+from orthograd.grads import per_sample_grads_and_losses
+from orthograd.grads.span import MaterialisedSpan
+from orthograd.methods.direction import orthograd_direction
 from orthograd.models import SmallCNN
 
 WORLD = 2
@@ -43,8 +51,11 @@ SCENARIOS: dict[str, tuple[str, torch.dtype, tuple[int, int], dict[str, Any]]] =
     "orthograd_mean_f64": ("orthograd", torch.float64, (14, 20),
                            {"forget_batch_size": 7, "retain_batch_size": 10, "lr": 0.05, "retain_grads": "mean",
                             "schedule": "fixed"}),
+    "orthograd_fixed_name_f64": ("orthograd-fixed", torch.float64, (14, 20),  # the same path under its other name
+                                 {"forget_batch_size": 7, "retain_batch_size": 9, "lr": 0.05, "alpha": 0.8}),
     "neggrad+_f64": ("neggrad+", torch.float64, (16, 16), {"forget_batch_size": 8, "retain_batch_size": 8, "lr": 0.1}),
 }
+SHARD_ROWS = (2, 4)  # span_helpers.RETAIN retain samples over the ranks
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 ORTHOGRAD = {"schedule": "fixed", "optimizer": "adam", "lr": 1e-3, "forget_batch_size": 20, "retain_batch_size": 30}
 
@@ -85,6 +96,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         results = {name: _run(name, unlearn_distributed) for name in SCENARIOS}
         results["collectives"] = _collectives(rank)
+        results["span"] = {nan: _span_direction(rank, nan_retain_sample=nan) for nan in (False, True)}
+        results["adaptive_refusal"] = _adaptive_refusal()
         config = validate_config(_bench_raw(str(Path(out_dir) / "cache")))
         run_bench_distributed(config, out_dir=Path(out_dir) / "bench", device=torch.device("cpu"))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -102,6 +115,31 @@ def _collectives(rank: int) -> dict[str, torch.Tensor]:
     weights = torch.arange(10, dtype=torch.float64).reshape(2, 5)
     combined = global_combination(rows, weights[:, :2] if rank == 0 else weights[:, 2:])
     return {"gram": gram, "product": product, "combined": combined}
+
+
+def _span_direction(rank: int, *, nan_retain_sample: bool) -> torch.Tensor | None:
+    """The direction over a ``DataParallelSpan`` of this rank's rows of the span problem (None: the guard fired)."""
+    model, forget_grad, (x, y) = span_helpers.problem(nan_retain_sample=nan_retain_sample)
+    start = sum(SHARD_ROWS[:rank])
+    shard = (x[start : start + SHARD_ROWS[rank]], y[start : start + SHARD_ROWS[rank]])
+    per_sample, losses = per_sample_grads_and_losses(model, span_helpers.loss_fn, shard, engine="loop")
+    rows = torch.cat([g.reshape(g.shape[0], -1) for g in per_sample.values()], dim=1)
+    span = DataParallelSpan(
+        rows, span_helpers.flat(forget_grad), counts=list(SHARD_ROWS),
+        shapes={n: g.shape for n, g in forget_grad.items()}, dtype=torch.float64, retain_loss=float(losses.mean()),
+    )
+    direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=span_helpers.adaptive_weights)
+    return None if direction is None else span_helpers.flat(direction.update)
+
+
+def _adaptive_refusal() -> str:
+    """What ``unlearn_distributed`` says to OrthoGrad's adaptive schedule."""
+    forget, retain = _data(torch.float64, 14, 20)
+    try:
+        unlearn_distributed(_model(torch.float64), forget, retain, max_epochs=1, seed=3, device="cpu")
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +178,23 @@ def test_collectives_equal_the_dense_formulas(ranks: list[dict[str, Any]]) -> No
         torch.testing.assert_close(got["gram"], G @ G.T, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got["product"], G @ probe, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got["combined"], weights @ G, rtol=1e-12, atol=1e-12)
+
+
+def test_data_parallel_span_gives_the_single_process_direction(ranks: list[dict[str, Any]]) -> None:
+    model, forget_grad, batch = span_helpers.problem()
+    per_sample, losses = per_sample_grads_and_losses(model, span_helpers.loss_fn, batch, engine="loop")
+    span = MaterialisedSpan(per_sample, forget_grad, retain_loss=float(losses.mean()))
+    direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=span_helpers.adaptive_weights)
+    assert direction is not None
+    expected = span_helpers.flat(direction.update)
+    for rank in ranks:
+        got = rank["span"][False]
+        assert float((got - expected).norm() / expected.norm()) <= 1e-9
+        assert rank["span"][True] is None  # a NaN row on rank 1: no direction, on both ranks
+
+
+def test_the_runner_refuses_the_adaptive_schedule_with_the_fix(ranks: list[dict[str, Any]]) -> None:
+    assert all("pass schedule='fixed'" in rank["adaptive_refusal"] for rank in ranks)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -177,7 +177,7 @@ def test_bf16_autocast_direction_is_close_to_float32():
 def test_auto_falls_back_for_an_unsupported_layer_and_says_so(caplog):
     torch.manual_seed(0)
     model = nn.Sequential(_RawScale(), nn.Linear(64, 10))
-    with caplog.at_level(logging.INFO, logger="orthograd.methods.orthograd"):
+    with caplog.at_level(logging.INFO, logger="orthograd.methods.orthograd_gradients"):
         result = og.unlearn(model, _data(FORGET, 1), _data(RETAIN, 2), max_epochs=1, lora=None, lr=1e-2)
     assert "torch.func" in caplog.text and "_RawScale" in caplog.text
     assert result.history[-1]["engine_ghost"] == 0.0
@@ -200,7 +200,7 @@ def test_run_time_refusal_switches_to_the_reference_engine(caplog):
     torch.manual_seed(0)
     model = _Twice()
     reference, _ = _direction(model, engine="vmap", projection="qr")
-    with caplog.at_level(logging.WARNING, logger="orthograd.methods.orthograd"):
+    with caplog.at_level(logging.WARNING, logger="orthograd.methods.orthograd_gradients"):
         auto, stats = _direction(model)
     assert "ghost engine failed" in caplog.text and stats["engine_ghost"] == 0.0
     assert _relative(auto, reference) <= 1e-5

@@ -7,7 +7,9 @@ Launch one process per device (``torchrun --nproc_per_node=N``), initialise the 
 * the model (with its LoRA adapters) is broadcast from rank 0, so every rank starts from the same weights;
 * iterative methods see only their rank's share of every global batch (``sharding``); the global batches are the
   ones a single process with the same seed would draw;
-* OrthoGrad runs as ``DistributedOrthoGrad``: the update equals the single-process update on the global batches;
+* a method whose update is the OrthoGrad direction over a retain span (a ``SpanMethod``: OrthoGrad, under either
+  name) gets the data-parallel gradient source (``distributed/orthograd.py``): the update equals the single-process
+  update on the global batches; settings that cannot run this way are refused with the fix;
 * every other iterative method runs unchanged, and the gradients of the trainable parameters are averaged over
   the ranks right before each optimizer step (an optimizer step pre-hook). For methods whose step is a linear
   function of batch-mean gradients (Finetune, NegGrad, NegGrad+, SCRUB, DUCK) this is DDP's usual gradient
@@ -31,10 +33,10 @@ from torch.utils.hooks import RemovableHandle
 
 from orthograd.api import UnlearnResult, unlearn
 from orthograd.distributed.collectives import world
-from orthograd.distributed.orthograd import DistributedOrthoGrad
+from orthograd.distributed.orthograd import use_global_batches
 from orthograd.distributed.sharding import ShardedContext
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
-from orthograd.methods.orthograd import OrthoGrad
+from orthograd.methods.orthograd_gradients import SpanMethod
 
 
 def init_process_group_from_env(*, device: str = "auto", backend: str | None = None) -> torch.device:
@@ -91,11 +93,13 @@ class _DataParallelMethods:
             return method_cls(config, context)
         rank, size = world(self.group)
         sharded = ShardedContext.from_context(context, rank=rank, world_size=size)
-        if method_cls is OrthoGrad:
-            return DistributedOrthoGrad(config, sharded, group=self.group)  # type: ignore[arg-type]
+        method = method_cls(config, sharded)
+        if isinstance(method, SpanMethod):  # the OrthoGrad direction: its span can be the global batches' own
+            use_global_batches(method, group=self.group)
+            return method
         average = GradientAverager(list(context.trainable_parameters().values()), group=self.group)
         self._hook = register_optimizer_step_pre_hook(average)
-        return method_cls(config, sharded)
+        return method
 
     def close(self) -> None:
         if self._hook is not None:

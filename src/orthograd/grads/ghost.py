@@ -43,6 +43,8 @@ class GhostSpan:
     """What OrthoGrad needs of the per-sample retain gradients ``G`` ([k, d] over the chosen parameters).
 
     gram: ``G G^T`` [k, k] float64; product: ``G probe`` [k] float64; losses: the k per-sample losses.
+    A ``RetainSpan`` (``grads/span.py``): ``norms`` and ``update`` give OrthoGrad's terms from the k x k system alone
+    and from one contraction.
     ``combine(weights)`` returns ``weights @ G`` per parameter for ``[m, k]`` weights (e.g. ``1/k`` for the mean);
     it is called once, with every row needed, and then frees the pieces (layer inputs and output gradients, as
     large as the retain batch's activations) before the caller combines the results further.
@@ -52,6 +54,11 @@ class GhostSpan:
     product: torch.Tensor
     losses: torch.Tensor
     pieces: dict[str, list[tuple[int, Piece]]] | None
+
+    @property
+    def retain_loss(self) -> float:
+        """The mean of the per-sample losses."""
+        return float(self.losses.mean())
 
     def combine(self, weights: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """``weights @ G`` for each of the ``m`` rows of ``weights`` ([m, k]), as ``m`` dicts of parameter tensors.

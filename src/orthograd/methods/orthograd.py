@@ -22,6 +22,9 @@ Per-sample engine: ``engine="auto"`` uses the ghost engine (``grads/ghost.py``: 
 and output gradients, never the [k, d] matrix; always the Gram solve) when every trainable parameter sits in a
 supported layer, else torch.func. ``projection="qr"``, ``projection_scope="per_tensor"`` and ``retain_grads="mean"``
 take the reference path (torch.func + ``project_out``). The choice is logged and recorded as ``engine_ghost``.
+Where the code is: the forget gradient and the retain span come from a gradient source (``orthograd_gradients.py``;
+``distributed/orthograd.py`` for data-parallel ranks), the direction from ``direction.py``; this module holds the
+config, the schedules' weights and statistics, and the adaptive controller.
 An epoch is one pass over the forget set; retain batches are drawn from a reshuffled cycle of the retain set.
 BatchNorm layers run in eval mode throughout (per-sample gradients cannot update running statistics).
 """
@@ -32,7 +35,6 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -40,9 +42,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from orthograd.geometry import PROJECTION_METHODS, PROJECTION_SCOPES, default_rcond, gram_coefficients, project_out
-from orthograd.grads import ENGINES, per_sample_grads_and_losses
-from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, unsupported_reason
+from orthograd.geometry import PROJECTION_METHODS, PROJECTION_SCOPES
+from orthograd.grads import ENGINES
 from orthograd.methods.base import (
     IterativeConfig,
     MethodConfig,
@@ -52,9 +53,11 @@ from orthograd.methods.base import (
     make_optimizer,
 )
 from orthograd.methods._common import set_lr
+from orthograd.methods.direction import orthograd_direction
+from orthograd.methods.orthograd_gradients import GradientSource, LocalGradients, choose_engine
 from orthograd.methods.pressure import ForgetPressure, ProgressMeter, retain_drop, sampling_noise
 from orthograd.methods.registry import register
-from orthograd.validation import dataset_of
+from orthograd.input_checks import dataset_of
 
 RETAIN_GRAD_MODES: tuple[str, ...] = ("per_sample", "mean")
 # What ``None`` resolves to under each schedule (see OrthoGradConfig).
@@ -139,12 +142,11 @@ class OrthoGradConfig(IterativeConfig):
 
 
 @register
-class OrthoGrad(UnlearningMethod):
+class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
     """Forget-gradient ascent projected orthogonally to every per-sample retain gradient, plus alpha * retain
     descent."""
 
     name: ClassVar[str] = "orthograd"
-    config_class: ClassVar[type[MethodConfig]] = OrthoGradConfig
 
     def __init__(self, config: OrthoGradConfig, context: MethodContext) -> None:
         super().__init__(config, context)
@@ -153,7 +155,8 @@ class OrthoGrad(UnlearningMethod):
         self.controller = _AdaptiveControl(config, context) if config.schedule == "adaptive" else None
         training_context = self.controller.training_context if self.controller is not None else context
         self._retain = context.endless(training_context.loader("retain", batch_size=config.retain_batch_size))
-        self.engine = self._choose_engine()
+        engine = choose_engine(config, context.model, self.params)
+        self.gradients: GradientSource = LocalGradients(config, context, self.params, engine)
 
     def checks_per_epoch(self) -> int | None:
         """The adaptive schedule wants the stop rule checked 4 times an epoch (it steers on those checks)."""
@@ -177,30 +180,10 @@ class OrthoGrad(UnlearningMethod):
         set_lr(self.optimizer, self.controller.pressure.lr)
         return decision
 
-    def _choose_engine(self) -> str:
-        """"ghost" when the config and every trainable layer allow it, else the torch.func engine named by the
-        config."""
-        cfg: OrthoGradConfig = self.config
-        if cfg.engine in ENGINES and cfg.engine != "auto":
-            return cfg.engine
-        if cfg.retain_grads == "mean":  # no per-sample gradients at all
-            return "auto"
-        if cfg.projection == "qr" or cfg.projection_scope == "per_tensor":
-            reason: str | None = "projection='qr' or projection_scope='per_tensor' asks for the reference path"
-        else:
-            reason = unsupported_reason(self.context.model, list(self.params))
-        if reason is None:
-            log.info("OrthoGrad per-sample engine: ghost")
-            return "ghost"
-        if cfg.engine == "ghost":
-            raise ValueError(f"engine='ghost' cannot handle this model ({reason}); use engine='auto' or 'vmap'")
-        log.info("OrthoGrad per-sample engine: torch.func (%s)", reason)
-        return "auto"
-
-    def _autocast(self) -> AbstractContextManager[object]:
-        if not self.config.bf16:
-            return nullcontext()
-        return torch.autocast(self.context.device.type, dtype=torch.bfloat16)
+    @property
+    def engine(self) -> str:
+        """The per-sample engine of the gradient source ("ghost", or a torch.func engine)."""
+        return self.gradients.engine
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
         forget_loader = self.context.loader("forget", batch_size=self.config.forget_batch_size)
@@ -210,86 +193,15 @@ class OrthoGrad(UnlearningMethod):
     def update_direction(
         self, forget_batch: Any, retain_batch: Any
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """The descent direction alpha * mean(G_r) - (1 - alpha) * g_u_perp, and step statistics."""
-        cfg: OrthoGradConfig = self.config
-        task, model, names = self.context.task, self.context.model, list(self.params)
-        with self._autocast():
-            forget_loss = task.mean_loss(model, forget_batch)
-        forget_grad = dict(zip(names, torch.autograd.grad(forget_loss, list(self.params.values()))))
-        if self.engine == "ghost":
-            try:
-                return self._ghost_direction(forget_loss, forget_grad, retain_batch)
-            except GhostUnsupportedError as exc:
-                if cfg.engine == "ghost":
-                    raise
-                log.warning("ghost engine failed (%s); OrthoGrad continues with the torch.func engine", exc)
-                self.engine = "auto"
-        if cfg.retain_grads == "per_sample":
-            with self._autocast():
-                per_sample, losses = per_sample_grads_and_losses(
-                    model, task.per_sample_loss, retain_batch, params=names, chunk_size=cfg.chunk_size,
-                    engine=self.engine,
-                )
-            retain_mean = {n: g.mean(dim=0) for n, g in per_sample.items()}
-            retain_loss = float(losses.mean())
-            span = per_sample
-        else:
-            with self._autocast():
-                mean_loss = task.mean_loss(model, retain_batch)
-            retain_mean = dict(zip(names, torch.autograd.grad(mean_loss, list(self.params.values()))))
-            retain_loss = float(mean_loss.detach())
-            span = {n: g.unsqueeze(0) for n, g in retain_mean.items()}
-        if not (math.isfinite(_norm(forget_grad)) and math.isfinite(_norm(span))):
-            return {}, {"forget_loss": float(forget_loss.detach()), "retain_loss": retain_loss,
-                        "finite_grads": math.nan}
-        orthogonal = project_out(forget_grad, span, method=cfg.projection, scope=cfg.projection_scope)
-        return self._combine(forget_loss, forget_grad, retain_mean, orthogonal, retain_loss)
-
-    def _ghost_direction(
-        self, forget_loss: torch.Tensor, forget_grad: dict[str, torch.Tensor], retain_batch: Any
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """The update from the ghost engine: Gram solve on G G^T and G g_u, then G^T (1/k) and G^T c per layer."""
-        cfg: OrthoGradConfig = self.config
-        span = ghost_span(
-            self.context.model,
-            self.context.task.per_sample_loss,
-            retain_batch,
-            probe=forget_grad,
-            params=list(self.params),
-            chunk_size=cfg.chunk_size,
-            autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
-        )
-        retain_loss = float(span.losses.mean())
-        span_norm = _norm({"gram": span.gram, "product": span.product})
-        if not (math.isfinite(_norm(forget_grad)) and math.isfinite(span_norm)):
-            return {}, {"forget_loss": float(forget_loss.detach()), "retain_loss": retain_loss,
-                        "finite_grads": math.nan}
-        dtype = next(iter(forget_grad.values())).dtype
-        coeffs = gram_coefficients(span.gram, span.product, rcond=default_rcond(dtype))
-        forget_norm = _norm(forget_grad)
-        retain_norm, orthogonal_norm = span.norms(coeffs, probe_norm=forget_norm)  # from the k x k system alone
-        alpha, retain_weight, forget_weight = self._weights(retain_norm=retain_norm, orthogonal_norm=orthogonal_norm)
-        direction = span.update(forget_grad, coeffs, mean_weight=retain_weight, residual_weight=forget_weight)
-        norms = {"forget": forget_norm, "orthogonal": orthogonal_norm, "retain": retain_norm}
-        return direction, self._stats(forget_loss, retain_loss, alpha=alpha, norms=norms)
-
-    def _combine(
-        self,
-        forget_loss: torch.Tensor,
-        forget_grad: dict[str, torch.Tensor],
-        retain_mean: dict[str, torch.Tensor],
-        orthogonal: dict[str, torch.Tensor],
-        retain_loss: float,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """The update from materialised gradients (see ``_weights``), and the step statistics."""
-        norms = {"forget": _norm(forget_grad), "orthogonal": _norm(orthogonal), "retain": _norm(retain_mean)}
-        alpha, retain_weight, forget_weight = self._weights(retain_norm=norms["retain"],
-                                                            orthogonal_norm=norms["orthogonal"])
-        direction = {
-            n: retain_weight * retain_mean[n].to(g.dtype) - forget_weight * orthogonal[n]
-            for n, g in forget_grad.items()
-        }
-        return direction, self._stats(forget_loss, retain_loss, alpha=alpha, norms=norms)
+        """The descent direction alpha * mean(G_r) - (1 - alpha) * g_u_perp (empty when a gradient is not finite),
+        and step statistics."""
+        grads = self.gradients.compute(forget_batch, retain_batch)
+        direction = orthograd_direction(forget_grad=grads.forget_grad, span=grads.span, weights=self._weights)
+        retain_loss = grads.span.retain_loss
+        if direction is None:
+            return {}, {"forget_loss": grads.forget_loss, "retain_loss": retain_loss, "finite_grads": math.nan}
+        stats = self._stats(grads.forget_loss, retain_loss, alpha=direction.alpha, norms=direction.norms)
+        return direction.update, stats
 
     def _weights(self, *, retain_norm: float, orthogonal_norm: float) -> tuple[float, float, float]:
         """(alpha, retain weight, forget weight) of ``retain_weight * mean(G_r) - forget_weight * g_u_perp``.
@@ -303,14 +215,13 @@ class OrthoGrad(UnlearningMethod):
         return alpha, alpha / max(retain_norm, _TINY), (1.0 - alpha) / max(orthogonal_norm, _TINY)
 
     def _stats(
-        self, forget_loss: torch.Tensor, retain_loss: float, *, alpha: float, norms: Mapping[str, float]
+        self, forget_loss: float, retain_loss: float, *, alpha: float, norms: Mapping[str, float]
     ) -> dict[str, float]:
         """The step statistics the history records (and the adaptive controller's forget-loss window)."""
-        loss = float(forget_loss.detach())
         if self.controller is not None:
-            self.controller.record_forget_loss(loss)
+            self.controller.record_forget_loss(forget_loss)
         return {
-            "forget_loss": loss,
+            "forget_loss": forget_loss,
             "retain_loss": retain_loss,
             "kept_fraction": norms["orthogonal"] / max(norms["forget"], _TINY),
             "retain_to_forget_norm": norms["retain"] / max(norms["orthogonal"], _TINY),
@@ -386,15 +297,6 @@ def split_holdout(
     order = torch.randperm(size, generator=generator).tolist()
     held = min(size - 1, max(1, round(fraction * size)))
     return Subset(dataset, order[held:]), Subset(dataset, order[:held])
-
-
-def _norm(tensors: dict[str, torch.Tensor]) -> float:
-    """Euclidean norm of all tensors together: a norm of per-tensor norms, with no float64 copy of the tensors.
-
-    It is also the finiteness check: the norm is NaN or inf exactly when some entry is (or when it overflows).
-    """
-    norms = torch.stack([torch.linalg.vector_norm(t.detach()).double() for t in tensors.values()])
-    return float(torch.linalg.vector_norm(norms))
 
 
 @dataclass

@@ -1,0 +1,161 @@
+"""Where OrthoGrad's gradients come from each step: the forget gradient and the retain span.
+
+``GradientSource`` is what ``OrthoGrad`` asks at every step; a ``SpanMethod`` is a method that asks one, so the
+data-parallel runner can hand it a source over every rank's shards instead (``distributed/orthograd.py``) and
+leave the rest of the method as it is. ``LocalGradients`` is the single-process source: the ghost engine when the
+config and every trainable layer allow it (a ``GhostSpan``; a layer that refuses at run time switches it to
+torch.func for good, unless ``engine="ghost"`` was asked for), else torch.func (a ``MaterialisedSpan``), and for
+``retain_grads="mean"`` a span of one row, the mean retain gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from orthograd.grads import ENGINES, per_sample_grads_and_losses
+from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, unsupported_reason
+from orthograd.methods.base import MethodContext
+from orthograd.geometry import ProjectionMethod, ProjectionScope
+from orthograd.grads.span import MaterialisedSpan, RetainSpan
+
+log = logging.getLogger(__name__)
+
+
+class SpanSettings(Protocol):
+    """The settings a gradient source (and the data-parallel check) reads; ``OrthoGradConfig`` has them all."""
+
+    @property
+    def schedule(self) -> str: ...
+
+    @property
+    def engine(self) -> str: ...
+
+    @property
+    def retain_grads(self) -> str: ...
+
+    @property
+    def projection(self) -> ProjectionMethod: ...
+
+    @property
+    def projection_scope(self) -> ProjectionScope: ...
+
+    @property
+    def chunk_size(self) -> int | None: ...
+
+    @property
+    def bf16(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class StepGradients:
+    """One step's forget loss and gradient ``g`` (per parameter), and the retain span probed with ``g``."""
+
+    forget_loss: float
+    forget_grad: dict[str, torch.Tensor]
+    span: RetainSpan
+
+
+class GradientSource(Protocol):
+    """Turns a forget batch and a retain batch into ``StepGradients``; ``engine`` names the per-sample engine."""
+
+    @property
+    def engine(self) -> str: ...
+
+    def compute(self, forget_batch: Any, retain_batch: Any) -> StepGradients: ...
+
+
+@runtime_checkable
+class SpanMethod(Protocol):
+    """A method whose update is the OrthoGrad direction over the span its ``gradients`` source gives."""
+
+    config: SpanSettings
+    gradients: GradientSource
+
+
+def choose_engine(config: SpanSettings, model: nn.Module, params: Iterable[str]) -> str:
+    """"ghost" when the config and every trainable layer allow it, else the torch.func engine the config names."""
+    if config.engine in ENGINES and config.engine != "auto":
+        return config.engine
+    if config.retain_grads == "mean":  # no per-sample gradients at all
+        return "auto"
+    if config.projection == "qr" or config.projection_scope == "per_tensor":
+        reason: str | None = "projection='qr' or projection_scope='per_tensor' asks for the reference path"
+    else:
+        reason = unsupported_reason(model, list(params))
+    if reason is None:
+        log.info("OrthoGrad per-sample engine: ghost")
+        return "ghost"
+    if config.engine == "ghost":
+        raise ValueError(f"engine='ghost' cannot handle this model ({reason}); use engine='auto' or 'vmap'")
+    log.info("OrthoGrad per-sample engine: torch.func (%s)", reason)
+    return "auto"
+
+
+@dataclass(eq=False)
+class LocalGradients:
+    """The single-process source over ``params`` (trainable parameters by name); ``engine`` from ``choose_engine``
+    ("ghost", or a torch.func engine for ``per_sample_grads_and_losses``)."""
+
+    config: SpanSettings
+    context: MethodContext
+    params: dict[str, nn.Parameter]
+    engine: str
+
+    def compute(self, forget_batch: Any, retain_batch: Any) -> StepGradients:
+        forget_loss, forget_grad = self.mean_gradient(forget_batch)
+        span = self._retain_span(retain_batch, probe=forget_grad)
+        return StepGradients(forget_loss=float(forget_loss.detach()), forget_grad=forget_grad, span=span)
+
+    def mean_gradient(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The mean loss of ``batch`` and its gradient (the forget gradient; the retain row of ``"mean"`` mode)."""
+        with self._autocast():
+            loss = self.context.task.mean_loss(self.context.model, batch)
+        return loss, dict(zip(self.params, torch.autograd.grad(loss, list(self.params.values()))))
+
+    def per_sample(self, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-sample gradients ``{name: [k, *shape]}`` and losses of ``batch``, from the torch.func engine."""
+        with self._autocast():
+            return per_sample_grads_and_losses(
+                self.context.model, self.context.task.per_sample_loss, batch, params=list(self.params),
+                chunk_size=self.config.chunk_size, engine=self.engine,  # type: ignore[arg-type]
+            )
+
+    def materialised(
+        self, rows: dict[str, torch.Tensor], probe: dict[str, torch.Tensor], *, retain_loss: float
+    ) -> MaterialisedSpan:
+        """A span of ``rows`` ([k, *shape] per parameter) with the config's projection solver and scope."""
+        return MaterialisedSpan(
+            rows, probe, retain_loss=retain_loss, projection=self.config.projection, scope=self.config.projection_scope
+        )
+
+    def _retain_span(self, batch: Any, *, probe: dict[str, torch.Tensor]) -> RetainSpan:
+        if self.engine == "ghost":
+            try:
+                return ghost_span(
+                    self.context.model, self.context.task.per_sample_loss, batch, probe=probe,
+                    params=list(self.params), chunk_size=self.config.chunk_size,
+                    autocast_dtype=torch.bfloat16 if self.config.bf16 else None,
+                )
+            except GhostUnsupportedError as exc:
+                if self.config.engine == "ghost":
+                    raise
+                log.warning("ghost engine failed (%s); OrthoGrad continues with the torch.func engine", exc)
+                self.engine = "auto"
+        if self.config.retain_grads == "mean":
+            loss, mean = self.mean_gradient(batch)
+            rows = {n: g.unsqueeze(0) for n, g in mean.items()}
+            return self.materialised(rows, probe, retain_loss=float(loss.detach()))
+        per_sample, losses = self.per_sample(batch)
+        return self.materialised(per_sample, probe, retain_loss=float(losses.mean()))
+
+    def _autocast(self) -> AbstractContextManager[object]:
+        if not self.config.bf16:
+            return nullcontext()
+        return torch.autocast(self.context.device.type, dtype=torch.bfloat16)
