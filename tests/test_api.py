@@ -79,6 +79,25 @@ def test_a_callable_stop_rule_sees_every_row_and_stops_the_run(digits, digits_mo
     assert never.stop_reason == "max_epochs" and never.epochs == 2
 
 
+def test_track_stop_evaluates_only_the_stop_sets_between_and_reports_every_set_at_the_end(digits, digits_model):
+    train, test = digits
+    forget, retain = _class_split(train)
+    kwargs = {"test": test, "stop": "class", "optimizer": "adam", "lr": 1e-3, "alpha": 0.8, "forget_batch_size": 32,
+              "retain_batch_size": 64, "seed": 0, "schedule": "fixed"}
+    full = og.unlearn(digits_model, forget, retain, **kwargs)
+    lean = og.unlearn(digits_model, forget, retain, track="stop", **kwargs)
+    assert lean.stop_reason == full.stop_reason == "target_reached" and lean.steps == full.steps
+    assert len(lean.history) == len(full.history) >= 3
+    assert {"forget", "retain", "test"} <= set(lean.history[0]) and {"forget", "retain", "test"} <= set(lean.final)
+    assert all("forget" in row and "retain" not in row and "test" not in row for row in lean.history[1:-1])
+    assert lean.final == pytest.approx({k: v for k, v in full.final.items() if k != "time_s"} | {
+        "time_s": lean.final["time_s"]})  # the same run, the same final metrics
+    with pytest.raises(ValueError, match="track='stop' evaluates only the sets the stop rule reads"):
+        og.unlearn(digits_model, forget, retain, stop=lambda row: False, track="stop", max_epochs=1)
+    with pytest.raises(ValueError, match="track must be 'all' or 'stop'"):
+        og.unlearn(digits_model, forget, retain, track="some", max_epochs=1)
+
+
 def test_max_epochs_without_stop_rule_and_one_epoch_counts(digits, digits_model):
     train, _ = digits
     forget, retain = _class_split(train, forget_class=5)

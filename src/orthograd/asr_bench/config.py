@@ -132,12 +132,17 @@ class UnlearningConfig:
     max_epochs: int = 30
     stop_wer: float | None = 75.0
     eval_every: int | None = None
+    track: Literal["all", "stop"] = "all"  # "stop": decode only the forget set until the last row (see unlearn)
     seed: int = 0
     defaults: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:
             raise ValueError("unlearning.max_epochs must be >= 1")
+        if self.track not in ("all", "stop"):
+            raise ValueError(f"unlearning.track must be 'all' or 'stop', got {self.track!r}")
+        if self.track == "stop" and self.stop_wer is None:
+            raise ValueError("unlearning.track 'stop' needs unlearning.stop_wer (the rule decides what is decoded)")
 
 
 @dataclass

@@ -87,6 +87,7 @@ def run(config: SpeakerBenchConfig, *, on_record: Callable[[Record], None] | Non
                     test=sets["test"],
                     max_epochs=config.unlearning.max_epochs,
                     eval_every=config.unlearning.eval_every,
+                    track=config.unlearning.track,
                     device=device,
                     seed=config.unlearning.seed,
                     **merged,
@@ -146,6 +147,8 @@ def _key(config: SpeakerBenchConfig, variant: str, params: Mapping[str, Any]) ->
         config.unlearning.max_epochs, config.unlearning.stop_wer, config.unlearning.eval_every,
         config.unlearning.seed, variant, sorted(params.items(), key=lambda kv: kv[0]),
     ]
+    if config.unlearning.track != "all":  # records made before the option keep their keys
+        payload.append(config.unlearning.track)
     return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:12]
 
 

@@ -27,6 +27,9 @@ def _cell(values: Sequence[float]) -> str:
 
 
 def _best_variant(by_variant: Mapping[str, list[Mapping[str, Any]]], target: float | None) -> str:
+    if len(by_variant) == 1:
+        return next(iter(by_variant))
+
     def mean(variant: str, column: str) -> float:
         return float(np.mean([r[column] for r in by_variant[variant]]))
 
