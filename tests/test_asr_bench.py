@@ -58,6 +58,9 @@ def test_tiny_speaker_unlearning_run_writes_records_and_tables(tmp_path):
     lines = (tmp_path / "run" / "results.jsonl").read_text().count("\n")
     assert len(asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", overrides)) == 2
     assert (tmp_path / "run" / "results.jsonl").read_text().count("\n") == lines
+    # A changed setting makes new records; the old ones stay in the log but out of this config's tables
+    changed = asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", [*overrides, "unlearning.max_epochs=2"])
+    assert len(changed) == 2 and {r["key"] for r in changed}.isdisjoint(r["key"] for r in records)
 
 
 def _record(label: str, variant: str, speaker: str, *, unlearn: float, test: float, val: float) -> dict:

@@ -54,6 +54,7 @@ def run(config: SpeakerBenchConfig, *, on_record: Callable[[Record], None] | Non
     original = _original_model(config, model, task, corpus, device=device, cache_dir=out)
     results = ResultsLog(out / "results.jsonl")
     done = {(r["speaker"], r["variant"], r["key"]) for r in results.records()}
+    planned: set[str] = set()  # this config's record keys: older records in the same log stay out of the tables
     speakers = config.speakers.names or pick_speakers(
         corpus.train, count=config.speakers.count, seed=config.speakers.seed
     )
@@ -67,6 +68,7 @@ def run(config: SpeakerBenchConfig, *, on_record: Callable[[Record], None] | Non
         if validation is not None:
             sets["validation"] = validation
         key = _key(config, "Original", {})
+        planned.add(key)
         if (speaker, "Original", key) not in done:
             metrics = {name: task.evaluate(original, _loader(data, task), device=device) for name, data in sets.items()}
             _emit(results, on_record, _record(speaker, "Original", "Original", "original", {}, [1, 2], key, metrics))
@@ -74,6 +76,7 @@ def run(config: SpeakerBenchConfig, *, on_record: Callable[[Record], None] | Non
             for variant, params in spec.expand():
                 merged = {**config.unlearning.defaults, **params}
                 key = _key(config, variant, merged)
+                planned.add(key)
                 if (speaker, variant, key) in done:
                     continue
                 log.info("speaker %s: %s", speaker, variant)
@@ -109,7 +112,7 @@ def run(config: SpeakerBenchConfig, *, on_record: Callable[[Record], None] | Non
                     history=result.history,
                 )
                 _emit(results, on_record, record)
-    records = [r for r in results.records() if r["speaker"] in speakers]
+    records = [r for r in results.records() if r["speaker"] in speakers and r["key"] in planned]
     atomic_write_text(out / "tables.md", speaker_tables(records, config))
     return records
 
