@@ -50,18 +50,21 @@ def test_class_split_forgets_exactly_one_class(n, classes, seed):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    alpha=st.one_of(st.floats(min_value=-1.0, max_value=2.0), st.just(float("nan"))),
+    alpha=st.one_of(st.floats(min_value=-1.0, max_value=2.0), st.sampled_from([0.0, 1.0, float("nan")])),
     lr=st.one_of(st.floats(min_value=-1.0, max_value=1.0), st.just(float("nan"))),
     batch=st.integers(min_value=-4, max_value=512),
 )
 def test_orthograd_config_accepts_exactly_the_valid_values(alpha, lr, batch):
-    valid = 0.0 <= alpha < 1.0 and lr > 0 and batch > 0
-    if valid:
-        cfg = make_config("orthograd", {"alpha": alpha, "lr": lr, "retain_batch_size": batch})
-        assert OrthoGradConfig.from_dict(cfg.to_dict()) == cfg
-    else:
-        with pytest.raises(ValueError):
-            make_config("orthograd", {"alpha": alpha, "lr": lr, "retain_batch_size": batch})
+    # the fixed schedule takes alpha = 0 (pure orthogonal ascent); the adaptive one starts from a share in (0, 1)
+    for schedule, lowest_ok in (("fixed", alpha >= 0.0), ("adaptive", alpha > 0.0)):
+        valid = lowest_ok and alpha < 1.0 and lr > 0 and batch > 0
+        hyper = {"schedule": schedule, "alpha": alpha, "lr": lr, "retain_batch_size": batch}
+        if valid:
+            cfg = make_config("orthograd", hyper)
+            assert OrthoGradConfig.from_dict(cfg.to_dict()) == cfg
+        else:
+            with pytest.raises(ValueError):
+                make_config("orthograd", hyper)
 
 
 def _rss_bytes() -> int:
