@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from orthograd.bench import runner, training
-from orthograd.bench.config import load_config
+from orthograd.bench.config import ConfigError, load_config
 from orthograd.bench.report import write_report
 from orthograd.bench.runner import run_bench
 from orthograd.io import ResultsLog
@@ -174,6 +174,21 @@ def test_sweep_scores_the_grid_at_the_chosen_retain_size(tmp_path: Path) -> None
     sweep = [r for r in ResultsLog(tmp_path / "run" / "results.jsonl").records() if r["phase"] == "sweep"]
     assert len(sweep) == 2 and {r["retain_size"] for r in sweep} == {80}
     assert sorted(r["retain_size"] for r in records) == [40, 80]
+
+
+def test_track_stop_gives_the_same_records_with_forget_only_rows_between(tmp_path: Path) -> None:
+    overrides = ["scenario.kind=class", "scenario.classes=[1]", "scenario.forget_size=null",
+                 "methods={neggrad: {lr: 1.0e-5, forget_batch_size: 32}}", "unlearn.max_epochs=3"]
+    config, raw = tiny_digits(tmp_path, *overrides)
+    lean_config, lean_raw = tiny_digits(tmp_path, *overrides, "unlearn.track=stop")
+    full = run_bench(config, raw, out_dir=tmp_path / "full")[0]
+    lean = run_bench(lean_config, lean_raw, out_dir=tmp_path / "lean")[0]
+    assert lean["key"] != full["key"] and lean["steps"] == full["steps"] and lean["uis"] == pytest.approx(full["uis"])
+    assert {k: v for k, v in lean["final"].items() if k != "time_s"} == pytest.approx(
+        {k: v for k, v in full["final"].items() if k != "time_s"})
+    assert len(lean["history"]) == 4 and all("test" not in row for row in lean["history"][1:-1])
+    with pytest.raises(ConfigError, match="set unlearn.stop true"):
+        tiny_digits(tmp_path, "unlearn.stop=false", "unlearn.track=stop")
 
 
 def _bench_command(tmp_path: Path, out: Path) -> list[str]:

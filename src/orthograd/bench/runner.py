@@ -147,6 +147,7 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
             stop=config.scenario.kind if config.unlearn.stop else None,
             max_epochs=config.unlearn.max_epochs,
             eval_every=config.unlearn.eval_every,
+            track=config.unlearn.track,
             device=ctx.device,
             seed=seed,
             num_classes=ctx.data.num_classes,
