@@ -208,6 +208,34 @@ def test_run_time_refusal_switches_to_the_reference_engine(caplog):
         _direction(model, engine="ghost")
 
 
+class _Branching(nn.Module):
+    """Python control flow on a tensor's value: vmap refuses it, the batch-size-1 loop does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x.flatten(1))
+        return out * 2 if bool(out.sum() > 0) else out
+
+
+@pytest.mark.parametrize("model,hyper,chosen,ran", [
+    (lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), {}, "ghost", "ghost"),
+    (_Twice, {}, "ghost", "vmap"),  # the ghost engine refuses at run time
+    (lambda: SmallCNN(width=4), {"projection": "qr"}, "vmap_or_loop", "vmap"),
+    (_Branching, {"engine": "vmap_or_loop"}, "vmap_or_loop", "loop"),
+    (_Branching, {"engine": "loop"}, "loop", "loop"),
+])
+def test_engine_names_the_engine_that_ran(model, hyper, chosen, ran):
+    """The config's "auto" is ghost, else torch.func's "vmap_or_loop"; ``engine`` then says which engine ran."""
+    torch.manual_seed(0)
+    method = _method(model(), **hyper)
+    assert method.engine == chosen
+    method.update_direction(_data(FORGET, 1).tensors, _data(RETAIN, 2).tensors)
+    assert method.engine == ran
+
+
 def test_configuration_guards():
     with pytest.raises(ValueError, match="engine='vmap' for projection='qr'"):
         make_config("orthograd", {"engine": "ghost", "projection": "qr"})

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import orthograd as og
-from orthograd.grads import PerSampleGradError, per_sample_grads
+from orthograd.grads import PerSampleGradError, per_sample_grads, per_sample_grads_losses_and_engine
 from orthograd.lora import LoRAConfig, attach_lora
 from orthograd.models import SmallCNN
 
@@ -93,13 +93,24 @@ class DataDependentBranch(nn.Module):
         return out * 2 if bool(out.sum() > 0) else out
 
 
-def test_vmap_failure_is_explained_and_auto_falls_back():
+def test_vmap_failure_is_explained_and_vmap_or_loop_falls_back():
     model = DataDependentBranch()
     batch = (torch.randn(3, 4), torch.randint(0, 2, (3,)))
     with pytest.raises(PerSampleGradError, match="engine='loop'"):
         per_sample_grads(model, ce_per_sample, batch, engine="vmap")
-    got = per_sample_grads(model, ce_per_sample, batch, engine="auto")
+    got, _, ran = per_sample_grads_losses_and_engine(model, ce_per_sample, batch, engine="vmap_or_loop")
     expected = per_sample_grads(model, ce_per_sample, batch, engine="loop")
+    torch.testing.assert_close(got["linear.weight"], expected["linear.weight"])
+    assert ran == "loop"
+    assert per_sample_grads_losses_and_engine(nn.Linear(4, 2), ce_per_sample, batch, engine="vmap_or_loop")[2] == "vmap"
+
+
+def test_auto_is_the_deprecated_name_of_vmap_or_loop():
+    model = DataDependentBranch()
+    batch = (torch.randn(3, 4), torch.randint(0, 2, (3,)))
+    with pytest.warns(DeprecationWarning, match="engine='vmap_or_loop'"):
+        got = per_sample_grads(model, ce_per_sample, batch, engine="auto")
+    expected = per_sample_grads(model, ce_per_sample, batch, engine="vmap_or_loop")
     torch.testing.assert_close(got["linear.weight"], expected["linear.weight"])
 
 

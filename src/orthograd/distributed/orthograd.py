@@ -72,13 +72,14 @@ def use_global_batches(method: SpanMethod, *, group: dist.ProcessGroup | None = 
 class DataParallelGradients:
     """The gradient source of a data-parallel rank: its shards' gradients, reduced to the global batches'.
 
-    ``local`` computes this rank's gradients (with its torch.func engine: "auto" tries vmap, then the exact loop).
+    ``local`` computes this rank's gradients (with its torch.func engine: "vmap_or_loop" tries vmap, then the exact
+    loop).
     """
 
     def __init__(self, local: LocalGradients, *, group: dist.ProcessGroup | None = None) -> None:
         world(group)  # a clear error when no process group is initialised
-        engine = "auto" if local.config.engine == "ghost" else local.config.engine
-        self.local = dataclasses.replace(local, engine=engine)
+        engine = "vmap_or_loop" if local.config.engine in ("auto", "ghost") else local.config.engine
+        self.local = dataclasses.replace(local, chosen=engine)
         self.group = group
         self.shapes = {name: p.shape for name, p in local.params.items()}
         self.dtype = next(iter(local.params.values())).dtype

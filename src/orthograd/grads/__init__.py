@@ -7,6 +7,7 @@ from orthograd.grads.functorch import (
     batchnorm_in_eval,
     per_sample_grads,
     per_sample_grads_and_losses,
+    per_sample_grads_losses_and_engine,
 )
 from orthograd.grads.ghost_layers import GhostCheck, GhostRule, register_ghost_matcher, register_ghost_rule
 from orthograd.grads.ghost_math import Dense, Lookup, Outer, Piece, prefer_ghost
@@ -24,6 +25,7 @@ __all__ = [
     "batchnorm_in_eval",
     "per_sample_grads",
     "per_sample_grads_and_losses",
+    "per_sample_grads_losses_and_engine",
     "prefer_ghost",
     "register_ghost_matcher",
     "register_ghost_rule",

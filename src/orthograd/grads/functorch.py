@@ -3,15 +3,17 @@
 vmap runs the model once per sample in a vectorised way, so the result equals a loop of batch-size-1 backward
 passes. Models whose forward mixes samples (BatchNorm in train mode) or uses operations vmap cannot batch are
 the limits: BatchNorm layers are therefore evaluated in eval mode here (running statistics, no update), and a
-model vmap rejects gets either a clear error or, with ``engine="auto"``, the exact but slower loop engine.
+model vmap rejects gets either a clear error or, with ``engine="vmap_or_loop"`` (the default), the exact but slower
+loop engine. ``"auto"`` is the deprecated name of ``"vmap_or_loop"`` (accepted with a DeprecationWarning).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, cast
 
 import torch
 from torch import nn
@@ -21,8 +23,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from orthograd.choices import check_choice, choices
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-Engine = Literal["auto", "vmap", "loop"]
+Engine = Literal["vmap_or_loop", "vmap", "loop"]
 ENGINES: tuple[str, ...] = choices(Engine)
+_RENAMED_ENGINES: dict[str, Engine] = {"auto": "vmap_or_loop"}  # old name -> new name, accepted until the next release
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ def per_sample_grads(
     *,
     params: Iterable[str] | None = None,
     chunk_size: int | None = None,
-    engine: Engine = "auto",
+    engine: Engine = "vmap_or_loop",
 ) -> dict[str, torch.Tensor]:
     """Gradient of each sample's loss with respect to the chosen parameters.
 
@@ -50,8 +53,8 @@ def per_sample_grads(
     BatchNorm modules run in eval mode during the computation (vmap cannot update running statistics); the
     module's modes are restored afterwards.
     """
-    grads, _ = per_sample_grads_and_losses(
-        model, loss_fn, batch, params=params, chunk_size=chunk_size, engine=engine
+    grads, _, _ = per_sample_grads_losses_and_engine(
+        model, loss_fn, batch, params=params, chunk_size=chunk_size, engine=_renamed(engine)
     )
     return grads
 
@@ -63,20 +66,48 @@ def per_sample_grads_and_losses(
     *,
     params: Iterable[str] | None = None,
     chunk_size: int | None = None,
-    engine: Engine = "auto",
+    engine: Engine = "vmap_or_loop",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``per_sample_grads`` that also returns the ``[k]`` per-sample losses (detached), at no extra cost."""
+    grads, losses, _ = per_sample_grads_losses_and_engine(
+        model, loss_fn, batch, params=params, chunk_size=chunk_size, engine=_renamed(engine)
+    )
+    return grads, losses
+
+
+def per_sample_grads_losses_and_engine(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    params: Iterable[str] | None = None,
+    chunk_size: int | None = None,
+    engine: Engine = "vmap_or_loop",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:
+    """``per_sample_grads_and_losses`` that also names the engine that ran: "vmap" or "loop" (``"vmap_or_loop"``
+    runs vmap, and the loop where vmap rejects the model)."""
+    engine = _renamed(engine)
     check_choice("engine", engine, Engine)
     names = _resolve_params(model, params)
     if engine == "loop":
-        return _loop_grads(model, loss_fn, batch, names)
+        return *_loop_grads(model, loss_fn, batch, names), "loop"
     try:
-        return _vmap_grads(model, loss_fn, batch, names, chunk_size)
+        return *_vmap_grads(model, loss_fn, batch, names, chunk_size), "vmap"
     except PerSampleGradError as exc:
         if engine == "vmap":
             raise
         _warn_once(f"vmap cannot handle {type(model).__name__} ({exc}); using the batch-size-1 loop engine (exact)")
-        return _loop_grads(model, loss_fn, batch, names)
+        return *_loop_grads(model, loss_fn, batch, names), "loop"
+
+
+def _renamed(engine: str) -> Engine:
+    """The current name of a renamed engine, warning the public function's caller; any other name as given (the
+    caller checks it against ``Engine``)."""
+    new = _RENAMED_ENGINES.get(engine)
+    if new is None:
+        return cast(Engine, engine)
+    warnings.warn(f"engine={engine!r} is deprecated; use engine={new!r}", DeprecationWarning, stacklevel=3)
+    return new
 
 
 _WARNED: set[str] = set()

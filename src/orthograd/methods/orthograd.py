@@ -20,7 +20,8 @@ The paper's ablations are options: ``retain_grads="mean"`` projects against the 
 the per-tensor projection of the code found online (see docs/design.md for why it is not the default).
 Per-sample engine: ``engine="auto"`` uses the ghost engine (``grads/ghost.py``: k x k Gram blocks from layer inputs
 and output gradients, never the [k, d] matrix; always the Gram solve) when every trainable parameter sits in a
-supported layer, else torch.func. ``projection="qr"``, ``projection_scope="per_tensor"`` and ``retain_grads="mean"``
+supported layer, else torch.func's ``"vmap_or_loop"`` (vmap, and the batch-size-1 loop where vmap rejects the
+model). ``projection="qr"``, ``projection_scope="per_tensor"`` and ``retain_grads="mean"``
 take the reference path (torch.func + ``project_out``). The choice is logged and recorded as ``engine_ghost``.
 Where the code is: the forget gradient and the retain span come from a gradient source (``orthograd_gradients.py``;
 ``distributed/orthograd.py`` for data-parallel ranks), the direction from ``direction.py``; this module holds the
@@ -65,7 +66,7 @@ SCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
     "fixed": {"alpha": 0.9, "lr": 1e-3, "optimizer": "sgd", "forget_batch_size": 128, "retain_batch_size": 256},
     "adaptive": {"alpha": 0.5, "lr": 1e-3, "optimizer": "adam", "forget_batch_size": 32, "retain_batch_size": 64},
 }
-ORTHOGRAD_ENGINES: tuple[str, ...] = ("ghost", *ENGINES)
+ORTHOGRAD_ENGINES: tuple[str, ...] = ("auto", "ghost", *ENGINES)
 
 log = logging.getLogger(__name__)
 _TINY = 1e-30
@@ -90,7 +91,8 @@ class OrthoGradConfig(IterativeConfig):
         backs off (at least the slice's sampling noise: two binomial standard errors).
     retain_grads: "per_sample" (OrthoGrad) or "mean" (the "OrthoGrad Mean" ablation).
     projection: "auto" | "gram" | "qr" solver; projection_scope: "global" (Algorithm 1) or "per_tensor".
-    chunk_size: samples per forward/backward chunk (bounds memory); engine: "auto" | "ghost" | "vmap" | "loop".
+    chunk_size: samples per forward/backward chunk (bounds memory); engine: "auto" (ghost, else vmap_or_loop) |
+        "ghost" | "vmap_or_loop" | "vmap" | "loop".
     bf16: run forward and backward under bfloat16 autocast (the projection solve stays float64).
     """
 
@@ -106,7 +108,7 @@ class OrthoGradConfig(IterativeConfig):
     projection: Literal["auto", "qr", "gram"] = "auto"
     projection_scope: Literal["global", "per_tensor"] = "global"
     chunk_size: int | None = None
-    engine: Literal["auto", "ghost", "vmap", "loop"] = "auto"
+    engine: Literal["auto", "ghost", "vmap_or_loop", "vmap", "loop"] = "auto"
     bf16: bool = False
 
     def __post_init__(self) -> None:
@@ -182,7 +184,7 @@ class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
 
     @property
     def engine(self) -> str:
-        """The per-sample engine of the gradient source ("ghost", or a torch.func engine)."""
+        """The per-sample engine that ran last ("ghost", "vmap" or "loop"; the one chosen before the first step)."""
         return self.gradients.engine
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:

@@ -4,8 +4,10 @@
 data-parallel runner can hand it a source over every rank's shards instead (``distributed/orthograd.py``) and
 leave the rest of the method as it is. ``LocalGradients`` is the single-process source: the ghost engine when the
 config and every trainable layer allow it (a ``GhostSpan``; a layer that refuses at run time switches it to
-torch.func for good, unless ``engine="ghost"`` was asked for), else torch.func (a ``MaterialisedSpan``), and for
-``retain_grads="mean"`` a span of one row, the mean retain gradient.
+torch.func for good, unless ``engine="ghost"`` was asked for), else torch.func (a ``MaterialisedSpan``; the config's
+torch.func engine, or "vmap_or_loop": vmap, and the batch-size-1 loop where vmap rejects the model), and for
+``retain_grads="mean"`` a span of one row, the mean retain gradient. A source's ``engine`` names the engine that ran
+last ("ghost", "vmap" or "loop"; the one chosen until a per-sample engine runs, which ``"mean"`` never does).
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from orthograd.grads import ENGINES, per_sample_grads_and_losses
+from orthograd.grads import ENGINES, per_sample_grads_losses_and_engine
 from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, unsupported_reason
 from orthograd.methods.base import MethodContext
 from orthograd.geometry import ProjectionMethod, ProjectionScope
@@ -63,7 +65,8 @@ class StepGradients:
 
 
 class GradientSource(Protocol):
-    """Turns a forget batch and a retain batch into ``StepGradients``; ``engine`` names the per-sample engine."""
+    """Turns a forget batch and a retain batch into ``StepGradients``; ``engine`` names the per-sample engine that
+    ran last (see the module docstring)."""
 
     @property
     def engine(self) -> str: ...
@@ -80,11 +83,12 @@ class SpanMethod(Protocol):
 
 
 def choose_engine(config: SpanSettings, model: nn.Module, params: Iterable[str]) -> str:
-    """"ghost" when the config and every trainable layer allow it, else the torch.func engine the config names."""
-    if config.engine in ENGINES and config.engine != "auto":
+    """"ghost" when the config and every trainable layer allow it, else the torch.func engine the config names
+    ("vmap_or_loop" for the config's "auto")."""
+    if config.engine in ENGINES:
         return config.engine
     if config.retain_grads == "mean":  # no per-sample gradients at all
-        return "auto"
+        return "vmap_or_loop"
     if config.projection == "qr" or config.projection_scope == "per_tensor":
         reason: str | None = "projection='qr' or projection_scope='per_tensor' asks for the reference path"
     else:
@@ -95,18 +99,23 @@ def choose_engine(config: SpanSettings, model: nn.Module, params: Iterable[str])
     if config.engine == "ghost":
         raise ValueError(f"engine='ghost' cannot handle this model ({reason}); use engine='auto' or 'vmap'")
     log.info("OrthoGrad per-sample engine: torch.func (%s)", reason)
-    return "auto"
+    return "vmap_or_loop"
 
 
 @dataclass(eq=False)
 class LocalGradients:
-    """The single-process source over ``params`` (trainable parameters by name); ``engine`` from ``choose_engine``
-    ("ghost", or a torch.func engine for ``per_sample_grads_and_losses``)."""
+    """The single-process source over ``params`` (trainable parameters by name). ``chosen`` is the engine it runs,
+    from ``choose_engine`` ("ghost", or a torch.func engine for ``per_sample_grads_losses_and_engine``); ``engine``
+    the one that ran last."""
 
     config: SpanSettings
     context: MethodContext
     params: dict[str, nn.Parameter]
-    engine: str
+    chosen: str
+    engine: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.engine = self.chosen
 
     def compute(self, forget_batch: Any, retain_batch: Any) -> StepGradients:
         forget_loss, forget_grad = self.mean_gradient(forget_batch)
@@ -122,10 +131,11 @@ class LocalGradients:
     def per_sample(self, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-sample gradients ``{name: [k, *shape]}`` and losses of ``batch``, from the torch.func engine."""
         with self._autocast():
-            return per_sample_grads_and_losses(
+            grads, losses, self.engine = per_sample_grads_losses_and_engine(
                 self.context.model, self.context.task.per_sample_loss, batch, params=list(self.params),
-                chunk_size=self.config.chunk_size, engine=self.engine,  # type: ignore[arg-type]
+                chunk_size=self.config.chunk_size, engine=self.chosen,  # type: ignore[arg-type]
             )
+        return grads, losses
 
     def materialised(
         self, rows: dict[str, torch.Tensor], probe: dict[str, torch.Tensor], *, retain_loss: float
@@ -136,7 +146,7 @@ class LocalGradients:
         )
 
     def _retain_span(self, batch: Any, *, probe: dict[str, torch.Tensor]) -> RetainSpan:
-        if self.engine == "ghost":
+        if self.chosen == "ghost":
             try:
                 return ghost_span(
                     self.context.model, self.context.task.per_sample_loss, batch, probe=probe,
@@ -147,7 +157,7 @@ class LocalGradients:
                 if self.config.engine == "ghost":
                     raise
                 log.warning("ghost engine failed (%s); OrthoGrad continues with the torch.func engine", exc)
-                self.engine = "auto"
+                self.chosen = "vmap_or_loop"
         if self.config.retain_grads == "mean":
             loss, mean = self.mean_gradient(batch)
             rows = {n: g.unsqueeze(0) for n, g in mean.items()}
