@@ -151,7 +151,6 @@ class GdrGma(UnlearningMethod[GdrGmaConfig]):
         self, forget_batch: Any, retain_batch: Any, *, epoch: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
         """The rectified retain (x) and forget (y) gradients per tensor, flat, and the step's statistics."""
-        cfg: GdrGmaConfig = self.config  # type: ignore[assignment]
         task, model = self.context.task, self.context.model
         retain_loss = task.mean_loss(model, retain_batch)
         x = self._flat_grads(retain_loss)
@@ -160,26 +159,25 @@ class GdrGma(UnlearningMethod[GdrGmaConfig]):
         for name, bank in self.banks.items():
             bank.add(y[name])
         for name in self.params:
-            x[name], y[name] = rectify(x[name], y[name], mode=cfg.rectify)
+            x[name], y[name] = rectify(x[name], y[name], mode=self.config.rectify)
         if epoch >= 2:  # the source's `epoch > 0` with 0-based epochs
             for name, bank in self.banks.items():
                 mean = bank.mean_conflicting(y[name])
                 if mean is not None and bank.inplace_mean:  # [QUIRK] the source computes the mean a second time
                     mean = bank.mean_conflicting(y[name])
                 if mean is not None:
-                    y[name] = rectify(y[name], mean, mode=cfg.rectify)[0]
+                    y[name] = rectify(y[name], mean, mode=self.config.rectify)[0]
         stats = {"retain_loss": float(retain_loss.detach()), "forget_loss": float(forget_loss.detach())}
         return x, y, stats
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
-        cfg: GdrGmaConfig = self.config  # type: ignore[assignment]
-        forget_loader = self.context.loader("forget", batch_size=cfg.forget_batch_size)
-        retain_loader = self.context.loader("retain", batch_size=cfg.retain_batch_size)
+        forget_loader = self.context.loader("forget", batch_size=self.config.forget_batch_size)
+        retain_loader = self.context.loader("retain", batch_size=self.config.retain_batch_size)
         for forget_batch, retain_batch in zip(self.context.batches(forget_loader), self.context.batches(retain_loader)):
             x, y, stats = self.directions(forget_batch, retain_batch, epoch=epoch)
             if self.eps is None:
                 self.eps = stats["retain_loss"]
-            weight = gma_weight(stats["retain_loss"], gamma=cfg.gamma, eps=self.eps)
+            weight = gma_weight(stats["retain_loss"], gamma=self.config.gamma, eps=self.eps)
             for name, param in self.params.items():
                 param.grad = ((1.0 - weight) * x[name] + weight * y[name]).view_as(param).to(param.dtype)
             self.optimizer.step()
