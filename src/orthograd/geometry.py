@@ -95,9 +95,9 @@ def _project_flat(g: torch.Tensor, G: torch.Tensor, method: str, rcond: float | 
     cutoff = default_rcond(torch.promote_types(g.dtype, G.dtype)) if rcond is None else rcond
     if method == "qr":
         return _project_qr(g, G, cutoff)
-    gram, Gg = _gram_and_product(G, g)
+    gram, Gg = gram_and_product(G, g)
     result = _project_gram(g, G, gram, Gg, cutoff)
-    if method == "gram" or _is_orthogonal(result, G, gram, g):
+    if method == "gram" or is_orthogonal(result, G, gram, g):
         return result
     return _project_qr(g, G, cutoff)
 
@@ -121,7 +121,7 @@ def _project_gram(
     g: torch.Tensor, G: torch.Tensor, gram: torch.Tensor, Gg: torch.Tensor, rcond: float
 ) -> torch.Tensor:
     """Solve (G G^T) c = G g in float64 with an eigenvalue cut-off; return g - G^T c."""
-    return _subtract_combination(g, G, gram_coefficients(gram, Gg, rcond=rcond))
+    return subtract_combination(g, G, gram_coefficients(gram, Gg, rcond=rcond))
 
 
 def gram_coefficients(gram: torch.Tensor, Gg: torch.Tensor, *, rcond: float) -> torch.Tensor:
@@ -140,8 +140,9 @@ def gram_coefficients(gram: torch.Tensor, Gg: torch.Tensor, *, rcond: float) -> 
     return eigvecs @ (inverse * (eigvecs.T @ Gg))
 
 
-def _gram_and_product(G: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """G G^T and G g accumulated in float64 over column chunks, so no float64 copy of G is held."""
+def gram_and_product(G: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``G G^T`` ([k, k]) and ``G g`` ([k]) of ``G`` ([k, d]) and ``g`` ([d]), accumulated in float64 over column
+    chunks, so no float64 copy of G is held."""
     k, d = G.shape
     gram = torch.zeros(k, k, dtype=torch.float64, device=G.device)
     Gg = torch.zeros(k, dtype=torch.float64, device=G.device)
@@ -152,8 +153,9 @@ def _gram_and_product(G: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, t
     return gram, Gg
 
 
-def _subtract_combination(g: torch.Tensor, G: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-    """g - G^T coeffs, computed in float64 chunk by chunk and returned in g's dtype."""
+def subtract_combination(g: torch.Tensor, G: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """``g - G^T coeffs`` (``coeffs``: [k], e.g. from ``gram_coefficients``), computed in float64 chunk by chunk and
+    returned in g's dtype."""
     out = torch.empty_like(g)
     d = g.shape[0]
     for start in range(0, d, _GRAM_CHUNK):
@@ -162,9 +164,10 @@ def _subtract_combination(g: torch.Tensor, G: torch.Tensor, coeffs: torch.Tensor
     return out
 
 
-def _is_orthogonal(result: torch.Tensor, G: torch.Tensor, gram: torch.Tensor, g: torch.Tensor) -> bool:
-    """True when every row of G is orthogonal to ``result`` to the working precision of the inputs."""
+def is_orthogonal(result: torch.Tensor, G: torch.Tensor, gram: torch.Tensor, g: torch.Tensor) -> bool:
+    """True when every row of G is orthogonal to ``result`` (g's projection, ``gram = G G^T``) to the working
+    precision of the inputs; ``project_out(method="auto")`` falls back to QR when it is not."""
     tol = 100.0 * torch.finfo(torch.promote_types(g.dtype, G.dtype)).eps
-    _, residual = _gram_and_product(G, result)
+    _, residual = gram_and_product(G, result)
     scale = gram.diagonal().clamp_min(0).sqrt() * g.double().norm()
     return bool((residual.abs() <= tol * scale).all())

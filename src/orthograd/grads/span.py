@@ -20,10 +20,10 @@ import torch
 from orthograd.geometry import (
     ProjectionMethod,
     ProjectionScope,
-    _gram_and_product,
-    _is_orthogonal,
-    _subtract_combination,
+    gram_and_product,
+    is_orthogonal,
     project_out,
+    subtract_combination,
 )
 
 
@@ -135,7 +135,7 @@ class MaterialisedSpan(ExplicitSpan):
         names = list(self.probe)
         self._rows = torch.cat([self.per_sample[n].reshape(self.per_sample[n].shape[0], -1) for n in names], dim=1)
         self._flat_probe = torch.cat([self.probe[n].reshape(-1) for n in names])
-        self._gram, self._product = _gram_and_product(self._rows, self._flat_probe)
+        self._gram, self._product = gram_and_product(self._rows, self._flat_probe)
 
     @property
     def gram(self) -> torch.Tensor:
@@ -157,8 +157,8 @@ class MaterialisedSpan(ExplicitSpan):
         if self.projection == "qr" or self.scope == "per_tensor":
             return project_out(self.probe, self.per_sample, method=self.projection, scope=self.scope)
         g, G = self._flat_probe, self._rows
-        flat = _subtract_combination(g, G, coeffs)
-        if self.projection == "auto" and not _is_orthogonal(flat, G, self._gram, g):
+        flat = subtract_combination(g, G, coeffs)
+        if self.projection == "auto" and not is_orthogonal(flat, G, self._gram, g):
             flat = project_out(g, G, method="qr")
         parts = torch.split(flat, [t.numel() for t in self.probe.values()])
         return {n: part.view_as(t) for (n, t), part in zip(self.probe.items(), parts)}
