@@ -24,7 +24,8 @@ from torch.utils.data import TensorDataset
 
 from orthograd import unlearn
 from orthograd.bench.config import validate_config
-from orthograd.bench.runner import Job, execute, job_key
+from orthograd.bench.jobs import Job, job_key
+from orthograd.bench.runner import execute
 from orthograd.distributed import unlearn_distributed
 from orthograd.distributed.bench import run_bench_distributed
 from orthograd.distributed.collectives import gather_counts, global_combination, global_gram_and_product
@@ -98,8 +99,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results["collectives"] = _collectives(rank)
         results["span"] = {nan: _span_direction(rank, nan_retain_sample=nan) for nan in (False, True)}
         results["adaptive_refusal"] = _adaptive_refusal()
-        config = validate_config(_bench_raw(str(Path(out_dir) / "cache")))
-        run_bench_distributed(config, out_dir=Path(out_dir) / "bench", device=torch.device("cpu"))
+        raw = _bench_raw(str(Path(out_dir) / "cache"))
+        starts: list[tuple[str, int]] = []
+        for _ in range(2):  # the second call resumes a finished bench: nothing runs, nothing is appended
+            run_bench_distributed(validate_config(raw), raw, out_dir=Path(out_dir) / "bench",
+                                  device=torch.device("cpu"), on_start=lambda phase, todo: starts.append((phase, todo)))
+        results["starts"] = starts
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -159,6 +164,7 @@ def test_unlearn_ddp_bench_records_match_the_single_process_bench(ranks: list[di
     key = job_key(config, phase="test", method="orthograd", hyperparameters=ORTHOGRAD, split_index=0, retain_size=60)
     written = ResultsLog(ranks[0]["dir"] / "bench" / "results.jsonl").records()
     assert [(r["key"], r["world_size"], r["evaluated_on"]) for r in written] == [(key, WORLD, "test")]
+    assert ranks[0]["starts"] == [("test", 1), ("test", 0)] and ranks[1]["starts"] == []  # rank 0 reports alone
     single = execute(config, Job("test", "orthograd", ORTHOGRAD, 0, 60, key))  # what `orthograd bench` runs
     assert written[0]["steps"] == single["steps"] == 4
     # the weights agree to ~1e-5 relative (reduction order differs), so at most a near-tie sample may flip

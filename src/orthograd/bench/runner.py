@@ -3,37 +3,37 @@
 Every unlearning run is a ``Job`` with a key (method, scenario, seed/class, retain size, hyperparameters, and the
 hash of the original model's config). Finished runs are records in ``RUN_DIR/results.jsonl`` (``io.ResultsLog``:
 one fsynced line per run, a torn tail never trusted), so rerunning the same command skips them and an
-interrupted bench resumes where it stopped. Jobs run in this process, or in worker processes
-(``ProcessPoolExecutor``) that each load the data and the cached original model once.
+interrupted bench resumes where it stopped. Where the jobs run is the bench's ``Executor`` (``bench.executors``):
+this process or worker processes (``orthograd bench``), Ray Tune trials (``orthograd sweep``), torchrun's ranks
+(``orthograd unlearn-ddp``); the plan, the keys, the skipping and the log are the same for all.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import multiprocessing
-import os
 import statistics
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
+from torch.utils.data import Subset
 
-from orthograd import methods
 from orthograd.api import unlearn
-from orthograd.bench.config import BenchConfig, content_hash, validate_config
+from orthograd.bench.config import BenchConfig, content_hash
 from orthograd.bench.data import BenchData, load_bench_data
+from orthograd.bench.executors import Executor, ProcessPool, RunJob
+from orthograd.bench.jobs import Job, grid_points, job_key, make_split, n_splits, split_seed
 from orthograd.bench.memory import PeakMemory
 from orthograd.bench.training import ModelCache, evaluate, indices_fingerprint
-from orthograd.data.splits import UnlearningSplit, class_forgetting_split, random_forgetting_split
+from orthograd.data.splits import UnlearningSplit
 from orthograd.io import ResultsLog, atomic_write_json, atomic_write_text
 from orthograd.privacy import privacy_metrics
 from orthograd.reporting import run_record
+from orthograd.results import UnlearnResult
 from orthograd.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -41,73 +41,11 @@ RESULTS_FILE = "results.jsonl"
 SELECTION_FILE = "selection.json"
 
 
-@dataclass(frozen=True)
-class Job:
-    """One unlearning run: a method with hyperparameters on one split, scored on validation or test."""
-
-    phase: str  # "sweep" (scored on the validation split) | "test"
-    method: str
-    hyperparameters: dict[str, Any]
-    split_index: int  # index into scenario.seeds (random) or scenario.classes (class)
-    retain_size: int
-    key: str
-    reference: dict[str, Any] | None = field(default=None, compare=False)  # the retrained model's metrics
-
-
-def make_split(config: BenchConfig, labels: np.ndarray, *, split_index: int, retain_size: int) -> UnlearningSplit:
-    """The forget/retain split of ``split_index`` (a seed or a class) with ``retain_size`` retained samples."""
-    scenario = config.scenario
-    if scenario.kind == "random":
-        assert scenario.forget_size is not None
-        return random_forgetting_split(
-            labels, forget_size=scenario.forget_size, retain_size=retain_size, seed=scenario.seeds[split_index]
-        )
-    return class_forgetting_split(
-        labels, forget_class=scenario.classes[split_index], retain_size=retain_size, seed=split_index
-    )
-
-
-def split_seed(config: BenchConfig, split_index: int) -> int:
-    """The run seed of a split: the scenario seed (random) or the class's position (class)."""
-    return config.scenario.seeds[split_index] if config.scenario.kind == "random" else split_index
-
-
-def n_splits(config: BenchConfig) -> int:
-    scenario = config.scenario
-    return len(scenario.seeds) if scenario.kind == "random" else len(scenario.classes)
-
-
-def job_key(config: BenchConfig, *, phase: str, method: str, hyperparameters: Mapping[str, Any],
-            split_index: int, retain_size: int) -> str:
-    """Identity of a run: rerunning the same config finds it finished under this key."""
-    resolved = methods.make_config(method, dict(hyperparameters)).to_dict()
-    return content_hash(
-        {
-            "phase": phase,
-            "method": method,
-            "hyperparameters": resolved,
-            "scenario": config.scenario.kind,
-            "forget_size": config.scenario.forget_size,
-            "split": split_seed(config, split_index) if config.scenario.kind == "random"
-            else config.scenario.classes[split_index],
-            "retain_size": retain_size,
-            "original": config.original_hash(),
-            "unlearn": config.unlearn.model_dump(mode="json"),
-        }
-    )
-
-
-def grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of a method's grid values, in the order the config lists them."""
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
-
-
 # ----------------------------------------------------------------------------------------- execution of one job
 
 
 @dataclass
-class _Context:
+class BenchContext:
     """What every job of one config needs, built once per process."""
 
     config: BenchConfig
@@ -116,66 +54,93 @@ class _Context:
     device: torch.device
 
 
-_CONTEXTS: dict[str, _Context] = {}
+_CONTEXTS: dict[str, BenchContext] = {}
 
 
-def _context(config: BenchConfig) -> _Context:
+def bench_context(config: BenchConfig) -> BenchContext:
+    """The data and the original model of ``config`` in this process (trained and cached on first use)."""
     key = content_hash(config.model_dump(mode="json"))
     if key not in _CONTEXTS:
         device = resolve_device(None if config.device == "auto" else config.device)
         data = load_bench_data(config.data)
         original = ModelCache(config, data, device=device).original().model
-        _CONTEXTS[key] = _Context(config, data, original, device)
+        _CONTEXTS[key] = BenchContext(config, data, original, device)
     return _CONTEXTS[key]
 
 
+@dataclass(frozen=True)
+class JobInputs:
+    """One job in this process: its context, split, datasets and seed; the ``unlearn`` arguments and the record
+    fields every backend derives from them the same way."""
+
+    config: BenchConfig
+    job: Job
+    ctx: BenchContext
+    split: UnlearningSplit
+    forget: Subset
+    retain: Subset
+    seed: int
+
+    @classmethod
+    def of(cls, config: BenchConfig, job: Job) -> JobInputs:
+        ctx = bench_context(config)
+        split = make_split(config, ctx.data.train_labels, split_index=job.split_index, retain_size=job.retain_size)
+        return cls(config, job, ctx, split, *split.datasets(ctx.data.train), split_seed(config, job.split_index))
+
+    def unlearn_options(self, *, device: torch.device) -> dict[str, Any]:
+        """Everything ``unlearn`` takes besides the model, the data and the evaluation set."""
+        config = self.config
+        return {
+            "method": self.job.method,
+            "stop": config.scenario.kind if config.unlearn.stop else None,
+            "max_epochs": config.unlearn.max_epochs,
+            "eval_every": config.unlearn.eval_every,
+            "track": config.unlearn.track,
+            "device": device,
+            "seed": self.seed,
+            "num_classes": self.ctx.data.num_classes,
+            "forget_classes": self.split.forget_classes,
+            **self.job.hyperparameters,
+        }
+
+    def record(self, result: UnlearnResult, *, device: torch.device, **extra: Any) -> dict[str, Any]:
+        """The run's record: ``run_record`` with the job's identity and split, plus the backend's ``extra``."""
+        job = self.job
+        return run_record(
+            result,
+            scenario=self.config.scenario.kind,
+            seed=self.seed,
+            forget_class=self.split.forget_classes[0] if self.split.forget_classes else None,
+            key=job.key,
+            phase=job.phase,
+            evaluated_on="validation" if job.phase == "sweep" else "test",
+            bench=self.config.name,
+            hyperparameters=job.hyperparameters,
+            retain_size=job.retain_size,
+            forget_size=len(self.split.forget),
+            original_hash=self.config.original_hash(),
+            device=str(device),
+            **extra,
+        )
+
+
 def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
-    """Run one job and return its results record."""
-    ctx = _context(config)
-    split = make_split(config, ctx.data.train_labels, split_index=job.split_index, retain_size=job.retain_size)
-    forget, retain = split.datasets(ctx.data.train)
+    """Run one job and return its results record (with the retrained reference and privacy metrics when known)."""
+    inputs = JobInputs.of(config, job)
+    ctx, split, seed = inputs.ctx, inputs.split, inputs.seed
     evaluation = ctx.data.validation if job.phase == "sweep" else ctx.data.test
     assert evaluation is not None  # a sweep requires data.validation_size > 0 (config check)
-    seed = split_seed(config, job.split_index)
     with PeakMemory(ctx.device) as memory:
-        result = unlearn(
-            ctx.original,
-            forget,
-            retain,
-            method=job.method,
-            test=evaluation,
-            stop=config.scenario.kind if config.unlearn.stop else None,
-            max_epochs=config.unlearn.max_epochs,
-            eval_every=config.unlearn.eval_every,
-            track=config.unlearn.track,
-            device=ctx.device,
-            seed=seed,
-            num_classes=ctx.data.num_classes,
-            forget_classes=split.forget_classes,
-            **job.hyperparameters,
-        )
+        result = unlearn(ctx.original, inputs.forget, inputs.retain, test=evaluation,
+                         **inputs.unlearn_options(device=ctx.device))
     reference = job.reference or {}
     retrain_time = reference.get("train_time_s")
-    extra: dict[str, Any] = {
-        "key": job.key,
-        "phase": job.phase,
-        "evaluated_on": "validation" if job.phase == "sweep" else "test",
-        "bench": config.name,
-        "hyperparameters": job.hyperparameters,
-        "retain_size": job.retain_size,
-        "forget_size": len(split.forget),
-        "split": {"forget": indices_fingerprint(split.forget), "retain": indices_fingerprint(split.retain)},
-        "original_hash": config.original_hash(),
-        "device": str(ctx.device),
-        "memory": memory.report(),
-        "efficiency": retrain_time / result.wall_time_s if retrain_time and result.wall_time_s > 0 else None,
-    }
-    record = run_record(
+    record = inputs.record(
         result,
-        scenario=config.scenario.kind,
-        seed=seed,
-        forget_class=split.forget_classes[0] if split.forget_classes else None,
-        **extra,
+        device=ctx.device,
+        split={"forget": indices_fingerprint(split.forget), "retain": indices_fingerprint(split.retain)},
+        memory=memory.report(),
+        efficiency=retrain_time / result.wall_time_s if retrain_time and result.wall_time_s > 0 else None,
     )
     if "accuracy" in reference:
         record["retrained"] = reference["accuracy"]
@@ -183,21 +148,13 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
             k: record["final"][k] - v for k, v in reference["accuracy"].items() if k in record["final"]
         }
     if job.phase == "test":
-        sets = {"forget": forget, "retain": retain, "test": evaluation}
+        sets = {"forget": inputs.forget, "retain": inputs.retain, "test": evaluation}
         record["privacy"] = privacy_metrics(
             result.model, **sets, device=ctx.device, seed=seed, reference=reference.get("privacy")
         )
         # the same attacks on the original model fill the Original row's MIA columns
         record["privacy"]["original"] = privacy_metrics(ctx.original, **sets, device=ctx.device, seed=seed)
     return record
-
-
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-def _execute_in_worker(raw: dict[str, Any], job: Job) -> dict[str, Any]:
-    return execute(validate_config(raw), job)
 
 
 # ------------------------------------------------------------------------------------------------- the bench
@@ -208,19 +165,35 @@ OnRun = Callable[[dict[str, Any]], None]
 
 
 class Bench:
-    """A benchmark config bound to a run folder: plans jobs, skips finished ones, runs the rest."""
+    """A benchmark config bound to a run folder: plans jobs, skips finished ones, has the executor run the rest.
 
-    def __init__(self, config: BenchConfig, raw: Mapping[str, Any], *, out_dir: str | Path) -> None:
+    ``executor`` (default: the config's ``workers`` processes, or this process) decides where jobs run;
+    ``run_job`` (default: ``execute`` with this config) runs one. Both are swapped together by ``orthograd sweep``
+    (Ray Tune) and ``orthograd unlearn-ddp`` (torchrun); nothing else changes.
+    """
+
+    def __init__(
+        self,
+        config: BenchConfig,
+        raw: Mapping[str, Any],
+        *,
+        out_dir: str | Path,
+        executor: Executor | None = None,
+        run_job: RunJob | None = None,
+    ) -> None:
         self.config = config
         self.raw = dict(raw)
         self.out = Path(out_dir)
         self.log = ResultsLog(self.out / RESULTS_FILE)
+        self.executor = executor or ProcessPool(workers=config.workers, threads=config.threads_per_worker)
+        self.run_job = run_job or partial(execute, config)
 
     def run(self, *, on_start: OnStart | None = None, on_run: OnRun | None = None) -> list[dict[str, Any]]:
         """Run every unfinished job (sweep first when configured); returns the test-phase records."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.raw, sort_keys=False))
-        ctx = _context(self.config)
+        if self.executor.lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.raw, sort_keys=False))
+        ctx = self.executor.prepare(partial(bench_context, self.config))
         references = self._references(ctx) if self.config.scenario.retrain else {}
         chosen = {name: dict(hyper) for name, hyper in self.config.methods.items()}
         if self.config.sweep is not None:
@@ -281,7 +254,7 @@ class Bench:
             for name, hyper in chosen.items()
         ]
 
-    def _references(self, ctx: _Context) -> dict[tuple[int, int], dict[str, Any]]:
+    def _references(self, ctx: BenchContext) -> dict[tuple[int, int], dict[str, Any]]:
         """Per split: the retrained model's accuracies, privacy metrics and training time (trained once, cached)."""
         cache = ModelCache(self.config, ctx.data, device=ctx.device)
         out: dict[tuple[int, int], dict[str, Any]] = {}
@@ -299,37 +272,20 @@ class Bench:
         return out
 
     def _run_jobs(self, phase: str, jobs: list[Job], on_start: OnStart | None, on_run: OnRun | None) -> None:
+        """The resume loop: skip the jobs whose key is in the log, append each other record as it finishes."""
         done = {r.get("key") for r in self.log.records()}
         todo = [job for job in jobs if job.key not in done]
-        if on_start is not None:
+        lead = self.executor.lead
+        if on_start is not None and lead:
             on_start(phase, len(todo))
-        workers = min(self.config.workers, len(todo))
-        if workers <= 1:
-            for job in todo:
-                self._finish(execute(self.config, job), on_run)
-            return
-        threads = self.config.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(threads,),
-        ) as pool:
-            pending: set[Future[dict[str, Any]]] = {pool.submit(_execute_in_worker, self.raw, job) for job in todo}
-            try:
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        self._finish(future.result(), on_run)
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
 
-    def _finish(self, record: dict[str, Any], on_run: OnRun | None) -> None:
-        self.log.append(record)
-        if on_run is not None:
-            on_run(record)
+        def finish(record: dict[str, Any]) -> None:
+            if lead:
+                self.log.append(record)
+                if on_run is not None:
+                    on_run(record)
+
+        self.executor.run(todo, self.run_job, on_record=finish)
 
 
 def run_bench(

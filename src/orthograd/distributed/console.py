@@ -18,7 +18,7 @@ def ddp_command(
     path: Path, overrides: Sequence[str], out: Path | None, method_names: Sequence[str] | None, console: Console
 ) -> Path:
     """Join torchrun's process group, run the config's test runs data-parallel, print from rank 0 only."""
-    config, _ = load_config(path, overrides=overrides)
+    config, raw = load_config(path, overrides=overrides)
     run_dir = out or Path("runs") / config.name
     device = init_process_group_from_env(device=config.device)
     lead = dist.get_rank() == 0
@@ -32,7 +32,8 @@ def ddp_command(
     try:
         if lead:
             console.log(f"{dist.get_world_size()} ranks ({dist.get_backend()}), rank 0 on {device}; results: {run_dir}")
-        run_bench_distributed(config, out_dir=run_dir, device=device, method_names=method_names, on_run=finished)
+        run_bench_distributed(config, raw, out_dir=run_dir, device=device, method_names=method_names,
+                              on_run=finished)
     finally:
         dist.destroy_process_group()
     return run_dir

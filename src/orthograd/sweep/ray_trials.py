@@ -1,9 +1,10 @@
-"""Benchmark jobs as Ray Tune trials: one trial per job, records streamed back to the driver's results log.
+"""The Ray Tune backend of the bench (``RayTune``): one trial per job, records streamed back to the driver.
 
-Each trial runs ``bench.runner.execute`` (the very function ``orthograd bench`` runs) and reports its results record
-as a JSON string; a Tune callback on the driver appends it to ``RUN_DIR/results.jsonl`` the moment the trial
-finishes, so an interrupted sweep keeps every finished trial and a rerun skips them by key. A failed trial is
-reported after every other trial has finished; rerunning the command retries only the missing ones.
+Each trial runs the bench's job function (``bench.runner.execute``, the very function ``orthograd bench`` runs) and
+reports its results record as a JSON string; a Tune callback on the driver hands it to the bench, which appends it to
+``RUN_DIR/results.jsonl`` the moment the trial finishes, so an interrupted sweep keeps every finished trial and a
+rerun skips them by key. A failed trial is reported after every other trial has finished; rerunning the command
+retries only the missing ones.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 import torch
 from ray import tune
 
-from orthograd.bench.config import validate_config
-from orthograd.bench.runner import Job, execute
+from orthograd.bench.executors import OnRecord, RunJob
+from orthograd.bench.jobs import Job
+
+T = TypeVar("T")
 
 RECORD = "record_json"
 
@@ -44,7 +47,7 @@ class TrialsFailed(RuntimeError):
     """Some trials raised; the finished ones are in the results log and a rerun retries only the others."""
 
 
-def _trial(params: Mapping[str, Any], *, raw: dict[str, Any], jobs: list[Job], workdir: str, threads: int) -> None:
+def _trial(params: Mapping[str, Any], *, run_job: RunJob, jobs: list[Job], workdir: str, threads: int) -> None:
     """One job in a Ray worker: relative paths (cache, data) resolve as on the driver; the record goes to Tune."""
     if not os.path.isdir(workdir):
         raise FileNotFoundError(
@@ -54,7 +57,7 @@ def _trial(params: Mapping[str, Any], *, raw: dict[str, Any], jobs: list[Job], w
     os.chdir(workdir)
     torch.set_num_threads(threads)
     job = jobs[params["index"]]
-    record = execute(validate_config(raw), job)
+    record = run_job(job)
     uis = record.get("uis")
     score = math.nan if uis is None else float(uis)
     tune.report({"uis": score, "key": job.key, RECORD: json.dumps(record, default=str)})
@@ -63,8 +66,8 @@ def _trial(params: Mapping[str, Any], *, raw: dict[str, Any], jobs: list[Job], w
 class _RecordWriter(tune.Callback):
     """Driver side: hand each finished trial's record to ``on_record`` (the bench appends it to its log)."""
 
-    def __init__(self, on_record: Callable[[dict[str, Any]], None]) -> None:
-        self.on_record: Callable[[dict[str, Any]], None] | None = on_record
+    def __init__(self, on_record: OnRecord) -> None:
+        self.on_record: OnRecord | None = on_record
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config into the experiment state; the hook (which may hold a terminal) is not state.
@@ -78,19 +81,19 @@ class _RecordWriter(tune.Callback):
 
 
 def run_trials(
-    raw: Mapping[str, Any],
     jobs: Sequence[Job],
+    run_job: RunJob,
     *,
     name: str,
     storage: Path,
     resources: TrialResources,
-    on_record: Callable[[dict[str, Any]], None],
+    on_record: OnRecord,
 ) -> None:
     """Run ``jobs`` as Ray Tune trials on the connected Ray cluster; raise ``TrialsFailed`` if any trial failed."""
     if not ray.is_initialized():
-        raise RuntimeError("no Ray cluster is connected: call ray.init (orthograd.sweep.run_sweep does)")
+        raise RuntimeError("no Ray cluster is connected: call ray.init (orthograd.sweep.RayTune does)")
     trainable = tune.with_parameters(
-        _trial, raw=dict(raw), jobs=list(jobs), workdir=os.getcwd(), threads=max(1, math.floor(resources.cpus))
+        _trial, run_job=run_job, jobs=list(jobs), workdir=os.getcwd(), threads=max(1, math.floor(resources.cpus))
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": resources.cpus, "gpu": resources.gpus}),
@@ -111,3 +114,47 @@ def run_trials(
             f"{len(errors)} of {len(jobs)} {name} trials failed (first: {errors[0]!r}); the finished ones are saved, "
             "rerun the same command to retry the rest"
         )
+
+
+class RayTune:
+    """The bench's Ray Tune backend: each job a trial, named after its phase, stored under ``storage``.
+
+    It connects to Ray only when a phase has jobs to run (a fully resumed sweep starts nothing): to the cluster at
+    ``address``, or to a local cluster of ``num_cpus`` CPUs that ``close`` shuts down again.
+    """
+
+    lead = True
+
+    def __init__(
+        self, *, storage: Path, resources: TrialResources, address: str | None = None, num_cpus: int | None = None
+    ) -> None:
+        self.storage = storage
+        self.resources = resources
+        self.address = address
+        self.num_cpus = num_cpus
+        self._started_ray = False
+
+    def prepare(self, setup: Callable[[], T]) -> T:
+        return setup()  # on the driver: the original model is trained and cached before any trial starts
+
+    def run(self, jobs: Sequence[Job], run_job: RunJob, *, on_record: OnRecord) -> None:
+        if not jobs:
+            return
+        self._connect()
+        run_trials(jobs, run_job, name=jobs[0].phase, storage=self.storage, resources=self.resources,
+                   on_record=on_record)
+
+    def _connect(self) -> None:
+        if ray.is_initialized():
+            return
+        if self.address is not None:
+            ray.init(address=self.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+            self._started_ray = True
+
+    def close(self) -> None:
+        """Shut down the local Ray cluster this backend started (a cluster given by address is left running)."""
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False

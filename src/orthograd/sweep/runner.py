@@ -1,10 +1,11 @@
 """``orthograd sweep``: a benchmark config's runs (its ``sweep:`` grid, then the selected test runs) on Ray Tune.
 
-The plan, the keys, the records and the selection are the bench's own (``bench.runner.Bench``): only where the jobs
-run changes. With Ray (``pip install orthograd[ray]``) every job is a Ray Tune trial, on a local Ray cluster that the
-command starts and stops, or on the cluster at ``address``. Without Ray the jobs run in local worker processes
-(the bench's process pool), with a note saying so. Either way ``RUN_DIR/results.jsonl`` holds the same records as
-``orthograd bench`` writes, so ``orthograd report RUN_DIR`` works, and rerunning the command resumes.
+A thin wrapper that picks the bench's backend: the plan, the keys, the records and the selection are the bench's own
+(``bench.runner.Bench``), only where the jobs run changes. With Ray (``pip install orthograd[ray]``) every job is a
+Ray Tune trial (``sweep.ray_trials.RayTune``), on a local Ray cluster that the command starts and stops, or on the
+cluster at ``address``. Without Ray the jobs run in local worker processes (``bench.executors.ProcessPool``), with
+a note saying so. Either way ``RUN_DIR/results.jsonl`` holds the same records as ``orthograd bench`` writes, so
+``orthograd report RUN_DIR`` works, and rerunning the command resumes.
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from orthograd.bench.config import BenchConfig
-from orthograd.bench.runner import Bench, Job, OnRun, OnStart
+from orthograd.bench.executors import ProcessPool
+from orthograd.bench.runner import Bench, OnRun, OnStart
 from orthograd.choices import check_choice, choices
-
-if TYPE_CHECKING:  # ray is an optional extra: imported only when a sweep runs on it
-    from orthograd.sweep.ray_trials import TrialResources
 
 log = logging.getLogger(__name__)
 Backend = Literal["auto", "ray", "local"]
@@ -33,64 +32,6 @@ NO_RAY_NOTE = (
 
 def ray_available() -> bool:
     return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.tune") is not None
-
-
-class RayBench(Bench):
-    """A ``Bench`` whose jobs run as Ray Tune trials.
-
-    It connects to Ray only when a phase has unfinished jobs (a fully resumed sweep starts nothing): to the cluster
-    at ``address``, or to a local cluster of ``num_cpus`` CPUs that ``close`` shuts down again.
-    """
-
-    def __init__(
-        self,
-        config: BenchConfig,
-        raw: Mapping[str, Any],
-        *,
-        out_dir: str | Path,
-        resources: TrialResources,
-        address: str | None = None,
-        num_cpus: int | None = None,
-    ) -> None:
-        super().__init__(config, raw, out_dir=out_dir)
-        self.resources = resources
-        self.address = address
-        self.num_cpus = num_cpus
-        self._started_ray = False
-
-    def _connect(self) -> None:
-        import ray
-
-        if ray.is_initialized():
-            return
-        if self.address is not None:
-            ray.init(address=self.address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
-            self._started_ray = True
-
-    def close(self) -> None:
-        """Shut down the local Ray cluster this bench started (a cluster given by address is left running)."""
-        import ray
-
-        if self._started_ray:
-            ray.shutdown()
-            self._started_ray = False
-
-    def _run_jobs(self, phase: str, jobs: list[Job], on_start: OnStart | None, on_run: OnRun | None) -> None:
-        from orthograd.sweep.ray_trials import run_trials
-
-        done = {r.get("key") for r in self.log.records()}
-        todo = [job for job in jobs if job.key not in done]
-        if on_start is not None:
-            on_start(phase, len(todo))
-        if not todo:
-            return
-        self._connect()
-        run_trials(
-            self.raw, todo, name=phase, storage=self.out / "ray", resources=self.resources,
-            on_record=lambda record: self._finish(record, on_run),
-        )
 
 
 def run_sweep(
@@ -123,14 +64,13 @@ def run_sweep(
             raise ValueError(f"address={address!r} needs Ray: pip install 'orthograd[ray]'")
         if backend == "auto":
             on_note(NO_RAY_NOTE)
-        workers = num_cpus or os.cpu_count() or 1
-        local = config.model_copy(update={"workers": workers, "threads_per_worker": max(1, int(cpus_per_trial))})
-        return Bench(local, raw, out_dir=out_dir).run(on_start=on_start, on_run=on_run)
-    from orthograd.sweep.ray_trials import TrialResources
+        pool = ProcessPool(workers=num_cpus or os.cpu_count() or 1, threads=max(1, int(cpus_per_trial)))
+        return Bench(config, raw, out_dir=out_dir, executor=pool).run(on_start=on_start, on_run=on_run)
+    from orthograd.sweep.ray_trials import RayTune, TrialResources  # ray is an optional extra
 
     resources = TrialResources(cpus=cpus_per_trial, gpus=gpus_per_trial)
-    bench = RayBench(config, raw, out_dir=out_dir, resources=resources, address=address, num_cpus=num_cpus)
+    trials = RayTune(storage=Path(out_dir) / "ray", resources=resources, address=address, num_cpus=num_cpus)
     try:
-        return bench.run(on_start=on_start, on_run=on_run)
+        return Bench(config, raw, out_dir=out_dir, executor=trials).run(on_start=on_start, on_run=on_run)
     finally:
-        bench.close()
+        trials.close()

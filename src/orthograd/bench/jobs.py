@@ -1,0 +1,80 @@
+"""The bench's job planner: a ``Job`` per run, its key, its forget/retain split and the sweep's grid points.
+
+A job's key is its identity in the results log: the same config planned again gives the same keys, so finished
+runs are found and skipped whichever backend ran them (``bench.executors``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from orthograd import methods
+from orthograd.bench.config import BenchConfig, content_hash
+from orthograd.data.splits import UnlearningSplit, class_forgetting_split, random_forgetting_split
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unlearning run: a method with hyperparameters on one split, scored on validation or test."""
+
+    phase: str  # "sweep" (scored on the validation split) | "test"
+    method: str
+    hyperparameters: dict[str, Any]
+    split_index: int  # index into scenario.seeds (random) or scenario.classes (class)
+    retain_size: int
+    key: str
+    reference: dict[str, Any] | None = field(default=None, compare=False)  # the retrained model's metrics
+
+
+def make_split(config: BenchConfig, labels: np.ndarray, *, split_index: int, retain_size: int) -> UnlearningSplit:
+    """The forget/retain split of ``split_index`` (a seed or a class) with ``retain_size`` retained samples."""
+    scenario = config.scenario
+    if scenario.kind == "random":
+        assert scenario.forget_size is not None
+        return random_forgetting_split(
+            labels, forget_size=scenario.forget_size, retain_size=retain_size, seed=scenario.seeds[split_index]
+        )
+    return class_forgetting_split(
+        labels, forget_class=scenario.classes[split_index], retain_size=retain_size, seed=split_index
+    )
+
+
+def split_seed(config: BenchConfig, split_index: int) -> int:
+    """The run seed of a split: the scenario seed (random) or the class's position (class)."""
+    return config.scenario.seeds[split_index] if config.scenario.kind == "random" else split_index
+
+
+def n_splits(config: BenchConfig) -> int:
+    scenario = config.scenario
+    return len(scenario.seeds) if scenario.kind == "random" else len(scenario.classes)
+
+
+def job_key(config: BenchConfig, *, phase: str, method: str, hyperparameters: Mapping[str, Any],
+            split_index: int, retain_size: int) -> str:
+    """Identity of a run: rerunning the same config finds it finished under this key."""
+    resolved = methods.make_config(method, dict(hyperparameters)).to_dict()
+    return content_hash(
+        {
+            "phase": phase,
+            "method": method,
+            "hyperparameters": resolved,
+            "scenario": config.scenario.kind,
+            "forget_size": config.scenario.forget_size,
+            "split": split_seed(config, split_index) if config.scenario.kind == "random"
+            else config.scenario.classes[split_index],
+            "retain_size": retain_size,
+            "original": config.original_hash(),
+            "unlearn": config.unlearn.model_dump(mode="json"),
+        }
+    )
+
+
+def grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a method's grid values, in the order the config lists them."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
