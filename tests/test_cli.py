@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 import typer
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
 import orthograd
 from orthograd.bench.config import load_config
 from orthograd.bench.console import config_task, resolve_config, shipped_configs
+from orthograd.bench.printer import RunPrinter, run_line
 from orthograd.cli import app
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -157,6 +159,27 @@ def test_demo_command_runs_a_method_and_labels_class_runs_by_class(tmp_path: Pat
     assert all(r["final"]["forget"] < 1.0 for r in records if r["scenario"] == "class")
     assert "OrthoGrad" in (out / "table.md").read_text()
     assert all((out / name).read_bytes()[:4] == b"\x89PNG" for name in ("trajectories.png", "tradeoff.png"))
+
+
+def test_one_run_line_carries_what_the_bench_sweep_and_unlearn_ddp_lines_printed() -> None:
+    record = {"phase": "sweep", "method": "neggrad", "forget_class": None, "seed": 2, "retain_size": 60,
+              "hyperparameters": {"lr": 0.001}, "evaluated_on": "validation", "uis": 0.1234,
+              "final": {"forget": 91.5, "test": 88.25}, "stop_reason": "target_reached", "steps": 12,
+              "wall_time_s": 3.21}
+    assert run_line(record) == ("sweep neggrad    seed 2 retain 60 [lr=0.001]: A_u 91.50 A_val 88.25 UIS 0.123 "
+                                "(target_reached, 12 steps, 3.2s)")
+    ddp = {**record, "phase": "test", "evaluated_on": "test", "forget_class": 3, "uis": None, "world_size": 2}
+    assert run_line(ddp) == (" test neggrad    class 3 retain 60 [lr=0.001]: A_u 91.50 A_test 88.25 UIS – "
+                             "(target_reached, 12 steps, 3.2s on 2 ranks)")
+
+
+def test_the_run_printer_prints_the_runs_to_go_and_any_schema_s_line() -> None:
+    console = Console(record=True, width=200)
+    printer = RunPrinter(console, line=lambda record: f"forget 1% {record['label']}")  # e.g. llm_bench.record_line
+    printer.started("test", 2)
+    printer.finished({"label": "NPO"})
+    text = console.export_text()
+    assert "test: 2 run(s) to run" in text and "forget 1% NPO" in text
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orthograd.bench.config import ConfigError, load_config
+from orthograd.bench.printer import RunPrinter
 from orthograd.bench.runner import run_bench
 
 
@@ -56,24 +55,8 @@ def bench_command(path: Path, overrides: Sequence[str], out: Path | None, consol
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
     ) as progress:
-        task = progress.add_task("preparing data and the original model", total=None)
-
-        def started(phase: str, total: int) -> None:
-            progress.update(task, total=total, completed=0, description=f"{phase} runs")
-
-        def finished(record: dict[str, Any]) -> None:
-            final = record["final"]
-            forget_class = record["forget_class"]
-            split = f"class {forget_class}" if forget_class is not None else f"seed {record['seed']}"
-            uis = "–" if record["uis"] is None else f"{record['uis']:.3f}"
-            progress.console.log(
-                f"{record['phase']:>5} {record['method']:<10} {split} retain {record['retain_size']}: "
-                f"A_u {final['forget']:.2f} A_test {final['test']:.2f} UIS {uis} "
-                f"({record['stop_reason']}, {record['steps']} steps, {record['wall_time_s']:.1f}s)"
-            )
-            progress.advance(task)
-
-        run_bench(config, raw, out_dir=run_dir, on_start=started, on_run=finished)
+        printer = RunPrinter(console, progress=progress)
+        run_bench(config, raw, out_dir=run_dir, on_start=printer.started, on_run=printer.finished)
     return run_dir
 
 
@@ -82,6 +65,6 @@ def _llm_bench(path: Path, overrides: Sequence[str], out: Path | None, console: 
     from orthograd import llm_bench  # on demand: the language-model pipeline loads transformers
 
     config = llm_bench.load_config(path, [*overrides, *([f"output={out}"] if out is not None else [])])
-    llm_bench.run(config, on_record=lambda record: console.log(llm_bench.record_line(record)))
+    llm_bench.run(config, on_record=RunPrinter(console, line=llm_bench.record_line).finished)
     console.print((Path(config.output) / "tables.md").read_text(encoding="utf-8"))
     return Path(config.output)

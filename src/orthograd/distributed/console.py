@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch.distributed as dist
 from rich.console import Console
 
 from orthograd.bench.config import load_config
+from orthograd.bench.printer import RunPrinter
 from orthograd.distributed.bench import run_bench_distributed
 from orthograd.distributed.runner import init_process_group_from_env
 
@@ -21,19 +21,12 @@ def ddp_command(
     config, raw = load_config(path, overrides=overrides)
     run_dir = out or Path("runs") / config.name
     device = init_process_group_from_env(device=config.device)
-    lead = dist.get_rank() == 0
-
-    def finished(record: dict[str, Any]) -> None:
-        final = record["final"]
-        console.log(f"{record['method']:<10} seed {record['seed']} retain {record['retain_size']}: "
-                    f"A_u {final['forget']:.2f} A_test {final['test']:.2f} ({record['stop_reason']}, "
-                    f"{record['steps']} steps, {record['wall_time_s']:.1f}s on {record['world_size']} ranks)")
-
+    printer = RunPrinter(console)
     try:
-        if lead:
+        if dist.get_rank() == 0:
             console.log(f"{dist.get_world_size()} ranks ({dist.get_backend()}), rank 0 on {device}; results: {run_dir}")
         run_bench_distributed(config, raw, out_dir=run_dir, device=device, method_names=method_names,
-                              on_run=finished)
+                              on_start=printer.started, on_run=printer.finished)
     finally:
         dist.destroy_process_group()
     return run_dir
