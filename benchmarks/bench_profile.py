@@ -90,6 +90,7 @@ def profile(config_path: str, overrides: list[str]) -> tuple[PhaseTimer, list[di
             (api._Run, "evaluate", "evaluation"),
             (api._Run, "probe", "probes"),
             (orthograd.privacy, "privacy_metrics", "privacy"),
+            (runner, "privacy_metrics", "privacy"),  # the name the runner imported
         ):
             undo.callback(timer.wrap(owner, attribute, name))
         unlearn = runner.unlearn
