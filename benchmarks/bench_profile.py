@@ -6,8 +6,9 @@ and the retrained reference are trained and timed too) with timers around each p
 - data: loading and splitting the dataset;
 - original / retrain: training the original model and the retrain-from-scratch reference;
 - unlearning, split into optimizer steps (the method's own work), evaluation rows (every set after every epoch,
-  the paper's schedule), stop-rule probes (mid-epoch checks of the forget set) and set-up/merge (copying the
-  model, attaching and merging LoRA);
+  the paper's schedule, or the forget set with ``track="stop"`` and the rest once at the end), stop-rule probes
+  (mid-epoch checks of the forget set) and set-up/merge (input checks, evaluating the original model for the
+  first row, copying the model, attaching and merging LoRA);
 - privacy: the membership-inference attacks on the unlearned and the original model;
 - rest: reporting and bookkeeping.
 
@@ -88,6 +89,7 @@ def profile(config_path: str, overrides: list[str]) -> tuple[PhaseTimer, list[di
             (training.ModelCache, "retrained", "retrain"),
             (api._Run, "loop", "steps"),  # what the nested phases below leave is the optimizer steps
             (api._Run, "evaluate", "evaluation"),
+            (api._Run, "complete_last_row", "evaluation"),  # track="stop": the last row's other sets
             (api._Run, "probe", "probes"),
             (orthograd.privacy, "privacy_metrics", "privacy"),
             (runner, "privacy_metrics", "privacy"),  # the name the runner imported
