@@ -16,6 +16,7 @@ import pytest
 
 from orthograd.bench.config import validate_config
 from orthograd.bench.executors import Executor, InProcess, ProcessPool
+from orthograd.bench.jobs import job_key
 from orthograd.bench.runner import Bench
 from orthograd.io import ResultsLog
 
@@ -93,3 +94,13 @@ def test_a_backend_runs_each_unfinished_job_once_with_the_in_process_record(
     written = log.records()
     assert written[:2] == expected[:2] and sorted(r["key"] for r in written) == sorted(by_key)
     assert sorted(r["key"] for r in records) == sorted(by_key)
+
+
+def test_job_keys_are_the_ones_the_results_logs_were_first_written_with() -> None:
+    """Computed before LoRA's alpha was renamed lora_alpha and unlearn.track existed: older logs still resume."""
+    config = validate_config(_raw(Path("cache")))
+    neggrad = job_key(config, phase="test", method="neggrad", hyperparameters={"lr": 5.0e-3, "forget_batch_size": 20},
+                      split_index=1, retain_size=60)
+    orthograd = job_key(config, phase="sweep", method="orthograd", hyperparameters={"lora": {"r": 4}}, split_index=0,
+                        retain_size=60)
+    assert (neggrad, orthograd) == ("4022e2b37215dc07", "a92ff9fcf7b40fb9")

@@ -62,16 +62,26 @@ def job_key(config: BenchConfig, *, phase: str, method: str, hyperparameters: Ma
         {
             "phase": phase,
             "method": method,
-            "hyperparameters": resolved,
+            "hyperparameters": _as_first_keyed(resolved),
             "scenario": config.scenario.kind,
             "forget_size": config.scenario.forget_size,
             "split": split_seed(config, split_index) if config.scenario.kind == "random"
             else config.scenario.classes[split_index],
             "retain_size": retain_size,
             "original": config.original_hash(),
-            "unlearn": config.unlearn.model_dump(mode="json"),
+            "unlearn": {k: v for k, v in config.unlearn.model_dump(mode="json").items() if (k, v) != ("track", "all")},
         }
     )
+
+
+def _as_first_keyed(resolved: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameters in the form keys were first written with, so older results logs resume: LoRA's
+    ``lora_alpha`` hashed under its earlier name ``alpha`` (an ``unlearn.track`` of "all", the default that
+    came later, is left out of the key likewise)."""
+    lora = resolved.get("lora")
+    if not isinstance(lora, dict):
+        return resolved
+    return {**resolved, "lora": {("alpha" if name == "lora_alpha" else name): v for name, v in lora.items()}}
 
 
 def grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
