@@ -41,6 +41,7 @@ ENGINES: dict[str, dict[str, str]] = {
     "reference": {"engine": "vmap", "projection": "qr"},
     "vmap_gram": {"engine": "vmap", "projection": "gram"},
     "ghost": {"engine": "auto", "projection": "gram"},
+    "ghost_fused": {"engine": "auto", "projection": "gram", "fuse_passes": True},  # one pass for both batches
 }
 BETA = 0.95  # NegGrad+'s retain weight (SCRUB's default); it does not change the cost
 

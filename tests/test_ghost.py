@@ -20,7 +20,7 @@ from torchvision.models import VisionTransformer
 
 from orthograd.geometry import gram_coefficients
 from orthograd.grads import ghost_layers, ghost_math, per_sample_grads
-from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, unsupported_reason
+from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, ghost_span_and_mean, unsupported_reason
 from orthograd.lora import LoRAConfig, attach_lora
 
 K = 5
@@ -249,6 +249,45 @@ def test_update_and_norms_need_one_contraction(case, gram_method):
     assert float((got - expected).norm() / expected.norm()) <= 1e-5
     with pytest.raises(RuntimeError, match="call it once"):
         span.combine(coeffs[None])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2], ids=["one_chunk", "chunks"])
+@pytest.mark.parametrize("case", ["conv2d", "embedding", "layernorm", "batchnorm_eval", "lora_conv2d"])
+def test_one_pass_with_a_mean_batch_equals_two_passes(case, chunk_size, gram_method):
+    """``ghost_span_and_mean``: the mean batch joins the span batch's (last) chunk; its mean loss and gradient and
+    the span probed with that gradient are those of a separate backward and ``ghost_span``."""
+    base, targets = LORA_CASES.get(case, (case, None))
+    model, batch = _build(base, lora_targets=targets)
+    _, extra = _build(base, seed=5)
+    model.eval()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    mean_loss = _loss_fn(model, extra).mean()
+    expected = dict(zip(names, torch.autograd.grad(mean_loss, [p for p in model.parameters() if p.requires_grad])))
+    reference = ghost_span(model, _loss_fn, batch, probe=expected, params=names, chunk_size=chunk_size)
+    span, loss, probe = ghost_span_and_mean(model, _loss_fn, batch, extra, params=names, chunk_size=chunk_size)
+
+    def close(actual: torch.Tensor, wanted: torch.Tensor) -> None:
+        assert actual.dtype == wanted.dtype
+        assert (actual - wanted).abs().max() <= 1e-6 * wanted.abs().max().clamp_min(1e-12)
+
+    assert float(loss) == pytest.approx(float(mean_loss), rel=1e-6)
+    for name in names:
+        close(probe[name], expected[name])
+    close(span.gram, reference.gram)
+    close(span.product, reference.product)
+    close(span.losses, reference.losses)
+
+
+def test_one_pass_declines_when_samples_could_interact_or_batches_do_not_concatenate():
+    """Training mode (dropout draws, batch statistics) or batches of other per-sample shapes: None, two passes."""
+    model, batch = _build("linear_sequence")
+    inputs, labels = batch
+    assert ghost_span_and_mean(model.train(), _loss_fn, batch, batch) is None
+    model.eval()
+    assert ghost_span_and_mean(model, _loss_fn, batch, (inputs[:, :4], labels)) is None  # shorter sequences
+    assert ghost_span_and_mean(model, _loss_fn, batch, (inputs.double(), labels)) is None
+    assert ghost_span_and_mean(model, _loss_fn, batch, [inputs, labels]) is None  # another structure
+    assert ghost_span_and_mean(model, _loss_fn, batch, batch) is not None
 
 
 def test_automatic_gram_method_choice_follows_the_cost_model():

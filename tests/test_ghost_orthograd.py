@@ -13,7 +13,7 @@ from torchvision.models import VisionTransformer
 
 import orthograd as og
 from orthograd.lora import LoRAConfig, attach_lora
-from orthograd.methods import MethodContext, make_config
+from orthograd.methods import MethodContext, make_config, orthograd_gradients
 from orthograd.models import SmallCNN
 from orthograd.tasks import ClassificationTask
 
@@ -149,6 +149,37 @@ def test_ghost_direction_equals_vmap_qr_reference(name):
         assert _relative(ghost, reference) <= 1e-5
         assert stats["kept_fraction"] == pytest.approx(ref_stats["kept_fraction"], rel=1e-5)
         assert stats["retain_loss"] == pytest.approx(ref_stats["retain_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_one_ghost_pass_for_both_batches_gives_the_two_pass_direction(name, monkeypatch):
+    """With the model in eval mode the forget batch joins the retain batch's ghost pass: the direction and the
+    statistics are those of separate passes (a forget backward, then the retain span), to float32 round-off."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    found = []
+    one_pass = orthograd_gradients.ghost_span_and_mean
+
+    def spy(*args, **kwargs):
+        found.append(one_pass(*args, **kwargs))
+        return found[-1]
+
+    monkeypatch.setattr(orthograd_gradients, "ghost_span_and_mean", spy)
+    separate, stats = _direction(model, engine="ghost")
+    assert not found  # two passes unless asked: the fused pass holds both batches' activations at once
+    fused, fused_stats = _direction(model, engine="ghost", fuse_passes=True)
+    assert found and found[-1] is not None
+    assert _relative(fused, separate) <= 1e-6
+    for key in ("forget_loss", "retain_loss", "kept_fraction", "retain_to_forget_norm"):
+        assert fused_stats[key] == pytest.approx(stats[key], rel=1e-6)
+
+
+def test_a_forget_batch_with_ignored_labels_keeps_its_own_pass():
+    """Classification's mean loss skips labels of -100 (not the mean of the per-sample losses): no fused pass."""
+    x, labels = _data(FORGET, 1).tensors
+    task = ClassificationTask()
+    assert orthograd_gradients.mean_of_per_sample(task, (x, labels))
+    assert not orthograd_gradients.mean_of_per_sample(task, (x, torch.where(labels == labels[0], -100, labels)))
 
 
 def test_orthograd_on_a_torchvision_vit_with_lora_on_attention_uses_the_ghost_engine():

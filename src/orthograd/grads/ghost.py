@@ -11,6 +11,11 @@ full backward hooks, survive the in-place ReLU of torchvision's ResNet). ``ghost
 ``chunk_size`` processes the retain batch in chunks of samples (bounding the autograd memory); Gram blocks between
 chunks are accumulated from the stored pieces. BatchNorm runs in eval mode (per-sample gradients of a batch-mixing
 layer do not exist), as in the torch.func engine. ``unsupported_reason`` says when a model needs that engine.
+
+``ghost_span_and_mean`` also takes OrthoGrad's forget batch into the same forward and backward (appended to the
+last chunk) and forms its mean gradient, the probe, from its rows' pieces: one pass where two would run. Exact
+only when samples do not interact, so it declines (returns None) unless the model is wholly in eval mode (no
+dropout draws, no batch statistics) and the two batches concatenate (same structure and per-sample shapes).
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from orthograd.grads.functorch import PerSampleGradError, batch_size_of, batchnorm_in_eval
 from orthograd.grads.ghost_layers import layer_pieces
 from orthograd.grads.ghost_layers import unsupported_reason as layer_unsupported_reason
-from orthograd.grads.ghost_math import Piece
+from orthograd.grads.ghost_math import Piece, summed_only
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -141,28 +146,73 @@ def ghost_span(
     forward and backward under autocast; Gram blocks and products are always accumulated in float64.
     Raises ``GhostUnsupportedError`` when a layer is unsupported or is not called exactly once per forward.
     """
+    names = _checked(model, params)
+    missing = [n for n in names if n not in probe]
+    if missing:
+        raise KeyError(f"probe lacks parameters {missing[:5]}; pass a tensor for every differentiated parameter")
+    found = _ghost_pass(model, loss_fn, batch, batch_size_of(batch), names, chunk_size, autocast_dtype)
+    return found.span(probe)
+
+
+def ghost_span_and_mean(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    mean_batch: Any,
+    *,
+    params: Iterable[str] | None = None,
+    chunk_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[GhostSpan, torch.Tensor, dict[str, torch.Tensor]] | None:
+    """``ghost_span`` of ``batch`` probed with the gradient of ``mean_batch``'s mean loss, both from one pass.
+
+    Returns the span, that mean loss and its gradient (in the parameters' dtypes), or None when the batches cannot
+    share a pass exactly (see the module docstring; the caller then runs them separately). The gradient is the
+    sum of ``mean_batch``'s per-sample pieces, whose output gradients the backward already scaled by ``1/k``.
+    """
+    names = _checked(model, params)
+    if any(module.training for module in model.modules()):
+        return None
+    both = joined(batch, mean_batch)
+    if both is None:
+        return None
+    found = _ghost_pass(model, loss_fn, both, batch_size_of(batch), names, chunk_size, autocast_dtype)
+    named = dict(model.named_parameters())
+    probe = {name: _summed(found.mean_pieces.pop(name), named[name]) for name in names}
+    assert found.mean_loss is not None
+    return found.span(probe), found.mean_loss, probe
+
+
+def joined(batch: Any, extra: Any) -> Any | None:
+    """``batch`` followed by ``extra`` along the sample dimension; None when they differ in structure, in a
+    non-tensor leaf, or in a tensor's dtype, device or per-sample shape (e.g. sequences padded to other lengths)."""
+    leaves, spec = tree_flatten(batch)
+    extra_leaves, extra_spec = tree_flatten(extra)
+    if spec != extra_spec:
+        return None
+    out = []
+    for mine, theirs in zip(leaves, extra_leaves):
+        tensors = isinstance(mine, torch.Tensor), isinstance(theirs, torch.Tensor)
+        if tensors == (True, True) and mine.dim() > 0 and _row_shape(mine) == _row_shape(theirs):
+            out.append(torch.cat([mine, theirs]))
+        elif tensors == (False, False) and (mine is theirs or mine == theirs):
+            out.append(mine)
+        else:
+            return None
+    return tree_unflatten(out, spec)
+
+
+def _row_shape(t: torch.Tensor) -> tuple[Any, ...]:
+    return t.shape[1:], t.dtype, t.device
+
+
+def _checked(model: nn.Module, params: Iterable[str] | None) -> list[str]:
+    """The chosen parameter names; raises ``GhostUnsupportedError`` when the engine cannot handle them."""
     names = _resolve(model, params)
     reason = unsupported_reason(model, names)
     if reason is not None:
         raise GhostUnsupportedError(reason)
-    missing = [n for n in names if n not in probe]
-    if missing:
-        raise KeyError(f"probe lacks parameters {missing[:5]}; pass a tensor for every differentiated parameter")
-    modules = _owners(model, names)
-    k = batch_size_of(batch)
-    step = k if chunk_size is None else chunk_size
-    pieces: dict[str, list[tuple[int, Piece]]] = {n: [] for n in names}
-    losses = []
-    with batchnorm_in_eval(model):
-        for start in range(0, k, step):
-            rows = slice(start, start + step)
-            chunk = tree_map(lambda t, rows=rows: t[rows] if isinstance(t, torch.Tensor) else t, batch)
-            chunk_losses, chunk_pieces = _chunk_pieces(model, loss_fn, chunk, modules, autocast_dtype)
-            losses.append(chunk_losses)
-            for name, piece in chunk_pieces.items():
-                pieces[name].append((start, piece))
-    gram, product = _accumulate(pieces, probe, k)
-    return GhostSpan(gram=gram, product=product, losses=torch.cat(losses), pieces=pieces)
+    return names
 
 
 def _is_peft_attention(module: nn.Module) -> bool:
@@ -215,14 +265,65 @@ def _capturing(modules: Mapping[str, tuple[nn.Module, Any]]) -> Iterator[dict[st
         yield captures
 
 
+@dataclass
+class _Pass:
+    """What one ghost pass found: the span batch's losses and pieces, and those of the mean batch (if any)."""
+
+    k: int
+    losses: torch.Tensor
+    pieces: dict[str, list[tuple[int, Piece]]]
+    mean_loss: torch.Tensor | None
+    mean_pieces: dict[str, Piece]
+
+    def span(self, probe: Mapping[str, torch.Tensor]) -> GhostSpan:
+        gram, product = _accumulate(self.pieces, probe, self.k)
+        return GhostSpan(gram=gram, product=product, losses=self.losses, pieces=self.pieces)
+
+
+def _ghost_pass(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    k: int,
+    names: list[str],
+    chunk_size: int | None,
+    autocast_dtype: torch.dtype | None,
+) -> _Pass:
+    """Pieces of the first ``k`` samples of ``batch`` in chunks of ``chunk_size``; any samples after them (the mean
+    batch) join the last chunk, with their losses averaged instead of summed."""
+    modules = _owners(model, names)
+    step = k if chunk_size is None else chunk_size
+    starts = list(range(0, k, step))
+    ends = [*starts[1:], batch_size_of(batch)]
+    pieces: dict[str, list[tuple[int, Piece]]] = {n: [] for n in names}
+    mean_pieces: dict[str, Piece] = {}
+    losses, mean_loss = [], None
+    with batchnorm_in_eval(model):
+        for start, end in zip(starts, ends):
+            rows = slice(start, end)
+            chunk = tree_map(lambda t, rows=rows: t[rows] if isinstance(t, torch.Tensor) else t, batch)
+            own = min(end, k) - start
+            chunk_losses, chunk_pieces = _chunk_pieces(model, loss_fn, chunk, own, modules, autocast_dtype)
+            losses.append(chunk_losses[:own])
+            if own < end - start:
+                mean_loss = chunk_losses[own:].to(torch.promote_types(chunk_losses.dtype, torch.float32)).mean()
+            for name, (piece, mean_piece) in chunk_pieces.items():
+                pieces[name].append((start, piece))
+                if mean_piece is not None:
+                    mean_pieces[name] = mean_piece
+    return _Pass(k=k, losses=torch.cat(losses), pieces=pieces, mean_loss=mean_loss, mean_pieces=mean_pieces)
+
+
 def _chunk_pieces(
     model: nn.Module,
     loss_fn: LossFn,
     chunk: Any,
+    own: int,
     modules: Mapping[str, tuple[nn.Module, list[tuple[str, str]]]],
     autocast_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, dict[str, Piece]]:
-    """One forward and one backward of a chunk; the pieces of every chosen parameter."""
+) -> tuple[torch.Tensor, dict[str, tuple[Piece, Piece | None]]]:
+    """One forward and one backward of a chunk: its losses and the pieces of every chosen parameter, for its first
+    ``own`` samples (losses summed) and, when there are more, for the rest apart (their losses averaged)."""
     n = batch_size_of(chunk)
     device_type = next(model.parameters()).device.type
     amp = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
@@ -235,11 +336,13 @@ def _chunk_pieces(
             )
     if losses.shape[0] != n:
         raise ValueError(f"loss_fn returned {losses.shape[0]} losses for a batch of {n} samples")
+    wide = losses.to(torch.promote_types(losses.dtype, torch.float32))  # 1/k of the mean in the model's precision
+    objective = wide[:own].sum() if own == n else wide[:own].sum() + wide[own:].mean()
     order = list(captures)
     grads = torch.autograd.grad(
-        losses.float().sum(), [captures[name].edges[0] for name in order], allow_unused=True, materialize_grads=True
+        objective, [captures[name].edges[0] for name in order], allow_unused=True, materialize_grads=True
     )
-    pieces: dict[str, Piece] = {}
+    pieces: dict[str, tuple[Piece, Piece | None]] = {}
     for name, output_grads in zip(order, grads):
         module, params = modules[name]
         inputs = captures[name].inputs[0]
@@ -248,10 +351,20 @@ def _chunk_pieces(
                 f"module {name!r} saw a leading dimension of {inputs.shape[0]} for {n} samples; the ghost engine "
                 "needs the sample dimension first in every layer (batch_first)"
             )
-        local = layer_pieces(module, inputs, output_grads.detach())
+        output_grads = output_grads.detach()
+        local = layer_pieces(module, inputs[:own], output_grads[:own])
+        rest = {}
+        if own < n:
+            with summed_only():
+                rest = layer_pieces(module, inputs[own:], output_grads[own:])
         for local_name, full in params:
-            pieces[full] = local[local_name]
+            pieces[full] = (local[local_name], rest.get(local_name))
     return losses.detach(), pieces
+
+
+def _summed(piece: Piece, like: torch.Tensor) -> torch.Tensor:
+    """The sum of a piece's per-sample gradients (one weight-gradient contraction), as ``like``'s dtype."""
+    return piece.combine(torch.ones(1, piece.n, device=like.device))[0].to(like.dtype)
 
 
 def _accumulate(

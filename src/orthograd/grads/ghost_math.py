@@ -24,6 +24,8 @@ where the float64 Gram stays within 1e-6 (``benchmarks/gram_precision.py``, test
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +33,7 @@ import torch
 
 KERNEL_POSITIONS = 16  # fewer positions: one GEMM on the (small) rows beats a conv weight-gradient kernel (CPU)
 WORKSPACE = 1 << 25  # elements of the largest temporary a piece builds at once (e.g. a block of per-sample grads)
+_SUMMED_ONLY: ContextVar[bool] = ContextVar("summed_only", default=False)
 
 
 class Piece(Protocol):
@@ -45,6 +48,17 @@ class Piece(Protocol):
     def dot(self, probe: torch.Tensor) -> torch.Tensor: ...
 
     def combine(self, weights: torch.Tensor) -> torch.Tensor: ...
+
+
+@contextmanager
+def summed_only() -> Iterator[None]:
+    """Pieces built within are only combined, never Gram-multiplied (e.g. summed into a mean gradient): an
+    ``Outer`` then keeps its factors rather than materialising per-sample gradients in ``compact``."""
+    token = _SUMMED_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SUMMED_ONLY.reset(token)
 
 
 def _combine_dtype(t: torch.Tensor) -> torch.dtype:
@@ -154,8 +168,8 @@ class Outer:
 
     def compact(self) -> Piece:
         """``Dense`` per-sample gradients when the Gram method materialises them anyway and they are smaller than
-        the stored factors (e.g. LoRA factors on long sequences), else ``self``."""
-        if self.ghost or self.n * self.shape.numel() > self.inputs.numel() + self.grads.numel():
+        the stored factors (e.g. LoRA factors on long sequences), else ``self`` (always within ``summed_only``)."""
+        if self.ghost or _SUMMED_ONLY.get() or self.n * self.shape.numel() > self.inputs.numel() + self.grads.numel():
             return self
         dtype, unfolded = _combine_dtype(self.grads), self._unfolded()
         chunks = [self._materialise(rows, dtype, unfolded) for rows in self._row_chunks(self.n)]

@@ -90,6 +90,9 @@ class OrthoGradConfig(IterativeConfig):
     chunk_size: samples per forward/backward chunk (bounds memory); engine: "auto" (ghost, else vmap_or_loop) |
         "ghost" | "vmap_or_loop" | "vmap" | "loop".
     bf16: run forward and backward under bfloat16 autocast (the projection solve stays float64).
+    fuse_passes: ghost engine only: take the forget batch into the retain batch's forward and backward (one pass
+        instead of two, where that is exact). Faster (LoRA ResNet18/ViT steps 1.3-1.4x -> 1.2-1.3x a NegGrad+
+        step on CPU) but both batches' activations are alive at once (peak memory up to 1.7x instead of 1.2x).
     """
 
     schedule: Literal["adaptive", "fixed"] = "adaptive"
@@ -106,6 +109,7 @@ class OrthoGradConfig(IterativeConfig):
     chunk_size: int | None = None
     engine: Literal["auto", "ghost", "vmap_or_loop", "vmap", "loop"] = "auto"
     bf16: bool = False
+    fuse_passes: bool = False
 
     def __post_init__(self) -> None:
         # an unknown schedule fills nothing here; the base class's Literal check refuses it first thing

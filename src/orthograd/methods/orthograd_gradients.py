@@ -13,21 +13,24 @@ last ("ghost", "vmap" or "loop"; the one chosen until a per-sample engine runs, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
 
 from orthograd.grads import ENGINES, per_sample_grads_losses_and_engine
-from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, unsupported_reason
+from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, ghost_span_and_mean, unsupported_reason
 from orthograd.methods.base import MethodContext
+from orthograd.tasks.base import IGNORE_INDEX, Task
+from orthograd.tasks.classification import ClassificationTask
 from orthograd.geometry import ProjectionMethod, ProjectionScope
 from orthograd.grads.span import MaterialisedSpan, RetainSpan
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class SpanSettings(Protocol):
@@ -53,6 +56,9 @@ class SpanSettings(Protocol):
 
     @property
     def bf16(self) -> bool: ...
+
+    @property
+    def fuse_passes(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,9 @@ class LocalGradients:
         self.engine = self.chosen
 
     def compute(self, forget_batch: Any, retain_batch: Any) -> StepGradients:
+        fused = self._fused(forget_batch, retain_batch) if self.chosen == "ghost" and self.config.fuse_passes else None
+        if fused is not None:
+            return fused
         forget_loss, forget_grad = self.mean_gradient(forget_batch)
         span = self._retain_span(retain_batch, probe=forget_grad)
         return StepGradients(forget_loss=float(forget_loss.detach()), forget_grad=forget_grad, span=span)
@@ -145,19 +154,27 @@ class LocalGradients:
             rows, probe, retain_loss=retain_loss, projection=self.config.projection, scope=self.config.projection_scope
         )
 
+    def _fused(self, forget_batch: Any, retain_batch: Any) -> StepGradients | None:
+        """Both batches in one ghost pass (``ghost_span_and_mean``) where that is exact: the task's mean loss must be
+        the mean of its per-sample losses. None when they need separate passes (or the ghost engine refused)."""
+        task = self.context.task
+        if not mean_of_per_sample(task, forget_batch):
+            return None
+        found = self._ghost(lambda: ghost_span_and_mean(
+            self.context.model, task.per_sample_loss, retain_batch, forget_batch, **self._ghost_options()
+        ))
+        if found is None:
+            return None
+        span, forget_loss, forget_grad = found
+        return StepGradients(forget_loss=float(forget_loss), forget_grad=forget_grad, span=span)
+
     def _retain_span(self, batch: Any, *, probe: dict[str, torch.Tensor]) -> RetainSpan:
         if self.chosen == "ghost":
-            try:
-                return ghost_span(
-                    self.context.model, self.context.task.per_sample_loss, batch, probe=probe,
-                    params=list(self.params), chunk_size=self.config.chunk_size,
-                    autocast_dtype=torch.bfloat16 if self.config.bf16 else None,
-                )
-            except GhostUnsupportedError as exc:
-                if self.config.engine == "ghost":
-                    raise
-                log.warning("ghost engine failed (%s); OrthoGrad continues with the torch.func engine", exc)
-                self.chosen = "vmap_or_loop"
+            span = self._ghost(lambda: ghost_span(
+                self.context.model, self.context.task.per_sample_loss, batch, probe=probe, **self._ghost_options()
+            ))
+            if span is not None:
+                return span
         if self.config.retain_grads == "mean":
             loss, mean = self.mean_gradient(batch)
             rows = {n: g.unsqueeze(0) for n, g in mean.items()}
@@ -165,7 +182,34 @@ class LocalGradients:
         per_sample, losses = self.per_sample(batch)
         return self.materialised(per_sample, probe, retain_loss=float(losses.mean()))
 
+    def _ghost_options(self) -> dict[str, Any]:
+        return {
+            "params": list(self.params), "chunk_size": self.config.chunk_size,
+            "autocast_dtype": torch.bfloat16 if self.config.bf16 else None,
+        }
+
+    def _ghost(self, run: Callable[[], _T]) -> _T | None:
+        """``run()``; None when the ghost engine refuses at run time, which switches this source to torch.func for
+        good (unless ``engine="ghost"`` was asked for: then the refusal is raised)."""
+        try:
+            return run()
+        except GhostUnsupportedError as exc:
+            if self.config.engine == "ghost":
+                raise
+            log.warning("ghost engine failed (%s); OrthoGrad continues with the torch.func engine", exc)
+            self.chosen = "vmap_or_loop"
+            return None
+
     def _autocast(self) -> AbstractContextManager[object]:
         if not self.config.bf16:
             return nullcontext()
         return torch.autocast(self.context.device.type, dtype=torch.bfloat16)
+
+
+def mean_of_per_sample(task: Task, batch: Any) -> bool:
+    """Whether ``task.mean_loss(model, batch)`` is the mean of ``task.per_sample_loss`` (what a fused pass averages):
+    the base definition, or classification's cross-entropy when no label of ``batch`` is ignored."""
+    mean_loss = type(task).mean_loss
+    if mean_loss is Task.mean_loss:
+        return True
+    return mean_loss is ClassificationTask.mean_loss and not bool((task.targets(batch) == IGNORE_INDEX).any())
