@@ -98,6 +98,26 @@ def test_track_stop_evaluates_only_the_stop_sets_between_and_reports_every_set_a
         og.unlearn(digits_model, forget, retain, track="some", max_epochs=1)
 
 
+def test_what_is_evaluated_does_not_change_a_train_mode_run_with_dropout():
+    """Evaluation must not draw from the global generator that dropout uses: track="stop" (fewer sets evaluated)
+    gives the same weights as track="all" for a train-mode method (SCRUB) on a model with dropout."""
+    g = torch.Generator().manual_seed(0)
+    forget, retain, test = (
+        TensorDataset(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (12, 24, 24)
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
+    runs = []
+    for track in ("all", "stop"):
+        torch.manual_seed(1)  # the global generator dropout draws from, identical at the start of both runs
+        runs.append(og.unlearn(model, forget, retain, test=test, method="scrub", stop="class", forget_classes=[0],
+                               track=track, max_epochs=3, lora=None, forget_batch_size=4, retain_batch_size=8))
+    full, lean = runs
+    assert full.steps == lean.steps
+    for a, b in zip(full.model.parameters(), lean.model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_max_epochs_without_stop_rule_and_one_epoch_counts(digits, digits_model):
     train, _ = digits
     forget, retain = _class_split(train, forget_class=5)

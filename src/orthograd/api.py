@@ -229,7 +229,10 @@ class _Evaluator:
     def _loader(self, data: Dataset | DataLoader) -> DataLoader:
         if isinstance(data, DataLoader):
             return data
-        return DataLoader(data, batch_size=EVAL_BATCH_SIZE, shuffle=False, collate_fn=self.task.collate_fn())
+        # its own generator: iterating a DataLoader draws a seed, which must not come from the global generator
+        # that dropout in a train-mode method draws from (what is evaluated must not change the training)
+        return DataLoader(data, batch_size=EVAL_BATCH_SIZE, shuffle=False, collate_fn=self.task.collate_fn(),
+                          generator=torch.Generator())
 
     def __call__(self, model: nn.Module, *, only: Iterable[str] | None = None) -> dict[str, float]:
         """The metric on every set, or on the named sets ``only``."""
