@@ -69,15 +69,24 @@ def job_key(config: BenchConfig, *, phase: str, method: str, hyperparameters: Ma
             else config.scenario.classes[split_index],
             "retain_size": retain_size,
             "original": config.original_hash(),
-            "unlearn": {k: v for k, v in config.unlearn.model_dump(mode="json").items() if (k, v) != ("track", "all")},
+            "unlearn": _without_later_defaults(config.unlearn.model_dump(mode="json")),
         }
     )
 
 
+# Settings added after results logs were first written, at the value that reproduces the earlier behaviour: left
+# out of a key, so that older logs resume (a new setting at another value makes a new key).
+_LATER_DEFAULTS: dict[str, Any] = {"track": "all", "fuse_passes": False}
+
+
+def _without_later_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in _LATER_DEFAULTS or v != _LATER_DEFAULTS[k]}
+
+
 def _as_first_keyed(resolved: dict[str, Any]) -> dict[str, Any]:
     """Hyperparameters in the form keys were first written with, so older results logs resume: LoRA's
-    ``lora_alpha`` hashed under its earlier name ``alpha`` (an ``unlearn.track`` of "all", the default that
-    came later, is left out of the key likewise)."""
+    ``lora_alpha`` hashed under its earlier name ``alpha``, later settings at their earlier behaviour left out."""
+    resolved = _without_later_defaults(resolved)
     lora = resolved.get("lora")
     if not isinstance(lora, dict):
         return resolved
