@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from orthograd import methods
+from orthograd.choices import check_choice
 from orthograd.input_checks import check_disjoint, check_model, dataset_of, fingerprint
 from orthograd.lora import LoRAConfig, attach_lora, merge_lora
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
@@ -32,6 +33,7 @@ EVAL_BATCH_SIZE = 512
 ProgressCallback = Callable[[Mapping[str, Any]], None]
 # Builds the method object from its class, config and context (default: ``method_cls(config, context)``); the
 # data-parallel runner (``orthograd.distributed``) passes one that shards the data and synchronises the updates.
+Track = Literal["all", "stop"]  # what the rows between the first and the last evaluate (see unlearn)
 MethodFactory = Callable[[type[UnlearningMethod], MethodConfig, MethodContext], UnlearningMethod]
 
 
@@ -46,7 +48,7 @@ def unlearn(
     test: Dataset | DataLoader | None = None,
     max_epochs: int = 30,
     eval_every: int | None = None,
-    track: Literal["all", "stop"] = "all",
+    track: Track = "all",
     device: str | torch.device | None = None,
     seed: int = 0,
     inplace: bool = False,
@@ -90,8 +92,7 @@ def unlearn(
         raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
     if eval_every is not None and eval_every < 1:
         raise ValueError(f"eval_every must be >= 1 or None, got {eval_every}")
-    if track not in ("all", "stop"):
-        raise ValueError(f"track must be 'all' or 'stop', got {track!r}")
+    check_choice("track", track, Track)
     method_cls = methods.get(method)
     cfg = methods.make_config(method, config if config is not None else method_kwargs)
     task_adapter = get_task(task)

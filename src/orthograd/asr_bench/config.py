@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 
 from orthograd.bench.config import apply_overrides
+from orthograd.choices import check_choice
 
 
 def _build(cls: type, values: Mapping[str, Any] | None, section: str) -> Any:
@@ -139,8 +140,7 @@ class UnlearningConfig:
     def __post_init__(self) -> None:
         if self.max_epochs < 1:
             raise ValueError("unlearning.max_epochs must be >= 1")
-        if self.track not in ("all", "stop"):
-            raise ValueError(f"unlearning.track must be 'all' or 'stop', got {self.track!r}")
+        check_choice("unlearning.track", self.track, Literal["all", "stop"])
         if self.track == "stop" and self.stop_wer is None:
             raise ValueError("unlearning.track 'stop' needs unlearning.stop_wer (the rule decides what is decoded)")
 
