@@ -266,11 +266,11 @@ def test_one_pass_with_a_mean_batch_equals_two_passes(case, chunk_size, gram_met
     reference = ghost_span(model, _loss_fn, batch, probe=expected, params=names, chunk_size=chunk_size)
     span, loss, probe = ghost_span_and_mean(model, _loss_fn, batch, extra, params=names, chunk_size=chunk_size)
 
-    def close(actual: torch.Tensor, wanted: torch.Tensor) -> None:
+    def close(actual: torch.Tensor, wanted: torch.Tensor) -> None:  # float32 sums in another order: round-off
         assert actual.dtype == wanted.dtype
-        assert (actual - wanted).abs().max() <= 1e-6 * wanted.abs().max().clamp_min(1e-12)
+        assert (actual - wanted).abs().max() <= 1e-5 * wanted.abs().max().clamp_min(1e-12)
 
-    assert float(loss) == pytest.approx(float(mean_loss), rel=1e-6)
+    assert float(loss) == pytest.approx(float(mean_loss), rel=1e-5)
     for name in names:
         close(probe[name], expected[name])
     close(span.gram, reference.gram)

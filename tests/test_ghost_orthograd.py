@@ -169,9 +169,10 @@ def test_one_ghost_pass_for_both_batches_gives_the_two_pass_direction(name, monk
     assert not found  # two passes unless asked: the fused pass holds both batches' activations at once
     fused, fused_stats = _direction(model, engine="ghost", fuse_passes=True)
     assert found and found[-1] is not None
-    assert _relative(fused, separate) <= 1e-6
+    # float32 sums in another order (one backward of both batches' losses): round-off, which thread counts change
+    assert _relative(fused, separate) <= 1e-5
     for key in ("forget_loss", "retain_loss", "kept_fraction", "retain_to_forget_norm"):
-        assert fused_stats[key] == pytest.approx(stats[key], rel=1e-6)
+        assert fused_stats[key] == pytest.approx(stats[key], rel=1e-5)
 
 
 def test_a_forget_batch_with_ignored_labels_keeps_its_own_pass():
