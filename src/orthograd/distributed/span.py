@@ -36,20 +36,8 @@ class DataParallelSpan(ExplicitSpan):
     ) -> None:
         self.local_rows, self.probe, self.counts = local_rows, probe, counts
         self.shapes, self.dtype, self.group = shapes, dtype, group
-        self._retain_loss = retain_loss
-        self._gram, self._product = global_gram_and_product(local_rows, probe, counts=counts, group=group)
-
-    @property
-    def gram(self) -> torch.Tensor:
-        return self._gram
-
-    @property
-    def product(self) -> torch.Tensor:
-        return self._product
-
-    @property
-    def retain_loss(self) -> float:
-        return self._retain_loss
+        self.retain_loss = retain_loss
+        self.gram, self.product = global_gram_and_product(local_rows, probe, counts=counts, group=group)
 
     def _terms(self, coeffs: torch.Tensor) -> ExplicitTerms:
         rank, _ = world(self.group)

@@ -131,23 +131,11 @@ class MaterialisedSpan(ExplicitSpan):
     ) -> None:
         self.per_sample, self.probe = dict(per_sample), dict(probe)
         self.projection, self.scope = projection, scope
-        self._retain_loss = retain_loss
+        self.retain_loss = retain_loss
         names = list(self.probe)
         self._rows = torch.cat([self.per_sample[n].reshape(self.per_sample[n].shape[0], -1) for n in names], dim=1)
         self._flat_probe = torch.cat([self.probe[n].reshape(-1) for n in names])
-        self._gram, self._product = gram_and_product(self._rows, self._flat_probe)
-
-    @property
-    def gram(self) -> torch.Tensor:
-        return self._gram
-
-    @property
-    def product(self) -> torch.Tensor:
-        return self._product
-
-    @property
-    def retain_loss(self) -> float:
-        return self._retain_loss
+        self.gram, self.product = gram_and_product(self._rows, self._flat_probe)
 
     def _terms(self, coeffs: torch.Tensor) -> ExplicitTerms:
         retain_mean = {n: g.mean(dim=0) for n, g in self.per_sample.items()}
@@ -158,7 +146,7 @@ class MaterialisedSpan(ExplicitSpan):
             return project_out(self.probe, self.per_sample, method=self.projection, scope=self.scope)
         g, G = self._flat_probe, self._rows
         flat = subtract_combination(g, G, coeffs)
-        if self.projection == "auto" and not is_orthogonal(flat, G, self._gram, g):
+        if self.projection == "auto" and not is_orthogonal(flat, G, self.gram, g):
             flat = project_out(g, G, method="qr")
         parts = torch.split(flat, [t.numel() for t in self.probe.values()])
         return {n: part.view_as(t) for (n, t), part in zip(self.probe.items(), parts)}
