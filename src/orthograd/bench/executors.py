@@ -1,6 +1,6 @@
 """Where a bench's jobs run: one ``Executor`` protocol, with the local backends (this process, worker processes).
 
-The bench plans the jobs, skips finished ones and logs each record (``bench.runner.Bench``); an executor only runs
+The engine plans the jobs, skips finished ones and logs each record (``bench.engine.Engine``); an executor only runs
 the rest and hands each record back as it finishes. The other backends: Ray Tune trials
 (``sweep.ray_trials.RayTune``, ``orthograd sweep``) and torchrun's ranks (``distributed.bench.DataParallel``,
 ``orthograd unlearn-ddp``). A new backend is one class with these three members.
@@ -16,11 +16,18 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from orthograd.bench.jobs import Job
-
 T = TypeVar("T")
 Record = dict[str, Any]
-RunJob = Callable[[Job], Record]  # runs one job, returns its record; picklable for the process-based backends
+
+
+class Job(Protocol):
+    """One unit of work of an experiment (``bench.engine``); ``key`` identifies its record in the results log."""
+
+    @property
+    def key(self) -> str: ...
+
+
+RunJob = Callable[[Any], Record]  # runs one job, returns its record; picklable for the process-based backends
 OnRecord = Callable[[Record], None]
 
 
