@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,6 +26,26 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExperimentConfig(_Section):
+    """What every experiment config has, whatever its task: its name, its run folder and how its jobs run.
+
+    Each task's config (``BenchConfig`` here, ``asr_bench.config``, ``llm_bench.config``) extends it with a
+    ``task`` tag; ``bench.experiments.load_experiment`` reads any of them. ``EXECUTION_FIELDS`` change where and
+    how fast jobs run, never what a record holds, so no record key includes them.
+    """
+
+    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"name", "output", "workers", "threads_per_worker"})
+
+    name: str
+    output: Path | None = None  # the run folder (None: runs/<name>)
+    workers: int = Field(default=1, ge=1)  # worker processes for the jobs (1: in this process)
+    threads_per_worker: int | None = Field(default=None, ge=1)  # torch threads per worker (None: cores/workers)
+
+    def run_dir(self) -> Path:
+        """Where the results log, tables and plots go."""
+        return self.output if self.output is not None else Path("runs") / self.name
 
 
 class DataConfig(_Section):
@@ -146,10 +166,10 @@ class SweepConfig(_Section):
     retain_size: int | None = Field(default=None, ge=1)  # the retain size the grid is scored at (None: the first)
 
 
-class BenchConfig(_Section):
-    """A whole benchmark: data, model, original training, scenario, methods, protocol and execution."""
+class BenchConfig(ExperimentConfig):
+    """An image-classification benchmark: data, model, original training, scenario, methods, protocol."""
 
-    name: str
+    task: Literal["classification"] = "classification"
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
@@ -158,8 +178,6 @@ class BenchConfig(_Section):
     unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
     sweep: SweepConfig | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    workers: int = Field(default=1, ge=1)  # worker processes for unlearning runs (1: in this process)
-    threads_per_worker: int | None = Field(default=None, ge=1)  # torch threads in each worker (None: cores/workers)
     cache_dir: Path = Path("runs/cache")
 
     @field_validator("methods")
