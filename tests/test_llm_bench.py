@@ -1,6 +1,12 @@
-"""The TOFU-style benchmark on a tiny config: records, tables, caching of the trained models and resuming."""
+"""The TOFU-style benchmark on a tiny config: records, tables, caching of the trained models and resuming; the
+record keys of the shipped config against a stored results log."""
 
 from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -8,9 +14,15 @@ import yaml
 from typer.testing import CliRunner
 
 from orthograd import llm_bench
+from orthograd.bench.engine import FinishedRuns
 from orthograd.cli import app
 from orthograd.data.authors import forget_authors
+from orthograd.io import ResultsLog
+from orthograd.llm_bench.experiment import AuthorsExperiment
 from orthograd.llm_bench.tuning import choose, validation_authors
+
+DATA = Path(__file__).parent / "data"
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 TINY = {
     "task": "causal_lm",
@@ -34,12 +46,12 @@ def test_tiny_benchmark_writes_records_and_tables_and_resumes(tmp_path):
     assert [(r["label"], r["seed"]) for r in records] == [("Original", None), ("Retrain", None), ("OrthoGrad", 0),
                                                           ("NPO", 0)]
     for record in records:
-        assert record["split"] == "test"
+        assert record["phase"] == "test" and record["task"] == "causal_lm" and record["bench"] == "authors_tiny"
         assert 0.0 <= record["forget_quality"] <= 1.0 and 0.0 <= record["model_utility"] <= 1.0
         assert {"forget_rouge_l", "forget_probability", "retain_probability", "heldout_rouge_l"} <= set(record)
         assert 0.0 <= record["mia_loss_auc"] <= 1.0 and 0.0 <= record["mia_loss_accuracy"] <= 1.0
-    assert records[0]["fraction"] == 0.25 and "wall_s" in records[2]
-    models = sorted((tmp_path / "out" / "models").glob("lm-*.pt"))
+    assert records[0]["fraction"] == 0.25 and records[2]["wall_time_s"] > 0 and records[0]["wall_time_s"] is None
+    models = sorted((tmp_path / "out" / "models").glob("lm-*.safetensors"))
     assert len(models) == 2  # the original and the model retrained without the forget author, cached
     table = (tmp_path / "out" / "tables.md").read_text()
     assert "## Forget 25% of the authors" in table and "| NPO |" in table and "Forget quality" in table
@@ -72,15 +84,16 @@ def test_gridded_runs_are_tuned_on_validation_authors_outside_the_test_forget_se
     assert len(validation_authors(config, fraction=0.25)) == 1
     assert not tested & set(validation_authors(config, fraction=0.25))
     records = llm_bench.run(config)
-    validation = [r for r in records if r["split"] == "validation"]
-    assert [(r["label"], r["params"].get("lr")) for r in validation] == [("Original", None), ("Retrain", None),
+    validation = [r for r in records if r["phase"] == "validation"]
+    assert [(r["label"], r["hyperparameters"].get("lr")) for r in validation] == [("Original", None), ("Retrain", None),
                                                                         ("NPO", 0.01), ("NPO", 0.001)]
     original = validation[0]["model_utility"]
-    scored = [({"lr": r["params"]["lr"]}, r) for r in validation[2:]]
+    scored = [({"lr": r["hyperparameters"]["lr"]}, r) for r in validation[2:]]
     expected = choose(scored, original_utility=original, keep_utility=0.9)
-    npo = [r for r in records if r["split"] == "test" and r["label"] == "NPO"]
-    assert len(npo) == 1 and npo[0]["params"]["lr"] == expected["lr"]
-    assert len(list((tmp_path / "out" / "models").glob("lm-*.pt"))) == 3  # original, test and validation retrains
+    npo = [r for r in records if r["phase"] == "test" and r["label"] == "NPO"]
+    assert len(npo) == 1 and npo[0]["hyperparameters"]["lr"] == expected["lr"]
+    models = list((tmp_path / "out" / "models").glob("lm-*.safetensors"))
+    assert len(models) == 3  # original, test and validation retrains
     assert "## Validation split" in (tmp_path / "out" / "tables.md").read_text()
 
 
@@ -126,3 +139,42 @@ def test_tradeoff_figure_has_a_panel_per_tested_fraction_and_one_entry_per_label
     figure = tradeoff_figure(records, title="t")
     assert [ax.get_title() for ax in figure.axes] == ["forget 10%", "forget 30%"]
     assert [text.get_text() for text in figure.legends[0].get_texts()] == ["Original", "Retrain", "NPO"]
+
+
+def _planned(config: llm_bench.AuthorsBenchConfig, log: ResultsLog) -> list:
+    experiment = AuthorsExperiment(config)
+    return [job for phase in experiment.plan(FinishedRuns(log, experiment.record_key)) for job in phase.jobs]
+
+
+def test_the_planner_finds_every_record_of_the_stored_log_without_training():
+    """Keys of ``runs/authors_llm/results.jsonl`` (150 records written before the shared schema, trimmed to the
+    fields that key and tune them; LoRA's scale spelled ``alpha`` then) from the shipped config: the log resumes."""
+    raw = yaml.safe_load((CONFIGS / "authors_llm.yaml").read_text())
+    config = llm_bench.AuthorsBenchConfig.model_validate(raw)
+    log = ResultsLog(DATA / "authors_llm_records.jsonl")
+    stored, jobs = log.records(), _planned(config, log)
+    experiment = AuthorsExperiment(config)
+    assert [job.key for job in jobs] == [experiment.record_key(r) for r in stored]  # the same runs, in log order
+    assert [job.hyperparameters for job in jobs] == [r["params"] for r in stored]  # the same values kept on validation
+    assert [job.digest for job in jobs[:2]] == ["c7e219a1a5f27779", "9d41c6663e0f212b"]
+    assert jobs[0].key == '["validation", 0.01, "Original", null, "c7e219a1a5f27779"]'
+    lora = raw["unlearning"]["lora"]
+    pre_rename = {**raw, "unlearning": {**raw["unlearning"], "lora": {
+        "r": lora["r"], "alpha": lora["lora_alpha"], "targets": lora["targets"]}}}
+    how_it_runs = {**raw, "name": "elsewhere", "output": "/tmp/elsewhere", "workers": 4, "threads_per_worker": 2}
+    for variant in (pre_rename, how_it_runs):
+        assert [job.key for job in _planned(llm_bench.AuthorsBenchConfig.model_validate(variant), log)] == \
+            [job.key for job in jobs]
+
+
+def test_the_experiment_and_its_jobs_pickle_for_worker_processes():
+    experiment = AuthorsExperiment(llm_bench.AuthorsBenchConfig.model_validate(TINY))
+    job = next(iter(experiment.plan(FinishedRuns(ResultsLog(DATA / "missing.jsonl"), experiment.record_key)))).jobs[2]
+    assert pickle.loads(pickle.dumps(job)) == job and job.label == "OrthoGrad" and job.seed == 0
+    assert pickle.loads(pickle.dumps(experiment)).config == experiment.config
+    assert experiment.config.run_dir() == Path("runs/authors_tiny")
+
+
+def test_importing_the_config_does_not_load_transformers():
+    code = "import sys, orthograd.llm_bench.config; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

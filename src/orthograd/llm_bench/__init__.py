@@ -3,12 +3,27 @@
     from orthograd import llm_bench
     records = llm_bench.run_config_file("configs/authors_llm.yaml", ["corpus.authors=20"])
 
-``orthograd bench CONFIG.yaml`` dispatches configs with ``task: causal_lm`` to ``run_config_file``.
+``orthograd bench CONFIG.yaml`` dispatches configs with ``task: causal_lm`` to ``run_config_file``; the engine
+(``bench.engine``) runs ``experiment.AuthorsExperiment``. Names load on first use, so importing
+``orthograd.llm_bench.config`` does not load transformers.
 """
 
-from orthograd.llm_bench.config import AuthorsBenchConfig, load_config
-from orthograd.llm_bench.runner import build_corpus, run, run_config_file
-from orthograd.llm_bench.tables import authors_tables, record_line
+from __future__ import annotations
 
-__all__ = ["AuthorsBenchConfig", "authors_tables", "build_corpus", "load_config", "record_line", "run",
-           "run_config_file"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AuthorsBenchConfig": "config", "load_config": "config", "AuthorsExperiment": "experiment", "run": "experiment",
+    "run_config_file": "experiment", "build_corpus": "runner", "authors_tables": "tables", "record_line": "tables",
+}
+_MODULES = ("config", "experiment", "plots", "runner", "tables", "tuning")
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

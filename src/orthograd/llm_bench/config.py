@@ -4,7 +4,9 @@ Schema (every section optional except ``runs``; unknown keys are errors):
 
     task: causal_lm                  # lets ``orthograd bench`` dispatch here
     name: authors_llm
-    output: runs/authors_llm         # results.jsonl (one record per fraction x run x seed, resumable), tables.md
+    output: runs/authors_llm         # the run folder (default runs/<name>): results.jsonl (one record per split x
+                                     # run x seed, resumable), tables.md, tradeoff.png, models/
+    workers, threads_per_worker      # how the jobs run (``bench.config.ExperimentConfig``)
     corpus:   {authors, holdout, seed, perturbations}   fictitious authors (orthograd.data.authors); ``holdout``
                                                         more are never trained (the loss MIA's non-members)
     model:    {hidden_size, layers, heads, intermediate_size, device}   a Llama config trained from scratch
@@ -17,20 +19,19 @@ Schema (every section optional except ``runs``; unknown keys are errors):
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from orthograd.bench.config import apply_overrides
+from orthograd.bench.config import ExperimentConfig, _Section, apply_overrides
 
+TASK = "causal_lm"
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class CorpusConfig(_Section):
@@ -97,11 +98,12 @@ class RunSpec(_Section):
         return value
 
 
-class AuthorsBenchConfig(_Section):
+class AuthorsBenchConfig(ExperimentConfig):
+    """The TOFU-style benchmark: corpus, model, its training, forget splits, the shared unlearning setup, runs."""
+
     runs: tuple[RunSpec, ...] = Field(min_length=1)
-    task: Literal["causal_lm"] = "causal_lm"
+    task: Literal["causal_lm"] = TASK
     name: str = "authors_llm"
-    output: str = "runs/authors_llm"
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -122,3 +124,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> AuthorsBench
     """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
     values = apply_overrides(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}, overrides)
     return AuthorsBenchConfig.model_validate(values)
+
+
+def digest(value: Any) -> str:
+    """16 hex digits of the SHA-256 of ``value`` as sorted JSON: this benchmark's record keys and model names (the
+    compact JSON of ``bench.config.content_hash`` would rename every stored record and model)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,5 +1,6 @@
 """TOFU-style tables: per forget fraction, every method's mean ± std over seeds of TOFU's metrics and wall time;
-then the validation split's grid points (what each tuned run was chosen from)."""
+then the validation split's grid points (what each tuned run was chosen from). Records written before the shared
+record schema (``bench.records``) read the same."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from orthograd.bench.records import upgrade_record
+from orthograd.llm_bench.config import TASK
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("forget_quality", "Forget quality ↑"),
@@ -16,7 +20,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("forget_truth_ratio", "Forget truth ratio"),
     ("retain_rouge_l", "Retain ROUGE-L"),
     ("mia_loss_auc", "MIA AUC (0.5: unseen)"),
-    ("wall_s", "Wall s"),
+    ("wall_time_s", "Wall s"),
 )
 
 
@@ -30,9 +34,10 @@ def _cell(values: list[float]) -> str:
 
 def record_line(record: Mapping[str, Any]) -> str:
     """One line about a finished record (the CLI prints it as runs finish)."""
+    record = upgrade_record(record, task=TASK)
     seed = "" if record["seed"] is None else f" seed {record['seed']}"
-    wall = f" ({record['wall_s']:.1f}s, {record['stop_reason']})" if "wall_s" in record else ""
-    split = "validation: " if record["split"] == "validation" else ""
+    wall = f" ({record['wall_time_s']:.1f}s, {record['stop_reason']})" if record.get("wall_time_s") is not None else ""
+    split = "validation: " if record["phase"] == "validation" else ""
     return (f"{split}forget {100 * record['fraction']:g}% {record['label']}{seed}: forget quality "
             f"{record['forget_quality']:.3g}, model utility {record['model_utility']:.3f}, forget ROUGE-L "
             f"{record['forget_rouge_l']:.3f}, MIA AUC {record['mia_loss_auc']:.3f}{wall}")
@@ -42,7 +47,8 @@ def authors_tables(records: Sequence[Mapping[str, Any]], *, title: str) -> str:
     """Markdown: one table per forget fraction of the test records, one row per label (Original and Retrain first,
     in record order), then the validation table when runs were tuned."""
     lines = [f"# {title}", ""]
-    tested = [r for r in records if r["split"] == "test"]
+    records = [upgrade_record(r, task=TASK) for r in records]
+    tested = [r for r in records if r["phase"] == "test"]
     for fraction in sorted({r["fraction"] for r in tested}):
         rows = [r for r in tested if r["fraction"] == fraction]
         labels = list(dict.fromkeys(r["label"] for r in rows))
@@ -52,23 +58,24 @@ def authors_tables(records: Sequence[Mapping[str, Any]], *, title: str) -> str:
         lines.append("|" + "---|" * (len(COLUMNS) + 1))
         for label in labels:
             chosen = [r for r in rows if r["label"] == label]
-            cells = [_cell([float(r[key]) for r in chosen if key in r]) for key, _ in COLUMNS]
+            cells = [_cell([float(r[key]) for r in chosen if r.get(key) is not None]) for key, _ in COLUMNS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    validation = [r for r in records if r["split"] == "validation"]
+    validation = [r for r in records if r["phase"] == "validation"]
     for fraction in sorted({r["fraction"] for r in validation}):
         lines += validation_table([r for r in validation if r["fraction"] == fraction])
     return "\n".join(lines)
 
 
 def validation_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Markdown lines: every grid point tried on one validation split (one seed), with the metrics it was chosen by."""
+    """Markdown lines: every grid point tried on one validation split (one seed), with the metrics it was chosen by
+    (records in the shared schema)."""
     fraction = records[0]["fraction"]
     lines = [f"## Validation split (forget {100 * fraction:g}% other authors): the grid points tried, first seed", "",
              "| Method | Values | Forget quality ↑ | Model utility ↑ | Forget ROUGE-L | MIA AUC |",
              "|---|---|---|---|---|---|"]
     for r in records:
-        values = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "–"
+        values = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items()) or "–"
         lines.append(f"| {r['label']} | {values} | {r['forget_quality']:.3g} | {r['model_utility']:.3f} | "
                      f"{r['forget_rouge_l']:.3f} | {r['mia_loss_auc']:.3f} |")
     lines.append("")

@@ -1,0 +1,174 @@
+"""The TOFU-style benchmark as an experiment of the engine (``bench.engine``): its jobs, phases, keys and records.
+
+Per forget fraction, gridded runs are first tuned on a validation split of other authors (``llm_bench.tuning``):
+a phase with the split's Original and Retrain records and every grid point (first seed), from whose records the
+next phase, the test split, takes each run's chosen values for every seed. The engine runs what is not logged yet
+and writes the results log; each job measures one model (``llm_bench.runner``) into one record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orthograd.bench.config import ExperimentConfig
+from orthograd.bench.engine import Engine, FinishedRuns, Phase
+from orthograd.bench.executors import ProcessPool
+from orthograd.bench.records import Record, record_envelope, upgrade_record
+from orthograd.data.authors import forget_authors
+from orthograd.io import atomic_write_text
+from orthograd.llm_bench.config import TASK, AuthorsBenchConfig, RunSpec, digest, load_config
+from orthograd.llm_bench.plots import plot_tradeoff
+from orthograd.llm_bench.runner import workbench
+from orthograd.llm_bench.tables import authors_tables, record_line
+from orthograd.llm_bench.tuning import choose, grid_points, validation_authors
+
+log = logging.getLogger(__name__)
+REFERENCES = {"original": "Original", "retrain": "Retrain"}  # method -> label of the records that only measure
+
+
+@dataclass(frozen=True)
+class AuthorsJob:
+    """One record to make: the original, the retrained reference or one unlearning run, measured on a forget split."""
+
+    phase: str  # "validation" (tuning) or "test"
+    fraction: float
+    authors: tuple[int, ...]  # the forget authors
+    label: str
+    method: str
+    hyperparameters: dict[str, Any]
+    seed: int | None
+    digest: str  # the record's ``key`` field (``record_digest``), shared by a run's seeds
+
+    @property
+    def key(self) -> str:
+        return _identity(self.phase, self.fraction, self.label, self.seed, self.digest)
+
+
+class AuthorsExperiment:
+    """The benchmark of one config (``AuthorsBenchConfig``) for the engine; holds only the config (it is pickled)."""
+
+    def __init__(self, config: AuthorsBenchConfig) -> None:
+        self.config = config
+
+    def setup(self) -> None:
+        """The corpus, the original model and every split's retrained reference, trained here (once, then stored)
+        so that worker processes only load them."""
+        bench = workbench(self.config)
+        for _, _, authors in self._splits():
+            bench.split(authors)
+
+    def plan(self, finished: FinishedRuns) -> Iterator[Phase]:
+        """Per forget fraction: the validation phase (when any run has a grid), then the test phase with the values
+        each gridded run kept on validation."""
+        config = self.config
+        chosen: dict[str, dict[str, Any]] = {}
+        for phase, fraction, authors in self._splits():
+            references = [self._job(phase, fraction, authors, label, method, {}, None)
+                          for method, label in REFERENCES.items()]
+            if phase == "validation":
+                first = config.unlearning.seeds[0]
+                grids = {spec.label: [(point, self._run(phase, fraction, authors, spec, point, first))
+                                      for point in grid_points(spec.grid)] for spec in config.runs if spec.grid}
+                yield Phase(f"validation, forget {100 * fraction:g}%",
+                            [*references, *(job for scored in grids.values() for _, job in scored)])
+                utility = finished[references[0].key]["model_utility"]
+                chosen = {label: choose([(point, finished[job.key]) for point, job in scored],
+                                        original_utility=utility, keep_utility=config.tuning.keep_utility)
+                          for label, scored in grids.items()}
+                for label, values in chosen.items():
+                    log.info("validation: %s keeps %s", label, values)
+            else:
+                runs = [self._run(phase, fraction, authors, spec, chosen.get(spec.label, {}), seed)
+                        for spec in config.runs for seed in config.unlearning.seeds]
+                yield Phase(f"test, forget {100 * fraction:g}%", [*references, *runs])
+
+    def run_job(self, job: AuthorsJob) -> Record:
+        """Measure the job's model on its split: the original, the retrained reference, or a run from the original."""
+        bench = workbench(self.config)
+        split = bench.split(job.authors)
+        result = None
+        if job.method == "original":
+            model = bench.original
+        elif job.method == "retrain":
+            model = split.retrained
+        else:
+            assert job.seed is not None, "every unlearning run has a seed"
+            log.info("%s split, forget %.0f%%: %s, seed %d", job.phase, 100 * job.fraction, job.label, job.seed)
+            result = bench.unlearn(split, method=job.method, params=job.hyperparameters, seed=job.seed)
+            model = result.model
+        envelope = record_envelope(task=TASK, bench=self.config.name, key=job.digest, phase=job.phase,
+                                   method=job.method, label=job.label, hyperparameters=job.hyperparameters,
+                                   seed=job.seed, result=result)
+        return {**envelope, "fraction": job.fraction, **bench.measure(model, split)}
+
+    def record_key(self, record: Mapping[str, Any]) -> str:
+        """A record's identity: its phase, forget fraction, label, seed and ``key`` field (records written before the
+        shared schema included)."""
+        r = upgrade_record(record, task=TASK)
+        return _identity(r["phase"], r["fraction"], r["label"], r["seed"], r["key"])
+
+    def describe(self, record: Mapping[str, Any]) -> str:
+        """``tables.record_line``: what the CLI prints as each record is logged."""
+        return record_line(record)
+
+    def write_tables(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> None:
+        """``tables.md`` (``authors_tables``) and ``tradeoff.png`` (``plot_tradeoff``)."""
+        atomic_write_text(out_dir / "tables.md", authors_tables(records, title=self.config.name))
+        plot_tradeoff(records, path=out_dir / "tradeoff.png", title=self.config.name)
+
+    def _splits(self) -> Iterator[tuple[str, float, tuple[int, ...]]]:
+        """(phase, fraction, forget authors) of every split, in plan order: per fraction its validation split (when
+        any run has a grid), then its test split."""
+        config, protocol = self.config, self.config.protocol
+        for fraction in protocol.forget_fractions:
+            if any(spec.grid for spec in config.runs):
+                yield "validation", fraction, tuple(sorted(validation_authors(config, fraction=fraction)))
+            tested = forget_authors(config.corpus.authors, fraction=fraction, seed=protocol.split_seed)
+            yield "test", fraction, tuple(sorted(tested))
+
+    def _run(self, phase: str, fraction: float, authors: tuple[int, ...], spec: RunSpec, values: dict[str, Any],
+             seed: int) -> AuthorsJob:
+        """The job of ``spec`` with ``values`` over its own and the shared defaults."""
+        params = {**self.config.unlearning.defaults, **spec.params, **values}
+        return self._job(phase, fraction, authors, spec.label, spec.method, params, seed)
+
+    def _job(self, phase: str, fraction: float, authors: tuple[int, ...], label: str, method: str,
+             params: dict[str, Any], seed: int | None) -> AuthorsJob:
+        return AuthorsJob(phase=phase, fraction=fraction, authors=authors, label=label, method=method,
+                          hyperparameters=params, seed=seed,
+                          digest=record_digest(self.config, label=label, params=params, authors=authors))
+
+
+def record_digest(config: AuthorsBenchConfig, *, label: str, params: Mapping[str, Any], authors: Sequence[int]) -> str:
+    """A record's ``key`` field: a hash of everything that changes its numbers (the config but how it runs, its runs
+    and tuning, which only pick ``params``; the forget authors), so a rerun resumes and a changed grid reruns only
+    what it changes. Not the seed: the engine's key adds it (``AuthorsJob.key``). LoRA's scale is hashed under its
+    name before peft's (``alpha``, now ``lora_alpha``: one setting), so logs keyed before the rename resume."""
+    spec = config.model_dump(exclude={*ExperimentConfig.EXECUTION_FIELDS, "runs", "tuning"})
+    spec["model"].pop("device")
+    lora = spec["unlearning"]["lora"]
+    if lora is not None:
+        spec["unlearning"]["lora"] = {("alpha" if name == "lora_alpha" else name): v for name, v in lora.items()}
+    return digest({"config": spec, "label": label, "params": dict(params), "forget": list(authors)})
+
+
+def _identity(phase: str, fraction: float, label: str, seed: int | None, key: str) -> str:
+    return json.dumps([phase, fraction, label, seed, key])
+
+
+def run(config: AuthorsBenchConfig, *, on_record: Callable[[Record], None] | None = None) -> list[Record]:
+    """Run (or resume) the benchmark in ``config.run_dir()``: per forget fraction, tune each run's grid on a
+    validation split of other authors, then every run x seed on the test split with the chosen values; returns every
+    record of this config (plan order), writes ``tables.md`` and ``tradeoff.png``."""
+    executor = ProcessPool(workers=config.workers, threads=config.threads_per_worker)
+    return Engine(AuthorsExperiment(config), out_dir=config.run_dir(), executor=executor).run(on_run=on_record)
+
+
+def run_config_file(path: str | Path, overrides: Sequence[str] = (), **kwargs: Any) -> list[Record]:
+    """``run(load_config(path, overrides))``: the entry point for ``orthograd bench`` on ``task: causal_lm``."""
+    return run(load_config(path, overrides), **kwargs)
