@@ -1,17 +1,25 @@
-"""The offline speaker benchmark: espeak voices are distinct, and a tiny end-to-end unlearning run works."""
+"""The offline speaker benchmark: espeak voices are distinct, a tiny end-to-end unlearning run works, and the
+committed records' keys are planned again."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from orthograd import asr_bench
 from orthograd.asr_bench.config import load_config
 from orthograd.asr_bench.corpus import build_corpus
+from orthograd.asr_bench.experiment import plan_jobs, record_key
 from orthograd.asr_bench.tables import COLUMNS, speaker_tables
 from orthograd.data.espeak import PROBE_SENTENCE, VOICES, make_sentences, speak, synthesize_corpus
+from orthograd.data.librispeech import Utterance, pick_speakers
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_espeak_voice_sounds_different(tmp_path):
@@ -52,12 +60,27 @@ def test_tiny_speaker_unlearning_run_writes_records_and_tables(tmp_path):
     run = records[1]
     assert run["stop_reason"] in ("target_reached", "max_epochs") and run["steps"] >= 1
     assert run["history"][0]["forget"] == records[0]["W_unlearn"]  # every run starts from the same original model
+    assert [(r["task"], r["bench"], r["phase"], r["method"]) for r in records] == [
+        ("asr", "espeak_speaker_smoke", "test", "original"), ("asr", "espeak_speaker_smoke", "test", "orthograd")]
+    assert run["hyperparameters"] == {"forget_batch_size": 2, "retain_batch_size": 2, "optimizer": "adam",
+                                      "alpha": 0.2, "lr": 1.0e-3}
+    assert records[0]["steps"] is None and run["seed"] == 0 and run["wall_time_s"] > 0
+    assert len(list((tmp_path / "run").glob("original-*.safetensors"))) == 1  # the fine-tuned original, stored
     tables = (tmp_path / "run" / "tables.md").read_text()
     assert "Table 1" in tables and "Table 2" in tables and "| Original |" in tables
     # Resuming does no work twice: the same records come back and nothing is appended.
-    lines = (tmp_path / "run" / "results.jsonl").read_text().count("\n")
+    log = tmp_path / "run" / "results.jsonl"
+    lines = log.read_text().count("\n")
     assert len(asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", overrides)) == 2
-    assert (tmp_path / "run" / "results.jsonl").read_text().count("\n") == lines
+    assert log.read_text().count("\n") == lines
+    # A log written before the shared record schema (params, no envelope) resumes too, into the same tables
+    envelope = ("task", "bench", "phase", "seed", "versions")
+    old = [{("params" if k == "hyperparameters" else k): v for k, v in r.items() if k not in envelope}
+           for r in map(json.loads, log.read_text().splitlines())]
+    log.write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert [r["key"] for r in asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", overrides)] == [
+        r["key"] for r in records]
+    assert log.read_text().count("\n") == lines and (tmp_path / "run" / "tables.md").read_text() == tables
     # A changed setting makes new records; the old ones stay in the log but out of this config's tables
     changed = asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", [*overrides, "unlearning.max_epochs=2"])
     assert len(changed) == 2 and {r["key"] for r in changed}.isdisjoint(r["key"] for r in records)
@@ -109,3 +132,38 @@ def test_espeak_corpus_keeps_test_voices_and_adds_distinct_validation_voices(tmp
     speakers = {u.speaker for u in with_val.validation}
     assert len(speakers) == 2 and len(with_val.validation) == 2
     assert not speakers & ({u.speaker for u in with_val.test} | {u.speaker for u in with_val.train})
+
+
+def test_committed_speaker_records_are_planned_again_with_the_same_keys():
+    """Every record in benchmarks/espeak_speaker/results.jsonl that its config still runs is found by its key, so
+    the benchmark resumes; planned without the corpus or the model (the training voices are VOICES' first ones)."""
+    config = load_config(ROOT / "configs/espeak_speaker.yaml")
+    voices = [Utterance(Path(v.name), "", v.name, "espeak", v.name) for v in VOICES[: config.corpus.train_voices]]
+    speakers = pick_speakers(voices, count=config.speakers.count, seed=config.speakers.seed)
+    jobs = {job.key: job for job in plan_jobs(config, speakers)}
+    committed = [json.loads(line) for line in (ROOT / "benchmarks/espeak_speaker/results.jsonl").open()]
+    found = [r for r in committed if record_key(r) in jobs]
+    assert len(jobs) == 4 * 17 and len(found) >= 54
+    for record in found:
+        job = jobs[record_key(record)]
+        assert (job.speaker, job.variant, job.settings_key, job.label) == (
+            record["speaker"], record["variant"], record["key"], record["label"])
+    # the rest are variants of an earlier grid (lr 0.003), which the config no longer has
+    variants = {job.variant for job in jobs.values()}
+    assert all(r["variant"] not in variants and "lr=0.003" in r["variant"] for r in committed if r not in found)
+
+
+def test_config_keeps_numbers_as_written_and_names_the_valid_keys():
+    config = load_config("configs/espeak_speaker.yaml", ["model.window_s=8"])
+    assert config.unlearning.stop_wer == 75 and isinstance(config.unlearning.stop_wer, int)  # keys hash it as 75
+    assert repr(config.model) == "ModelConfig(source='tiny.en-offline', window_s=8, max_new_tokens=30, device=None)"
+    assert config.run_dir() == Path("runs/espeak_speaker")
+    with pytest.raises(ValueError, match=r"unknown key 'protocol.nonsense'; valid keys here: heldout_fraction"):
+        load_config("configs/espeak_speaker.yaml", ["protocol.nonsense=1"])
+    with pytest.raises(ValueError, match=r"model.window_s must be in \(0, 30\]"):
+        load_config("configs/espeak_speaker.yaml", ["model.window_s=31"])
+
+
+def test_config_module_imports_without_the_speech_stack():
+    code = "import sys, orthograd.asr_bench.config; assert 'transformers' not in sys.modules, 'transformers loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,11 +3,27 @@
     from orthograd import asr_bench
     records = asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", ["speakers.count=1"])
 
-``orthograd bench CONFIG.yaml`` dispatches configs with ``task: asr`` to ``run_config_file``.
+``orthograd bench CONFIG.yaml`` dispatches configs with ``task: asr`` to ``run_config_file``. The names load on
+first use, so ``orthograd.asr_bench.config`` imports without the speech stack (transformers).
 """
 
-from orthograd.asr_bench.config import SpeakerBenchConfig, load_config
-from orthograd.asr_bench.runner import finetune, run, run_config_file
-from orthograd.asr_bench.tables import speaker_tables
+from __future__ import annotations
 
-__all__ = ["SpeakerBenchConfig", "finetune", "load_config", "run", "run_config_file", "speaker_tables"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SpeakerBenchConfig": "orthograd.asr_bench.config",
+    "load_config": "orthograd.asr_bench.config",
+    "SpeakerExperiment": "orthograd.asr_bench.experiment",
+    "run": "orthograd.asr_bench.runner",
+    "run_config_file": "orthograd.asr_bench.runner",
+    "speaker_tables": "orthograd.asr_bench.tables",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,48 +1,43 @@
-"""Config of the speaker-unlearning benchmark (a YAML file with ``task: asr``), as validated dataclasses.
+"""Config of the speaker-unlearning benchmark (a YAML file with ``task: asr``), validated by pydantic.
 
 Schema (every section optional except ``runs``; unknown keys are errors):
 
     task: asr                      # lets ``orthograd bench`` dispatch here
-    name: espeak_speaker
+    name: espeak_speaker           # the run folder is runs/<name> unless ``output`` names another
     output: runs/espeak_speaker    # results.jsonl (one record per speaker x run, resumable) and tables.md
+    workers: 1                     # worker processes for the runs (and threads_per_worker), as every task's config
     corpus:   {kind: espeak | librispeech, ...}           see CorpusConfig
     model:    {source, window_s, max_new_tokens, device}   see ModelConfig
     original: {steps, batch_size, lr, seed}                fine-tune before unlearning (0 steps: use as loaded)
     speakers: {count, seed, names}                         which speakers are unlearned (one run each)
     protocol: {heldout_fraction, retain_fraction, split_seed}
-    unlearning: {max_epochs, stop_wer, eval_every, seed, defaults}   defaults: params shared by every run
+    unlearning: {max_epochs, stop_wer, eval_every, track, seed, defaults}   defaults: params shared by every run
     runs:     [{label, method, params, tables, grid}]      tables: [1] ablation, [2] comparison; grid: lists
 
 ``grid`` expands a run into one run per combination (e.g. the paper's alpha x lr grid); the tables then report,
-per label, the combination with the lowest mean W_test among those that reach the WER target on every speaker.
+per label, the combination with the lowest mean W_val among those that reach the WER target on every speaker.
+
+Record keys hash the sections' ``repr`` and some values as written (``experiment.settings_key``), so the numeric
+fields keep an int given in the YAML an int (``Number``): a key made before these models were pydantic stays the
+same.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from orthograd.bench.config import apply_overrides
-from orthograd.choices import check_choice
+from orthograd.bench.config import ConfigError, ExperimentConfig, _Section, apply_overrides
 
-
-def _build(cls: type, values: Mapping[str, Any] | None, section: str) -> Any:
-    values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {section}; valid: {sorted(known)}")
-    return cls(**values)
+Number = int | float  # an int stays an int (pydantic's float would make 75 into 75.0 and change record keys)
 
 
-@dataclass
-class CorpusConfig:
+class CorpusConfig(_Section):
     """espeak: synthetic voices (the first ``train_voices`` train the original model, the next ``test_voices`` are
     the unseen test speakers, the next ``validation_voices`` unseen validation speakers). librispeech:
     ``train_dir`` (train-clean-100), ``test_dir`` (test-clean) and ``validation_dir`` (dev-clean).
@@ -63,9 +58,8 @@ class CorpusConfig:
     validation_dir: str | None = None
     test_max: int | None = None  # evaluate on a random subset of the test (and validation) set (None: all)
 
-    def __post_init__(self) -> None:
-        if self.kind not in ("espeak", "librispeech"):
-            raise ValueError(f"corpus.kind must be 'espeak' or 'librispeech', got {self.kind!r}")
+    @model_validator(mode="after")
+    def _consistent(self) -> CorpusConfig:
         if self.kind == "librispeech" and (self.train_dir is None or self.test_dir is None):
             raise ValueError("corpus.train_dir and corpus.test_dir are required for LibriSpeech (your local copy)")
         if min(self.train_voices, self.test_voices, self.sentences_per_voice, self.test_sentences_per_voice) < 1:
@@ -76,91 +70,99 @@ class CorpusConfig:
             raise ValueError("corpus.test_sentences_per_voice cannot exceed sentences_per_voice")
         if self.test_max is not None and self.test_max < 1:
             raise ValueError("corpus.test_max must be >= 1 or null")
+        return self
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """Whisper to start from (hub id, folder or "tiny.en-offline"), its input window and decoding cap."""
 
     source: str = "tiny.en-offline"
-    window_s: float = 30.0
+    window_s: Number = 30.0
     max_new_tokens: int = 128
     device: str | None = None
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
         if not 0 < self.window_s <= 30:
             raise ValueError(f"model.window_s must be in (0, 30], got {self.window_s}")
         if self.max_new_tokens < 1:
             raise ValueError("model.max_new_tokens must be >= 1")
+        return self
 
 
-@dataclass
-class OriginalConfig:
+class OriginalConfig(_Section):
     """Full fine-tuning (Adam) of the loaded model on the training speakers, to make the 'original' model."""
 
     steps: int = 0
     batch_size: int = 8
-    lr: float = 1e-4
+    lr: Number = 1e-4
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> OriginalConfig:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("original.steps >= 0, original.batch_size >= 1 and original.lr > 0 are required")
+        return self
 
 
-@dataclass
-class SpeakersConfig:
+class SpeakersConfig(_Section):
     """``names`` (explicit speakers) or ``count`` random training speakers drawn with ``seed``."""
 
     count: int = 5
     seed: int = 0
     names: list[str] | None = None
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeakersConfig:
         if self.names is None and self.count < 1:
             raise ValueError("speakers.count must be >= 1")
+        return self
 
 
-@dataclass
-class ProtocolConfig:
-    heldout_fraction: float = 0.1
-    retain_fraction: float = 0.1
+class ProtocolConfig(_Section):
+    """How each speaker's utterances split into unlearn / held-out, and how large the retain set is."""
+
+    heldout_fraction: Number = 0.1
+    retain_fraction: Number = 0.1
     split_seed: int = 0
 
 
-@dataclass
-class UnlearningConfig:
+class UnlearningConfig(_Section):
+    """The protocol every run shares: epoch cap, stopping rule (W_unlearn >= stop_wer), evaluation, seed."""
+
     max_epochs: int = 30
-    stop_wer: float | None = 75.0
+    stop_wer: Number | None = 75.0
     eval_every: int | None = None
     track: Literal["all", "stop"] = "all"  # "stop": decode only the forget set until the last row (see unlearn)
     seed: int = 0
-    defaults: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = Field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> UnlearningConfig:
         if self.max_epochs < 1:
             raise ValueError("unlearning.max_epochs must be >= 1")
-        check_choice("unlearning.track", self.track, Literal["all", "stop"])
         if self.track == "stop" and self.stop_wer is None:
             raise ValueError("unlearning.track 'stop' needs unlearning.stop_wer (the rule decides what is decoded)")
+        return self
 
 
-@dataclass
-class RunSpec:
+class RunSpec(_Section):
     """One table row: a method with its hyperparameters (``grid``: lists of values to try)."""
 
     label: str
     method: str
-    params: dict[str, Any] = field(default_factory=dict)
-    tables: list[int] = field(default_factory=lambda: [2])
-    grid: dict[str, list[Any]] = field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    tables: list[int] = Field(default_factory=lambda: [2])
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> RunSpec:
         if not set(self.tables) <= {1, 2}:
             raise ValueError(f"run {self.label!r}: tables must be a subset of [1, 2], got {self.tables}")
         for key, values in self.grid.items():
-            if not isinstance(values, list) or not values:
+            if not values:
                 raise ValueError(f"run {self.label!r}: grid.{key} must be a non-empty list")
+        return self
 
     def expand(self) -> list[tuple[str, dict[str, Any]]]:
         """``(variant name, params)`` for every grid combination (just the run itself without a grid)."""
@@ -175,22 +177,21 @@ class RunSpec:
         return out
 
 
-@dataclass
-class SpeakerBenchConfig:
-    runs: list[RunSpec]
+class SpeakerBenchConfig(ExperimentConfig):
+    """A speaker-unlearning benchmark: corpus, Whisper, original fine-tune, speakers, protocol, table rows."""
+
     task: Literal["asr"] = "asr"
     name: str = "speaker_unlearning"
-    output: str = "runs/speaker_unlearning"
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    original: OriginalConfig = field(default_factory=OriginalConfig)
-    speakers: SpeakersConfig = field(default_factory=SpeakersConfig)
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
+    runs: list[RunSpec]
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    original: OriginalConfig = Field(default_factory=OriginalConfig)
+    speakers: SpeakersConfig = Field(default_factory=SpeakersConfig)
+    protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
+    unlearning: UnlearningConfig = Field(default_factory=UnlearningConfig)
 
-    def __post_init__(self) -> None:
-        if self.task != "asr":
-            raise ValueError(f"this benchmark runs task 'asr', the config says {self.task!r}")
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeakerBenchConfig:
         if not self.runs:
             raise ValueError("runs must list at least one method")
         labels = [r.label for r in self.runs]
@@ -205,26 +206,38 @@ class SpeakerBenchConfig:
                 + ("corpus.validation_voices (e.g. 2)" if self.corpus.kind == "espeak"
                    else "corpus.validation_dir (your dev-clean folder)")
             )
+        return self
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "SpeakerBenchConfig":
-        values = dict(values)
-        sections = {
-            "corpus": CorpusConfig,
-            "model": ModelConfig,
-            "original": OriginalConfig,
-            "speakers": SpeakersConfig,
-            "protocol": ProtocolConfig,
-            "unlearning": UnlearningConfig,
-        }
-        for key, section_cls in sections.items():
-            if key in values:
-                values[key] = _build(section_cls, values[key], key)
-        values["runs"] = [_build(RunSpec, run, f"runs[{i}]") for i, run in enumerate(values.get("runs") or [])]
-        return _build(cls, values, "the config")
+
+def _section_at(loc: Sequence[Any]) -> type[BaseModel]:
+    """The model of the section that holds the key at ``loc`` (``runs[i]`` is a ``RunSpec``)."""
+    section: type[BaseModel] = SpeakerBenchConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        section = RunSpec if part == "runs" else section.model_fields[str(part)].annotation  # type: ignore[assignment]
+    return section
+
+
+def validate_config(values: Mapping[str, Any]) -> SpeakerBenchConfig:
+    """A ``SpeakerBenchConfig`` from a dict, or a ``ConfigError`` listing every problem (and the valid keys)."""
+    try:
+        return SpeakerBenchConfig.model_validate(values)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "config"
+            if error["type"] == "extra_forbidden":
+                valid = ", ".join(sorted(_section_at(error["loc"]).model_fields))
+                lines.append(f"unknown key {where!r}; valid keys here: {valid}")
+            elif error["type"] == "value_error":
+                lines.append(str(error["ctx"]["error"]))
+            else:
+                lines.append(f"{where}: {error['msg']}")
+        raise ConfigError("invalid speaker benchmark config:\n  " + "\n  ".join(lines)) from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SpeakerBenchConfig:
     """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
     values = apply_overrides(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}, overrides)
-    return SpeakerBenchConfig.from_dict(values)
+    return validate_config(values)

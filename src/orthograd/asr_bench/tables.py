@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from orthograd.asr_bench.config import SpeakerBenchConfig
+from orthograd.bench.records import upgrade_record
 
 COLUMNS = ("W_retain", "W_unlearn", "W_speaker", "W_test")
 TITLES = {
@@ -42,7 +43,11 @@ def _best_variant(by_variant: Mapping[str, list[Mapping[str, Any]]], target: flo
 
 
 def speaker_tables(records: Sequence[Mapping[str, Any]], config: SpeakerBenchConfig) -> str:
-    """Markdown with one table per paper table, rows in config order (Original first in Table 2)."""
+    """Markdown with one table per paper table, rows in config order (Original first in Table 2).
+
+    ``records`` may come from a results log written before the shared record schema (``upgrade_record``).
+    """
+    records = [upgrade_record(r, task="asr") for r in records]
     speakers = sorted({r["speaker"] for r in records})
     labels = ["Original"] + [spec.label for spec in config.runs]
     tables_of = {"Original": [2], **{spec.label: spec.tables for spec in config.runs}}
