@@ -16,8 +16,8 @@ _EXPORTS = {
     "SpeakerBenchConfig": "orthograd.asr_bench.config",
     "load_config": "orthograd.asr_bench.config",
     "SpeakerExperiment": "orthograd.asr_bench.experiment",
-    "run": "orthograd.asr_bench.runner",
-    "run_config_file": "orthograd.asr_bench.runner",
+    "run": "orthograd.asr_bench.experiment",
+    "run_config_file": "orthograd.asr_bench.experiment",
     "speaker_tables": "orthograd.asr_bench.tables",
 }
 __all__ = sorted(_EXPORTS)

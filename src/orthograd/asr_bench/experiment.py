@@ -6,7 +6,9 @@ validation speakers (``W_val``), which alone choose among a grid's variants (in 
 The original model is made once (fine-tuned on the training speakers, each speaker's held-out 10% excluded so that
 W_speaker is measured on recordings the model never saw) and stored in the run folder (``bench.model_store``).
 Every run starts from it through ``orthograd.unlearn`` with the same LoRA seed, evaluation schedule and stopping
-rule (W_unlearn >= target). The engine (``bench.engine``) logs each record as it finishes and skips logged ones.
+rule (W_unlearn >= target). ``run`` hands the experiment to the engine (``bench.engine``), which logs each record to
+``RUN_DIR/results.jsonl`` as it finishes (an interrupted benchmark resumes where it stopped), runs the jobs in
+``workers`` processes and writes ``tables.md`` at the end.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from orthograd.api import unlearn
-from orthograd.asr_bench.config import SpeakerBenchConfig
+from orthograd.asr_bench.config import SpeakerBenchConfig, load_config
 from orthograd.asr_bench.corpus import SpeakerCorpus, build_corpus
 from orthograd.asr_bench.tables import speaker_tables
 from orthograd.bench.config import content_hash
-from orthograd.bench.engine import FinishedRuns, Phase
+from orthograd.bench.engine import Engine, FinishedRuns, OnRun, Phase
+from orthograd.bench.executors import ProcessPool
 from orthograd.bench.model_store import ModelStore
 from orthograd.bench.records import record_envelope
 from orthograd.data.audio import SpeechDataset
@@ -261,5 +264,18 @@ class SpeakerExperiment:
                 f"W_unlearn {record['W_unlearn']:.1f}  W_speaker {record['W_speaker']:.1f}  "
                 f"W_test {record['W_test']:.1f}")
 
-    def write_tables(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> None:
-        atomic_write_text(out_dir / "tables.md", speaker_tables(records, self.config))
+    def write_tables(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> Path:
+        path = out_dir / "tables.md"
+        atomic_write_text(path, speaker_tables(records, self.config))
+        return path
+
+
+def run(config: SpeakerBenchConfig, *, on_record: OnRun | None = None) -> list[Record]:
+    """Run the benchmark; returns every record of this config (resumed ones included) and writes ``tables.md``."""
+    executor = ProcessPool(workers=config.workers, threads=config.threads_per_worker)
+    return Engine(SpeakerExperiment(config), out_dir=config.run_dir(), executor=executor).run(on_run=on_record)
+
+
+def run_config_file(path: str | Path, overrides: Sequence[str] = (), **kwargs: Any) -> list[Record]:
+    """``run(load_config(path, overrides))``: the entry point for ``orthograd bench`` on configs with ``task: asr``."""
+    return run(load_config(path, overrides), **kwargs)
