@@ -7,7 +7,6 @@ from typing import Any, ClassVar
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import train_classifier
 from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
@@ -19,6 +18,7 @@ from orthograd.methods.duck import Embedder, class_centroids, find_head, nearest
 from orthograd.methods.fisher import NoiseRules, fisher_diagonal, std_noise_scale, variance_noise_moments
 from orthograd.methods.oneshot import scoped_parameters
 from orthograd.models import SmallCNN
+from orthograd.training import train_classifier
 from orthograd.tasks import get_task
 from orthograd.tasks.base import IGNORE_INDEX, Task, per_sample_cross_entropy
 
@@ -322,7 +322,7 @@ def test_duck_takes_r_plus_1_steps_and_rolls_phase_2_back() -> None:
 def digits() -> dict[str, Any]:
     train, test = load_digits_dataset()
     torch.manual_seed(0)
-    model = train_classifier(SmallCNN(), train, epochs=8)
+    model = train_classifier(SmallCNN(), train, epochs=8, device="cpu")
     split = class_forgetting_split(labels_of(train), forget_class=3, retain_size=200, seed=0)
     forget, retain = split.datasets(train)
     return {"model": model, "forget": forget, "retain": retain, "test": test}

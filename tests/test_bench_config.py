@@ -8,7 +8,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from orthograd.bench.config import ConfigError, apply_overrides, load_config, validate_config
+from orthograd.bench.config import ConfigError, apply_overrides, load_config, validate_config, variants_of
+from orthograd.bench.experiments import load_experiment
 from orthograd.bench.data import load_bench_data
 from orthograd.cli import app
 
@@ -16,7 +17,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def demo_raw() -> dict:
-    return yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    """The demo config's random-forgetting variant as a plain config mapping."""
+    return variants_of(yaml.safe_load((CONFIGS / "demo.yaml").read_text()))["random"]
 
 
 def image_configs() -> list[str]:
@@ -27,8 +29,8 @@ def image_configs() -> list[str]:
 
 @pytest.mark.parametrize("name", image_configs())
 def test_every_shipped_image_config_validates(name: str) -> None:
-    config, _ = load_config(CONFIGS / name)
-    assert config.name == name.removesuffix(".yaml") or name == "demo.yaml"
+    configs, _ = load_experiment(CONFIGS / name)
+    assert all(config.name == name.removesuffix(".yaml") for config in configs)
 
 
 def test_shipped_llm_config_validates_with_its_schema() -> None:

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orthograd.bench import runner, training
+from orthograd.bench import image, training
 from orthograd.bench.config import ConfigError, load_config
 from orthograd.bench.report import write_report
-from orthograd.bench.runner import run_bench
+from orthograd.bench.image import run_bench
 from orthograd.io import ResultsLog
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -34,9 +34,9 @@ TINY_PROTOCOL = [
 @pytest.fixture(autouse=True)
 def fresh_contexts():
     """Each test loads data and models itself (the runner caches them per process)."""
-    runner._CONTEXTS.clear()
+    image._CONTEXTS.clear()
     yield
-    runner._CONTEXTS.clear()
+    image._CONTEXTS.clear()
 
 
 def write_fake_cifar10(root: Path, *, per_batch: int = 10) -> None:
@@ -127,6 +127,7 @@ def tiny_digits(tmp_path: Path, *extra: str):
         CONFIGS / "demo.yaml",
         overrides=["train.epochs=2", "scenario.retrain=false", "scenario.forget_size=40", "scenario.retain_size=60",
                    "unlearn.max_epochs=2", f"cache_dir={tmp_path / 'cache'}", *extra],
+        variant="random",
     )
 
 
@@ -134,7 +135,7 @@ def test_original_model_is_trained_once_and_reused(tmp_path: Path, monkeypatch: 
     methods = "methods={neggrad: {lr: 5.0e-3, forget_batch_size: 32}}"
     config, raw = tiny_digits(tmp_path, "scenario.seeds=[0]", methods)
     first = run_bench(config, raw, out_dir=tmp_path / "a")
-    runner._CONTEXTS.clear()
+    image._CONTEXTS.clear()
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached original model should have been used")
@@ -194,6 +195,7 @@ def test_track_stop_gives_the_same_records_with_forget_only_rows_between(tmp_pat
 def _bench_command(tmp_path: Path, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "orthograd.cli", "bench", str(CONFIGS / "demo.yaml"), "--out", str(out),
+        "--set", "variants=null",  # the demo's random-forgetting config alone
         "--set", "train.epochs=2", "--set", "scenario.retrain=false", "--set", "scenario.seeds=[0, 1, 2]",
         "--set", "methods={neggrad: {lr: 1.0e-4, forget_batch_size: 16}, finetune: {forget_batch_size: 16}}",
         "--set", "unlearn.max_epochs=3", "--set", f"cache_dir={tmp_path / 'cache'}",

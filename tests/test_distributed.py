@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 from orthograd import unlearn
 from orthograd.bench.config import validate_config
 from orthograd.bench.jobs import Job, job_key
-from orthograd.bench.runner import execute
+from orthograd.bench.image import execute
 from orthograd.distributed import unlearn_distributed
 from orthograd.distributed.bench import run_bench_distributed
 from orthograd.distributed.collectives import gather_counts, global_combination, global_gram_and_product

@@ -17,7 +17,7 @@ import pytest
 from orthograd.bench.config import validate_config
 from orthograd.bench.executors import Executor, InProcess, ProcessPool
 from orthograd.bench.jobs import job_key
-from orthograd.bench.runner import Bench
+from orthograd.bench.image import run_bench
 from orthograd.io import ResultsLog
 
 # what does not depend on where a job ran (wall times, memory peaks and the device do)
@@ -50,7 +50,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     """The raw config and its records, run in this process."""
     tmp = tmp_path_factory.mktemp("executors")
     raw = _raw(tmp / "cache")
-    records = Bench(validate_config(raw), raw, out_dir=tmp / "run", executor=InProcess()).run()
+    records = run_bench(validate_config(raw), raw, out_dir=tmp / "run", executor=InProcess())
     assert len(records) == 4
     return raw, records
 
@@ -83,8 +83,8 @@ def test_a_backend_runs_each_unfinished_job_once_with_the_in_process_record(
     ran: list[dict[str, Any]] = []
     try:
         for _ in range(2):  # resume, then rerun a finished bench
-            bench = Bench(validate_config(raw), raw, out_dir=out, executor=executor)
-            records = bench.run(on_start=lambda phase, todo: starts.append((phase, todo)), on_run=ran.append)
+            records = run_bench(validate_config(raw), raw, out_dir=out, executor=executor,
+                                on_start=lambda phase, todo: starts.append((phase, todo)), on_run=ran.append)
     finally:
         getattr(executor, "close", lambda: None)()
     assert starts == [("test", 2), ("test", 0)]

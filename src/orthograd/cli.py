@@ -82,63 +82,42 @@ def _root(
     """Machine unlearning with OrthoGrad: demo, benchmarks and reports."""
 
 
-def _run_label(record: dict[str, Any]) -> str:
-    """``seed N`` for random forgetting, ``class C`` (the class forgotten) for class forgetting."""
-    if record.get("forget_class") is not None:
-        return f"class {record['forget_class']}"
-    return f"seed {record['seed']}"
-
-
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for results.jsonl, table.md and the plots.")] = Path("runs/demo"),
     method: Annotated[Optional[list[str]], typer.Option(help="Run only these methods (repeatable).")] = None,
 ) -> None:
     """Train a digits CNN, unlearn with every method (random and class forgetting), print the paper-style table."""
-    from orthograd.demo import check_methods, run_demo
+    from orthograd.bench.printer import RunPrinter
+    from orthograd.demo import TITLE, check_methods, run_demo
 
     check_methods(method or [])
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
     ) as progress:
-        task = progress.add_task("training the original model", total=None)
-
-        def started(total: int) -> None:
-            progress.update(task, total=total, description="unlearning")
-
-        def finished(record: dict) -> None:
-            final = record["final"]
-            progress.console.log(
-                f"{record['scenario']:>6} {record['method']:<10} {_run_label(record)}: "
-                f"A_u {final['forget']:.1f} A_test {final.get('test', float('nan')):.1f} "
-                f"({record['stop_reason']}, {record['steps']} steps, {record['wall_time_s']:.1f}s)"
-            )
-            progress.advance(task)
-
-        records = run_demo(out_dir=out, method_names=method, on_start=started, on_run=finished)
-    title = "Digits, SmallCNN: mean ± std over 3 seeds (random) / 3 classes (class)"
-    console.print(rich_table(records, title=title))
+        printer = RunPrinter(console, progress=progress)
+        records = run_demo(out_dir=out, method_names=method, on_start=printer.started, on_run=printer.finished)
+    console.print(rich_table(records, title=TITLE))
     console.print(f"results: {out / 'results.jsonl'}  table: {out / 'table.md'}  plots: {out}/*.png")
 
 
 @app.command()
 def bench(
-    config: Annotated[Path, typer.Argument(help="Benchmark config (YAML), or a shipped config's name (e.g. demo).")],
+    config: Annotated[Path, typer.Argument(help="Any task's config (YAML), or a shipped config's name (e.g. demo).")],
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a config value: dotted.key=value (repeatable).")
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<config name>).")] = None,
+    backend: Annotated[str, typer.Option(help="Where jobs run: local (this process or the config's workers), ray "
+                                              "(Ray Tune trials), ddp (data-parallel, under torchrun).")] = "local",
+    method: Annotated[Optional[list[str]], typer.Option(help="ddp: run only these methods (repeatable).")] = None,
 ) -> None:
-    """Run a benchmark config; rerunning the same command resumes it, skipping finished runs."""
-    from orthograd.bench.console import bench_command, config_task, resolve_config
-    from orthograd.bench.report import write_report
+    """Run any task's config (image, speech, language model); rerunning the same command resumes it."""
+    from orthograd.bench.console import bench_command, resolve_config
 
-    config = resolve_config(config)
-    run_dir = bench_command(config, set_ or [], out, console)
-    if config_task(config) not in ("asr", "causal_lm"):  # the speech and LLM benchmarks write their own tables
-        paths = write_report([run_dir])
-        console.print(paths["table"].read_text())
+    run_dir = bench_command(resolve_config(config), set_ or [], out, console, backend=backend,  # type: ignore[arg-type]
+                            method_names=method, trial_options={"backend": "ray"})
     console.print(f"results: {run_dir / 'results.jsonl'}")
 
 
@@ -170,12 +149,12 @@ def sweep(
     gpus_per_trial: Annotated[float, typer.Option(help="GPUs reserved per trial (fractions share a GPU).")] = 0.0,
     backend: Annotated[str, typer.Option(help="auto (Ray when installed), ray, or local worker processes.")] = "auto",
 ) -> None:
-    """Run a config's sweep grid and test runs as Ray Tune trials (local workers without Ray); rerun to resume."""
-    from orthograd.bench.console import resolve_config
-    from orthograd.sweep.console import sweep_command
+    """Run a config's jobs as Ray Tune trials (local workers without Ray): `bench --backend ray`; rerun to resume."""
+    from orthograd.bench.console import bench_command, resolve_config
 
-    run_dir = sweep_command(resolve_config(config), set_ or [], out, console, address=address, num_cpus=num_cpus,
-                            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, backend=backend)
+    options = {"backend": backend, "address": address, "num_cpus": num_cpus, "cpus_per_trial": cpus_per_trial,
+               "gpus_per_trial": gpus_per_trial}
+    run_dir = bench_command(resolve_config(config), set_ or [], out, console, backend="ray", trial_options=options)
     console.print(f"results: {run_dir / 'results.jsonl'}")
 
 
@@ -188,11 +167,11 @@ def unlearn_ddp(
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<config name>).")] = None,
     method: Annotated[Optional[list[str]], typer.Option(help="Run only these methods (repeatable).")] = None,
 ) -> None:
-    """Data-parallel unlearning runs; start with: torchrun --nproc_per_node=N --no-python orthograd unlearn-ddp CFG."""
-    from orthograd.bench.console import resolve_config
-    from orthograd.distributed.console import ddp_command
+    """Data-parallel runs (`bench --backend ddp`); start with: torchrun --nproc_per_node=N --no-python orthograd
+    unlearn-ddp CFG."""
+    from orthograd.bench.console import bench_command, resolve_config
 
-    ddp_command(resolve_config(config), set_ or [], out, method, console)
+    bench_command(resolve_config(config), set_ or [], out, console, backend="ddp", method_names=method)
 
 
 def main() -> None:

@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.table import Table
 
-from orthograd._version import __version__
 from orthograd.io import atomic_write_json, atomic_write_text
 from orthograd.metrics import uis
 
@@ -197,40 +195,6 @@ def rich_table(records: Sequence[Mapping[str, Any]], *, title: str = "") -> Any:
     for cells in rows:
         out.add_row(*cells)
     return out
-
-
-def run_record(
-    result: Any, *, scenario: str, seed: int, forget_class: int | None = None, **extra: Any
-) -> dict[str, Any]:
-    """One results-log record from an ``UnlearnResult``: metrics before/after, UIS, cost, config and history."""
-    final = {k: v for k, v in result.final.items() if k in ("forget", "retain", "test")}
-    original = dict(result.original)
-    score = None
-    if "test" in original and "test" in final and scenario in SCENARIOS:
-        score = uis(
-            original_test=original["test"],
-            unlearned_test=final["test"],
-            unlearned_forget=final["forget"],
-            scenario=scenario,  # type: ignore[arg-type]
-        )
-    return {
-        "method": result.method,
-        "scenario": scenario,
-        "seed": seed,
-        "forget_class": forget_class,
-        "config": result.config,
-        "original": original,
-        "final": final,
-        "uis": score,
-        "stop_reason": result.stop_reason,
-        "steps": result.steps,
-        "epochs": result.epochs,
-        "wall_time_s": result.wall_time_s,
-        "history": result.history,
-        "data": result.data,  # fingerprints of the forget and retain sets (the split)
-        "versions": {"orthograd": __version__, "torch": torch.__version__},
-        **extra,
-    }
 
 
 def ablation_aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Cell | None]]]:

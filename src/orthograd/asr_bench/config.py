@@ -25,19 +25,18 @@ same.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from orthograd.bench.config import ConfigError, ExperimentConfig, _Section, apply_overrides
+from orthograd.bench.config import ConfigSection, ExperimentConfig, read_config, validate_as
 
 Number = int | float  # an int stays an int (pydantic's float would make 75 into 75.0 and change record keys)
 
 
-class CorpusConfig(_Section):
+class CorpusConfig(ConfigSection):
     """espeak: synthetic voices (the first ``train_voices`` train the original model, the next ``test_voices`` are
     the unseen test speakers, the next ``validation_voices`` unseen validation speakers). librispeech:
     ``train_dir`` (train-clean-100), ``test_dir`` (test-clean) and ``validation_dir`` (dev-clean).
@@ -73,7 +72,7 @@ class CorpusConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
+class ModelConfig(ConfigSection):
     """Whisper to start from (hub id, folder or "tiny.en-offline"), its input window and decoding cap."""
 
     source: str = "tiny.en-offline"
@@ -90,7 +89,7 @@ class ModelConfig(_Section):
         return self
 
 
-class OriginalConfig(_Section):
+class OriginalConfig(ConfigSection):
     """Full fine-tuning (Adam) of the loaded model on the training speakers, to make the 'original' model."""
 
     steps: int = 0
@@ -105,7 +104,7 @@ class OriginalConfig(_Section):
         return self
 
 
-class SpeakersConfig(_Section):
+class SpeakersConfig(ConfigSection):
     """``names`` (explicit speakers) or ``count`` random training speakers drawn with ``seed``."""
 
     count: int = 5
@@ -119,7 +118,7 @@ class SpeakersConfig(_Section):
         return self
 
 
-class ProtocolConfig(_Section):
+class ProtocolConfig(ConfigSection):
     """How each speaker's utterances split into unlearn / held-out, and how large the retain set is."""
 
     heldout_fraction: Number = 0.1
@@ -127,7 +126,7 @@ class ProtocolConfig(_Section):
     split_seed: int = 0
 
 
-class UnlearningConfig(_Section):
+class UnlearningConfig(ConfigSection):
     """The protocol every run shares: epoch cap, stopping rule (W_unlearn >= stop_wer), evaluation, seed."""
 
     max_epochs: int = 30
@@ -146,7 +145,7 @@ class UnlearningConfig(_Section):
         return self
 
 
-class RunSpec(_Section):
+class RunSpec(ConfigSection):
     """One table row: a method with its hyperparameters (``grid``: lists of values to try)."""
 
     label: str
@@ -209,35 +208,6 @@ class SpeakerBenchConfig(ExperimentConfig):
         return self
 
 
-def _section_at(loc: Sequence[Any]) -> type[BaseModel]:
-    """The model of the section that holds the key at ``loc`` (``runs[i]`` is a ``RunSpec``)."""
-    section: type[BaseModel] = SpeakerBenchConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        section = RunSpec if part == "runs" else section.model_fields[str(part)].annotation  # type: ignore[assignment]
-    return section
-
-
-def validate_config(values: Mapping[str, Any]) -> SpeakerBenchConfig:
-    """A ``SpeakerBenchConfig`` from a dict, or a ``ConfigError`` listing every problem (and the valid keys)."""
-    try:
-        return SpeakerBenchConfig.model_validate(values)
-    except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"]) or "config"
-            if error["type"] == "extra_forbidden":
-                valid = ", ".join(sorted(_section_at(error["loc"]).model_fields))
-                lines.append(f"unknown key {where!r}; valid keys here: {valid}")
-            elif error["type"] == "value_error":
-                lines.append(str(error["ctx"]["error"]))
-            else:
-                lines.append(f"{where}: {error['msg']}")
-        raise ConfigError("invalid speaker benchmark config:\n  " + "\n  ".join(lines)) from None
-
-
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SpeakerBenchConfig:
-    """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
-    values = apply_overrides(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}, overrides)
-    return validate_config(values)
+    """Read a YAML config, apply ``section.key=value`` overrides (values parsed as YAML) and validate it."""
+    return validate_as(SpeakerBenchConfig, read_config(path, overrides=overrides))

@@ -29,8 +29,8 @@ from orthograd.asr_bench.config import SpeakerBenchConfig, load_config
 from orthograd.asr_bench.corpus import SpeakerCorpus, build_corpus
 from orthograd.asr_bench.tables import speaker_tables
 from orthograd.bench.config import content_hash
-from orthograd.bench.engine import Engine, FinishedRuns, OnRun, Phase
-from orthograd.bench.executors import ProcessPool
+from orthograd.bench.engine import FinishedRuns, OnRun, Phase
+from orthograd.bench.experiments import run_experiment
 from orthograd.bench.model_store import ModelStore
 from orthograd.bench.records import record_envelope
 from orthograd.data.audio import SpeechDataset
@@ -272,8 +272,7 @@ class SpeakerExperiment:
 
 def run(config: SpeakerBenchConfig, *, on_record: OnRun | None = None) -> list[Record]:
     """Run the benchmark; returns every record of this config (resumed ones included) and writes ``tables.md``."""
-    executor = ProcessPool(workers=config.workers, threads=config.threads_per_worker)
-    return Engine(SpeakerExperiment(config), out_dir=config.run_dir(), executor=executor).run(on_run=on_record)
+    return run_experiment([config], on_run=on_record)
 
 
 def run_config_file(path: str | Path, overrides: Sequence[str] = (), **kwargs: Any) -> list[Record]:

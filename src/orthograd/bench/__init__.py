@@ -1,9 +1,12 @@
-"""Benchmarks from YAML configs: data, original model (cached), retrained reference, methods x splits, results.
+"""The experiment engine and the image-classification benchmark: YAML configs, jobs, executors, results, reports.
 
-``orthograd bench CONFIG.yaml`` runs one; ``orthograd report RUN_DIR`` turns its results into tables and plots.
+``orthograd bench CONFIG.yaml`` runs any task's config (``bench.experiments``); ``orthograd report RUN_DIR`` turns
+an image run's results into tables and plots.
 """
 
 from orthograd.bench.config import BenchConfig, ConfigError, apply_overrides, load_config, validate_config
-from orthograd.bench.runner import Bench, run_bench
+from orthograd.bench.engine import Engine
+from orthograd.bench.image import ImageExperiment, run_bench
 
-__all__ = ["Bench", "BenchConfig", "ConfigError", "apply_overrides", "load_config", "run_bench", "validate_config"]
+__all__ = ["BenchConfig", "ConfigError", "Engine", "ImageExperiment", "apply_overrides", "load_config", "run_bench",
+           "validate_config"]

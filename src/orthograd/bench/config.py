@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,15 +20,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orthograd import methods
 
 
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
 class ConfigError(ValueError):
     """A benchmark config that cannot run, with a message that says what to change."""
 
 
-class _Section(BaseModel):
+class ConfigSection(BaseModel):
+    """A section of any task's config: immutable, and an unknown key is an error (a typo never becomes a default)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ExperimentConfig(_Section):
+class ExperimentConfig(ConfigSection):
     """What every experiment config has, whatever its task: its name, its run folder and how its jobs run.
 
     Each task's config (``BenchConfig`` here, ``asr_bench.config``, ``llm_bench.config``) extends it with a
@@ -48,7 +53,7 @@ class ExperimentConfig(_Section):
         return self.output if self.output is not None else Path("runs") / self.name
 
 
-class DataConfig(_Section):
+class DataConfig(ConfigSection):
     """Which dataset, where it lives, and how much of it the benchmark uses.
 
     ``validation_size`` samples are held out of the training data before anything is trained: the original model
@@ -72,20 +77,20 @@ class DataConfig(_Section):
         return self
 
 
-class SmallCNNConfig(_Section):
+class SmallCNNConfig(ConfigSection):
     arch: Literal["small_cnn"]
     width: int = Field(default=16, ge=1)
     norm: Literal["group", "batch", "none"] = "group"
     weights: Path | None = None
 
 
-class ResNet18Config(_Section):
+class ResNet18Config(ConfigSection):
     arch: Literal["resnet18"]
     stem: Literal["cifar", "imagenet"] = "imagenet"  # cifar: 3x3 stride-1 first conv, no max-pool
     weights: Path | None = None
 
 
-class ViTConfig(_Section):
+class ViTConfig(ConfigSection):
     """torchvision's VisionTransformer; the defaults are ViT-B/16 (smaller sizes for tests and CPUs)."""
 
     arch: Literal["vit_b_16"]
@@ -100,7 +105,7 @@ class ViTConfig(_Section):
 ModelConfig = Annotated[SmallCNNConfig | ResNet18Config | ViTConfig, Field(discriminator="arch")]
 
 
-class TrainConfig(_Section):
+class TrainConfig(ConfigSection):
     """How the original model (and the retrained reference) is trained; ``epochs: 0`` uses ``model.weights`` as is."""
 
     epochs: int = Field(ge=0)
@@ -109,10 +114,13 @@ class TrainConfig(_Section):
     optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = Field(default=0.9, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    seed: int = 0
+    seed: int = 0  # the shuffling of the training data
+    # the weights' initialisation (None: the process's generator as it stands, which is how the shipped benchmarks'
+    # originals were made; in a fresh ``orthograd bench`` process that is torch's default seed)
+    init_seed: int | None = None
 
 
-class ScenarioConfig(_Section):
+class ScenarioConfig(ConfigSection):
     """What is forgotten: ``random`` samples (one split per seed) or a whole ``class`` (one split per class)."""
 
     kind: Literal["random", "class"]
@@ -146,7 +154,7 @@ class ScenarioConfig(_Section):
         return self
 
 
-class UnlearnConfig(_Section):
+class UnlearnConfig(ConfigSection):
     """The run protocol shared by every method: epoch cap, evaluation schedule and the paper's stopping rule."""
 
     max_epochs: int = Field(default=30, ge=1)
@@ -156,9 +164,10 @@ class UnlearnConfig(_Section):
     # every set; evaluation is ~40-80% of an iterative method's time here (benchmarks/bench_profile.py), at the cost
     # of the retain/test trajectories in trajectories.png
     track: Literal["all", "stop"] = "all"
+    privacy: bool = True  # membership-inference metrics of every test run (the MIA columns of the tables)
 
 
-class SweepConfig(_Section):
+class SweepConfig(ConfigSection):
     """A grid per method, scored by UIS on the validation split; the best point is then run on test."""
 
     grid: dict[str, dict[str, list[Any]]]
@@ -215,10 +224,12 @@ class BenchConfig(ExperimentConfig):
         return self
 
     def original_hash(self) -> str:
-        """Hash of what determines the original model: data, model and training settings."""
+        """Hash of what determines the original model: data, model and training settings (``train.init_seed`` only
+        when set, so that the models made before it existed keep their cache entries)."""
+        unset = {"init_seed"} if self.train.init_seed is None else None
         return content_hash(
             {"data": self.data.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
-             "train": self.train.model_dump(mode="json")}
+             "train": self.train.model_dump(mode="json", exclude=unset)}
         )
 
 
@@ -268,10 +279,12 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
 
-def _valid_keys(loc: Sequence[Any]) -> str:
-    """The keys accepted by the section that holds the unknown key at ``loc``."""
-    candidates: list[type[BaseModel]] = [BenchConfig]
+def _valid_keys(loc: Sequence[Any], root: type[BaseModel]) -> str:
+    """The keys accepted by the section of ``root`` that holds the unknown key at ``loc``."""
+    candidates: list[type[BaseModel]] = [root]
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list section: its model is already the candidate
+            continue
         if len(candidates) > 1:  # a tagged union: pydantic puts the tag (model.arch) in the location
             candidates = [_MODEL_ARCHS[part]] if part in _MODEL_ARCHS else candidates
             continue
@@ -282,27 +295,96 @@ def _valid_keys(loc: Sequence[Any]) -> str:
     return ", ".join(sorted(candidates[0].model_fields))
 
 
+def describe_errors(exc: ValidationError, *, root: type[BaseModel], tag: str | None = None) -> list[str]:
+    """One line per problem of a config of class ``root``, an unknown key with the valid keys beside it (``tag``: the
+    union tag pydantic puts first in each location when ``root`` was validated as a member of a tagged union)."""
+    lines = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        if tag is not None and loc[:1] == (tag,):
+            loc = loc[1:]
+        line = _describe({**error, "loc": loc})
+        if error["type"] == "extra_forbidden":
+            line += f"; valid keys here: {_valid_keys(loc, root)}"
+        lines.append(line)
+    return lines
+
+
+def validate_as(cls: type[ConfigT], raw: Mapping[str, Any]) -> ConfigT:
+    """``raw`` as a ``cls`` config, or a ``ConfigError`` listing every problem (and the valid keys)."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        lines = describe_errors(exc, root=cls)
+        raise ConfigError(f"invalid {cls.__name__}:\n  " + "\n  ".join(lines)) from None
+
+
 def validate_config(raw: Mapping[str, Any]) -> BenchConfig:
     """A ``BenchConfig`` from a dict, or a ``ConfigError`` listing every problem (and the valid keys)."""
-    try:
-        return BenchConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            line = _describe(error)
-            if error["type"] == "extra_forbidden":
-                line += f"; valid keys here: {_valid_keys(error['loc'])}"
-            lines.append(line)
-        raise ConfigError("invalid benchmark config:\n  " + "\n  ".join(lines)) from None
+    return validate_as(BenchConfig, raw)
 
 
-def load_config(path: str | Path, *, overrides: Sequence[str] = ()) -> tuple[BenchConfig, dict[str, Any]]:
-    """Read, override and validate a YAML config; returns the config and the raw dict it came from."""
+def read_config(path: str | Path, *, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The YAML mapping of a config file with each ``--set`` override applied (not validated)."""
     source = Path(path)
     if not source.is_file():
         raise ConfigError(f"config file {str(source)!r} does not exist (shipped configs are in configs/)")
     raw = yaml.safe_load(source.read_text(encoding="utf-8"))
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a benchmark config is a YAML mapping (name:, data:, model:, ...)")
-    raw = apply_overrides(raw, overrides)
-    return validate_config(raw), raw
+    return apply_overrides(raw, overrides)
+
+
+def variants_of(raw: Mapping[str, Any], *, overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """A config's variants, each the config's mapping with the variant's sections merged in (key by key).
+
+    A config with ``variants: {NAME: {section: {key: value}}, ...}`` is several configs that share everything but
+    what each variant sets, run into one folder and reported in one table (the demo: random and class forgetting,
+    each with its tuned hyperparameters). A config without ``variants`` is its own single variant, named "".
+    ``overrides`` apply to each variant after the merge, so ``methods={...}`` sets every variant's methods (an
+    override of ``variants.*`` belongs in ``read_config``'s instead).
+    """
+    base = {k: v for k, v in raw.items() if k != "variants"}
+    variants = raw.get("variants")
+    if variants is None:
+        return {"": apply_overrides(base, overrides)}
+    if not isinstance(variants, dict) or not variants:
+        raise ConfigError("variants must map each variant's name to the sections it changes (e.g. {class: {...}})")
+    return {name: apply_overrides(_merged(base, changes or {}), overrides) for name, changes in variants.items()}
+
+
+def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--set`` overrides of the variants themselves (``variants...``), and those of every variant's config."""
+    of_variants = [o for o in overrides if o.partition("=")[0].strip().split(".")[0] == "variants"]
+    return of_variants, [o for o in overrides if o not in of_variants]
+
+
+def expand_config(path: str | Path, *, overrides: Sequence[str] = ()) -> tuple[dict[str, dict[str, Any]], dict]:
+    """A config file's variants with the overrides applied (``variants_of``), and the file's overridden mapping."""
+    of_variants, of_configs = split_overrides(overrides)
+    raw = read_config(path, overrides=of_variants)
+    return variants_of(raw, overrides=of_configs), apply_overrides(raw, of_configs)
+
+
+def _merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        both_sections = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merged(out[key], value) if both_sections else value
+    return out
+
+
+def load_config(
+    path: str | Path, *, overrides: Sequence[str] = (), variant: str | None = None
+) -> tuple[BenchConfig, dict[str, Any]]:
+    """Read, override and validate a YAML config; returns the config and the raw dict it came from.
+
+    For a config with ``variants``, ``variant`` names the one to load (``load_variants`` loads them all).
+    """
+    variants, _ = expand_config(path, overrides=overrides)
+    if variant is None and len(variants) > 1:
+        raise ConfigError(f"{path} has variants {sorted(variants)}: name one (variant=...)")
+    name = variant if variant is not None else next(iter(variants))
+    if name not in variants:
+        raise ConfigError(f"{path} has no variant {name!r}; its variants: {sorted(variants)}")
+    return validate_config(variants[name]), variants[name]

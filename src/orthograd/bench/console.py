@@ -1,17 +1,24 @@
-"""The terminal side of ``orthograd bench``: dispatch by task, progress bars, a line per finished run, the table."""
+"""The terminal side of ``orthograd bench``: any task's config, progress bars, a line per finished run, the table."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from importlib import resources
 from pathlib import Path
-import yaml
+from typing import Any, Literal
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from orthograd.bench.config import ConfigError, load_config
+from orthograd.bench.config import ConfigError, ExperimentConfig
+from orthograd.bench.engine import Engine
+from orthograd.bench.executors import Executor
+from orthograd.bench.experiments import experiment_for, load_experiment, local_executor
 from orthograd.bench.printer import RunPrinter
-from orthograd.bench.runner import run_bench
+from orthograd.choices import check_choice
+
+Backend = Literal["local", "ray", "ddp"]
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -31,40 +38,53 @@ def resolve_config(path: Path) -> Path:
     raise ConfigError(f"config file {str(path)!r} does not exist; shipped configs: {', '.join(shipped)}")
 
 
-def config_task(path: Path) -> str:
-    """The ``task:`` a config file names (image classification when absent)."""
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; shipped configs: {', '.join(shipped_configs())}")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return str(raw.get("task", "classification")) if isinstance(raw, dict) else "classification"
+def bench_command(
+    path: Path,
+    overrides: Sequence[str],
+    out: Path | None,
+    console: Console,
+    *,
+    backend: Backend = "local",
+    method_names: Sequence[str] | None = None,
+    trial_options: Mapping[str, Any] | None = None,
+) -> Path:
+    """Run (or resume) any task's config with progress output, then print its tables; returns the run folder.
 
+    ``backend``: ``local`` (this process, or the config's ``workers`` processes), ``ray`` (Ray Tune trials,
+    ``sweep.runner.trial_executor(**trial_options)``) or ``ddp`` (data-parallel runs of an image config's test
+    jobs on torchrun's ranks, ``method_names`` of its methods).
+    """
+    check_choice("backend", backend, Backend)
+    if backend == "ddp":
+        from orthograd.distributed.console import ddp_command  # torch.distributed set-up, on demand
 
-def bench_command(path: Path, overrides: Sequence[str], out: Path | None, console: Console) -> Path:
-    """Run (or resume) a benchmark config with progress output; returns the run folder."""
-    if config_task(path) == "asr":  # speaker unlearning has its own runner (orthograd.asr_bench)
-        from orthograd import asr_bench  # on demand: the speech pipeline loads transformers
-
-        extra = [f"output={out}"] if out is not None else []
-        asr_bench.run_config_file(path, [*overrides, *extra])
-        return out or Path(asr_bench.load_config(path, overrides).output)
-    if config_task(path) == "causal_lm":  # the TOFU-style LLM benchmark has its own runner (orthograd.llm_bench)
-        return _llm_bench(path, overrides, out, console)
-    config, raw = load_config(path, overrides=overrides)
-    run_dir = out or Path("runs") / config.name
-    with Progress(
+        return ddp_command(path, overrides, out, method_names, console)
+    if method_names:
+        raise ValueError("--method chooses the methods of data-parallel runs (--backend ddp); elsewhere use --set "
+                         "methods={...}")
+    configs, raw = load_experiment(path, overrides=overrides)
+    run_dir = out or configs[0].run_dir()
+    experiment = experiment_for(configs)
+    with _executor(backend, configs[0], run_dir, trial_options or {}, console) as executor, Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
     ) as progress:
-        printer = RunPrinter(console, progress=progress)
-        run_bench(config, raw, out_dir=run_dir, on_start=printer.started, on_run=printer.finished)
+        printer = RunPrinter(console, line=experiment.describe, progress=progress)
+        engine = Engine(experiment, out_dir=run_dir, raw=raw, executor=executor)
+        engine.run(on_start=printer.started, on_run=printer.finished)
+    if engine.tables is not None:
+        console.print(engine.tables.read_text(encoding="utf-8"))
     return run_dir
 
 
-def _llm_bench(path: Path, overrides: Sequence[str], out: Path | None, console: Console) -> Path:
-    """Run the LLM benchmark and print its tables (they are not the image report's); returns its run folder."""
-    from orthograd import llm_bench  # on demand: the language-model pipeline loads transformers
+def _executor(
+    backend: Backend, config: ExperimentConfig, run_dir: Path, trial_options: Mapping[str, Any], console: Console
+) -> AbstractContextManager[Executor]:
+    if backend == "local":
+        return nullcontext(local_executor(config))
+    from orthograd.sweep.runner import trial_executor  # Ray, when installed, on demand
 
-    config = llm_bench.load_config(path, [*overrides, *([f"output={out}"] if out is not None else [])])
-    llm_bench.run(config, on_record=RunPrinter(console, line=llm_bench.record_line).finished)
-    console.print((Path(config.output) / "tables.md").read_text(encoding="utf-8"))
-    return Path(config.output)
+    def note(message: str) -> None:
+        console.print(f"[yellow]note:[/yellow] {message}")
+
+    return trial_executor(out_dir=run_dir, on_note=note, **trial_options)

@@ -86,8 +86,9 @@ class Experiment(Protocol):
         """One console line about a finished record."""
         ...
 
-    def write_tables(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> None:
-        """Tables (and plots) of the planned records, written into the run folder."""
+    def write_tables(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> Path | None:
+        """Tables (and plots) of the planned records, written into the run folder; returns the Markdown file that
+        holds the tables (None when there are none yet)."""
         ...
 
 
@@ -107,6 +108,7 @@ class Engine:
         self.raw = dict(raw) if raw is not None else None
         self.executor = executor or InProcess()
         self.log = ResultsLog(self.out / RESULTS_FILE)
+        self.tables: Path | None = None  # the Markdown tables the last run wrote
 
     def run(self, *, on_start: OnStart | None = None, on_run: OnRun | None = None) -> list[Record]:
         """Run every unfinished job, phase by phase; write the tables; return the planned records in plan order.
@@ -138,5 +140,5 @@ class Engine:
             finished.refresh()
         records = [finished[key] for key in dict.fromkeys(planned) if key in finished]
         if lead:
-            self.experiment.write_tables(records, self.out)
+            self.tables = self.experiment.write_tables(records, self.out)
         return records

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Protocol, TypeVar
 
@@ -62,17 +63,37 @@ class ProcessPool(InProcess):
     """Jobs in ``workers`` spawned processes, each loading the data and the cached original model once.
 
     ``threads`` torch threads per worker (default: the machine's cores shared among the workers). One job, or one
-    worker, runs in this process instead: starting a process would only add its start-up.
+    worker, runs in this process instead: starting a process would only add its start-up. With one worker, the
+    set-up and the jobs in this process use ``threads`` threads when given (restored after).
     """
 
     def __init__(self, *, workers: int, threads: int | None = None) -> None:
         self.workers = workers
         self.threads = threads
 
+    @contextmanager
+    def _own_threads(self) -> Iterator[None]:
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads or before)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def prepare(self, setup: Callable[[], T]) -> T:
+        if self.workers > 1:
+            return setup()
+        with self._own_threads():
+            return setup()
+
+    def _run_here(self, jobs: Sequence[Job], run_job: RunJob, *, on_record: OnRecord) -> None:
+        with self._own_threads():
+            super().run(jobs, run_job, on_record=on_record)
+
     def run(self, jobs: Sequence[Job], run_job: RunJob, *, on_record: OnRecord) -> None:
         workers = min(self.workers, len(jobs))
         if workers <= 1:
-            super().run(jobs, run_job, on_record=on_record)
+            self._run_here(jobs, run_job, on_record=on_record)
             return
         threads = self.threads or max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(

@@ -29,6 +29,7 @@ class Job:
     retain_size: int
     key: str
     reference: dict[str, Any] | None = field(default=None, compare=False)  # the retrained model's metrics
+    variant: int = field(default=0, compare=False)  # which of the config's variants (bench.config.variants_of)
 
 
 def make_split(config: BenchConfig, labels: np.ndarray, *, split_index: int, retain_size: int) -> UnlearningSplit:
@@ -76,7 +77,7 @@ def job_key(config: BenchConfig, *, phase: str, method: str, hyperparameters: Ma
 
 # Settings added after results logs were first written, at the value that reproduces the earlier behaviour: left
 # out of a key, so that older logs resume (a new setting at another value makes a new key).
-_LATER_DEFAULTS: dict[str, Any] = {"track": "all", "fuse_passes": False}
+_LATER_DEFAULTS: dict[str, Any] = {"track": "all", "fuse_passes": False, "privacy": True}
 
 
 def _without_later_defaults(values: dict[str, Any]) -> dict[str, Any]:

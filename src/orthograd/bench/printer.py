@@ -17,7 +17,7 @@ RunLine = Callable[[Mapping[str, Any]], str]
 
 
 def run_line(record: Mapping[str, Any]) -> str:
-    """One line about a finished benchmark run (a ``bench.runner`` or ``distributed.bench`` record)."""
+    """One line about a finished benchmark run (a ``bench.image`` or ``distributed.bench`` record)."""
     final = record["final"]
     forget_class = record["forget_class"]
     split = f"class {forget_class}" if forget_class is not None else f"seed {record['seed']}"
@@ -53,6 +53,6 @@ class RunPrinter:
             self.console.log(f"{phase}: {todo} run(s) to run")
 
     def finished(self, record: Mapping[str, Any]) -> None:
-        self.console.log(self.line(record))
+        self.console.log(self.line(record), markup=False)  # hyperparameters in [...] are text, not rich markup
         if self.progress is not None and self.task is not None:
             self.progress.advance(self.task)

@@ -69,11 +69,16 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_report(run_dirs: Sequence[str | Path], *, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write the tables (``table*.md|csv|json``), ``cost.md`` and the plots; returns {name: path}."""
+    """The report of every test run in ``run_dirs`` (``report_records``), into ``out_dir`` (default: the first)."""
     records = load_records(run_dirs)
     if not records:
         raise ValueError(f"no finished test runs in {[str(d) for d in run_dirs]}")
-    out = Path(out_dir or run_dirs[0])
+    return report_records(records, out_dir=out_dir or run_dirs[0])
+
+
+def report_records(records: Sequence[Mapping[str, Any]], *, out_dir: str | Path) -> dict[str, Path]:
+    """Write the tables (``table*.md|csv|json``), ``cost.md`` and the plots of ``records``; returns {name: path}."""
+    out = Path(out_dir)
     name = records[0].get("bench", "benchmark")
     sizes = sorted({r.get("retain_size") for r in records}, key=lambda v: (v is None, v))
     paths: dict[str, Path] = {}

@@ -1,44 +1,25 @@
-"""The original model and the retrain-from-scratch reference, each trained once and cached on disk.
+"""The image bench's original model and retrain-from-scratch references, each trained once and kept in the store.
 
-The original model's cache key is the hash of the data, model and training sections of the config; a retrained
-reference adds the fingerprint of the forget set it leaves out. Weights are stored as safetensors next to a JSON
-sidecar (training time, metrics), both written atomically, so a crash never leaves a cache entry that loads.
+The original model's name carries the hash of the data, model and training sections of the config; a retrained
+reference adds the fingerprint of the forget set it leaves out (``bench.model_store`` keeps them on disk).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
-import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.data import Dataset
 
 from orthograd.bench.config import BenchConfig, TrainConfig
 from orthograd.bench.data import BenchData
+from orthograd.bench.model_store import ModelStore, TrainedModel
 from orthograd.bench.models import build_model
 from orthograd.evaluation import evaluate as evaluate_metrics
-from orthograd.io import atomic_write_bytes, atomic_write_json
 from orthograd.training import train_classifier
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainedModel:
-    """A trained model loaded from the cache, with what its sidecar recorded."""
-
-    model: nn.Module
-    train_time_s: float
-    cache_hit: bool
-    path: Path
 
 
 def train_model(model: nn.Module, dataset: Dataset, *, config: TrainConfig, device: torch.device) -> nn.Module:
@@ -61,16 +42,20 @@ def indices_fingerprint(indices: np.ndarray) -> str:
 
 
 class ModelCache:
-    """Trained models of a benchmark config under ``cache_dir``: the original and retrained references."""
+    """Trained models of a benchmark config in its ``cache_dir`` (``ModelStore``): the original and retrained
+    references."""
 
     def __init__(self, config: BenchConfig, data: BenchData, *, device: torch.device) -> None:
         self.config = config
         self.data = data
         self.device = device
         self.key = config.original_hash()
-        self.root = Path(config.cache_dir)
+        self.store = ModelStore(config.cache_dir)
 
     def fresh_model(self) -> nn.Module:
+        """An untrained model of the config (initialised from ``train.init_seed`` when set)."""
+        if self.config.train.init_seed is not None:
+            torch.manual_seed(self.config.train.init_seed)
         return build_model(
             self.config.model,
             num_classes=self.data.num_classes,
@@ -93,25 +78,10 @@ class ModelCache:
         )
 
     def _get(self, name: str, dataset: Dataset, *, meta: dict[str, Any]) -> TrainedModel:
-        weights, sidecar = self.root / f"{name}.safetensors", self.root / f"{name}.json"
-        model = self.fresh_model()
-        if weights.is_file() and sidecar.is_file():
-            model.load_state_dict(load_file(str(weights)))
-            info = json.loads(sidecar.read_text(encoding="utf-8"))
-            return TrainedModel(model.eval(), float(info["train_time_s"]), True, weights)
-        log.info("training %s (%d samples, %d epochs)", name, len(dataset), self.config.train.epochs)  # type: ignore[arg-type]
-        started = time.perf_counter()
-        train_model(model, dataset, config=self.config.train, device=self.device)
-        elapsed = time.perf_counter() - started
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise FloatingPointError(
-                f"training {name} diverged (non-finite weights); lower train.lr or raise train.batch_size"
-            )
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write_bytes(weights, save(state))
-        atomic_write_json(
-            sidecar,
-            {**meta, "train_time_s": elapsed, "config_hash": self.key, "samples": len(dataset),  # type: ignore[arg-type]
-             "config": self.config.model_dump(mode="json", include={"data", "model", "train"})},
+        return self.store.get(
+            name,
+            build=self.fresh_model,
+            train=lambda model: train_model(model, dataset, config=self.config.train, device=self.device),
+            meta={**meta, "config_hash": self.key, "samples": len(dataset),  # type: ignore[arg-type]
+                  "config": self.config.model_dump(mode="json", include={"data", "model", "train"})},
         )
-        return TrainedModel(model.cpu().eval(), elapsed, False, weights)

@@ -1,11 +1,11 @@
-"""A benchmark config's test runs as data-parallel runs: ``torchrun ... orthograd unlearn-ddp CONFIG.yaml``.
+"""An image config's test runs as data-parallel runs: ``torchrun ... orthograd bench CONFIG.yaml --backend ddp``.
 
-The bench's torchrun backend (``DataParallel``): every rank runs the same ``bench.runner.Bench`` over the same jobs,
-and each job is ``unlearn_distributed`` across the ranks. Rank 0 trains (or loads) the cached original model first
-and the other ranks load it from the cache after a barrier; rank 0 alone appends each record to
+The engine's torchrun backend (``DataParallel``): every rank runs the same ``bench.image.ImageExperiment`` over the
+same jobs, and each job is ``unlearn_distributed`` across the ranks. Rank 0 trains (or loads) the cached original
+model first and the other ranks load it from the cache after a barrier; rank 0 alone appends each record to
 ``RUN_DIR/results.jsonl`` under the same key ``orthograd bench`` uses, so ``orthograd report RUN_DIR`` works and a
-rerun skips finished runs. Not done here (single-process ``orthograd bench`` does them): the sweep phase (use
-``orthograd sweep``), the retrained reference and the privacy metrics.
+rerun skips finished runs. Not done here (the local and Ray backends do them): the sweep phase, the retrained
+reference and the privacy metrics.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch.distributed as dist
 from orthograd.bench.config import BenchConfig
 from orthograd.bench.executors import OnRecord, RunJob
 from orthograd.bench.jobs import Job
-from orthograd.bench.runner import Bench, JobInputs, OnRun, OnStart
+from orthograd.bench.engine import OnRun, OnStart
+from orthograd.bench.image import JobInputs, run_bench
 from orthograd.distributed.collectives import world
 from orthograd.distributed.runner import unlearn_distributed
 
@@ -81,6 +82,5 @@ def run_bench_distributed(
     test_only = config.model_copy(
         update={"methods": chosen, "sweep": None, "scenario": config.scenario.model_copy(update={"retrain": False})}
     )
-    run_job = partial(execute_data_parallel, test_only, device=device)
-    bench = Bench(test_only, raw, out_dir=out_dir, executor=DataParallel(), run_job=run_job)
-    return bench.run(on_start=on_start, on_run=on_run)
+    return run_bench(test_only, raw, out_dir=out_dir, executor=DataParallel(),
+                     run_job=partial(execute_data_parallel, device=device), on_start=on_start, on_run=on_run)

@@ -25,23 +25,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, field_validator
 
-from orthograd.bench.config import ExperimentConfig, _Section, apply_overrides
+from orthograd.bench.config import ConfigSection, ExperimentConfig, read_config, validate_as
 
 TASK = "causal_lm"
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class CorpusConfig(_Section):
+class CorpusConfig(ConfigSection):
     authors: int = Field(200, ge=2)
     holdout: int = Field(10, ge=2)  # authors no model is trained on: TOFU's holdout set, non-members for the MIA
     seed: int = 0
     perturbations: int = Field(3, ge=1)
 
 
-class ModelConfig(_Section):
+class ModelConfig(ConfigSection):
     hidden_size: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
@@ -49,14 +48,14 @@ class ModelConfig(_Section):
     device: str | None = None
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(ConfigSection):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     seed: int = 0
 
 
-class ProtocolConfig(_Section):
+class ProtocolConfig(ConfigSection):
     forget_fractions: tuple[float, ...] = (0.01, 0.05, 0.1)
     split_seed: int = 0
     eval_size: int = Field(200, ge=1)
@@ -69,7 +68,7 @@ class ProtocolConfig(_Section):
         return value
 
 
-class UnlearningConfig(_Section):
+class UnlearningConfig(ConfigSection):
     max_epochs: int = Field(5, ge=1)
     seeds: tuple[int, ...] = (0, 1, 2)
     lora: dict[str, Any] | None = Field(
@@ -78,12 +77,12 @@ class UnlearningConfig(_Section):
     defaults: dict[str, Any] = Field(default_factory=dict)
 
 
-class TuningConfig(_Section):
+class TuningConfig(ConfigSection):
     seed: int = 1
     keep_utility: float = Field(0.9, ge=0.0, le=1.0)
 
 
-class RunSpec(_Section):
+class RunSpec(ConfigSection):
     label: str
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -121,9 +120,8 @@ class AuthorsBenchConfig(ExperimentConfig):
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> AuthorsBenchConfig:
-    """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
-    values = apply_overrides(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}, overrides)
-    return AuthorsBenchConfig.model_validate(values)
+    """Read a YAML config, apply ``section.key=value`` overrides (values parsed as YAML) and validate it."""
+    return validate_as(AuthorsBenchConfig, read_config(path, overrides=overrides))
 
 
 def digest(value: Any) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from orthograd.bench.config import ExperimentConfig
-from orthograd.bench.engine import Engine, FinishedRuns, Phase
-from orthograd.bench.executors import ProcessPool
+from orthograd.bench.engine import FinishedRuns, Phase
+from orthograd.bench.experiments import run_experiment
 from orthograd.bench.records import Record, record_envelope, upgrade_record
 from orthograd.data.authors import forget_authors
 from orthograd.io import atomic_write_text
@@ -116,10 +116,12 @@ class AuthorsExperiment:
         """``tables.record_line``: what the CLI prints as each record is logged."""
         return record_line(record)
 
-    def write_tables(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> None:
+    def write_tables(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> Path:
         """``tables.md`` (``authors_tables``) and ``tradeoff.png`` (``plot_tradeoff``)."""
-        atomic_write_text(out_dir / "tables.md", authors_tables(records, title=self.config.name))
+        path = out_dir / "tables.md"
+        atomic_write_text(path, authors_tables(records, title=self.config.name))
         plot_tradeoff(records, path=out_dir / "tradeoff.png", title=self.config.name)
+        return path
 
     def _splits(self) -> Iterator[tuple[str, float, tuple[int, ...]]]:
         """(phase, fraction, forget authors) of every split, in plan order: per fraction its validation split (when
@@ -165,8 +167,7 @@ def run(config: AuthorsBenchConfig, *, on_record: Callable[[Record], None] | Non
     """Run (or resume) the benchmark in ``config.run_dir()``: per forget fraction, tune each run's grid on a
     validation split of other authors, then every run x seed on the test split with the chosen values; returns every
     record of this config (plan order), writes ``tables.md`` and ``tradeoff.png``."""
-    executor = ProcessPool(workers=config.workers, threads=config.threads_per_worker)
-    return Engine(AuthorsExperiment(config), out_dir=config.run_dir(), executor=executor).run(on_run=on_record)
+    return run_experiment([config], on_run=on_record)
 
 
 def run_config_file(path: str | Path, overrides: Sequence[str] = (), **kwargs: Any) -> list[Record]:

@@ -1,6 +1,6 @@
 """The Ray Tune backend of the bench (``RayTune``): one trial per job, records streamed back to the driver.
 
-Each trial runs the bench's job function (``bench.runner.execute``, the very function ``orthograd bench`` runs) and
+Each trial runs the bench's job function (``bench.image.execute``, the very function ``orthograd bench`` runs) and
 reports its results record as a JSON string; a Tune callback on the driver hands it to the bench, which appends it to
 ``RUN_DIR/results.jsonl`` the moment the trial finishes, so an interrupted sweep keeps every finished trial and a
 rerun skips them by key. A failed trial is reported after every other trial has finished; rerunning the command

@@ -1,0 +1,331 @@
+"""The image-classification experiment: original model -> (sweep on validation) -> methods x splits on test.
+
+Every unlearning run is a ``Job`` with a key (method, scenario, seed/class, retain size, hyperparameters, and the
+hash of the original model's config). The engine (``bench.engine``) skips the jobs already in the results log, runs
+the rest on its executor and logs each record, so an interrupted bench resumes where it stopped. A config with
+``variants`` (``bench.config.variants_of``) is one experiment: each variant's jobs, one log, one table.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+
+from orthograd.api import unlearn
+from orthograd.bench.config import BenchConfig, content_hash
+from orthograd.bench.data import BenchData, load_bench_data
+from orthograd.bench.engine import Engine, FinishedRuns, OnRun, OnStart, Phase
+from orthograd.bench.executors import Executor, ProcessPool
+from orthograd.bench.jobs import Job, grid_points, job_key, make_split, n_splits, split_seed
+from orthograd.bench.memory import PeakMemory
+from orthograd.bench.printer import run_line
+from orthograd.bench.records import record_envelope
+from orthograd.bench.report import report_records
+from orthograd.bench.training import ModelCache, evaluate, indices_fingerprint
+from orthograd.data.splits import UnlearningSplit
+from orthograd.io import atomic_write_json
+from orthograd.metrics import uis
+from orthograd.privacy import privacy_metrics
+from orthograd.reporting import SCENARIOS
+from orthograd.results import UnlearnResult
+from orthograd.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+SELECTION_FILE = "selection.json"
+TASK = "classification"
+
+
+# ----------------------------------------------------------------------------------------------------- records
+
+
+def run_record(
+    result: UnlearnResult, *, scenario: str, seed: int, forget_class: int | None = None, key: str = "",
+    phase: str = "test", bench: str = "", hyperparameters: Mapping[str, Any] | None = None, **extra: Any,
+) -> dict[str, Any]:
+    """An image run's record: the shared envelope, the metrics before and after, UIS, the split, and ``extra``."""
+    final = {k: v for k, v in result.final.items() if k in ("forget", "retain", "test")}
+    original = dict(result.original)
+    score = None
+    if "test" in original and "test" in final and scenario in SCENARIOS:
+        score = uis(original_test=original["test"], unlearned_test=final["test"], unlearned_forget=final["forget"],
+                    scenario=scenario)  # type: ignore[arg-type]
+    envelope = record_envelope(task=TASK, bench=bench, key=key, phase=phase, method=result.method,
+                               label=result.method, hyperparameters=hyperparameters or {}, seed=seed, result=result)
+    return {
+        **envelope,
+        "scenario": scenario,
+        "forget_class": forget_class,
+        "config": result.config,
+        "original": original,
+        "final": final,
+        "uis": score,
+        "data": result.data,  # fingerprints of the forget and retain sets (the split)
+        **extra,
+    }
+
+
+# ----------------------------------------------------------------------------------------- execution of one job
+
+
+@dataclass
+class BenchContext:
+    """What every job of one config needs, built once per process."""
+
+    config: BenchConfig
+    data: BenchData
+    original: torch.nn.Module
+    device: torch.device
+
+
+_CONTEXTS: dict[str, BenchContext] = {}
+
+
+def bench_context(config: BenchConfig) -> BenchContext:
+    """The data and the original model of ``config`` in this process (trained and cached on first use)."""
+    key = content_hash(config.model_dump(mode="json"))
+    if key not in _CONTEXTS:
+        device = resolve_device(None if config.device == "auto" else config.device)
+        data = load_bench_data(config.data)
+        original = ModelCache(config, data, device=device).original().model
+        _CONTEXTS[key] = BenchContext(config, data, original, device)
+    return _CONTEXTS[key]
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """One job in this process: its context, split, datasets and seed; the ``unlearn`` arguments and the record
+    fields every backend derives from them the same way."""
+
+    config: BenchConfig
+    job: Job
+    ctx: BenchContext
+    split: UnlearningSplit
+    forget: Subset
+    retain: Subset
+    seed: int
+
+    @classmethod
+    def of(cls, config: BenchConfig, job: Job) -> JobInputs:
+        ctx = bench_context(config)
+        split = make_split(config, ctx.data.train_labels, split_index=job.split_index, retain_size=job.retain_size)
+        return cls(config, job, ctx, split, *split.datasets(ctx.data.train), split_seed(config, job.split_index))
+
+    def unlearn_options(self, *, device: torch.device) -> dict[str, Any]:
+        """Everything ``unlearn`` takes besides the model, the data and the evaluation set."""
+        config = self.config
+        return {
+            "method": self.job.method,
+            "stop": config.scenario.kind if config.unlearn.stop else None,
+            "max_epochs": config.unlearn.max_epochs,
+            "eval_every": config.unlearn.eval_every,
+            "track": config.unlearn.track,
+            "device": device,
+            "seed": self.seed,
+            "num_classes": self.ctx.data.num_classes,
+            "forget_classes": self.split.forget_classes,
+            **self.job.hyperparameters,
+        }
+
+    def record(self, result: UnlearnResult, *, device: torch.device, **extra: Any) -> dict[str, Any]:
+        """The run's record: ``run_record`` with the job's identity and split, plus the backend's ``extra``."""
+        job = self.job
+        return run_record(
+            result,
+            scenario=self.config.scenario.kind,
+            seed=self.seed,
+            forget_class=self.split.forget_classes[0] if self.split.forget_classes else None,
+            key=job.key,
+            phase=job.phase,
+            bench=self.config.name,
+            hyperparameters=job.hyperparameters,
+            evaluated_on="validation" if job.phase == "sweep" else "test",
+            retain_size=job.retain_size,
+            forget_size=len(self.split.forget),
+            original_hash=self.config.original_hash(),
+            device=str(device),
+            **extra,
+        )
+
+
+def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
+    """Run one job and return its record (with the retrained reference and privacy metrics when known)."""
+    inputs = JobInputs.of(config, job)
+    ctx, split, seed = inputs.ctx, inputs.split, inputs.seed
+    evaluation = ctx.data.validation if job.phase == "sweep" else ctx.data.test
+    assert evaluation is not None  # a sweep requires data.validation_size > 0 (config check)
+    with PeakMemory(ctx.device) as memory:
+        result = unlearn(ctx.original, inputs.forget, inputs.retain, test=evaluation,
+                         **inputs.unlearn_options(device=ctx.device))
+    reference = job.reference or {}
+    retrain_time = reference.get("train_time_s")
+    record = inputs.record(
+        result,
+        device=ctx.device,
+        split={"forget": indices_fingerprint(split.forget), "retain": indices_fingerprint(split.retain)},
+        memory=memory.report(),
+        efficiency=retrain_time / result.wall_time_s if retrain_time and result.wall_time_s > 0 else None,
+    )
+    if "accuracy" in reference:
+        record["retrained"] = reference["accuracy"]
+        record["gap_to_retrained"] = {
+            k: record["final"][k] - v for k, v in reference["accuracy"].items() if k in record["final"]
+        }
+    if job.phase == "test" and config.unlearn.privacy:
+        sets = {"forget": inputs.forget, "retain": inputs.retain, "test": evaluation}
+        record["privacy"] = privacy_metrics(
+            result.model, **sets, device=ctx.device, seed=seed, reference=reference.get("privacy")
+        )
+        # the same attacks on the original model fill the Original row's MIA columns
+        record["privacy"]["original"] = privacy_metrics(ctx.original, **sets, device=ctx.device, seed=seed)
+    return record
+
+
+RunJob = Callable[[BenchConfig, Job], dict[str, Any]]
+
+
+# ------------------------------------------------------------------------------------------------ the experiment
+
+
+class ImageExperiment:
+    """The jobs of one image config (or of each of its variants): plan, run one, describe, tabulate.
+
+    ``run_job(config, job)`` (default: ``execute``) runs one job; ``orthograd unlearn-ddp`` swaps in its
+    data-parallel one.
+    """
+
+    def __init__(self, configs: BenchConfig | Sequence[BenchConfig], *, run_job: RunJob = execute) -> None:
+        self.configs = [configs] if isinstance(configs, BenchConfig) else list(configs)
+        self._run_job = run_job
+        self._selections: dict[int, dict[str, Any]] = {}  # per variant with a sweep: the choice and every score
+
+    def setup(self) -> None:
+        for config in self.configs:
+            bench_context(config)
+
+    def plan(self, finished: FinishedRuns) -> Iterator[Phase]:
+        """Per variant: the sweep (when configured), then the test runs with the chosen hyperparameters."""
+        for variant, config in enumerate(self.configs):
+            references = self._references(config) if config.scenario.retrain else {}
+            chosen = {name: dict(hyper) for name, hyper in config.methods.items()}
+            if config.sweep is not None:
+                sweep_jobs = self._sweep_jobs(config, variant)
+                yield Phase("sweep", sweep_jobs)
+                chosen.update(self._select(variant, sweep_jobs, finished))
+            yield Phase("test", self._test_jobs(config, variant, chosen, references))
+
+    def run_job(self, job: Job) -> dict[str, Any]:
+        return self._run_job(self.configs[job.variant], job)
+
+    def record_key(self, record: Mapping[str, Any]) -> str:
+        return str(record.get("key"))
+
+    def describe(self, record: Mapping[str, Any]) -> str:
+        return run_line(record)
+
+    def write_tables(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> Path | None:
+        """The report of the test runs (``bench.report``) and each sweep's selection (``selection.json``)."""
+        for variant, selection in self._selections.items():
+            name = SELECTION_FILE if len(self.configs) == 1 else f"selection_variant{variant}.json"
+            atomic_write_json(out_dir / name, selection)
+        tested = [r for r in records if r.get("phase") == "test"]
+        return report_records(tested, out_dir=out_dir)["table"] if tested else None
+
+    # -- planning
+
+    @staticmethod
+    def _splits(config: BenchConfig) -> Iterator[tuple[int, int]]:
+        for retain_size in config.scenario.retain_size:
+            for index in range(n_splits(config)):
+                yield index, retain_size
+
+    @staticmethod
+    def _job(config: BenchConfig, variant: int, phase: str, method: str, hyper: dict[str, Any], index: int,
+             retain_size: int, reference: dict[str, Any] | None = None) -> Job:
+        key = job_key(config, phase=phase, method=method, hyperparameters=hyper, split_index=index,
+                      retain_size=retain_size)
+        return Job(phase, method, hyper, index, retain_size, key, reference, variant)
+
+    def _sweep_jobs(self, config: BenchConfig, variant: int) -> list[Job]:
+        """Each grid point on the first ``sweep.splits`` splits, at ``sweep.retain_size`` (default: the first)."""
+        assert config.sweep is not None
+        retain_size = config.sweep.retain_size or config.scenario.retain_size[0]
+        return [
+            self._job(config, variant, "sweep", name, {**config.methods[name], **point}, index, retain_size)
+            for name, grid in config.sweep.grid.items()
+            for point in grid_points(grid)
+            for index in range(config.sweep.splits)
+        ]
+
+    def _select(self, variant: int, jobs: list[Job], finished: FinishedRuns) -> dict[str, dict[str, Any]]:
+        """Per method, the grid point with the lowest mean validation UIS (ties: the first listed)."""
+        scores: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+        for method in dict.fromkeys(job.method for job in jobs):
+            points: dict[str, tuple[dict[str, Any], list[float]]] = {}
+            for job in (j for j in jobs if j.method == method):
+                uis_value = finished[job.key]["uis"]
+                entry = points.setdefault(content_hash(job.hyperparameters), (job.hyperparameters, []))
+                entry[1].append(float("inf") if uis_value is None else uis_value)
+            scores[method] = [(statistics.fmean(values), hyper) for hyper, values in points.values()]
+        selection = {m: min(s, key=lambda item: item[0]) for m, s in scores.items()}
+        self._selections[variant] = {
+            m: {"hyperparameters": h, "validation_uis": u,
+                "grid": [{"hyperparameters": hh, "validation_uis": uu} for uu, hh in scores[m]]}
+            for m, (u, h) in selection.items()
+        }
+        return {m: h for m, (_, h) in selection.items()}
+
+    def _test_jobs(self, config: BenchConfig, variant: int, chosen: Mapping[str, dict[str, Any]],
+                   references: Mapping[tuple[int, int], Any]) -> list[Job]:
+        return [
+            self._job(config, variant, "test", name, hyper, index, retain_size, references.get((index, retain_size)))
+            for index, retain_size in self._splits(config)
+            for name, hyper in chosen.items()
+        ]
+
+    def _references(self, config: BenchConfig) -> dict[tuple[int, int], dict[str, Any]]:
+        """Per split: the retrained model's accuracies, privacy metrics and training time (trained once, cached)."""
+        ctx = bench_context(config)
+        cache = ModelCache(config, ctx.data, device=ctx.device)
+        out: dict[tuple[int, int], dict[str, Any]] = {}
+        for index, retain_size in self._splits(config):
+            split = make_split(config, ctx.data.train_labels, split_index=index, retain_size=retain_size)
+            trained = cache.retrained(split.forget)
+            forget, retain = split.datasets(ctx.data.train)
+            model = trained.model.to(ctx.device)
+            sets = {"forget": forget, "retain": retain, "test": ctx.data.test}
+            out[(index, retain_size)] = {
+                "train_time_s": trained.train_time_s,
+                "accuracy": {name: evaluate(model, data, device=ctx.device) for name, data in sets.items()},
+                "privacy": privacy_metrics(model, **sets, device=ctx.device, seed=split_seed(config, index)),
+            }
+        return out
+
+
+def run_bench(
+    configs: BenchConfig | Sequence[BenchConfig],
+    raw: Mapping[str, Any] | None = None,
+    *,
+    out_dir: str | Path,
+    executor: Executor | None = None,
+    run_job: RunJob = execute,
+    on_start: OnStart | None = None,
+    on_run: OnRun | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume) an image benchmark into ``out_dir``; returns the test-phase records.
+
+    ``executor`` defaults to the first config's ``workers`` processes (this process for 1); ``run_job`` runs one
+    job (the data-parallel backend swaps in its own).
+    """
+    first = configs if isinstance(configs, BenchConfig) else configs[0]
+    executor = executor or ProcessPool(workers=first.workers, threads=first.threads_per_worker)
+    experiment = ImageExperiment(configs, run_job=run_job)
+    records = Engine(experiment, out_dir=out_dir, raw=raw, executor=executor).run(
+        on_start=on_start, on_run=on_run)
+    return [r for r in records if r.get("phase") == "test"]
