@@ -1,0 +1,226 @@
+"""The experiment engine's shared parts: phases and resume, the model store, the training loop, config variants,
+the one config loader, the record envelope and the executors' thread settings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from orthograd.bench.data import BenchData
+from orthograd.bench.config import ConfigError, apply_overrides, load_config, validate_config, variants_of
+from orthograd.bench.engine import Engine, FinishedRuns, Phase
+from orthograd.bench.executors import ProcessPool
+from orthograd.bench.experiments import load_experiment, validate_experiment
+from orthograd.bench.model_store import ModelStore
+from orthograd.bench.records import record_envelope, upgrade_record
+from orthograd.bench.training import ModelCache
+from orthograd.io import ResultsLog
+from orthograd.training import train_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+# ----------------------------------------------------------------------------------------------------- the engine
+
+
+@dataclass(frozen=True)
+class ToyJob:
+    key: str
+    value: int
+
+
+class ToyExperiment:
+    """Phase "a" squares 1..3; phase "b" adds the sum of phase a's records (read from the log) to 10."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+        self.tabulated: list[dict[str, Any]] = []
+
+    def setup(self) -> None:
+        pass
+
+    def plan(self, finished: FinishedRuns) -> Iterator[Phase]:
+        first = [ToyJob(f"a{i}", i) for i in (1, 2, 3)]
+        yield Phase("a", first)
+        total = sum(finished[job.key]["result"] for job in first)
+        yield Phase("b", [ToyJob("b", 10 + total)])
+
+    def run_job(self, job: ToyJob) -> dict[str, Any]:
+        self.ran.append(job.key)
+        return {"id": job.key, "result": job.value**2 if job.key.startswith("a") else job.value}
+
+    def record_key(self, record: Mapping[str, Any]) -> str:
+        return str(record["id"])
+
+    def describe(self, record: Mapping[str, Any]) -> str:
+        return f"{record['id']}={record['result']}"
+
+    def write_tables(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> Path:
+        self.tabulated = [dict(r) for r in records]
+        path = out_dir / "tables.md"
+        path.write_text("\n".join(self.describe(r) for r in records))
+        return path
+
+
+def test_a_later_phase_reads_the_earlier_ones_records_and_a_rerun_runs_nothing(tmp_path: Path) -> None:
+    experiment = ToyExperiment()
+    starts: list[tuple[str, int]] = []
+    engine = Engine(experiment, out_dir=tmp_path, raw={"name": "toy"})
+    records = engine.run(on_start=lambda phase, todo: starts.append((phase, todo)))
+    assert [r["result"] for r in records] == [1, 4, 9, 24]  # b = 10 + (1 + 4 + 9)
+    assert starts == [("a", 3), ("b", 1)] and experiment.ran == ["a1", "a2", "a3", "b"]
+    assert engine.tables == tmp_path / "tables.md" and "b=24" in engine.tables.read_text()
+    assert (tmp_path / "config.yaml").read_text() == "name: toy\n"
+
+    again = ToyExperiment()
+    assert Engine(again, out_dir=tmp_path).run() == records
+    assert again.ran == [] and again.tabulated == records  # resumed: nothing ran, the same records tabulated
+
+
+def test_an_interrupted_phase_resumes_with_the_unfinished_jobs_only(tmp_path: Path) -> None:
+    ResultsLog(tmp_path / "results.jsonl").append({"id": "a2", "result": 4})
+    experiment = ToyExperiment()
+    Engine(experiment, out_dir=tmp_path).run()
+    assert experiment.ran == ["a1", "a3", "b"]
+    assert len(ResultsLog(tmp_path / "results.jsonl").records()) == 4
+
+
+def test_one_local_worker_runs_on_its_thread_count_and_restores_the_process_one() -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    pool = ProcessPool(workers=1, threads=1)
+    assert pool.prepare(torch.get_num_threads) == 1
+    pool.run([ToyJob("a1", 1)], lambda job: {"threads": torch.get_num_threads()}, on_record=seen.append)
+    assert seen == [{"threads": 1}] and torch.get_num_threads() == before
+
+
+# ------------------------------------------------------------------------------------- model store and training
+
+
+class Tied(nn.Module):
+    """An embedding whose weight the output layer shares (as Whisper's and GPT-2's heads do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens))
+
+
+def test_the_store_trains_once_keeps_tied_weights_tied_and_leaves_no_partial_files(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    trained: list[int] = []
+
+    def train(model: nn.Module) -> None:
+        trained.append(1)
+        with torch.no_grad():
+            model.embed.weight.add_(1.0)
+
+    first = store.get("tied-abc", build=Tied, train=train, meta={"kind": "test"})
+    second = store.get("tied-abc", build=Tied, train=lambda model: pytest.fail("should load, not train"))
+    assert trained == [1] and not first.cache_hit and second.cache_hit
+    assert torch.equal(first.model.embed.weight, second.model.embed.weight)
+    assert second.model.head.weight.data_ptr() == second.model.embed.weight.data_ptr()  # still one tensor
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tied-abc.json", "tied-abc.safetensors"]
+
+
+def test_the_store_refuses_a_diverged_model_and_stores_nothing(tmp_path: Path) -> None:
+    def diverge(model: nn.Module) -> None:
+        with torch.no_grad():
+            model.embed.weight.fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError, match="lower the training learning rate"):
+        ModelStore(tmp_path).get("bad", build=Tied, train=diverge)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _counting_data() -> TensorDataset:
+    return TensorDataset(torch.randn(12, 4), torch.randint(0, 3, (12,)))
+
+
+def test_train_model_runs_epochs_or_steps_and_refuses_both_or_neither() -> None:
+    calls: list[int] = []
+    model = nn.Linear(4, 3)
+    model.register_forward_hook(lambda *args: calls.append(1))
+    train_model(model, _counting_data(), epochs=2, batch_size=4, device="cpu")
+    assert len(calls) == 6  # 3 batches a pass
+    calls.clear()
+    train_model(model, _counting_data(), steps=5, batch_size=4, device="cpu")
+    assert len(calls) == 5  # a second pass, cut at the fifth batch
+    with pytest.raises(ValueError, match="exactly one of epochs"):
+        train_model(model, _counting_data(), epochs=1, steps=1)
+    with pytest.raises(ValueError, match="exactly one of epochs"):
+        train_model(model, _counting_data())
+    with pytest.raises(ValueError, match="'adam', 'adamw' or 'sgd'"):
+        train_model(model, _counting_data(), epochs=1, optimizer="rmsprop")  # type: ignore[arg-type]
+
+
+def test_init_seed_makes_the_original_reproducible_and_leaves_older_cache_names_alone() -> None:
+    config, _ = load_config(CONFIGS / "demo.yaml", variant="random")
+    unseeded = validate_config(apply_overrides(config.model_dump(mode="json"), ["train.init_seed=null"]))
+    assert unseeded.original_hash() != config.original_hash()  # init_seed 0 is part of the demo's original
+    data = BenchData(train=_counting_data(), train_labels=np.zeros(12), validation=None, test=_counting_data(),
+                     num_classes=10, in_channels=1, image_size=8)
+    cache = ModelCache(config, data, device=torch.device("cpu"))
+    torch.manual_seed(123)
+    a = cache.fresh_model()
+    torch.manual_seed(456)
+    b = cache.fresh_model()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# ------------------------------------------------------------------------------------------ configs and records
+
+
+def test_variants_merge_section_by_section_and_overrides_apply_to_every_variant() -> None:
+    raw = {"name": "x", "scenario": {"kind": "random", "forget_size": 5}, "methods": {"neggrad": {"lr": 1.0}},
+           "variants": {"random": {}, "class": {"scenario": {"kind": "class", "forget_size": None},
+                                                "methods": {"neggrad": {"lr": 2.0}}}}}
+    variants = variants_of(raw, overrides=["methods.neggrad.forget_batch_size=8"])
+    assert variants["random"]["methods"] == {"neggrad": {"lr": 1.0, "forget_batch_size": 8}}
+    assert variants["class"]["scenario"] == {"kind": "class", "forget_size": None}
+    assert variants["class"]["methods"] == {"neggrad": {"lr": 2.0, "forget_batch_size": 8}}
+    assert list(variants_of({"name": "y"})) == [""]
+
+
+def test_the_demo_is_two_variants_and_variants_null_keeps_its_base(tmp_path: Path) -> None:
+    configs, raw = load_experiment(CONFIGS / "demo.yaml")
+    assert [c.scenario.kind for c in configs] == ["random", "class"]
+    assert configs[1].methods["neggrad"] == {"lr": 3.0e-3} and configs[0].methods["neggrad"] == {"lr": 5.0e-3}
+    (base,), _ = load_experiment(CONFIGS / "demo.yaml", overrides=["variants=null"])
+    assert base.scenario.kind == "random"
+    with pytest.raises(ConfigError, match="has variants"):
+        load_config(CONFIGS / "demo.yaml")
+
+
+def test_one_loader_tells_tasks_apart_and_names_the_valid_keys() -> None:
+    with pytest.raises(ConfigError, match="tasks: classification, asr, causal_lm"):
+        validate_experiment({"task": "vision", "name": "x"})
+    with pytest.raises(ConfigError, match=r"unknown key 'corpus.voices'; valid keys here: .*train_voices"):
+        validate_experiment({"task": "asr", "name": "x", "corpus": {"voices": 3}, "runs": [{"label": "a",
+                                                                                             "method": "finetune"}]})
+    (llm,), _ = load_experiment(CONFIGS / "authors_llm.yaml")
+    assert llm.task == "causal_lm" and llm.run_dir() == Path("runs/authors_llm")
+
+
+def test_the_envelope_is_shared_and_older_records_are_upgraded_per_task() -> None:
+    envelope = record_envelope(task="asr", bench="b", key="k", phase="test", method="original", label="Original",
+                               hyperparameters={}, seed=None)
+    assert envelope["stop_reason"] is None and envelope["versions"]["torch"] == torch.__version__
+    old = {"split": "validation", "params": {"lr": 1}, "wall_s": 2.0, "label": "NPO"}
+    assert upgrade_record(old, task="causal_lm") == {"task": "causal_lm", "phase": "validation",
+                                                     "hyperparameters": {"lr": 1}, "wall_time_s": 2.0,
+                                                     "label": "NPO"}
+    image = {"task": "classification", "split": {"forget": "f"}}
+    assert upgrade_record(image, task="classification") == image  # a current record is left as it is
