@@ -35,7 +35,7 @@ def test_every_shipped_image_config_validates(name: str) -> None:
 
 def test_shipped_llm_config_validates_with_its_schema() -> None:
     from orthograd import llm_bench
-    from orthograd.llm_bench.tuning import grid_points
+    from orthograd.bench.config import grid_points
     from orthograd.methods import make_config
 
     config = llm_bench.load_config(CONFIGS / "authors_llm.yaml")

@@ -24,14 +24,13 @@ same.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from orthograd.bench.config import ConfigSection, ExperimentConfig, read_config, validate_as
+from orthograd.bench.config import ConfigSection, ExperimentConfig, grid_points, read_config, validate_as
 
 Number = int | float  # an int stays an int (pydantic's float would make 75 into 75.0 and change record keys)
 
@@ -167,12 +166,10 @@ class RunSpec(ConfigSection):
         """``(variant name, params)`` for every grid combination (just the run itself without a grid)."""
         if not self.grid:
             return [(self.label, dict(self.params))]
-        keys = sorted(self.grid)
         out = []
-        for values in itertools.product(*(self.grid[k] for k in keys)):
-            chosen = dict(zip(keys, values))
-            name = self.label + " (" + ", ".join(f"{k}={v}" for k, v in chosen.items()) + ")"
-            out.append((name, {**self.params, **chosen}))
+        for chosen in grid_points({name: self.grid[name] for name in sorted(self.grid)}):  # names sorted, as written
+            variant = self.label + " (" + ", ".join(f"{k}={v}" for k, v in chosen.items()) + ")"
+            out.append((variant, {**self.params, **chosen}))
         return out
 
 

@@ -13,7 +13,6 @@ rule (W_unlearn >= target). ``run`` hands the experiment to the engine (``bench.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -73,7 +72,7 @@ def settings_key(config: SpeakerBenchConfig, variant: str, params: Mapping[str, 
     ]
     if config.unlearning.track != "all":  # records made before the option keep their keys
         payload.append(config.unlearning.track)
-    return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:12]
+    return content_hash(payload, length=12, sort_keys=False, compact=False)
 
 
 def _identity(speaker: str, variant: str, key: str) -> str:
@@ -148,7 +147,8 @@ def _original_model(
         return model.to(device).eval()
     heldout = {u.id for s in speakers_of(corpus.train) for u in _split(config, corpus, s).speaker_heldout}
     train = [u for u in corpus.train if u.id not in heldout]
-    fingerprint = json.dumps([config.model.source, config.model.window_s, repr(settings), [u.id for u in train]])
+    fingerprint = content_hash([config.model.source, config.model.window_s, repr(settings), [u.id for u in train]],
+                               length=12, sort_keys=False, compact=False)
 
     def fine_tune(fresh: torch.nn.Module) -> None:
         torch.manual_seed(settings.seed)  # dropout, as the original fine-tunes were made
@@ -157,7 +157,7 @@ def _original_model(
                     log_every=20)
 
     stored = ModelStore(config.run_dir()).get(
-        f"original-{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}",
+        f"original-{fingerprint}",
         build=lambda: model,
         train=fine_tune,
         meta={"source": config.model.source, "original": settings.model_dump(), "train_utterances": len(train)},

@@ -9,6 +9,7 @@ learning rate fails before any model is trained. The hash of the parts that dete
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -233,10 +234,21 @@ class BenchConfig(ExperimentConfig):
         )
 
 
-def content_hash(value: Any) -> str:
-    """Short, stable hash of a JSON-able value (keys sorted)."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+def content_hash(value: Any, *, length: int = 16, sort_keys: bool = True, compact: bool = True) -> str:
+    """Short, stable hash (SHA-256 hex prefix) of a JSON-able value: the identity of a config, a record, a model.
+
+    ``sort_keys`` and ``compact`` (JSON without spaces) are how the value is written before hashing; the speech and
+    language-model benchmarks first wrote their keys with spaces (and the speech one unsorted), and keep doing so
+    that their results logs and stored models are found again.
+    """
+    separators = (",", ":") if compact else None
+    text = json.dumps(value, sort_keys=sort_keys, separators=separators, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a ``{name: [values]}`` grid, in the order the grid lists names and values."""
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

@@ -19,11 +19,11 @@ import torch
 from torch.utils.data import Subset
 
 from orthograd.api import unlearn
-from orthograd.bench.config import BenchConfig, content_hash
+from orthograd.bench.config import BenchConfig, content_hash, grid_points
 from orthograd.bench.data import BenchData, load_bench_data
 from orthograd.bench.engine import Engine, FinishedRuns, OnRun, OnStart, Phase
 from orthograd.bench.executors import Executor, ProcessPool
-from orthograd.bench.jobs import Job, grid_points, job_key, make_split, n_splits, split_seed
+from orthograd.bench.jobs import Job, job_key, make_split, n_splits, split_seed
 from orthograd.bench.memory import PeakMemory
 from orthograd.bench.printer import run_line
 from orthograd.bench.records import record_envelope

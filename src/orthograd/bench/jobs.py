@@ -6,7 +6,6 @@ runs are found and skipped whichever backend ran them (``bench.executors``).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,9 +91,3 @@ def _as_first_keyed(resolved: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(lora, dict):
         return resolved
     return {**resolved, "lora": {("alpha" if name == "lora_alpha" else name): v for name, v in lora.items()}}
-
-
-def grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of a method's grid values, in the order the config lists them."""
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]

@@ -19,8 +19,6 @@ Schema (every section optional except ``runs``; unknown keys are errors):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -122,9 +120,3 @@ class AuthorsBenchConfig(ExperimentConfig):
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> AuthorsBenchConfig:
     """Read a YAML config, apply ``section.key=value`` overrides (values parsed as YAML) and validate it."""
     return validate_as(AuthorsBenchConfig, read_config(path, overrides=overrides))
-
-
-def digest(value: Any) -> str:
-    """16 hex digits of the SHA-256 of ``value`` as sorted JSON: this benchmark's record keys and model names (the
-    compact JSON of ``bench.config.content_hash`` would rename every stored record and model)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -15,17 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orthograd.bench.config import ExperimentConfig
+from orthograd.bench.config import ExperimentConfig, content_hash, grid_points
 from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.experiments import run_experiment
 from orthograd.bench.records import Record, record_envelope, upgrade_record
 from orthograd.data.authors import forget_authors
 from orthograd.io import atomic_write_text
-from orthograd.llm_bench.config import TASK, AuthorsBenchConfig, RunSpec, digest, load_config
+from orthograd.llm_bench.config import TASK, AuthorsBenchConfig, RunSpec, load_config
 from orthograd.llm_bench.plots import plot_tradeoff
 from orthograd.llm_bench.runner import workbench
 from orthograd.llm_bench.tables import authors_tables, record_line
-from orthograd.llm_bench.tuning import choose, grid_points, validation_authors
+from orthograd.llm_bench.tuning import choose, validation_authors
 
 log = logging.getLogger(__name__)
 REFERENCES = {"original": "Original", "retrain": "Retrain"}  # method -> label of the records that only measure
@@ -156,7 +156,8 @@ def record_digest(config: AuthorsBenchConfig, *, label: str, params: Mapping[str
     lora = spec["unlearning"]["lora"]
     if lora is not None:
         spec["unlearning"]["lora"] = {("alpha" if name == "lora_alpha" else name): v for name, v in lora.items()}
-    return digest({"config": spec, "label": label, "params": dict(params), "forget": list(authors)})
+    return content_hash({"config": spec, "label": label, "params": dict(params), "forget": list(authors)},
+                        compact=False)
 
 
 def _identity(phase: str, fraction: float, label: str, seed: int | None, key: str) -> str:

@@ -25,7 +25,7 @@ from orthograd.api import unlearn
 from orthograd.bench.config import content_hash
 from orthograd.bench.model_store import ModelStore
 from orthograd.data.authors import QAPair, generate_authors, qa_pairs
-from orthograd.llm_bench.config import AuthorsBenchConfig, digest
+from orthograd.llm_bench.config import AuthorsBenchConfig
 from orthograd.privacy import loss_attack
 from orthograd.results import UnlearnResult
 from orthograd.runtime import resolve_device
@@ -110,7 +110,7 @@ class Workbench:
                         epochs=training.epochs, lr=training.lr, batch_size=training.batch_size, optimizer="adamw",
                         weight_decay=ADAMW_WEIGHT_DECAY, seed=training.seed, device=self.device)
 
-        stored = self.store.get(f"lm-{digest(spec)}", build=build, train=train, meta=spec)
+        stored = self.store.get(f"lm-{content_hash(spec, compact=False)}", build=build, train=train, meta=spec)
         return stored.model.to(self.device)
 
     def split(self, forget_ids: Sequence[int]) -> Split:

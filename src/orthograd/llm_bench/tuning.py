@@ -9,7 +9,6 @@ original model's (the most useful point when none does).
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,11 +26,6 @@ def validation_authors(config: AuthorsBenchConfig, *, fraction: float) -> list[i
     if len(pool) < wanted:
         raise ValueError(f"only {len(pool)} authors are outside the test forget sets, tuning needs {wanted}")
     return sorted(random.Random(config.tuning.seed).sample(pool, wanted))
-
-
-def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """Every combination of a ``{name: [values]}`` grid, in order."""
-    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
 def choose(
