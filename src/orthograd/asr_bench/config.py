@@ -30,7 +30,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from orthograd.bench.config import ConfigSection, ExperimentConfig, grid_points, read_config, validate_as
+from orthograd.bench.config import (
+    ConfigSection, ExperimentConfig, RunRow, grid_points, read_config, unique_labels, validate_as,
+)
 
 Number = int | float  # an int stays an int (pydantic's float would make 75 into 75.0 and change record keys)
 
@@ -144,22 +146,15 @@ class UnlearningConfig(ConfigSection):
         return self
 
 
-class RunSpec(ConfigSection):
-    """One table row: a method with its hyperparameters (``grid``: lists of values to try)."""
+class RunSpec(RunRow):
+    """One table row: a method with its hyperparameters (``grid``: lists of values to try), in Table 1 and/or 2."""
 
-    label: str
-    method: str
-    params: dict[str, Any] = Field(default_factory=dict)
     tables: list[int] = Field(default_factory=lambda: [2])
-    grid: dict[str, list[Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _consistent(self) -> RunSpec:
+    def _tables(self) -> RunSpec:
         if not set(self.tables) <= {1, 2}:
             raise ValueError(f"run {self.label!r}: tables must be a subset of [1, 2], got {self.tables}")
-        for key, values in self.grid.items():
-            if not values:
-                raise ValueError(f"run {self.label!r}: grid.{key} must be a non-empty list")
         return self
 
     def expand(self) -> list[tuple[str, dict[str, Any]]]:
@@ -190,9 +185,7 @@ class SpeakerBenchConfig(ExperimentConfig):
     def _consistent(self) -> SpeakerBenchConfig:
         if not self.runs:
             raise ValueError("runs must list at least one method")
-        labels = [r.label for r in self.runs]
-        if len(labels) != len(set(labels)):
-            raise ValueError(f"run labels must be unique, got {labels}")
+        unique_labels(self.runs)
         has_validation = self.corpus.validation_voices > 0 if self.corpus.kind == "espeak" \
             else self.corpus.validation_dir is not None
         gridded = [r.label for r in self.runs if r.grid]

@@ -34,6 +34,30 @@ class ConfigSection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class RunRow(ConfigSection):
+    """A table row of the speech and language-model benchmarks: a labelled method with its hyperparameters, and
+    optionally a ``grid`` of values to try (``{name: [values]}``), chosen on the task's validation data."""
+
+    label: str
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _grid_values(self) -> "RunRow":
+        empty = [name for name, values in self.grid.items() if not values]
+        if empty:
+            raise ValueError(f"run {self.label!r}: grid values must be non-empty lists, got none for {empty}")
+        return self
+
+
+def unique_labels(runs: Sequence[RunRow]) -> None:
+    """Refuse two rows with one label (their records would share a name in the tables)."""
+    labels = [run.label for run in runs]
+    if len(labels) != len(set(labels)):
+        raise ValueError(f"run labels must be unique, got {labels}")
+
+
 class ExperimentConfig(ConfigSection):
     """What every experiment config has, whatever its task: its name, its run folder and how its jobs run.
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from orthograd.bench.config import ConfigSection, ExperimentConfig, read_config, validate_as
+from orthograd.bench.config import ConfigSection, ExperimentConfig, RunRow, read_config, unique_labels, validate_as
 
 TASK = "causal_lm"
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -80,25 +80,10 @@ class TuningConfig(ConfigSection):
     keep_utility: float = Field(0.9, ge=0.0, le=1.0)
 
 
-class RunSpec(ConfigSection):
-    label: str
-    method: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    grid: dict[str, list[Any]] = Field(default_factory=dict)
-
-    @field_validator("grid")
-    @classmethod
-    def _grid(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        empty = [name for name, values in value.items() if not values]
-        if empty:
-            raise ValueError(f"grid values must be non-empty lists, got none for {empty}")
-        return value
-
-
 class AuthorsBenchConfig(ExperimentConfig):
     """The TOFU-style benchmark: corpus, model, its training, forget splits, the shared unlearning setup, runs."""
 
-    runs: tuple[RunSpec, ...] = Field(min_length=1)
+    runs: tuple[RunRow, ...] = Field(min_length=1)
     task: Literal["causal_lm"] = TASK
     name: str = "authors_llm"
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
@@ -110,10 +95,8 @@ class AuthorsBenchConfig(ExperimentConfig):
 
     @field_validator("runs")
     @classmethod
-    def _unique_labels(cls, value: tuple[RunSpec, ...]) -> tuple[RunSpec, ...]:
-        labels = [r.label for r in value]
-        if len(labels) != len(set(labels)):
-            raise ValueError(f"run labels must be unique, got {labels}")
+    def _unique_labels(cls, value: tuple[RunRow, ...]) -> tuple[RunRow, ...]:
+        unique_labels(value)
         return value
 
 

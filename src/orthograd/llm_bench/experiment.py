@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orthograd.bench.config import ExperimentConfig, content_hash, grid_points
+from orthograd.bench.config import ExperimentConfig, RunRow, content_hash, grid_points
 from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.experiments import run_experiment
 from orthograd.bench.records import Record, record_envelope, upgrade_record
 from orthograd.data.authors import forget_authors
 from orthograd.io import atomic_write_text
-from orthograd.llm_bench.config import TASK, AuthorsBenchConfig, RunSpec, load_config
+from orthograd.llm_bench.config import TASK, AuthorsBenchConfig, load_config
 from orthograd.llm_bench.plots import plot_tradeoff
 from orthograd.llm_bench.runner import workbench
 from orthograd.llm_bench.tables import authors_tables, record_line
@@ -133,7 +133,7 @@ class AuthorsExperiment:
             tested = forget_authors(config.corpus.authors, fraction=fraction, seed=protocol.split_seed)
             yield "test", fraction, tuple(sorted(tested))
 
-    def _run(self, phase: str, fraction: float, authors: tuple[int, ...], spec: RunSpec, values: dict[str, Any],
+    def _run(self, phase: str, fraction: float, authors: tuple[int, ...], spec: RunRow, values: dict[str, Any],
              seed: int) -> AuthorsJob:
         """The job of ``spec`` with ``values`` over its own and the shared defaults."""
         params = {**self.config.unlearning.defaults, **spec.params, **values}
