@@ -50,8 +50,9 @@ def train_model(
     check_model(model)
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs (passes over the data) or steps (batches)")
-    if (epochs if epochs is not None else steps) < 0:  # type: ignore[operator]
-        raise ValueError(f"epochs and steps must be >= 0, got epochs={epochs}, steps={steps}")
+    for name, count in (("epochs", epochs), ("steps", steps)):
+        if count is not None and count < 0:
+            raise ValueError(f"{name} must be >= 0, got {count}")
     if optimizer not in ("adam", "adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {optimizer!r}")
     task = get_task(task)
