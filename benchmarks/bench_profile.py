@@ -36,7 +36,7 @@ import torch
 import orthograd.privacy
 from orthograd import api
 from orthograd.bench import runner, training
-from orthograd.bench.config import load_config
+from orthograd.bench.image_config import load_config
 
 PHASES = ("data", "original", "retrain", "steps", "evaluation", "probes", "setup/merge", "privacy", "rest")
 

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from orthograd.bench import image, training
-from orthograd.bench.config import ConfigError, load_config
+from orthograd.bench.config import ConfigError
+from orthograd.bench.image_config import load_config
 from orthograd.bench.report import write_report
 from orthograd.bench.image import run_bench
 from orthograd.io import ResultsLog

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from orthograd import unlearn
-from orthograd.bench.config import validate_config
+from orthograd.bench.image_config import validate_config
 from orthograd.bench.jobs import Job, job_key
 from orthograd.bench.image import execute
 from orthograd.distributed import unlearn_distributed

@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from orthograd.bench.data import BenchData
-from orthograd.bench.config import ConfigError, apply_overrides, load_config, validate_config, variants_of
+from orthograd.bench.config import ConfigError, apply_overrides, variants_of
+from orthograd.bench.image_config import load_config, validate_config
 from orthograd.bench.engine import Engine, FinishedRuns, Phase
 from orthograd.bench.executors import ProcessPool
 from orthograd.bench.experiments import load_experiment, validate_experiment

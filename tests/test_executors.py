@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from orthograd.bench.config import validate_config
+from orthograd.bench.image_config import validate_config
 from orthograd.bench.executors import Executor, InProcess, ProcessPool
 from orthograd.bench.jobs import job_key
 from orthograd.bench.image import run_bench

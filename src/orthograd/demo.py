@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from orthograd import methods
-from orthograd.bench.config import expand_config, validate_config
+from orthograd.bench.config import expand_config
+from orthograd.bench.image_config import validate_config
 from orthograd.bench.console import shipped_configs
 from orthograd.bench.engine import OnRun, OnStart
 from orthograd.bench.image import run_bench

@@ -4,7 +4,9 @@
 an image run's results into tables and plots.
 """
 
-from orthograd.bench.config import BenchConfig, ConfigError, apply_overrides, load_config, validate_config
+from orthograd.bench.config import ConfigError, apply_overrides
+
+from orthograd.bench.image_config import BenchConfig, load_config, validate_config
 from orthograd.bench.engine import Engine
 from orthograd.bench.image import ImageExperiment, run_bench
 

@@ -1,9 +1,9 @@
-"""Benchmark configs: a YAML file validated by pydantic, ``--set key=value`` overrides and content hashes.
+"""The config system every benchmark task shares: YAML, ``--set`` overrides, variants, validation, content hashes.
 
-Every section forbids unknown keys, so a typo is an error naming the valid keys instead of a silent default.
-Method hyperparameters are checked against the method's own config class when the file is loaded, so a bad
-learning rate fails before any model is trained. The hash of the parts that determine the original model
-(data, model, training) keys its cache; the hash of a whole section keys a results record.
+A task's config is a pydantic ``ExperimentConfig`` made of ``ConfigSection``s, each forbidding unknown keys, so a typo
+is an error naming the valid keys instead of a silent default (``describe_errors``). ``variants:`` makes one file
+several configs (``variants_of``). ``content_hash`` keys caches and records; ``grid_points`` expands a grid. The
+image task's schema is ``bench.image_config``; the speech and language-model schemas live in their packages.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import itertools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from orthograd import methods
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -78,186 +77,6 @@ class ExperimentConfig(ConfigSection):
         return self.output if self.output is not None else Path("runs") / self.name
 
 
-class DataConfig(ConfigSection):
-    """Which dataset, where it lives, and how much of it the benchmark uses.
-
-    ``validation_size`` samples are held out of the training data before anything is trained: the original model
-    never sees them, and sweeps select hyperparameters on them (never on test). ``train_size`` / ``test_size``
-    subsample the rest (None: all), for CPU-sized runs.
-    """
-
-    name: Literal["digits", "fashion_mnist", "cifar10", "imagenet"]
-    root: Path | None = None
-    train_size: int | None = Field(default=None, ge=1)
-    test_size: int | None = Field(default=None, ge=1)
-    validation_size: int = Field(default=0, ge=0)
-    image_size: int = Field(default=224, ge=8)  # ImageNet only: resize + center crop to this
-    verify_checksums: bool = True  # CIFAR-10 only: torchvision's md5 check of the batch files
-    split_seed: int = 0
-
-    @model_validator(mode="after")
-    def _root_needed(self) -> "DataConfig":
-        if self.name in ("cifar10", "imagenet") and self.root is None:
-            raise ValueError(f"data.root is required for {self.name}: the folder that holds your local copy")
-        return self
-
-
-class SmallCNNConfig(ConfigSection):
-    arch: Literal["small_cnn"]
-    width: int = Field(default=16, ge=1)
-    norm: Literal["group", "batch", "none"] = "group"
-    weights: Path | None = None
-
-
-class ResNet18Config(ConfigSection):
-    arch: Literal["resnet18"]
-    stem: Literal["cifar", "imagenet"] = "imagenet"  # cifar: 3x3 stride-1 first conv, no max-pool
-    weights: Path | None = None
-
-
-class ViTConfig(ConfigSection):
-    """torchvision's VisionTransformer; the defaults are ViT-B/16 (smaller sizes for tests and CPUs)."""
-
-    arch: Literal["vit_b_16"]
-    patch_size: int = Field(default=16, ge=1)
-    num_layers: int = Field(default=12, ge=1)
-    num_heads: int = Field(default=12, ge=1)
-    hidden_dim: int = Field(default=768, ge=1)
-    mlp_dim: int = Field(default=3072, ge=1)
-    weights: Path | None = None
-
-
-ModelConfig = Annotated[SmallCNNConfig | ResNet18Config | ViTConfig, Field(discriminator="arch")]
-
-
-class TrainConfig(ConfigSection):
-    """How the original model (and the retrained reference) is trained; ``epochs: 0`` uses ``model.weights`` as is."""
-
-    epochs: int = Field(ge=0)
-    lr: float = Field(gt=0)
-    batch_size: int = Field(default=128, ge=1)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    momentum: float = Field(default=0.9, ge=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    seed: int = 0  # the shuffling of the training data
-    # the weights' initialisation (None: the process's generator as it stands, which is how the shipped benchmarks'
-    # originals were made; in a fresh ``orthograd bench`` process that is torch's default seed)
-    init_seed: int | None = None
-
-
-class ScenarioConfig(ConfigSection):
-    """What is forgotten: ``random`` samples (one split per seed) or a whole ``class`` (one split per class)."""
-
-    kind: Literal["random", "class"]
-    forget_size: int | None = Field(default=None, ge=1)
-    retain_size: list[int]
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    classes: list[int] = Field(default_factory=list)
-    retrain: bool = False
-
-    @field_validator("retain_size", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, int) else value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "ScenarioConfig":
-        if not self.retain_size or min(self.retain_size) < 1:
-            raise ValueError("scenario.retain_size must be a positive size or a non-empty list of them")
-        if self.kind == "random":
-            if self.forget_size is None:
-                raise ValueError("scenario.forget_size is required when scenario.kind is 'random'")
-            if not self.seeds:
-                raise ValueError("scenario.seeds must list at least one seed")
-            if self.classes:
-                raise ValueError("scenario.classes is for kind 'class'; random forgetting uses scenario.seeds")
-        else:
-            if not self.classes:
-                raise ValueError("scenario.classes must list the classes to forget when scenario.kind is 'class'")
-            if self.forget_size is not None:
-                raise ValueError("scenario.forget_size is for kind 'random'; class forgetting forgets the whole class")
-        return self
-
-
-class UnlearnConfig(ConfigSection):
-    """The run protocol shared by every method: epoch cap, evaluation schedule and the paper's stopping rule."""
-
-    max_epochs: int = Field(default=30, ge=1)
-    eval_every: int | None = Field(default=None, ge=1)  # evaluate every n steps (None: after every epoch)
-    stop: bool = True  # the paper's rule for the scenario (random: A_u <= A_test^p + 0.5; class: A_u < 1%)
-    # "stop": rows between the first and the last evaluate only the forget set (what the rule reads), the last row
-    # every set; evaluation is ~40-80% of an iterative method's time here (benchmarks/bench_profile.py), at the cost
-    # of the retain/test trajectories in trajectories.png
-    track: Literal["all", "stop"] = "all"
-    privacy: bool = True  # membership-inference metrics of every test run (the MIA columns of the tables)
-
-
-class SweepConfig(ConfigSection):
-    """A grid per method, scored by UIS on the validation split; the best point is then run on test."""
-
-    grid: dict[str, dict[str, list[Any]]]
-    splits: int = Field(default=1, ge=1)  # how many of the scenario's splits (seeds/classes) each point is scored on
-    retain_size: int | None = Field(default=None, ge=1)  # the retain size the grid is scored at (None: the first)
-
-
-class BenchConfig(ExperimentConfig):
-    """An image-classification benchmark: data, model, original training, scenario, methods, protocol."""
-
-    task: Literal["classification"] = "classification"
-    data: DataConfig
-    model: ModelConfig
-    train: TrainConfig
-    scenario: ScenarioConfig
-    methods: dict[str, dict[str, Any]]
-    unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
-    sweep: SweepConfig | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    cache_dir: Path = Path("runs/cache")
-
-    @field_validator("methods")
-    @classmethod
-    def _methods_known(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        if not value:
-            raise ValueError("methods must name at least one method")
-        for name, hyper in value.items():
-            methods.make_config(name, hyper or {})  # unknown method or hyperparameter: the method's own error
-        return {name: dict(hyper or {}) for name, hyper in value.items()}
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> "BenchConfig":
-        if self.unlearn.track == "stop" and not self.unlearn.stop:
-            raise ValueError("unlearn.track 'stop' evaluates what the stopping rule reads: set unlearn.stop true")
-        if self.train.epochs == 0 and self.model.weights is None:
-            raise ValueError("train.epochs is 0 (use model.weights as the original model) but model.weights is not set")
-        if self.sweep is not None:
-            if self.data.validation_size < 1:
-                raise ValueError("a sweep selects on the validation split: set data.validation_size > 0")
-            for name, grid in self.sweep.grid.items():
-                if name not in self.methods:
-                    raise ValueError(f"sweep.grid names {name!r}, which is not in methods {sorted(self.methods)}")
-                for key, values in grid.items():
-                    if not values:
-                        raise ValueError(f"sweep.grid.{name}.{key} is an empty list")
-                    for value in values:
-                        methods.make_config(name, {**self.methods[name], key: value})
-            n_splits = len(self.scenario.seeds if self.scenario.kind == "random" else self.scenario.classes)
-            if self.sweep.splits > n_splits:
-                raise ValueError(f"sweep.splits is {self.sweep.splits} but the scenario has {n_splits} splits")
-            if self.sweep.retain_size is not None and self.sweep.retain_size not in self.scenario.retain_size:
-                raise ValueError(f"sweep.retain_size is {self.sweep.retain_size}, which is not one of "
-                                 f"scenario.retain_size {self.scenario.retain_size}")
-        return self
-
-    def original_hash(self) -> str:
-        """Hash of what determines the original model: data, model and training settings (``train.init_seed`` only
-        when set, so that the models made before it existed keep their cache entries)."""
-        unset = {"init_seed"} if self.train.init_seed is None else None
-        return content_hash(
-            {"data": self.data.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
-             "train": self.train.model_dump(mode="json", exclude=unset)}
-        )
-
-
 def content_hash(value: Any, *, length: int = 16, sort_keys: bool = True, compact: bool = True) -> str:
     """Short, stable hash (SHA-256 hex prefix) of a JSON-able value: the identity of a config, a record, a model.
 
@@ -303,9 +122,10 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{where}: {error['msg']}"
 
 
-_MODEL_ARCHS: dict[str, type[BaseModel]] = {
-    "small_cnn": SmallCNNConfig, "resnet18": ResNet18Config, "vit_b_16": ViTConfig,
-}
+def _has_tag(model: type[BaseModel], tag: Any) -> bool:
+    """Whether one of ``model``'s fields is a ``Literal`` that admits ``tag`` (the member of a tagged union)."""
+    fields = model.model_fields.values()
+    return any(get_origin(f.annotation) is Literal and tag in get_args(f.annotation) for f in fields)
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -321,8 +141,8 @@ def _valid_keys(loc: Sequence[Any], root: type[BaseModel]) -> str:
     for part in loc[:-1]:
         if isinstance(part, int):  # an item of a list section: its model is already the candidate
             continue
-        if len(candidates) > 1:  # a tagged union: pydantic puts the tag (model.arch) in the location
-            candidates = [_MODEL_ARCHS[part]] if part in _MODEL_ARCHS else candidates
+        if len(candidates) > 1:  # a tagged union: pydantic puts the tag (e.g. model.arch's value) in the location
+            candidates = [m for m in candidates if _has_tag(m, part)] or candidates
             continue
         field = candidates[0].model_fields.get(str(part))
         candidates = _models_in(field.annotation) if field is not None else []
@@ -353,11 +173,6 @@ def validate_as(cls: type[ConfigT], raw: Mapping[str, Any]) -> ConfigT:
     except ValidationError as exc:
         lines = describe_errors(exc, root=cls)
         raise ConfigError(f"invalid {cls.__name__}:\n  " + "\n  ".join(lines)) from None
-
-
-def validate_config(raw: Mapping[str, Any]) -> BenchConfig:
-    """A ``BenchConfig`` from a dict, or a ``ConfigError`` listing every problem (and the valid keys)."""
-    return validate_as(BenchConfig, raw)
 
 
 def read_config(path: str | Path, *, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -408,19 +223,3 @@ def _merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, An
         both_sections = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
         out[key] = _merged(out[key], value) if both_sections else value
     return out
-
-
-def load_config(
-    path: str | Path, *, overrides: Sequence[str] = (), variant: str | None = None
-) -> tuple[BenchConfig, dict[str, Any]]:
-    """Read, override and validate a YAML config; returns the config and the raw dict it came from.
-
-    For a config with ``variants``, ``variant`` names the one to load (``load_variants`` loads them all).
-    """
-    variants, _ = expand_config(path, overrides=overrides)
-    if variant is None and len(variants) > 1:
-        raise ConfigError(f"{path} has variants {sorted(variants)}: name one (variant=...)")
-    name = variant if variant is not None else next(iter(variants))
-    if name not in variants:
-        raise ConfigError(f"{path} has no variant {name!r}; its variants: {sorted(variants)}")
-    return validate_config(variants[name]), variants[name]

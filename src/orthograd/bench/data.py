@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from orthograd.bench.config import ConfigError, DataConfig
+from orthograd.bench.config import ConfigError
+
+from orthograd.bench.image_config import DataConfig
 from orthograd.data import load_digits_dataset
 from orthograd.data.splits import labels_of
 

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import Subset
 
 from orthograd.api import unlearn
-from orthograd.bench.config import BenchConfig, content_hash, grid_points
+from orthograd.bench.config import content_hash, grid_points
+from orthograd.bench.image_config import BenchConfig
 from orthograd.bench.data import BenchData, load_bench_data
 from orthograd.bench.engine import Engine, FinishedRuns, OnRun, OnStart, Phase
 from orthograd.bench.executors import Executor, ProcessPool

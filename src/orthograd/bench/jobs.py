@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from orthograd import methods
-from orthograd.bench.config import BenchConfig, content_hash
+from orthograd.bench.config import content_hash
+from orthograd.bench.image_config import BenchConfig
 from orthograd.data.splits import UnlearningSplit, class_forgetting_split, random_forgetting_split
 
 

@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from orthograd.bench.config import ConfigError, ResNet18Config, SmallCNNConfig, ViTConfig
+from orthograd.bench.config import ConfigError
+
+from orthograd.bench.image_config import ResNet18Config, SmallCNNConfig, ViTConfig
 from orthograd.models import SmallCNN
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from orthograd.bench.config import BenchConfig, TrainConfig
+from orthograd.bench.image_config import BenchConfig, TrainConfig
 from orthograd.bench.data import BenchData
 from orthograd.bench.model_store import ModelStore, TrainedModel
 from orthograd.bench.models import build_model

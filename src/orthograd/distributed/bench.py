@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from orthograd.bench.config import BenchConfig
+from orthograd.bench.image_config import BenchConfig
 from orthograd.bench.executors import OnRecord, RunJob
 from orthograd.bench.jobs import Job
 from orthograd.bench.engine import OnRun, OnStart

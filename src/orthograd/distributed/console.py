@@ -8,7 +8,7 @@ from pathlib import Path
 import torch.distributed as dist
 from rich.console import Console
 
-from orthograd.bench.config import load_config
+from orthograd.bench.image_config import load_config
 from orthograd.bench.printer import RunPrinter
 from orthograd.distributed.bench import run_bench_distributed
 from orthograd.distributed.runner import init_process_group_from_env

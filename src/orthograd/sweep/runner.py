@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from orthograd.bench.config import BenchConfig
+from orthograd.bench.image_config import BenchConfig
 from orthograd.bench.engine import OnRun, OnStart
 from orthograd.bench.executors import Executor, ProcessPool
 from orthograd.bench.image import run_bench
