@@ -179,8 +179,8 @@ def test_a_forget_batch_with_ignored_labels_keeps_its_own_pass():
     """Classification's mean loss skips labels of -100 (not the mean of the per-sample losses): no fused pass."""
     x, labels = _data(FORGET, 1).tensors
     task = ClassificationTask()
-    assert orthograd_gradients.mean_of_per_sample(task, (x, labels))
-    assert not orthograd_gradients.mean_of_per_sample(task, (x, torch.where(labels == labels[0], -100, labels)))
+    assert task.mean_is_mean_of_per_sample((x, labels))
+    assert not task.mean_is_mean_of_per_sample((x, torch.where(labels == labels[0], -100, labels)))
 
 
 def test_orthograd_on_a_torchvision_vit_with_lora_on_attention_uses_the_ghost_engine():

@@ -24,8 +24,6 @@ from torch import nn
 from orthograd.grads import ENGINES, per_sample_grads_losses_and_engine
 from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, ghost_span_and_mean, unsupported_reason
 from orthograd.methods.base import MethodContext
-from orthograd.tasks.base import IGNORE_INDEX, Task
-from orthograd.tasks.classification import ClassificationTask
 from orthograd.geometry import ProjectionMethod, ProjectionScope
 from orthograd.grads.span import MaterialisedSpan, RetainSpan
 
@@ -158,7 +156,7 @@ class LocalGradients:
         """Both batches in one ghost pass (``ghost_span_and_mean``) where that is exact: the task's mean loss must be
         the mean of its per-sample losses. None when they need separate passes (or the ghost engine refused)."""
         task = self.context.task
-        if not mean_of_per_sample(task, forget_batch):
+        if not task.mean_is_mean_of_per_sample(forget_batch):
             return None
         found = self._ghost(lambda: ghost_span_and_mean(
             self.context.model, task.per_sample_loss, retain_batch, forget_batch, **self._ghost_options()
@@ -204,12 +202,3 @@ class LocalGradients:
         if not self.config.bf16:
             return nullcontext()
         return torch.autocast(self.context.device.type, dtype=torch.bfloat16)
-
-
-def mean_of_per_sample(task: Task, batch: Any) -> bool:
-    """Whether ``task.mean_loss(model, batch)`` is the mean of ``task.per_sample_loss`` (what a fused pass averages):
-    the base definition, or classification's cross-entropy when no label of ``batch`` is ignored."""
-    mean_loss = type(task).mean_loss
-    if mean_loss is Task.mean_loss:
-        return True
-    return mean_loss is ClassificationTask.mean_loss and not bool((task.targets(batch) == IGNORE_INDEX).any())

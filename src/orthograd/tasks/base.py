@@ -74,6 +74,11 @@ class Task(abc.ABC):
         """Mean loss over the batch (what ordinary gradient descent differentiates)."""
         return self.per_sample_loss(model, batch).mean()
 
+    def mean_is_mean_of_per_sample(self, batch: Any) -> bool:
+        """Whether ``mean_loss`` on ``batch`` is the mean of ``per_sample_loss`` (what a fused forget + retain pass
+        averages): true for this base definition; a task that overrides ``mean_loss`` says when it still holds."""
+        return type(self).mean_loss is Task.mean_loss
+
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> float:
         """The task metric on every batch of ``loader``, in percent."""

@@ -48,6 +48,12 @@ class ClassificationTask(Task):
     def mean_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return F.cross_entropy(self.logits(model, batch), self.targets(batch), ignore_index=IGNORE_INDEX)
 
+    def mean_is_mean_of_per_sample(self, batch: Any) -> bool:
+        """Cross-entropy's mean is over the labels not ignored: the per-sample mean when no label is ignored (and
+        ``mean_loss`` is this one)."""
+        this_mean = type(self).mean_loss is ClassificationTask.mean_loss
+        return this_mean and not bool((self.targets(batch) == IGNORE_INDEX).any())
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> float:
         was_training = model.training
