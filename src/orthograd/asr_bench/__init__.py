@@ -3,8 +3,9 @@
     from orthograd import asr_bench
     records = asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", ["speakers.count=1"])
 
-``orthograd bench CONFIG.yaml`` dispatches configs with ``task: asr`` to ``run_config_file``. The names load on
-first use, so ``orthograd.asr_bench.config`` imports without the speech stack (transformers).
+``orthograd bench CONFIG.yaml`` runs configs with ``task: asr`` as ``experiment.SpeakerExperiment`` on the engine
+(``bench.engine``), as ``run_config_file`` does. The names load on first use, so ``orthograd.asr_bench.config``
+imports without the speech stack (transformers).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
     from orthograd import llm_bench
     records = llm_bench.run_config_file("configs/authors_llm.yaml", ["corpus.authors=20"])
 
-``orthograd bench CONFIG.yaml`` dispatches configs with ``task: causal_lm`` to ``run_config_file``; the engine
-(``bench.engine``) runs ``experiment.AuthorsExperiment``. Names load on first use, so importing
+``orthograd bench CONFIG.yaml`` runs configs with ``task: causal_lm`` as ``experiment.AuthorsExperiment`` on the
+engine (``bench.engine``), as ``run_config_file`` does. Names load on first use, so importing
 ``orthograd.llm_bench.config`` does not load transformers.
 """
 
