@@ -23,7 +23,8 @@ from orthograd.bench.config import content_hash, grid_points
 from orthograd.bench.image_config import BenchConfig
 from orthograd.bench.data import BenchData, load_bench_data
 from orthograd.bench.engine import Engine, FinishedRuns, OnRun, OnStart, Phase
-from orthograd.bench.executors import Executor, ProcessPool
+from orthograd.bench.executors import Executor
+from orthograd.bench.experiments import local_executor
 from orthograd.bench.jobs import Job, job_key, make_split, n_splits, split_seed
 from orthograd.bench.memory import PeakMemory
 from orthograd.bench.printer import run_line
@@ -325,7 +326,7 @@ def run_bench(
     job (the data-parallel backend swaps in its own).
     """
     first = configs if isinstance(configs, BenchConfig) else configs[0]
-    executor = executor or ProcessPool(workers=first.workers, threads=first.threads_per_worker)
+    executor = executor or local_executor(first)
     experiment = ImageExperiment(configs, run_job=run_job)
     records = Engine(experiment, out_dir=out_dir, raw=raw, executor=executor).run(
         on_start=on_start, on_run=on_run)
