@@ -341,3 +341,16 @@ def test_shared_parameters_and_repeated_calls_are_refused():
     assert unsupported_reason(model) is None  # only visible when the forward runs
     with pytest.raises(GhostUnsupportedError, match="2 times"):
         ghost_span(model, _loss_fn, (torch.randn(K, 3), torch.zeros(K, dtype=torch.long)), probe=probe)
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "padding", "dilation"),
+    [((8, 8), 3, 1, 1, 1), ((7, 9), (2, 3), (2, 1), (0, 2), (2, 1)), ((1, 11), (1, 3), 2, 0, 1), ((5, 5), 1, 1, 0, 1)],
+)
+def test_image_patches_equal_unfold_for_every_window_setting(size, kernel, stride, padding, dilation) -> None:
+    """The conv rule's windows (a strided view and one copy: a fixed number of GPU kernels) are F.unfold's."""
+    from orthograd.grads.ghost_layers import image_patches
+
+    x = torch.randn(3, 4, *size, generator=torch.Generator().manual_seed(0))
+    expected = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+    assert torch.equal(image_patches(x, kernel=kernel, stride=stride, padding=padding, dilation=dilation), expected)

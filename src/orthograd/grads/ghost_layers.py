@@ -201,8 +201,7 @@ def _conv(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -
 
     def rows(x: torch.Tensor) -> torch.Tensor:
         image = x.unsqueeze(2) if one_d else x
-        patches = F.unfold(image, kernel, dilation=dilation, padding=padding, stride=stride)
-        return patches.transpose(1, 2)  # [s, positions, C_in * kernel size]
+        return image_patches(image, kernel=kernel, stride=stride, padding=padding, dilation=dilation)
 
     out_size = (1, output_grads.shape[2]) if one_d else tuple(output_grads.shape[2:])
     settings = [_pair(v) for v in (stride, padding, dilation)]
@@ -234,6 +233,29 @@ def _conv(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -
 
 def _pair(value: tuple[int, ...] | int) -> list[int]:
     return list(value) if isinstance(value, tuple) else [value, value]
+
+
+def image_patches(
+    image: torch.Tensor,
+    *,
+    kernel: tuple[int, ...] | int,
+    stride: tuple[int, ...] | int,
+    padding: tuple[int, ...] | int,
+    dilation: tuple[int, ...] | int,
+) -> torch.Tensor:
+    """Every convolution window of ``image`` ([n, C, H, W]) as a row: [n, positions, C * kh * kw], ordered as
+    ``F.unfold(...).transpose(1, 2)`` and equal to it.
+
+    Windows are a strided view of the zero-padded image and one copy: a fixed number of kernels whatever ``n``
+    (``F.unfold`` on CUDA launches one kernel per sample, which made a ResNet18 step launch-bound; see
+    benchmarks/RESULTS.md).
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (kernel, stride, padding, dilation))
+    padded = F.pad(image, (pw, pw, ph, ph))
+    windows = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)  # [n, C, oh, ow, span, span]
+    windows = windows[..., ::dh, ::dw]  # the dilated taps
+    n, channels, oh, ow = windows.shape[:4]
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(n, oh * ow, channels * kh * kw)
 
 
 @contextmanager
