@@ -104,6 +104,13 @@ def test_unlearn_ddp_outside_torchrun_says_so(tmp_path: Path, monkeypatch: pytes
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     _fails_in_one_line(["unlearn-ddp", str(_tiny_config(tmp_path))], match="start this program with torchrun")
+    _fails_in_one_line(["bench", str(_tiny_config(tmp_path)), "--backend", "ddp"],  # the same backend
+                       match="start this program with torchrun")
+
+
+def test_bench_backends_and_their_options_are_checked() -> None:
+    _fails_in_one_line(["bench", "demo", "--backend", "gpu"], match="backend must be one of")
+    _fails_in_one_line(["bench", "demo", "--method", "orthograd"], match="(--backend ddp)")
 
 
 def test_an_unexpected_error_names_its_type_and_the_debug_switch(monkeypatch: pytest.MonkeyPatch) -> None:
