@@ -1,7 +1,7 @@
 """Benchmark figures from run records (PNG): UIS vs retain-set size, metric trajectories, and the trade-off scatter.
 
-Each ``plot_*`` function takes the records of a results log (see ``orthograd.bench.image.run_record``) and an output
-path, draws one panel per scenario present, writes the PNG atomically and returns its path; the matching
+Each ``plot_*`` function takes the records of a results log (see ``orthograd.bench.image.run_record``) and an
+output path, draws one panel per scenario present, writes the PNG atomically and returns its path; the matching
 ``*_figure`` function returns the figure itself. Runs of one method (seeds, classes) are summarised as a mean with
 a ± std band or error bars; the original model is drawn as a black point; the figure is titled with the
 benchmark's name (the records' ``bench`` key) unless ``title`` is given. Figures are built on
