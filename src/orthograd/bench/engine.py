@@ -137,7 +137,7 @@ class Engine:
             if on_start is not None and lead:
                 on_start(phase.name, len(todo))
             self.executor.run(todo, self.experiment.run_job, on_record=finish)
-            finished.refresh()
+            finished.refresh()  # records as the log holds them (JSON), also those another rank wrote
         records = [finished[key] for key in dict.fromkeys(planned) if key in finished]
         if lead:
             self.tables = self.experiment.write_tables(records, self.out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,8 @@ class BenchContext:
     data: BenchData
     original: torch.nn.Module
     device: torch.device
+    # the original model's privacy metrics per split (every method of a split shares them): {split key: metrics}
+    original_privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 _CONTEXTS: dict[str, BenchContext] = {}
@@ -184,8 +186,11 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
         record["privacy"] = privacy_metrics(
             result.model, **sets, device=ctx.device, seed=seed, reference=reference.get("privacy")
         )
-        # the same attacks on the original model fill the Original row's MIA columns
-        record["privacy"]["original"] = privacy_metrics(ctx.original, **sets, device=ctx.device, seed=seed)
+        # the same attacks on the original model fill the Original row's MIA columns (once per split and seed)
+        split_key = f"{record['split']['forget']}-{record['split']['retain']}-{seed}"
+        if split_key not in ctx.original_privacy:
+            ctx.original_privacy[split_key] = privacy_metrics(ctx.original, **sets, device=ctx.device, seed=seed)
+        record["privacy"]["original"] = dict(ctx.original_privacy[split_key])
     return record
 
 
