@@ -86,10 +86,12 @@ class IterativeConfig(MethodConfig):
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "MethodConfig":
-        """As ``MethodConfig.from_dict``; a ``momentum`` given for an optimizer that ignores it is refused."""
+        """As ``MethodConfig.from_dict``; a ``momentum`` other than the method's default, given for an optimizer
+        that ignores it, is refused (a method's own default, e.g. SCRUB's with Adam, round-trips)."""
         config = super().from_dict(values)
         optimizer = getattr(config, "optimizer")
-        if "momentum" in values and values["momentum"] > 0 and optimizer != "sgd":
+        default = next(f.default for f in dataclasses.fields(cls) if f.name == "momentum")
+        if values.get("momentum", default) not in (default, 0) and optimizer != "sgd":
             raise ValueError(
                 f"momentum={values['momentum']} applies to optimizer='sgd' only; {optimizer!r} would ignore it: "
                 "drop momentum, or pass optimizer='sgd'"
