@@ -26,10 +26,10 @@ def test_a_default_run_says_what_it_runs_and_how_it_ended(digits_model, class_se
     captured = capsys.readouterr()
     assert captured.out == ""  # stdout stays the program's
     start, end = captured.err.strip().splitlines()
-    for fact in ("orthograd starts", "schedule adaptive", "engine ", "held out 20 retain samples", "trains ",
-                 "(LoRA on features.0, features.3", "budget 1 epochs", "stop 'class'"):
+    for fact in ("orthograd starts", "schedule adaptive", "engine ", "held out 20 of the retain samples", "trains ",
+                 "(LoRA on features.0, features.3", "budget 1 epoch", "stop 'class'"):
         assert fact in start, fact
-    assert end.startswith(f"orthograd: orthograd max_epochs after {result.steps} steps (1 epochs")
+    assert end.startswith(f"orthograd: orthograd max_epochs after {result.steps} steps (1 epoch,")
     assert f"forget {result.original['forget']:.2f} -> {result.final['forget']:.2f}" in end
     assert f"test {result.original['test']:.2f} -> {result.final['test']:.2f}" in end
 

@@ -9,10 +9,27 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from orthograd.results import UnlearnResult
+from orthograd.damage import Damage
+
+
+class UnlearnResult(Protocol):
+    """What the end line and the summary read of an ``orthograd.results.UnlearnResult``."""
+
+    method: str
+    stop_reason: str
+    steps: int
+    epochs: int
+    wall_time_s: float
+    seed: int
+    original: dict[str, float]
+    missed_target: str | None
+    damage: Damage | None
+    inferred_stop: str | None
+
+    @property
+    def final(self) -> dict[str, Any]: ...
 
 SETS = ("forget", "retain", "test")
 PREFIX = "orthograd:"
@@ -33,12 +50,12 @@ def trainable_fact(*, trainable: int, total: int, lora_targets: Sequence[str] | 
 
 
 def budget_fact(*, max_epochs: int | None, max_steps: int | None) -> str:
-    parts = []
-    if max_epochs is not None:
-        parts.append(f"{max_epochs} epochs")
-    if max_steps is not None:
-        parts.append(f"{max_steps} steps")
+    parts = [_count(n, unit) for n, unit in ((max_epochs, "epoch"), (max_steps, "step")) if n is not None]
     return "budget " + " or ".join(parts)
+
+
+def _count(n: int, unit: str) -> str:
+    return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
 
 
 def stop_fact(stop: object, *, inferred: tuple[str, str] | None) -> str:
@@ -57,8 +74,8 @@ def before_after(original: Mapping[str, float], final: Mapping[str, Any]) -> str
 def end_line(result: UnlearnResult) -> str:
     """``orthograd: <method> <stop reason> after N steps (E epochs, T s); forget a -> b, ...`` plus damage."""
     line = (
-        f"{PREFIX} {result.method} {result.stop_reason} after {result.steps} steps ({result.epochs} epochs, "
-        f"{result.wall_time_s:.1f} s); {before_after(result.original, result.final)}"
+        f"{PREFIX} {result.method} {result.stop_reason} after {_count(result.steps, 'step')} "
+        f"({_count(result.epochs, 'epoch')}, {result.wall_time_s:.1f} s); {before_after(result.original, result.final)}"
     )
     if result.damage is not None:
         line += f"; DAMAGED: {result.damage.describe()}"
@@ -71,8 +88,8 @@ def summary_lines(result: UnlearnResult) -> list[str]:
     """What ``UnlearnResult.summary()`` prints: method and stop, how it ended, a before/after table, warnings."""
     stop = f", stop {result.inferred_stop!r} (inferred)" if result.inferred_stop else ""
     lines = [
-        f"{result.method} (seed {result.seed}{stop}): {result.stop_reason} after {result.steps} steps, "
-        f"{result.epochs} epochs, {result.wall_time_s:.1f} s",
+        f"{result.method} (seed {result.seed}{stop}): {result.stop_reason} after {_count(result.steps, 'step')}, "
+        f"{_count(result.epochs, 'epoch')}, {result.wall_time_s:.1f} s",
         f"{'':8}{'before':>9}{'after':>9}",
     ]
     lines += [f"{name:8}{result.original[name]:9.2f}{result.final[name]:9.2f}" for name in SETS

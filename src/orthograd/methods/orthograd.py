@@ -182,7 +182,8 @@ class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
         facts = [f"schedule {self.config.schedule}", f"engine {self.engine}"]
         if self.controller is not None:
             facts.append(
-                f"held out {self.controller.holdout_size} retain samples (tolerance {self.controller.tolerance:.1f})"
+                f"held out {self.controller.holdout_size} of the retain samples (tolerance "
+                f"{self.controller.tolerance:.1f} points)"
             )
         return facts
 
