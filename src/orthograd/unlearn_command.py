@@ -10,6 +10,7 @@ when any step fails or the run is interrupted.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,12 @@ def _value(text: str) -> Any:
 def run_unlearn(request: UnlearnRequest, *, console: Console) -> Path:
     """Run the request and write its output folder; returns the folder."""
     check_folder_free(request.out, overwrite=request.overwrite)
+    for option, path in (("--forget", request.forget), ("--retain", request.retain), ("--test", request.test)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{option}: no data file or folder {path}")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its loading and saving bars would interleave with ours
     if request.task is not None and request.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}; got {request.task!r}")
     user = load_user_model(request.model, weights=request.weights, task=request.task)
@@ -107,12 +114,15 @@ def run_unlearn(request: UnlearnRequest, *, console: Console) -> Path:
                   highlight=False)
     total = request.max_steps or _budget_steps(request, forget_size=len(sets["forget"]))
     options: dict[str, Any] = {"max_steps": request.max_steps} if request.max_steps is not None else {}
-    with RunProgress(console, total_steps=total) as progress:
+    with RunProgress(console, total_steps=total) as progress, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
         result = unlearn(
             user.model, sets["forget"], sets["retain"], test=sets.get("test"), method=request.method, task=task,
             stop=request.stop, max_epochs=request.max_epochs, device=request.device, seed=request.seed,
             inplace=True, on_eval=progress, **options, **dict(request.settings),
         )
+    for warning in caught:  # one line each, without Python's source-line decoration
+        console.print(f"warning: {warning.message}", highlight=False)
     if privacy is not None:
         privacy["after"] = _privacy(result.model, sets, task=task, splits=splits, request=request)
     folder = _write(request, user=user, result=result, sets=sets, task=task, privacy=privacy,
