@@ -188,25 +188,41 @@ def build_module(factory: str) -> nn.Module:
 
 
 def load_state(model: nn.Module, weights: str | Path) -> None:
-    """Load a state dict (``.safetensors``, or a ``torch.save`` file of tensors, optionally under ``state_dict``)."""
+    """Load a state dict (``.safetensors``, or a ``torch.save`` file of tensors, optionally under ``state_dict``);
+    weights that do not fit the module (names or shapes) are an error naming them."""
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"no weights file {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
+        from safetensors.torch import load_model
 
-        state: Mapping[str, Any] = load_file(path)
+        with safe_open(str(path), framework="pt") as handle:
+            _check_shapes(model, {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}, path)
+        missing, unexpected = load_model(model, str(path), strict=False)  # tied weights are stored once
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
             state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict (save model.state_dict())")
-    missing, unexpected = model.load_state_dict(dict(state), strict=False)
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict (save model.state_dict())")
+        _check_shapes(model, {key: tuple(value.shape) for key, value in state.items()}, path)
+        missing, unexpected = model.load_state_dict(dict(state), strict=False)
     if missing or unexpected:
         raise ValueError(
             f"{path} does not fit {type(model).__name__}: missing {list(missing)[:5]}, unexpected "
-            f"{list(unexpected)[:5]}; build the same architecture the weights were saved from"
+            f"{list(unexpected)[:5]}; build the architecture the weights were saved from"
+        )
+
+
+def _check_shapes(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], path: Path) -> None:
+    own = model.state_dict()
+    wrong = [f"{key} {shape} (the module's: {tuple(own[key].shape)})" for key, shape in shapes.items()
+             if key in own and tuple(own[key].shape) != shape]
+    if wrong:
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__}: {len(wrong)} tensors differ in shape, e.g. "
+            f"{'; '.join(wrong[:3])}; build the module the weights were saved from"
         )
 
 
