@@ -18,8 +18,9 @@ REPORT_FILE = "report.md"
 PLOT_FILE = "trajectory.png"
 SETS = ("forget", "retain", "test")
 PRIVACY_ROWS = (
-    ("mia_loss_auc", "loss attack AUC (forget vs test)", "0.5: forget samples look like unseen data; 1: fully exposed"),
-    ("mia_loss_accuracy", "loss attack accuracy", "0.5: the attacker guesses; higher: forget samples stand out"),
+    ("mia_loss_auc", "loss attack AUC (forget vs test)", "how well the loss tells forget from test samples (0.5: not "
+                                                         "at all); a model retrained without them is the reference"),
+    ("mia_loss_accuracy", "loss attack accuracy", "the same attack's accuracy (0.5: a guess)"),
     ("mia_efficacy", "MIA-efficacy (SalUn)", "share of forget samples called unseen; higher: more forgotten"),
 )
 
@@ -105,8 +106,9 @@ def verdict(result: Any, *, label: str) -> str:
 def _run_line(result: Any, audit: Mapping[str, Any]) -> str:
     config = audit.get("config", {})
     schedule = f", schedule {config['schedule']}" if "schedule" in config else ""
+    epochs = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
     return (f"Method {result.method}{schedule}, seed {result.seed}; stopped: {result.stop_reason} after "
-            f"{result.steps} steps ({result.epochs} epochs, {result.wall_time_s:.1f} s).")
+            f"{result.steps} steps ({epochs}, {result.wall_time_s:.1f} s).")
 
 
 def _describe(value: Any) -> str:
