@@ -174,3 +174,43 @@ def test_token_ids_are_used_as_they_are_and_lm_text_learns_every_token(tmp_path:
         load_samples(tmp_path / "text.jsonl", encoding=Encoding(task="causal_lm", tokenizer=tokenizer, max_length=2))
     with pytest.raises(ValueError, match="no prompt and answer fields .* pass --prompt-field and --answer-field"):
         load_samples(write_jsonl(tmp_path / "q.jsonl", [{"q": "a", "a": "b"}]), encoding=Encoding(task="causal_lm"))
+
+
+def test_image_folders_share_class_ids_and_go_through_the_image_processor(tmp_path: Path) -> None:
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    from orthograd.data_files import image_classes
+
+    for folder, names in (("forget", ["cat"]), ("retain", ["dog", "owl"])):
+        for name in names:
+            (tmp_path / folder / name).mkdir(parents=True)
+            Image.new("RGB", (10, 6), color=(200, 10, 10)).save(tmp_path / folder / name / "a.png")
+    folders = [tmp_path / "forget", tmp_path / "retain"]
+    assert image_classes(folders) == {"cat": 0, "dog": 1, "owl": 2}  # sorted over every folder of the run
+    assert image_classes(folders, label2id={"owl": 0, "dog": 1, "cat": 2}) == {"cat": 2, "dog": 1, "owl": 0}
+    classes = image_classes(folders)
+    processor = ViTImageProcessor(size={"height": 8, "width": 8})
+    sample = load_samples(tmp_path / "forget", classes=classes,
+                          encoding=Encoding(task="classification", processor=processor))[0]
+    assert sample["pixel_values"].shape == (3, 8, 8) and int(sample["labels"]) == 0
+    pixels, label = load_samples(tmp_path / "retain", classes=classes,
+                                 encoding=Encoding(task="classification", dict_samples=False))[1]
+    assert pixels.shape == (3, 6, 10) and label == 2
+    assert float(pixels[0].mean()) == pytest.approx(200 / 255, abs=1e-6)
+
+
+def test_padding_comes_from_the_model_config_else_the_tokenizer(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from orthograd.model_folder import UserModel
+    from orthograd.unlearn_command import task_adapter
+
+    tokenizer = word_tokenizer(["a b c"])
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=8, n_layer=1, n_head=1, n_positions=8, num_labels=2)
+    model = GPT2ForSequenceClassification(config)
+    assert model.config.pad_token_id is None
+    task = task_adapter(UserModel(model=model, tokenizer=tokenizer), "classification")
+    assert task.pad_token_id == tokenizer.pad_token_id == model.config.pad_token_id == 0
+    model.config.pad_token_id = 5
+    assert task_adapter(UserModel(model=model, tokenizer=tokenizer), "classification").pad_token_id == 5

@@ -98,7 +98,7 @@ def run_unlearn(request: UnlearnRequest, *, console: Console) -> Path:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}; got {request.task!r}")
     user = load_user_model(request.model, weights=request.weights, task=request.task)
     task_name = user.task or "classification"
-    task = _task(user, task_name)
+    task = task_adapter(user, task_name)
     sets = _load_sets(request, user=user, task_name=task_name)
     privacy_note = None
     privacy: dict[str, dict[str, float]] | None = None
@@ -132,7 +132,7 @@ def run_unlearn(request: UnlearnRequest, *, console: Console) -> Path:
     return folder
 
 
-def _task(user: UserModel, name: str) -> Task:
+def task_adapter(user: UserModel, name: str) -> Task:
     """The task adapter, padding with the model's own ``pad_token_id`` (else the tokenizer's, which a
     transformers classifier then also gets in its config: GPT-2 finds the last token by it)."""
     config = getattr(user.model, "config", None)
