@@ -33,6 +33,7 @@ from orthograd.tasks import CausalLMTask, ClassificationTask, Task
 
 TASKS = ("classification", "causal_lm")
 MIA_SPLITS = 5  # folds of the loss attack; fewer when the forget or test set is smaller
+MIA_MAX_PER_SIDE = 2000  # samples per side of MIA-efficacy's SVC (its fit is quadratic in them)
 
 
 @dataclass(frozen=True)
@@ -100,19 +101,11 @@ def run_unlearn(request: UnlearnRequest, *, console: Console) -> Path:
     task_name = user.task or "classification"
     task = task_adapter(user, task_name)
     sets = _load_sets(request, user=user, task_name=task_name)
-    privacy_note = None
-    privacy: dict[str, dict[str, float]] | None = None
-    splits = min(MIA_SPLITS, len(sets["forget"]), len(sets.get("test") or ()))
-    if "test" not in sets:
-        privacy_note = "No test set given: membership inference compares forget with held-out data (pass --test)."
-    elif splits < 2:
-        privacy_note = "Membership inference needs at least 2 forget and 2 test samples."
-    else:
-        privacy = {"before": _privacy(user.model, sets, task=task, splits=splits, request=request)}
-    console.print(f"{request.method} on {type(user.model).__name__} ({task_name}): forget {len(sets['forget'])}, "
-                  f"retain {len(sets['retain'])}" + (f", test {len(sets['test'])}" if "test" in sets else ""),
-                  highlight=False)
-    total = request.max_steps or _budget_steps(request, forget_size=len(sets["forget"]))
+    total = request.max_steps or _budget_steps(request, forget_size=len(sets["forget"]))  # checks the settings
+    splits, privacy_note = _attack_folds(sets)
+    privacy = {"before": _privacy(user.model, sets, task=task, splits=splits, request=request)} if splits else None
+    console.print(f"{request.method} on {type(user.model).__name__} ({task_name}): "
+                  + ", ".join(f"{name} {len(data)}" for name, data in sets.items()), highlight=False)
     options: dict[str, Any] = {"max_steps": request.max_steps} if request.max_steps is not None else {}
     with RunProgress(console, total_steps=total) as progress, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
@@ -174,12 +167,23 @@ def _budget_steps(request: UnlearnRequest, *, forget_size: int) -> int | None:
     return request.max_epochs * math.ceil(forget_size / batch) if batch else None
 
 
+def _attack_folds(sets: Mapping[str, Any]) -> tuple[int, str | None]:
+    """Folds of the loss attack (0: no attack) and, without one, the report's note saying why."""
+    if "test" not in sets:
+        return 0, "No test set given: membership inference compares forget with held-out data (pass --test)."
+    splits = min(MIA_SPLITS, len(sets["forget"]), len(sets["test"]))
+    if splits < 2:
+        return 0, "Membership inference needs at least 2 forget and 2 test samples."
+    return splits, None
+
+
 def _privacy(model: nn.Module, sets: Mapping[str, Any], *, task: Task, splits: int,
              request: UnlearnRequest) -> dict[str, float]:
     from orthograd.privacy import privacy_metrics
 
     metrics = privacy_metrics(model, forget=sets["forget"], retain=sets["retain"], test=sets["test"], task=task,
-                              n_splits=splits, seed=request.seed, device=request.device)
+                              n_splits=splits, seed=request.seed, device=request.device,
+                              max_per_side=MIA_MAX_PER_SIDE)
     return {key: float(value) for key, value in metrics.items()}
 
 
