@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,9 @@ def test_unlearn_a_gpt2_classifier_folder_from_json_lines(classifier_files: Path
     assert audit["data"]["forget"]["size"] == 67 and audit["data"]["test"]["size"] == 40
     assert audit["stop"] == "class" and audit["method"] == "orthograd" and audit["versions"]["torch"]
     assert audit["files"] == file_hashes(out)  # every file as written (audit.json itself excepted)
+    head = subprocess.run(["git", "-C", str(Path(og.__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert re.fullmatch(rf"{head}(-dirty)?", audit["commit"])
     assert set(audit["privacy"]["before"]) == {"mia_loss_accuracy", "mia_loss_auc", "mia_efficacy"}
 
     report = (out / "report.md").read_text()
