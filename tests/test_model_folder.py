@@ -214,3 +214,19 @@ def test_padding_comes_from_the_model_config_else_the_tokenizer(tmp_path: Path) 
     assert task.pad_token_id == tokenizer.pad_token_id == model.config.pad_token_id == 0
     model.config.pad_token_id = 5
     assert task_adapter(UserModel(model=model, tokenizer=tokenizer), "classification").pad_token_id == 5
+
+
+def test_a_peft_adapter_folder_as_input_brings_its_base_folders_tokenizer_and_task(classifier, tmp_path: Path) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    folder, _ = classifier
+    base = AutoModelForSequenceClassification.from_pretrained(folder)
+    lora = LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, task_type="SEQ_CLS")
+    adapters = get_peft_model(base, lora)
+    adapters.save_pretrained(tmp_path / "adapters")
+    user = load_user_model(tmp_path / "adapters")
+    assert isinstance(user.model, PeftModel) and user.task == "classification"
+    assert user.tokenizer("good day")["input_ids"] == load_user_model(folder).tokenizer("good day")["input_ids"]
+    with pytest.raises(ValueError, match="--weights is for module:factory models"):
+        load_user_model(tmp_path / "adapters", weights=tmp_path / "w.safetensors")

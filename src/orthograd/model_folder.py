@@ -6,9 +6,10 @@ folder over a local base model, or ``module:factory`` (``package.module:callable
 plus an optional state dict (safetensors, or a ``torch.save`` file) for any ``nn.Module``.
 
 A saved folder is what ``from_pretrained`` reads: a transformers model's own ``save_pretrained`` folder, a peft
-model's adapter folder (``peft.AutoPeftModel.from_pretrained``), and for any other module ``model.safetensors``
-with ``orthograd_model.json`` naming the callable that rebuilds it. Every saved folder holds the run's audit record
-(``audit.json``, with the SHA-256 of each file written beside it); ``load(folder)`` returns (model, audit record).
+model's adapter folder (``peft.PeftModel.from_pretrained`` over its base folder), and for any other module
+``model.safetensors`` with ``orthograd_model.json`` naming the callable that rebuilds it. Every saved folder holds
+the run's audit record (``audit.json``, with the SHA-256 of each file written beside it); ``load(folder)`` returns
+(model, audit record).
 Remote code in a model folder is never run.
 """
 
@@ -125,17 +126,18 @@ def _load_transformers(path: Path, *, task: str | None) -> nn.Module:
 
 
 def _load_peft(path: Path, *, base: nn.Module | None) -> nn.Module:
-    from peft import AutoPeftModel, PeftConfig, PeftModel
+    """Adapters over ``base``, or over the local base folder their config names (peft picks the task's class)."""
+    from peft import PeftConfig, PeftModel
 
-    if base is not None:
-        return PeftModel.from_pretrained(base, path).eval()
-    base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
-    if not base_path or not Path(base_path).is_dir():
-        raise FileNotFoundError(
-            f"the adapters in {path} name the base model {base_path!r}, which is not a local folder: pass the base "
-            "model (orthograd.load(folder, model=base))"
-        )
-    return AutoPeftModel.from_pretrained(path).eval()
+    if base is None:
+        base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
+        if not base_path or not Path(base_path).is_dir():
+            raise FileNotFoundError(
+                f"the adapters in {path} name the base model {base_path!r}, which is not a local folder: pass the "
+                "base model (orthograd.load(folder, model=base))"
+            )
+        base = _load_transformers(Path(base_path), task=None)
+    return PeftModel.from_pretrained(base, path).eval()
 
 
 def _has_tokenizer(path: Path) -> bool:
