@@ -203,6 +203,11 @@ def test_a_missing_file_or_field_is_one_line_naming_the_fix(classifier_files: Pa
     _fails_in_one_line([*common, "--forget", root / "forget.jsonl", "--set", "lr"], match="--set expects key=value")
     _fails_in_one_line(["--model", tmp_path / "nowhere", "--forget", root / "forget.jsonl", "--retain",
                         root / "retain.jsonl", "--out", tmp_path / "out"], match="no model folder")
+    (tmp_path / "nets.py").write_text("from torch import nn\n\n\ndef wide(width):\n    return nn.Linear(4, width)\n")
+    data = ["--forget", root / "forget.jsonl", "--retain", root / "retain.jsonl", "--out", tmp_path / "out"]
+    _fails_in_one_line(["--model", f"{tmp_path / 'nets.py'}:narrow", *data], match="has no callable 'narrow'")
+    _fails_in_one_line(["--model", f"{tmp_path / 'nets.py'}:wide", *data],
+                       match="cannot be called without arguments")
     assert not (tmp_path / "out").exists()
 
 

@@ -180,12 +180,12 @@ def build_module(factory: str) -> nn.Module:
     try:
         model = build()
     except TypeError as exc:
-        raise TypeError(
+        raise ValueError(
             f"{factory}() cannot be called without arguments ({exc}): name a callable that takes none (a small "
             "factory function), or load into your own instance with orthograd.load(folder, model=YourModel(...))"
         ) from exc
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{factory}() returned {type(model).__name__}, not a torch.nn.Module")
+        raise ValueError(f"{factory}() returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
 
 
