@@ -27,6 +27,7 @@ from orthograd.data_files import Encoding, Fields, image_classes, load_samples
 from orthograd.input_checks import fingerprint
 from orthograd.io import atomic_folder, atomic_write_json, check_folder_free
 from orthograd.model_folder import AUDIT_FILE, UserModel, file_hashes, load_user_model, write_model
+from orthograd.privacy import privacy_metrics
 from orthograd.run_progress import RunProgress, row_text
 from orthograd.run_report import write_run_report
 from orthograd.tasks import CausalLMTask, ClassificationTask, Task
@@ -89,14 +90,14 @@ def _value(text: str) -> Any:
 def run_unlearn(request: UnlearnRequest, *, console: Console) -> Path:
     """Run the request and write its output folder; returns the folder."""
     check_folder_free(request.out, overwrite=request.overwrite)
+    if request.task is not None and request.task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}; got {request.task!r}")
     for option, path in (("--forget", request.forget), ("--retain", request.retain), ("--test", request.test)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{option}: no data file or folder {path}")
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # its loading and saving bars would interleave with ours
-    if request.task is not None and request.task not in TASKS:
-        raise ValueError(f"--task must be one of {', '.join(TASKS)}; got {request.task!r}")
     user = load_user_model(request.model, weights=request.weights, task=request.task)
     task_name = user.task or "classification"
     task = task_adapter(user, task_name)
@@ -179,8 +180,6 @@ def _attack_folds(sets: Mapping[str, Any]) -> tuple[int, str | None]:
 
 def _privacy(model: nn.Module, sets: Mapping[str, Any], *, task: Task, splits: int,
              request: UnlearnRequest) -> dict[str, float]:
-    from orthograd.privacy import privacy_metrics
-
     metrics = privacy_metrics(model, forget=sets["forget"], retain=sets["retain"], test=sets["test"], task=task,
                               n_splits=splits, seed=request.seed, device=request.device,
                               max_per_side=MIA_MAX_PER_SIDE)
