@@ -40,7 +40,7 @@ $(DEMO_STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 
 $(DEV_STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 	$(PIP) $(TORCH_PINS)
-	$(PIP) -e '.[dev,vision,asr,ray,llm]'
+	$(PIP) -e '.[dev,vision,asr,ray,llm,hf]'
 	touch $@
 
 # apt-get only as root (or through password-less sudo); otherwise say what to install and stop.

@@ -54,3 +54,50 @@ def test_the_ten_lines_run() -> None:
 @pytest.mark.parametrize("path", ["docs/baselines.md", "docs/design.md"])
 def test_cited_documents_are_in_the_repository(path: str) -> None:
     assert (ROOT / path).is_file()
+
+
+def test_the_unlearn_your_own_model_section_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The section's command on a GPT-2-style classifier folder and JSON Lines files named as in the README, then
+    its Python block on what the command wrote (``forget``, ``retain``, ``test`` as tokenized datasets.Dataset)."""
+    import shlex
+
+    import datasets
+    from typer.testing import CliRunner
+
+    from orthograd.cli import app
+    from user_files import gpt2_classifier_folder, sentiment_rows, write_jsonl
+
+    section = _section("Unlearn your own model")
+    command = re.search(r"```bash\n(.*?)```", section, re.S)
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert command is not None and code is not None
+    monkeypatch.chdir(tmp_path)
+    rows = sentiment_rows(240)
+    gpt2_classifier_folder(tmp_path / "my-classifier", rows[:200])
+    train = rows[:200]
+    sets = {"forget": [r for r in train if r["label"] == 1], "retain": [r for r in train if r["label"] != 1],
+            "test": rows[200:]}
+    for name, subset in sets.items():
+        write_jsonl(tmp_path / f"{name}.jsonl", subset)
+
+    args = shlex.split(command.group(1).replace("\\\n", " "))
+    assert args[:2] == ["orthograd", "unlearn"]
+    result = CliRunner().invoke(app, args[1:], prog_name="orthograd")
+    assert result.exit_code == 0, result.output
+    written = {p.name for p in Path("unlearned").iterdir()}
+    assert {"config.json", "model.safetensors", "audit.json", "report.md", "trajectory.png"} <= written
+
+    from transformers import AutoTokenizer
+
+    from orthograd import load
+
+    tokenizer = AutoTokenizer.from_pretrained("unlearned")
+    namespace: dict = {}
+    for name, subset in sets.items():
+        namespace[name] = datasets.Dataset.from_list(subset).map(lambda r: tokenizer(r["text"])).remove_columns("text")
+    namespace["tokenizer"] = tokenizer
+    exec(compile(code.group(1), "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    audit = namespace["audit"]
+    assert audit["metrics"]["after"]["forget"] < audit["metrics"]["before"]["forget"]
+    again, record = load("unlearned-again")
+    assert type(again).__name__ == "GPT2ForSequenceClassification" and record["data"]["forget"]["size"] == 67

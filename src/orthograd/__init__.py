@@ -8,6 +8,7 @@ from orthograd.geometry import project_out
 from orthograd.grads import per_sample_grads
 from orthograd.lora import LoRAConfig, attach_lora, merge_lora
 from orthograd.metrics import accuracy, uis
+from orthograd.model_folder import load
 from orthograd.results import UnlearnResult
 from orthograd.training import train_classifier
 
@@ -18,6 +19,7 @@ __all__ = [
     "accuracy",
     "attach_lora",
     "evaluate",
+    "load",
     "merge_lora",
     "methods",
     "per_sample_grads",

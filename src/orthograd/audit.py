@@ -1,15 +1,20 @@
 """Saving an unlearned model with an audit record of what was forgotten and how.
 
 The weights go to a safetensors file and a JSON sidecar records the method, its config, the seed, fingerprints
-of the forget and retain data, metrics before and after, the stop reason, and library versions. Both are written
-atomically (temp file + rename), and an existing file is never overwritten unless asked.
+of the forget and retain data, metrics before and after, the stop reason, the damage check when the run made one,
+library versions and the source commit when orthograd runs from a git checkout. Both are written atomically (temp
+file + rename), and an existing file is never overwritten unless asked. ``run_account`` is the record without the
+weights, shared with the model folders of ``orthograd.model_folder``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
@@ -76,9 +81,13 @@ def save_result(result: AuditedRun, path: str | Path, *, overwrite: bool = False
 
 def audit_record(result: AuditedRun, *, weights_file: str, weights_sha256: str, version: str) -> dict[str, Any]:
     """The JSON sidecar's content."""
+    return {"weights_file": weights_file, "weights_sha256": weights_sha256, **run_account(result, version=version)}
+
+
+def run_account(result: AuditedRun, *, version: str = __version__) -> dict[str, Any]:
+    """What a run did, for an audit record: model class, method, config, seed, data fingerprints, metrics before and
+    after, stop reason, damage (when the run checked for it), versions, source commit and time."""
     return {
-        "weights_file": weights_file,
-        "weights_sha256": weights_sha256,
         "model_class": f"{type(result.model).__module__}.{type(result.model).__qualname__}",
         "method": result.method,
         "config": result.config,
@@ -89,9 +98,34 @@ def audit_record(result: AuditedRun, *, weights_file: str, weights_sha256: str, 
         "steps": result.steps,
         "epochs": result.epochs,
         "wall_time_s": result.wall_time_s,
+        "damage": _plain(getattr(result, "damage", None)),
         "versions": {"orthograd": version, "torch": torch.__version__, "python": platform.python_version()},
+        "commit": source_commit(),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready form of a record field (a dataclass or an object with ``to_dict`` becomes a dict)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if callable(to_dict) else value
+
+
+@functools.cache
+def source_commit() -> str | None:
+    """The git commit of the orthograd source that runs (with ``-dirty`` for uncommitted changes); None when it is
+    not a git checkout (an installed wheel) or git is missing."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "."],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:

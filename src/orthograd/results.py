@@ -8,8 +8,9 @@ from typing import Any
 
 from torch import nn
 
-from orthograd.audit import save_result
+from orthograd.audit import run_account, save_result
 from orthograd.damage import Damage
+from orthograd.model_folder import save_model_folder
 from orthograd.narration import end_line, summary_lines
 
 
@@ -54,3 +55,22 @@ class UnlearnResult:
     def save(self, path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
         """Save the model (safetensors) and a JSON audit record beside it; see ``orthograd.audit``."""
         return save_result(self, path, overwrite=overwrite)
+
+    def save_pretrained(
+        self,
+        path: str | Path,
+        *,
+        tokenizer: Any = None,
+        factory: str | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Save the model as a folder that loads as it is, with the audit record inside (``audit.json``).
+
+        A transformers or peft model is written by its own ``save_pretrained`` (``from_pretrained`` loads the
+        folder), with ``tokenizer`` beside it when given; any other module as ``model.safetensors`` plus the
+        ``factory`` (``"package.module:callable"``, default: its class, called without arguments) that
+        ``orthograd.load`` rebuilds it with. ``orthograd.load(path)`` returns (model, audit record). The folder
+        appears complete or not at all; a non-empty one is replaced only with ``overwrite=True``.
+        """
+        return save_model_folder(self.model, path, audit=run_account(self), tokenizer=tokenizer, factory=factory,
+                                 overwrite=overwrite)

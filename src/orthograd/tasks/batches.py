@@ -107,7 +107,7 @@ def _move(value: Any, device: torch.device, *, where: str) -> Any:
         return type(value)(v.to(device, non_blocking=True) for v in value)
     raise ValueError(
         f"the batch's {where} is {describe(value)}, not a tensor; every field a model reads must be a tensor "
-        "(tokenize text in the dataset, or drop the field)"
+        "(tokenize text in the dataset, or drop the field, e.g. a datasets.Dataset's .remove_columns([...]))"
     )
 
 

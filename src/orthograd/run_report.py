@@ -1,0 +1,119 @@
+"""The report of one unlearning run for a person: ``report.md`` and ``trajectory.png``.
+
+It answers "is the data forgotten, and what did it cost?": the task metric on the forget, retain and test sets
+before and after, the stop reason (and the target missed, or the damage check, when there is one), the
+membership-inference figures before and after when a test set was given, and the metric trajectory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from orthograd.io import atomic_write_text
+from orthograd.plots import plot_trajectories
+
+REPORT_FILE = "report.md"
+PLOT_FILE = "trajectory.png"
+SETS = ("forget", "retain", "test")
+PRIVACY_ROWS = (
+    ("mia_loss_auc", "loss attack AUC (forget vs test)", "how well the loss tells forget from test samples (0.5: not "
+                                                         "at all); a model retrained without them is the reference"),
+    ("mia_loss_accuracy", "loss attack accuracy", "the same attack's accuracy (0.5: a guess)"),
+    ("mia_efficacy", "MIA-efficacy (SalUn)", "share of forget samples called unseen; higher: more forgotten"),
+)
+
+
+def write_run_report(
+    folder: Path,
+    *,
+    result: Any,
+    audit: Mapping[str, Any],
+    metric: str,
+    title: str,
+    privacy: Mapping[str, Mapping[str, float]] | None = None,
+    privacy_note: str | None = None,
+) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``trajectory.png`` into ``folder``; returns both paths.
+
+    ``privacy`` holds ``{"before": ..., "after": ...}`` from ``orthograd.privacy.privacy_metrics``;
+    ``privacy_note`` says why there is none (e.g. no test set).
+    """
+    scenario = audit.get("stop") if audit.get("stop") in ("random", "class") else "run"
+    record = {"method": result.method, "scenario": scenario, "history": result.history, "original": result.original,
+              "metric": metric}
+    shown = [key for key in SETS if key in result.final]
+    plot = plot_trajectories([record], path=folder / PLOT_FILE, metrics=shown, title=title)
+    text = report_markdown(result=result, audit=audit, metric=metric, title=title, privacy=privacy,
+                           privacy_note=privacy_note)
+    path = folder / REPORT_FILE
+    atomic_write_text(path, text)
+    return path, plot
+
+
+def report_markdown(
+    *,
+    result: Any,
+    audit: Mapping[str, Any],
+    metric: str,
+    title: str,
+    privacy: Mapping[str, Mapping[str, float]] | None = None,
+    privacy_note: str | None = None,
+) -> str:
+    """The Markdown text of the report (see ``write_run_report``)."""
+    label = metric.replace("_", " ")
+    sizes = {name: audit.get("data", {}).get(name, {}).get("size") for name in SETS}
+    lines = [f"# Unlearning report: {title}", "", verdict(result, label=label), ""]
+    lines += [f"| set | samples | {label} before (%) | after (%) | change |", "|---|---:|---:|---:|---:|"]
+    for name in SETS:
+        if name in result.original and name in result.final:
+            before, after = result.original[name], result.final[name]
+            lines.append(f"| {name} | {sizes[name] or ''} | {before:.2f} | {after:.2f} | {after - before:+.2f} |")
+    lines += ["", _run_line(result, audit), ""]
+    damage = getattr(result, "damage", None)
+    if damage is not None:
+        lines += [f"Damage check: {_describe(audit.get('damage', damage))}", ""]
+    lines += ["## Membership inference", ""]
+    if privacy:
+        lines += ["| attack | before | after | reading |", "|---|---:|---:|---|"]
+        for key, name, reading in PRIVACY_ROWS:
+            before, after = privacy["before"].get(key), privacy["after"].get(key)
+            if before is not None and after is not None:
+                lines.append(f"| {name} | {before:.3f} | {after:.3f} | {reading} |")
+        lines.append("")
+    else:
+        lines += [privacy_note or "Not measured.", ""]
+    lines += [f"![{label} during unlearning]({PLOT_FILE})", "",
+              "The model in this folder loads with `from_pretrained` (a plain module: `orthograd.load`); "
+              "`audit.json` records the method, its settings, the seed, fingerprints of the data, every metric "
+              "above, library versions and the SHA-256 of each file.", ""]
+    return "\n".join(lines)
+
+
+def verdict(result: Any, *, label: str) -> str:
+    """One sentence: whether the stop rule's target was reached, and the forget metric's fall."""
+    forget = f"forget-set {label} {result.original.get('forget', float('nan')):.2f}% -> {result.final['forget']:.2f}%"
+    if getattr(result, "damaged", False):
+        return f"**Retain side damaged past its tolerance** ({result.stop_reason}); {forget}."
+    if result.stop_reason == "target_reached":
+        return f"**Forgetting target reached** after {result.steps} steps: {forget}."
+    if getattr(result, "missed_target", None):
+        return f"**Target not reached**: {result.missed_target}"
+    return f"**Ran the whole budget** ({result.stop_reason}, no stop rule): {forget}."
+
+
+def _run_line(result: Any, audit: Mapping[str, Any]) -> str:
+    config = audit.get("config", {})
+    schedule = f", schedule {config['schedule']}" if "schedule" in config else ""
+    epochs = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
+    return (f"Method {result.method}{schedule}, seed {result.seed}; stopped: {result.stop_reason} after "
+            f"{result.steps} steps ({epochs}, {result.wall_time_s:.1f} s).")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "; ".join(f"{key} {_describe(item)}" for key, item in value.items())
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
