@@ -12,6 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 from typer.testing import CliRunner
+from torch.utils.data import ConcatDataset
 
 import orthograd as og
 from orthograd.cli import app
@@ -170,8 +171,11 @@ def test_unlearn_a_plain_module_factory_on_image_folders(tmp_path: Path, monkeyp
     retain = _image_folder(tmp_path / "retain", {"0": 12, "2": 12}, seed=1)
     test = _image_folder(tmp_path / "test", {"0": 6, "1": 6, "2": 6}, seed=2)
     model = og.model_folder.build_module("mynet.py:build")
-    train = load_samples(retain, encoding=Encoding(task="classification", dict_samples=False))
-    og.train_classifier(model, train, epochs=5)
+    encoding = Encoding(task="classification", dict_samples=False)
+    train = ConcatDataset([load_samples(retain, encoding=encoding), load_samples(forget, encoding=encoding)])
+    og.train_classifier(model, train, epochs=60, lr=1e-2)
+    learnt = og.evaluate(model, load_samples(forget, encoding=encoding))
+    assert learnt["accuracy"] > 50  # the forget class is learnt, so there is something to forget
     save_model(model, "trained.safetensors")
 
     out = tmp_path / "unlearned"
