@@ -16,8 +16,10 @@ Launch one process per device (``torchrun --nproc_per_node=N``), initialise the 
   all-reduce: the global-batch update when the shards are equal in size, the mean of the shards' means otherwise.
   GDR-GMA's conflict removal then acts on each rank's own gradients before the average;
 * one-shot methods (Fisher, influence) run whole on every rank (same data, same edit): correct, not faster;
-* evaluation (and so the stopping rule) runs on the full sets on every rank; identical weights give every rank
-  the same metrics and the same decision to stop.
+* evaluation runs on the full sets on every rank; the stop rule is evaluated once, on rank 0, and its verdict
+  broadcast, so every rank stops at the same step. OrthoGrad's adaptive schedule decides on numbers every rank
+  shares: its held-out retain slice is evaluated in shards and combined, the forget metric and loss averaged over
+  the ranks (``ShardedContext``).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class _DataParallelMethods:
         if method_cls.one_shot:
             return method_cls(config, context)
         rank, size = world(self.group)
-        sharded = ShardedContext.from_context(context, rank=rank, world_size=size)
+        sharded = ShardedContext.from_context(context, rank=rank, world_size=size, group=self.group)
         method = method_cls(config, sharded)
         if isinstance(method, SpanMethod):  # the OrthoGrad direction: its span can be the global batches' own
             use_global_batches(method, group=self.group)
