@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from orthograd.distributed.collectives import all_reduce_sum, gather_counts, world
 from orthograd.distributed.ghost import data_parallel_ghost_span
+from orthograd.distributed.sharding import is_fsdp_sharded
 from orthograd.distributed.span import DataParallelSpan, unflatten
 from orthograd.grads import batch_size_of
 from orthograd.grads.ghost import GhostUnsupportedError, ghost_span
@@ -112,6 +113,10 @@ class DataParallelGradients:
     def _ghost_span(self, batch: Any, *, probe: dict[str, torch.Tensor]) -> RetainSpan | None:
         """The global span from every rank's ghost pieces; None when the ghost engine refused on some rank."""
         context = self.local.context
+        sharded = is_fsdp_sharded(context.model)
+        if sharded:
+            _check_equal_chunk_counts(batch_size_of(batch), self.local.config.chunk_size, device=context.device,
+                                      group=self.group)
         refusal: GhostUnsupportedError | None = None
         try:
             local = ghost_span(context.model, context.task.per_sample_loss, batch, probe=probe,
@@ -124,6 +129,9 @@ class DataParallelGradients:
             self.local.engine = "ghost"
             return data_parallel_ghost_span(local, group=self.group)
         reason = str(refusal) if refusal is not None else "another rank's ghost pass refused (see its log)"
+        if sharded:
+            raise GhostUnsupportedError(f"{reason}; a model sharded by FSDP needs the ghost engine (torch.func "
+                                        "cannot run its collective forward per sample): train LoRA on linear layers")
         if self.local.config.engine == "ghost":
             raise GhostUnsupportedError(reason)
         log.warning("ghost engine failed (%s); data-parallel OrthoGrad continues with torch.func", reason)
@@ -138,6 +146,21 @@ class DataParallelGradients:
         retain_loss = float(all_reduce_sum(losses.double().sum(), group=self.group)) / sum(counts)
         return DataParallelSpan(
             rows, probe, counts=counts, shapes=self.shapes, dtype=self.dtype, retain_loss=retain_loss, group=self.group
+        )
+
+
+def _check_equal_chunk_counts(
+    rows: int, chunk_size: int | None, *, device: torch.device, group: dist.ProcessGroup | None
+) -> None:
+    """Under FSDP every forward is collective: every rank's ghost pass must run as many chunks as the others."""
+    if chunk_size is None:
+        return
+    counts = gather_counts(rows, device=device, group=group)
+    chunks = {-(-count // chunk_size) for count in counts}
+    if len(chunks) > 1:
+        raise ValueError(
+            f"under FSDP every rank's retain shard must run the same number of chunks; shards of {counts} samples "
+            f"in chunks of {chunk_size} do not: use chunk_size=None or a retain batch size whose shards agree"
         )
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, Subset
 
@@ -69,8 +70,12 @@ class ShardedContext(MethodContext):
         """The metric over every rank's share of ``data``: each rank evaluates its rows, the shares' metrics are
         averaged weighted by their sizes. That is the one-process metric for a mean over samples (accuracy,
         answer probability, ROUGE-L recall); for a corpus-level one (WER) it is the sample-weighted mean of the
-        shards' values."""
-        start, stop = shard_bounds(len(data), rank=self.rank, world_size=self.world_size)  # type: ignore[arg-type]
+        shards' values. A model sharded by FSDP is evaluated on the whole set on every rank (its forwards are
+        collective, so every rank must run the same ones)."""
+        if is_fsdp_sharded(model):  # each forward is collective there: every rank evaluates the whole set
+            start, stop = 0, len(data)  # type: ignore[arg-type]
+        else:
+            start, stop = shard_bounds(len(data), rank=self.rank, world_size=self.world_size)  # type: ignore[arg-type]
         local = super().evaluate_held_out(model, Subset(data, range(start, stop)), batch_size=batch_size) if (
             stop > start) else 0.0
         weighted = torch.tensor([local * (stop - start), stop - start], dtype=torch.float64, device=self.device)
@@ -120,6 +125,11 @@ class ShardedContext(MethodContext):
                 "least world_size samples (set the DataLoader's drop_last=True if only the last batch is short)"
             )
         return tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t, batch)
+
+
+def is_fsdp_sharded(model: nn.Module) -> bool:
+    """Whether some parameter of ``model`` is a sharded ``DTensor`` (FSDP's ``fully_shard``)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _check_shards_not_empty(which: str, size: int, *, batch_size: int, world_size: int) -> None:
