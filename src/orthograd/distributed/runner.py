@@ -22,8 +22,8 @@ Launch one process per device (``torchrun --nproc_per_node=N``), initialise the 
 * one-shot methods (Fisher, influence) run whole on every rank (same data, same edit): correct, not faster;
 * evaluation runs on the full sets on every rank; the stop rule is evaluated once, on rank 0, and its verdict
   broadcast, so every rank stops at the same step. OrthoGrad's adaptive schedule decides on numbers every rank
-  shares: its held-out retain slice is evaluated in shards and combined, the forget metric and loss averaged over
-  the ranks (``ShardedContext``).
+  shares: its held-out retain slice is evaluated in shards and combined, the forget metric and loss are rank 0's
+  (``ShardedContext``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ concatenation of the ranks' shards (in rank order) is that batch. For datasets, 
 (a batch sampler that slices the index lists); a user's DataLoader is iterated as given and each batch is sliced.
 
 The context is also the run's shared view (``MethodContext.evaluate_held_out``, ``agree``, ``decide``): a held-out
-set is evaluated in shards and combined, measurements are averaged over the ranks, and a decision is taken on rank
+set is evaluated in shards and combined, every rank takes rank 0's measurements, and a decision is taken on rank
 0 and broadcast, so every rank of the run takes the same decisions (the adaptive schedule's, the stop rule's).
 """
 
@@ -73,9 +73,8 @@ class ShardedContext(MethodContext):
         shards' values. A model sharded by FSDP is evaluated on the whole set on every rank (its forwards are
         collective, so every rank must run the same ones)."""
         if is_fsdp_sharded(model):  # each forward is collective there: every rank evaluates the whole set
-            start, stop = 0, len(data)  # type: ignore[arg-type]
-        else:
-            start, stop = shard_bounds(len(data), rank=self.rank, world_size=self.world_size)  # type: ignore[arg-type]
+            return self.agree({"metric": super().evaluate_held_out(model, data, batch_size=batch_size)})["metric"]
+        start, stop = shard_bounds(len(data), rank=self.rank, world_size=self.world_size)  # type: ignore[arg-type]
         local = super().evaluate_held_out(model, Subset(data, range(start, stop)), batch_size=batch_size) if (
             stop > start) else 0.0
         weighted = torch.tensor([local * (stop - start), stop - start], dtype=torch.float64, device=self.device)
@@ -83,17 +82,22 @@ class ShardedContext(MethodContext):
         return total / count
 
     def agree(self, values: Mapping[str, float]) -> dict[str, float]:
-        """The mean over the ranks of each value (the same numbers on every rank)."""
+        """Rank 0's values on every rank. Exact where every rank measured the same thing (a mean over ranks of
+        equal numbers can move them by a rounding, which a comparison with the previous check would count)."""
         names = sorted(values)
         local = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=self.device)
-        return dict(zip(names, (all_reduce_sum(local, group=self.group) / self.world_size).tolist()))
+        dist.broadcast(local, src=self._first_rank(), group=self.group)
+        return dict(zip(names, local.tolist()))
 
     def decide(self, rule: Callable[[], bool]) -> bool:
         """``rule()`` on rank 0 of the group, broadcast: every rank gets rank 0's verdict."""
-        source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         verdict = torch.tensor([bool(rule()) if self.rank == 0 else False], dtype=torch.int32, device=self.device)
-        dist.broadcast(verdict, src=source, group=self.group)
+        dist.broadcast(verdict, src=self._first_rank(), group=self.group)
         return bool(verdict.item())
+
+    def _first_rank(self) -> int:
+        """The global rank of the group's rank 0 (what ``dist.broadcast`` takes as its source)."""
+        return dist.get_global_rank(self.group, 0) if self.group is not None else 0
 
     def loader(self, which: Literal["forget", "retain"], *, batch_size: int, shuffle: bool = True) -> DataLoader:
         data = self.forget if which == "forget" else self.retain
