@@ -19,14 +19,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from orthograd import methods
-from orthograd import narration
+from orthograd import methods, narration
 from orthograd.choices import check_choice
 from orthograd.damage import DEFAULT_DAMAGE_TOLERANCE, Damage, DamageCheck, RetainDamageWarning, check_tolerance
 from orthograd.input_checks import check_disjoint, check_model, dataset_of, fingerprint
 from orthograd.lora import LoRAConfig, attach_lora, merge_lora
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
-from orthograd.peft_inputs import is_peft_model, lora_targets_of, train_own_adapters
+from orthograd.peft_inputs import check_peft_model, is_peft_model, lora_targets_of, train_own_adapters
 from orthograd.results import UnlearnResult
 from orthograd.runtime import resolve_device, seeded_generator
 from orthograd.stopping import StopRule, check_stop, infer_stop, resolve_stop, stalled_at
@@ -255,8 +254,6 @@ def _infer_stop(task: Task, sets: Mapping[str, Dataset]) -> tuple[str, str] | No
 
 def _check_peft_run(model: nn.Module, method_cls: type[UnlearningMethod], lora: LoRAConfig | None) -> None:
     """A ``PeftModel`` is unlearned by training its own LoRA adapters: refuse what that cannot honour."""
-    from orthograd.peft_inputs import check_peft_model
-
     check_peft_model(model)
     if method_cls.one_shot:
         raise ValueError(
@@ -299,12 +296,14 @@ def _stall_message(history: list[dict[str, Any]], metric: str) -> str:
     row = stalled_at(history)
     last = history[-1]
     head = (
-        "unlearn ran its whole budget with no stop rule (none given, and none could be inferred: the forget set "
-        "is not a set of whole classes and no test set was given)"
+        "unlearn ran its whole budget with no stop rule (none given, and none could be inferred: 'class' needs the "
+        "forget set's classes to be absent from the retain set, 'random' a test set, both an accuracy-like metric)"
     )
     if row is None or row["step"] == last["step"]:
-        return f"{head}; the forget {metric} was still moving at the end (step {last['step']}): pass stop= or a " \
-               "larger budget"
+        return (
+            f"{head}; the forget {metric} was still moving at the end (step {last['step']}): pass stop= or a larger "
+            "budget"
+        )
     return (
         f"{head}; the forget {metric} stopped moving at step {row['step']} (forget {row['forget']:.2f}, final "
         f"{last['forget']:.2f} at step {last['step']}): pass stop=<rule> or max_steps={row['step']} to end there"
