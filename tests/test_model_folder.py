@@ -230,3 +230,14 @@ def test_a_peft_adapter_folder_as_input_brings_its_base_folders_tokenizer_and_ta
     assert user.tokenizer("good day")["input_ids"] == load_user_model(folder).tokenizer("good day")["input_ids"]
     with pytest.raises(ValueError, match="--weights is for module:factory models"):
         load_user_model(tmp_path / "adapters", weights=tmp_path / "w.safetensors")
+
+
+def test_rows_of_number_lists_are_checked_for_nan_and_fingerprinted_by_content() -> None:
+    from orthograd.input_checks import fingerprint
+
+    rows = [{"x": [0.5, 1.0], "label": 0}, {"x": [0.5, float("nan")], "label": 1}]
+    with pytest.raises(ValueError, match="sample 1 of the forget set holds NaN"):
+        fingerprint(datasets.Dataset.from_list(rows), name="forget")
+    same = [{"x": [0.5, 1.0], "label": 0}]
+    assert fingerprint(same)["content_hash"] == fingerprint(datasets.Dataset.from_list(same))["content_hash"]
+    assert fingerprint(same)["content_hash"] != fingerprint([{"x": [0.5, 2.0], "label": 0}])["content_hash"]
