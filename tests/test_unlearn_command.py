@@ -246,3 +246,11 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere() -> None:
         progress({"step": 4, "epoch": 1, "forget": 12.5, "retain": 97.0})
         task = progress._progress.tasks[0]  # type: ignore[union-attr]
         assert (task.completed, task.total, task.fields["metrics"]) == (4, 10, "forget 12.5  retain 97.0")
+
+
+@pytest.mark.parametrize("module", ["pyarrow", "datasets"])
+def test_reading_parquet_or_saved_datasets_without_the_hf_extra_names_it(module: str) -> None:
+    from orthograd.cli import error_line
+
+    line = error_line(ModuleNotFoundError(f"No module named '{module}'", name=module))
+    assert line.endswith("needs the hf extra (pip install 'orthograd[hf]')"), line
