@@ -149,7 +149,7 @@ def test_verbose_prints_a_line_per_evaluation(digits, digits_model, capsys) -> N
     train, test = digits
     forget, retain = _split("class", train, 0).datasets(train)
     rows: list[dict] = []
-    result = og.unlearn(copy.deepcopy(digits_model), forget, retain, stop="class", test=test, verbose=True,
+    result = og.unlearn(copy.deepcopy(digits_model), forget, retain, stop="class", test=test, verbose="rows",
                         on_eval=rows.append)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(result.history) == len(rows) and lines[0].startswith("step     0 epoch   0")

@@ -14,7 +14,7 @@ from torchvision.models import VisionTransformer
 import orthograd as og
 from orthograd.lora import LoRAConfig, attach_lora
 from orthograd.methods import MethodContext, make_config, orthograd_gradients
-from orthograd.models import SmallCNN
+from orthograd.models import ResNet18, SmallCNN
 from orthograd.tasks import ClassificationTask
 
 RETAIN, FORGET = 6, 4
@@ -104,6 +104,7 @@ MODELS = {
     "cnn_groupnorm": lambda: SmallCNN(width=4),
     "cnn_batchnorm": lambda: SmallCNN(width=4, norm="batch"),
     "residual_inplace": _ResidualNet,
+    "resnet18_narrow": lambda: ResNet18(in_channels=1, width=4, stem="cifar"),
     "tokens": _TokenNet,
     "cnn_lora": _lora_cnn,
     "vit_lora_attention": _lora_vit,

@@ -7,6 +7,7 @@ same LoRA adapters (for a given seed), the same evaluation schedule and the same
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
@@ -19,13 +20,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from orthograd import methods
+from orthograd import narration
 from orthograd.choices import check_choice
+from orthograd.damage import DEFAULT_DAMAGE_TOLERANCE, Damage, DamageCheck, RetainDamageWarning, check_tolerance
 from orthograd.input_checks import check_disjoint, check_model, dataset_of, fingerprint
 from orthograd.lora import LoRAConfig, attach_lora, merge_lora
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
+from orthograd.peft_inputs import is_peft_model, lora_targets_of, train_own_adapters
 from orthograd.results import UnlearnResult
 from orthograd.runtime import resolve_device, seeded_generator
-from orthograd.stopping import StopRule, resolve_stop
+from orthograd.stopping import StopRule, check_stop, infer_stop, resolve_stop, stalled_at
 from orthograd.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,8 @@ ProgressCallback = Callable[[Mapping[str, Any]], None]
 # Builds the method object from its class, config and context (default: ``method_cls(config, context)``); the
 # data-parallel runner (``orthograd.distributed``) passes one that shards the data and synchronises the updates.
 Track = Literal["all", "stop"]  # what the rows between the first and the last evaluate (see unlearn)
+Verbose = Literal[True, False, "rows"]  # start and end lines; none; and a line per history row too
+DEFAULT_MAX_EPOCHS = 30
 MethodFactory = Callable[[type[UnlearningMethod], MethodConfig, MethodContext], UnlearningMethod]
 
 
@@ -46,17 +52,20 @@ def unlearn(
     task: str | Task = "classification",
     stop: str | StopRule | None = None,
     test: Dataset | DataLoader | None = None,
-    max_epochs: int = 30,
+    max_epochs: int | None = None,
+    max_steps: int | None = None,
     eval_every: int | None = None,
     track: Track = "all",
     device: str | torch.device | None = None,
     seed: int = 0,
     inplace: bool = False,
+    merge: bool | None = None,
     num_classes: int | None = None,
     forget_classes: Iterable[int] = (),
     check_overlap: bool = True,
+    damage_tolerance: float = DEFAULT_DAMAGE_TOLERANCE,
     on_eval: ProgressCallback | None = None,
-    verbose: bool = False,
+    verbose: Verbose = True,
     config: MethodConfig | None = None,
     make_method: MethodFactory | None = None,
     **method_kwargs: Any,
@@ -65,7 +74,14 @@ def unlearn(
 
     ``forget``, ``retain`` and ``test`` are datasets or DataLoaders of the task's batches. ``stop`` is the paper's
     rule: ``"random"`` (forget accuracy within 0.5 points of the original test accuracy, or lower; needs
-    ``test``), ``"class"`` (forget accuracy below 1%), a callable on a history row, or None (run ``max_epochs``).
+    ``test``), ``"class"`` (forget accuracy below 1%), ``"speaker"`` (ASR: forget WER >= 75), a callable on a
+    history row, ``"never"`` (run the whole budget), or None: then the rule is inferred where it is well defined
+    ("class" when the forget set's classes are absent from the retain set, else "random" when ``test`` is given)
+    and said in the start line and ``result.inferred_stop``; with none inferable the whole budget runs and a
+    warning names the step at which the forget metric stopped moving. A named rule that reads a metric the task
+    does not produce is refused before anything runs (``orthograd.stopping`` lists the rules and their metrics).
+    The budget is ``max_epochs`` (default 30) and/or ``max_steps`` optimizer steps, whichever ends first (with
+    ``max_steps`` alone, epochs are unlimited).
     Every set is evaluated after every epoch (the paper's schedule); with ``eval_every``, the stop rule is also
     checked every ``eval_every`` optimizer steps (on the forget set alone for the built-in rules, then a full
     evaluation row when it fires). ``track="stop"`` evaluates only what the stop rule reads (the forget set for
@@ -75,12 +91,24 @@ def unlearn(
     method's hyperparameters, e.g. ``alpha``, ``lr``, ``lora``, ``retain_grads``.
     ``forget_classes`` names the classes being forgotten (class forgetting). Before anything runs, the data is
     checked: forget and retain must not share a sample (``check_overlap=False`` skips this comparison for huge
-    sets you split yourself; the audit fingerprints still read every sample), labels must fit the model's outputs,
-    and the model must take the inputs.
-    The input model is left untouched unless ``inplace=True``. ``on_eval(row)`` is called with every history row
-    as it is recorded (a dict: step, epoch, the metric per set, step statistics averaged since the previous row,
-    time_s); ``verbose=True`` prints each row. A run that ends without reaching its stop rule's target says so
-    in a ``UserWarning`` and in ``result.missed_target`` (what was reached, and the knob most likely to help).
+    sets you split yourself; the audit fingerprints still read every sample), labels must be integer class ids
+    the model outputs, and the model must take the inputs.
+    Retain damage: a returned model whose retain metric (or the adaptive schedule's held-out retain slice) is more
+    than ``damage_tolerance`` points (default 10) below the original's is never plain success: ``result.damage``
+    says what fell, ``result.damaged`` is True and a ``RetainDamageWarning`` names the knob (usually a lower
+    ``lr``). The adaptive schedule instead returns its most-forgotten evaluated state within the tolerance when it
+    saw one (stop reason ``"retain_damage"``). After a non-finite step the run returns the last evaluated state
+    within the tolerance.
+    The input model is left untouched unless ``inplace=True``. LoRA adapters are merged into the returned model;
+    a ``peft.PeftModel`` input has its own LoRA adapters trained and comes back as a ``PeftModel``
+    (``merge=True``: merged into its base model; ``merge=False`` keeps the adapters of any run unmerged).
+    ``on_eval(row)`` is called with every history row as it is recorded (a dict: step, epoch, the metric per set,
+    step statistics averaged since the previous row, time_s). ``verbose`` (default True) prints one line when
+    the run starts (method, schedule, engine, trainable parameters and LoRA targets, held-out slice, budget, stop
+    rule) and one when it ends (stop reason, steps, time, metrics before -> after) to stderr; ``"rows"`` adds a
+    line per history row (stdout); False prints nothing. A run that ends without reaching its stop rule's target
+    says so in a ``UserWarning`` and in ``result.missed_target`` (what was reached, and the knob most likely to
+    help).
     OrthoGrad's default (``schedule="adaptive"``) steers on the stop rule's checks: with no ``eval_every`` it is
     checked four times an epoch. ``make_method`` replaces the construction of the
     method object (``orthograd.distributed`` uses it for data-parallel runs). Returns an ``UnlearnResult``.
@@ -88,16 +116,26 @@ def unlearn(
     check_model(model)
     if config is not None and method_kwargs:
         raise ValueError("pass hyperparameters either as config= or as keyword arguments, not both")
-    if max_epochs < 1:
-        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
+    for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 or None, got {value}")
+    if max_epochs is None and max_steps is None:
+        max_epochs = DEFAULT_MAX_EPOCHS
     if eval_every is not None and eval_every < 1:
         raise ValueError(f"eval_every must be >= 1 or None, got {eval_every}")
     check_choice("track", track, Track)
+    check_choice("verbose", verbose, Verbose)
+    check_tolerance(damage_tolerance)
     method_cls = methods.get(method)
     cfg = methods.make_config(method, config if config is not None else method_kwargs)
-    task_adapter = get_task(task)
+    task_adapter = get_task(task).for_model(model)
     if method_cls.tasks is not None and task_adapter.name not in method_cls.tasks:
         raise ValueError(f"method {method!r} supports tasks {list(method_cls.tasks)}, not {task_adapter.name!r}")
+    check_stop(stop, metrics=task_adapter.metrics)
+    peft_input = is_peft_model(model)
+    lora: LoRAConfig | None = getattr(cfg, "lora", None)
+    if peft_input:
+        _check_peft_run(model, method_cls, lora)
     run_device = resolve_device(device)
     _check_not_empty(forget=forget, retain=retain)
     hashes: dict[int, list[str]] = {}  # each sample is read once for the overlap check and the fingerprints
@@ -114,10 +152,11 @@ def unlearn(
     if test is not None:
         sets["test"] = dataset_of(test)
     task_adapter.validate(working, sets=sets, forget_classes=tuple(forget_classes), device=run_device)
+    inferred = _infer_stop(task_adapter, sets) if stop is None else None
     evaluator = _Evaluator(task_adapter, run_device, forget=forget, retain=retain, test=test)
     started = time.perf_counter()
     original = evaluator(working)
-    stop_rule = resolve_stop(stop, original=original)
+    stop_rule = resolve_stop(inferred[0] if inferred else stop, original=original, metrics=task_adapter.metrics)
     tracked = None if track == "all" else getattr(stop_rule, "needs", None)
     if track == "stop" and tracked is None:
         raise ValueError(
@@ -125,9 +164,12 @@ def unlearn(
             "'class', or one from orthograd.stopping) or use track='all' with a plain callable"
         )
 
-    lora: LoRAConfig | None = getattr(cfg, "lora", None)
-    adapted = attach_lora(working, lora, seed=seed) if lora is not None else working
-    if lora is None:
+    if peft_input:
+        adapted = train_own_adapters(working)
+    elif lora is not None:
+        adapted = attach_lora(working, lora, seed=seed)
+    else:
+        adapted = working
         for p in adapted.parameters():
             p.requires_grad_(True)
     context = MethodContext(
@@ -148,17 +190,39 @@ def unlearn(
     built = make_method(method_cls, cfg, context) if make_method is not None else method_cls(cfg, context)
     if eval_every is None:
         eval_every = _preferred_eval_every(built, forget, batch_size=getattr(cfg, "forget_batch_size", None))
-    callbacks = [callback for callback in (on_eval, print_row if verbose else None) if callback is not None]
-    runner = _Run(built, evaluator, stop_rule, callbacks, started, tracked=tracked)
+    if verbose:
+        narration.say(narration.start_line(method=method, facts=[
+            *built.describe(),
+            narration.trainable_fact(
+                trainable=sum(p.numel() for p in context.trainable_parameters().values()),
+                total=sum(p.numel() for p in adapted.parameters()),
+                lora_targets=lora_targets_of(adapted),
+            ),
+            narration.budget_fact(max_epochs=max_epochs, max_steps=max_steps),
+            narration.stop_fact(stop, inferred=inferred),
+        ]))
+    callbacks = [callback for callback in (on_eval, print_row if verbose == "rows" else None) if callback is not None]
+    check = DamageCheck(original_retain=original["retain"], metric=task_adapter.metric,
+                        higher_is_better=task_adapter.higher_is_better, tolerance=damage_tolerance)
+    runner = _Run(built, evaluator, stop_rule, callbacks, started, tracked=tracked, check=check)
     reached_already = runner.record(step=0, epoch=0, metrics=original, stats={})
-    stop_reason = "target_reached" if reached_already else runner.loop(max_epochs=max_epochs, eval_every=eval_every)
+    stop_reason = "target_reached" if reached_already else runner.loop(
+        max_epochs=max_epochs, max_steps=max_steps, eval_every=eval_every
+    )
     runner.complete_last_row()
-    missed = _missed_target(stop, stop_reason, runner.history[-1], built) if stop_rule is not None else None
+    ended_at = runner.history[-1]
+    stop_reason, damage = runner.settle(stop_reason)
+    rule_name = inferred[0] if inferred else stop
+    missed = _missed_target(rule_name, stop_reason, runner.history[-1], built) if stop_rule is not None else None
     if missed is not None:
         warnings.warn(missed, UserWarning, stacklevel=2)
-    final = merge_lora(adapted)
+    _warn_damage(built, stop_reason, damage=damage, ended_at=ended_at, final=runner.history[-1])
+    if stop is None and inferred is None:
+        warnings.warn(_stall_message(runner.history, task_adapter.metric), UserWarning, stacklevel=2)
+    keep_adapters = merge is False or (merge is None and peft_input)
+    final = adapted if keep_adapters else merge_lora(adapted)
     final.eval()
-    return UnlearnResult(
+    result = UnlearnResult(
         model=final,
         method=method,
         config=cfg.to_dict(),
@@ -171,6 +235,79 @@ def unlearn(
         seed=seed,
         data=fingerprints,
         missed_target=missed,
+        damage=damage,
+        inferred_stop=inferred[0] if inferred else None,
+    )
+    if verbose:
+        narration.say(narration.end_line(result))
+    return result
+
+
+def _infer_stop(task: Task, sets: Mapping[str, Dataset]) -> tuple[str, str] | None:
+    """The rule a call without ``stop=`` ends on, and why (see ``orthograd.stopping.infer_stop``)."""
+    return infer_stop(
+        task.metrics,
+        forget_classes=task.classes_of(sets["forget"]),
+        retain_classes=task.classes_of(sets["retain"]),
+        has_test="test" in sets,
+    )
+
+
+def _check_peft_run(model: nn.Module, method_cls: type[UnlearningMethod], lora: LoRAConfig | None) -> None:
+    """A ``PeftModel`` is unlearned by training its own LoRA adapters: refuse what that cannot honour."""
+    from orthograd.peft_inputs import check_peft_model
+
+    check_peft_model(model)
+    if method_cls.one_shot:
+        raise ValueError(
+            f"method {method_cls.name!r} edits the weights in one shot, not adapters; pass model.merge_and_unload() "
+            "(a plain model) instead of the PeftModel"
+        )
+    if lora != LoRAConfig():
+        raise ValueError(
+            "a PeftModel's own LoRA adapters are trained, so lora= settings do not apply; drop lora=, or pass "
+            "model.merge_and_unload() to train new adapters (or all parameters with lora=None)"
+        )
+
+
+def _warn_damage(
+    method: UnlearningMethod, reason: str, *, damage: Damage | None, ended_at: Mapping[str, Any],
+    final: Mapping[str, Any],
+) -> None:
+    """The ``RetainDamageWarning`` of a damaged run (or of one whose damaged end state was replaced)."""
+    hint = f"try: {method.hint_when_damaged()}, or raise damage_tolerance if this drop is expected"
+    if damage is not None:
+        warnings.warn(
+            f"{method.name} ended ({reason}, step {final['step']}) with retain damage: {damage.describe()}; the "
+            f"returned model is damaged (result.damaged); {hint}",
+            RetainDamageWarning, stacklevel=3,
+        )
+    elif reason == "retain_damage":
+        warnings.warn(
+            f"{method.name} reached a damaged state at step {ended_at['step']}; returned instead the most-forgotten "
+            f"evaluated state within the damage tolerance, step {final['step']} ({_metrics_of(final)}); {hint}",
+            RetainDamageWarning, stacklevel=3,
+        )
+
+
+def _metrics_of(row: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {row[k]:.2f}" for k in ("forget", "retain", "test") if k in row)
+
+
+def _stall_message(history: list[dict[str, Any]], metric: str) -> str:
+    """What a run with no stop rule says at the end: where the forget metric stopped moving."""
+    row = stalled_at(history)
+    last = history[-1]
+    head = (
+        "unlearn ran its whole budget with no stop rule (none given, and none could be inferred: the forget set "
+        "is not a set of whole classes and no test set was given)"
+    )
+    if row is None or row["step"] == last["step"]:
+        return f"{head}; the forget {metric} was still moving at the end (step {last['step']}): pass stop= or a " \
+               "larger budget"
+    return (
+        f"{head}; the forget {metric} stopped moving at step {row['step']} (forget {row['forget']:.2f}, final "
+        f"{last['forget']:.2f} at step {last['step']}): pass stop=<rule> or max_steps={row['step']} to end there"
     )
 
 
@@ -192,13 +329,14 @@ def _missed_target(stop: object, stop_reason: str, final: Mapping[str, Any], met
     """The warning text for a run that ended without reaching its target (None when it reached it)."""
     if stop_reason in ("target_reached", "one_shot"):
         return None
-    reached = ", ".join(f"{k} {final[k]:.2f}" for k in ("forget", "retain", "test") if k in final)
+    reached = _metrics_of(final)
     rule = f"{stop!r}" if isinstance(stop, str) else "stop rule's"
-    hint = (
-        "lower lr (a step produced non-finite values)"
-        if stop_reason == "non_finite"
-        else method.hint_when_target_missed()
-    )
+    if stop_reason == "non_finite":
+        hint = "lower lr (a step produced non-finite values)"
+    elif stop_reason == "retain_damage":
+        hint = method.hint_when_damaged() + " (the state that reached further was past the damage tolerance)"
+    else:
+        hint = method.hint_when_target_missed()
     return (
         f"{method.name} ended ({stop_reason}, epoch {final.get('epoch')}) without reaching the {rule} target: "
         f"{reached}; try: {hint}"
@@ -206,7 +344,7 @@ def _missed_target(stop: object, stop_reason: str, final: Mapping[str, Any], met
 
 
 def print_row(row: Mapping[str, Any]) -> None:
-    """``verbose=True``: one line per history row (step, epoch, metrics, then the method's statistics)."""
+    """``verbose="rows"``: one line per history row (step, epoch, metrics, then the method's statistics)."""
     head = f"step {row['step']:>5} epoch {row['epoch']:>3}"
     keys = [k for k in ("forget", "retain", "test", "alpha", "lr", "holdout_retain") if k in row]
     print(head + "  " + "  ".join(f"{k} {row[k]:.4g}" for k in keys), flush=True)
@@ -258,7 +396,7 @@ class _RunningMeans:
 
 
 class _Run:
-    """The epoch/step loop: evaluation schedule, stopping, non-finite guard and history."""
+    """The epoch/step loop: evaluation schedule, stopping, non-finite guard, retain damage and history."""
 
     def __init__(
         self,
@@ -268,11 +406,13 @@ class _Run:
         callbacks: list[ProgressCallback],
         started: float,
         *,
+        check: DamageCheck,
         tracked: tuple[str, ...] | None = None,
     ) -> None:
         self.method = method
         self.evaluator = evaluator
         self.stop_rule = stop_rule
+        self.check = check
         self.tracked = tracked  # the sets the rows evaluate (None: every set)
         self.callbacks = callbacks
         self.started = started
@@ -280,7 +420,10 @@ class _Run:
         self._steering = _RunningMeans()  # what the method reported on the checks since the last row
         self.steps = 0
         self.epochs = 0
-        self._last_good = self._snapshot()
+        # (parameters, history index) of the last evaluated state within the damage tolerance, and of the most
+        # forgotten one after step 0 (kept only for a method that returns it when the run ends damaged)
+        self._last_good: tuple[dict[str, torch.Tensor], int] = (self._snapshot(), 0)
+        self._best: tuple[dict[str, torch.Tensor], int] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -289,10 +432,10 @@ class _Run:
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _restore_last_good(self) -> None:
+    def _restore(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for name, value in self._last_good.items():
+            for name, value in state.items():
                 params[name].copy_(value)
 
     def record(self, *, step: int, epoch: int, metrics: Mapping[str, float], stats: Mapping[str, float]) -> bool:
@@ -304,18 +447,34 @@ class _Run:
         return self.stop_rule is not None and bool(self.stop_rule(row))
 
     def evaluate(self, stats: Mapping[str, float]) -> bool:
-        self._last_good = self._snapshot()
+        state = self._snapshot()
         metrics = self.evaluator(self.model, only=self.tracked)
         self._steering.add(self.method.observe(metrics))
         steering, self._steering = self._steering.means(), _RunningMeans()
-        return self.record(step=self.steps, epoch=self.epochs, metrics=metrics, stats={**stats, **steering})
+        reached = self.record(step=self.steps, epoch=self.epochs, metrics=metrics, stats={**stats, **steering})
+        self._judge(state)
+        return reached
+
+    def _judge(self, state: dict[str, torch.Tensor]) -> None:
+        """Keep the state of the row just recorded as the last good (and maybe best) one if within tolerance."""
+        index, row = len(self.history) - 1, self.history[-1]
+        if self.check.of(row, self.method.holdout()) is not None:
+            return
+        self._last_good = (state, index)
+        if self.method.restores_best_state() and (self._best is None or self._more_forgotten(row)):
+            self._best = (state, index)
+
+    def _more_forgotten(self, row: Mapping[str, Any]) -> bool:
+        assert self._best is not None
+        best = self.history[self._best[1]]["forget"]
+        return row["forget"] <= best if self.check.higher_is_better else row["forget"] >= best
 
     def probe(self, stats: Mapping[str, float]) -> bool:
         """A mid-epoch check: evaluate only what the stop rule reads; a full evaluation row when it fires."""
         needs = getattr(self.stop_rule, "needs", None)
         if needs is None:
             return self.evaluate(stats)
-        # no snapshot here: the state restored after a non-finite step must be the one the last history row shows
+        # no snapshot here: the state restored after a non-finite step must be one a history row shows
         metrics = self.evaluator(self.model, only=needs)
         if self.stop_rule is not None and self.stop_rule(metrics):
             return self.evaluate(stats)
@@ -328,9 +487,31 @@ class _Run:
         if missing:
             self.history[-1].update(self.evaluator(self.model, only=missing))
 
-    def loop(self, *, max_epochs: int, eval_every: int | None) -> str:
+    def settle(self, reason: str) -> tuple[str, Damage | None]:
+        """The final stop reason and the returned state's damage (None: within tolerance).
+
+        A damaged end state is replaced by the most-forgotten evaluated state within tolerance when the method
+        asks for it (the adaptive schedule) and one after step 0 was seen (stop reason "retain_damage").
+        """
+        latest = reason != "non_finite" or "restored_from_step" not in self.history[-1]
+        damage = self.check.of(self.history[-1], self.method.holdout() if latest else None)
+        if damage is None or self._best is None or reason == "non_finite":
+            return reason, damage
+        state, index = self._best
+        self._restore(state)
+        self._append_restored(index)
+        return "retain_damage", self.check.of(self.history[-1], None)
+
+    def _append_restored(self, index: int) -> None:
+        """A row for the restored state of row ``index`` (the history's last row is the returned model's)."""
+        row = self.history[index]
+        self.history.append({**row, "restored_from_step": row["step"], "time_s": time.perf_counter() - self.started})
+        self.complete_last_row()
+
+    def loop(self, *, max_epochs: int | None, max_steps: int | None, eval_every: int | None) -> str:
         self.model.train(self.method.train_mode)
-        for epoch in range(1, max_epochs + 1):
+        epochs = range(1, max_epochs + 1) if max_epochs is not None else itertools.count(1)
+        for epoch in epochs:
             epoch_stats = _RunningMeans()
             for stats in self.method.run_epoch(epoch):
                 self.steps += 1
@@ -342,6 +523,10 @@ class _Run:
                         return self._stop_non_finite("non-finite weights")
                     if self._probe_in_loop(epoch_stats.means()):
                         return "target_reached"
+                if max_steps is not None and self.steps >= max_steps and not self.method.one_shot:
+                    if not self._weights_finite():
+                        return self._stop_non_finite("non-finite weights")
+                    return "target_reached" if self._evaluate_in_loop(epoch_stats.means()) else "max_steps"
             if not self._weights_finite():  # a step with finite statistics can still leave NaN weights
                 return self._stop_non_finite("non-finite weights")
             self.epochs = epoch
@@ -356,9 +541,12 @@ class _Run:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad)
 
     def _stop_non_finite(self, what: str) -> str:
-        """Restore the state the last history row evaluated and end the run."""
-        log.warning("%s at step %d; restoring the last good state", what, self.steps)
-        self._restore_last_good()
+        """Restore the last evaluated state within the damage tolerance and end the run."""
+        log.warning("%s at step %d; restoring the last evaluated state within the damage tolerance", what, self.steps)
+        state, index = self._last_good
+        self._restore(state)
+        if index != len(self.history) - 1:
+            self._append_restored(index)
         self.history[-1]["non_finite_step"] = self.steps
         return "non_finite"
 

@@ -30,10 +30,11 @@ def evaluate(
 
     ``device`` defaults to the one the model's parameters are on; with another, the model is moved there for the
     evaluation and back afterwards. The model's train/eval mode is restored too. ``batch_size`` applies to a
-    dataset (a DataLoader is used as given).
+    dataset (a DataLoader is used as given). Token sequences are padded with the model's ``config.pad_token_id``
+    (see ``ClassificationTask``).
     """
     check_model(model)
-    adapter = get_task(task)
+    adapter = get_task(task).for_model(model)
     home = model_device(model)
     run_device = resolve_device(device) if device is not None else home
     loader = data if isinstance(data, DataLoader) else DataLoader(

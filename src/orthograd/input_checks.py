@@ -62,6 +62,12 @@ def check_model(model: object) -> None:
             f"model must be a torch.nn.Module (the network itself), got {type(model).__name__}; "
             "orthograd.train_classifier trains one on a dataset"
         )
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError(
+            f"{type(model).__name__} has tensors on the meta device (built without its weights, e.g. under "
+            "init_empty_weights or device='meta'): load its weights first (from_pretrained, or to_empty() and "
+            "load_state_dict)"
+        )
 
 
 def sample_hashes(dataset: Dataset, *, cache: HashCache | None = None, name: str = "given") -> list[str]:

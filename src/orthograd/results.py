@@ -9,7 +9,9 @@ from typing import Any
 from torch import nn
 
 from orthograd.audit import run_account, save_result
+from orthograd.damage import Damage
 from orthograd.model_folder import save_model_folder
+from orthograd.narration import end_line, summary_lines
 
 
 @dataclass
@@ -20,7 +22,9 @@ class UnlearnResult:
     method: str
     config: dict[str, Any]
     history: list[dict[str, Any]]
-    stop_reason: str  # "target_reached" | "max_epochs" | "one_shot" | "non_finite"
+    # "target_reached" | "max_epochs" | "max_steps" | "one_shot" | "non_finite" | "retain_damage" (the state that
+    # ended the run was damaged; the most-forgotten state within tolerance was returned instead)
+    stop_reason: str
     steps: int
     epochs: int
     wall_time_s: float
@@ -28,6 +32,20 @@ class UnlearnResult:
     seed: int = 0
     data: dict[str, dict[str, Any]] = field(default_factory=dict)  # fingerprints of the forget and retain sets
     missed_target: str | None = None  # why the stop rule's target was not reached, and what to try (None: reached)
+    damage: Damage | None = None  # the returned model's retain damage past the tolerance (None: within it)
+    inferred_stop: str | None = None  # the stop rule a call without stop= inferred ("class", "random"; None: none)
+
+    @property
+    def damaged(self) -> bool:
+        """True when the returned model lost more retain metric than the damage tolerance (see ``damage``)."""
+        return self.damage is not None
+
+    def summary(self) -> str:
+        """A few readable lines: what ran, how it ended, and the metrics before and after."""
+        return "\n".join(summary_lines(self))
+
+    def __repr__(self) -> str:
+        return f"<UnlearnResult {end_line(self)}>"
 
     @property
     def final(self) -> dict[str, Any]:

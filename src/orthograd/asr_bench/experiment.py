@@ -225,13 +225,14 @@ class SpeakerExperiment:
             sets["retain"],
             method=job.method,
             task=ctx.task,
-            stop=wer_target_rule(threshold=stop_wer) if stop_wer is not None else None,
+            stop=wer_target_rule(threshold=stop_wer) if stop_wer is not None else "never",
             test=sets["test"],
             max_epochs=config.unlearning.max_epochs,
             eval_every=config.unlearning.eval_every,
             track=config.unlearning.track,
             device=ctx.device,
             seed=config.unlearning.seed,
+            verbose=False,
             **job.hyperparameters,
         )
         metrics = {

@@ -126,12 +126,13 @@ class JobInputs:
         config = self.config
         return {
             "method": self.job.method,
-            "stop": config.scenario.kind if config.unlearn.stop else None,
+            "stop": config.scenario.kind if config.unlearn.stop else "never",
             "max_epochs": config.unlearn.max_epochs,
             "eval_every": config.unlearn.eval_every,
             "track": config.unlearn.track,
             "device": device,
             "seed": self.seed,
+            "verbose": False,
             "num_classes": self.ctx.data.num_classes,
             "forget_classes": self.split.forget_classes,
             **self.job.hyperparameters,

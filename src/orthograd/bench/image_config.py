@@ -51,8 +51,11 @@ class SmallCNNConfig(ConfigSection):
 
 
 class ResNet18Config(ConfigSection):
+    """ResNet-18 (``orthograd.models.ResNet18``); ``width`` 64 is torchvision's, smaller widths train on CPUs."""
+
     arch: Literal["resnet18"]
     stem: Literal["cifar", "imagenet"] = "imagenet"  # cifar: 3x3 stride-1 first conv, no max-pool
+    width: int = Field(default=64, ge=1)  # channels of the first stage (then 2x, 4x, 8x)
     weights: Path | None = None
 
 

@@ -1,4 +1,4 @@
-"""Benchmark models: SmallCNN for CPUs, torchvision ResNet18 (CIFAR or ImageNet stem) and ViT-B/16 for GPUs.
+"""Benchmark models: SmallCNN for CPUs, ResNet18 (CIFAR or ImageNet stem, any base width) and ViT-B/16 for GPUs.
 
 Pretrained weights come from a local file (``model.weights``: a state dict saved with ``torch.save`` or
 safetensors); nothing is downloaded. A checkpoint that does not fit the architecture is a clear error.
@@ -15,7 +15,7 @@ from torch import nn
 from orthograd.bench.config import ConfigError
 
 from orthograd.bench.image_config import ResNet18Config, SmallCNNConfig, ViTConfig
-from orthograd.models import SmallCNN
+from orthograd.models import ResNet18, SmallCNN
 
 
 def build_model(
@@ -26,23 +26,11 @@ def build_model(
         model: nn.Module = SmallCNN(in_channels=in_channels, num_classes=num_classes, width=config.width,
                                     norm=config.norm)
     elif isinstance(config, ResNet18Config):
-        model = _resnet18(stem=config.stem, num_classes=num_classes, in_channels=in_channels)
+        model = ResNet18(num_classes=num_classes, in_channels=in_channels, width=config.width, stem=config.stem)
     else:
         model = _vit(config, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     if config.weights is not None:
         load_weights(model, config.weights)
-    return model
-
-
-def _resnet18(*, stem: str, num_classes: int, in_channels: int) -> nn.Module:
-    from torchvision.models import resnet18
-
-    model = resnet18(weights=None, num_classes=num_classes)
-    if stem == "cifar":  # the usual CIFAR variant: keep 32x32 resolution through the first stage
-        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-    elif in_channels != 3:
-        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return model
 
 

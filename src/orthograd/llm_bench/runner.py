@@ -143,7 +143,8 @@ class Workbench:
     def unlearn(self, split: Split, *, method: str, params: dict[str, Any], seed: int) -> UnlearnResult:
         """One unlearning run from the original model with the shared LoRA and epoch budget."""
         return unlearn(self.original, self.corpus.items(split.forget), self.corpus.items(split.retain), method=method,
-                       task=self.task, max_epochs=self.config.unlearning.max_epochs, seed=seed, device=self.device,
+                       task=self.task, stop="never", max_epochs=self.config.unlearning.max_epochs, seed=seed,
+                       device=self.device, verbose=False,
                        **_with_lora(method, params, self.config.unlearning.lora))
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from orthograd.choices import check_literal_fields
+from orthograd.damage import HoldoutReading
 from orthograd.lora import LoRAConfig
 from orthograd.tasks.base import Task
 
@@ -82,6 +83,20 @@ class IterativeConfig(MethodConfig):
         if self.momentum < 0 or self.weight_decay < 0:
             raise ValueError("momentum and weight_decay must be >= 0")
         self.lora = LoRAConfig.from_value(self.lora)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "MethodConfig":
+        """As ``MethodConfig.from_dict``; a ``momentum`` other than the method's default, given for an optimizer
+        that ignores it, is refused (a method's own default, e.g. SCRUB's with Adam, round-trips)."""
+        config = super().from_dict(values)
+        optimizer = getattr(config, "optimizer")
+        default = next(f.default for f in dataclasses.fields(cls) if f.name == "momentum")
+        if values.get("momentum", default) not in (default, 0) and optimizer != "sgd":
+            raise ValueError(
+                f"momentum={values['momentum']} applies to optimizer='sgd' only; {optimizer!r} would ignore it: "
+                "drop momentum, or pass optimizer='sgd'"
+            )
+        return config
 
 
 @dataclass
@@ -200,6 +215,26 @@ class UnlearningMethod(abc.ABC, Generic[ConfigT]):
     def hint_when_target_missed(self) -> str:
         """The one knob most likely to help when a run ends without reaching its stop rule's target."""
         return "raise lr (or max_epochs)"
+
+    def hint_when_damaged(self) -> str:
+        """The one knob most likely to help when a run damaged the retain metric past its tolerance."""
+        return "lower lr" if isinstance(self.config, IterativeConfig) else "raise damage_tolerance if this is expected"
+
+    def holdout(self) -> HoldoutReading | None:
+        """A held-out retain slice the method watches (never trained on), as of the latest ``observe`` (None: none).
+
+        The runner counts a state whose slice fell past the damage tolerance as damaged.
+        """
+        return None
+
+    def restores_best_state(self) -> bool:
+        """True: when the run ends damaged, the runner returns the most-forgotten evaluated state within tolerance
+        (the adaptive schedule, which steers toward such states); False: the final state, flagged as damaged."""
+        return False
+
+    def describe(self) -> list[str]:
+        """Short facts for the run's start line (schedule, engine, held-out slice); empty by default."""
+        return []
 
 
 def _declared_config(cls: type, *, own: bool = False) -> type[MethodConfig] | None:

@@ -56,6 +56,7 @@ from orthograd.methods.direction import orthograd_direction
 from orthograd.methods.orthograd_gradients import GradientSource, LocalGradients, choose_engine
 from orthograd.methods.pressure import ForgetPressure, ProgressMeter, retain_drop, sampling_noise
 from orthograd.methods.registry import register
+from orthograd.damage import HoldoutReading
 from orthograd.input_checks import dataset_of
 
 # What ``None`` resolves to under each schedule (see OrthoGradConfig).
@@ -165,6 +166,27 @@ class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
             return "raise retain_tolerance (forgetting further was degrading the held-out retain slice)"
         return "raise max_epochs (the adaptive schedule was still raising the forget pressure)"
 
+    def hint_when_damaged(self) -> str:
+        if self.controller is None:
+            return f"lower lr (it was {self.config.lr:g}) or raise alpha (the retain weight, {self.config.alpha:g})"
+        return f"lower lr (the adaptive schedule started from lr={self.config.lr:g}; its default is 1e-3)"
+
+    def holdout(self) -> HoldoutReading | None:
+        """The adaptive schedule's held-out retain slice as of its latest check (None: fixed schedule)."""
+        return self.controller.reading() if self.controller is not None else None
+
+    def restores_best_state(self) -> bool:
+        return self.controller is not None
+
+    def describe(self) -> list[str]:
+        facts = [f"schedule {self.config.schedule}", f"engine {self.engine}"]
+        if self.controller is not None:
+            facts.append(
+                f"held out {self.controller.holdout_size} of the retain samples (tolerance "
+                f"{self.controller.tolerance:.1f} points)"
+            )
+        return facts
+
     def observe(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """Feed a check of the stop rule to the controller (adaptive schedule); its decision is returned."""
         if self.controller is None:
@@ -246,15 +268,20 @@ class _AdaptiveControl:
         self.holdout = DataLoader(holdout, batch_size=_HOLDOUT_BATCH, shuffle=False, collate_fn=self.task.collate_fn())
         self.holdout_start = self.task.evaluate(context.model, self.holdout, device=self.device)
         # a drop counts once it exceeds the user's tolerance and the slice's own sampling noise
-        self.tolerance = max(config.retain_tolerance, sampling_noise(metric=self.holdout_start, size=len(holdout)))
+        self.holdout_size = len(holdout)
+        self.noise = sampling_noise(metric=self.holdout_start, size=self.holdout_size)
+        self.tolerance = max(config.retain_tolerance, self.noise)
+        self.holdout_now: float | None = None
         self.pressure = ForgetPressure(share=1.0 - config.alpha, lr=config.lr, patience=_CHECKS_PER_EPOCH)
         self.meter = ProgressMeter(higher_is_better=self.task.higher_is_better)
         self._losses: list[float] = []
         self.last_action: str | None = None
-        log.info(
-            "OrthoGrad adaptive schedule: %d retain samples held out to watch for damage (never trained on), "
-            "tolerance %.1f points", len(holdout), self.tolerance,
-        )
+
+    def reading(self) -> HoldoutReading | None:
+        """The slice's metric before the run and at the latest check (None before the first check)."""
+        if self.holdout_now is None:
+            return None
+        return HoldoutReading(before=self.holdout_start, now=self.holdout_now, noise=self.noise)
 
     def record_forget_loss(self, loss: float) -> None:
         self._losses.append(loss)
@@ -268,6 +295,7 @@ class _AdaptiveControl:
         progressed = self.meter.progressed(forget_metric=metrics["forget"], forget_loss=forget_loss)
         was_training = model.training
         holdout_now = self.task.evaluate(model, self.holdout, device=self.device)
+        self.holdout_now = holdout_now
         model.train(was_training)
         drop = retain_drop(before=self.holdout_start, now=holdout_now, higher_is_better=self.task.higher_is_better)
         action = self.pressure.update(progressed=progressed, retain_degraded=drop > self.tolerance)

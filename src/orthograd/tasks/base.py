@@ -116,3 +116,16 @@ class Task(abc.ABC):
     def collate_fn(self) -> Any:
         """The DataLoader collate function for this task's datasets (None: PyTorch's default)."""
         return None
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics this task's evaluations produce (stop rules are matched against them): ``(metric,)``."""
+        return (self.metric,)
+
+    def for_model(self, model: nn.Module) -> "Task":
+        """This task as it applies to ``model`` (e.g. padding with the model's pad token id); itself by default."""
+        return self
+
+    def classes_of(self, dataset: Any) -> set[int] | None:
+        """The class labels in ``dataset`` (None: the task has no classes); what infers ``stop="class"``."""
+        return None

@@ -111,6 +111,24 @@ def _move(value: Any, device: torch.device, *, where: str) -> Any:
     )
 
 
+def resolve_pad_token_id(model: nn.Module, *, given: int | None, tokenizer: Any = None, task: str) -> int:
+    """The pad token id for ``model``: its ``config.pad_token_id``, else the tokenizer's, else ``given``, else 0.
+
+    Models that locate the last token by it (GPT-2's classifier) score wrongly with another value, so a setting
+    that disagrees with the model's config (or the tokenizer's) is an error naming both.
+    """
+    sources = {
+        "the model's config.pad_token_id": getattr(getattr(model, "config", None), "pad_token_id", None),
+        "the tokenizer's pad_token_id": getattr(tokenizer, "pad_token_id", None),
+        f"{task}(pad_token_id=)": given,
+    }
+    known = {name: value for name, value in sources.items() if isinstance(value, int)}
+    if len(set(known.values())) > 1:
+        shown = ", ".join(f"{name} = {value}" for name, value in known.items())
+        raise ValueError(f"pad token ids disagree: {shown}; drop the {task} setting or make them equal")
+    return next(iter(known.values()), 0)
+
+
 def pad_collate(items: Sequence[Any], *, pad_token_id: int = 0) -> Any:
     """Collate dict samples, right-padding 1-D sequence fields of unequal length; anything else as PyTorch does.
 

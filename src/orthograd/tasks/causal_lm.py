@@ -16,6 +16,7 @@ carries over: ``stop="random"`` stops once forget answers are no more likely tha
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
@@ -35,10 +36,12 @@ EXPECTED = "a dict with 'input_ids' [B, T] and 'labels' [B, T] (-100 on the prom
 class CausalLMTask(Task):
     """Teacher-forced next-token cross-entropy on the labelled (answer) tokens; answer probability or ROUGE-L.
 
-    ``metric``: "answer_probability" (default) or "rouge_l". ``pad_token_id`` pads ``input_ids`` in the collate
-    function. Greedy answers (``generate``) stop at ``eos_token_id`` (default: the model config's) or after
-    ``max_new_tokens`` (default: the reference answer's length). ``decode`` (e.g. ``tokenizer.decode``) turns
-    token ids into text for ROUGE-L; without it ROUGE-L compares the token ids themselves.
+    ``metric``: "answer_probability" (default) or "rouge_l". ``input_ids`` are right-padded with the model's
+    ``config.pad_token_id``, else ``tokenizer.pad_token_id``, else ``pad_token_id``, else 0 (settings that
+    disagree are an error, see ``for_model``). Greedy answers (``generate``) stop at ``eos_token_id`` (default:
+    the model config's) or after ``max_new_tokens`` (default: the reference answer's length). ``decode`` (e.g.
+    ``tokenizer.decode``) turns token ids into text for ROUGE-L; without it ROUGE-L compares the token ids
+    themselves.
     """
 
     name: ClassVar[str] = "causal_lm"
@@ -49,7 +52,8 @@ class CausalLMTask(Task):
         self,
         *,
         metric: LMMetric = "answer_probability",
-        pad_token_id: int = 0,
+        pad_token_id: int | None = None,
+        tokenizer: Any = None,
         eos_token_id: int | None = None,
         max_new_tokens: int | None = None,
         decode: Callable[[list[int]], str] | None = None,
@@ -59,6 +63,7 @@ class CausalLMTask(Task):
             raise ValueError(f"max_new_tokens must be >= 1 or None, got {max_new_tokens}")
         self.metric = metric
         self.pad_token_id = pad_token_id
+        self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
         self.max_new_tokens = max_new_tokens
         self.decode = decode
@@ -87,7 +92,15 @@ class CausalLMTask(Task):
         return batches.to_device(batch, device)
 
     def collate_fn(self) -> Any:
-        return functools.partial(collate, pad_token_id=self.pad_token_id)
+        return functools.partial(collate, pad_token_id=self.pad_token_id or 0)
+
+    def for_model(self, model: nn.Module) -> "CausalLMTask":
+        """A copy that pads with ``model``'s pad token id (its config's, then the tokenizer's, then this task's)."""
+        resolved = copy.copy(self)
+        resolved.pad_token_id = batches.resolve_pad_token_id(
+            model, given=self.pad_token_id, tokenizer=self.tokenizer, task=type(self).__name__
+        )
+        return resolved
 
     def validate(
         self, model: nn.Module, *, sets: dict[str, Any], forget_classes: tuple[int, ...], device: torch.device

@@ -6,6 +6,7 @@ or a ``ModelOutput`` (its ``logits``). Labels of -100 are ignored, as in transfo
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -24,16 +25,30 @@ from orthograd.tasks.base import IGNORE_INDEX, Task
 class ClassificationTask(Task):
     """Cross-entropy per sample; accuracy in percent over the samples whose label is not -100.
 
-    ``pad_token_id`` pads token sequences of unequal length in dict samples (the collate function adds the
-    attention mask); models that locate the last token by it (GPT-2's classifier) need their config's value.
+    Token sequences of unequal length in dict samples are right-padded (the collate function adds the attention
+    mask) with the model's ``config.pad_token_id`` (models that locate the last token by it, GPT-2's classifier,
+    score wrongly with another), else ``tokenizer.pad_token_id``, else ``pad_token_id``, else 0; settings that
+    disagree are an error naming them (see ``for_model``).
     """
 
     name: ClassVar[str] = "classification"
     metric: str = "accuracy"
     higher_is_better: ClassVar[bool] = True
 
-    def __init__(self, *, pad_token_id: int = 0) -> None:
+    def __init__(self, *, pad_token_id: int | None = None, tokenizer: Any = None) -> None:
         self.pad_token_id = pad_token_id
+        self.tokenizer = tokenizer
+
+    def for_model(self, model: nn.Module) -> "ClassificationTask":
+        """A copy that pads with ``model``'s pad token id (its config's, then the tokenizer's, then this task's)."""
+        resolved = copy.copy(self)
+        resolved.pad_token_id = batches.resolve_pad_token_id(
+            model, given=self.pad_token_id, tokenizer=self.tokenizer, task=type(self).__name__
+        )
+        return resolved
+
+    def classes_of(self, dataset: Any) -> set[int]:
+        return {int(c) for c in np.unique(_labels(dataset))} - {IGNORE_INDEX}
 
     def logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
         inputs, _ = batches.split_batch(batch)
@@ -84,6 +99,7 @@ class ClassificationTask(Task):
             )
         num_classes = int(logits.shape[-1])
         for name, dataset in sets.items():
+            _check_label_format(name, dataset)
             labels = _labels(dataset)
             bad = labels[((labels < 0) | (labels >= num_classes)) & (labels != IGNORE_INDEX)]
             if bad.size:
@@ -103,7 +119,32 @@ class ClassificationTask(Task):
         return batches.to_device(batch, device)
 
     def collate_fn(self) -> Any:
-        return functools.partial(batches.pad_collate, pad_token_id=self.pad_token_id)
+        return functools.partial(batches.pad_collate, pad_token_id=self.pad_token_id or 0)
+
+
+def _check_label_format(name: str, dataset: Dataset) -> None:
+    """The first sample's label must be one integer class id (one-hot, list-wrapped and float labels are refused)."""
+    first = dataset[0]
+    label = first[batches.label_key(first)] if isinstance(first, Mapping) else batches.split_batch(first)[1]
+    value = label if isinstance(label, torch.Tensor) else np.asarray(label)
+    shape = tuple(value.shape)
+    problem = None
+    if len(shape) >= 1 and int(np.prod(shape)) == 1:
+        problem = f"lists of one id (e.g. {label!r}): unwrap them (label[0], or .squeeze(-1) on a label tensor)"
+    elif len(shape) == 1:
+        problem = f"one-hot or score vectors of length {shape[0]}: use .argmax(-1)"
+    elif len(shape) > 1:
+        problem = f"label arrays of shape {list(shape)}: give one class id per sample"
+    elif not _is_integer(value):
+        problem = f"floating-point labels (e.g. {float(value)}): use .long() or int()"
+    if problem is not None:
+        raise ValueError(f"labels must be integer class ids; the {name} set has {problem}")
+
+
+def _is_integer(value: torch.Tensor | np.ndarray) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not (value.is_floating_point() or value.is_complex())
+    return value.dtype.kind in "iub"
 
 
 def _labels(dataset: Dataset) -> np.ndarray:
