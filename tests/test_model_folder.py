@@ -213,7 +213,9 @@ def test_padding_comes_from_the_model_config_else_the_tokenizer(tmp_path: Path) 
     task = task_adapter(UserModel(model=model, tokenizer=tokenizer), "classification")
     assert task.pad_token_id == tokenizer.pad_token_id == model.config.pad_token_id == 0
     model.config.pad_token_id = 5
-    assert task_adapter(UserModel(model=model, tokenizer=tokenizer), "classification").pad_token_id == 5
+    assert task_adapter(UserModel(model=model), "classification").pad_token_id == 5
+    with pytest.raises(ValueError, match="pad token ids disagree"):
+        task_adapter(UserModel(model=model, tokenizer=tokenizer), "classification")
 
 
 def test_a_peft_adapter_folder_as_input_brings_its_base_folders_tokenizer_and_task(classifier, tmp_path: Path) -> None:

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from torch.utils.data import ConcatDataset
 from typer.testing import CliRunner
 
 import orthograd as og
 from orthograd.cli import app
-from orthograd.data_files import Encoding, load_samples
+from orthograd.data_files import Encoding, image_classes, load_samples
 from orthograd.io import atomic_folder
 from orthograd.model_folder import file_hashes
 from orthograd.run_progress import RunProgress
@@ -170,8 +171,10 @@ def test_unlearn_a_plain_module_factory_on_image_folders(tmp_path: Path, monkeyp
     retain = _image_folder(tmp_path / "retain", {"0": 12, "2": 12}, seed=1)
     test = _image_folder(tmp_path / "test", {"0": 6, "1": 6, "2": 6}, seed=2)
     model = og.model_folder.build_module("mynet.py:build")
-    train = load_samples(retain, encoding=Encoding(task="classification", dict_samples=False))
-    og.train_classifier(model, train, epochs=5)
+    encoding = Encoding(task="classification", dict_samples=False)
+    classes = image_classes([forget, retain])
+    train = ConcatDataset([load_samples(folder, encoding=encoding, classes=classes) for folder in (forget, retain)])
+    og.train_classifier(model, train, epochs=40, batch_size=8, lr=1e-2)
     save_model(model, "trained.safetensors")
 
     out = tmp_path / "unlearned"
@@ -182,6 +185,7 @@ def test_unlearn_a_plain_module_factory_on_image_folders(tmp_path: Path, monkeyp
     loaded, audit = og.load(out)
     assert isinstance(loaded, torch.nn.Sequential)
     assert audit["inputs"]["model"] == "mynet.py:build" and audit["data"]["forget"]["size"] == 12
+    assert audit["metrics"]["before"]["forget"] > 50 and audit["inferred_stop"] == "class"
     from safetensors.torch import load_file
 
     saved = load_file(out / "model.safetensors")
