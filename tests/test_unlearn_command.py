@@ -258,3 +258,23 @@ def test_reading_parquet_or_saved_datasets_without_the_hf_extra_names_it(module:
 
     line = error_line(ModuleNotFoundError(f"No module named '{module}'", name=module))
     assert line.endswith("needs the hf extra (pip install 'orthograd[hf]')"), line
+
+
+def test_unlearn_a_peft_adapter_folder_gives_adapters_again_within_max_steps(
+    classifier_files: Path, tmp_path: Path
+) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    root = classifier_files
+    base = AutoModelForSequenceClassification.from_pretrained(root / "clf")
+    lora = LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="SEQ_CLS")
+    get_peft_model(base, lora).save_pretrained(tmp_path / "adapters")
+    out = tmp_path / "unlearned"
+    _run(["--model", tmp_path / "adapters", "--forget", root / "forget.jsonl", "--retain", root / "retain.jsonl",
+          "--stop", "never", "--max-steps", "3", "--set", "lr=1e-2", "--out", out])
+    model, audit = og.load(out)
+    assert isinstance(model, PeftModel) and (out / "adapter_config.json").is_file()
+    assert audit["steps"] == 3 and audit["stop_reason"] == "max_steps"
+    adapters = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert adapters and any(float(v.abs().max()) > 0 for v in adapters.values())  # the adapters were trained
