@@ -105,8 +105,8 @@ def run_unlearn(request: UnlearnRequest, *, console: Console) -> Path:
     total = _budget_steps(request, forget_size=len(sets["forget"]))  # checks the settings too
     splits, privacy_note = _attack_folds(sets)
     privacy = {"before": _privacy(user.model, sets, task=task, splits=splits, request=request)} if splits else None
-    console.print(f"{request.method} on {type(user.model).__name__} ({task_name}): "
-                  + ", ".join(f"{name} {len(data)}" for name, data in sets.items()), highlight=False)
+    console.print(f"loaded {type(user.model).__name__} ({task_name}) from {request.model}; "
+                  + ", ".join(f"{name} {len(data)} samples" for name, data in sets.items()), highlight=False)
     with RunProgress(console, total_steps=total) as progress, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         result = unlearn(
