@@ -144,7 +144,8 @@ def test_every_file_format_gives_the_samples_json_lines_gives(tmp_path: Path) ->
     reference = load_samples(write_jsonl(tmp_path / "rows.jsonl", rows), encoding=encoding)
     assert len(reference) == 12 and reference[4]["labels"] == 1
     assert reference[4]["input_ids"].tolist() == tokenizer(rows[4]["text"])["input_ids"]
-    for name in ("rows.csv", "rows.parquet", "saved"):
+    (tmp_path / "rows.json").write_text(json.dumps(rows, indent=2))
+    for name in ("rows.csv", "rows.parquet", "saved", "rows.json"):
         samples = load_samples(tmp_path / name, encoding=encoding)
         assert len(samples) == 12
         for got, want in zip(samples, reference):
@@ -157,6 +158,9 @@ def test_every_file_format_gives_the_samples_json_lines_gives(tmp_path: Path) ->
     assert [int(s["labels"]) for s in named] == [row["label"] for row in rows]
     with pytest.raises(ValueError, match="label 'pos' is not a class id and the model names no classes"):
         load_samples(tmp_path / "named.jsonl", fields=Fields(text="review", label="sentiment"), encoding=encoding)
+    gap = write_jsonl(tmp_path / "gap.jsonl", [rows[0], {"label": 1}])
+    with pytest.raises(ValueError, match=r"gap.jsonl, record 1 has no field 'text' \(the first record has it\)"):
+        load_samples(gap, encoding=encoding)
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "splits"))
     with pytest.raises(ValueError, match=r"holds the splits \['train'\]: pass one split's folder"):
         load_samples(tmp_path / "splits", encoding=encoding)
