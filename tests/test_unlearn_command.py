@@ -205,6 +205,8 @@ def test_a_missing_file_or_field_is_one_line_naming_the_fix(classifier_files: Pa
     (tmp_path / "broken.jsonl").write_text('{"text": "good", "label": 1}\n{"text": \n')
     _fails_in_one_line([*common, "--forget", tmp_path / "broken.jsonl"], match="line 2 is not JSON")
     _fails_in_one_line([*common, "--forget", root / "forget.jsonl", "--set", "lr"], match="--set expects key=value")
+    _fails_in_one_line([*common, "--forget", root / "forget.jsonl", "--stop", "random"], match="pass --test FILE")
+    _fails_in_one_line([*common, "--forget", root / "forget.jsonl", "--stop", "speaker"], match="speaker")
     _fails_in_one_line(["--model", tmp_path / "nowhere", "--forget", root / "forget.jsonl", "--retain",
                         root / "retain.jsonl", "--out", tmp_path / "out"], match="no model folder")
     (tmp_path / "nets.py").write_text("from torch import nn\n\n\ndef wide(width):\n    return nn.Linear(4, width)\n")

@@ -30,6 +30,7 @@ from orthograd.model_folder import AUDIT_FILE, UserModel, file_hashes, load_user
 from orthograd.privacy import privacy_metrics
 from orthograd.run_progress import RunProgress
 from orthograd.run_report import write_run_report
+from orthograd.stopping import check_stop
 from orthograd.tasks import CausalLMTask, ClassificationTask, Task
 
 TASKS = ("classification", "causal_lm")
@@ -103,6 +104,9 @@ def run_unlearn(request: UnlearnRequest, *, console: Console) -> Path:
     task = task_adapter(user, task_name)
     sets = _load_sets(request, user=user, task_name=task_name)
     total = _budget_steps(request, forget_size=len(sets["forget"]))  # checks the settings too
+    check_stop(request.stop, metrics=task.metrics)  # before the membership attack's minutes, not after
+    if request.stop == "random" and "test" not in sets:
+        raise ValueError("--stop random compares the forget metric with the original test metric: pass --test FILE")
     splits, privacy_note = _attack_folds(sets)
     privacy = {"before": _privacy(user.model, sets, task=task, splits=splits, request=request)} if splits else None
     console.print(f"loaded {type(user.model).__name__} ({task_name}) from {request.model}; "
