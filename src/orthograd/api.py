@@ -444,7 +444,12 @@ class _Run:
         self.history.append(row)
         for callback in self.callbacks:
             callback(row)
-        return self.stop_rule is not None and bool(self.stop_rule(row))
+        return self._reached(row)
+
+    def _reached(self, row: Mapping[str, Any]) -> bool:
+        """The stop rule's verdict on ``row``, taken once for the run (on one rank of a data-parallel run)."""
+        rule = self.stop_rule
+        return rule is not None and self.method.context.decide(lambda: bool(rule(row)))
 
     def evaluate(self, stats: Mapping[str, float]) -> bool:
         state = self._snapshot()
@@ -476,7 +481,7 @@ class _Run:
             return self.evaluate(stats)
         # no snapshot here: the state restored after a non-finite step must be one a history row shows
         metrics = self.evaluator(self.model, only=needs)
-        if self.stop_rule is not None and self.stop_rule(metrics):
+        if self._reached(metrics):
             return self.evaluate(stats)
         self._steering.add(self.method.observe(metrics))
         return False

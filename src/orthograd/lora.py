@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from orthograd.attention import expose_projections, restore_attention
 from orthograd.grads.ghost_layers import is_transformers_conv1d
@@ -196,7 +197,11 @@ def is_lora_model(model: nn.Module) -> bool:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold the adapters into the base weights and return the plain base module (no peft layers left)."""
-    if not is_lora_model(model):
+    """Fold the adapters into the base weights and return the plain base module (no peft layers left).
+
+    A model whose base weights are sharded (FSDP's ``fully_shard``) keeps its adapters unmerged: folding them in
+    needs each full weight on one process (gather the state dict, then merge).
+    """
+    if not is_lora_model(model) or any(isinstance(p, DTensor) for p in model.parameters()):
         return model
     return restore_attention(model.merge_and_unload())

@@ -1,26 +1,25 @@
 """OrthoGrad on data-parallel ranks: the single-process update of the concatenated global batches, exactly.
 
 The method is OrthoGrad itself with another gradient source (``DataParallelGradients``); the direction is the
-single-process one (``methods/direction.py``: same guard, same float64 solve and cut-off, same combine). Each rank
-computes, on its shard, the forget gradient and the per-sample retain gradients (torch.func engine); then, with
-``k`` global retain samples:
+single-process one (``methods/direction.py``: same guard, same float64 solve and cut-off, same combine), and the
+schedule is too (the adaptive controller decides on measurements every rank shares: ``ShardedContext``). Each rank
+computes, on its shard, the forget gradient and its per-sample retain pieces; then, with ``k`` global retain samples:
 
 1. the forget gradient is the sample-weighted all-reduce of the shards' mean gradients (the global batch mean);
-2. the retain span is a ``DataParallelSpan`` (``distributed/span.py``): ``G G^T`` and ``G g_u`` with the cross-rank
-   blocks, and ``mean(G)`` and ``G^T c`` from one all-reduce;
+2. the retain span holds the global ``G G^T`` and ``G g_u`` with the cross-rank blocks: from every rank's ghost
+   pieces (``distributed/ghost.py``, the engine ``choose_engine`` picks when every layer allows it: ``G`` is never
+   formed where the ghost form is cheaper), else from torch.func's per-sample rows (``distributed/span.py``);
 3. every rank solves the same ``k x k`` system and takes the same optimizer step, so parameters stay identical with
    no parameter broadcast after the first.
 
-``require_data_parallel`` names what cannot run this way: the adaptive schedule (its controller and held-out
-retain slice are single-process), ``projection="qr"`` and ``projection_scope="per_tensor"`` (they need all of ``G``
-on one rank; ``projection="auto"`` means the Gram solve here), and the ghost engine (its layer-wise Gram cannot form
-the cross-rank blocks). ``retain_grads="mean"`` all-reduces the mean retain gradient and then projects exactly as
-one process does (any solver or scope).
+``require_data_parallel`` names what cannot run this way: ``projection="qr"`` and ``projection_scope="per_tensor"``
+(they need all of ``G`` on one rank; ``projection="auto"`` means the Gram solve here). ``fuse_passes`` does not
+apply (the forget batch's gradient is all-reduced before it probes the span). ``retain_grads="mean"`` all-reduces
+the mean retain gradient and then projects exactly as one process does (any solver or scope).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -29,8 +28,11 @@ import torch
 import torch.distributed as dist
 
 from orthograd.distributed.collectives import all_reduce_sum, gather_counts, world
+from orthograd.distributed.ghost import data_parallel_ghost_span
+from orthograd.distributed.sharding import is_fsdp_sharded
 from orthograd.distributed.span import DataParallelSpan, unflatten
 from orthograd.grads import batch_size_of
+from orthograd.grads.ghost import GhostUnsupportedError, ghost_span
 from orthograd.methods.base import MethodContext
 from orthograd.methods.orthograd import OrthoGrad, OrthoGradConfig
 from orthograd.methods.orthograd_gradients import LocalGradients, SpanMethod, SpanSettings, StepGradients
@@ -41,11 +43,6 @@ log = logging.getLogger(__name__)
 
 def require_data_parallel(config: SpanSettings) -> None:
     """Raise ValueError, with the fix, for an OrthoGrad setting that cannot give the global update on shards."""
-    if config.schedule != "fixed":
-        raise ValueError(
-            "data-parallel OrthoGrad runs the fixed schedule only (the adaptive controller and its held-out retain "
-            "slice are single-process): pass schedule='fixed' (or method 'orthograd-fixed'), or run single-process"
-        )
     if config.retain_grads == "mean":
         return
     if config.projection == "qr" or config.projection_scope == "per_tensor":
@@ -53,11 +50,6 @@ def require_data_parallel(config: SpanSettings) -> None:
             "data-parallel OrthoGrad solves the global Gram system over all trainable parameters; projection='qr' "
             "and projection_scope='per_tensor' need every per-sample gradient on one rank: run them single-process, "
             "or use projection='auto' / 'gram' with projection_scope='global'"
-        )
-    if config.engine == "ghost":
-        raise ValueError(
-            "engine='ghost' is single-process only (its layer-wise Gram cannot form the cross-rank blocks); use "
-            "engine='auto', 'vmap' or 'loop' for data-parallel runs"
         )
 
 
@@ -72,18 +64,17 @@ def use_global_batches(method: SpanMethod, *, group: dist.ProcessGroup | None = 
 class DataParallelGradients:
     """The gradient source of a data-parallel rank: its shards' gradients, reduced to the global batches'.
 
-    ``local`` computes this rank's gradients (with its torch.func engine: "vmap_or_loop" tries vmap, then the exact
-    loop).
+    ``local`` computes this rank's gradients with the engine it chose: the ghost engine (a refusal at run time on
+    any rank switches every rank to torch.func for good, unless ``engine="ghost"`` was asked for), or torch.func.
     """
 
     def __init__(self, local: LocalGradients, *, group: dist.ProcessGroup | None = None) -> None:
         world(group)  # a clear error when no process group is initialised
-        engine = "vmap_or_loop" if local.config.engine in ("auto", "ghost") else local.config.engine
-        self.local = dataclasses.replace(local, chosen=engine)
+        self.local = local
         self.group = group
         self.shapes = {name: p.shape for name, p in local.params.items()}
         self.dtype = next(iter(local.params.values())).dtype
-        log.info("data-parallel OrthoGrad: torch.func engine %r on every rank's shard", engine)
+        log.info("data-parallel OrthoGrad: engine %r on every rank's shard", local.chosen)
 
     @property
     def engine(self) -> str:
@@ -97,7 +88,8 @@ class DataParallelGradients:
         if self.local.config.retain_grads == "mean":
             span = self._mean_span(retain_batch, probe=forget_grad)
         else:
-            span = self._sharded_span(retain_batch, probe=forget_flat)
+            span = self._ghost_span(retain_batch, probe=forget_grad) if self.local.chosen == "ghost" else None
+            span = span if span is not None else self._sharded_span(retain_batch, probe=forget_flat)
         return StepGradients(forget_loss=forget_loss, forget_grad=forget_grad, span=span)
 
     def _global_mean(
@@ -118,6 +110,34 @@ class DataParallelGradients:
         row = {n: g.unsqueeze(0) for n, g in unflatten(mean_flat, self.shapes, dtype=self.dtype).items()}
         return self.local.materialised(row, probe, retain_loss=retain_loss)
 
+    def _ghost_span(self, batch: Any, *, probe: dict[str, torch.Tensor]) -> RetainSpan | None:
+        """The global span from every rank's ghost pieces; None when the ghost engine refused on some rank."""
+        context = self.local.context
+        sharded = is_fsdp_sharded(context.model)
+        if sharded:
+            _check_equal_chunk_counts(batch_size_of(batch), self.local.config.chunk_size, device=context.device,
+                                      group=self.group)
+        refusal: GhostUnsupportedError | None = None
+        try:
+            local = ghost_span(context.model, context.task.per_sample_loss, batch, probe=probe,
+                               **self.local.ghost_options())
+        except GhostUnsupportedError as exc:
+            refusal = exc
+        refused = torch.tensor([refusal is not None], dtype=torch.int32, device=context.device)
+        dist.all_reduce(refused, op=dist.ReduceOp.MAX, group=self.group)
+        if not bool(refused.item()):
+            self.local.engine = "ghost"
+            return data_parallel_ghost_span(local, group=self.group)
+        reason = str(refusal) if refusal is not None else "another rank's ghost pass refused (see its log)"
+        if sharded:
+            raise GhostUnsupportedError(f"{reason}; a model sharded by FSDP needs the ghost engine (torch.func "
+                                        "cannot run its collective forward per sample): train LoRA on linear layers")
+        if self.local.config.engine == "ghost":
+            raise GhostUnsupportedError(reason)
+        log.warning("ghost engine failed (%s); data-parallel OrthoGrad continues with torch.func", reason)
+        self.local.chosen = "vmap_or_loop"
+        return None
+
     def _sharded_span(self, batch: Any, *, probe: torch.Tensor) -> RetainSpan:
         """This rank's per-sample retain gradients as rows of the global span, probed with the flat float64 ``g``."""
         per_sample, losses = self.local.per_sample(batch)
@@ -126,6 +146,21 @@ class DataParallelGradients:
         retain_loss = float(all_reduce_sum(losses.double().sum(), group=self.group)) / sum(counts)
         return DataParallelSpan(
             rows, probe, counts=counts, shapes=self.shapes, dtype=self.dtype, retain_loss=retain_loss, group=self.group
+        )
+
+
+def _check_equal_chunk_counts(
+    rows: int, chunk_size: int | None, *, device: torch.device, group: dist.ProcessGroup | None
+) -> None:
+    """Under FSDP every forward is collective: every rank's ghost pass must run as many chunks as the others."""
+    if chunk_size is None:
+        return
+    counts = gather_counts(rows, device=device, group=group)
+    chunks = {-(-count // chunk_size) for count in counts}
+    if len(chunks) > 1:
+        raise ValueError(
+            f"under FSDP every rank's retain shard must run the same number of chunks; shards of {counts} samples "
+            f"in chunks of {chunk_size} do not: use chunk_size=None or a retain batch size whose shards agree"
         )
 
 

@@ -15,9 +15,15 @@ Launch one process per device (``torchrun --nproc_per_node=N``), initialise the 
   function of batch-mean gradients (Finetune, NegGrad, NegGrad+, SCRUB, DUCK) this is DDP's usual gradient
   all-reduce: the global-batch update when the shards are equal in size, the mean of the shards' means otherwise.
   GDR-GMA's conflict removal then acts on each rank's own gradients before the average;
+* a model whose base is sharded by FSDP (``fully_shard``, applied before the call; ``inplace=True``) gets its LoRA
+  adapters attached on every rank, replicated and trained as above; every forward gathers each layer's full
+  weights, so the ghost hooks see each layer's full inputs and output gradients. The result keeps the adapters
+  unmerged (``merge_lora`` needs each full weight on one process);
 * one-shot methods (Fisher, influence) run whole on every rank (same data, same edit): correct, not faster;
-* evaluation (and so the stopping rule) runs on the full sets on every rank; identical weights give every rank
-  the same metrics and the same decision to stop.
+* evaluation runs on the full sets on every rank; the stop rule is evaluated once, on rank 0, and its verdict
+  broadcast, so every rank stops at the same step. OrthoGrad's adaptive schedule decides on numbers every rank
+  shares: its held-out retain slice is evaluated in shards and combined, the forget metric and loss are rank 0's
+  (``ShardedContext``).
 """
 
 from __future__ import annotations
@@ -28,13 +34,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from orthograd.api import UnlearnResult, unlearn
 from orthograd.distributed.collectives import world
 from orthograd.distributed.orthograd import use_global_batches
-from orthograd.distributed.sharding import ShardedContext
+from orthograd.distributed.sharding import ShardedContext, is_fsdp_sharded
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
 from orthograd.methods.orthograd_gradients import SpanMethod
 
@@ -71,6 +78,11 @@ def unlearn_distributed(
     unlearned model and history. See the module docstring for what each method does under data parallelism.
     """
     world(group)
+    if is_fsdp_sharded(model) and not kwargs.get("inplace", False):
+        raise ValueError(
+            "a model sharded by FSDP (fully_shard) cannot be deep-copied: pass inplace=True (it is then unlearned "
+            "in place, and the result keeps its LoRA adapters unmerged on the sharded base)"
+        )
     factory = _DataParallelMethods(group)
     try:
         return unlearn(model, forget, retain, make_method=factory, **kwargs)
@@ -88,11 +100,16 @@ class _DataParallelMethods:
     def __call__(
         self, method_cls: type[UnlearningMethod], config: MethodConfig, context: MethodContext
     ) -> UnlearningMethod:
+        if any(isinstance(p, DTensor) and p.requires_grad for p in context.model.parameters()):
+            raise ValueError(
+                "a model sharded by FSDP (fully_shard) is unlearned through LoRA adapters, replicated on every rank: "
+                "keep the lora setting (its default, or your targets) instead of lora=None"
+            )
         broadcast_module(context.model, group=self.group)
         if method_cls.one_shot:
             return method_cls(config, context)
         rank, size = world(self.group)
-        sharded = ShardedContext.from_context(context, rank=rank, world_size=size)
+        sharded = ShardedContext.from_context(context, rank=rank, world_size=size, group=self.group)
         method = method_cls(config, sharded)
         if isinstance(method, SpanMethod):  # the OrthoGrad direction: its span can be the global batches' own
             use_global_batches(method, group=self.group)
@@ -112,7 +129,8 @@ def broadcast_module(module: nn.Module, *, group: dist.ProcessGroup | None = Non
     source = dist.get_global_rank(group, 0) if group is not None else 0
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src=source, group=group)
+            if not isinstance(tensor, DTensor):  # a sharded (FSDP) tensor's shards are consistent by construction
+                dist.broadcast(tensor.data, src=source, group=group)
 
 
 class GradientAverager:

@@ -4,19 +4,27 @@ The shuffling is the single-process one: the same sampler, seeded by the run's g
 so the global batch ``b`` of a data-parallel run is the batch ``b`` of a one-process run with the same seed, and the
 concatenation of the ranks' shards (in rank order) is that batch. For datasets, each rank loads only its own rows
 (a batch sampler that slices the index lists); a user's DataLoader is iterated as given and each batch is sliced.
+
+The context is also the run's shared view (``MethodContext.evaluate_held_out``, ``agree``, ``decide``): a held-out
+set is evaluated in shards and combined, every rank takes rank 0's measurements, and a decision is taken on rank
+0 and broadcast, so every rank of the run takes the same decisions (the adaptive schedule's, the stop rule's).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, Subset
 
+from orthograd.distributed.collectives import all_reduce_sum
 from orthograd.grads import batch_size_of
 from orthograd.methods.base import MethodContext
 
@@ -49,11 +57,47 @@ class ShardedContext(MethodContext):
 
     rank: int = 0
     world_size: int = 1
+    group: dist.ProcessGroup | None = None
 
     @classmethod
-    def from_context(cls, context: MethodContext, *, rank: int, world_size: int) -> "ShardedContext":
+    def from_context(
+        cls, context: MethodContext, *, rank: int, world_size: int, group: dist.ProcessGroup | None = None
+    ) -> "ShardedContext":
         values = {f.name: getattr(context, f.name) for f in dataclasses.fields(MethodContext) if f.init}
-        return cls(**values, rank=rank, world_size=world_size)
+        return cls(**values, rank=rank, world_size=world_size, group=group)
+
+    def evaluate_held_out(self, model: nn.Module, data: Dataset, *, batch_size: int) -> float:
+        """The metric over every rank's share of ``data``: each rank evaluates its rows, the shares' metrics are
+        averaged weighted by their sizes. That is the one-process metric for a mean over samples (accuracy,
+        answer probability, ROUGE-L recall); for a corpus-level one (WER) it is the sample-weighted mean of the
+        shards' values. A model sharded by FSDP is evaluated on the whole set on every rank (its forwards are
+        collective, so every rank must run the same ones)."""
+        if is_fsdp_sharded(model):  # each forward is collective there: every rank evaluates the whole set
+            return self.agree({"metric": super().evaluate_held_out(model, data, batch_size=batch_size)})["metric"]
+        start, stop = shard_bounds(len(data), rank=self.rank, world_size=self.world_size)  # type: ignore[arg-type]
+        local = super().evaluate_held_out(model, Subset(data, range(start, stop)), batch_size=batch_size) if (
+            stop > start) else 0.0
+        weighted = torch.tensor([local * (stop - start), stop - start], dtype=torch.float64, device=self.device)
+        total, count = all_reduce_sum(weighted, group=self.group).tolist()
+        return total / count
+
+    def agree(self, values: Mapping[str, float]) -> dict[str, float]:
+        """Rank 0's values on every rank. Exact where every rank measured the same thing (a mean over ranks of
+        equal numbers can move them by a rounding, which a comparison with the previous check would count)."""
+        names = sorted(values)
+        local = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=self.device)
+        dist.broadcast(local, src=self._first_rank(), group=self.group)
+        return dict(zip(names, local.tolist()))
+
+    def decide(self, rule: Callable[[], bool]) -> bool:
+        """``rule()`` on rank 0 of the group, broadcast: every rank gets rank 0's verdict."""
+        verdict = torch.tensor([bool(rule()) if self.rank == 0 else False], dtype=torch.int32, device=self.device)
+        dist.broadcast(verdict, src=self._first_rank(), group=self.group)
+        return bool(verdict.item())
+
+    def _first_rank(self) -> int:
+        """The global rank of the group's rank 0 (what ``dist.broadcast`` takes as its source)."""
+        return dist.get_global_rank(self.group, 0) if self.group is not None else 0
 
     def loader(self, which: Literal["forget", "retain"], *, batch_size: int, shuffle: bool = True) -> DataLoader:
         data = self.forget if which == "forget" else self.retain
@@ -85,6 +129,11 @@ class ShardedContext(MethodContext):
                 "least world_size samples (set the DataLoader's drop_last=True if only the last batch is short)"
             )
         return tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t, batch)
+
+
+def is_fsdp_sharded(model: nn.Module) -> bool:
+    """Whether some parameter of ``model`` is a sharded ``DTensor`` (FSDP's ``fully_shard``)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _check_shards_not_empty(which: str, size: int, *, batch_size: int, world_size: int) -> None:

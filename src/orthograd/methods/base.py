@@ -12,7 +12,7 @@ import abc
 import copy
 import dataclasses
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, TypeVar, get_args, get_origin
 
@@ -150,6 +150,22 @@ class MethodContext:
         """Batches of ``loader`` forever, reshuffled at each pass (for the set that is cycled)."""
         for _ in itertools.count():
             yield from self.batches(loader)
+
+    # The run's shared view. One process: the values and decisions are this process's own. A data-parallel rank
+    # (``distributed.sharding.ShardedContext``) shares the work and makes every rank see the same numbers.
+
+    def evaluate_held_out(self, model: nn.Module, data: Dataset, *, batch_size: int) -> float:
+        """The task metric of ``model`` on a held-out dataset (the adaptive schedule's watch on retain damage)."""
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=self.task.collate_fn())
+        return self.task.evaluate(model, loader, device=self.device)
+
+    def agree(self, values: Mapping[str, float]) -> dict[str, float]:
+        """Measurements a decision is taken on, made the run's: every process of the run gets the same numbers."""
+        return dict(values)
+
+    def decide(self, rule: Callable[[], bool]) -> bool:
+        """A decision taken once for the whole run (the stop rule): ``rule()`` here."""
+        return bool(rule())
 
 
 def make_optimizer(config: IterativeConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

@@ -264,9 +264,8 @@ class _AdaptiveControl:
             context.retain, fraction=config.holdout_fraction, generator=context.generator
         )
         self.training_context = dataclasses.replace(context, retain=train_part)
-        self.task, self.device = context.task, context.device
-        self.holdout = DataLoader(holdout, batch_size=_HOLDOUT_BATCH, shuffle=False, collate_fn=self.task.collate_fn())
-        self.holdout_start = self.task.evaluate(context.model, self.holdout, device=self.device)
+        self.context, self.task, self.holdout = context, context.task, holdout
+        self.holdout_start = context.evaluate_held_out(context.model, holdout, batch_size=_HOLDOUT_BATCH)
         # a drop counts once it exceeds the user's tolerance and the slice's own sampling noise
         self.holdout_size = len(holdout)
         self.noise = sampling_noise(metric=self.holdout_start, size=self.holdout_size)
@@ -290,17 +289,18 @@ class _AdaptiveControl:
         """One check: did forgetting progress, did the held-out slice degrade; move the pressure accordingly."""
         if "forget" not in metrics or not self._losses:
             return {}
-        forget_loss = sum(self._losses) / len(self._losses)
+        # every process of a data-parallel run must take the same decision: it decides on the run's numbers
+        seen = self.context.agree({"forget": metrics["forget"], "loss": sum(self._losses) / len(self._losses)})
         self._losses.clear()
-        progressed = self.meter.progressed(forget_metric=metrics["forget"], forget_loss=forget_loss)
+        progressed = self.meter.progressed(forget_metric=seen["forget"], forget_loss=seen["loss"])
         was_training = model.training
-        holdout_now = self.task.evaluate(model, self.holdout, device=self.device)
+        holdout_now = self.context.evaluate_held_out(model, self.holdout, batch_size=_HOLDOUT_BATCH)
         self.holdout_now = holdout_now
         model.train(was_training)
         drop = retain_drop(before=self.holdout_start, now=holdout_now, higher_is_better=self.task.higher_is_better)
         action = self.pressure.update(progressed=progressed, retain_degraded=drop > self.tolerance)
         self.last_action = action
-        log.debug("adaptive check: forget %.2f, holdout drop %.2f -> %s", metrics["forget"], drop, action)
+        log.debug("adaptive check: forget %.2f, holdout drop %.2f -> %s", seen["forget"], drop, action)
         return {"holdout_retain": holdout_now, "control": _ACTION_CODES[action]}
 
 

@@ -159,7 +159,7 @@ class LocalGradients:
         if not task.mean_is_mean_of_per_sample(forget_batch):
             return None
         found = self._ghost(lambda: ghost_span_and_mean(
-            self.context.model, task.per_sample_loss, retain_batch, forget_batch, **self._ghost_options()
+            self.context.model, task.per_sample_loss, retain_batch, forget_batch, **self.ghost_options()
         ))
         if found is None:
             return None
@@ -169,7 +169,7 @@ class LocalGradients:
     def _retain_span(self, batch: Any, *, probe: dict[str, torch.Tensor]) -> RetainSpan:
         if self.chosen == "ghost":
             span = self._ghost(lambda: ghost_span(
-                self.context.model, self.context.task.per_sample_loss, batch, probe=probe, **self._ghost_options()
+                self.context.model, self.context.task.per_sample_loss, batch, probe=probe, **self.ghost_options()
             ))
             if span is not None:
                 return span
@@ -180,7 +180,8 @@ class LocalGradients:
         per_sample, losses = self.per_sample(batch)
         return self.materialised(per_sample, probe, retain_loss=float(losses.mean()))
 
-    def _ghost_options(self) -> dict[str, Any]:
+    def ghost_options(self) -> dict[str, Any]:
+        """The keyword options of the ghost engine's calls (parameters, chunk size, autocast dtype)."""
         return {
             "params": list(self.params), "chunk_size": self.config.chunk_size,
             "autocast_dtype": torch.bfloat16 if self.config.bf16 else None,
