@@ -144,7 +144,8 @@ def test_every_file_format_gives_the_samples_json_lines_gives(tmp_path: Path) ->
     reference = load_samples(write_jsonl(tmp_path / "rows.jsonl", rows), encoding=encoding)
     assert len(reference) == 12 and reference[4]["labels"] == 1
     assert reference[4]["input_ids"].tolist() == tokenizer(rows[4]["text"])["input_ids"]
-    for name in ("rows.csv", "rows.parquet", "saved"):
+    (tmp_path / "rows.json").write_text(json.dumps(rows, indent=2))
+    for name in ("rows.csv", "rows.parquet", "saved", "rows.json"):
         samples = load_samples(tmp_path / name, encoding=encoding)
         assert len(samples) == 12
         for got, want in zip(samples, reference):
@@ -157,6 +158,9 @@ def test_every_file_format_gives_the_samples_json_lines_gives(tmp_path: Path) ->
     assert [int(s["labels"]) for s in named] == [row["label"] for row in rows]
     with pytest.raises(ValueError, match="label 'pos' is not a class id and the model names no classes"):
         load_samples(tmp_path / "named.jsonl", fields=Fields(text="review", label="sentiment"), encoding=encoding)
+    gap = write_jsonl(tmp_path / "gap.jsonl", [rows[0], {"label": 1}])
+    with pytest.raises(ValueError, match=r"gap.jsonl, record 1 has no field 'text' \(the first record has it\)"):
+        load_samples(gap, encoding=encoding)
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "splits"))
     with pytest.raises(ValueError, match=r"holds the splits \['train'\]: pass one split's folder"):
         load_samples(tmp_path / "splits", encoding=encoding)
@@ -213,7 +217,9 @@ def test_padding_comes_from_the_model_config_else_the_tokenizer(tmp_path: Path) 
     task = task_adapter(UserModel(model=model, tokenizer=tokenizer), "classification")
     assert task.pad_token_id == tokenizer.pad_token_id == model.config.pad_token_id == 0
     model.config.pad_token_id = 5
-    assert task_adapter(UserModel(model=model, tokenizer=tokenizer), "classification").pad_token_id == 5
+    assert task_adapter(UserModel(model=model), "classification").pad_token_id == 5
+    with pytest.raises(ValueError, match="pad token ids disagree"):
+        task_adapter(UserModel(model=model, tokenizer=tokenizer), "classification")
 
 
 def test_a_peft_adapter_folder_as_input_brings_its_base_folders_tokenizer_and_task(classifier, tmp_path: Path) -> None:
@@ -230,3 +236,30 @@ def test_a_peft_adapter_folder_as_input_brings_its_base_folders_tokenizer_and_ta
     assert user.tokenizer("good day")["input_ids"] == load_user_model(folder).tokenizer("good day")["input_ids"]
     with pytest.raises(ValueError, match="--weights is for module:factory models"):
         load_user_model(tmp_path / "adapters", weights=tmp_path / "w.safetensors")
+
+
+def test_rows_of_number_lists_are_checked_for_nan_and_fingerprinted_by_content() -> None:
+    from orthograd.input_checks import fingerprint
+
+    rows = [{"x": [0.5, 1.0], "label": 0}, {"x": [0.5, float("nan")], "label": 1}]
+    with pytest.raises(ValueError, match="sample 1 of the forget set holds NaN"):
+        fingerprint(datasets.Dataset.from_list(rows), name="forget")
+    same = [{"x": [0.5, 1.0], "label": 0}]
+    assert fingerprint(same)["content_hash"] == fingerprint(datasets.Dataset.from_list(same))["content_hash"]
+    assert fingerprint(same)["content_hash"] != fingerprint([{"x": [0.5, 2.0], "label": 0}])["content_hash"]
+
+
+def test_the_report_says_when_the_retain_side_was_damaged() -> None:
+    from orthograd.damage import Damage
+    from orthograd.run_report import report_markdown
+
+    damage = Damage(set="retain", metric="accuracy", before=98.0, after=40.0, tolerance=10.0)
+    history = [{"step": 0, "forget": 99.0, "retain": 98.0}, {"step": 5, "forget": 0.5, "retain": 40.0}]
+    result = UnlearnResult(model=nn.Linear(2, 2), method="orthograd", config={"schedule": "fixed"}, history=history,
+                           stop_reason="target_reached", steps=5, epochs=1, wall_time_s=1.0,
+                           original={"forget": 99.0, "retain": 98.0}, damage=damage)
+    text = report_markdown(result=result, audit={"config": result.config, "stop": "class"}, metric="accuracy",
+                           title="net", privacy_note="No test set given.")
+    assert "**Retain side damaged past its tolerance** (target_reached)" in text
+    assert "Retain damage: retain accuracy fell from 98.00 to 40.00" in text
+    assert "| retain |  | 98.00 | 40.00 | -58.00 |" in text and "No test set given." in text

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-from typer.testing import CliRunner
 from torch.utils.data import ConcatDataset
+from typer.testing import CliRunner
 
 import orthograd as og
 from orthograd.cli import app
-from orthograd.data_files import Encoding, load_samples
+from orthograd.data_files import Encoding, image_classes, load_samples
 from orthograd.io import atomic_folder
 from orthograd.model_folder import file_hashes
 from orthograd.run_progress import RunProgress
@@ -172,10 +172,9 @@ def test_unlearn_a_plain_module_factory_on_image_folders(tmp_path: Path, monkeyp
     test = _image_folder(tmp_path / "test", {"0": 6, "1": 6, "2": 6}, seed=2)
     model = og.model_folder.build_module("mynet.py:build")
     encoding = Encoding(task="classification", dict_samples=False)
-    train = ConcatDataset([load_samples(retain, encoding=encoding), load_samples(forget, encoding=encoding)])
-    og.train_classifier(model, train, epochs=60, lr=1e-2)
-    learnt = og.evaluate(model, load_samples(forget, encoding=encoding))
-    assert learnt["accuracy"] > 50  # the forget class is learnt, so there is something to forget
+    classes = image_classes([forget, retain])
+    train = ConcatDataset([load_samples(folder, encoding=encoding, classes=classes) for folder in (forget, retain)])
+    og.train_classifier(model, train, epochs=40, batch_size=8, lr=1e-2)
     save_model(model, "trained.safetensors")
 
     out = tmp_path / "unlearned"
@@ -186,6 +185,7 @@ def test_unlearn_a_plain_module_factory_on_image_folders(tmp_path: Path, monkeyp
     loaded, audit = og.load(out)
     assert isinstance(loaded, torch.nn.Sequential)
     assert audit["inputs"]["model"] == "mynet.py:build" and audit["data"]["forget"]["size"] == 12
+    assert audit["metrics"]["before"]["forget"] > 50 and audit["inferred_stop"] == "class"
     from safetensors.torch import load_file
 
     saved = load_file(out / "model.safetensors")
@@ -205,6 +205,8 @@ def test_a_missing_file_or_field_is_one_line_naming_the_fix(classifier_files: Pa
     (tmp_path / "broken.jsonl").write_text('{"text": "good", "label": 1}\n{"text": \n')
     _fails_in_one_line([*common, "--forget", tmp_path / "broken.jsonl"], match="line 2 is not JSON")
     _fails_in_one_line([*common, "--forget", root / "forget.jsonl", "--set", "lr"], match="--set expects key=value")
+    _fails_in_one_line([*common, "--forget", root / "forget.jsonl", "--stop", "random"], match="pass --test FILE")
+    _fails_in_one_line([*common, "--forget", root / "forget.jsonl", "--stop", "speaker"], match="speaker")
     _fails_in_one_line(["--model", tmp_path / "nowhere", "--forget", root / "forget.jsonl", "--retain",
                         root / "retain.jsonl", "--out", tmp_path / "out"], match="no model folder")
     (tmp_path / "nets.py").write_text("from torch import nn\n\n\ndef wide(width):\n    return nn.Linear(4, width)\n")
@@ -250,3 +252,31 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere() -> None:
         progress({"step": 4, "epoch": 1, "forget": 12.5, "retain": 97.0})
         task = progress._progress.tasks[0]  # type: ignore[union-attr]
         assert (task.completed, task.total, task.fields["metrics"]) == (4, 10, "forget 12.5  retain 97.0")
+
+
+@pytest.mark.parametrize("module", ["pyarrow", "datasets"])
+def test_reading_parquet_or_saved_datasets_without_the_hf_extra_names_it(module: str) -> None:
+    from orthograd.cli import error_line
+
+    line = error_line(ModuleNotFoundError(f"No module named '{module}'", name=module))
+    assert line.endswith("needs the hf extra (pip install 'orthograd[hf]')"), line
+
+
+def test_unlearn_a_peft_adapter_folder_gives_adapters_again_within_max_steps(
+    classifier_files: Path, tmp_path: Path
+) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    root = classifier_files
+    base = AutoModelForSequenceClassification.from_pretrained(root / "clf")
+    lora = LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="SEQ_CLS")
+    get_peft_model(base, lora).save_pretrained(tmp_path / "adapters")
+    out = tmp_path / "unlearned"
+    _run(["--model", tmp_path / "adapters", "--forget", root / "forget.jsonl", "--retain", root / "retain.jsonl",
+          "--stop", "never", "--max-steps", "3", "--set", "lr=1e-2", "--out", out])
+    model, audit = og.load(out)
+    assert isinstance(model, PeftModel) and (out / "adapter_config.json").is_file()
+    assert audit["steps"] == 3 and audit["stop_reason"] == "max_steps"
+    adapters = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert adapters and any(float(v.abs().max()) > 0 for v in adapters.values())  # the adapters were trained

@@ -9,7 +9,6 @@ weights, shared with the model folders of ``orthograd.model_folder``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import os
@@ -26,6 +25,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from orthograd._version import __version__
+from orthograd.damage import Damage
 from orthograd.io import atomic_write_json, new_file_mode
 
 
@@ -43,6 +43,8 @@ class AuditedRun(Protocol):
     steps: int
     epochs: int
     wall_time_s: float
+    damage: Damage | None
+    inferred_stop: str | None
 
     @property
     def final(self) -> Mapping[str, Any]: ...
@@ -86,7 +88,8 @@ def audit_record(result: AuditedRun, *, weights_file: str, weights_sha256: str, 
 
 def run_account(result: AuditedRun, *, version: str = __version__) -> dict[str, Any]:
     """What a run did, for an audit record: model class, method, config, seed, data fingerprints, metrics before and
-    after, stop reason, damage (when the run checked for it), versions, source commit and time."""
+    after, stop reason (and the inferred stop rule), retain damage past the tolerance (None: within it), versions,
+    source commit and time."""
     return {
         "model_class": f"{type(result.model).__module__}.{type(result.model).__qualname__}",
         "method": result.method,
@@ -98,19 +101,12 @@ def run_account(result: AuditedRun, *, version: str = __version__) -> dict[str, 
         "steps": result.steps,
         "epochs": result.epochs,
         "wall_time_s": result.wall_time_s,
-        "damage": _plain(getattr(result, "damage", None)),
+        "inferred_stop": result.inferred_stop,
+        "damage": result.damage.to_dict() if result.damage is not None else None,
         "versions": {"orthograd": version, "torch": torch.__version__, "python": platform.python_version()},
         "commit": source_commit(),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-ready form of a record field (a dataclass or an object with ``to_dict`` becomes a dict)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    to_dict = getattr(value, "to_dict", None)
-    return to_dict() if callable(to_dict) else value
 
 
 @functools.cache

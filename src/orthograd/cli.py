@@ -191,8 +191,8 @@ def unlearn_files(
     task: Annotated[Optional[str], typer.Option(help="classification or causal_lm (default: from the model's "
                                                      "architecture, else classification).")] = None,
     method: Annotated[str, typer.Option(help="Unlearning method.")] = "orthograd",
-    stop: Annotated[Optional[str], typer.Option(help="Stop rule: random (needs --test), class, ... (default: "
-                                                     "unlearn()'s).")] = None,
+    stop: Annotated[Optional[str], typer.Option(help="Stop rule: random (needs --test), class, never, ... "
+                                                     "(default: inferred, as unlearn() does).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="A method setting: key=value, e.g. lr=1e-3, "
                                                                     "lora.r=4 (repeatable).")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="Field holding text (default: text).")] = None,
@@ -206,8 +206,10 @@ def unlearn_files(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda when "
                                                        "available).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the run (LoRA initialisation, batch order).")] = 0,
-    max_epochs: Annotated[int, typer.Option(help="Budget in passes over the forget set.")] = 30,
-    max_steps: Annotated[Optional[int], typer.Option(help="Budget in optimizer steps.")] = None,
+    max_epochs: Annotated[Optional[int], typer.Option(help="Budget in passes over the forget set (default 30 "
+                                                           "without --max-steps).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Budget in optimizer steps (whichever budget ends "
+                                                          "first).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
 ) -> None:
     """Unlearn the --forget data from your own model; writes the unlearned model, its audit record and a report."""
@@ -216,7 +218,7 @@ def unlearn_files(
 
     request = UnlearnRequest(
         model=model, forget=forget, retain=retain, out=out, test=test, weights=weights, task=task, method=method,
-        stop=None if stop in (None, "none") else stop, settings=parse_settings(set_ or []),
+        stop=stop, settings=parse_settings(set_ or []),
         fields=Fields(text=text_field, label=label_field, prompt=prompt_field, answer=answer_field,
                       input=input_field),
         device=device, seed=seed, max_epochs=max_epochs, max_steps=max_steps, overwrite=overwrite,

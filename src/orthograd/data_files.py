@@ -38,7 +38,8 @@ TEXT_FIELDS = ("text",)
 PROMPT_FIELDS = ("prompt", "question")
 ANSWER_FIELDS = ("answer", "completion", "response")
 INPUT_FIELDS = ("input", "inputs", "x", "features")
-FORMATS = "JSON Lines (.jsonl), CSV (.csv), Parquet (.parquet), a datasets.save_to_disk folder or an image folder"
+FORMATS = ("JSON Lines (.jsonl; .json: lines or one array), CSV (.csv), Parquet (.parquet), a datasets.save_to_disk "
+           "folder or an image folder")
 
 Record = Mapping[str, Any]
 
@@ -99,9 +100,11 @@ def load_samples(path: str | Path, *, encoding: Encoding, fields: Fields = Field
     for position in range(len(records)):
         try:
             samples.append(encode(records[position]))
-        except (KeyError, ValueError, TypeError) as exc:
-            message = exc.args[0] if exc.args else exc
-            raise ValueError(f"{source}, record {position}: {message}") from None
+        except KeyError as exc:
+            field = exc.args[0]
+            raise ValueError(f"{source}, record {position} has no field {field!r} (the first record has it)") from None
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{source}, record {position}: {exc.args[0] if exc.args else exc}") from None
     return Samples(samples)
 
 
@@ -112,6 +115,8 @@ def read_records(path: Path) -> Sequence[Record]:
     if path.is_dir():
         return _saved_dataset(path)
     suffix = path.suffix.lower()
+    if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        return _json_array(path)
     if suffix in (".jsonl", ".json"):
         return _json_lines(path)
     if suffix in (".csv", ".parquet"):
@@ -138,6 +143,17 @@ def _json_lines(path: Path) -> list[Record]:
             if not isinstance(record, dict):
                 raise ValueError(f"{path}, line {number} is a {type(record).__name__}, not a JSON object")
             records.append(record)
+    return records
+
+
+def _json_array(path: Path) -> list[Record]:
+    """A .json file holding one array of objects."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON ({exc.msg}, line {exc.lineno})") from None
+    if not all(isinstance(record, dict) for record in records):
+        raise ValueError(f"{path}: the array must hold JSON objects, one per record")
     return records
 
 

@@ -98,11 +98,23 @@ def _compute_hashes(dataset: Dataset) -> list[str]:
         return [_digest(column[i] for column in columns) for i in range(len(indices))]
     hashes = []
     for position, index in enumerate(indices):
-        parts = tree_flatten(base[int(index)])[0]
+        parts = [_as_array(part) for part in tree_flatten(base[int(index)], is_leaf=_is_number_list)[0]]
         if not all(_is_finite(part) for part in parts):
             raise NonFiniteSampleError(position)
         hashes.append(_digest(parts))
     return hashes
+
+
+def _is_number_list(value: Any) -> bool:
+    """A flat list of numbers (token ids, features: what a ``datasets.Dataset`` row holds), hashed as one array
+    rather than number by number."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
+
+
+def _as_array(part: Any) -> Any:
+    return np.asarray(part) if _is_number_list(part) else part
 
 
 def _check_finite_rows(column: torch.Tensor) -> None:

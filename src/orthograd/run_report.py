@@ -40,7 +40,8 @@ def write_run_report(
     ``privacy`` holds ``{"before": ..., "after": ...}`` from ``orthograd.privacy.privacy_metrics``;
     ``privacy_note`` says why there is none (e.g. no test set).
     """
-    scenario = audit.get("stop") if audit.get("stop") in ("random", "class") else "run"
+    stop = audit.get("stop") or result.inferred_stop
+    scenario = stop if stop in ("random", "class") else "run"
     record = {"method": result.method, "scenario": scenario, "history": result.history, "original": result.original,
               "metric": metric}
     shown = [key for key in SETS if key in result.final]
@@ -71,9 +72,8 @@ def report_markdown(
             before, after = result.original[name], result.final[name]
             lines.append(f"| {name} | {sizes[name] or ''} | {before:.2f} | {after:.2f} | {after - before:+.2f} |")
     lines += ["", _run_line(result, audit), ""]
-    damage = getattr(result, "damage", None)
-    if damage is not None:
-        lines += [f"Damage check: {_describe(audit.get('damage', damage))}", ""]
+    if result.damage is not None:
+        lines += [f"Retain damage: {result.damage.describe()}.", ""]
     lines += ["## Membership inference", ""]
     if privacy:
         lines += ["| attack | before | after | reading |", "|---|---:|---:|---|"]
@@ -92,13 +92,16 @@ def report_markdown(
 
 
 def verdict(result: Any, *, label: str) -> str:
-    """One sentence: whether the stop rule's target was reached, and the forget metric's fall."""
+    """One sentence: whether the stop rule's target was reached without damage, and the forget metric's fall."""
     forget = f"forget-set {label} {result.original.get('forget', float('nan')):.2f}% -> {result.final['forget']:.2f}%"
-    if getattr(result, "damaged", False):
+    if result.damaged:
         return f"**Retain side damaged past its tolerance** ({result.stop_reason}); {forget}."
+    if result.stop_reason == "retain_damage":
+        return (f"**Stopped before damaging the retain side**: the returned model is the most-forgotten state within "
+                f"the damage tolerance; {forget}.")
     if result.stop_reason == "target_reached":
         return f"**Forgetting target reached** after {result.steps} steps: {forget}."
-    if getattr(result, "missed_target", None):
+    if result.missed_target:
         return f"**Target not reached**: {result.missed_target}"
     return f"**Ran the whole budget** ({result.stop_reason}, no stop rule): {forget}."
 
@@ -106,14 +109,12 @@ def verdict(result: Any, *, label: str) -> str:
 def _run_line(result: Any, audit: Mapping[str, Any]) -> str:
     config = audit.get("config", {})
     schedule = f", schedule {config['schedule']}" if "schedule" in config else ""
+    if result.inferred_stop:
+        schedule += f", stop rule {result.inferred_stop!r} (inferred)"
+    elif audit.get("stop"):
+        schedule += f", stop rule {audit['stop']!r}"
     epochs = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
     return (f"Method {result.method}{schedule}, seed {result.seed}; stopped: {result.stop_reason} after "
             f"{result.steps} steps ({epochs}, {result.wall_time_s:.1f} s).")
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return "; ".join(f"{key} {_describe(item)}" for key, item in value.items())
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    return str(value)

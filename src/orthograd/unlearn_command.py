@@ -21,15 +21,16 @@ from rich.console import Console
 from torch import nn
 
 from orthograd import methods
-from orthograd.api import unlearn
+from orthograd.api import DEFAULT_MAX_EPOCHS, unlearn
 from orthograd.audit import run_account
 from orthograd.data_files import Encoding, Fields, image_classes, load_samples
 from orthograd.input_checks import fingerprint
 from orthograd.io import atomic_folder, atomic_write_json, check_folder_free
 from orthograd.model_folder import AUDIT_FILE, UserModel, file_hashes, load_user_model, write_model
 from orthograd.privacy import privacy_metrics
-from orthograd.run_progress import RunProgress, row_text
+from orthograd.run_progress import RunProgress
 from orthograd.run_report import write_run_report
+from orthograd.stopping import check_stop
 from orthograd.tasks import CausalLMTask, ClassificationTask, Task
 
 TASKS = ("classification", "causal_lm")
@@ -54,7 +55,7 @@ class UnlearnRequest:
     fields: Fields = Fields()
     device: str | None = None
     seed: int = 0
-    max_epochs: int = 30
+    max_epochs: int | None = None
     max_steps: int | None = None
     overwrite: bool = False
 
@@ -102,18 +103,20 @@ def run_unlearn(request: UnlearnRequest, *, console: Console) -> Path:
     task_name = user.task or "classification"
     task = task_adapter(user, task_name)
     sets = _load_sets(request, user=user, task_name=task_name)
-    total = request.max_steps or _budget_steps(request, forget_size=len(sets["forget"]))  # checks the settings
+    total = _budget_steps(request, forget_size=len(sets["forget"]))  # checks the settings too
+    check_stop(request.stop, metrics=task.metrics)  # before the membership attack's minutes, not after
+    if request.stop == "random" and "test" not in sets:
+        raise ValueError("--stop random compares the forget metric with the original test metric: pass --test FILE")
     splits, privacy_note = _attack_folds(sets)
     privacy = {"before": _privacy(user.model, sets, task=task, splits=splits, request=request)} if splits else None
-    console.print(f"{request.method} on {type(user.model).__name__} ({task_name}): "
-                  + ", ".join(f"{name} {len(data)}" for name, data in sets.items()), highlight=False)
-    options: dict[str, Any] = {"max_steps": request.max_steps} if request.max_steps is not None else {}
+    console.print(f"loaded {type(user.model).__name__} ({task_name}) from {request.model}; "
+                  + ", ".join(f"{name} {len(data)} samples" for name, data in sets.items()), highlight=False)
     with RunProgress(console, total_steps=total) as progress, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         result = unlearn(
             user.model, sets["forget"], sets["retain"], test=sets.get("test"), method=request.method, task=task,
-            stop=request.stop, max_epochs=request.max_epochs, device=request.device, seed=request.seed,
-            inplace=True, on_eval=progress, **options, **dict(request.settings),
+            stop=request.stop, max_epochs=request.max_epochs, max_steps=request.max_steps, device=request.device,
+            seed=request.seed, inplace=True, on_eval=progress, **dict(request.settings),
         )
     for warning in caught:  # one line each, without Python's source-line decoration
         console.print(f"warning: {warning.message}", highlight=False)
@@ -121,25 +124,23 @@ def run_unlearn(request: UnlearnRequest, *, console: Console) -> Path:
         privacy["after"] = _privacy(result.model, sets, task=task, splits=splits, request=request)
     folder = _write(request, user=user, result=result, sets=sets, task=task, privacy=privacy,
                     privacy_note=privacy_note)
-    console.print(f"{result.stop_reason} after {result.steps} steps: {row_text(result.final)}", highlight=False)
     console.print(f"wrote {folder} (model, {AUDIT_FILE}, report.md, trajectory.png)", highlight=False)
     return folder
 
 
 def task_adapter(user: UserModel, name: str) -> Task:
-    """The task adapter, padding with the model's own ``pad_token_id`` (else the tokenizer's, which a
-    transformers classifier then also gets in its config: GPT-2 finds the last token by it)."""
+    """The task adapter for the model and its tokenizer, padding with the model's ``pad_token_id`` (else the
+    tokenizer's). A transformers classifier whose config has none gets the tokenizer's in its config: GPT-2 finds
+    each sequence's last token by it."""
     config = getattr(user.model, "config", None)
-    pad = getattr(config, "pad_token_id", None)
     tokenizer_pad = getattr(user.tokenizer, "pad_token_id", None)
-    if pad is None and tokenizer_pad is not None:
-        pad = tokenizer_pad
-        if config is not None and name == "classification":
-            config.pad_token_id = pad
+    if name == "classification" and config is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer_pad
     if name == "causal_lm":
-        eos = getattr(user.tokenizer, "eos_token_id", None)
-        return CausalLMTask(pad_token_id=pad if pad is not None else (eos or 0), eos_token_id=eos)
-    return ClassificationTask(pad_token_id=pad or 0)
+        task: Task = CausalLMTask(tokenizer=user.tokenizer, eos_token_id=getattr(user.tokenizer, "eos_token_id", None))
+    else:
+        task = ClassificationTask(tokenizer=user.tokenizer)
+    return task.for_model(user.model)
 
 
 def _load_sets(request: UnlearnRequest, *, user: UserModel, task_name: str) -> dict[str, Any]:
@@ -162,10 +163,13 @@ def _load_sets(request: UnlearnRequest, *, user: UserModel, task_name: str) -> d
 
 
 def _budget_steps(request: UnlearnRequest, *, forget_size: int) -> int | None:
-    """The step budget for the progress bar: max_epochs passes over the forget set in the method's batches."""
+    """The step budget for the progress bar: ``max_steps``, or ``max_epochs`` passes over the forget set in the
+    method's batches, whichever is smaller (None: not known)."""
     config = methods.make_config(request.method, dict(request.settings))
     batch = getattr(config, "forget_batch_size", None)
-    return request.max_epochs * math.ceil(forget_size / batch) if batch else None
+    epochs = request.max_epochs if request.max_epochs is not None or request.max_steps else DEFAULT_MAX_EPOCHS
+    budgets = [request.max_steps, epochs * math.ceil(forget_size / batch) if epochs and batch else None]
+    return min((b for b in budgets if b is not None), default=None)
 
 
 def _attack_folds(sets: Mapping[str, Any]) -> tuple[int, str | None]:
