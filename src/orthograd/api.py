@@ -166,6 +166,7 @@ def unlearn(
         stop_reason=stop_reason,
         steps=runner.steps,
         epochs=runner.epochs,
+        stop_checks=runner.stop_checks,
         wall_time_s=time.perf_counter() - started,
         original=original,
         seed=seed,
@@ -279,7 +280,8 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self._steering = _RunningMeans()  # what the method reported on the checks since the last row
         self.steps = 0
-        self.epochs = 0
+        self.epochs = 0  # epochs begun: a run stopped by a check in epoch e ran e epochs, the last in part
+        self.stop_checks = 0  # times the stop rule was evaluated (history rows and mid-epoch probes)
         self._last_good = self._snapshot()
 
     @property
@@ -301,7 +303,10 @@ class _Run:
         self.history.append(row)
         for callback in self.callbacks:
             callback(row)
-        return self.stop_rule is not None and bool(self.stop_rule(row))
+        if self.stop_rule is None:
+            return False
+        self.stop_checks += 1
+        return bool(self.stop_rule(row))
 
     def evaluate(self, stats: Mapping[str, float]) -> bool:
         self._last_good = self._snapshot()
@@ -318,7 +323,8 @@ class _Run:
         # no snapshot here: the state restored after a non-finite step must be the one the last history row shows
         metrics = self.evaluator(self.model, only=needs)
         if self.stop_rule is not None and self.stop_rule(metrics):
-            return self.evaluate(stats)
+            return self.evaluate(stats)  # the full row that follows counts as this check
+        self.stop_checks += self.stop_rule is not None
         self._steering.add(self.method.observe(metrics))
         return False
 
@@ -331,6 +337,7 @@ class _Run:
     def loop(self, *, max_epochs: int, eval_every: int | None) -> str:
         self.model.train(self.method.train_mode)
         for epoch in range(1, max_epochs + 1):
+            self.epochs = epoch
             epoch_stats = _RunningMeans()
             for stats in self.method.run_epoch(epoch):
                 self.steps += 1
@@ -344,7 +351,6 @@ class _Run:
                         return "target_reached"
             if not self._weights_finite():  # a step with finite statistics can still leave NaN weights
                 return self._stop_non_finite("non-finite weights")
-            self.epochs = epoch
             if self.method.one_shot:
                 self.evaluate({})
                 return "one_shot"

@@ -27,6 +27,7 @@ class UnlearnResult:
     seed: int = 0
     data: dict[str, dict[str, Any]] = field(default_factory=dict)  # fingerprints of the forget and retain sets
     missed_target: str | None = None  # why the stop rule's target was not reached, and what to try (None: reached)
+    stop_checks: int = 0  # times the stop rule was evaluated (0 without one): the cadence a benchmark compares
 
     @property
     def final(self) -> dict[str, Any]:
