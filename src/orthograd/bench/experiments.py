@@ -91,7 +91,10 @@ def run_experiment(
     on_run: OnRun | None = None,
 ) -> list[Record]:
     """Run (or resume) the configs' experiment (the variants of one config) into ``out_dir`` (default: the first
-    config's run folder) on ``executor`` (default: ``local_executor``); returns the planned records."""
+    config's run folder) on ``executor`` (default: ``local_executor``); returns the planned records. Without ``raw``
+    (the file's mapping), a single config's own values are the config the run folder and its records name."""
+    if raw is None and len(configs) == 1:
+        raw = configs[0].model_dump(mode="json")
     engine = Engine(experiment_for(configs), out_dir=out_dir or configs[0].run_dir(), raw=raw,
                     executor=executor or local_executor(configs[0]))
     return engine.run(on_start=on_start, on_run=on_run)
