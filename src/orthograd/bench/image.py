@@ -174,10 +174,10 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
     ctx, split, seed = inputs.ctx, inputs.split, inputs.seed
     evaluation = ctx.data.validation if job.phase == "sweep" else ctx.data.test
     assert evaluation is not None  # a sweep requires data.validation_size > 0 (config check)
+    options = inputs.unlearn_options(device=ctx.device)
     with PeakMemory(ctx.device) as memory, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = unlearn(ctx.original, inputs.forget, inputs.retain, test=evaluation,
-                         **inputs.unlearn_options(device=ctx.device))
+        result = unlearn(ctx.original, inputs.forget, inputs.retain, test=evaluation, **options)
     for warning in caught:  # a missed target is in the record, the run's line and the table, not a warning
         if str(warning.message) != result.missed_target:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
@@ -188,6 +188,7 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
         device=ctx.device,
         split={"forget": indices_fingerprint(split.forget), "retain": indices_fingerprint(split.retain)},
         memory=memory.report(),
+        eval_every=options["eval_every"],  # the stop-rule cadence this run had (bench.protocol)
         efficiency=retrain_time / result.wall_time_s if retrain_time and result.wall_time_s > 0 else None,
     )
     if "accuracy" in reference:

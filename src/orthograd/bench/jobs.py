@@ -129,7 +129,7 @@ def check_disjoint(config: BenchConfig, labels: np.ndarray) -> None:
             tested.update(split.forget.tolist(), split.retain.tolist())
     for index in range(config.sweep.splits):
         split = make_split(config, labels, split_index=index, retain_size=_sweep_retain_size(config), phase=SWEEP)
-        shared = tested.intersection(split.forget.tolist(), split.retain.tolist())
+        shared = tested & {*split.forget.tolist(), *split.retain.tolist()}
         if shared:
             raise ConfigError(f"validation split {index} shares {len(shared)} training samples with the test splits")
 
