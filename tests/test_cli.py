@@ -110,7 +110,8 @@ def test_unlearn_ddp_outside_torchrun_says_so(tmp_path: Path, monkeypatch: pytes
 
 def test_bench_backends_and_their_options_are_checked() -> None:
     _fails_in_one_line(["bench", "demo", "--backend", "gpu"], match="backend must be one of")
-    _fails_in_one_line(["bench", "demo", "--method", "orthograd"], match="(--backend ddp)")
+    # --method works for every backend now (issue 20): a misspelt one is refused before anything runs
+    _fails_in_one_line(["bench", "demo", "--method", "orthgrad"], match="did you mean 'orthograd'?")
 
 
 def test_an_unexpected_error_names_its_type_and_the_debug_switch(monkeypatch: pytest.MonkeyPatch) -> None:

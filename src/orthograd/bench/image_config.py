@@ -164,7 +164,7 @@ class BenchConfig(ExperimentConfig):
     unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
     sweep: SweepConfig | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cache_dir: Path = Path("runs/cache")
+    cache_dir: Path | None = None  # trained models (None: the run folder's cache/, so the run folder holds all)
 
     @field_validator("methods")
     @classmethod
@@ -206,6 +206,10 @@ class BenchConfig(ExperimentConfig):
             elif self.sweep.classes:
                 raise ValueError("sweep.classes is for class forgetting; random forgetting draws its validation pool")
         return self
+
+    def model_cache(self) -> Path:
+        """Where the original and retrained models are stored: ``cache_dir``, else ``RUN_DIR/cache``."""
+        return self.cache_dir if self.cache_dir is not None else self.run_dir() / "cache"
 
     def original_hash(self) -> str:
         """Hash of what determines the original model: data, model and training settings (``train.init_seed`` only
