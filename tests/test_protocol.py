@@ -201,3 +201,22 @@ def test_tables_mark_missed_targets_and_test_ours_against_the_best_baseline_by_s
     assert next(line for line in lines if "A_test" in line).endswith(": ahead.")
     assert next(line for line in lines if "A_r" in line).endswith(": no significant difference.")
     assert not any("A_u" in line for line in lines)  # random forgetting has no better direction for A_u
+
+
+def test_shipped_image_configs_have_the_power_the_protocol_asks_for() -> None:
+    from orthograd.bench.experiments import load_experiment
+
+    benchmarks = CONFIGS.parents[2] / "benchmarks"
+    shipped = sorted(CONFIGS.glob("*.yaml")) + sorted(benchmarks.glob("fashion_mnist_*/config.yaml"))
+    checked = 0
+    for path in shipped:
+        configs, raw = load_experiment(path)
+        for config in configs:
+            if getattr(config, "task", None) != "classification":
+                continue
+            splits = config.scenario.seeds if config.scenario.kind == "random" else config.scenario.classes
+            if "retain_size" in path.parent.name and path.parent.name != "configs":
+                continue  # the committed log of the earlier protocol's run, kept with the config that made it
+            assert len(splits) >= 5, path
+            checked += 1
+    assert checked >= 12

@@ -17,7 +17,7 @@ from orthograd.bench.experiments import load_experiment
 from orthograd.bench.image import run_bench
 from orthograd.bench.image_config import BenchConfig
 
-TITLE = "Digits, SmallCNN: mean ± 95% CI over 3 seeds (random) / 3 classes (class)"
+TITLE = "Digits, SmallCNN: mean ± 95% CI over 5 seeds (random) / 5 classes (class)"
 
 
 def run_demo(

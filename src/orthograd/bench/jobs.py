@@ -72,8 +72,7 @@ def _validation_pool(config: BenchConfig, labels: np.ndarray) -> np.ndarray:
             raise ConfigError(f"the validation pool ({size} samples) leaves no training samples for the test splits")
         return np.sort(rng.choice(len(labels), size=size, replace=False))
     classes = validation_classes(config, labels)
-    tested = set(config.scenario.classes)
-    others = np.flatnonzero([int(y) not in tested and int(y) not in classes for y in labels])
+    others = np.flatnonzero(~np.isin(labels, [*config.scenario.classes, *classes]))
     if retain_size > len(others):
         raise ConfigError(f"sweep retain size {retain_size} exceeds the {len(others)} samples of untested classes")
     forget = np.flatnonzero(np.isin(labels, classes))
