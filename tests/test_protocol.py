@@ -16,6 +16,7 @@ from orthograd.bench.config import ConfigError
 from orthograd.bench.image import run_bench
 from orthograd.bench.image_config import load_config
 from orthograd.bench.protocol import eval_every_for, extend_edges, method_accepts, trials
+from orthograd.bench.report import write_report
 from orthograd.io import ResultsLog
 from orthograd.reporting import markdown_table, paired_test, paired_tests
 
@@ -220,3 +221,12 @@ def test_shipped_image_configs_have_the_power_the_protocol_asks_for() -> None:
             assert len(splits) >= 5, path
             checked += 1
     assert checked >= 12
+
+
+def test_report_regenerates_a_committed_table_byte_for_byte_from_its_log(tmp_path: Path) -> None:
+    committed = CONFIGS.parents[2] / "benchmarks" / "fashion_mnist_retain_size"
+    paths = write_report([committed], out_dir=tmp_path)
+    written = sorted(p.name for p in paths.values() if p.suffix in (".md", ".csv", ".json"))
+    assert len(written) == 14  # 4 retain sizes x (md, csv, json), cost.md and report.md
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
