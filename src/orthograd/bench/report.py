@@ -3,8 +3,9 @@
 The paper-layout tables come from ``orthograd.reporting.write_tables`` (with the Retrain row and MIA columns when
 the bench trained a reference); a second table gives the cost columns (wall time, steps, epochs, stop-rule checks,
 peak memory, run-time efficiency = retrain time / unlearning time). Everything but the plots is a function of the
-results log alone, so ``orthograd report`` regenerates a committed table byte for byte. Runs with several retain sizes get one table per size and
-the UIS-vs-retain-size plot; every report has the metric trajectories and the A_test-vs-A_u trade-off plots.
+results log alone, so ``orthograd report`` regenerates a committed table byte for byte. Runs with several retain
+sizes get one table per size and the UIS-vs-retain-size plot; every report has the metric trajectories and the
+A_test-vs-A_u trade-off plots.
 """
 
 from __future__ import annotations
