@@ -60,6 +60,9 @@ def test_every_method_gets_as_many_trials_as_the_largest_grid_inside_its_own_ran
     assert fisher[:3] == [1e-7, 1e-6, 1e-5]  # the listed points come first, as listed
     assert trials(grids["fisher"], size=size, seed="fisher") == padded["fisher"]  # seeded: the same on a rerun
     assert len(padded["orthograd-fixed"]) == 8  # a full grid is not padded
+    # a grid without a float knob has no points beyond its own: all of them, short of the budget
+    assert trials({"forget_batch_size": [32, 64]}, size=size, seed="neggrad") == [
+        {"forget_batch_size": 32}, {"forget_batch_size": 64}]
 
 
 def test_a_choice_on_an_edge_shifts_that_knob_once_within_what_the_method_accepts() -> None:

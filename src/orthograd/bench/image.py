@@ -376,7 +376,8 @@ class _Sweep:
             _, still = extend_edges(final_grid, best["hyperparameters"], valid=lambda point: True)
             methods_out[method] = {
                 "hyperparameters": best["hyperparameters"], "validation_uis": best["validation_uis"],
-                "target_reached": best["target_reached"], "trials": scored, "edges": self.edges.get(method, {}),
+                "target_reached": best["target_reached"], "trials": scored,
+                "short_of_budget": len(self.rounds[method][0]) < self.size, "edges": self.edges.get(method, {}),
                 "edge_extended": bool(extended), "still_on_edge": sorted(still),
             }
         protocol = {

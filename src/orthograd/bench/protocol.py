@@ -10,7 +10,8 @@ no loop to check.
 Tuning budget: every tuned method gets the same number of validation trials over its own knobs (lr plus its main
 one), by one rule (``trials``): its grid as listed, padded with seeded random points inside the grid's ranges up to
 the size of the config's largest grid (log-uniform between the ends of a float knob, one of the listed values of
-any other knob), so a method listed with fewer points is never searched less. When the
+any other knob), so a method listed with fewer points is never searched less (a grid without a float knob cannot
+grow beyond its own points: it is searched whole, and marked short of the budget). When the
 chosen point lies at the low or high end of a numeric knob that lists at least 3 values, the knob's values shift one
 step past that end (the ratio of the two end values, or their difference when one is <= 0) and the shifted grid is
 searched once more (``extend_edges``); the points both grids share are not rerun. A value the method refuses (an
@@ -25,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from orthograd import methods
-from orthograd.bench.config import ConfigError, content_hash, grid_points
+from orthograd.bench.config import content_hash, grid_points
 
 DEFAULT_CHECKS_PER_EPOCH = 4
 MIN_VALUES_TO_EXTEND = 3  # with fewer values a knob has no interior: every choice would be "on the edge"
@@ -114,7 +115,8 @@ def _padding_value(values: Sequence[Any], rng: random.Random) -> Any:
 
 def trials(grid: Mapping[str, Sequence[Any]], *, size: int, seed: str) -> list[dict[str, Any]]:
     """The grid's points, padded to ``size`` with distinct seeded random points inside its ranges (``seed``: a
-    string, e.g. the method's name, so every method's padding is its own and the same on every rerun)."""
+    string, e.g. the method's name, so every method's padding is its own and the same on every rerun). A grid with
+    no float knob has no points beyond its own: it gives all of them (``selection.json`` then says it is short)."""
     points = grid_points(grid)
     rng = random.Random(content_hash(seed))
     seen = {content_hash(p) for p in points}
@@ -125,6 +127,4 @@ def trials(grid: Mapping[str, Sequence[Any]], *, size: int, seed: str) -> list[d
         if content_hash(point) not in seen:
             seen.add(content_hash(point))
             points.append(point)
-    if len(points) < size:
-        raise ConfigError(f"cannot pad the grid {dict(grid)} to {size} distinct points: list more values")
-    return points
+    return points  # fewer than ``size`` only when the grid has no float knob and fewer points than that
