@@ -233,3 +233,23 @@ def test_report_regenerates_a_committed_table_byte_for_byte_from_its_log(tmp_pat
     assert len(written) == 14  # 4 retain sizes x (md, csv, json), cost.md and report.md
     for name in written:
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_a_missed_target_in_a_benchmark_is_a_record_field_a_run_line_and_a_mark_not_a_warning(tmp_path: Path) -> None:
+    import warnings
+
+    from orthograd.bench.printer import run_line
+
+    config, raw = load_config(CONFIGS / "demo.yaml", variant="class", overrides=[
+        "train.epochs=2", "scenario.retrain=false", "scenario.classes=[1, 4]", "scenario.retain_size=60",
+        "unlearn.max_epochs=1", f"cache_dir={tmp_path / 'cache'}",
+        "methods={neggrad: {lr: 1.0e-7, forget_batch_size: 32}}",  # far too small to forget a class in an epoch
+    ])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = run_bench(config, raw, out_dir=tmp_path / "run")
+    assert not [w for w in caught if "without reaching" in str(w.message)]
+    assert {r["target_reached"] for r in records} == {False} and all(r["missed_target"] for r in records)
+    assert "missed the target" in run_line(records[0])
+    table = (tmp_path / "run" / "table.md").read_text()
+    assert "† NegGrad (class): 2 of 2 runs ended without reaching the target (A_u < 1%)" in table
