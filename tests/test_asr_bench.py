@@ -13,8 +13,10 @@ import pytest
 
 from orthograd import asr_bench
 from orthograd.asr_bench.config import load_config
-from orthograd.asr_bench.corpus import build_corpus
-from orthograd.asr_bench.experiment import plan_jobs, record_key
+from orthograd.asr_bench.corpus import SpeakerCorpus, build_corpus
+from orthograd.asr_bench.experiment import (
+    choose_variants, plan_jobs, plan_validation_jobs, record_key, split_for, validation_speakers,
+)
 from orthograd.asr_bench.tables import COLUMNS, speaker_tables
 from orthograd.data.espeak import PROBE_SENTENCE, VOICES, make_sentences, speak, synthesize_corpus
 from orthograd.data.librispeech import Utterance, pick_speakers
@@ -86,28 +88,61 @@ def test_tiny_speaker_unlearning_run_writes_records_and_tables(tmp_path):
     assert len(changed) == 2 and {r["key"] for r in changed}.isdisjoint(r["key"] for r in records)
 
 
-def _record(label: str, variant: str, speaker: str, *, unlearn: float, test: float, val: float) -> dict:
+def _record(label: str, variant: str, speaker: str, *, unlearn: float, test: float, val: float,
+            phase: str = "test") -> dict:
     return {"label": label, "variant": variant, "speaker": speaker, "W_retain": 1.0, "W_unlearn": unlearn,
-            "W_speaker": unlearn, "W_test": test, "W_val": val}
+            "W_speaker": unlearn, "W_test": test, "W_val": val, "phase": phase, "method": "orthograd-fixed"}
 
 
 def test_grid_variant_is_chosen_on_validation_speakers_never_on_test():
     config = load_config("configs/espeak_speaker_smoke.yaml", [
-        "corpus.validation_voices=1",
+        "corpus.validation_voices=1", "speakers.validation_count=1",
         "runs=[{label: OrthoGrad, method: orthograd-fixed, tables: [1, 2], grid: {lr: [0.001, 0.003]}}]",
     ])
     a, b = "OrthoGrad (lr=0.001)", "OrthoGrad (lr=0.003)"
-    records = [
-        # both reach the target; a is better on test, b on validation: b must be chosen
-        *(_record("OrthoGrad", a, s, unlearn=90, test=5, val=30) for s in ("s1", "s2")),
-        *(_record("OrthoGrad", b, s, unlearn=90, test=20, val=10) for s in ("s1", "s2")),
+    assert [v for v, _ in config.runs[0].expand(size=config.grid_size())] == [a, b]
+    # since the shared protocol, the variants unlearn validation speakers in runs of their own: both reach the
+    # target there, b has the lower W_val, so b is chosen; the test speakers then run b alone
+    validation = [
+        *(_record("OrthoGrad", a, s, unlearn=90, test=5, val=30, phase="validation") for s in ("v1", "v2")),
+        *(_record("OrthoGrad", b, s, unlearn=90, test=20, val=10, phase="validation") for s in ("v1", "v2")),
     ]
-    tables = speaker_tables(records, config)
+    chosen = choose_variants(config, validation)["OrthoGrad"]
+    assert chosen["variant"] == b and not chosen["fallback"] and chosen["W_val"] == 10
+    jobs = plan_jobs(config, ["s1"], {"OrthoGrad": (chosen["variant"], chosen["params"])})
+    assert [j.variant for j in jobs] == ["Original", b] and jobs[1].hyperparameters["lr"] == 0.003
+    tested = [_record("OrthoGrad", b, s, unlearn=90, test=20, val=10) for s in ("s1", "s2")]
+    tables = speaker_tables([*validation, *tested], config)
     assert f"| {b} | " in tables and f"| {a} | " not in tables
-    assert f"| OrthoGrad | {b} | 10.00 ± 0.00 | 2 |" in tables  # the selection table names the choice and its W_val
-    # a variant that misses the target on one speaker is not eligible, however good its validation WER
-    records[3] = _record("OrthoGrad", b, "s2", unlearn=50, test=20, val=10)
-    assert f"| {a} | " in speaker_tables(records, config)
+    assert f"| OrthoGrad | {b} | 10.00±0.00 | 2 |" in tables  # the selection table names the choice and its W_val
+    # a variant that misses the target on one validation speaker is not eligible, however good its validation WER
+    validation[3] = _record("OrthoGrad", b, "v2", unlearn=50, test=20, val=10, phase="validation")
+    assert choose_variants(config, validation)["OrthoGrad"]["variant"] == a
+    # none reaching it: the highest mean W_unlearn, marked as a fallback in the selection table
+    validation[0] = _record("OrthoGrad", a, "v1", unlearn=40, test=5, val=30, phase="validation")
+    fallback = choose_variants(config, validation)["OrthoGrad"]
+    assert fallback["fallback"] and fallback["variant"] == b
+    assert f"| OrthoGrad | {b} † |" in speaker_tables([*validation, *tested], config)
+
+
+def test_validation_runs_retain_nothing_of_a_test_run():
+    config = load_config(ROOT / "configs/espeak_speaker.yaml")
+    train = [Utterance(Path(f"{v.name}-{i}"), "", v.name, "espeak", f"{v.name}-{i}")
+             for v in VOICES[: config.corpus.train_voices] for i in range(20)]
+    corpus = SpeakerCorpus(train=train, test=train[:1], validation=[])
+    tested = pick_speakers(train, count=config.speakers.count, seed=config.speakers.seed)
+    validating = validation_speakers(config, train, tested)
+    assert len(validating) == 2 and not set(validating) & set(tested)
+    used = set()
+    for speaker in tested:
+        split = split_for(config, corpus, speaker, phase="test", tested=tested, validating=validating)
+        used |= {u.id for u in [*split.unlearn, *split.speaker_heldout, *split.retain]}
+        assert not {u.speaker for u in split.retain} & set(validating)
+    for speaker in validating:
+        split = split_for(config, corpus, speaker, phase="validation", tested=tested, validating=validating)
+        assert split.retain and not used & {u.id for u in [*split.unlearn, *split.speaker_heldout, *split.retain]}
+    with pytest.raises(ValueError, match="shares .* utterances with the test runs"):
+        split_for(config, corpus, tested[0], phase="validation", tested=tested, validating=validating)
 
 
 def test_a_grid_without_validation_speakers_is_refused_with_the_fix():
@@ -134,23 +169,22 @@ def test_espeak_corpus_keeps_test_voices_and_adds_distinct_validation_voices(tmp
     assert not speakers & ({u.speaker for u in with_val.test} | {u.speaker for u in with_val.train})
 
 
-def test_committed_speaker_records_are_planned_again_with_the_same_keys():
-    """Every record in benchmarks/espeak_speaker/results.jsonl that its config still runs is found by its key, so
-    the benchmark resumes; planned without the corpus or the model (the training voices are VOICES' first ones)."""
+def test_committed_speaker_records_of_the_earlier_protocol_are_not_mixed_into_a_rerun():
+    """benchmarks/espeak_speaker/results.jsonl chose its grid variants on the test speakers' runs and checked most
+    methods once an epoch; under the shared protocol (validation speakers in runs of their own, one cadence for
+    every method) none of its keys is planned again, so a rerun makes new records instead of mixing protocols."""
     config = load_config(ROOT / "configs/espeak_speaker.yaml")
     voices = [Utterance(Path(v.name), "", v.name, "espeak", v.name) for v in VOICES[: config.corpus.train_voices]]
     speakers = pick_speakers(voices, count=config.speakers.count, seed=config.speakers.seed)
-    jobs = {job.key: job for job in plan_jobs(config, speakers)}
+    validating = validation_speakers(config, voices, speakers)
+    validation_jobs = plan_validation_jobs(config, validating)
+    gridded = [spec for spec in config.runs if spec.grid]
+    assert len(validation_jobs) == len(validating) * len(gridded) * config.grid_size() == 2 * 4 * 4
+    chosen = {spec.label: spec.expand(size=config.grid_size())[0] for spec in gridded}
+    jobs = {job.key: job for job in [*validation_jobs, *plan_jobs(config, speakers, chosen)]}
+    assert len(jobs) == 32 + len(speakers) * (1 + len(config.runs))
     committed = [json.loads(line) for line in (ROOT / "benchmarks/espeak_speaker/results.jsonl").open()]
-    found = [r for r in committed if record_key(r) in jobs]
-    assert len(jobs) == 4 * 17 and len(found) >= 54
-    for record in found:
-        job = jobs[record_key(record)]
-        assert (job.speaker, job.variant, job.settings_key, job.label) == (
-            record["speaker"], record["variant"], record["key"], record["label"])
-    # the rest are variants of an earlier grid (lr 0.003), which the config no longer has
-    variants = {job.variant for job in jobs.values()}
-    assert all(r["variant"] not in variants and "lr=0.003" in r["variant"] for r in committed if r not in found)
+    assert committed and not any(record_key(r) in jobs for r in committed)
 
 
 def test_config_keeps_numbers_as_written_and_names_the_valid_keys():

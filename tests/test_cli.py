@@ -110,7 +110,8 @@ def test_unlearn_ddp_outside_torchrun_says_so(tmp_path: Path, monkeypatch: pytes
 
 def test_bench_backends_and_their_options_are_checked() -> None:
     _fails_in_one_line(["bench", "demo", "--backend", "gpu"], match="backend must be one of")
-    _fails_in_one_line(["bench", "demo", "--method", "orthograd"], match="(--backend ddp)")
+    # --method works for every backend now (issue 20): a misspelt one is refused before anything runs
+    _fails_in_one_line(["bench", "demo", "--method", "orthgrad"], match="did you mean 'orthograd'?")
 
 
 def test_an_unexpected_error_names_its_type_and_the_debug_switch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,11 +154,12 @@ def test_demo_command_runs_a_method_and_labels_class_runs_by_class(tmp_path: Pat
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--method", "orthograd", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    for label in ("seed 0", "seed 1", "seed 2", "class 1", "class 4", "class 7"):
+    for label in ("seed 0", "seed 1", "seed 2", "seed 4", "class 1", "class 4", "class 7", "class 9"):
         assert f"orthograd  {label} " in result.stdout, label
     assert "seed/class" not in result.stdout
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["forget_class"] for r in records if r["scenario"] == "class"] == [1, 4, 7]
+    # 5 seeds and 5 classes since the shared protocol (issue 21): the earlier 3 classes first
+    assert [r["forget_class"] for r in records if r["scenario"] == "class"] == [1, 4, 7, 2, 9]
     assert all(r["final"]["forget"] < 1.0 for r in records if r["scenario"] == "class")
     assert "OrthoGrad" in (out / "table.md").read_text()
     assert all((out / name).read_bytes()[:4] == b"\x89PNG" for name in ("trajectories.png", "tradeoff.png"))

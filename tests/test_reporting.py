@@ -55,8 +55,9 @@ def test_plain_records_keep_the_paper_layout() -> None:
     header, rows = table_cells(BASE)
     assert header == ["Method", "Random A_u", "Random A_r", "Random A_test", "Random UIS"]
     assert [r[0] for r in rows] == ["Original", "FT", "OrthoGrad"]
-    # orthograd: A_u mean 91, sample std sqrt(2); UIS 0.15 ± 0.0707; FT has no UIS (reference row)
-    assert rows[2] == ["OrthoGrad", "91.00±1.41", "97.00±0.00", "87.00±1.41", "0.150±0.071"]
+    # orthograd: A_u mean 91, sample std sqrt(2), 95% t half-width t(0.975, 1) * sqrt(2) / sqrt(2) = 12.71; UIS 0.15,
+    # std 0.0707 -> 0.635; both runs' A_u is above the random target (90 + 0.5): the mark; FT has no UIS (reference)
+    assert rows[2] == ["OrthoGrad", "91.00±12.71†", "97.00±0.00", "87.00±12.71", "0.150±0.635"]
     assert rows[1][-1] == "–" and rows[0][1] == "99.00±0.00"
 
 
@@ -74,8 +75,8 @@ def test_retrain_row_and_mia_columns() -> None:
     assert table["original"]["random"]["MIA-L"] is None  # no privacy entry for the original model given
     header, rows = table_cells(records)
     assert header[-3:] == ["Random MIA-L", "Random MIA-AUC", "Random MIA-E"]
-    assert rows[1][:2] == ["Retrain", "88.50±0.71"]
-    assert rows[3][-3:] == ["0.650±0.071", "0.700±0.000", "0.300±0.000"]
+    assert rows[1][:2] == ["Retrain", "88.50±6.35"]  # std 0.71 over 2 seeds: t(0.975, 1) * 0.71 / sqrt(2)
+    assert rows[3][-3:] == ["0.650±0.635", "0.700±0.000", "0.300±0.000"]
     assert "| Retrain |" in markdown_table(records)
 
 
@@ -89,7 +90,8 @@ def test_csv_and_json_exports() -> None:
     keys = [(r["method"], r["scenario"]) for r in exported["rows"]]
     assert keys == [("original", "random"), ("original", "class"), ("retrain", "random"), ("finetune", "random"),
                     ("orthograd", "random"), ("orthograd", "class")]
-    assert exported["rows"][4]["cells"]["A_test"] == {"mean": 87.0, "std": pytest.approx(math.sqrt(2)), "n": 2}
+    assert exported["rows"][4]["cells"]["A_test"] == {"mean": 87.0, "std": pytest.approx(math.sqrt(2)), "n": 2,
+                                                      "ci95": pytest.approx(12.7062, abs=1e-4)}
     assert exported["rows"][5]["cells"]["MIA-L"] is None  # the class run carries no privacy values
     json.dumps(exported)  # JSON-ready as it is
 
@@ -129,9 +131,10 @@ def test_ablation_layout_over_speakers() -> None:
     lines = ablation_markdown(ASR, title="Table 1").splitlines()
     assert lines[0] == "### Table 1"
     assert lines[2] == "| Method | W_retain | W_unlearn | W_speaker | W_test |"
-    assert lines[4] == "| OrthoGrad Mean | 25.00±5.00 | 95.00±5.00 | 70.00±10.00 | 30.00±5.00 |"
-    # variants are rows in order of first appearance; std of (96, 100) = 2.83
-    assert lines[5] == "| OrthoGrad | 12.00±0.00 | 98.00±2.83 | 99.00±1.41 | 14.00±0.00 |"
+    # 95% t half-widths: 3 speakers, std 5 -> t(0.975, 2) * 5 / sqrt(3) = 12.42 (std 10 -> 24.84)
+    assert lines[4] == "| OrthoGrad Mean | 25.00±12.42 | 95.00±12.42 | 70.00±24.84 | 30.00±12.42 |"
+    # variants are rows in order of first appearance; std of (96, 100) = 2.83 -> 12.706 * 2.83 / sqrt(2) = 25.41
+    assert lines[5] == "| OrthoGrad | 12.00±0.00 | 98.00±25.41 | 99.00±12.71 | 14.00±0.00 |"
     exported = json_table(ASR)
     assert exported["columns"] == ["W_retain", "W_unlearn", "W_speaker", "W_test"]
     assert exported["rows"][1]["cells"]["W_unlearn"]["mean"] == pytest.approx(98.0)

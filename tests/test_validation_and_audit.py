@@ -136,7 +136,10 @@ def test_every_results_record_names_seed_split_and_versions(digits, digits_model
     record = run_record(result, scenario="class", seed=7, forget_class=2)
     assert record["seed"] == 7 and record["forget_class"] == 2
     assert record["data"]["forget"] == fingerprint(forget) and record["data"]["retain"] == fingerprint(retain)
-    assert record["versions"] == {"orthograd": og.__version__, "torch": torch.__version__}
+    # the provenance of the shared protocol names transformers and peft too (None where not installed)
+    assert {k: record["versions"][k] for k in ("orthograd", "torch")} == {"orthograd": og.__version__,
+                                                                         "torch": torch.__version__}
+    assert set(record["versions"]) == {"orthograd", "torch", "transformers", "peft"}
     json.dumps(record)  # the record is plain JSON
 
 

@@ -229,6 +229,7 @@ def unlearn(
         stop_reason=stop_reason,
         steps=runner.steps,
         epochs=runner.epochs,
+        stop_checks=runner.stop_checks,
         wall_time_s=time.perf_counter() - started,
         original=original,
         seed=seed,
@@ -418,7 +419,8 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self._steering = _RunningMeans()  # what the method reported on the checks since the last row
         self.steps = 0
-        self.epochs = 0
+        self.epochs = 0  # epochs begun: a run stopped by a check in epoch e ran e epochs, the last in part
+        self.stop_checks = 0  # times the stop rule was evaluated (history rows and mid-epoch probes)
         # (parameters, history index) of the last evaluated state within the damage tolerance, and of the most
         # forgotten one after step 0 (kept only for a method that returns it when the run ends damaged)
         self._last_good: tuple[dict[str, torch.Tensor], int] = (self._snapshot(), 0)
@@ -443,6 +445,7 @@ class _Run:
         self.history.append(row)
         for callback in self.callbacks:
             callback(row)
+        self.stop_checks += self.stop_rule is not None
         return self._reached(row)
 
     def _reached(self, row: Mapping[str, Any]) -> bool:
@@ -481,7 +484,8 @@ class _Run:
         # no snapshot here: the state restored after a non-finite step must be one a history row shows
         metrics = self.evaluator(self.model, only=needs)
         if self._reached(metrics):
-            return self.evaluate(stats)
+            return self.evaluate(stats)  # the full row that follows counts as this check
+        self.stop_checks += self.stop_rule is not None
         self._steering.add(self.method.observe(metrics))
         return False
 
@@ -516,6 +520,7 @@ class _Run:
         self.model.train(self.method.train_mode)
         epochs = range(1, max_epochs + 1) if max_epochs is not None else itertools.count(1)
         for epoch in epochs:
+            self.epochs = epoch
             epoch_stats = _RunningMeans()
             for stats in self.method.run_epoch(epoch):
                 self.steps += 1
@@ -533,7 +538,6 @@ class _Run:
                     return "target_reached" if self._evaluate_in_loop(epoch_stats.means()) else "max_steps"
             if not self._weights_finite():  # a step with finite statistics can still leave NaN weights
                 return self._stop_non_finite("non-finite weights")
-            self.epochs = epoch
             if self.method.one_shot:
                 self.evaluate({})
                 return "one_shot"

@@ -89,9 +89,10 @@ def demo(
 ) -> None:
     """Train a digits CNN, unlearn with every method (random and class forgetting), print the paper-style table."""
     from orthograd.bench.printer import RunPrinter
-    from orthograd.demo import TITLE, check_methods, run_demo
+    from orthograd.bench.experiments import canonical_methods
+    from orthograd.demo import TITLE, run_demo
 
-    check_methods(method or [])
+    method = canonical_methods(method) if method else None
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
@@ -108,10 +109,14 @@ def bench(
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a config value: dotted.key=value (repeatable).")
     ] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<config name>).")] = None,
-    backend: Annotated[str, typer.Option(help="Where jobs run: local (this process or the config's workers), ray "
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<config name>); it holds everything "
+                                                    "the run writes, the model cache too unless cache_dir is set.")
+                   ] = None,
+    backend: Annotated[str, typer.Option(metavar="[local|ray|ddp]",
+                                         help="Where jobs run: local (this process or the config's workers), ray "
                                               "(Ray Tune trials), ddp (data-parallel, under torchrun).")] = "local",
-    method: Annotated[Optional[list[str]], typer.Option(help="ddp: run only these methods (repeatable).")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(help="Run only these methods, any case (repeatable).")
+                      ] = None,
 ) -> None:
     """Run any task's config (image, speech, language model); rerunning the same command resumes it."""
     from orthograd.bench.console import bench_command, resolve_config

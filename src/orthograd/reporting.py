@@ -1,4 +1,9 @@
-"""Paper-style tables from run records: mean ± std over seeds (or classes), random and class side by side.
+"""Paper-style tables from run records: mean ± 95% CI over seeds (or classes), random and class side by side.
+
+Every cell is the mean ± the half-width of a 95% t interval over its runs (sample std, ddof=1, the one std
+convention of every table and export); the exports also carry the std and n. A method row whose runs did not all
+reach the stop rule's target carries a mark and a footnote. Under each table, per metric, a paired t-test (paired by
+split) of each OrthoGrad row against the best baseline says "ahead", "behind" or "no significant difference".
 
 A run record is a dict with at least ``method``, ``scenario`` ("random" | "class"), ``original`` and ``final``
 (metric dicts with ``forget``, ``retain``, ``test``) and ``uis``. The layout follows the paper's Tables 3-5:
@@ -8,13 +13,14 @@ Optional record keys add to the table: ``retrained`` (the metrics of a model ret
 forget set, per split) adds a Retrain row; ``privacy`` (``orthograd.privacy.privacy_metrics``, whose
 ``"retrained"`` / ``"original"`` entries feed the Retrain / Original rows) adds MIA columns. ASR ablations
 (records with ``metric: "wer"``) use the paper's Table 1 layout instead: W_retain, W_unlearn, W_speaker, W_test
-per variant (``label``, else ``method``), mean ± std over speakers. Every table exports as Markdown, CSV and JSON.
+per variant (``label``, else ``method``), mean ± 95% CI over speakers. Every table exports as Markdown, CSV and JSON.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,11 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from scipy import stats
 
 from orthograd.io import atomic_write_json, atomic_write_text
 from orthograd.metrics import uis
+from orthograd.stopping import resolve_stop
 
 SCENARIOS: tuple[str, ...] = ("random", "class")
+CONFIDENCE = 0.95
+MISSED = "†"  # the mark of a row whose runs did not all reach the stop rule's target
+CELL_NOTE = ("Cells: mean ± half-width of the 95% t interval over n runs (one per split; sample std, ddof=1; a single "
+             "run shows its value alone).")
 COLUMNS: tuple[tuple[str, str], ...] = (("A_u", "forget"), ("A_r", "retain"), ("A_test", "test"), ("UIS", "uis"))
 PRIVACY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("MIA-L", "mia_loss_accuracy"),  # loss attack, cross-validated accuracy (0.5: forget looks unseen)
@@ -61,22 +73,35 @@ DISPLAY_NAMES = {
 
 @dataclass(frozen=True)
 class Cell:
-    """Mean and sample standard deviation of one metric over runs (std 0 for a single run)."""
+    """Mean, sample standard deviation (ddof=1; 0 for a single run) and 95% t-interval half-width (None for a single
+    run) of one metric over runs."""
 
     mean: float
     std: float
     n: int
+    ci95: float | None = None
 
     def format(self, *, digits: int) -> str:
-        return f"{self.mean:.{digits}f}±{self.std:.{digits}f}"
+        """``mean±half-width`` of the 95% CI (the mean alone for a single run, which has no interval)."""
+        if self.ci95 is None:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f}±{self.ci95:.{digits}f}"
+
+
+def t_half_width(std: float, n: int, *, level: float = CONFIDENCE) -> float | None:
+    """Half-width of the ``level`` t interval of a mean of ``n`` values with sample std ``std`` (None for n < 2)."""
+    if n < 2:
+        return None
+    return float(stats.t.ppf(0.5 + level / 2, df=n - 1)) * std / math.sqrt(n)
 
 
 def summarize(values: Sequence[float]) -> Cell | None:
-    """Mean ± std of the values (None when there are none)."""
+    """Mean, sample std and 95% CI of the values (None when there are none)."""
     clean = [float(v) for v in values if v is not None]
     if not clean:
         return None
-    return Cell(statistics.fmean(clean), statistics.stdev(clean) if len(clean) > 1 else 0.0, len(clean))
+    std = statistics.stdev(clean) if len(clean) > 1 else 0.0
+    return Cell(statistics.fmean(clean), std, len(clean), t_half_width(std, len(clean)))
 
 
 def method_order(records: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -158,17 +183,61 @@ def _one_per_split(runs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]
     return list(by_split.values())
 
 
+def target_reached(scenario: str, original: Mapping[str, Any], final: Mapping[str, Any]) -> bool | None:
+    """Whether ``final`` meets the paper's stop rule of ``scenario`` given the ``original`` metrics (None: a
+    scenario or metrics the rule cannot judge)."""
+    if scenario not in SCENARIOS or final.get("forget") is None or (scenario == "random" and "test" not in original):
+        return None
+    rule = resolve_stop(scenario, original=original)
+    return None if rule is None else bool(rule(final))
+
+
+def _reached(run: Mapping[str, Any]) -> bool | None:
+    """A run's ``target_reached`` field, or (records written before it) the rule applied to its metrics."""
+    if "target_reached" in run:
+        return run["target_reached"]
+    return target_reached(run["scenario"], run.get("original") or {}, run.get("final") or {})
+
+
+def missed_targets(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[int, int]]:
+    """{(method, scenario): (runs that missed the target, runs)} for the method rows with at least one miss."""
+    out: dict[tuple[str, str], tuple[int, int]] = {}
+    for row in method_order(records):
+        for scenario in SCENARIOS:
+            runs = [r for r in records if r["method"] == row and r["scenario"] == scenario]
+            missed = sum(_reached(r) is False for r in runs)
+            if row not in SPLIT_ROWS and missed:
+                out[(row, scenario)] = (missed, len(runs))
+    return out
+
+
+RULES = {"random": "A_u <= A_test of the original + 0.5", "class": "A_u < 1%"}
+
+
+def footnotes(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The lines under a table: what a cell is, each missed target, and the paired tests."""
+    lines = [CELL_NOTE]
+    for (row, scenario), (missed, total) in missed_targets(records).items():
+        lines.append(f"{MISSED} {DISPLAY_NAMES.get(row, row)} ({scenario}): {missed} of {total} runs ended without "
+                     f"reaching the target ({RULES[scenario]}); the row averages their last state.")
+    return lines + paired_tests(records)
+
+
 def table_cells(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted rows of the paper layout: Method | Random A_u A_r A_test UIS | Class ... ."""
+    """Header and formatted rows of the paper layout: Method | Random A_u A_r A_test UIS | Class ... (the A_u cell
+    of a scenario where the row missed the target carries ``MISSED``)."""
     table = aggregate(records)
     columns = table_columns(records)
+    missed = missed_targets(records)
     scenarios = [s for s in SCENARIOS if any(s in cells for cells in table.values())]
     header = ["Method"] + [f"{s.capitalize()} {label}" for s in scenarios for label, _ in columns]
     rows = []
     for row, by_scenario in table.items():
         cells = [DISPLAY_NAMES.get(row, row)]
         for scenario in scenarios:
-            cells += [_format(by_scenario.get(scenario, {}).get(label), label=label) for label, _ in columns]
+            mark = MISSED if (row, scenario) in missed else ""
+            cells += [_format(by_scenario.get(scenario, {}).get(label), label=label) + (mark if label == "A_u" else "")
+                      for label, _ in columns]
         rows.append(cells)
     return header, rows
 
@@ -178,23 +247,90 @@ def _format(cell: Cell | None, *, label: str) -> str:
 
 
 def markdown_table(records: Sequence[Mapping[str, Any]], *, title: str = "") -> str:
-    """The paper-layout table as Markdown."""
+    """The paper-layout table as Markdown, with its footnotes (``footnotes``) under it."""
     header, rows = table_cells(records)
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *footnotes(records)]) + "\n"
 
 
 def rich_table(records: Sequence[Mapping[str, Any]], *, title: str = "") -> Any:
-    """The paper-layout table as a ``rich.table.Table`` for the terminal."""
+    """The paper-layout table as a ``rich.table.Table`` for the terminal (the footnotes as its caption)."""
     header, rows = table_cells(records)
-    out = Table(title=title or None, pad_edge=False)
+    out = Table(title=title or None, pad_edge=False, caption="\n".join(footnotes(records)), caption_justify="left")
     for index, name in enumerate(header):
         out.add_column(name, justify="left" if index == 0 else "right", style="bold" if index == 0 else None)
     for cells in rows:
         out.add_row(*cells)
     return out
+
+
+# the metrics the paired tests compare, with the direction that is better (A_u only where lower is the goal)
+TESTED_METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("UIS", "uis", "lower", SCENARIOS),
+    ("A_u", "forget", "lower", ("class",)),
+    ("A_r", "retain", "higher", SCENARIOS),
+    ("A_test", "test", "higher", SCENARIOS),
+)
+OURS = ("orthograd", "orthograd-fixed")
+
+
+def _split_of(run: Mapping[str, Any]) -> tuple[Any, ...]:
+    return run.get("seed"), run.get("forget_class"), run.get("retain_size")
+
+
+def _value(run: Mapping[str, Any], key: str) -> float | None:
+    value = run.get("uis") if key == "uis" else (run.get("final") or {}).get(key)
+    return None if value is None else float(value)
+
+
+def paired_test(differences: Sequence[float], *, better: str) -> tuple[str, float, float | None, float]:
+    """(verdict, mean difference, 95% CI half-width, two-sided p) of a paired t-test on ``differences`` (ours minus
+    the baseline's); the verdict is "ahead" / "behind" (p < 0.05, by the sign and ``better``: "lower" | "higher")
+    or "no significant difference"."""
+    n = len(differences)
+    mean = statistics.fmean(differences)
+    std = statistics.stdev(differences)
+    if std == 0:
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        p = float(2 * stats.t.sf(abs(mean / (std / math.sqrt(n))), df=n - 1))
+    if p >= 1 - CONFIDENCE:
+        verdict = "no significant difference"
+    else:
+        verdict = "ahead" if (mean < 0) == (better == "lower") else "behind"
+    return verdict, mean, t_half_width(std, n), p
+
+
+def paired_tests(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per scenario and metric, each OrthoGrad row against the baseline with the best mean, paired by split."""
+    lines: list[str] = []
+    for scenario in SCENARIOS:
+        runs = [r for r in records if r["scenario"] == scenario]
+        rows = [m for m in method_order(runs) if m not in SPLIT_ROWS and m not in REFERENCE_METHODS]
+        baselines = [m for m in rows if m not in OURS]
+        for label, key, better, scenarios in TESTED_METRICS:
+            means = {m: statistics.fmean(v) for m in baselines
+                     if (v := [x for r in runs if r["method"] == m and (x := _value(r, key)) is not None])}
+            if scenario not in scenarios or not means:
+                continue
+            best = (min if better == "lower" else max)(means, key=lambda m: means[m])
+            theirs = {_split_of(r): _value(r, key) for r in runs if r["method"] == best}
+            for ours in (m for m in OURS if m in rows):
+                pairs = [(v, theirs[_split_of(r)]) for r in runs if r["method"] == ours
+                         and (v := _value(r, key)) is not None and theirs.get(_split_of(r)) is not None]
+                if len(pairs) < 2:
+                    continue
+                verdict, mean, half, p = paired_test([a - b for a, b in pairs], better=better)
+                digits = 4 if label == "UIS" else 2
+                interval = f" ± {half:.{digits}f}" if half is not None else ""
+                lines.append(
+                    f"{scenario}, {label} ({better} is better): {DISPLAY_NAMES.get(ours, ours)} vs "
+                    f"{DISPLAY_NAMES.get(best, best)} (best baseline mean), difference {mean:+.{digits}f}{interval} "
+                    f"(95% CI), paired t-test over {len(pairs)} splits, p = {p:.3f}: {verdict}."
+                )
+    return ["", "Paired tests:", *(f"- {line}" for line in lines)] if lines else []
 
 
 def ablation_aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Cell | None]]]:
@@ -247,7 +383,7 @@ def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _cell_dict(cell: Cell | None) -> dict[str, Any] | None:
-    return None if cell is None else {"mean": cell.mean, "std": cell.std, "n": cell.n}
+    return None if cell is None else {"mean": cell.mean, "std": cell.std, "n": cell.n, "ci95": cell.ci95}
 
 
 def json_table(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -257,9 +393,11 @@ def json_table(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def csv_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """The aggregated table as CSV: method, name, scenario, then ``<column> mean|std|n`` (empty where no value)."""
+    """The aggregated table as CSV: method, name, scenario, then ``<column> mean|std|n|ci95`` (empty where no
+    value)."""
     table = json_table(records)
-    header = ["method", "name", "scenario"] + [f"{c} {stat}" for c in table["columns"] for stat in ("mean", "std", "n")]
+    stats_ = ("mean", "std", "n", "ci95")
+    header = ["method", "name", "scenario"] + [f"{c} {stat}" for c in table["columns"] for stat in stats_]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -267,13 +405,14 @@ def csv_table(records: Sequence[Mapping[str, Any]]) -> str:
         values = [row["method"], row["name"], row["scenario"]]
         for column in table["columns"]:
             cell = row["cells"][column]
-            values += ["", "", ""] if cell is None else [repr(cell["mean"]), repr(cell["std"]), cell["n"]]
+            values += ["", "", "", ""] if cell is None else [repr(cell["mean"]), repr(cell["std"]), cell["n"],
+                                                              "" if cell["ci95"] is None else repr(cell["ci95"])]
         writer.writerow(values)
     return buffer.getvalue()
 
 
 def ablation_markdown(records: Sequence[Mapping[str, Any]], *, title: str = "") -> str:
-    """The paper's Table 1 layout as Markdown: Method | W_retain | W_unlearn | W_speaker | W_test (mean ± std)."""
+    """The paper's Table 1 layout as Markdown: Method | W_retain | W_unlearn | W_speaker | W_test (mean ± 95% CI)."""
     table = ablation_aggregate(records)
     several = len({r["scenario"] for r in records}) > 1
     lines = [f"### {title}", ""] if title else []
@@ -284,7 +423,7 @@ def ablation_markdown(records: Sequence[Mapping[str, Any]], *, title: str = "") 
             name = DISPLAY_NAMES.get(variant, variant) + (f" ({scenario})" if several else "")
             values = [_format(cells[label], label=label) for label, _ in ABLATION_COLUMNS]
             lines.append("| " + " | ".join([name, *values]) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", CELL_NOTE]) + "\n"
 
 
 def write_tables(

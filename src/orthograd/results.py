@@ -34,6 +34,7 @@ class UnlearnResult:
     missed_target: str | None = None  # why the stop rule's target was not reached, and what to try (None: reached)
     damage: Damage | None = None  # the returned model's retain damage past the tolerance (None: within it)
     inferred_stop: str | None = None  # the stop rule a call without stop= inferred ("class", "random"; None: none)
+    stop_checks: int = 0  # times the stop rule was evaluated (0 without one): the cadence a benchmark compares
 
     @property
     def damaged(self) -> bool:

@@ -9,13 +9,17 @@ Schema (every section optional except ``runs``; unknown keys are errors):
     corpus:   {kind: espeak | librispeech, ...}           see CorpusConfig
     model:    {source, window_s, max_new_tokens, device}   see ModelConfig
     original: {steps, batch_size, lr, seed}                fine-tune before unlearning (0 steps: use as loaded)
-    speakers: {count, seed, names}                         which speakers are unlearned (one run each)
+    speakers: {count, seed, names, validation_count}       which speakers are unlearned (one run each); validation
+                                                           speakers are unlearned in their own runs to choose a grid
     protocol: {heldout_fraction, retain_fraction, split_seed}
-    unlearning: {max_epochs, stop_wer, eval_every, track, seed, defaults}   defaults: params shared by every run
+    unlearning: {max_epochs, stop_wer, eval_every, checks_per_epoch, track, seed, defaults}   defaults: params
+                                                           shared by every run; the stop-rule cadence of every run
     runs:     [{label, method, params, tables, grid}]      tables: [1] ablation, [2] comparison; grid: lists
 
-``grid`` expands a run into one run per combination (e.g. the paper's alpha x lr grid); the tables then report,
-per label, the combination with the lowest mean W_val among those that reach the WER target on every speaker.
+``grid`` expands a run into one run per combination (e.g. the paper's alpha x lr grid), padded to the size of the
+config's largest grid (``bench.protocol.trials``); each combination unlearns the validation speakers (training
+speakers never tested) in its own runs, and the combination with the lowest mean W_val (the unseen validation
+voices) among those that reach the WER target on every validation speaker then runs on the test speakers.
 
 Record keys hash the sections' ``repr`` and some values as written (``experiment.settings_key``), so the numeric
 fields keep an int given in the YAML an int (``Number``): a key made before these models were pydantic stays the
@@ -30,9 +34,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from orthograd.bench.config import (
-    ConfigSection, ExperimentConfig, RunRow, grid_points, read_config, unique_labels, validate_as,
-)
+from orthograd.bench.config import ConfigSection, ExperimentConfig, RunRow, read_config, unique_labels, validate_as
+from orthograd.bench.protocol import DEFAULT_CHECKS_PER_EPOCH, grid_size, trials
 
 Number = int | float  # an int stays an int (pydantic's float would make 75 into 75.0 and change record keys)
 
@@ -106,11 +109,14 @@ class OriginalConfig(ConfigSection):
 
 
 class SpeakersConfig(ConfigSection):
-    """``names`` (explicit speakers) or ``count`` random training speakers drawn with ``seed``."""
+    """``names`` (explicit speakers) or ``count`` random training speakers drawn with ``seed``; ``validation_count``
+    other training speakers (drawn with ``seed + 1``) are unlearned in the validation runs that choose a grid's
+    variant, and their utterances are in no test run's retain set."""
 
     count: int = 5
     seed: int = 0
     names: list[str] | None = None
+    validation_count: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> SpeakersConfig:
@@ -132,7 +138,8 @@ class UnlearningConfig(ConfigSection):
 
     max_epochs: int = 30
     stop_wer: Number | None = 75.0
-    eval_every: int | None = None
+    eval_every: int | None = None  # check the stop rule every n steps, for every method
+    checks_per_epoch: int = Field(default=DEFAULT_CHECKS_PER_EPOCH, ge=1)  # else: per pass over the forget set
     track: Literal["all", "stop"] = "all"  # "stop": decode only the forget set until the last row (see unlearn)
     seed: int = 0
     defaults: dict[str, Any] = Field(default_factory=dict)
@@ -157,12 +164,14 @@ class RunSpec(RunRow):
             raise ValueError(f"run {self.label!r}: tables must be a subset of [1, 2], got {self.tables}")
         return self
 
-    def expand(self) -> list[tuple[str, dict[str, Any]]]:
-        """``(variant name, params)`` for every grid combination (just the run itself without a grid)."""
+    def expand(self, *, size: int = 0) -> list[tuple[str, dict[str, Any]]]:
+        """``(variant name, params)`` for every grid combination, padded to ``size`` (``bench.protocol.trials``;
+        just the run itself without a grid)."""
         if not self.grid:
             return [(self.label, dict(self.params))]
         out = []
-        for chosen in grid_points({name: self.grid[name] for name in sorted(self.grid)}):  # names sorted, as written
+        grid = {name: self.grid[name] for name in sorted(self.grid)}  # names sorted, as written
+        for chosen in trials(grid, size=size, seed=self.label):
             variant = self.label + " (" + ", ".join(f"{k}={v}" for k, v in chosen.items()) + ")"
             out.append((variant, {**self.params, **chosen}))
         return out
@@ -195,7 +204,14 @@ class SpeakerBenchConfig(ExperimentConfig):
                 + ("corpus.validation_voices (e.g. 2)" if self.corpus.kind == "espeak"
                    else "corpus.validation_dir (your dev-clean folder)")
             )
+        if gridded and self.speakers.validation_count < 1:
+            raise ValueError(f"runs {gridded} have a grid, whose variant is chosen by unlearning validation speakers "
+                             "in their own runs: set speakers.validation_count (e.g. 2)")
         return self
+
+    def grid_size(self) -> int:
+        """The trials every gridded run gets: the size of the largest grid."""
+        return max((grid_size(r.grid) for r in self.runs if r.grid), default=0)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SpeakerBenchConfig:

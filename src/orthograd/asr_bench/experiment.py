@@ -1,7 +1,10 @@
-"""Speaker unlearning as an engine experiment: corpus -> original Whisper -> every speaker x table row -> records.
+"""Speaker unlearning as an engine experiment: corpus -> original Whisper -> (validation runs) -> test runs -> records.
 
 Every run is scored on the forget, retain, held-out and test utterances and, when the corpus has them, on the
-validation speakers (``W_val``), which alone choose among a grid's variants (in the tables, so every variant runs).
+validation voices (``W_val``). A grid's variant is chosen in a validation phase of its own: each variant unlearns
+the validation speakers (training speakers that are never tested, whose utterances are in no test run's retain set,
+and whose runs retain nothing of a test run), and the variant with the lowest mean W_val among those that reach the
+WER target on every validation speaker is the one that then unlearns the test speakers (``choose_variants``).
 
 The original model is made once (fine-tuned on the training speakers, each speaker's held-out 10% excluded so that
 W_speaker is measured on recordings the model never saw) and stored in the run folder (``bench.model_store``).
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +28,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from orthograd.api import unlearn
-from orthograd.asr_bench.config import SpeakerBenchConfig, load_config
+from orthograd.asr_bench.config import RunSpec, SpeakerBenchConfig, load_config
 from orthograd.asr_bench.corpus import SpeakerCorpus, build_corpus
 from orthograd.asr_bench.tables import speaker_tables
 from orthograd.bench.config import content_hash
 from orthograd.bench.engine import FinishedRuns, OnRun, Phase
 from orthograd.bench.experiments import run_experiment
 from orthograd.bench.model_store import ModelStore
+from orthograd.bench.protocol import eval_every_for
 from orthograd.bench.records import record_envelope
 from orthograd.data.audio import SpeechDataset
 from orthograd.data.librispeech import SpeakerSplit, Utterance, pick_speakers, speaker_unlearning_split, speakers_of
-from orthograd.io import atomic_write_text
+from orthograd.io import atomic_write_json, atomic_write_text
 from orthograd.models.whisper import load_whisper, set_input_window
 from orthograd.runtime import resolve_device
 from orthograd.stopping import wer_target_rule
@@ -44,7 +49,8 @@ from orthograd.training import train_model
 log = logging.getLogger(__name__)
 Record = dict[str, Any]
 TASK = "asr"
-PHASE = "test"  # one phase: every variant runs on the test speakers; the tables choose a grid's on W_val
+PHASE = "test"
+VALIDATION = "validation"  # the phase that chooses a grid's variant, on the validation speakers
 ORIGINAL = "Original"
 
 
@@ -60,6 +66,7 @@ class SpeakerJob:
     method: str  # "original" for the Original row
     hyperparameters: Mapping[str, Any]
     tables: tuple[int, ...]
+    phase: str = PHASE
 
 
 def settings_key(config: SpeakerBenchConfig, variant: str, params: Mapping[str, Any]) -> str:
@@ -72,6 +79,10 @@ def settings_key(config: SpeakerBenchConfig, variant: str, params: Mapping[str, 
     ]
     if config.unlearning.track != "all":  # records made before the option keep their keys
         payload.append(config.unlearning.track)
+    if config.unlearning.eval_every is None and config.unlearning.stop_wer is not None:
+        payload.append({"checks_per_epoch": config.unlearning.checks_per_epoch})  # every method's cadence
+    if config.speakers.validation_count:  # the test runs' retain sets leave the validation speakers out
+        payload.append({"validation_speakers": config.speakers.validation_count})
     return content_hash(payload, length=12, sort_keys=False, compact=False)
 
 
@@ -84,23 +95,58 @@ def record_key(record: Mapping[str, Any]) -> str:
     return _identity(record["speaker"], record["variant"], record["key"])
 
 
-def plan_jobs(config: SpeakerBenchConfig, speakers: Sequence[str]) -> list[SpeakerJob]:
-    """Per speaker, the Original row and then every run's variants in config order (needs no corpus or model)."""
+Chosen = Mapping[str, tuple[str, Mapping[str, Any]]]  # label -> (variant, params) of each gridded run
 
-    def job(speaker: str, label: str, variant: str, method: str, params: Mapping[str, Any],
-            tables: Sequence[int]) -> SpeakerJob:
-        key = settings_key(config, variant, params)
-        return SpeakerJob(_identity(speaker, variant, key), key, speaker, label, variant, method, dict(params),
-                          tuple(tables))
 
+def _job(config: SpeakerBenchConfig, speaker: str, spec: RunSpec | None, variant: str, params: Mapping[str, Any],
+         *, phase: str = PHASE) -> SpeakerJob:
+    label, method, tables = (spec.label, spec.method, spec.tables) if spec else (ORIGINAL, "original", [1, 2])
+    params = {**config.unlearning.defaults, **params} if spec else {}
+    key = settings_key(config, variant, params) + ("-validation" if phase == VALIDATION else "")
+    return SpeakerJob(_identity(speaker, variant, key), key, speaker, label, variant, method, params, tuple(tables),
+                      phase)
+
+
+def plan_jobs(config: SpeakerBenchConfig, speakers: Sequence[str], chosen: Chosen) -> list[SpeakerJob]:
+    """Per test speaker, the Original row and then every run in config order, a gridded one with its ``chosen``
+    variant (needs no corpus or model)."""
     jobs = []
     for speaker in speakers:
-        jobs.append(job(speaker, ORIGINAL, ORIGINAL, "original", {}, (1, 2)))
+        jobs.append(_job(config, speaker, None, ORIGINAL, {}))
         for spec in config.runs:
-            for variant, params in spec.expand():
-                jobs.append(job(speaker, spec.label, variant, spec.method,
-                                {**config.unlearning.defaults, **params}, spec.tables))
+            variant, params = chosen[spec.label] if spec.grid else spec.expand()[0]
+            jobs.append(_job(config, speaker, spec, variant, params))
     return jobs
+
+
+def plan_validation_jobs(config: SpeakerBenchConfig, speakers: Sequence[str]) -> list[SpeakerJob]:
+    """Every variant of every gridded run on every validation speaker."""
+    return [_job(config, speaker, spec, variant, params, phase=VALIDATION)
+            for spec in config.runs if spec.grid for variant, params in spec.expand(size=config.grid_size())
+            for speaker in speakers]
+
+
+def choose_variants(config: SpeakerBenchConfig, records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per gridded run, from its validation records: the variant with the lowest mean W_val among those whose
+    W_unlearn reached the target on every validation speaker, else (``fallback``) the highest mean W_unlearn; with
+    every variant's figures (what ``selection.json`` holds)."""
+    target = config.unlearning.stop_wer
+    out: dict[str, dict[str, Any]] = {}
+    for spec in (s for s in config.runs if s.grid):
+        trials = []
+        for variant, params in spec.expand(size=config.grid_size()):
+            rows = [r for r in records if r["label"] == spec.label and r["variant"] == variant]
+            trials.append({
+                "variant": variant, "params": params,
+                "W_val": statistics.fmean(r["W_val"] for r in rows),
+                "W_unlearn": statistics.fmean(r["W_unlearn"] for r in rows),
+                "reached": target is not None and all(r["W_unlearn"] >= target for r in rows),
+                "speakers": sorted(r["speaker"] for r in rows),
+            })
+        reached = [t for t in trials if t["reached"]]
+        best = min(reached, key=lambda t: t["W_val"]) if reached else max(trials, key=lambda t: t["W_unlearn"])
+        out[spec.label] = {**best, "fallback": not reached, "trials": trials}
+    return out
 
 
 # ------------------------------------------------------------------------------------------- per-process context
@@ -115,6 +161,7 @@ class _Context:
     original: torch.nn.Module
     device: torch.device
     speakers: list[str]
+    validation_speakers: list[str]
 
 
 _CONTEXT: dict[str, _Context] = {}  # this process's context, by the config's content hash (the latest config only)
@@ -134,8 +181,18 @@ def _context(config: SpeakerBenchConfig) -> _Context:
             corpus.train, count=config.speakers.count, seed=config.speakers.seed
         )
         original = _original_model(config, model, task, corpus, device=device)
-        _CONTEXT[key] = _Context(task, corpus, original, device, list(speakers))
+        _CONTEXT[key] = _Context(task, corpus, original, device, list(speakers),
+                                 validation_speakers(config, corpus.train, speakers))
     return _CONTEXT[key]
+
+
+def validation_speakers(config: SpeakerBenchConfig, train: Sequence[Utterance], tested: Sequence[str]) -> list[str]:
+    """``speakers.validation_count`` training speakers that are not tested (drawn with ``speakers.seed + 1``)."""
+    count = config.speakers.validation_count
+    if count == 0:
+        return []
+    others = [u for u in train if u.speaker not in set(tested)]
+    return pick_speakers(others, count=count, seed=config.speakers.seed + 1)
 
 
 def _original_model(
@@ -165,16 +222,34 @@ def _original_model(
     return stored.model.to(device).eval()
 
 
-def _split(config: SpeakerBenchConfig, corpus: SpeakerCorpus, speaker: str) -> SpeakerSplit:
+def _split(config: SpeakerBenchConfig, corpus: SpeakerCorpus, speaker: str,
+           train: Sequence[Utterance] | None = None) -> SpeakerSplit:
+    """The speaker's split; ``train`` (default: every training utterance) is what its retain set is drawn from."""
     protocol = config.protocol
     return speaker_unlearning_split(
-        corpus.train,
+        corpus.train if train is None else train,
         corpus.test,
         speaker=speaker,
         seed=protocol.split_seed,
         heldout_fraction=protocol.heldout_fraction,
         retain_fraction=protocol.retain_fraction,
     )
+
+
+def split_for(config: SpeakerBenchConfig, corpus: SpeakerCorpus, speaker: str, *, phase: str, tested: Sequence[str],
+              validating: Sequence[str]) -> SpeakerSplit:
+    """A run's split, kept apart from the other phase's: a test run retains no utterance of a validation speaker; a
+    validation run retains no utterance of a test speaker or of any test run's retain set. Checked, not assumed."""
+    if phase == PHASE:
+        return _split(config, corpus, speaker, [u for u in corpus.train if u.speaker not in set(validating)])
+    test_splits = [split_for(config, corpus, s, phase=PHASE, tested=tested, validating=validating) for s in tested]
+    used = {u.id for split in test_splits for u in [*split.unlearn, *split.speaker_heldout, *split.retain]}
+    split = _split(config, corpus, speaker, [u for u in corpus.train if u.id not in used or u.speaker == speaker])
+    shared = used & {u.id for u in [*split.unlearn, *split.speaker_heldout, *split.retain]}
+    if shared:
+        raise ValueError(f"validation speaker {speaker} shares {len(shared)} utterances with the test runs: choose "
+                         "speakers.names / speakers.validation_count so that no validation speaker is tested")
+    return split
 
 
 def _dataset(utterances: Sequence[Utterance], config: SpeakerBenchConfig) -> SpeechDataset:
@@ -193,17 +268,30 @@ class SpeakerExperiment:
 
     def __init__(self, config: SpeakerBenchConfig) -> None:
         self.config = config
+        self.selection: dict[str, Any] | None = None  # the validation phase's choices, once planned
 
     def setup(self) -> None:
         _context(self.config)
 
     def plan(self, finished: FinishedRuns) -> Iterator[Phase]:
-        yield Phase(PHASE, plan_jobs(self.config, _context(self.config).speakers))
+        """The validation runs of the gridded runs (when any), then the test runs with each one's chosen variant."""
+        ctx = _context(self.config)
+        chosen: dict[str, dict[str, Any]] = {}
+        if any(spec.grid for spec in self.config.runs):
+            jobs = plan_validation_jobs(self.config, ctx.validation_speakers)
+            yield Phase(VALIDATION, jobs)
+            chosen = choose_variants(self.config, [finished[job.key] for job in jobs])
+            self.selection = {"rule": "lowest mean W_val among the variants that reach the target on every validation "
+                                      "speaker (else the highest mean W_unlearn: a fallback)",
+                              "validation_speakers": ctx.validation_speakers, "runs": chosen}
+        yield Phase(PHASE, plan_jobs(self.config, ctx.speakers,
+                                     {label: (c["variant"], c["params"]) for label, c in chosen.items()}))
 
     def run_job(self, job: SpeakerJob) -> Record:
         """Measure the original model (the Original row) or unlearn the speaker with the job's method."""
         config, ctx = self.config, _context(self.config)
-        split = _split(config, ctx.corpus, job.speaker)
+        split = split_for(config, ctx.corpus, job.speaker, phase=job.phase, tested=ctx.speakers,
+                          validating=ctx.validation_speakers)
         sets = {name: _dataset(getattr(split, name), config)
                 for name in ("unlearn", "speaker_heldout", "retain", "test")}
         if ctx.corpus.validation:
@@ -212,7 +300,8 @@ class SpeakerExperiment:
         def wer(model: torch.nn.Module, name: str) -> float:
             return ctx.task.evaluate(model, _loader(sets[name], ctx.task), device=ctx.device)
 
-        envelope = {"task": TASK, "bench": config.name, "key": job.settings_key, "phase": PHASE, "method": job.method,
+        envelope = {"task": TASK, "bench": config.name, "key": job.settings_key, "phase": job.phase,
+                    "method": job.method,
                     "label": job.label, "hyperparameters": job.hyperparameters}
         if job.method == "original":
             metrics = {name: wer(ctx.original, name) for name in sets}
@@ -228,7 +317,10 @@ class SpeakerExperiment:
             stop=wer_target_rule(threshold=stop_wer) if stop_wer is not None else "never",
             test=sets["test"],
             max_epochs=config.unlearning.max_epochs,
-            eval_every=config.unlearning.eval_every,
+            eval_every=eval_every_for(job.method, job.hyperparameters, forget_size=len(sets["unlearn"]),
+                                      eval_every=config.unlearning.eval_every,
+                                      checks_per_epoch=config.unlearning.checks_per_epoch)
+            if stop_wer is not None else config.unlearning.eval_every,
             track=config.unlearning.track,
             device=ctx.device,
             seed=config.unlearning.seed,
@@ -266,6 +358,9 @@ class SpeakerExperiment:
                 f"W_test {record['W_test']:.1f}")
 
     def write_tables(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> Path:
+        """``tables.md`` (``speaker_tables``) and, with gridded runs, ``selection.json`` (every variant's figures)."""
+        if self.selection is not None:
+            atomic_write_json(out_dir / "selection.json", self.selection)
         path = out_dir / "tables.md"
         atomic_write_text(path, speaker_tables(records, self.config))
         return path

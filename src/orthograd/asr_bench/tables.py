@@ -1,9 +1,10 @@
-"""Tables 1 and 2 of the paper from benchmark records: W_retain, W_unlearn, W_speaker, W_test, mean +- std.
+"""Tables 1 and 2 of the paper from benchmark records: W_retain, W_unlearn, W_speaker, W_test, mean ± 95% CI.
 
-Mean and (population) standard deviation are over the unlearned speakers. For a run with a grid, the reported
-variant is the one with the lowest mean W_val (the validation speakers, never the test set) among those whose
-W_unlearn reached the target on every speaker (the paper's rule, unlearn first and then keep unseen speakers
-intact, with its test WER replaced by a validation WER); if none did, the highest mean W_unlearn.
+Cells are over the unlearned test speakers, in the convention of every table (``reporting.summarize``: the 95% t
+interval, sample std). A gridded run's row is the variant its validation runs chose (``experiment.choose_variants``:
+the validation speakers, never the test speakers); the selection table under the tables says which, with its W_val
+on the validation runs, and marks a fallback (no variant reached the target on every validation speaker). A row
+whose test runs did not all reach the target carries a mark and a footnote.
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from orthograd.asr_bench.config import SpeakerBenchConfig
 from orthograd.bench.records import upgrade_record
+from orthograd.reporting import CELL_NOTE, MISSED, summarize
 
 COLUMNS = ("W_retain", "W_unlearn", "W_speaker", "W_test")
 TITLES = {
@@ -24,22 +24,18 @@ TITLES = {
 
 
 def _cell(values: Sequence[float]) -> str:
-    return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+    cell = summarize(values)
+    return "–" if cell is None else cell.format(digits=2)
 
 
-def _best_variant(by_variant: Mapping[str, list[Mapping[str, Any]]], target: float | None) -> str:
-    if len(by_variant) == 1:
-        return next(iter(by_variant))
-
-    def mean(variant: str, column: str) -> float:
-        return float(np.mean([r[column] for r in by_variant[variant]]))
-
-    reached = [
-        v for v, rows in by_variant.items() if target is not None and all(r["W_unlearn"] >= target for r in rows)
-    ]
-    if reached:
-        return min(reached, key=lambda v: mean(v, "W_val"))
-    return max(by_variant, key=lambda v: mean(v, "W_unlearn"))
+def _selection_line(label: str, variant: str, validation: Sequence[Mapping[str, Any]], target: float | None) -> str:
+    """The selection table's row of a gridded run: its chosen variant, that variant's W_val, how many were tried."""
+    chosen = [r for r in validation if r["variant"] == variant]
+    variants = {r["variant"] for r in validation}
+    reached = [v for v in variants if target is not None
+               and all(r["W_unlearn"] >= target for r in validation if r["variant"] == v)]
+    mark = "" if reached else f" {MISSED}"
+    return f"| {label} | {variant}{mark} | {_cell([r['W_val'] for r in chosen])} | {len(variants)} |"
 
 
 def speaker_tables(records: Sequence[Mapping[str, Any]], config: SpeakerBenchConfig) -> str:
@@ -48,37 +44,40 @@ def speaker_tables(records: Sequence[Mapping[str, Any]], config: SpeakerBenchCon
     ``records`` may come from a results log written before the shared record schema (``upgrade_record``).
     """
     records = [upgrade_record(r, task="asr") for r in records]
-    speakers = sorted({r["speaker"] for r in records})
+    tested = [r for r in records if r.get("phase", "test") == "test"]
+    validation = [r for r in records if r.get("phase") == "validation"]
+    speakers = sorted({r["speaker"] for r in tested})
     labels = ["Original"] + [spec.label for spec in config.runs]
     tables_of = {"Original": [2], **{spec.label: spec.tables for spec in config.runs}}
-    lines = [
-        f"Speakers ({len(speakers)}): {', '.join(speakers)}. WER in %, clipped at 100, mean ± std over speakers.",
-        "",
-    ]
+    target = config.unlearning.stop_wer
+    lines = [f"Speakers ({len(speakers)}): {', '.join(speakers)}. WER in %, clipped at 100.", ""]
     choices: list[str] = []
+    missed: list[str] = []
     for table in (1, 2):
         rows = []
         for label in labels:
-            if table not in tables_of[label]:
+            chosen = [r for r in tested if r["label"] == label]
+            if table not in tables_of[label] or not chosen:
                 continue
-            by_variant: dict[str, list[Mapping[str, Any]]] = {}
-            for r in records:
-                if r["label"] == label:
-                    by_variant.setdefault(r["variant"], []).append(r)
-            if not by_variant:
-                continue
-            variant = _best_variant(by_variant, config.unlearning.stop_wer)
-            chosen = by_variant[variant]
-            if len(by_variant) > 1 and table == min(tables_of[label]):
-                choices.append(f"| {label} | {variant} | {_cell([r['W_val'] for r in chosen])} | {len(by_variant)} |")
-            name = variant if len(by_variant) > 1 else label
-            rows.append(
-                f"| {name} | " + " | ".join(_cell([r[c] for r in chosen]) for c in COLUMNS) + f" | {len(chosen)} |"
-            )
+            variant = chosen[0]["variant"]
+            own = [r for r in validation if r["label"] == label]
+            if own and table == min(tables_of[label]):
+                choices.append(_selection_line(label, variant, own, target))
+            short = sum(target is not None and r["method"] != "original" and r["W_unlearn"] < target for r in chosen)
+            mark = f" {MISSED}" if short else ""
+            if short and table == min(tables_of[label]):
+                missed.append(f"{MISSED} {variant}: {short} of {len(chosen)} test speakers' runs ended below the "
+                              f"target (W_unlearn >= {target}); the row averages their last state.")
+            name = variant if own else label
+            rows.append(f"| {name}{mark} | " + " | ".join(_cell([r[c] for r in chosen]) for c in COLUMNS)
+                        + f" | {len(chosen)} |")
         if rows:
             lines += [f"### {TITLES[table]}", "", "| Method | " + " | ".join(COLUMNS) + " | speakers |",
                       "|---|" + "---|" * (len(COLUMNS) + 1), *rows, ""]
+    lines += [CELL_NOTE, *missed, ""]
     if choices:
         lines += ["### Grid variants chosen on the validation speakers", "",
-                  "| Run | chosen variant | W_val | variants |", "|---|---|---|---|", *choices, ""]
+                  "| Run | chosen variant | W_val (validation runs) | variants |", "|---|---|---|---|", *choices, "",
+                  f"{MISSED} in this table: no variant reached the target on every validation speaker; the one with "
+                  "the highest mean W_unlearn was taken (a fallback).", ""]
     return "\n".join(lines)

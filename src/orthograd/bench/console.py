@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from importlib import resources
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from orthograd.bench.config import ConfigError, ExperimentConfig
 from orthograd.bench.engine import Engine
 from orthograd.bench.executors import Executor
-from orthograd.bench.experiments import experiment_for, load_experiment, local_executor
+from orthograd.bench.experiments import canonical_methods, experiment_for, load_experiment, local_executor
 from orthograd.bench.printer import RunPrinter
 from orthograd.choices import check_choice
 
@@ -52,18 +53,18 @@ def bench_command(
 
     ``backend``: ``local`` (this process, or the config's ``workers`` processes), ``ray`` (Ray Tune trials,
     ``sweep.runner.trial_executor(**trial_options)``) or ``ddp`` (data-parallel runs of an image config's test
-    jobs on torchrun's ranks, ``method_names`` of its methods).
+    jobs on torchrun's ranks). ``method_names`` (any case) keeps only those methods. ``out`` is the run folder,
+    which then holds everything the run writes (the model cache too, unless the config sets ``cache_dir``).
     """
     check_choice("backend", backend, Backend)
+    names = canonical_methods(method_names) if method_names else None
+    overrides = [*overrides, f"output={json.dumps(str(out))}"] if out is not None else list(overrides)
     if backend == "ddp":
         from orthograd.distributed.console import ddp_command  # torch.distributed set-up, on demand
 
-        return ddp_command(path, overrides, out, method_names, console)
-    if method_names:
-        raise ValueError("--method chooses the methods of data-parallel runs (--backend ddp); elsewhere use --set "
-                         "methods={...}")
-    configs, raw = load_experiment(path, overrides=overrides)
-    run_dir = out or configs[0].run_dir()
+        return ddp_command(path, overrides, out, names, console)
+    configs, raw = load_experiment(path, overrides=overrides, methods_kept=names)
+    run_dir = configs[0].run_dir()
     experiment = experiment_for(configs)
     with _executor(backend, configs[0], run_dir, trial_options or {}, console) as executor, Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -7,7 +7,8 @@ a record, names the key that identifies a record in the log, describes a record 
 tables from the planned records. The engine does the rest the same way for every task: the run folder and its
 ``config.yaml``, the results log (``RUN_DIR/results.jsonl``: one fsynced line per record, so an interrupted run
 resumes where it stopped and a finished job is never run twice), the executor that runs the jobs (``bench.executors``:
-this process, worker processes, Ray Tune trials, torchrun's ranks) and the progress callbacks.
+this process, worker processes, Ray Tune trials, torchrun's ranks), the progress callbacks, and each logged record's
+provenance (commit, dirty tree, config hash: ``bench.provenance``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 import yaml
 
 from orthograd.bench.executors import Executor, InProcess, Job
+from orthograd.bench.provenance import run_provenance
 from orthograd.io import ResultsLog, atomic_write_text
 
 Record = dict[str, Any]
@@ -123,9 +125,11 @@ class Engine:
         self.executor.prepare(self.experiment.setup)
         finished = FinishedRuns(self.log, self.experiment.record_key)
         planned: list[str] = []
+        provenance = run_provenance(self.raw) if lead else {}
 
         def finish(record: Record) -> None:
             if lead:
+                record = {**record, "provenance": provenance}
                 self.log.append(record)
                 finished.add(record)
                 if on_run is not None:

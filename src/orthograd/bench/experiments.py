@@ -8,6 +8,7 @@ language models) is imported only when its config is run. A new task is one row 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
+from orthograd import methods
 from orthograd.bench.config import ConfigError, ExperimentConfig, describe_errors, expand_config
 from orthograd.bench.engine import Engine, Experiment, OnRun, OnStart, Record
 from orthograd.bench.executors import Executor, ProcessPool
@@ -58,11 +60,65 @@ def validate_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
         raise ConfigError(f"invalid {task} config:\n  " + "\n  ".join(lines)) from None
 
 
+def canonical_methods(names: Sequence[str]) -> list[str]:
+    """Registered method names for ``names`` in any case (``OrthoGrad`` is ``orthograd``); an unknown name is an
+    error suggesting the closest registered one."""
+    available = methods.available()
+    out = []
+    for name in names:
+        key = name.lower()
+        if key not in available:
+            close = difflib.get_close_matches(key, available, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown method {name!r}: {hint}available: {', '.join(available)}")
+        out.append(key)
+    return out
+
+
+def keep_methods(raw: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """A config mapping with only the methods ``names`` (any case): an image config's ``methods`` and sweep grids,
+    a speech or language-model config's ``runs`` of those methods; none of them in the config is an error."""
+    keep = set(canonical_methods(names))
+    out = dict(raw)
+    if task_of(raw) == "classification":
+        listed = list(raw.get("methods") or {})
+        out["methods"] = {m: h for m, h in (raw.get("methods") or {}).items() if m in keep}
+        sweep = raw.get("sweep")
+        if isinstance(sweep, Mapping):
+            grid = {m: g for m, g in (sweep.get("grid") or {}).items() if m in keep}
+            out["sweep"] = {**sweep, "grid": grid} if grid else None
+    else:
+        listed = [run.get("method") for run in raw.get("runs") or []]
+        out["runs"] = [run for run in raw.get("runs") or [] if run.get("method") in keep]
+    if not (out.get("methods") or out.get("runs")):
+        raise ConfigError(f"--method {', '.join(names)}: the config has none of them; its methods: "
+                          f"{', '.join(dict.fromkeys(str(m) for m in listed))}")
+    return out
+
+
+def _kept_in_file(raw: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """The file's mapping (written to the run folder, hashed into the records) with only the kept methods, in its
+    base and in each variant."""
+    keep = set(canonical_methods(names))
+    out = keep_methods({k: v for k, v in raw.items() if k != "variants"}, names)
+    if isinstance(raw.get("variants"), Mapping):
+        out["variants"] = {
+            name: {**changes, "methods": {m: h for m, h in changes["methods"].items() if m in keep}}
+            if isinstance(changes, Mapping) and isinstance(changes.get("methods"), Mapping) else changes
+            for name, changes in raw["variants"].items()
+        }
+    return out
+
+
 def load_experiment(
-    path: str | Path, *, overrides: Sequence[str] = ()
+    path: str | Path, *, overrides: Sequence[str] = (), methods_kept: Sequence[str] | None = None,
 ) -> tuple[list[ExperimentConfig], dict[str, Any]]:
-    """A config file's configs (one per variant; one without variants) and the overridden mapping they came from."""
+    """A config file's configs (one per variant; one without variants) and the overridden mapping they came from
+    (``methods_kept``: only those methods, ``keep_methods``)."""
     variants, raw = expand_config(path, overrides=overrides)
+    if methods_kept:
+        variants = {name: keep_methods(variant, methods_kept) for name, variant in variants.items()}
+        raw = _kept_in_file(raw, methods_kept)
     configs = [validate_experiment(variant) for variant in variants.values()]
     if len(configs) > 1 and task_of(raw) != "classification":
         raise ConfigError(f"variants are for image-classification configs; {path} is a {task_of(raw)} config")
@@ -91,7 +147,10 @@ def run_experiment(
     on_run: OnRun | None = None,
 ) -> list[Record]:
     """Run (or resume) the configs' experiment (the variants of one config) into ``out_dir`` (default: the first
-    config's run folder) on ``executor`` (default: ``local_executor``); returns the planned records."""
+    config's run folder) on ``executor`` (default: ``local_executor``); returns the planned records. Without ``raw``
+    (the file's mapping), a single config's own values are the config the run folder and its records name."""
+    if raw is None and len(configs) == 1:
+        raw = configs[0].model_dump(mode="json")
     engine = Engine(experiment_for(configs), out_dir=out_dir or configs[0].run_dir(), raw=raw,
                     executor=executor or local_executor(configs[0]))
     return engine.run(on_start=on_start, on_run=on_run)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +20,16 @@ import torch
 from torch.utils.data import Subset
 
 from orthograd.api import unlearn
-from orthograd.bench.config import content_hash, grid_points
+from orthograd.bench.config import content_hash
 from orthograd.bench.image_config import BenchConfig
 from orthograd.bench.data import BenchData, load_bench_data
 from orthograd.bench.engine import Engine, FinishedRuns, OnRun, OnStart, Phase
 from orthograd.bench.executors import Executor
 from orthograd.bench.experiments import local_executor
-from orthograd.bench.jobs import Job, job_key, make_split, n_splits, split_seed
+from orthograd.bench.jobs import SWEEP, Job, check_disjoint, job_key, make_split, n_splits, split_seed
 from orthograd.bench.memory import PeakMemory
 from orthograd.bench.printer import run_line
+from orthograd.bench.protocol import eval_every_for, extend_edges, grid_size, method_accepts, trials
 from orthograd.bench.records import record_envelope
 from orthograd.bench.report import report_records
 from orthograd.bench.training import ModelCache, evaluate, indices_fingerprint
@@ -35,7 +37,7 @@ from orthograd.data.splits import UnlearningSplit
 from orthograd.io import atomic_write_json
 from orthograd.metrics import uis
 from orthograd.privacy import privacy_metrics
-from orthograd.reporting import SCENARIOS
+from orthograd.reporting import SCENARIOS, target_reached
 from orthograd.results import UnlearnResult
 from orthograd.runtime import resolve_device
 
@@ -118,17 +120,22 @@ class JobInputs:
     @classmethod
     def of(cls, config: BenchConfig, job: Job) -> JobInputs:
         ctx = bench_context(config)
-        split = make_split(config, ctx.data.train_labels, split_index=job.split_index, retain_size=job.retain_size)
-        return cls(config, job, ctx, split, *split.datasets(ctx.data.train), split_seed(config, job.split_index))
+        split = make_split(config, ctx.data.train_labels, split_index=job.split_index, retain_size=job.retain_size,
+                           phase=job.phase)
+        seed = split_seed(config, job.split_index, phase=job.phase)
+        return cls(config, job, ctx, split, *split.datasets(ctx.data.train), seed)
 
     def unlearn_options(self, *, device: torch.device) -> dict[str, Any]:
         """Everything ``unlearn`` takes besides the model, the data and the evaluation set."""
-        config = self.config
+        config, job = self.config, self.job
         return {
-            "method": self.job.method,
+            "method": job.method,
             "stop": config.scenario.kind if config.unlearn.stop else "never",
             "max_epochs": config.unlearn.max_epochs,
-            "eval_every": config.unlearn.eval_every,
+            "eval_every": eval_every_for(job.method, job.hyperparameters, forget_size=len(self.split.forget),
+                                         eval_every=config.unlearn.eval_every,
+                                         checks_per_epoch=config.unlearn.checks_per_epoch)
+            if config.unlearn.stop else config.unlearn.eval_every,
             "track": config.unlearn.track,
             "device": device,
             "seed": self.seed,
@@ -153,6 +160,9 @@ class JobInputs:
             evaluated_on="validation" if job.phase == "sweep" else "test",
             retain_size=job.retain_size,
             forget_size=len(self.split.forget),
+            target_reached=target_reached(self.config.scenario.kind, result.original, result.final)
+            if self.config.unlearn.stop else None,
+            missed_target=result.missed_target,
             original_hash=self.config.original_hash(),
             device=str(device),
             **extra,
@@ -165,9 +175,13 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
     ctx, split, seed = inputs.ctx, inputs.split, inputs.seed
     evaluation = ctx.data.validation if job.phase == "sweep" else ctx.data.test
     assert evaluation is not None  # a sweep requires data.validation_size > 0 (config check)
-    with PeakMemory(ctx.device) as memory:
-        result = unlearn(ctx.original, inputs.forget, inputs.retain, test=evaluation,
-                         **inputs.unlearn_options(device=ctx.device))
+    options = inputs.unlearn_options(device=ctx.device)
+    with PeakMemory(ctx.device) as memory, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = unlearn(ctx.original, inputs.forget, inputs.retain, test=evaluation, **options)
+    for warning in caught:  # a missed target is in the record, the run's line and the table, not a warning
+        if str(warning.message) != result.missed_target:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     reference = job.reference or {}
     retrain_time = reference.get("train_time_s")
     record = inputs.record(
@@ -175,6 +189,7 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
         device=ctx.device,
         split={"forget": indices_fingerprint(split.forget), "retain": indices_fingerprint(split.retain)},
         memory=memory.report(),
+        eval_every=options["eval_every"],  # the stop-rule cadence this run had (bench.protocol)
         efficiency=retrain_time / result.wall_time_s if retrain_time and result.wall_time_s > 0 else None,
     )
     if "accuracy" in reference:
@@ -218,14 +233,20 @@ class ImageExperiment:
             bench_context(config)
 
     def plan(self, finished: FinishedRuns) -> Iterator[Phase]:
-        """Per variant: the sweep (when configured), then the test runs with the chosen hyperparameters."""
+        """Per variant: the sweep (when configured: every method's trials, then once more for the methods whose
+        choice lies on the edge of a knob), then the test runs with the chosen hyperparameters."""
         for variant, config in enumerate(self.configs):
             references = self._references(config) if config.scenario.retrain else {}
             chosen = {name: dict(hyper) for name, hyper in config.methods.items()}
             if config.sweep is not None:
-                sweep_jobs = self._sweep_jobs(config, variant)
-                yield Phase("sweep", sweep_jobs)
-                chosen.update(self._select(variant, sweep_jobs, finished))
+                check_disjoint(config, bench_context(config).data.train_labels)
+                sweep = _Sweep(config, lambda *args: self._job(config, variant, SWEEP, *args))
+                yield Phase(SWEEP, sweep.first_jobs())
+                extended = sweep.extend(finished)
+                if extended:
+                    yield Phase("sweep, edges extended", extended)
+                self._selections[variant] = sweep.selection(finished)
+                chosen.update({m: self._selections[variant][m]["hyperparameters"] for m in config.sweep.grid})
             yield Phase("test", self._test_jobs(config, variant, chosen, references))
 
     def run_job(self, job: Job) -> dict[str, Any]:
@@ -260,35 +281,6 @@ class ImageExperiment:
                       retain_size=retain_size)
         return Job(phase, method, hyper, index, retain_size, key, reference, variant)
 
-    def _sweep_jobs(self, config: BenchConfig, variant: int) -> list[Job]:
-        """Each grid point on the first ``sweep.splits`` splits, at ``sweep.retain_size`` (default: the first)."""
-        assert config.sweep is not None
-        retain_size = config.sweep.retain_size or config.scenario.retain_size[0]
-        return [
-            self._job(config, variant, "sweep", name, {**config.methods[name], **point}, index, retain_size)
-            for name, grid in config.sweep.grid.items()
-            for point in grid_points(grid)
-            for index in range(config.sweep.splits)
-        ]
-
-    def _select(self, variant: int, jobs: list[Job], finished: FinishedRuns) -> dict[str, dict[str, Any]]:
-        """Per method, the grid point with the lowest mean validation UIS (ties: the first listed)."""
-        scores: dict[str, list[tuple[float, dict[str, Any]]]] = {}
-        for method in dict.fromkeys(job.method for job in jobs):
-            points: dict[str, tuple[dict[str, Any], list[float]]] = {}
-            for job in (j for j in jobs if j.method == method):
-                uis_value = finished[job.key]["uis"]
-                entry = points.setdefault(content_hash(job.hyperparameters), (job.hyperparameters, []))
-                entry[1].append(float("inf") if uis_value is None else uis_value)
-            scores[method] = [(statistics.fmean(values), hyper) for hyper, values in points.values()]
-        selection = {m: min(s, key=lambda item: item[0]) for m, s in scores.items()}
-        self._selections[variant] = {
-            m: {"hyperparameters": h, "validation_uis": u,
-                "grid": [{"hyperparameters": hh, "validation_uis": uu} for uu, hh in scores[m]]}
-            for m, (u, h) in selection.items()
-        }
-        return {m: h for m, (_, h) in selection.items()}
-
     def _test_jobs(self, config: BenchConfig, variant: int, chosen: Mapping[str, dict[str, Any]],
                    references: Mapping[tuple[int, int], Any]) -> list[Job]:
         return [
@@ -314,6 +306,89 @@ class ImageExperiment:
                 "privacy": privacy_metrics(model, **sets, device=ctx.device, seed=split_seed(config, index)),
             }
         return out
+
+
+class _Sweep:
+    """One variant's tuning (``bench.protocol``): every tuned method's trials on the validation splits, the one edge
+    extension, and the choice (lowest mean validation UIS; ties: the first trial)."""
+
+    def __init__(self, config: BenchConfig, job: Callable[..., Job]) -> None:
+        assert config.sweep is not None
+        self.config = config
+        self.sweep = config.sweep
+        self.retain_size = config.sweep.retain_size or config.scenario.retain_size[0]
+        self.size = max(grid_size(grid) for grid in config.sweep.grid.values())
+        self._job = job
+        self.rounds: dict[str, list[list[dict[str, Any]]]] = {
+            name: [trials(grid, size=self.size, seed=name)] for name, grid in config.sweep.grid.items()
+        }
+        self.edges: dict[str, dict[str, Any]] = {}
+
+    def _jobs(self, method: str, points: Sequence[Mapping[str, Any]]) -> list[Job]:
+        return [self._job(method, {**self.config.methods[method], **point}, index, self.retain_size)
+                for point in points for index in range(self.sweep.splits)]
+
+    def first_jobs(self) -> list[Job]:
+        return [job for method, rounds in self.rounds.items() for job in self._jobs(method, rounds[0])]
+
+    def _scored(self, method: str, finished: FinishedRuns) -> list[dict[str, Any]]:
+        """Every trial of ``method`` so far: its point, round, per-split UIS and whether each split met the target."""
+        out: dict[str, dict[str, Any]] = {}
+        for round_index, points in enumerate(self.rounds[method], start=1):
+            for point in points:
+                hyper = {**self.config.methods[method], **point}
+                if content_hash(hyper) in out:
+                    continue
+                runs = [finished[job.key] for job in self._jobs(method, [point])]
+                values = [float("inf") if r["uis"] is None else r["uis"] for r in runs]
+                out[content_hash(hyper)] = {
+                    "hyperparameters": hyper, "round": round_index, "validation_uis": statistics.fmean(values),
+                    "per_split_uis": [r["uis"] for r in runs],
+                    "target_reached": all(r.get("target_reached") is not False for r in runs),
+                }
+        return list(out.values())
+
+    def _best(self, method: str, finished: FinishedRuns) -> dict[str, Any]:
+        return min(self._scored(method, finished), key=lambda trial: trial["validation_uis"])
+
+    def extend(self, finished: FinishedRuns) -> list[Job]:
+        """The jobs of the shifted grids of the methods whose choice lies on an edge (none: no second round)."""
+        if not self.sweep.extend_edges:
+            return []
+        jobs: list[Job] = []
+        for method, grid in self.sweep.grid.items():
+            best = self._best(method, finished)["hyperparameters"]
+            shifted, changes = extend_edges(grid, best, valid=method_accepts(method, self.config.methods[method]))
+            self.edges[method] = changes
+            if any(change["extended"] for change in changes.values()):
+                self.rounds[method].append(trials(shifted, size=self.size, seed=f"{method} extended"))
+                jobs += self._jobs(method, self.rounds[method][1])
+        return jobs
+
+    def selection(self, finished: FinishedRuns) -> dict[str, Any]:
+        """What ``selection.json`` holds: per method its choice, every trial and its edges; the rule (``protocol``)."""
+        methods_out = {}
+        for method, grid in self.sweep.grid.items():
+            scored = self._scored(method, finished)
+            best = min(scored, key=lambda trial: trial["validation_uis"])
+            extended = {k: v for k, v in self.edges.get(method, {}).items() if v["extended"]}
+            final_grid = {name: sorted({*values, *extended.get(name, {}).get("to", [])})
+                          for name, values in grid.items()}
+            _, still = extend_edges(final_grid, best["hyperparameters"], valid=lambda point: True)
+            methods_out[method] = {
+                "hyperparameters": best["hyperparameters"], "validation_uis": best["validation_uis"],
+                "target_reached": best["target_reached"], "trials": scored,
+                "short_of_budget": len(self.rounds[method][0]) < self.size, "edges": self.edges.get(method, {}),
+                "edge_extended": bool(extended), "still_on_edge": sorted(still),
+            }
+        protocol = {
+            "rule": f"grid padded to {self.size} trials per method, one edge extension (bench.protocol); lowest mean "
+                    "validation UIS",
+            "trials_per_method": self.size,
+            "validation_splits": self.sweep.splits,
+            "retain_size": self.retain_size,
+        }
+        return {**methods_out, "protocol": protocol}
 
 
 def run_bench(

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from orthograd import methods
+from orthograd.bench.protocol import DEFAULT_CHECKS_PER_EPOCH
 from orthograd.bench.config import (
     ConfigError, ConfigSection, ExperimentConfig, content_hash, expand_config, validate_as,
 )
@@ -124,10 +125,15 @@ class ScenarioConfig(ConfigSection):
 
 
 class UnlearnConfig(ConfigSection):
-    """The run protocol shared by every method: epoch cap, evaluation schedule and the paper's stopping rule."""
+    """The run protocol shared by every method: epoch cap, stop-rule cadence and the paper's stopping rule.
+
+    Every iterative method's stop rule is checked on the same cadence (``bench.protocol``): every ``eval_every``
+    optimizer steps when set, else ``checks_per_epoch`` times per pass over the forget set; and after every epoch.
+    """
 
     max_epochs: int = Field(default=30, ge=1)
-    eval_every: int | None = Field(default=None, ge=1)  # evaluate every n steps (None: after every epoch)
+    eval_every: int | None = Field(default=None, ge=1)  # check every n steps, for every method
+    checks_per_epoch: int = Field(default=DEFAULT_CHECKS_PER_EPOCH, ge=1)  # when eval_every is None
     stop: bool = True  # the paper's rule for the scenario (random: A_u <= A_test^p + 0.5; class: A_u < 1%)
     # "stop": rows between the first and the last evaluate only the forget set (what the rule reads), the last row
     # every set; evaluation is ~40-80% of an iterative method's time here (benchmarks/bench_profile.py), at the cost
@@ -137,11 +143,16 @@ class UnlearnConfig(ConfigSection):
 
 
 class SweepConfig(ConfigSection):
-    """A grid per method, scored by UIS on the validation split; the best point is then run on test."""
+    """A grid per method, scored by UIS on validation splits that share no sample with a test split (``bench.jobs``);
+    the best point then runs on test. Every method gets the same number of trials and one edge extension
+    (``bench.protocol``)."""
 
     grid: dict[str, dict[str, list[Any]]]
-    splits: int = Field(default=1, ge=1)  # how many of the scenario's splits (seeds/classes) each point is scored on
-    retain_size: int | None = Field(default=None, ge=1)  # the retain size the grid is scored at (None: the first)
+    splits: int = Field(default=1, ge=1)  # validation splits each point is scored on
+    retain_size: int | None = Field(default=None, ge=1)  # validation retain size: one of the test ones (None: first)
+    classes: list[int] = Field(default_factory=list)  # class forgetting: the validation classes (none: first untested)
+    seed: int = 1000  # draws the validation pool and splits (split i: seed + 1 + i, never a test seed)
+    extend_edges: bool = True  # a choice at the end of a knob's values shifts them once and searches again
 
 
 class BenchConfig(ExperimentConfig):
@@ -156,7 +167,7 @@ class BenchConfig(ExperimentConfig):
     unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
     sweep: SweepConfig | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cache_dir: Path = Path("runs/cache")
+    cache_dir: Path | None = None  # trained models (None: the run folder's cache/, so the run folder holds all)
 
     @field_validator("methods")
     @classmethod
@@ -184,13 +195,24 @@ class BenchConfig(ExperimentConfig):
                         raise ValueError(f"sweep.grid.{name}.{key} is an empty list")
                     for value in values:
                         methods.make_config(name, {**self.methods[name], key: value})
-            n_splits = len(self.scenario.seeds if self.scenario.kind == "random" else self.scenario.classes)
-            if self.sweep.splits > n_splits:
-                raise ValueError(f"sweep.splits is {self.sweep.splits} but the scenario has {n_splits} splits")
             if self.sweep.retain_size is not None and self.sweep.retain_size not in self.scenario.retain_size:
                 raise ValueError(f"sweep.retain_size is {self.sweep.retain_size}, which is not one of "
                                  f"scenario.retain_size {self.scenario.retain_size}")
+            if self.scenario.kind == "class":
+                if self.sweep.classes and len(self.sweep.classes) != self.sweep.splits:
+                    raise ValueError(f"sweep.classes lists {len(self.sweep.classes)} classes for "
+                                     f"{self.sweep.splits} validation splits (sweep.splits)")
+                tested = sorted(set(self.sweep.classes) & set(self.scenario.classes))
+                if tested:
+                    raise ValueError(f"sweep.classes {tested} are tested classes: validation never forgets what a "
+                                     "test split forgets")
+            elif self.sweep.classes:
+                raise ValueError("sweep.classes is for class forgetting; random forgetting draws its validation pool")
         return self
+
+    def model_cache(self) -> Path:
+        """Where the original and retrained models are stored: ``cache_dir``, else ``RUN_DIR/cache``."""
+        return self.cache_dir if self.cache_dir is not None else self.run_dir() / "cache"
 
     def original_hash(self) -> str:
         """Hash of what determines the original model: data, model and training settings (``train.init_seed`` only

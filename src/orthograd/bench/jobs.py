@@ -1,7 +1,13 @@
-"""The bench's job planner: a ``Job`` per run, its key, its forget/retain split and the sweep's grid points.
+"""The image bench's job planner: a ``Job`` per run, its key, and its forget/retain split (test or validation).
 
 A job's key is its identity in the results log: the same config planned again gives the same keys, so finished
 runs are found and skipped whichever backend ran them (``bench.executors``).
+
+Validation splits never share a sample with a test split, by construction: with a sweep, a validation pool of
+training samples is set aside first (random forgetting: ``forget_size`` + the sweep's retain size samples; class
+forgetting: every sample of the validation classes, which no test split forgets, and the sweep's retain size samples
+of the classes that are neither tested nor validation classes) and the test splits are drawn from the rest.
+``check_disjoint`` verifies it on the actual indices before any run.
 """
 
 from __future__ import annotations
@@ -13,40 +19,126 @@ from typing import Any
 import numpy as np
 
 from orthograd import methods
-from orthograd.bench.config import content_hash
+from orthograd.bench.config import ConfigError, content_hash
 from orthograd.bench.image_config import BenchConfig
 from orthograd.data.splits import UnlearningSplit, class_forgetting_split, random_forgetting_split
+
+SWEEP = "sweep"  # the phase scored on the validation split
 
 
 @dataclass(frozen=True)
 class Job:
     """One unlearning run: a method with hyperparameters on one split, scored on validation or test."""
 
-    phase: str  # "sweep" (scored on the validation split) | "test"
+    phase: str  # "sweep" (a validation split, scored on the validation set) | "test"
     method: str
     hyperparameters: dict[str, Any]
-    split_index: int  # index into scenario.seeds (random) or scenario.classes (class)
+    split_index: int  # test: index into scenario.seeds (random) or scenario.classes (class); sweep: validation split
     retain_size: int
     key: str
     reference: dict[str, Any] | None = field(default=None, compare=False)  # the retrained model's metrics
     variant: int = field(default=0, compare=False)  # which of the config's variants (bench.config.variants_of)
 
 
-def make_split(config: BenchConfig, labels: np.ndarray, *, split_index: int, retain_size: int) -> UnlearningSplit:
-    """The forget/retain split of ``split_index`` (a seed or a class) with ``retain_size`` retained samples."""
+def validation_classes(config: BenchConfig, labels: np.ndarray) -> list[int]:
+    """Class forgetting: the classes the validation splits forget (``sweep.classes``, else the first untested)."""
+    assert config.sweep is not None
+    if config.sweep.classes:
+        return list(config.sweep.classes)
+    untested = [int(c) for c in np.unique(labels) if int(c) not in config.scenario.classes]
+    if len(untested) < config.sweep.splits + 1:
+        raise ConfigError(
+            f"class forgetting validates on classes no test split forgets, and its retain set on other untested "
+            f"classes: {config.sweep.splits} validation class(es) need {config.sweep.splits + 1} untested classes, "
+            f"scenario.classes leaves {untested}; test fewer classes"
+        )
+    return untested[: config.sweep.splits]
+
+
+def _sweep_retain_size(config: BenchConfig) -> int:
+    assert config.sweep is not None
+    return config.sweep.retain_size or config.scenario.retain_size[0]
+
+
+def _validation_pool(config: BenchConfig, labels: np.ndarray) -> np.ndarray:
+    """The training indices set aside for the validation splits (sorted)."""
+    assert config.sweep is not None
+    rng = np.random.default_rng(config.sweep.seed)
+    retain_size = _sweep_retain_size(config)
+    if config.scenario.kind == "random":
+        assert config.scenario.forget_size is not None
+        size = config.scenario.forget_size + retain_size
+        if size >= len(labels):
+            raise ConfigError(f"the validation pool ({size} samples) leaves no training samples for the test splits")
+        return np.sort(rng.choice(len(labels), size=size, replace=False))
+    classes = validation_classes(config, labels)
+    others = np.flatnonzero(~np.isin(labels, [*config.scenario.classes, *classes]))
+    if retain_size > len(others):
+        raise ConfigError(f"sweep retain size {retain_size} exceeds the {len(others)} samples of untested classes")
+    forget = np.flatnonzero(np.isin(labels, classes))
+    return np.sort(np.concatenate([forget, rng.choice(others, size=retain_size, replace=False)]))
+
+
+def _within(indices: np.ndarray, split: UnlearningSplit) -> UnlearningSplit:
+    """``split`` (indices into ``labels[indices]``) as indices into the full training set."""
+    return UnlearningSplit(forget=indices[split.forget], retain=indices[split.retain], scenario=split.scenario,
+                           forget_classes=split.forget_classes)
+
+
+def make_split(
+    config: BenchConfig, labels: np.ndarray, *, split_index: int, retain_size: int, phase: str = "test"
+) -> UnlearningSplit:
+    """The forget/retain split of a job: test split ``split_index`` (a seed or a class) drawn from the samples
+    outside the validation pool, or validation split ``split_index`` (``phase="sweep"``) drawn from the pool."""
     scenario = config.scenario
+    if phase == SWEEP:
+        pool = _validation_pool(config, labels)
+        if scenario.kind == "random":
+            assert scenario.forget_size is not None and config.sweep is not None
+            split = random_forgetting_split(labels[pool], forget_size=scenario.forget_size, retain_size=retain_size,
+                                            seed=config.sweep.seed + 1 + split_index)
+            return _within(pool, split)
+        forget_class = validation_classes(config, labels)[split_index]
+        others = [int(c) for c in validation_classes(config, labels) if c != forget_class]
+        pool = pool[~np.isin(labels[pool], others)]  # the other validation classes are no split's retain samples
+        split = class_forgetting_split(labels[pool], forget_class=forget_class, retain_size=retain_size,
+                                       seed=split_index)
+        return _within(pool, split)
+    rest = np.arange(len(labels))
+    if config.sweep is not None:
+        rest = np.setdiff1d(rest, _validation_pool(config, labels))
     if scenario.kind == "random":
         assert scenario.forget_size is not None
-        return random_forgetting_split(
-            labels, forget_size=scenario.forget_size, retain_size=retain_size, seed=scenario.seeds[split_index]
-        )
-    return class_forgetting_split(
-        labels, forget_class=scenario.classes[split_index], retain_size=retain_size, seed=split_index
-    )
+        split = random_forgetting_split(labels[rest], forget_size=scenario.forget_size, retain_size=retain_size,
+                                        seed=scenario.seeds[split_index])
+    else:
+        split = class_forgetting_split(labels[rest], forget_class=scenario.classes[split_index],
+                                       retain_size=retain_size, seed=split_index)
+    return _within(rest, split)
 
 
-def split_seed(config: BenchConfig, split_index: int) -> int:
-    """The run seed of a split: the scenario seed (random) or the class's position (class)."""
+def check_disjoint(config: BenchConfig, labels: np.ndarray) -> None:
+    """Refuse a config whose validation splits share a training sample with any test split (forget or retain)."""
+    if config.sweep is None:
+        return
+    tested: set[int] = set()
+    for retain_size in config.scenario.retain_size:
+        for index in range(n_splits(config)):
+            split = make_split(config, labels, split_index=index, retain_size=retain_size)
+            tested.update(split.forget.tolist(), split.retain.tolist())
+    for index in range(config.sweep.splits):
+        split = make_split(config, labels, split_index=index, retain_size=_sweep_retain_size(config), phase=SWEEP)
+        shared = tested & {*split.forget.tolist(), *split.retain.tolist()}
+        if shared:
+            raise ConfigError(f"validation split {index} shares {len(shared)} training samples with the test splits")
+
+
+def split_seed(config: BenchConfig, split_index: int, *, phase: str = "test") -> int:
+    """The run seed of a split: the scenario seed (random) or the class's position (class); a validation split's
+    seed is set apart from every test seed (``sweep.seed`` + 1 + its index)."""
+    if phase == SWEEP:
+        assert config.sweep is not None
+        return config.sweep.seed + 1 + split_index
     return config.scenario.seeds[split_index] if config.scenario.kind == "random" else split_index
 
 
@@ -59,20 +151,42 @@ def job_key(config: BenchConfig, *, phase: str, method: str, hyperparameters: Ma
             split_index: int, retain_size: int) -> str:
     """Identity of a run: rerunning the same config finds it finished under this key."""
     resolved = methods.make_config(method, dict(hyperparameters)).to_dict()
-    return content_hash(
-        {
-            "phase": phase,
-            "method": method,
-            "hyperparameters": _as_first_keyed(resolved),
-            "scenario": config.scenario.kind,
-            "forget_size": config.scenario.forget_size,
-            "split": split_seed(config, split_index) if config.scenario.kind == "random"
-            else config.scenario.classes[split_index],
-            "retain_size": retain_size,
-            "original": config.original_hash(),
-            "unlearn": _without_later_defaults(config.unlearn.model_dump(mode="json")),
-        }
-    )
+    payload = {
+        "phase": phase,
+        "method": method,
+        "hyperparameters": _as_first_keyed(resolved),
+        "scenario": config.scenario.kind,
+        "forget_size": config.scenario.forget_size,
+        "split": _split_identity(config, phase=phase, split_index=split_index),
+        "retain_size": retain_size,
+        "original": config.original_hash(),
+        "unlearn": _without_later_defaults(_effective_unlearn(config)),
+    }
+    if config.sweep is not None:  # the test splits are drawn outside the validation pool
+        payload["validation_pool"] = _pool_settings(config)
+    return content_hash(payload)
+
+
+def _split_identity(config: BenchConfig, *, phase: str, split_index: int) -> Any:
+    if phase == SWEEP:
+        return f"validation {split_index}"
+    scenario = config.scenario
+    return split_seed(config, split_index) if scenario.kind == "random" else scenario.classes[split_index]
+
+
+def _pool_settings(config: BenchConfig) -> dict[str, Any]:
+    assert config.sweep is not None
+    return {"seed": config.sweep.seed, "retain_size": _sweep_retain_size(config), "classes": config.sweep.classes,
+            "splits": config.sweep.splits if config.scenario.kind == "class" else None}
+
+
+def _effective_unlearn(config: BenchConfig) -> dict[str, Any]:
+    """The run protocol as it acts: ``checks_per_epoch`` only when there is a stop rule to check and no
+    ``eval_every`` overrides it."""
+    values = config.unlearn.model_dump(mode="json")
+    if values["eval_every"] is not None or not values["stop"]:
+        values.pop("checks_per_epoch")
+    return values
 
 
 # Settings added after results logs were first written, at the value that reproduces the earlier behaviour: left

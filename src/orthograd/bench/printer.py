@@ -1,8 +1,9 @@
 """The one console printer of finished runs, for every command that runs jobs (bench, sweep, unlearn-ddp, LLM bench).
 
 A run's line names its phase, method, split, retain size and hyperparameters, then what it did: forget accuracy,
-accuracy on what it was evaluated on (``A_val`` in a sweep, ``A_test`` otherwise), UIS, stop reason, steps, wall time
-and, for data-parallel runs, the number of ranks. Another record schema brings its own line (``line=``).
+accuracy on what it was evaluated on (``A_val`` in a sweep, ``A_test`` otherwise), UIS, stop reason (and a missed
+target: the benchmark's line for it, where ``unlearn`` alone would warn), steps, wall time and, for data-parallel
+runs, the number of ranks. Another record schema brings its own line (``line=``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ def run_line(record: Mapping[str, Any]) -> str:
     scored = "A_val" if record["evaluated_on"] == "validation" else "A_test"
     uis = "–" if record["uis"] is None else f"{record['uis']:.3f}"
     ranks = f" on {record['world_size']} ranks" if "world_size" in record else ""
+    missed = ", missed the target" if record.get("target_reached") is False else ""
     return (
         f"{record['phase']:>5} {record['method']:<10} {split} retain {record['retain_size']} [{hyper}]: "
         f"A_u {final['forget']:.2f} {scored} {final['test']:.2f} UIS {uis} "
-        f"({record['stop_reason']}, {record['steps']} steps, {record['wall_time_s']:.1f}s{ranks})"
+        f"({record['stop_reason']}{missed}, {record['steps']} steps, {record['wall_time_s']:.1f}s{ranks})"
     )
 
 

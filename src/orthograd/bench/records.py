@@ -2,9 +2,10 @@
 
 A record is the envelope below plus the task's own measurements beside it (image classification: accuracies before
 and after, UIS, privacy; speech: the WERs; language models: the TOFU metrics). The envelope says what ran (task,
-bench, key, phase, method, label, hyperparameters, seed) and how it went (stop reason, steps, epochs, wall time,
-history, library versions); for a record that measures a model without unlearning (the Original and Retrain rows)
-the run fields are None. ``upgrade_record`` reads records written before the schema was shared, so older results
+bench, key, phase, method, label, hyperparameters, seed) and how it went (stop reason, steps, epochs, stop-rule
+checks, wall time, history, package versions); the engine adds the commit and the config hash
+(``bench.provenance``). For a record that measures a model without unlearning (the Original and Retrain rows) the
+run fields are None. ``upgrade_record`` reads records written before the schema was shared, so older results
 logs still resume and tabulate.
 """
 
@@ -13,9 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
-from orthograd._version import __version__
+from orthograd.bench.provenance import package_versions
 from orthograd.results import UnlearnResult
 
 Record = dict[str, Any]
@@ -51,9 +50,10 @@ def record_envelope(
         "stop_reason": result.stop_reason if result is not None else None,
         "steps": result.steps if result is not None else None,
         "epochs": result.epochs if result is not None else None,
+        "stop_checks": result.stop_checks if result is not None else None,
         "wall_time_s": result.wall_time_s if result is not None else None,
         "history": result.history if result is not None else None,
-        "versions": {"orthograd": __version__, "torch": torch.__version__},
+        "versions": package_versions(),
     }
 
 

@@ -1,9 +1,11 @@
 """``orthograd report RUN_DIR...``: tables (Markdown, CSV, JSON) and plots from stored benchmark results.
 
 The paper-layout tables come from ``orthograd.reporting.write_tables`` (with the Retrain row and MIA columns when
-the bench trained a reference); a second table gives the cost columns (wall time, steps, epochs, peak memory,
-run-time efficiency = retrain time / unlearning time). Runs with several retain sizes get one table per size and
-the UIS-vs-retain-size plot; every report has the metric trajectories and the A_test-vs-A_u trade-off plots.
+the bench trained a reference); a second table gives the cost columns (wall time, steps, epochs, stop-rule checks,
+peak memory, run-time efficiency = retrain time / unlearning time). Everything but the plots is a function of the
+results log alone, so ``orthograd report`` regenerates a committed table byte for byte. Runs with several retain
+sizes get one table per size and the UIS-vs-retain-size plot; every report has the metric trajectories and the
+A_test-vs-A_u trade-off plots.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ COST_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("wall time (s)", ("wall_time_s",)),
     ("steps", ("steps",)),
     ("epochs", ("epochs",)),
+    ("stop-rule checks", ("stop_checks",)),
     ("peak memory (MiB)", ("memory", "peak_mb")),
     ("memory increase (MiB)", ("memory", "increase_mb")),
     ("efficiency (retrain/unlearn)", ("efficiency",)),
@@ -47,7 +50,7 @@ def _dig(record: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def cost_table(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: per method and scenario, mean ± std of the cost and privacy columns."""
+    """Header and rows: per method and scenario, mean ± 95% CI of the cost and privacy columns."""
     header = ["Method", "Scenario", *[label for label, _ in COST_COLUMNS]]
     rows = []
     for method in [m for m in method_order(records) if any(r["method"] == m for r in records)]:

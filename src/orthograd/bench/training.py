@@ -50,7 +50,7 @@ class ModelCache:
         self.data = data
         self.device = device
         self.key = config.original_hash()
-        self.store = ModelStore(config.cache_dir)
+        self.store = ModelStore(config.model_cache())
 
     def fresh_model(self) -> nn.Module:
         """An untrained model of the config (initialised from ``train.init_seed`` when set)."""

@@ -20,7 +20,7 @@ from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.experiments import run_experiment
 from orthograd.bench.records import Record, record_envelope, upgrade_record
 from orthograd.data.authors import forget_authors
-from orthograd.io import atomic_write_text
+from orthograd.io import atomic_write_json, atomic_write_text
 from orthograd.llm_bench.config import TASK, AuthorsBenchConfig, load_config
 from orthograd.llm_bench.plots import plot_tradeoff
 from orthograd.llm_bench.runner import workbench
@@ -54,6 +54,7 @@ class AuthorsExperiment:
 
     def __init__(self, config: AuthorsBenchConfig) -> None:
         self.config = config
+        self.selection: dict[str, Any] = {}  # per forget fraction: each gridded run's trials and choice
 
     def setup(self) -> None:
         """The corpus, the original model and every split's retrained reference, trained here (once, then stored)
@@ -82,6 +83,11 @@ class AuthorsExperiment:
                           for label, scored in grids.items()}
                 for label, values in chosen.items():
                     log.info("validation: %s keeps %s", label, values)
+                self.selection[f"{fraction:g}"] = {
+                    label: {"chosen": chosen[label], "trials": [
+                        {"params": point, **{k: finished[job.key].get(k) for k in ("forget_quality", "model_utility")}}
+                        for point, job in scored]}
+                    for label, scored in grids.items()}
             else:
                 runs = [self._run(phase, fraction, authors, spec, chosen.get(spec.label, {}), seed)
                         for spec in config.runs for seed in config.unlearning.seeds]
@@ -117,7 +123,10 @@ class AuthorsExperiment:
         return record_line(record)
 
     def write_tables(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> Path:
-        """``tables.md`` (``authors_tables``) and ``tradeoff.png`` (``plot_tradeoff``)."""
+        """``tables.md`` (``authors_tables``), ``tradeoff.png`` (``plot_tradeoff``) and ``selection.json`` (every
+        validation trial and the kept values)."""
+        if self.selection:
+            atomic_write_json(out_dir / "selection.json", self.selection)
         path = out_dir / "tables.md"
         atomic_write_text(path, authors_tables(records, title=self.config.name))
         plot_tradeoff(records, path=out_dir / "tradeoff.png", title=self.config.name)

@@ -1,0 +1,28 @@
+"""The run facts the benchmark protocol compares: how often the stop rule was checked, and how many epochs ran."""
+
+import orthograd as og
+from orthograd.data import class_forgetting_split
+from orthograd.data.splits import labels_of
+
+
+def test_a_check_on_an_epochs_last_step_counts_that_epoch_and_every_check_is_counted(digits, digits_model):
+    train, test = digits
+    split = class_forgetting_split(labels_of(train), forget_class=3, retain_size=200, seed=0)
+    forget, retain = split.datasets(train)
+    # one step an epoch, a check after every step: every check that fires is on an epoch's last step
+    result = og.unlearn(digits_model, forget, retain, test=test, stop="class", method="orthograd-fixed",
+                        optimizer="adam", lr=3e-3, alpha=0.5, forget_batch_size=len(forget), retain_batch_size=64,
+                        eval_every=1, max_epochs=30, seed=0)
+    assert result.stop_reason == "target_reached" and result.steps >= 2
+    assert result.epochs == result.steps  # not one less: the epoch whose last step reached the target counts
+    assert result.final["epoch"] == result.epochs
+    # the step-0 row, then per epoch a probe and (in the epochs that did not stop) the epoch's row
+    assert result.stop_checks == 1 + result.steps + (result.epochs - 1)
+
+
+def test_without_a_stop_rule_nothing_is_checked(digits, digits_model):
+    train, _ = digits
+    split = class_forgetting_split(labels_of(train), forget_class=3, retain_size=100, seed=0)
+    forget, retain = split.datasets(train)
+    result = og.unlearn(digits_model, forget, retain, method="neggrad", max_epochs=1, eval_every=1, seed=0)
+    assert result.stop_checks == 0 and result.epochs == 1 and result.steps >= 1
