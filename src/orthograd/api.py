@@ -126,7 +126,7 @@ def unlearn(
         )
 
     lora: LoRAConfig | None = getattr(cfg, "lora", None)
-    adapted = attach_lora(working, lora, seed=seed) if lora is not None else working
+    adapted = attach_lora(working, lora, seed=seed, mlp=task_adapter.lora_mlp) if lora is not None else working
     if lora is None:
         for p in adapted.parameters():
             p.requires_grad_(True)
@@ -146,6 +146,7 @@ def unlearn(
             "targets hold none; pass lora=None to train all parameters or choose other LoRA targets"
         )
     built = make_method(method_cls, cfg, context) if make_method is not None else method_cls(cfg, context)
+    built.plan(target=getattr(stop_rule, "target", None), max_epochs=max_epochs)
     if eval_every is None:
         eval_every = _preferred_eval_every(built, forget, batch_size=getattr(cfg, "forget_batch_size", None))
     callbacks = [callback for callback in (on_eval, print_row if verbose else None) if callback is not None]

@@ -14,14 +14,16 @@ WER_TARGET_PERCENT = 75.0
 class ForgetMetricRule:
     """A stop rule that reads only the forget-set metric, so the runner may evaluate just that set to check it.
 
-    A plain callable rule is given full evaluation rows; this one declares ``needs = ("forget",)``.
+    A plain callable rule is given full evaluation rows; this one declares ``needs = ("forget",)``. ``target``
+    is the forget metric value where it fires (what OrthoGrad's adaptive schedule paces its pressure on).
     """
 
     needs: tuple[str, ...] = ("forget",)
 
-    def __init__(self, predicate: Callable[[float], bool], description: str) -> None:
+    def __init__(self, predicate: Callable[[float], bool], description: str, *, target: float | None = None) -> None:
         self.predicate = predicate
         self.description = description
+        self.target = target
 
     def __call__(self, row: Mapping[str, Any]) -> bool:
         return bool(self.predicate(row["forget"]))
@@ -33,17 +35,17 @@ class ForgetMetricRule:
 def random_forgetting_rule(*, original_test: float, tolerance: float = RANDOM_TOLERANCE_POINTS) -> StopRule:
     """Stop once forget accuracy is within ``tolerance`` points of the original test accuracy, or lower."""
     limit = original_test + tolerance
-    return ForgetMetricRule(lambda forget: forget <= limit, f"forget <= {limit:.2f}")
+    return ForgetMetricRule(lambda forget: forget <= limit, f"forget <= {limit:.2f}", target=limit)
 
 
 def class_forgetting_rule(*, threshold: float = CLASS_THRESHOLD_PERCENT) -> StopRule:
     """Stop once forget accuracy is below ``threshold`` percent."""
-    return ForgetMetricRule(lambda forget: forget < threshold, f"forget < {threshold}")
+    return ForgetMetricRule(lambda forget: forget < threshold, f"forget < {threshold}", target=threshold)
 
 
 def wer_target_rule(*, threshold: float = WER_TARGET_PERCENT) -> StopRule:
     """Speaker unlearning (ASR): stop once the forget-set WER reaches ``threshold`` percent."""
-    return ForgetMetricRule(lambda forget: forget >= threshold, f"forget WER >= {threshold}")
+    return ForgetMetricRule(lambda forget: forget >= threshold, f"forget WER >= {threshold}", target=threshold)
 
 
 def resolve_stop(stop: str | StopRule | None, *, original: Mapping[str, float]) -> StopRule | None:
