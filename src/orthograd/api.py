@@ -296,8 +296,15 @@ class _Run:
             for name, value in self._last_good.items():
                 params[name].copy_(value)
 
+    def measured(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """The task metrics plus what a stop rule that measures the model itself reads (``rule.measure(model)``,
+        e.g. ``tasks.tofu.TruthRatioRule``'s KS p-value)."""
+        measure = getattr(self.stop_rule, "measure", None)
+        return {**metrics, **measure(self.model)} if measure is not None else dict(metrics)
+
     def record(self, *, step: int, epoch: int, metrics: Mapping[str, float], stats: Mapping[str, float]) -> bool:
         """Append a history row; True when the stop rule says the target is reached."""
+        metrics = self.measured(metrics)
         row = {"step": step, "epoch": epoch, **metrics, **stats, "time_s": time.perf_counter() - self.started}
         self.history.append(row)
         for callback in self.callbacks:
@@ -317,7 +324,7 @@ class _Run:
         if needs is None:
             return self.evaluate(stats)
         # no snapshot here: the state restored after a non-finite step must be the one the last history row shows
-        metrics = self.evaluator(self.model, only=needs)
+        metrics = self.measured(self.evaluator(self.model, only=needs))
         if self.stop_rule is not None and self.stop_rule(metrics):
             return self.evaluate(stats)
         self._steering.add(self.method.observe(metrics))

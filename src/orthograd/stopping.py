@@ -1,4 +1,9 @@
-"""Stopping rules of the paper (Section 5.2), as predicates on an evaluation row of the run history."""
+"""Stopping rules of the paper (Section 5.2), as predicates on an evaluation row of the run history.
+
+Language models: ``stop="random"`` with ``test=`` never-trained QA pairs (forget answers no more likely than
+never-seen ones); ``orthograd.tasks.tofu.TruthRatioRule`` (truth ratios indistinguishable from never-seen
+questions', KS p >= 0.05) for TOFU-style data, passed as ``stop=``.
+"""
 
 from __future__ import annotations
 

@@ -111,6 +111,9 @@ class ProgressMeter:
         if metric_before is None or loss_before is None:
             return True  # the first check has no window to compare with
         if self.target is not None and steps_left is not None:
+            # past the target (a rule that reads another metric, e.g. truth ratios, has not fired yet): no raise
+            if (forget_metric <= self.target) if self.higher_is_better else (forget_metric >= self.target):
+                return True
             return on_pace(before=metric_before, now=forget_metric, target=self.target, steps=steps,
                            steps_left=steps_left)
         moved = metric_before - forget_metric if self.higher_is_better else forget_metric - metric_before
