@@ -115,9 +115,9 @@ def main() -> None:
         before, after = result.original, result.final
         print(f"seed {seed}: forget {args.forget}/{PAIRS} pairs, memorised in {toy.train_seconds:.1f} s; "
               f"{result.stop_reason} after {result.steps} steps ({result.epochs} epochs), {result.wall_time_s:.1f} s")
-        print(f"  answer probability % (before -> after): forget {before['forget']:.1f} -> {after['forget']:.1f}, "
-              f"retain {before['retain']:.1f} -> {after['retain']:.1f}, never seen {before['test']:.1f} "
-              f"(target: forget <= {before['test'] + 0.5:.1f})")
+        print(f"  answer probability % (before -> after): forget {before['forget']:.2f} -> {after['forget']:.2f}, "
+              f"retain {before['retain']:.2f} -> {after['retain']:.2f}, never seen {before['test']:.2f} "
+              f"(target: forget <= {before['test'] + 0.5:.2f})")
         print(f"  controller: {actions.get('raise', 0)} raises, {actions.get('back_off', 0)} back-offs, "
               f"{actions.get('hold', 0)} holds; final alpha {after.get('alpha', float('nan')):.3f}, "
               f"lr {after.get('lr', float('nan')):.2g}")
