@@ -8,6 +8,7 @@ forget answers become no more likely (answer probability, TOFU's length-normalis
 
     python benchmarks/llm_toy_forgetting.py              # 5 pairs forgotten, seed 0
     python benchmarks/llm_toy_forgetting.py --forget 10 --seeds 0 1 2
+    python benchmarks/llm_toy_forgetting.py --ablation   # each of the three causal-LM defaults taken away in turn
 """
 
 from __future__ import annotations
@@ -103,14 +104,37 @@ def run(toy: Toy, *, seed: int = 0) -> tuple[og.UnlearnResult, dict[str, int]]:
     return result, getattr(built[0], "controller_actions", {})
 
 
+def ablation(toy: Toy, *, seed: int = 0) -> None:
+    """The default against itself with one causal-LM default taken away: attention-only LoRA, the forget batch
+    left at 32 (one step an epoch), the stall test instead of the pace test (a plain callable rule names no
+    target; it also evaluates every set at every check, so its time is not comparable)."""
+    limit = run(toy, seed=seed)[0].original["test"] + 0.5
+    variants: dict[str, dict] = {
+        "default": {},
+        "attention-only LoRA": {"lora": {"targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
+        "forget batch 32": {"forget_batch_size": 32},
+        "stall test (no pace)": {"stop": lambda row: row["forget"] <= limit},
+    }
+    for name, values in variants.items():
+        stop = values.pop("stop", "random")
+        result = og.unlearn(toy.model, toy.forget, toy.retain, task="causal_lm", stop=stop, test=toy.never_seen,
+                            device="cpu", seed=seed, **values)
+        print(f"  {name}: {result.stop_reason} after {result.steps} steps, forget {result.original['forget']:.2f} -> "
+              f"{result.final['forget']:.2f}, retain {result.final['retain']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--forget", type=int, default=5, help="pairs to forget (of 60)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--ablation", action="store_true", help="take each causal-LM default away in turn")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     for seed in args.seeds:
         toy = build_toy(forget=args.forget, seed=seed)
+        if args.ablation:
+            print(f"seed {seed}: forget {args.forget}/{PAIRS} pairs")
+            ablation(toy, seed=seed)
+            continue
         result, actions = run(toy, seed=seed)
         before, after = result.original, result.final
         print(f"seed {seed}: forget {args.forget}/{PAIRS} pairs, memorised in {toy.train_seconds:.1f} s; "
