@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import orthograd as og
 import torch
 from hf_helpers import QADataset, tiny_gpt2, tiny_llama
 from torch.utils.data import DataLoader
@@ -108,3 +109,18 @@ def test_toy_data_labels_only_the_answers(toy_script):
     cut = toy_script.QUESTION_TOKENS
     assert (batch["labels"][:, :cut] == -100).all()
     assert torch.equal(batch["labels"][:, cut:], batch["input_ids"][:, cut:])
+
+
+def test_the_runner_tells_the_adaptive_schedule_its_target_and_step_budget():
+    built = []
+
+    def keep(cls, config, context):
+        built.append(cls(config, context))
+        return built[-1]
+
+    result = og.unlearn(tiny_llama(), QADataset(6, seed=1), QADataset(12, seed=2), test=QADataset(6, seed=3),
+                        task="causal_lm", stop="random", max_epochs=2, device="cpu", make_method=keep)
+    controller = built[0].controller
+    assert built[0].forget_batch_size == 2 and controller.budget == 2 * 3  # ceil(6 / 4) = 2: 3 steps an epoch
+    assert controller.meter.target == pytest.approx(result.original["test"] + 0.5)
+    assert sum(built[0].controller_actions.values()) == result.steps  # a check after every step

@@ -174,8 +174,14 @@ class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
         when forgetting is too slow to arrive in time (adaptive schedule)."""
         if self.controller is None:
             return
-        steps = max_epochs * len(self.context.loader("forget", batch_size=self.forget_batch_size))
-        self.controller.pace(target=target, budget=steps if max_steps is None else min(steps, max_steps))
+        loader = self.context.loader("forget", batch_size=self.forget_batch_size)
+        try:
+            steps: int | None = max_epochs * len(loader)
+        except TypeError:  # an iterable-style loader has no length: pace on max_steps alone, if given
+            steps = None
+        budgets = [b for b in (steps, max_steps) if b is not None]
+        if budgets:
+            self.controller.pace(target=target, budget=min(budgets))
 
     @property
     def controller_actions(self) -> dict[str, int]:
