@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import orthograd as og
 import torch
 from hf_helpers import QADataset, tiny_gpt2, tiny_llama
 from torch.utils.data import DataLoader
 
+import orthograd as og
 from orthograd.lora import LoRAConfig, attach_lora, default_lora_targets
 from orthograd.methods import make_config
 from orthograd.methods.orthograd import forget_batch_size
