@@ -91,7 +91,6 @@ def toy_script():
     del sys.modules[spec.name]
 
 
-@pytest.mark.slow
 def test_the_default_forgets_five_memorised_pairs_down_to_never_seen_answers(toy_script):
     toy = toy_script.build_toy(forget=5, seed=0, train_steps=150)
     result, actions = toy_script.run(toy)
