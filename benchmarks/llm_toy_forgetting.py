@@ -9,6 +9,7 @@ forget answers become no more likely (answer probability, TOFU's length-normalis
     python benchmarks/llm_toy_forgetting.py              # 5 pairs forgotten, seed 0
     python benchmarks/llm_toy_forgetting.py --forget 10 --seeds 0 1 2
     python benchmarks/llm_toy_forgetting.py --ablation   # each of the three causal-LM defaults taken away in turn
+    python benchmarks/llm_toy_forgetting.py --baselines  # GradDiff, SimNPO, RMU, NPO at lr 1e-3 and 1e-2
 """
 
 from __future__ import annotations
@@ -123,17 +124,31 @@ def ablation(toy: Toy, *, seed: int = 0) -> None:
               f"{result.final['forget']:.2f}, retain {result.final['retain']:.2f}")
 
 
+def baselines(toy: Toy, *, seed: int = 0) -> None:
+    """The field's methods at their defaults but for the learning rate (1e-3, 1e-2), with the step budget the
+    default gets on this forget set (forget batch ``ceil(n / 4)``, retain batch 16)."""
+    batch = -(-len(toy.forget) // 4)
+    for method in ("graddiff", "simnpo", "rmu", "npo"):
+        for lr in (1e-3, 1e-2):
+            result = og.unlearn(toy.model, toy.forget, toy.retain, task="causal_lm", method=method, stop="random",
+                                test=toy.never_seen, device="cpu", seed=seed, lr=lr, forget_batch_size=batch,
+                                retain_batch_size=16)
+            print(f"  {method} lr {lr:g}: {result.stop_reason} after {result.steps} steps, forget "
+                  f"{result.final['forget']:.2f}, retain {result.final['retain']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--forget", type=int, default=5, help="pairs to forget (of 60)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--ablation", action="store_true", help="take each causal-LM default away in turn")
+    parser.add_argument("--baselines", action="store_true", help="the field's methods at two learning rates")
     args = parser.parse_args()
     for seed in args.seeds:
         toy = build_toy(forget=args.forget, seed=seed)
-        if args.ablation:
+        if args.ablation or args.baselines:
             print(f"seed {seed}: forget {args.forget}/{PAIRS} pairs")
-            ablation(toy, seed=seed)
+            (ablation if args.ablation else baselines)(toy, seed=seed)
             continue
         result, actions = run(toy, seed=seed)
         before, after = result.original, result.final
