@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 import orthograd as og
 from orthograd.lora import LoRAConfig, attach_lora, default_lora_targets
 from orthograd.methods import make_config
+from orthograd.methods.oneshot import OneShotConfig, scoped_parameters
 from orthograd.methods.orthograd import forget_batch_size
 from orthograd.methods.pressure import ForgetPressure, ProgressMeter, on_pace
 from orthograd.stopping import class_forgetting_rule, random_forgetting_rule, wer_target_rule
@@ -79,6 +80,8 @@ def test_causal_lm_default_lora_targets_add_the_mlp_projections_of_every_block()
                                   for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
     adapted = attach_lora(tiny_gpt2(), LoRAConfig(r=2), seed=0, mlp=True)
     assert any("mlp.c_fc.lora_A" in n for n, p in adapted.named_parameters() if p.requires_grad)
+    edited = scoped_parameters(tiny_llama(), OneShotConfig(), mlp=True)  # Fisher/Influence edit the same layers
+    assert "model.layers.1.mlp.down_proj.weight" in edited and not any("lm_head" in n for n in edited)
 
 
 @pytest.fixture(scope="module")
