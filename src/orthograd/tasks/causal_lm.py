@@ -50,7 +50,7 @@ class CausalLMTask(Task):
     name: ClassVar[str] = "causal_lm"
     metric: str = "answer_probability"
     higher_is_better: ClassVar[bool] = True
-    lora_mlp: ClassVar[bool] = True  # memorised facts live in the MLPs too: attention-only adapters forget little
+    lora_mlp: ClassVar[bool] = True  # memorised facts live in the MLPs too: attention-only adapters forget slower
 
     def __init__(
         self,
