@@ -45,7 +45,8 @@ def test_shipped_llm_config_validates_with_its_schema() -> None:
     assert len(config.unlearning.seeds) == 3 and set(config.unlearning.lora["targets"]) == set(
         llm_bench.config.LLAMA_PROJECTIONS)  # attention and MLP projections, one LoRA for every method
     methods = {run.method for run in config.runs}
-    assert {"orthograd", "orthograd-fixed", "neggrad", "neggrad+", "npo", "finetune", "scrub"} <= methods
+    assert {"orthograd", "orthograd-fixed", "neggrad", "neggrad+", "npo", "graddiff", "simnpo", "rmu", "finetune",
+            "scrub"} <= methods
     for run in config.runs:  # every grid point is a valid config; only the tuning-free default has no grid
         assert bool(run.grid) == (run.method != "orthograd")
         for point in grid_points(run.grid):

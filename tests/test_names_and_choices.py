@@ -124,6 +124,6 @@ def test_a_config_class_that_contradicts_the_base_is_an_error() -> None:
 
 def test_built_in_methods_are_registered_by_explicit_import_in_a_stable_order() -> None:
     assert methods.available() == [
-        "duck", "finetune", "fisher", "gdr-gma", "influence", "neggrad", "neggrad+", "npo", "orthograd",
-        "orthograd-fixed", "scrub",
+        "duck", "finetune", "fisher", "gdr-gma", "graddiff", "influence", "neggrad", "neggrad+", "npo", "orthograd",
+        "orthograd-fixed", "rmu", "scrub", "simnpo",
     ]

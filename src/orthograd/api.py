@@ -166,7 +166,7 @@ def unlearn(
     if peft_input:
         adapted = train_own_adapters(working)
     elif lora is not None:
-        adapted = attach_lora(working, lora, seed=seed)
+        adapted = attach_lora(working, lora, seed=seed, mlp=task_adapter.lora_mlp)
     else:
         adapted = working
         for p in adapted.parameters():
@@ -187,6 +187,7 @@ def unlearn(
             "targets hold none; pass lora=None to train all parameters or choose other LoRA targets"
         )
     built = make_method(method_cls, cfg, context) if make_method is not None else method_cls(cfg, context)
+    built.plan(target=getattr(stop_rule, "target", None), max_epochs=max_epochs, max_steps=max_steps)
     if eval_every is None:
         eval_every = _preferred_eval_every(built, forget, batch_size=getattr(cfg, "forget_batch_size", None))
     if verbose:
@@ -439,8 +440,15 @@ class _Run:
             for name, value in state.items():
                 params[name].copy_(value)
 
+    def measured(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """The task metrics plus what a stop rule that measures the model itself reads (``rule.measure(model)``,
+        e.g. ``tasks.tofu.TruthRatioRule``'s KS p-value)."""
+        measure = getattr(self.stop_rule, "measure", None)
+        return {**metrics, **measure(self.model)} if measure is not None else dict(metrics)
+
     def record(self, *, step: int, epoch: int, metrics: Mapping[str, float], stats: Mapping[str, float]) -> bool:
         """Append a history row; True when the stop rule says the target is reached."""
+        metrics = self.measured(metrics)
         row = {"step": step, "epoch": epoch, **metrics, **stats, "time_s": time.perf_counter() - self.started}
         self.history.append(row)
         for callback in self.callbacks:
@@ -482,7 +490,7 @@ class _Run:
         if needs is None:
             return self.evaluate(stats)
         # no snapshot here: the state restored after a non-finite step must be one a history row shows
-        metrics = self.evaluator(self.model, only=needs)
+        metrics = self.measured(self.evaluator(self.model, only=needs))
         if self._reached(metrics):
             return self.evaluate(stats)  # the full row that follows counts as this check
         self.stop_checks += self.stop_rule is not None

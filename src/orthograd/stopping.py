@@ -4,6 +4,10 @@ Every named rule declares the task metrics it can read and which way forgetting 
 does not fit the task (a WER target on a classifier) is refused before a step is taken. A new rule is one
 ``register_stop_rule(StopRuleSpec(...))`` call: its name, the metrics it reads, its direction and how it is built
 from the original model's metrics.
+
+Language models: ``stop="random"`` with ``test=`` never-trained QA pairs (forget answers no more likely than
+never-seen ones); ``orthograd.tasks.tofu.TruthRatioRule`` (truth ratios indistinguishable from never-seen
+questions', KS p >= 0.05) for TOFU-style data, passed as ``stop=``.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ NO_RULE = "never"  # stop="never": run the whole budget, no rule inferred (fixed
 class ForgetMetricRule:
     """A stop rule that reads only the forget-set metric, so the runner may evaluate just that set to check it.
 
-    A plain callable rule is given full evaluation rows; this one declares ``needs = ("forget",)``, and the task
-    metrics it can read (``metrics``) with the way forgetting moves them (``direction``).
+    A plain callable rule is given full evaluation rows; this one declares ``needs = ("forget",)``, the task
+    metrics it can read (``metrics``) with the way forgetting moves them (``direction``), and ``target``: the
+    forget metric value where it fires (what OrthoGrad's adaptive schedule paces its pressure on).
     """
 
     needs: tuple[str, ...] = ("forget",)
@@ -38,11 +43,13 @@ class ForgetMetricRule:
         *,
         metrics: tuple[str, ...] = (),
         direction: Direction = "falls",
+        target: float | None = None,
     ) -> None:
         self.predicate = predicate
         self.description = description
         self.metrics = metrics
         self.direction = direction
+        self.target = target
 
     def __call__(self, row: Mapping[str, Any]) -> bool:
         return bool(self.predicate(row["forget"]))
@@ -54,18 +61,23 @@ class ForgetMetricRule:
 def random_forgetting_rule(*, original_test: float, tolerance: float = RANDOM_TOLERANCE_POINTS) -> StopRule:
     """Stop once forget accuracy is within ``tolerance`` points of the original test accuracy, or lower."""
     limit = original_test + tolerance
-    return ForgetMetricRule(lambda forget: forget <= limit, f"forget <= {limit:.2f}", metrics=ACCURACY_LIKE)
+    return ForgetMetricRule(
+        lambda forget: forget <= limit, f"forget <= {limit:.2f}", metrics=ACCURACY_LIKE, target=limit
+    )
 
 
 def class_forgetting_rule(*, threshold: float = CLASS_THRESHOLD_PERCENT) -> StopRule:
     """Stop once forget accuracy is below ``threshold`` percent."""
-    return ForgetMetricRule(lambda forget: forget < threshold, f"forget < {threshold}", metrics=ACCURACY_LIKE)
+    return ForgetMetricRule(
+        lambda forget: forget < threshold, f"forget < {threshold}", metrics=ACCURACY_LIKE, target=threshold
+    )
 
 
 def wer_target_rule(*, threshold: float = WER_TARGET_PERCENT) -> StopRule:
     """Speaker unlearning (ASR): stop once the forget-set WER reaches ``threshold`` percent."""
     return ForgetMetricRule(
-        lambda forget: forget >= threshold, f"forget WER >= {threshold}", metrics=("wer",), direction="rises"
+        lambda forget: forget >= threshold, f"forget WER >= {threshold}", metrics=("wer",), direction="rises",
+        target=threshold,
     )
 
 

@@ -10,12 +10,15 @@ from orthograd.methods import (  # noqa: F401 - imported to register their metho
     finetune,
     fisher,
     gdr_gma,
+    graddiff,
     influence,
     neggrad,
     neggrad_plus,
     npo,
     orthograd,
+    rmu,
     scrub,
+    simnpo,
 )
 from orthograd.methods.base import IterativeConfig, MethodConfig, MethodContext, UnlearningMethod
 from orthograd.methods.registry import available, get, make_config, register

@@ -221,6 +221,11 @@ class UnlearningMethod(abc.ABC, Generic[ConfigT]):
         """
         return None
 
+    def plan(self, *, target: float | None, max_epochs: int | None, max_steps: int | None = None) -> None:
+        """Told by the runner before the first step: the forget metric value the stop rule waits for (None: the
+        rule names none) and the run's budget. Methods that steer (OrthoGrad's adaptive schedule) pace on it;
+        the default ignores it."""
+
     def observe(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """Called by the runner with the metrics of each check (at least "forget"); returns statistics to record.
 

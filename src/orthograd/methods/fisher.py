@@ -242,7 +242,7 @@ class FisherForgetting(UnlearningMethod[FisherConfig]):
 
     def __init__(self, config: FisherConfig, context: MethodContext) -> None:
         super().__init__(config, context)
-        self.params = scoped_parameters(context.model, config)
+        self.params = scoped_parameters(context.model, config, mlp=context.task.lora_mlp)
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
         cfg = self.config

@@ -96,7 +96,7 @@ class InfluenceUnlearning(UnlearningMethod[InfluenceConfig]):
 
     def __init__(self, config: InfluenceConfig, context: MethodContext) -> None:
         super().__init__(config, context)
-        self.params = scoped_parameters(context.model, config)
+        self.params = scoped_parameters(context.model, config, mlp=context.task.lora_mlp)
 
     def _per_sample_grads(self) -> Iterator[torch.Tensor]:
         """Flat gradients of the retain samples in order (the code's batch-size-1, unshuffled loader)."""

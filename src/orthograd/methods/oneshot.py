@@ -45,12 +45,13 @@ class OneShotConfig(MethodConfig):
                 raise ValueError("targets only applies to param_scope='lora_targets_base'; drop it or change scope")
 
 
-def scoped_parameters(model: nn.Module, config: OneShotConfig) -> dict[str, nn.Parameter]:
-    """The parameters a one-shot method edits, by name, in the model's parameter order."""
+def scoped_parameters(model: nn.Module, config: OneShotConfig, *, mlp: bool = False) -> dict[str, nn.Parameter]:
+    """The parameters a one-shot method edits, by name, in the model's parameter order (``mlp``: the task's LoRA
+    default targets include MLP projections)."""
     named = dict(model.named_parameters())
     if config.param_scope == "all":
         return named
-    targets = list(config.targets) if config.targets is not None else default_lora_targets(model)
+    targets = list(config.targets) if config.targets is not None else default_lora_targets(model, mlp=mlp)
     modules = dict(model.named_modules())
     chosen = [name for name in modules if name and any(name == t or name.endswith("." + t) for t in targets)]
     matched = {t for t in targets if any(name == t or name.endswith("." + t) for name in chosen)}

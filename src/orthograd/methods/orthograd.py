@@ -82,7 +82,9 @@ class OrthoGradConfig(IterativeConfig):
         0.8 class forgetting in Appendix A.1; 0.05-0.5 for ASR). Adaptive: the starting retain share of the
         normalised update (default 0.5).
     lr, optimizer, forget_batch_size, retain_batch_size: fixed defaults 1e-3, "sgd", 128, 256 (the library's
-        paper-style defaults); adaptive defaults 1e-3 (the starting lr), "adam", 32, 64.
+        paper-style defaults); adaptive defaults 1e-3 (the starting lr), "adam", 32, 64. Left at its default
+        under the adaptive schedule, the forget batch shrinks for small forget sets so that an epoch has at least
+        4 steps (``ceil(n / 4)``: 2 for 5 sequences), one per check of the controller.
     holdout_fraction, retain_tolerance (adaptive only): the share of the retain set held out to watch for damage
         (at least one sample; never trained on), and how many metric points it may lose before the controller
         backs off (at least the slice's sampling noise: two binomial standard errors).
@@ -113,6 +115,7 @@ class OrthoGradConfig(IterativeConfig):
     fuse_passes: bool = False
 
     def __post_init__(self) -> None:
+        self._forget_batch_defaulted = self.forget_batch_size is None
         # an unknown schedule fills nothing here; the base class's Literal check refuses it first thing
         for name, default in SCHEDULE_DEFAULTS.get(self.schedule, {}).items():
             if getattr(self, name) is None:
@@ -144,6 +147,7 @@ class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
 
     def __init__(self, config: OrthoGradConfig, context: MethodContext) -> None:
         super().__init__(config, context)
+        self.forget_batch_size = forget_batch_size(config, context.forget)
         self.params = context.trainable_parameters()
         self.optimizer = make_optimizer(config, list(self.params.values()))
         self.controller = _AdaptiveControl(config, context) if config.schedule == "adaptive" else None
@@ -187,6 +191,25 @@ class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
             )
         return facts
 
+    def plan(self, *, target: float | None, max_epochs: int | None, max_steps: int | None = None) -> None:
+        """Give the controller the stop rule's target and the run's step budget, so that it raises the pressure
+        when forgetting is too slow to arrive in time (adaptive schedule)."""
+        if self.controller is None:
+            return
+        loader = self.context.loader("forget", batch_size=self.forget_batch_size)
+        try:
+            steps: int | None = None if max_epochs is None else max_epochs * len(loader)
+        except TypeError:  # an iterable-style loader has no length: pace on max_steps alone, if given
+            steps = None
+        budgets = [b for b in (steps, max_steps) if b is not None]
+        if budgets:
+            self.controller.pace(target=target, budget=min(budgets))
+
+    @property
+    def controller_actions(self) -> dict[str, int]:
+        """How many checks the adaptive controller raised, backed off and held at (empty for the fixed schedule)."""
+        return dict(self.controller.actions) if self.controller is not None else {}
+
     def observe(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """Feed a check of the stop rule to the controller (adaptive schedule); its decision is returned."""
         if self.controller is None:
@@ -201,7 +224,7 @@ class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
         return self.gradients.engine
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
-        forget_loader = self.context.loader("forget", batch_size=self.config.forget_batch_size)
+        forget_loader = self.context.loader("forget", batch_size=self.forget_batch_size)
         for forget_batch in self.context.batches(forget_loader):
             yield self.step(forget_batch, next(self._retain))
 
@@ -274,7 +297,10 @@ class _AdaptiveControl:
         self.pressure = ForgetPressure(share=1.0 - config.alpha, lr=config.lr, patience=_CHECKS_PER_EPOCH)
         self.meter = ProgressMeter(higher_is_better=self.task.higher_is_better)
         self._losses: list[float] = []
+        self.steps = 0
+        self.budget: int | None = None
         self.last_action: str | None = None
+        self.actions: dict[str, int] = {action: 0 for action in _ACTION_CODES}
 
     def reading(self) -> HoldoutReading | None:
         """The slice's metric before the run and at the latest check (None before the first check)."""
@@ -282,17 +308,27 @@ class _AdaptiveControl:
             return None
         return HoldoutReading(before=self.holdout_start, now=self.holdout_now, noise=self.noise)
 
+    def pace(self, *, target: float | None, budget: int) -> None:
+        """Raise when the forget metric is not on pace to reach ``target`` within ``budget`` steps in all."""
+        self.meter.target = target
+        self.budget = budget
+
     def record_forget_loss(self, loss: float) -> None:
         self._losses.append(loss)
+        self.steps += 1
 
     def observe(self, metrics: Mapping[str, float], model: nn.Module) -> dict[str, float]:
         """One check: did forgetting progress, did the held-out slice degrade; move the pressure accordingly."""
         if "forget" not in metrics or not self._losses:
             return {}
         # every process of a data-parallel run must take the same decision: it decides on the run's numbers
-        seen = self.context.agree({"forget": metrics["forget"], "loss": sum(self._losses) / len(self._losses)})
+        window = len(self._losses)
+        seen = self.context.agree({"forget": metrics["forget"], "loss": sum(self._losses) / window})
         self._losses.clear()
-        progressed = self.meter.progressed(forget_metric=seen["forget"], forget_loss=seen["loss"])
+        steps_left = None if self.budget is None else max(0, self.budget - self.steps)
+        progressed = self.meter.progressed(
+            forget_metric=seen["forget"], forget_loss=seen["loss"], steps=window, steps_left=steps_left
+        )
         was_training = model.training
         holdout_now = self.context.evaluate_held_out(model, self.holdout, batch_size=_HOLDOUT_BATCH)
         self.holdout_now = holdout_now
@@ -300,8 +336,18 @@ class _AdaptiveControl:
         drop = retain_drop(before=self.holdout_start, now=holdout_now, higher_is_better=self.task.higher_is_better)
         action = self.pressure.update(progressed=progressed, retain_degraded=drop > self.tolerance)
         self.last_action = action
+        self.actions[action] += 1
         log.debug("adaptive check: forget %.2f, holdout drop %.2f -> %s", seen["forget"], drop, action)
         return {"holdout_retain": holdout_now, "control": _ACTION_CODES[action]}
+
+
+def forget_batch_size(config: OrthoGradConfig, forget: Dataset | DataLoader) -> int:
+    """The forget batch of a run: the config's, cut to ``ceil(n / 4)`` for a small forget set when the adaptive
+    schedule's default was left in place (so the controller's four checks an epoch each follow a step)."""
+    if config.schedule != "adaptive" or not config._forget_batch_defaulted or isinstance(forget, DataLoader):
+        return config.forget_batch_size
+    size = len(dataset_of(forget))  # type: ignore[arg-type]
+    return max(1, min(config.forget_batch_size, math.ceil(size / _CHECKS_PER_EPOCH)))
 
 
 def split_holdout(

@@ -7,10 +7,16 @@ The adaptive schedule therefore
 
 1. normalises both terms before mixing, so ``share`` (= 1 - alpha) is the fraction of the update that forgets,
    whatever the norms;
-2. after each check of the stop rule, raises the pressure while the forget metric stalls (first the share,
+2. after each check of the stop rule, raises the pressure while forgetting is too slow (first the share,
    halving the retain share, then, at the largest share, the learning rate), and backs off (halving the share,
    then a raised learning rate back toward its start) when the held-out retain slice (carved from the retain set,
    never trained on) has degraded by more than its sampling noise and the user's tolerance.
+
+"Too slow": when the stop rule names the forget metric's target and the run's step budget is known, forgetting
+is on pace when the metric, moving as fast as it did since the last check, would reach the target within the
+steps left; otherwise (a custom rule, no rule) when the metric did not move toward forgetting and the forget loss
+did not rise. The pace test is what makes the controller act on continuous metrics (a language model's answer
+probability falls a little at every check, so it never "stalls", yet at that speed it would not arrive).
 
 Everything here is plain arithmetic on scalars, so the rule can be tested without a model.
 """
@@ -80,25 +86,48 @@ class ForgetPressure:
 
 @dataclass
 class ProgressMeter:
-    """Did forgetting progress since the last check? The forget metric moved toward forgetting, or the forget loss
-    (averaged over the steps since the last check) rose by ``loss_rise`` relative to the previous window.
+    """Did forgetting progress enough since the last check?
 
-    The loss is the earlier signal: on class forgetting, accuracy sits at 100% for a while before it falls.
-    ``higher_is_better`` is the task metric's direction (accuracy: True, WER: False); forgetting moves against it.
+    With a ``target`` (the forget metric value the stop rule waits for) and the number of steps left: whether the
+    metric is on pace to reach it in time (``on_pace``). Without: whether the forget metric moved toward
+    forgetting, or the forget loss (averaged over the steps since the last check) rose by ``loss_rise`` relative
+    to the previous window (the loss is the earlier signal: on class forgetting, accuracy sits at 100% for a
+    while before it falls). ``higher_is_better`` is the task metric's direction (accuracy: True, WER: False);
+    forgetting moves against it.
     """
 
     higher_is_better: bool
     loss_rise: float = 0.1
+    target: float | None = None
     _metric: float | None = None
     _loss: float | None = None
 
-    def progressed(self, *, forget_metric: float, forget_loss: float) -> bool:
+    def progressed(
+        self, *, forget_metric: float, forget_loss: float, steps: int = 1, steps_left: int | None = None
+    ) -> bool:
+        """``steps``: optimizer steps since the last check; ``steps_left``: steps the budget still allows."""
         metric_before, loss_before = self._metric, self._loss
         self._metric, self._loss = forget_metric, forget_loss
         if metric_before is None or loss_before is None:
             return True  # the first check has no window to compare with
+        if self.target is not None and steps_left is not None:
+            # past the target (a rule that reads another metric, e.g. truth ratios, has not fired yet): no raise
+            if (forget_metric <= self.target) if self.higher_is_better else (forget_metric >= self.target):
+                return True
+            return on_pace(before=metric_before, now=forget_metric, target=self.target, steps=steps,
+                           steps_left=steps_left)
         moved = metric_before - forget_metric if self.higher_is_better else forget_metric - metric_before
         return moved > 0 or forget_loss > loss_before * (1.0 + self.loss_rise)
+
+
+def on_pace(*, before: float, now: float, target: float, steps: int, steps_left: int) -> bool:
+    """Whether a metric that went from ``before`` to ``now`` in ``steps`` steps, still moving toward ``target``
+    at that rate, reaches it within ``steps_left`` more steps (linear extrapolation; at the target: True)."""
+    gap = abs(now - target)
+    if gap == 0.0:
+        return True
+    rate = (abs(before - target) - gap) / max(steps, 1)
+    return rate > 0 and rate * steps_left >= gap
 
 
 def retain_drop(*, before: float, now: float, higher_is_better: bool) -> float:

@@ -42,6 +42,7 @@ class Task(abc.ABC):
     name: ClassVar[str]
     metric: str  # e.g. "accuracy" or "wer", reported in percent (a class attribute, or set per instance)
     higher_is_better: ClassVar[bool]
+    lora_mlp: ClassVar[bool] = False  # default LoRA targets include the transformer blocks' MLP projections
 
     @abc.abstractmethod
     def logits(self, model: nn.Module, batch: Any) -> torch.Tensor:

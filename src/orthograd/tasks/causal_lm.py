@@ -12,6 +12,12 @@ percent. It needs one teacher-forced forward per batch, so the stop rules stay c
 carries over: ``stop="random"`` stops once forget answers are no more likely than held-out (test) answers,
 ``stop="class"`` once they fall below 1%. ``metric="rouge_l"`` uses ROUGE-L recall of greedy answers instead
 (TOFU's generation metric; needs ``rouge-score``, the ``llm`` extra), slower as it decodes token by token.
+
+The documented way to unlearn QA pairs: ``unlearn(model, forget, retain, task="causal_lm", stop="random",
+test=never_seen)`` with ``never_seen`` QA pairs of the same kind the model never trained on (forget answers end no
+more likely than answers it never saw, + 0.5 points). With paraphrased and perturbed answers at hand,
+``tasks.tofu.TruthRatioRule`` is TOFU's reading instead (truth ratios indistinguishable from never-seen
+questions', KS test). Default LoRA targets for this task: the attention and MLP projections of every block.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class CausalLMTask(Task):
     name: ClassVar[str] = "causal_lm"
     metric: str = "answer_probability"
     higher_is_better: ClassVar[bool] = True
+    lora_mlp: ClassVar[bool] = True  # memorised facts live in the MLPs too: attention-only adapters forget slower
 
     def __init__(
         self,

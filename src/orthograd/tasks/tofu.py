@@ -9,6 +9,9 @@ As TOFU's evaluation code computes them, with "probability" the length-normalise
   model and of a model retrained without the forget set, on the forget questions (high: indistinguishable);
 - model utility: the harmonic mean of answer probability, ROUGE-L and truth score ``mean(max(0, 1 - 1/R))`` on
   each retained set (retained authors, held-out phrasings).
+
+``TruthRatioRule`` is TOFU's forget-quality reading as a stop rule for users without a retrained model: stop once
+the forget questions' truth ratios are indistinguishable (KS test) from those of questions the model never saw.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from orthograd.tasks.causal_lm import CausalLMTask
 from orthograd.tasks.qa_text import QAEncoder
 
 EVAL_BATCH_SIZE = 64
+TRUTH_RATIO_KS_LEVEL = 0.05  # the KS test's level: p >= 0.05 reads as "indistinguishable"
+PACE_TOLERANCE_POINTS = 0.5  # as stop="random": the answer-probability level the forget set heads for, plus this
 
 
 class QA(Protocol):
@@ -121,3 +126,61 @@ def tofu_metrics(
     if retrained_forget_ratios is not None:
         out["forget_quality"] = forget_quality(ratios, retrained_forget_ratios)
     return out
+
+
+class TruthRatioRule:
+    """Stop once the forget set's truth-ratio distribution is indistinguishable from the never-seen set's.
+
+    At each check the rule measures TOFU's truth ratio of every forget and every never-seen QA pair under the
+    model being unlearned and runs a two-sample Kolmogorov-Smirnov test between the two sets of ratios; it fires
+    when the p-value reaches ``level`` (0.05: the test no longer tells the forget questions from questions the
+    model never learnt). This is TOFU's forget quality with the never-seen questions standing in for a model
+    retrained without the forget set, for users who have none. The metric it reads is ``metric``
+    ("truth_ratio_ks_p", written into every history row by the runner through ``measure``), its direction
+    higher-is-forgotten. With ``original`` (the model before unlearning), ``target`` is the never-seen answers'
+    mean answer probability under it plus half a point: the forget answer probability OrthoGrad's adaptive
+    schedule paces its pressure on (the p-value itself jumps too abruptly to pace on).
+    """
+
+    metric: str = "truth_ratio_ks_p"
+    higher_is_better: bool = True
+    needs: tuple[str, ...] = ("forget",)  # the checks also evaluate the forget set's answer probability
+
+    def __init__(
+        self,
+        *,
+        forget: Sequence[QA],
+        never_seen: Sequence[QA],
+        encoder: QAEncoder,
+        level: float = TRUTH_RATIO_KS_LEVEL,
+        original: nn.Module | None = None,
+    ) -> None:
+        if not forget or not never_seen:
+            raise ValueError("TruthRatioRule needs forget and never_seen QA pairs (each with paraphrase and "
+                             "perturbed answers)")
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"level must be in (0, 1), got {level}")
+        self.forget, self.never_seen, self.encoder, self.level = list(forget), list(never_seen), encoder, level
+        self.target: float | None = None
+        if original is not None:
+            device = _device_of(original)
+            losses = answer_losses(original, [p.question for p in self.never_seen],
+                                   [p.answer for p in self.never_seen], encoder=encoder, device=device)
+            self.target = 100.0 * float(np.exp(-losses).mean()) + PACE_TOLERANCE_POINTS
+
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        """The KS p-value between the forget and never-seen truth ratios of ``model``, keyed by ``metric``."""
+        device = _device_of(model)
+        forget = truth_ratios(model, self.forget, encoder=self.encoder, device=device)
+        never_seen = truth_ratios(model, self.never_seen, encoder=self.encoder, device=device)
+        return {self.metric: forget_quality(forget, never_seen)}
+
+    def __call__(self, row: Mapping[str, Any]) -> bool:
+        return bool(row[self.metric] >= self.level)
+
+    def __repr__(self) -> str:
+        return f"TruthRatioRule({self.metric} >= {self.level})"
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

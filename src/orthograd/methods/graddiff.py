@@ -1,0 +1,144 @@
+"""GradDiff: ``gamma`` times gradient ascent on the forget set plus ``alpha`` times a retain loss.
+
+As OpenUnlearning codes it (``src/trainer/unlearn/grad_diff.py``, ``configs/trainer/GradDiff.yaml``), the
+language-model baseline TOFU, MUSE and WMDP users compare against:
+
+    L = gamma * (-NLL(forget batch)) + alpha * R(retain batch),   R = NLL, or KL(original || model) per token
+
+with gamma = alpha = 1. Each forget batch is paired with the next batch of a reshuffled cycle of the retain set
+(OpenUnlearning's ``anchor: forget``), one optimizer step per pair. It differs from NegGrad+ (``neggrad+``,
+Kurmanji et al.) by its weights (1 and 1, not a convex 0.05/0.95 split), its optimizer (AdamW, not SGD), its epoch
+(a pass over the forget set, not the retain set), the KL option and no proximal term.
+
+``ForgetRetainMethod`` is the shared loop of the OpenUnlearning family (GradDiff, SimNPO, RMU): a subclass
+only says what its forget term is, and may add retain terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from orthograd.methods._common import descend
+from orthograd.methods.base import IterativeConfig, MethodContext, OptimizerName, UnlearningMethod, make_optimizer
+from orthograd.methods.registry import register
+from orthograd.tasks.base import IGNORE_INDEX, Task
+
+RetainLoss = Literal["nll", "kl"]
+
+
+@dataclass
+class ForgetRetainConfig(IterativeConfig):
+    """Hyperparameters shared by GradDiff, SimNPO and RMU; defaults are OpenUnlearning's TOFU runs.
+
+    gamma: weight of the forget term; alpha: weight of the retain term; retain_loss: "nll" (the task's loss on
+    the retain batch) or "kl" (KL from the frozen original's next-token distribution to the model's, per token).
+    AdamW(lr 1e-5, weight decay 0.01), batch 32 on each set (OpenUnlearning: 8 per device x 4 accumulation steps).
+
+    [DEVIATION] OpenUnlearning's NLL terms are the token mean over the whole batch (HF's ``outputs.loss``); here
+    they are the task's mean loss (per-sequence token means, averaged), as every method of the library uses; its
+    KL averages over every position including padding, here over the non-padding positions. Its learning rate is
+    for full fine-tuning of 1-8 B models; the runner's fairness policy trains the same LoRA adapters as OrthoGrad
+    (unless ``lora=None``), which usually wants a larger ``lr``.
+    """
+
+    gamma: float = 1.0
+    alpha: float = 1.0
+    retain_loss: RetainLoss = "nll"
+    lr: float = 1e-5
+    forget_batch_size: int = 32
+    retain_batch_size: int = 32
+    optimizer: OptimizerName = "adamw"
+    weight_decay: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.gamma > 0:
+            raise ValueError(f"gamma (the forget term's weight) must be > 0, got {self.gamma}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha (the retain term's weight) must be >= 0 (0: no retain term), got {self.alpha}")
+
+
+def retain_kl(task: Task, model: torch.nn.Module, original: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """KL(original || model) of the output distributions: per sample for ``[B, C]`` logits; per position,
+    averaged over the non-padding positions (``attention_mask``, else the labelled ones), for ``[B, T, V]``."""
+    log_model = F.log_softmax(task.logits(model, batch), dim=-1)
+    with torch.no_grad():
+        log_original = F.log_softmax(task.logits(original, batch), dim=-1)
+    per_position = (log_original.exp() * (log_original - log_model)).sum(dim=-1)
+    if per_position.dim() == 1:
+        return per_position.mean()
+    mask = _positions(batch, task, like=per_position)
+    return (per_position * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _positions(batch: Any, task: Task, *, like: torch.Tensor) -> torch.Tensor:
+    """1.0 at the ``[B, T']`` positions a per-position loss counts: the attended inputs, else the labelled ones."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        return batch["attention_mask"][:, : like.shape[1]].to(like.dtype)
+    return (task.targets(batch) != IGNORE_INDEX).to(like.dtype)
+
+
+ForgetRetainConfigT = TypeVar("ForgetRetainConfigT", bound=ForgetRetainConfig)
+
+
+class ForgetRetainMethod(UnlearningMethod[ForgetRetainConfigT]):
+    """``gamma * forget_term(forget batch) + alpha * retain_term(retain batch)``, one step per forget batch."""
+
+    train_mode: ClassVar[bool] = True  # OpenUnlearning trains under HF's Trainer (dropout on)
+
+    def __init__(self, config: ForgetRetainConfigT, context: MethodContext) -> None:
+        super().__init__(config, context)
+        self.original = context.teacher() if self.needs_original() else None
+        self.optimizer = make_optimizer(config, list(context.trainable_parameters().values()))
+        self._retain = context.endless(context.loader("retain", batch_size=config.retain_batch_size))
+
+    def needs_original(self) -> bool:
+        """Whether the loss reads the frozen original model (taken before the first update)."""
+        return self.config.retain_loss == "kl"
+
+    def forget_term(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The forget term on a forget batch (to be minimised), and statistics."""
+        raise NotImplementedError
+
+    def retain_term(self, batch: Any) -> torch.Tensor:
+        """The retain term on a retain batch: the task loss or the KL to the original."""
+        task, model = self.context.task, self.context.model
+        if self.config.retain_loss == "kl":
+            assert self.original is not None
+            return retain_kl(task, model, self.original, batch)
+        return task.mean_loss(model, batch)
+
+    def objective(self, forget_batch: Any, retain_batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one step and its parts."""
+        cfg = self.config
+        forget, stats = self.forget_term(forget_batch)
+        loss = cfg.gamma * forget
+        stats["forget_term"] = float(forget.detach())
+        if cfg.alpha > 0:
+            retain = self.retain_term(retain_batch)
+            loss = loss + cfg.alpha * retain
+            stats["retain_term"] = float(retain.detach())
+        return loss, stats
+
+    def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
+        forget_loader = self.context.loader("forget", batch_size=self.config.forget_batch_size)
+        for forget_batch in self.context.batches(forget_loader):
+            loss, stats = self.objective(forget_batch, next(self._retain))
+            descend(self.optimizer, loss)
+            yield {"loss": float(loss.detach()), **stats}
+
+
+@register
+class GradDiff(ForgetRetainMethod[ForgetRetainConfig]):
+    """Ascent on the forget loss plus descent on the retain loss (OpenUnlearning's GradDiff)."""
+
+    name: ClassVar[str] = "graddiff"
+
+    def forget_term(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        forget_loss = self.context.task.mean_loss(self.context.model, batch)
+        return -forget_loss, {"forget_loss": float(forget_loss.detach())}
