@@ -32,7 +32,7 @@ from orthograd.bench.jobs import Job, job_key
 from orthograd.bench.image import execute
 from orthograd.distributed import unlearn_distributed
 from orthograd.distributed.bench import run_bench_distributed
-from orthograd.distributed.ghost import data_parallel_ghost_span
+from orthograd.distributed.ghost import data_parallel_ghost_span, pair_owner
 from orthograd.distributed.collectives import gather_counts, global_combination, global_gram_and_product
 from orthograd.distributed.sharding import ShardedContext
 from orthograd.distributed.span import DataParallelSpan
@@ -206,6 +206,34 @@ def _ghost_span_direction(rank: int, *, chunk_size: int | None) -> torch.Tensor:
     direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=span_helpers.adaptive_weights)
     assert direction is not None
     return span_helpers.flat(direction.update)
+
+
+def test_three_ranks_form_every_cross_block_once(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(span_helpers.three_rank_direction, args=(port, str(tmp_path)), nprocs=3, join=True)
+    model, forget_grad, batch = span_helpers.problem()
+    per_sample, losses = per_sample_grads_and_losses(model, span_helpers.loss_fn, batch, engine="loop")
+    span = MaterialisedSpan(per_sample, forget_grad, retain_loss=float(losses.mean()))
+    direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=span_helpers.adaptive_weights)
+    assert direction is not None
+    expected = span_helpers.flat(direction.update)
+    for rank in range(3):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        torch.testing.assert_close(got["gram"], span.gram, rtol=1e-10, atol=1e-12 * float(span.gram.abs().max()))
+        assert float((got["update"] - expected).norm() / expected.norm()) <= 1e-9
+
+
+@pytest.mark.parametrize("world_size", range(2, 9))
+def test_every_pair_of_ranks_has_one_owner_and_the_work_is_balanced(world_size: int) -> None:
+    owned = [0] * world_size
+    for r in range(world_size):
+        for s in range(r + 1, world_size):
+            owner = pair_owner(r, s)
+            assert owner in (r, s) and owner == pair_owner(s, r)
+            owned[owner] += 1
+    assert max(owned) - min(owned) <= 1
 
 
 @pytest.fixture(scope="module")
