@@ -1,15 +1,23 @@
 """One small OrthoGrad step for the retain-span tests: a float64 CNN, a forget gradient and a retain batch.
 
 ``tests/test_span.py`` builds the materialised and the ghost span of it; ``tests/test_distributed.py`` the
-data-parallel span, its retain rows split over two ranks. All three must give the same direction.
+data-parallel spans, its retain rows split over two ranks (and over three: ``three_rank_direction``, here so that a
+spawned rank imports only this light module). All must give the same direction.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from orthograd.distributed.ghost import data_parallel_ghost_span
+from orthograd.grads.ghost import ghost_span
+from orthograd.methods.direction import orthograd_direction
 from orthograd.models import SmallCNN
 
 RETAIN, FORGET = 6, 4
@@ -43,3 +51,20 @@ def adaptive_weights(*, retain_norm: float, orthogonal_norm: float) -> tuple[flo
 
 def flat(update: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in update.values()])
+
+
+def three_rank_direction(rank: int, port: int, out_dir: str) -> None:
+    """A spawned rank of 3: the ghost span's Gram and direction with the retain rows split 1 + 2 + 3, saved."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,
+                            timeout=timedelta(seconds=60))
+    try:
+        model, forget_grad, (x, y) = problem()
+        start = [0, 1, 3, RETAIN]
+        shard = (x[start[rank] : start[rank + 1]], y[start[rank] : start[rank + 1]])
+        span = data_parallel_ghost_span(ghost_span(model, loss_fn, shard, probe=forget_grad))
+        direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=adaptive_weights)
+        assert direction is not None
+        torch.save({"gram": span.gram, "update": flat(direction.update)}, Path(out_dir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()

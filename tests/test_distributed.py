@@ -32,12 +32,13 @@ from orthograd.bench.jobs import Job, job_key
 from orthograd.bench.image import execute
 from orthograd.distributed import unlearn_distributed
 from orthograd.distributed.bench import run_bench_distributed
-from orthograd.distributed.ghost import data_parallel_ghost_span
+from orthograd.distributed.ghost import data_parallel_ghost_span, pair_owner
 from orthograd.distributed.collectives import gather_counts, global_combination, global_gram_and_product
 from orthograd.distributed.sharding import ShardedContext
 from orthograd.distributed.span import DataParallelSpan
 from orthograd.grads import per_sample_grads_and_losses
 from orthograd.grads.ghost import ghost_span
+from orthograd.grads.ghost_math import Outer
 from orthograd.grads.span import MaterialisedSpan
 from orthograd.methods.direction import orthograd_direction
 from orthograd.models import SmallCNN
@@ -158,6 +159,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results["collectives"] = _collectives(rank)
         results["span"] = {nan: _span_direction(rank, nan_retain_sample=nan) for nan in (False, True)}
         results["ghost_span"] = {chunk: _ghost_span_direction(rank, chunk_size=chunk) for chunk in (None, 1)}
+        results["factored"] = _factored_exchange(rank)
         raw = _bench_raw(str(Path(out_dir) / "cache"))
         starts: list[tuple[str, int]] = []
         for _ in range(2):  # the second call resumes a finished bench: nothing runs, nothing is appended
@@ -196,6 +198,37 @@ def _span_direction(rank: int, *, nan_retain_sample: bool) -> torch.Tensor | Non
     return None if direction is None else span_helpers.flat(direction.update)
 
 
+def _wide_mlp() -> torch.nn.Module:
+    """Linear layers whose per-sample gradients are large next to their factors (the ghost form is cheaper)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.Tanh(), torch.nn.Linear(40, 5)).double()
+
+
+def _factored_exchange(rank: int) -> dict[str, Any]:
+    """The global Gram of a wide MLP's ghost span over 2 + 3 rows, counting per-sample gradient materialisations."""
+    model = _wide_mlp()
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4])
+    rows = slice(0, 2) if rank == 0 else slice(2, 5)
+    probe = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    local = ghost_span(model, span_helpers.loss_fn, (x[rows], y[rows]), probe=probe)
+    forms = sorted({type(p).__name__ for chunks in local.pieces.values() for _, p in chunks})
+    calls: list[str] = []
+    originals = {name: getattr(Outer, name) for name in ("_materialise", "combine")}  # the two ways to form G
+
+    def counted(name: str) -> Any:
+        return lambda self, *args: calls.append(name) or originals[name](self, *args)
+
+    try:
+        for name in originals:
+            setattr(Outer, name, counted(name))
+        span = data_parallel_ghost_span(local)
+    finally:
+        for name, method in originals.items():
+            setattr(Outer, name, method)
+    return {"gram": span.gram, "forms": forms, "materialised": len(calls)}
+
+
 def _ghost_span_direction(rank: int, *, chunk_size: int | None) -> torch.Tensor:
     """The direction over the data-parallel ghost span of this rank's rows of the span problem."""
     model, forget_grad, (x, y) = span_helpers.problem()
@@ -206,6 +239,34 @@ def _ghost_span_direction(rank: int, *, chunk_size: int | None) -> torch.Tensor:
     direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=span_helpers.adaptive_weights)
     assert direction is not None
     return span_helpers.flat(direction.update)
+
+
+def test_three_ranks_form_every_cross_block_once(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(span_helpers.three_rank_direction, args=(port, str(tmp_path)), nprocs=3, join=True)
+    model, forget_grad, batch = span_helpers.problem()
+    per_sample, losses = per_sample_grads_and_losses(model, span_helpers.loss_fn, batch, engine="loop")
+    span = MaterialisedSpan(per_sample, forget_grad, retain_loss=float(losses.mean()))
+    direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=span_helpers.adaptive_weights)
+    assert direction is not None
+    expected = span_helpers.flat(direction.update)
+    for rank in range(3):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        torch.testing.assert_close(got["gram"], span.gram, rtol=1e-10, atol=1e-12 * float(span.gram.abs().max()))
+        assert float((got["update"] - expected).norm() / expected.norm()) <= 1e-9
+
+
+@pytest.mark.parametrize("world_size", range(2, 9))
+def test_every_pair_of_ranks_has_one_owner_and_the_work_is_balanced(world_size: int) -> None:
+    owned = [0] * world_size
+    for r in range(world_size):
+        for s in range(r + 1, world_size):
+            owner = pair_owner(r, s)
+            assert owner in (r, s) and owner == pair_owner(s, r)
+            owned[owner] += 1
+    assert max(owned) - min(owned) <= 1
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +331,18 @@ def test_data_parallel_ghost_span_gives_the_single_process_direction(ranks: list
     for rank in ranks:
         for chunk, got in rank["ghost_span"].items():  # whole shards, and 1-sample chunks (cross-chunk blocks)
             assert float((got - expected).norm() / expected.norm()) <= 1e-9, chunk
+
+
+def test_factored_pieces_cross_ranks_without_materialising_per_sample_gradients(ranks: list[dict[str, Any]]) -> None:
+    model = _wide_mlp()
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    per_sample, _ = per_sample_grads_and_losses(model, span_helpers.loss_fn, (x, torch.arange(5)), engine="loop")
+    G = torch.cat([g.reshape(5, -1) for g in per_sample.values()], dim=1)
+    for rank in ranks:
+        got = rank["factored"]
+        assert "Outer" in got["forms"]  # the weights' pieces are factored on this rank ...
+        assert got["materialised"] == 0  # ... and their cross-rank blocks are formed from the factors
+        torch.testing.assert_close(got["gram"], G @ G.T, rtol=1e-10, atol=1e-12 * float((G @ G.T).abs().max()))
 
 
 @pytest.mark.parametrize("name", list(ADAPTIVE))

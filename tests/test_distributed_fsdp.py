@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from hf_helpers import QADataset, tiny_llama
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
 
@@ -47,9 +48,10 @@ def _probe_batch() -> dict[str, torch.Tensor]:
 
 def _sharded_llama() -> torch.nn.Module:
     model = tiny_llama().double()
+    mesh = init_device_mesh("cpu", (WORLD,))  # gloo ranks on CPU, whatever accelerator the machine has
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -60,7 +62,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         forget, retain = _data()
         refusals = []
-        for extra in ({}, {"inplace": True, "lora": None}):
+        for extra in ({}, {"inplace": True, "lora": None}, {"inplace": True, "engine": "vmap"}):
             try:
                 unlearn_distributed(_sharded_llama(), forget, retain, **{**OPTIONS, **extra})
             except ValueError as exc:
@@ -104,8 +106,9 @@ def test_fsdp_sharded_run_equals_single_process(ranks: list[dict[str, Any]]) -> 
                 assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-9), (row, key)
 
 
-def test_fsdp_runs_need_inplace_and_lora(ranks: list[dict[str, Any]]) -> None:
+def test_fsdp_runs_need_inplace_lora_and_the_ghost_engine(ranks: list[dict[str, Any]]) -> None:
     for rank in ranks:
-        copy_refusal, lora_refusal = rank["refusals"]
+        copy_refusal, lora_refusal, engine_refusal = rank["refusals"]
         assert "pass inplace=True" in copy_refusal
         assert "instead of lora=None" in lora_refusal
+        assert "needs the ghost engine" in engine_refusal

@@ -22,7 +22,7 @@ All functions are collective: every rank of ``group`` calls them in the same ord
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,9 +136,7 @@ def _in_form(piece: Piece, form: str) -> Piece:
     """The bare piece in the agreed form: a factored piece materialised (``weights = I``) when the form is dense."""
     bare = _bare(piece)
     if form == "dense" and isinstance(bare, Outer):
-        eye = torch.eye(bare.n, dtype=torch.float64 if bare.grads.dtype == torch.float64 else torch.float32,
-                        device=bare.grads.device)
-        return Dense(bare.combine(eye))
+        return Dense(bare.combine(torch.eye(bare.n, device=bare.grads.device)))
     return bare
 
 
@@ -182,7 +180,7 @@ def _broadcast_pieces(
     dist.broadcast_object_list(header, src=global_source, group=group)
     layout: dict[str, list[tuple[int, list[tuple[torch.Size, torch.dtype]]]]] = header[0]
     device = _tensors(next(iter(like.values()))[0][1])[0].device
-    sent = [t for chunks in pieces.values() for _, p in chunks for t in _tensors(p)] if pieces is not None else []
+    sent = None if pieces is None else [t for chunks in pieces.values() for _, p in chunks for t in _tensors(p)]
     specs = [spec for chunks in layout.values() for _, tensors in chunks for spec in tensors]
     received = _broadcast_tensors(sent, specs, device=device, source=global_source, group=group)
     out: dict[str, Chunks] = {}
@@ -206,19 +204,18 @@ def _cross_gram(mine: Mapping[str, Chunks], theirs: Mapping[str, Chunks], *, row
 
 
 def _broadcast_tensors(
-    sent: list[torch.Tensor],
+    sent: list[torch.Tensor] | None,
     specs: list[tuple[torch.Size, torch.dtype]],
     *,
     device: torch.device,
     source: int,
     group: dist.ProcessGroup | None,
-) -> Any:
-    """The tensors of ``specs`` (``sent`` on the source, ignored elsewhere), one broadcast per dtype; an iterator."""
-    dtypes = list(dict.fromkeys(dtype for _, dtype in specs))
+) -> Iterator[torch.Tensor]:
+    """The tensors of ``specs`` in order (``sent`` on the source, None elsewhere), one broadcast per dtype."""
     buffers = {}
-    for dtype in dtypes:
+    for dtype in dict.fromkeys(dtype for _, dtype in specs):
         sizes = [shape.numel() for shape, d in specs if d == dtype]
-        if sent:
+        if sent is not None:
             flat = torch.cat([t.detach().reshape(-1) for t in sent if t.dtype == dtype])
         else:
             flat = torch.empty(sum(sizes), dtype=dtype, device=device)

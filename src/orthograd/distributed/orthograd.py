@@ -70,6 +70,12 @@ class DataParallelGradients:
 
     def __init__(self, local: LocalGradients, *, group: dist.ProcessGroup | None = None) -> None:
         world(group)  # a clear error when no process group is initialised
+        if is_fsdp_sharded(local.context.model) and local.chosen != "ghost" and local.config.retain_grads != "mean":
+            raise ValueError(
+                f"a model sharded by FSDP needs the ghost engine (torch.func cannot run its collective forward per "
+                f"sample), but engine {local.chosen!r} was chosen: train LoRA on linear layers, or pass engine='ghost' "
+                "to see why a layer refuses it"
+            )
         self.local = local
         self.group = group
         self.shapes = {name: p.shape for name, p in local.params.items()}
