@@ -231,7 +231,8 @@ def test_max_steps_is_a_budget_in_steps_that_does_not_shrink_with_a_small_forget
     train, _ = digits
     forget, retain = _class_split(train)
     small = torch.utils.data.Subset(forget, range(8))  # one batch of 32: one step per epoch
-    result = og.unlearn(digits_model, small, retain, stop="never", max_steps=40, lr=1e-5, verbose=False)
+    result = og.unlearn(digits_model, small, retain, stop="never", max_steps=40, lr=1e-5, forget_batch_size=32,
+                        verbose=False)
     assert result.stop_reason == "max_steps" and result.steps == 40 and result.final["step"] == 40
     assert result.epochs >= 39  # not capped by the default 30 epochs
     both = og.unlearn(digits_model, forget, retain, stop="never", max_steps=3, max_epochs=5, lr=1e-5, verbose=False)
