@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from orthograd.api import unlearn
 from orthograd.asr_bench.config import RunSpec, SpeakerBenchConfig, load_config
 from orthograd.asr_bench.corpus import SpeakerCorpus, build_corpus
 from orthograd.asr_bench.tables import speaker_tables
@@ -35,7 +34,7 @@ from orthograd.bench.config import content_hash
 from orthograd.bench.engine import FinishedRuns, OnRun, Phase
 from orthograd.bench.experiments import run_experiment
 from orthograd.bench.model_store import ModelStore
-from orthograd.bench.protocol import eval_every_for
+from orthograd.bench.protocol import bench_unlearn, eval_every_for
 from orthograd.bench.records import record_envelope
 from orthograd.data.audio import SpeechDataset
 from orthograd.data.librispeech import SpeakerSplit, Utterance, pick_speakers, speaker_unlearning_split, speakers_of
@@ -308,7 +307,7 @@ class SpeakerExperiment:
             return self._record(job, record_envelope(**envelope, seed=None), metrics)
         log.info("speaker %s: %s", job.speaker, job.variant)
         stop_wer = config.unlearning.stop_wer
-        result = unlearn(
+        result = bench_unlearn(
             ctx.original,
             sets["unlearn"],
             sets["retain"],

@@ -56,10 +56,11 @@ def speaker_tables(records: Sequence[Mapping[str, Any]], config: SpeakerBenchCon
     for table in (1, 2):
         rows = []
         for label in labels:
-            chosen = [r for r in tested if r["label"] == label]
-            if table not in tables_of[label] or not chosen:
+            of_label = [r for r in tested if r["label"] == label]
+            if table not in tables_of[label] or not of_label:
                 continue
-            variant = chosen[0]["variant"]
+            variant = of_label[0]["variant"]  # the one variant the plan ran on the test speakers
+            chosen = [r for r in of_label if r["variant"] == variant]
             own = [r for r in validation if r["label"] == label]
             if own and table == min(tables_of[label]):
                 choices.append(_selection_line(label, variant, own, target))

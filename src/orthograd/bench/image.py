@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from orthograd.api import unlearn
 from orthograd.bench.config import content_hash
 from orthograd.bench.image_config import BenchConfig
 from orthograd.bench.data import BenchData, load_bench_data
@@ -29,7 +27,9 @@ from orthograd.bench.experiments import local_executor
 from orthograd.bench.jobs import SWEEP, Job, check_disjoint, job_key, make_split, n_splits, split_seed
 from orthograd.bench.memory import PeakMemory
 from orthograd.bench.printer import run_line
-from orthograd.bench.protocol import eval_every_for, extend_edges, grid_size, method_accepts, trials
+from orthograd.bench.protocol import (
+    bench_unlearn, eval_every_for, extend_edges, grid_size, method_accepts, trials,
+)
 from orthograd.bench.records import record_envelope
 from orthograd.bench.report import report_records
 from orthograd.bench.training import ModelCache, evaluate, indices_fingerprint
@@ -162,7 +162,6 @@ class JobInputs:
             forget_size=len(self.split.forget),
             target_reached=target_reached(self.config.scenario.kind, result.original, result.final)
             if self.config.unlearn.stop else None,
-            missed_target=result.missed_target,
             original_hash=self.config.original_hash(),
             device=str(device),
             **extra,
@@ -176,12 +175,8 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
     evaluation = ctx.data.validation if job.phase == "sweep" else ctx.data.test
     assert evaluation is not None  # a sweep requires data.validation_size > 0 (config check)
     options = inputs.unlearn_options(device=ctx.device)
-    with PeakMemory(ctx.device) as memory, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = unlearn(ctx.original, inputs.forget, inputs.retain, test=evaluation, **options)
-    for warning in caught:  # a missed target is in the record, the run's line and the table, not a warning
-        if str(warning.message) != result.missed_target:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    with PeakMemory(ctx.device) as memory:
+        result = bench_unlearn(ctx.original, inputs.forget, inputs.retain, test=evaluation, **options)
     reference = job.reference or {}
     retrain_time = reference.get("train_time_s")
     record = inputs.record(
