@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from orthograd.grads.functorch import PerSampleGradError, batch_size_of, batchnorm_in_eval
 from orthograd.grads.ghost_layers import layer_pieces
 from orthograd.grads.ghost_layers import unsupported_reason as layer_unsupported_reason
-from orthograd.grads.ghost_math import Piece, summed_only
+from orthograd.grads.ghost_math import Dense, Piece, summed_only, workspace
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -379,11 +379,20 @@ def _summed(piece: Piece, like: torch.Tensor) -> torch.Tensor:
 def _accumulate(
     pieces: Mapping[str, list[tuple[int, Piece]]], probe: Mapping[str, torch.Tensor], k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over parameters of the Gram blocks between every pair of chunks, and of the products with ``probe``."""
+    """Sum over parameters of the Gram blocks between every pair of chunks, and of the products with ``probe``.
+
+    Materialised pieces (``Dense``: norm and bias parameters, small factors) are joined side by side per chunk and
+    take one float64 product per block for all of them (``_dense_blocks``) instead of one per parameter.
+    """
     device = probe[next(iter(pieces))].device
     gram = torch.zeros(k, k, dtype=torch.float64, device=device)
     product = torch.zeros(k, dtype=torch.float64, device=device)
+    dense = [name for name, chunks in pieces.items() if all(isinstance(piece, Dense) for _, piece in chunks)]
+    for group in _column_groups(dense, pieces, device):
+        _dense_blocks(gram, product, {name: pieces[name] for name in group}, probe)
     for name, chunks in pieces.items():
+        if name in dense:
+            continue
         for i, (start_i, piece_i) in enumerate(chunks):
             rows = slice(start_i, start_i + piece_i.n)
             block, dot = piece_i.gram_and_dot(probe[name])  # one pass over the chunk's per-sample gradients
@@ -395,3 +404,44 @@ def _accumulate(
                 gram[rows, cols] += block
                 gram[cols, rows] += block.T
     return gram, product
+
+
+def _column_groups(
+    names: list[str], pieces: Mapping[str, list[tuple[int, Piece]]], device: torch.device
+) -> Iterator[list[str]]:
+    """``names`` in consecutive groups whose per-sample gradients, side by side for one chunk, fit the workspace."""
+    group: list[str] = []
+    width = 0
+    for name in names:
+        piece = pieces[name][0][1]
+        columns = piece.values[0].numel()  # type: ignore[attr-defined]
+        if group and (width + columns) * piece.n > workspace(device):
+            yield group
+            group, width = [], 0
+        group.append(name)
+        width += columns
+    if group:
+        yield group
+
+
+def _dense_blocks(
+    gram: torch.Tensor, product: torch.Tensor, pieces: Mapping[str, list[tuple[int, Piece]]],
+    probe: Mapping[str, torch.Tensor],
+) -> None:
+    """Add the Gram blocks and probe products of materialised pieces, joined side by side, in float64."""
+    names = list(pieces)
+    starts = [start for start, _ in pieces[names[0]]]
+    joined = [
+        torch.cat([pieces[name][c][1].values.flatten(1) for name in names], dim=1).double()  # type: ignore[attr-defined]
+        for c in range(len(starts))
+    ]
+    flat_probe = torch.cat([probe[name].reshape(-1) for name in names]).double()
+    for i, (start_i, rows_i) in enumerate(zip(starts, joined)):
+        rows = slice(start_i, start_i + rows_i.shape[0])
+        gram[rows, rows] += rows_i @ rows_i.T
+        product[rows] += rows_i @ flat_probe
+        for start_j, rows_j in zip(starts[:i], joined[:i]):
+            cols = slice(start_j, start_j + rows_j.shape[0])
+            block = rows_i @ rows_j.T
+            gram[rows, cols] += block
+            gram[cols, rows] += block.T
