@@ -1,7 +1,8 @@
 """Cost of one OrthoGrad step relative to one NegGrad+ step on the same batches (time and peak memory).
 
 For each setup, each OrthoGrad engine (reference: torch.func + QR, vmap_gram: torch.func + Gram solve, ghost:
-layer-wise Gram blocks) is timed against a NegGrad+ step (one forward/backward of beta * L_r - (1 - beta) * L_f on
+layer-wise Gram blocks, the forget and retain passes fused where memory allows; ghost_fused / ghost_two_pass: always
+one pass / always two) is timed against a NegGrad+ step (one forward/backward of beta * L_r - (1 - beta) * L_f on
 the same retain and forget batches, then the same optimizer step), interleaved, median of ``--repeats`` after one
 warm-up. OrthoGrad runs Algorithm 1 as written (``schedule="fixed"``). Peak memory is measured in separate runs: on
 CUDA the allocator's peak above what was allocated before the step; on CPU the resident set size sampled every
@@ -40,8 +41,9 @@ from orthograd.tasks import get_task
 ENGINES: dict[str, dict[str, str]] = {
     "reference": {"engine": "vmap", "projection": "qr"},
     "vmap_gram": {"engine": "vmap", "projection": "gram"},
-    "ghost": {"engine": "auto", "projection": "gram"},
-    "ghost_fused": {"engine": "auto", "projection": "gram", "fuse_passes": True},  # one pass for both batches
+    "ghost": {"engine": "auto", "projection": "gram"},  # fuse_passes="auto": one pass where memory allows
+    "ghost_fused": {"engine": "auto", "projection": "gram", "fuse_passes": True},  # always one pass for both batches
+    "ghost_two_pass": {"engine": "auto", "projection": "gram", "fuse_passes": False},
 }
 BETA = 0.95  # NegGrad+'s retain weight (SCRUB's default); it does not change the cost
 

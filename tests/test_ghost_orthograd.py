@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 from torchvision.models import VisionTransformer
 
 import orthograd as og
+from orthograd.grads import headroom
 from orthograd.lora import LoRAConfig, attach_lora
 from orthograd.methods import MethodContext, make_config, orthograd_gradients
 from orthograd.models import ResNet18, SmallCNN
@@ -144,8 +145,8 @@ def test_ghost_direction_equals_vmap_qr_reference(name):
     torch.manual_seed(0)
     model = MODELS[name]().eval()  # as the runner sets it (OrthoGrad.train_mode is False)
     reference, ref_stats = _direction(model, engine="vmap", projection="qr")
-    for chunk_size in (None, 4):
-        ghost, stats = _direction(model, engine="ghost", chunk_size=chunk_size)
+    for chunk_size, fuse_passes in ((None, False), (4, False), (None, True)):
+        ghost, stats = _direction(model, engine="ghost", chunk_size=chunk_size, fuse_passes=fuse_passes)
         assert stats["engine_ghost"] == 1.0 and ref_stats["engine_ghost"] == 0.0
         assert _relative(ghost, reference) <= 1e-5
         assert stats["kept_fraction"] == pytest.approx(ref_stats["kept_fraction"], rel=1e-5)
@@ -166,14 +167,49 @@ def test_one_ghost_pass_for_both_batches_gives_the_two_pass_direction(name, monk
         return found[-1]
 
     monkeypatch.setattr(orthograd_gradients, "ghost_span_and_mean", spy)
-    separate, stats = _direction(model, engine="ghost")
-    assert not found  # two passes unless asked: the fused pass holds both batches' activations at once
+    separate, stats = _direction(model, engine="ghost", fuse_passes=False)
+    assert not found
     fused, fused_stats = _direction(model, engine="ghost", fuse_passes=True)
     assert found and found[-1] is not None
     # float32 sums in another order (one backward of both batches' losses): round-off, which thread counts change
     assert _relative(fused, separate) <= 1e-5
     for key in ("forget_loss", "retain_loss", "kept_fraction", "retain_to_forget_norm"):
         assert fused_stats[key] == pytest.approx(stats[key], rel=1e-5)
+
+
+def test_auto_fuses_the_passes_from_the_second_step_while_free_memory_holds_the_forget_rows(monkeypatch):
+    """``fuse_passes="auto"``: the first step runs two passes and measures the captures per sample; later steps
+    share one pass while the device's free memory holds the forget rows' estimate, and go back to two when not."""
+    torch.manual_seed(0)
+    found = []
+    one_pass = orthograd_gradients.ghost_span_and_mean
+    spy = lambda *args, **kwargs: found.append(1) or one_pass(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(orthograd_gradients, "ghost_span_and_mean", spy)
+    method = _method(MODELS["cnn_lora"]().eval(), alpha=0.3, engine="ghost")
+    assert method.config.fuse_passes == "auto"
+    forget, retain = _data(FORGET, 1).tensors, _data(RETAIN, 2).tensors
+    method.update_direction(forget, retain)
+    assert not found and method.gradients.row_bytes > 0
+    method.update_direction(forget, retain)
+    assert len(found) == 1
+    need = headroom.ACTIVATIONS_PER_CAPTURE * method.gradients.row_bytes * FORGET
+    monkeypatch.setattr(headroom, "available_bytes", lambda device: int(need))  # under the 2x margin
+    method.update_direction(forget, retain)
+    assert len(found) == 1
+    chunked = _method(MODELS["cnn_lora"]().eval(), alpha=0.3, engine="ghost", chunk_size=4)
+    monkeypatch.setattr(headroom, "available_bytes", lambda device: 1 << 50)
+    for _ in range(2):
+        chunked.update_direction(forget, retain)
+    assert len(found) == 1  # a chunk size bounds the pass: never fused under "auto"
+
+
+def test_headroom_reads_the_free_memory_and_refuses_what_does_not_fit():
+    free = headroom.available_bytes(torch.device("cpu"))
+    assert free is not None and free > 0
+    assert headroom.fits(1, torch.device("cpu"))
+    assert not headroom.fits(free, torch.device("cpu"))  # the 2x margin
+    with pytest.raises(ValueError, match="fuse_passes"):
+        make_config("orthograd", {"fuse_passes": "sometimes"})
 
 
 def test_a_forget_batch_with_ignored_labels_keeps_its_own_pass():

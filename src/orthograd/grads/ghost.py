@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from orthograd.grads.functorch import PerSampleGradError, batch_size_of, batchnorm_in_eval
 from orthograd.grads.ghost_layers import layer_pieces
 from orthograd.grads.ghost_layers import unsupported_reason as layer_unsupported_reason
-from orthograd.grads.ghost_math import Piece, summed_only
+from orthograd.grads.ghost_math import Dense, Piece, summed_only, workspace
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -48,6 +48,7 @@ class GhostSpan:
     """What OrthoGrad needs of the per-sample retain gradients ``G`` ([k, d] over the chosen parameters).
 
     gram: ``G G^T`` [k, k] float64; product: ``G probe`` [k] float64; losses: the k per-sample losses.
+    row_bytes: bytes the pass captured per sample (layer inputs and output gradients), for memory estimates.
     A ``RetainSpan`` (``grads/span.py``): ``norms`` and ``update`` give OrthoGrad's terms from the k x k system alone
     and from one contraction.
     ``combine(weights)`` returns ``weights @ G`` per parameter for ``[m, k]`` weights (e.g. ``1/k`` for the mean);
@@ -59,6 +60,7 @@ class GhostSpan:
     product: torch.Tensor
     losses: torch.Tensor
     pieces: dict[str, list[tuple[int, Piece]]] | None
+    row_bytes: float = 0.0
 
     @property
     def retain_loss(self) -> float:
@@ -274,10 +276,11 @@ class _Pass:
     pieces: dict[str, list[tuple[int, Piece]]]
     mean_loss: torch.Tensor | None
     mean_pieces: dict[str, Piece]
+    row_bytes: float
 
     def span(self, probe: Mapping[str, torch.Tensor]) -> GhostSpan:
         gram, product = _accumulate(self.pieces, probe, self.k)
-        return GhostSpan(gram=gram, product=product, losses=self.losses, pieces=self.pieces)
+        return GhostSpan(gram=gram, product=product, losses=self.losses, pieces=self.pieces, row_bytes=self.row_bytes)
 
 
 def _ghost_pass(
@@ -297,13 +300,14 @@ def _ghost_pass(
     ends = [*starts[1:], batch_size_of(batch)]
     pieces: dict[str, list[tuple[int, Piece]]] = {n: [] for n in names}
     mean_pieces: dict[str, Piece] = {}
-    losses, mean_loss = [], None
+    losses, mean_loss, captured = [], None, 0
     with batchnorm_in_eval(model):
         for start, end in zip(starts, ends):
             rows = slice(start, end)
             chunk = tree_map(lambda t, rows=rows: t[rows] if isinstance(t, torch.Tensor) else t, batch)
             own = min(end, k) - start
-            chunk_losses, chunk_pieces = _chunk_pieces(model, loss_fn, chunk, own, modules, autocast_dtype)
+            chunk_losses, chunk_pieces, chunk_bytes = _chunk_pieces(model, loss_fn, chunk, own, modules, autocast_dtype)
+            captured += chunk_bytes
             losses.append(chunk_losses[:own])
             if own < end - start:
                 mean_loss = chunk_losses[own:].to(torch.promote_types(chunk_losses.dtype, torch.float32)).mean()
@@ -311,7 +315,9 @@ def _ghost_pass(
                 pieces[name].append((start, piece))
                 if mean_piece is not None:
                     mean_pieces[name] = mean_piece
-    return _Pass(k=k, losses=torch.cat(losses), pieces=pieces, mean_loss=mean_loss, mean_pieces=mean_pieces)
+    rows = batch_size_of(batch)
+    return _Pass(k=k, losses=torch.cat(losses), pieces=pieces, mean_loss=mean_loss, mean_pieces=mean_pieces,
+                 row_bytes=captured / max(rows, 1))
 
 
 def _chunk_pieces(
@@ -321,9 +327,10 @@ def _chunk_pieces(
     own: int,
     modules: Mapping[str, tuple[nn.Module, list[tuple[str, str]]]],
     autocast_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, dict[str, tuple[Piece, Piece | None]]]:
+) -> tuple[torch.Tensor, dict[str, tuple[Piece, Piece | None]], int]:
     """One forward and one backward of a chunk: its losses and the pieces of every chosen parameter, for its first
-    ``own`` samples (losses summed) and, when there are more, for the rest apart (their losses averaged)."""
+    ``own`` samples (losses summed) and, when there are more, for the rest apart (their losses averaged); and the
+    bytes of the layer inputs and output gradients it captured."""
     n = batch_size_of(chunk)
     device_type = next(model.parameters()).device.type
     amp = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
@@ -343,6 +350,7 @@ def _chunk_pieces(
         objective, [captures[name].edges[0] for name in order], allow_unused=True, materialize_grads=True
     )
     pieces: dict[str, tuple[Piece, Piece | None]] = {}
+    captured = 0
     for name, output_grads in zip(order, grads):
         module, params = modules[name]
         inputs = captures[name].inputs[0]
@@ -352,6 +360,7 @@ def _chunk_pieces(
                 "needs the sample dimension first in every layer (batch_first)"
             )
         output_grads = output_grads.detach()
+        captured += inputs.numel() * inputs.element_size() + output_grads.numel() * output_grads.element_size()
         local = layer_pieces(module, inputs[:own], output_grads[:own])
         rest = {}
         if own < n:
@@ -359,7 +368,7 @@ def _chunk_pieces(
                 rest = layer_pieces(module, inputs[own:], output_grads[own:])
         for local_name, full in params:
             pieces[full] = (local[local_name], rest.get(local_name))
-    return losses.detach(), pieces
+    return losses.detach(), pieces, captured
 
 
 def _summed(piece: Piece, like: torch.Tensor) -> torch.Tensor:
@@ -370,11 +379,20 @@ def _summed(piece: Piece, like: torch.Tensor) -> torch.Tensor:
 def _accumulate(
     pieces: Mapping[str, list[tuple[int, Piece]]], probe: Mapping[str, torch.Tensor], k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over parameters of the Gram blocks between every pair of chunks, and of the products with ``probe``."""
+    """Sum over parameters of the Gram blocks between every pair of chunks, and of the products with ``probe``.
+
+    Materialised pieces (``Dense``: norm and bias parameters, small factors) are joined side by side per chunk and
+    take one float64 product per block for all of them (``_dense_blocks``) instead of one per parameter.
+    """
     device = probe[next(iter(pieces))].device
     gram = torch.zeros(k, k, dtype=torch.float64, device=device)
     product = torch.zeros(k, dtype=torch.float64, device=device)
+    dense = [name for name, chunks in pieces.items() if all(isinstance(piece, Dense) for _, piece in chunks)]
+    for group in _column_groups(dense, pieces, device):
+        _dense_blocks(gram, product, {name: pieces[name] for name in group}, probe)
     for name, chunks in pieces.items():
+        if name in dense:
+            continue
         for i, (start_i, piece_i) in enumerate(chunks):
             rows = slice(start_i, start_i + piece_i.n)
             block, dot = piece_i.gram_and_dot(probe[name])  # one pass over the chunk's per-sample gradients
@@ -386,3 +404,44 @@ def _accumulate(
                 gram[rows, cols] += block
                 gram[cols, rows] += block.T
     return gram, product
+
+
+def _column_groups(
+    names: list[str], pieces: Mapping[str, list[tuple[int, Piece]]], device: torch.device
+) -> Iterator[list[str]]:
+    """``names`` in consecutive groups whose per-sample gradients, side by side for one chunk, fit the workspace."""
+    group: list[str] = []
+    width = 0
+    for name in names:
+        piece = pieces[name][0][1]
+        columns = piece.values[0].numel()  # type: ignore[attr-defined]
+        if group and (width + columns) * piece.n > workspace(device):
+            yield group
+            group, width = [], 0
+        group.append(name)
+        width += columns
+    if group:
+        yield group
+
+
+def _dense_blocks(
+    gram: torch.Tensor, product: torch.Tensor, pieces: Mapping[str, list[tuple[int, Piece]]],
+    probe: Mapping[str, torch.Tensor],
+) -> None:
+    """Add the Gram blocks and probe products of materialised pieces, joined side by side, in float64."""
+    names = list(pieces)
+    starts = [start for start, _ in pieces[names[0]]]
+    joined = [
+        torch.cat([pieces[name][c][1].values.flatten(1) for name in names], dim=1).double()  # type: ignore[attr-defined]
+        for c in range(len(starts))
+    ]
+    flat_probe = torch.cat([probe[name].reshape(-1) for name in names]).double()
+    for i, (start_i, rows_i) in enumerate(zip(starts, joined)):
+        rows = slice(start_i, start_i + rows_i.shape[0])
+        gram[rows, rows] += rows_i @ rows_i.T
+        product[rows] += rows_i @ flat_probe
+        for start_j, rows_j in zip(starts[:i], joined[:i]):
+            cols = slice(start_j, start_j + rows_j.shape[0])
+            block = rows_i @ rows_j.T
+            gram[rows, cols] += block
+            gram[cols, rows] += block.T

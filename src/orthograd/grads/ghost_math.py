@@ -12,7 +12,7 @@ of the per-sample gradients ``G`` of one parameter for a block of samples, witho
 ``Outer`` covers Linear and Conv2d weights (a sum over positions of outer products ``b_t a_t^T``): the Gram block is
 either the "ghost" inner product ``sum_{t,s} (a_t . a'_s)(b_t . b'_s)`` or the product of materialised per-sample
 gradients, whichever costs fewer operations. ``Lookup`` covers Embedding weights, ``Dense`` everything small.
-Working sets are bounded by ``WORKSPACE`` elements (blocks of samples, or of weight rows, are processed in turn).
+Working sets are bounded by ``workspace(device)`` elements (blocks of samples, or of weight rows, in turn).
 Convolutions weight their per-sample gradients by the layer's own weight-gradient kernel (``Outer.contract``).
 
 Precision: per-sample gradients and weighted sums are float32 (float64 for float64 models); Gram blocks and
@@ -33,6 +33,7 @@ import torch
 
 KERNEL_POSITIONS = 16  # fewer positions: one GEMM on the (small) rows beats a conv weight-gradient kernel (CPU)
 WORKSPACE = 1 << 25  # elements of the largest temporary a piece builds at once (e.g. a block of per-sample grads)
+CPU_WORKSPACE = 1 << 21  # on a CPU: float64 temporaries under glibc's 32 MiB mmap ceiling, reused, not page-faulted
 _SUMMED_ONLY: ContextVar[bool] = ContextVar("summed_only", default=False)
 
 
@@ -66,9 +67,20 @@ def _combine_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _blocks(n: int, per_sample: int) -> Iterator[slice]:
-    """Consecutive slices of ``range(n)`` whose working set (``per_sample`` elements each) fits ``WORKSPACE``."""
-    step = max(1, WORKSPACE // max(per_sample, 1))
+def workspace(device: torch.device) -> int:
+    """Elements a piece's temporaries may take at once on ``device``.
+
+    On a CPU the bound is ``CPU_WORKSPACE``: a larger temporary is a fresh mmap whose every page faults on first
+    touch (casting the 32 x 147k per-sample gradients of one ResNet18 conv to float64 took 20 ms, its Gram 15 ms),
+    whereas blocks below glibc's mmap ceiling come from the heap, already mapped. GPUs (a caching allocator) take
+    ``WORKSPACE``: fewer, larger kernels.
+    """
+    return min(WORKSPACE, CPU_WORKSPACE) if device.type == "cpu" else WORKSPACE
+
+
+def _blocks(n: int, per_sample: int, device: torch.device) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)`` whose working set (``per_sample`` elements each) fits the workspace."""
+    step = max(1, workspace(device) // max(per_sample, 1))
     for start in range(0, n, step):
         yield slice(start, min(start + step, n))
 
@@ -109,7 +121,7 @@ class Outer:
 
     ``inputs`` is what the layer saw and ``rows(inputs[block]) -> [s, T, d_in]`` turns it into per-position rows
     (a reshape for Linear, an unfold for Conv2d); ``grads`` is ``[n, T, d_out]``. The rows are formed once per pass
-    (Gram and ``G g`` together, or ``G^T w``) when they fit ``WORKSPACE``, else per block of samples.
+    (Gram and ``G g`` together, or ``G^T w``) when they fit the workspace, else per block of samples.
     ``ghost`` picks the Gram method (decided from the layer's sizes by ``prefer_ghost``). ``contract(inputs, grads)``,
     when given, is the layer's own weight-gradient kernel (``sum_i`` of the per-sample gradients of ``grads`` in the
     ``[s, T, d_out]`` layout, as a ``[d_out, d_in]`` tensor); ``combine`` uses it, and no rows, from
@@ -141,7 +153,7 @@ class Outer:
 
     def _unfolded(self) -> torch.Tensor | None:
         """All rows ``[n, T, d_in]`` in the working dtype when they fit the workspace, else None (form per block)."""
-        if self.n * self.positions * self.d_in > WORKSPACE:
+        if self.n * self.positions * self.d_in > workspace(self.grads.device):
             return None
         return self.rows(self.inputs).to(_combine_dtype(self.grads))
 
@@ -158,13 +170,13 @@ class Outer:
         if unfolded is not None:
             values = torch.bmm(b, unfolded.to(cast))
         else:
-            blocks = _blocks(self.n, self.positions * self.d_in)
+            blocks = _blocks(self.n, self.positions * self.d_in, self.grads.device)
             values = torch.cat([torch.bmm(b[block], self._a(block, None).to(cast)) for block in blocks])
         return values.flatten(1).to(dtype)
 
     def _row_chunks(self, n: int) -> Iterator[slice]:
         """Slices of the weight's output rows whose per-sample gradients for ``n`` samples fit the workspace."""
-        return _blocks(self.d_out, n * self.d_in)
+        return _blocks(self.d_out, n * self.d_in, self.grads.device)
 
     def compact(self) -> Piece:
         """``Dense`` per-sample gradients when the Gram method materialises them anyway and they are smaller than
@@ -183,7 +195,7 @@ class Outer:
         out = torch.zeros(self.n, other.n, dtype=torch.float64, device=self.grads.device)
         if self.ghost:
             a2, b2 = other._a(slice(None), theirs).double().flatten(0, 1), other.grads.double().flatten(0, 1)
-            for block in _blocks(self.n, self.positions * a2.shape[0]):
+            for block in _blocks(self.n, self.positions * a2.shape[0], self.grads.device):
                 a1, b1 = self._a(block, mine).double().flatten(0, 1), self.grads[block].double().flatten(0, 1)
                 pair = (a1 @ a2.T) * (b1 @ b2.T)
                 out[block] = pair.view(-1, self.positions, other.n, other.positions).sum(dim=(1, 3))
@@ -212,7 +224,7 @@ class Outer:
         dtype = _combine_dtype(self.grads)
         weight = probe.reshape(self.d_out, self.d_in).to(dtype)
         out = torch.empty(self.n, dtype=torch.float64, device=self.grads.device)
-        for block in _blocks(self.n, self.positions * (self.d_in + self.d_out)):
+        for block in _blocks(self.n, self.positions * (self.d_in + self.d_out), self.grads.device):
             projected = self._a(block, unfolded) @ weight.T  # [s, T, d_out], the layer's forward cost
             out[block] = (projected * self.grads[block].to(dtype)).sum(dim=(1, 2), dtype=torch.float64)
         return out
@@ -222,7 +234,7 @@ class Outer:
         kernel = self.contract is not None and self.positions >= KERNEL_POSITIONS
         unfolded = None if kernel else self._unfolded()
         out = None
-        for block in _blocks(self.n, m * self.positions * self.d_out):
+        for block in _blocks(self.n, m * self.positions * self.d_out, self.grads.device):
             scaled = weights[:, block, None, None].to(dtype) * self.grads[block].to(dtype)  # [m, s, T, d_out]
             if kernel:
                 part = torch.stack([self.contract(self.inputs[block], scaled[row]) for row in range(m)])
@@ -254,7 +266,7 @@ class Lookup:
         n, t = self.index.shape
         index2, b2 = other.index.reshape(-1), other.grads.double().flatten(0, 1)
         out = torch.empty(n, other.n, dtype=torch.float64, device=self.grads.device)
-        for block in _blocks(n, t * index2.numel()):
+        for block in _blocks(n, t * index2.numel(), self.grads.device):
             same = self.index[block].reshape(-1, 1) == index2.reshape(1, -1)
             pair = (self.grads[block].double().flatten(0, 1) @ b2.T) * same
             out[block] = pair.view(-1, t, other.n, other.index.shape[1]).sum(dim=(1, 3))

@@ -8,6 +8,11 @@ torch.func for good, unless ``engine="ghost"`` was asked for), else torch.func (
 torch.func engine, or "vmap_or_loop": vmap, and the batch-size-1 loop where vmap rejects the model), and for
 ``retain_grads="mean"`` a span of one row, the mean retain gradient. A source's ``engine`` names the engine that ran
 last ("ghost", "vmap" or "loop"; the one chosen until a per-sample engine runs, which ``"mean"`` never does).
+
+On the ghost engine the forget batch can join the retain batch's pass (``fuse_passes``; exact where the engine
+allows it, else two passes): always with ``True``, never with ``False``, and with ``"auto"`` whenever the forget
+rows' extra activations fit the device's free memory (``grads/headroom.py``), estimated from the bytes the previous
+pass captured per sample (so the first step, and every step with a ``chunk_size``, runs two passes).
 """
 
 from __future__ import annotations
@@ -21,8 +26,15 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import nn
 
-from orthograd.grads import ENGINES, per_sample_grads_losses_and_engine
-from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, ghost_span_and_mean, unsupported_reason
+from orthograd.grads import ENGINES, batch_size_of, per_sample_grads_losses_and_engine
+from orthograd.grads.ghost import (
+    GhostSpan,
+    GhostUnsupportedError,
+    ghost_span,
+    ghost_span_and_mean,
+    unsupported_reason,
+)
+from orthograd.grads.headroom import ACTIVATIONS_PER_CAPTURE, fits
 from orthograd.methods.base import MethodContext
 from orthograd.geometry import ProjectionMethod, ProjectionScope
 from orthograd.grads.span import MaterialisedSpan, RetainSpan
@@ -56,7 +68,7 @@ class SpanSettings(Protocol):
     def bf16(self) -> bool: ...
 
     @property
-    def fuse_passes(self) -> bool: ...
+    def fuse_passes(self) -> bool | str: ...
 
 
 @dataclass(frozen=True)
@@ -117,17 +129,32 @@ class LocalGradients:
     params: dict[str, nn.Parameter]
     chosen: str
     engine: str = field(init=False)
+    row_bytes: float | None = field(init=False, default=None)  # bytes the last ghost pass captured per sample
 
     def __post_init__(self) -> None:
         self.engine = self.chosen
 
     def compute(self, forget_batch: Any, retain_batch: Any) -> StepGradients:
-        fused = self._fused(forget_batch, retain_batch) if self.chosen == "ghost" and self.config.fuse_passes else None
-        if fused is not None:
-            return fused
-        forget_loss, forget_grad = self.mean_gradient(forget_batch)
-        span = self._retain_span(retain_batch, probe=forget_grad)
-        return StepGradients(forget_loss=float(forget_loss.detach()), forget_grad=forget_grad, span=span)
+        grads = None
+        if self.chosen == "ghost" and self.fusing(forget_batch):
+            grads = self._fused(forget_batch, retain_batch)
+        if grads is None:
+            forget_loss, forget_grad = self.mean_gradient(forget_batch)
+            span = self._retain_span(retain_batch, probe=forget_grad)
+            grads = StepGradients(forget_loss=float(forget_loss.detach()), forget_grad=forget_grad, span=span)
+        if isinstance(grads.span, GhostSpan):
+            self.row_bytes = grads.span.row_bytes
+        return grads
+
+    def fusing(self, forget_batch: Any) -> bool:
+        """Whether this step tries one ghost pass for both batches (see the module docstring)."""
+        setting = self.config.fuse_passes
+        if setting != "auto":
+            return bool(setting)
+        if self.config.chunk_size is not None or self.row_bytes is None:
+            return False
+        extra = ACTIVATIONS_PER_CAPTURE * self.row_bytes * batch_size_of(forget_batch)
+        return fits(extra, self.context.device)
 
     def mean_gradient(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The mean loss of ``batch`` and its gradient (the forget gradient; the retain row of ``"mean"`` mode)."""
