@@ -97,7 +97,7 @@ def test_schedules_resolve_their_own_defaults_and_explicit_values_win() -> None:
     assert make_config("orthograd", {"schedule": "fixed", "alpha": 0.2, "lr": 0.01}).alpha == 0.2
     with pytest.raises(ValueError, match="schedule must be one of"):
         make_config("orthograd", {"schedule": "auto"})
-    with pytest.raises(ValueError, match="adaptive schedule starts"):
+    with pytest.raises(ValueError, match="adaptive schedule mixes unit-norm terms"):
         make_config("orthograd", {"alpha": 0.0})
 
 

@@ -125,5 +125,5 @@ def test_a_config_class_that_contradicts_the_base_is_an_error() -> None:
 def test_built_in_methods_are_registered_by_explicit_import_in_a_stable_order() -> None:
     assert methods.available() == [
         "duck", "finetune", "fisher", "gdr-gma", "graddiff", "influence", "neggrad", "neggrad+", "npo", "orthograd",
-        "orthograd-fixed", "rmu", "scrub", "simnpo",
+        "orthograd-fixed", "orthograd-normalized", "rmu", "scrub", "simnpo",
     ]

@@ -68,6 +68,7 @@ DISPLAY_NAMES = {
     "gdr-gma": "GDR-GMA",
     "npo": "NPO",
     "orthograd-fixed": "OrthoGrad (fixed)",
+    "orthograd-normalized": "OrthoGrad (normalised, no controller)",
     "orthograd": "OrthoGrad",
 }
 
@@ -274,7 +275,9 @@ TESTED_METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("A_r", "retain", "higher", SCENARIOS),
     ("A_test", "test", "higher", SCENARIOS),
 )
-OURS = ("orthograd", "orthograd-fixed")
+OURS = ("orthograd", "orthograd-fixed", "orthograd-normalized")
+# the controller's ablation: the adaptive schedule against the same normalised mix without the controller
+ABLATION_PAIR = ("orthograd", "orthograd-normalized")
 
 
 def _split_of(run: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -304,11 +307,29 @@ def paired_test(differences: Sequence[float], *, better: str) -> tuple[str, floa
     return verdict, mean, t_half_width(std, n), p
 
 
+def _paired_line(runs: Sequence[Mapping[str, Any]], ours: str, theirs: str, *, scenario: str, label: str, key: str,
+                 better: str, role: str) -> str | None:
+    """One paired test of ``ours`` against ``theirs`` over the splits both ran (None: fewer than 2 pairs)."""
+    values = {_split_of(r): _value(r, key) for r in runs if r["method"] == theirs}
+    pairs = [(v, values[_split_of(r)]) for r in runs if r["method"] == ours
+             and (v := _value(r, key)) is not None and values.get(_split_of(r)) is not None]
+    if len(pairs) < 2:
+        return None
+    verdict, mean, half, p = paired_test([a - b for a, b in pairs], better=better)
+    digits = 4 if label == "UIS" else 2
+    interval = f" ± {half:.{digits}f}" if half is not None else ""
+    return (
+        f"{scenario}, {label} ({better} is better): {DISPLAY_NAMES.get(ours, ours)} vs "
+        f"{DISPLAY_NAMES.get(theirs, theirs)} ({role}), difference {mean:+.{digits}f}{interval} "
+        f"(95% CI), paired t-test over {len(pairs)} splits, p = {p:.3f}: {verdict}."
+    )
+
+
 def paired_tests(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """Per scenario and metric, each OrthoGrad row against the baseline with the best mean among those that reached
     the target in every run (a method that did not forget is no yardstick; when none did, among all, and the line
-    says so), paired by split."""
-    lines: list[str] = []
+    says so), paired by split; and, when both ran, the adaptive schedule against its no-controller ablation."""
+    lines: list[str | None] = []
     missed = missed_targets(records)
     for scenario in SCENARIOS:
         runs = [r for r in records if r["scenario"] == scenario]
@@ -318,27 +339,19 @@ def paired_tests(records: Sequence[Mapping[str, Any]]) -> list[str]:
         baselines = eligible or candidates
         caveat = "" if eligible else "; no baseline reached the target in every run"
         for label, key, better, scenarios in TESTED_METRICS:
+            if scenario not in scenarios:
+                continue
             means = {m: statistics.fmean(v) for m in baselines
                      if (v := [x for r in runs if r["method"] == m and (x := _value(r, key)) is not None])}
-            if scenario not in scenarios or not means:
-                continue
-            best = (min if better == "lower" else max)(means, key=lambda m: means[m])
-            theirs = {_split_of(r): _value(r, key) for r in runs if r["method"] == best}
-            for ours in (m for m in OURS if m in rows):
-                pairs = [(v, theirs[_split_of(r)]) for r in runs if r["method"] == ours
-                         and (v := _value(r, key)) is not None and theirs.get(_split_of(r)) is not None]
-                if len(pairs) < 2:
-                    continue
-                verdict, mean, half, p = paired_test([a - b for a, b in pairs], better=better)
-                digits = 4 if label == "UIS" else 2
-                interval = f" ± {half:.{digits}f}" if half is not None else ""
-                lines.append(
-                    f"{scenario}, {label} ({better} is better): {DISPLAY_NAMES.get(ours, ours)} vs "
-                    f"{DISPLAY_NAMES.get(best, best)} (best baseline mean{caveat}), difference "
-                    f"{mean:+.{digits}f}{interval} (95% CI), paired t-test over {len(pairs)} splits, p = {p:.3f}: "
-                    f"{verdict}."
-                )
-    return ["", "Paired tests:", *(f"- {line}" for line in lines)] if lines else []
+            common = {"scenario": scenario, "label": label, "key": key, "better": better}
+            if means:
+                best = (min if better == "lower" else max)(means, key=lambda m: means[m])
+                lines += [_paired_line(runs, ours, best, role=f"best baseline mean{caveat}", **common)
+                          for ours in OURS if ours in rows]
+            if all(m in rows for m in ABLATION_PAIR):
+                lines.append(_paired_line(runs, *ABLATION_PAIR, role="controller off", **common))
+    kept = [line for line in lines if line is not None]
+    return ["", "Paired tests:", *(f"- {line}" for line in kept)] if kept else []
 
 
 def ablation_aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Cell | None]]]:

@@ -35,6 +35,7 @@ from orthograd.bench.report import report_records
 from orthograd.bench.training import ModelCache, evaluate, indices_fingerprint
 from orthograd.data.splits import UnlearningSplit
 from orthograd.io import atomic_write_json
+from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
 from orthograd.metrics import uis
 from orthograd.privacy import privacy_metrics
 from orthograd.reporting import SCENARIOS, target_reached
@@ -175,8 +176,15 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
     evaluation = ctx.data.validation if job.phase == "sweep" else ctx.data.test
     assert evaluation is not None  # a sweep requires data.validation_size > 0 (config check)
     options = inputs.unlearn_options(device=ctx.device)
+    built: list[UnlearningMethod] = []
+
+    def keep(cls: type[UnlearningMethod], method_config: MethodConfig, context: MethodContext) -> UnlearningMethod:
+        built.append(cls(method_config, context))
+        return built[-1]
+
     with PeakMemory(ctx.device) as memory:
-        result = bench_unlearn(ctx.original, inputs.forget, inputs.retain, test=evaluation, **options)
+        result = bench_unlearn(ctx.original, inputs.forget, inputs.retain, test=evaluation, make_method=keep,
+                               **options)
     reference = job.reference or {}
     retrain_time = reference.get("train_time_s")
     record = inputs.record(
@@ -185,6 +193,8 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
         split={"forget": indices_fingerprint(split.forget), "retain": indices_fingerprint(split.retain)},
         memory=memory.report(),
         eval_every=options["eval_every"],  # the stop-rule cadence this run had (bench.protocol)
+        # the adaptive controller's raises, back-offs and holds (None: the method has no controller)
+        controller_actions=getattr(built[0], "controller_actions", None) or None,
         efficiency=retrain_time / result.wall_time_s if retrain_time and result.wall_time_s > 0 else None,
     )
     if "accuracy" in reference:

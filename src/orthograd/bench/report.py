@@ -2,7 +2,8 @@
 
 The paper-layout tables come from ``orthograd.reporting.write_tables`` (with the Retrain row and MIA columns when
 the bench trained a reference); a second table gives the cost columns (wall time, steps, epochs, stop-rule checks,
-peak memory, run-time efficiency = retrain time / unlearning time). Everything but the plots is a function of the
+peak memory, run-time efficiency = retrain time / unlearning time; the adaptive controller's raises, back-offs and
+holds per run when the log counts them). Everything but the plots is a function of the
 results log alone, so ``orthograd report`` regenerates a committed table byte for byte. Runs with several retain
 sizes get one table per size and the UIS-vs-retain-size plot; every report has the metric trajectories and the
 A_test-vs-A_u trade-off plots.
@@ -29,6 +30,12 @@ COST_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("MIA-L gap to retrain", ("privacy", "gap", "mia_loss_accuracy")),
     ("MIA-E gap to retrain", ("privacy", "gap", "mia_efficacy")),
 )
+# the adaptive controller's decisions per run; the columns appear when a record carries them ("–": no controller)
+CONTROLLER_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("controller raises", ("controller_actions", "raise")),
+    ("controller back-offs", ("controller_actions", "back_off")),
+    ("controller holds", ("controller_actions", "hold")),
+)
 
 
 def load_records(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -50,8 +57,10 @@ def _dig(record: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def cost_table(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: per method and scenario, mean ± 95% CI of the cost and privacy columns."""
-    header = ["Method", "Scenario", *[label for label, _ in COST_COLUMNS]]
+    """Header and rows: per method and scenario, mean ± 95% CI of the cost and privacy columns (and of the
+    controller's actions per run when a record counts them)."""
+    columns = COST_COLUMNS + (CONTROLLER_COLUMNS if any(r.get("controller_actions") for r in records) else ())
+    header = ["Method", "Scenario", *[label for label, _ in columns]]
     rows = []
     for method in [m for m in method_order(records) if any(r["method"] == m for r in records)]:
         for scenario in dict.fromkeys(r["scenario"] for r in records):
@@ -59,7 +68,7 @@ def cost_table(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[li
             if not runs:
                 continue
             cells = [DISPLAY_NAMES.get(method, method), scenario]
-            for _, path in COST_COLUMNS:
+            for _, path in columns:
                 cell = summarize([_dig(r, path) for r in runs])
                 cells.append("–" if cell is None else cell.format(digits=3 if path[0] == "privacy" else 2))
             rows.append(cells)

@@ -9,12 +9,14 @@ Algorithm 1 of the paper, one step:
    the forget loss along directions that leave every retain sample's loss unchanged to first order;
 5. optimizer step on the trainable parameters (LoRA adapters by default), merged at the end by the runner.
 
-Two schedules. ``schedule="adaptive"`` (the default, see ``methods/pressure.py``): both terms are normalised to
+Three schedules. ``schedule="adaptive"`` (the default, see ``methods/pressure.py``): both terms are normalised to
 unit norm before mixing, so ``alpha`` is the retain share of the update whatever the gradients' norms, and after
 each check of the stop rule a controller raises the forget share (then the learning rate) while the forget metric
 stalls and backs off while a held-out slice of the retain set (``holdout_fraction``, never trained on) is worse
-than at the start by more than ``retain_tolerance`` points. ``schedule="fixed"`` is Algorithm 1 exactly, with the
-paper's fixed alpha and learning rate (use it to reproduce the paper's tables).
+than at the start by more than ``retain_tolerance`` points. ``schedule="normalized"``: the adaptive schedule's
+normalised mix with the controller off (alpha and lr stay at their starting values, no retain slice is held out);
+it is the ablation that tells what the controller adds over normalising the two terms. ``schedule="fixed"`` is
+Algorithm 1 exactly, with the paper's fixed alpha and learning rate (use it to reproduce the paper's tables).
 The paper's ablations are options: ``retain_grads="mean"`` projects against the mean retain gradient only,
 ``lora=None`` trains all parameters, ``alpha=0`` is pure orthogonal ascent. ``projection_scope="per_tensor"`` is
 the per-tensor projection of the code found online (see docs/design.md for why it is not the default).
@@ -64,6 +66,8 @@ SCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
     "fixed": {"alpha": 0.9, "lr": 1e-3, "optimizer": "sgd", "forget_batch_size": 128, "retain_batch_size": 256},
     "adaptive": {"alpha": 0.5, "lr": 1e-3, "optimizer": "adam", "forget_batch_size": 32, "retain_batch_size": 64},
 }
+SCHEDULE_DEFAULTS["normalized"] = SCHEDULE_DEFAULTS["adaptive"]  # the same starting point, without the controller
+Schedule = Literal["adaptive", "normalized", "fixed"]
 
 log = logging.getLogger(__name__)
 _TINY = 1e-30
@@ -76,15 +80,16 @@ _ACTION_CODES = {"back_off": -1.0, "hold": 0.0, "raise": 1.0}
 class OrthoGradConfig(IterativeConfig):
     """OrthoGrad hyperparameters; ``None`` means the schedule's default.
 
-    schedule: "adaptive" (tuning-free: normalised terms, forget pressure controlled by the run's measurements) or
+    schedule: "adaptive" (tuning-free: normalised terms, forget pressure controlled by the run's measurements),
+        "normalized" (the same normalised terms and defaults, alpha and lr held fixed: the controller's ablation) or
         "fixed" (Algorithm 1 as written, the paper's fixed alpha and lr).
     alpha: weight of the mean retain gradient. Fixed: the paper's alpha on raw gradients (default 0.9; 0.9 random,
         0.8 class forgetting in Appendix A.1; 0.05-0.5 for ASR). Adaptive: the starting retain share of the
-        normalised update (default 0.5).
+        normalised update (default 0.5); normalized: its retain share throughout (default 0.5).
     lr, optimizer, forget_batch_size, retain_batch_size: fixed defaults 1e-3, "sgd", 128, 256 (the library's
-        paper-style defaults); adaptive defaults 1e-3 (the starting lr), "adam", 32, 64. Left at its default
-        under the adaptive schedule, the forget batch shrinks for small forget sets so that an epoch has at least
-        4 steps (``ceil(n / 4)``: 2 for 5 sequences), one per check of the controller.
+        paper-style defaults); adaptive and normalized defaults 1e-3 (adaptive: the starting lr), "adam", 32, 64.
+        Left at its default under these two schedules, the forget batch shrinks for small forget sets so that an
+        epoch has at least 4 steps (``ceil(n / 4)``: 2 for 5 sequences), one per check of the controller.
     holdout_fraction, retain_tolerance (adaptive only): the share of the retain set held out to watch for damage
         (at least one sample; never trained on), and how many metric points it may lose before the controller
         backs off (at least the slice's sampling noise: two binomial standard errors).
@@ -100,7 +105,7 @@ class OrthoGradConfig(IterativeConfig):
         chunk_size run two passes); True always, False never.
     """
 
-    schedule: Literal["adaptive", "fixed"] = "adaptive"
+    schedule: Schedule = "adaptive"
     alpha: float | None = None  # type: ignore[assignment]
     lr: float | None = None  # type: ignore[assignment]
     optimizer: OptimizerName | None = None  # type: ignore[assignment]
@@ -131,8 +136,9 @@ class OrthoGradConfig(IterativeConfig):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.alpha == 1.0:
             raise ValueError("alpha=1 ignores the forget set entirely (that is Finetune); use alpha < 1")
-        if self.schedule == "adaptive" and not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"the adaptive schedule starts from a retain share alpha in (0, 1), got {self.alpha}")
+        if self.schedule != "fixed" and not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"the {self.schedule} schedule mixes unit-norm terms with a retain share alpha in (0, 1), "
+                             f"got {self.alpha}")
         if self.engine == "ghost" and (self.projection == "qr" or self.projection_scope == "per_tensor"):
             raise ValueError("engine='ghost' solves the global Gram system; use engine='vmap' for projection='qr' "
                              "or projection_scope='per_tensor'")
@@ -163,6 +169,8 @@ class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
         return _CHECKS_PER_EPOCH if self.controller is not None else None
 
     def hint_when_target_missed(self) -> str:
+        if self.config.schedule == "normalized":
+            return "lower alpha (the retain share of the update) or schedule='adaptive'"
         if self.controller is None:
             return (
                 "lower alpha (e.g. 0.2: the fixed schedule's retain term can drown the forget term) "
@@ -247,11 +255,12 @@ class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
         """(alpha, retain weight, forget weight) of ``retain_weight * mean(G_r) - forget_weight * g_u_perp``.
 
         Fixed schedule: alpha and 1 - alpha (Algorithm 1). Adaptive: the controller's alpha with each term scaled
-        to unit norm, so that alpha is the retain share of the update whatever the norms.
+        to unit norm, so that alpha is the retain share of the update whatever the norms; normalized: the same with
+        the config's alpha.
         """
-        if self.controller is None:
+        if self.config.schedule == "fixed":
             return self.config.alpha, self.config.alpha, 1.0 - self.config.alpha
-        alpha = self.controller.pressure.alpha
+        alpha = self.controller.pressure.alpha if self.controller is not None else self.config.alpha
         return alpha, alpha / max(retain_norm, _TINY), (1.0 - alpha) / max(orthogonal_norm, _TINY)
 
     def _stats(
@@ -344,9 +353,10 @@ class _AdaptiveControl:
 
 
 def forget_batch_size(config: OrthoGradConfig, forget: Dataset | DataLoader) -> int:
-    """The forget batch of a run: the config's, cut to ``ceil(n / 4)`` for a small forget set when the adaptive
-    schedule's default was left in place (so the controller's four checks an epoch each follow a step)."""
-    if config.schedule != "adaptive" or not config._forget_batch_defaulted or isinstance(forget, DataLoader):
+    """The forget batch of a run: the config's, cut to ``ceil(n / 4)`` for a small forget set when the adaptive (or
+    normalized) schedule's default was left in place (so the controller's four checks an epoch each follow a step;
+    the normalized ablation takes the same batches)."""
+    if config.schedule == "fixed" or not config._forget_batch_defaulted or isinstance(forget, DataLoader):
         return config.forget_batch_size
     size = len(dataset_of(forget))  # type: ignore[arg-type]
     return max(1, min(config.forget_batch_size, math.ceil(size / _CHECKS_PER_EPOCH)))
@@ -372,7 +382,7 @@ def split_holdout(
 class FixedOrthoGradConfig(OrthoGradConfig):
     """``OrthoGradConfig`` with the paper's fixed schedule as the default (Algorithm 1 as written)."""
 
-    schedule: Literal["adaptive", "fixed"] = "fixed"
+    schedule: Schedule = "fixed"
 
 
 @register
@@ -381,3 +391,19 @@ class FixedOrthoGrad(OrthoGrad):
 
     name: ClassVar[str] = "orthograd-fixed"
     config_class: ClassVar[type[MethodConfig]] = FixedOrthoGradConfig
+
+
+@dataclass
+class NormalizedOrthoGradConfig(OrthoGradConfig):
+    """``OrthoGradConfig`` with ``schedule="normalized"`` as the default (unit-norm terms, no controller)."""
+
+    schedule: Schedule = "normalized"
+
+
+@register
+class NormalizedOrthoGrad(OrthoGrad):
+    """OrthoGrad registered with ``schedule="normalized"`` by default: the adaptive schedule's ablation (fixed
+    alpha 0.5 on unit-norm terms, fixed lr, no controller), listed beside the default in an ablation benchmark."""
+
+    name: ClassVar[str] = "orthograd-normalized"
+    config_class: ClassVar[type[MethodConfig]] = NormalizedOrthoGradConfig

@@ -1,0 +1,48 @@
+"""The real-size Fashion-MNIST benchmark's configs (issue 21, item 4) load, follow the protocol and build their
+ResNet-18 without training anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from orthograd.bench.experiments import load_experiment
+from orthograd.bench.models import build_model
+from orthograd.bench.protocol import grid_size, trials
+from orthograd.models import ResNet18
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "orthograd" / "configs"
+FASHION_MNIST_TRAIN = 60_000
+UNTUNED = {"finetune", "orthograd"}  # the reference row and the tuning-free default
+
+
+@pytest.mark.parametrize("kind", ["random", "class"])
+def test_full_fashion_mnist_config_is_the_real_size_protocol(kind: str) -> None:
+    (config,), _ = load_experiment(CONFIGS / f"fashion_mnist_full_{kind}.yaml")
+    training = FASHION_MNIST_TRAIN - config.data.validation_size
+    assert config.data.name == "fashion_mnist" and config.data.train_size is None and config.data.test_size is None
+    scenario = config.scenario
+    assert scenario.kind == kind and scenario.retrain and config.unlearn.privacy and config.unlearn.stop
+    if kind == "random":
+        assert scenario.forget_size == training // 10 and len(scenario.seeds) >= 5
+    else:
+        assert len(scenario.classes) >= 5
+    assert all(0.01 * training <= size <= 0.05 * training for size in scenario.retain_size)
+    assert config.unlearn.eval_every is None and config.unlearn.checks_per_epoch == 4
+    tuned = set(config.methods) - UNTUNED
+    assert set(config.sweep.grid) == tuned and len(tuned) == 8
+    size = max(grid_size(grid) for grid in config.sweep.grid.values())
+    assert size == 12 and all(len(trials(grid, size=size, seed=name)) == 12 for name, grid in config.sweep.grid.items())
+
+
+@pytest.mark.parametrize("kind", ["random", "class"])
+def test_full_config_builds_a_cifar_stem_resnet18_of_its_width(kind: str) -> None:
+    (config,), _ = load_experiment(CONFIGS / f"fashion_mnist_full_{kind}.yaml")
+    model = build_model(config.model, num_classes=10, in_channels=1, image_size=28)
+    assert isinstance(model, ResNet18) and config.model.stem == "cifar"
+    assert model.conv1.out_channels == config.model.width and model.conv1.stride == (1, 1)
+    assert model.fc.in_features == 8 * config.model.width
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
