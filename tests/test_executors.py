@@ -103,5 +103,7 @@ def test_job_keys_are_the_ones_the_results_logs_were_first_written_with() -> Non
                       split_index=1, retain_size=60)
     orthograd = job_key(config, phase="sweep", method="orthograd", hyperparameters={"lora": {"r": 4}}, split_index=0,
                         retain_size=60)
-    # a sweep job's split is a validation split, disjoint from the test splits since the shared protocol: a new key
-    assert (neggrad, orthograd) == ("4022e2b37215dc07", "8796cb4fee8020a1")
+    # a sweep job's split is a validation split, disjoint from the test splits since the shared protocol, and
+    # OrthoGrad's fuse_passes default is "auto" (one pass where memory allows, equal to two to float32 round-off):
+    # new keys for both reasons
+    assert (neggrad, orthograd) == ("4022e2b37215dc07", "34e79f22045c2c36")
