@@ -1,13 +1,13 @@
 """Step cost of two versions of the library side by side, in one run: ``step_cost.py``'s steps, interleaved.
 
 A shared machine's load moves from minute to minute, so two separate runs of ``step_cost.py`` do not compare. Here
-one worker process per version (``PYTHONPATH`` = that version's ``src``) builds the same setup; the driver asks
-them in turn for one OrthoGrad step and one NegGrad+ step, in an order that rotates every repeat, and reports
-medians of the wall time and of the worker thread's CPU time (which other jobs' load inflates less), then the peak
-memory (``step_cost.py``'s measurement, median of 3). Ratios are OrthoGrad / NegGrad+ of the same worker.
+one worker process per version (``PYTHONPATH`` = that version's ``src``) builds the same quick (CPU) setup; the
+driver asks them in turn for one OrthoGrad step and one NegGrad+ step, in an order that rotates every repeat, and
+reports medians of the wall time and of the worker thread's CPU time (which other jobs' load inflates less), then
+the peak memory (``step_cost.py``'s measurement, median of 3). Ratios are OrthoGrad / NegGrad+ of the same worker.
 
     git archive BASE src | tar -x -C /tmp/base
-    python benchmarks/step_cost_ab.py --base /tmp/base/src --new src --quick --engine ghost --repeats 15
+    python benchmarks/step_cost_ab.py --base /tmp/base/src --new src --engine ghost --repeats 15
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def worker() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         if request["do"] == "build":
-            setup = next(s for s in sc.quick_setups() + sc.full_setups() if s.name == request["setup"])
+            setup = next(s for s in sc.quick_setups() if s.name == request["setup"])
             steps = sc._Steps(setup, request["engine"], device=device, bf16=False, chunk_size=None)
             for _ in range(2):  # warm-up (engine choice; "auto" fusion measures on its first step)
                 steps.orthograd_step()
@@ -110,11 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--base", help="the base version's src folder")
     parser.add_argument("--new", help="the new version's src folder")
-    parser.add_argument("--setups", nargs="*", default=["smallcnn_8_full", "smallcnn_8_lora", "resnet18_32_full",
-                                                         "resnet18_32_lora"])
+    quick = ["smallcnn_8_full", "smallcnn_8_lora", "resnet18_32_full", "resnet18_32_lora"]
+    parser.add_argument("--setups", nargs="*", default=quick, help="step_cost.py quick setups")
     parser.add_argument("--engine", default="ghost", help="a step_cost.py engine (default: ghost, engine='auto')")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="(the default setup list is step_cost.py's quick one)")
     args = parser.parse_args(argv)
     if args.worker:
         worker()

@@ -216,10 +216,11 @@ def test_chunks_give_the_same_gram(case, gram_method):
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
 @pytest.mark.parametrize("kernel_positions", [1, 10**6], ids=["conv_kernel", "rows_gemm"])
-@pytest.mark.parametrize("case", ["conv2d", "conv1d", "linear_sequence"])
+@pytest.mark.parametrize("case", ["conv2d", "conv1d", "linear_sequence", "batchnorm_eval"])
 def test_small_workspace_blocks_give_the_same_results(case, kernel_positions, bf16, gram_method, monkeypatch):
-    """Blocks of samples and of weight rows (a workspace of a few elements), rows formed per block, and both ways
-    of weighting convolution gradients (the layer's kernel, or a GEMM on the rows)."""
+    """Blocks of samples and of weight rows (a workspace of a few elements), rows formed per block, both ways
+    of weighting convolution gradients (the layer's kernel, or a GEMM on the rows), and materialised pieces joined
+    for their Gram product in several groups."""
     monkeypatch.setattr(ghost_math, "WORKSPACE", 40)
     monkeypatch.setattr(ghost_math, "KERNEL_POSITIONS", kernel_positions)
     model, batch = _build(case)

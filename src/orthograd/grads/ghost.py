@@ -388,10 +388,11 @@ def _accumulate(
     gram = torch.zeros(k, k, dtype=torch.float64, device=device)
     product = torch.zeros(k, dtype=torch.float64, device=device)
     dense = [name for name, chunks in pieces.items() if all(isinstance(piece, Dense) for _, piece in chunks)]
+    joined = set(dense)
     for group in _column_groups(dense, pieces, device):
         _dense_blocks(gram, product, {name: pieces[name] for name in group}, probe)
     for name, chunks in pieces.items():
-        if name in dense:
+        if name in joined:
             continue
         for i, (start_i, piece_i) in enumerate(chunks):
             rows = slice(start_i, start_i + piece_i.n)
