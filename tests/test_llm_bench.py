@@ -17,6 +17,7 @@ from hf_helpers import QADataset, tiny_llama
 from typer.testing import CliRunner
 
 from orthograd import llm_bench
+from orthograd.bench.config import grid_points
 from orthograd.bench.engine import FinishedRuns
 from orthograd.cli import app
 from orthograd.data.authors import forget_authors
@@ -172,6 +173,20 @@ def test_record_keys_follow_what_changes_the_numbers_not_how_it_runs():
     assert keys(how_it_runs) == shipped
     shorter = {**raw, "evaluation": {**raw.get("evaluation", {}), "max_new_tokens": 7}}
     assert not set(keys(shorter)) & set(shipped)  # measured differently: nothing is resumed from the old records
+
+
+def test_the_shipped_config_is_a_5m_llama_with_a_bpe_and_equal_tuning_trials():
+    from transformers import LlamaForCausalLM
+
+    config = llm_bench.load_config(CONFIGS / "authors_llm.yaml")
+    encoder = llm_bench.build_corpus(config).encoder
+    llama = config.model.llama_config(vocab_size=encoder.vocab_size, max_positions=256,
+                                      pad_token_id=encoder.pad_token_id, eos_token_id=encoder.eos_token_id)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in LlamaForCausalLM(llama).parameters()) >= 5e6
+    assert config.corpus.tokenizer == "bpe" and config.pretraining.epochs > 0 and len(config.unlearning.seeds) >= 5
+    trials = {len(list(grid_points(run.grid))) for run in config.runs if run.grid}
+    assert len(trials) == 1, f"every tuned method gets as many validation trials, got {trials}"
 
 
 def test_relearning_fine_tunes_a_copy_and_reads_the_other_facts_before_and_after():
