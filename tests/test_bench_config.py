@@ -42,7 +42,7 @@ def test_shipped_llm_config_validates_with_its_schema() -> None:
 
     config = llm_bench.load_config(CONFIGS / "authors_llm.yaml")
     assert config.task == "causal_lm" and config.protocol.forget_fractions == (0.01, 0.05, 0.1)
-    assert len(config.unlearning.seeds) == 3 and set(config.unlearning.lora["targets"]) == set(
+    assert len(config.unlearning.seeds) >= 5 and set(config.unlearning.lora["targets"]) == set(
         llm_bench.config.LLAMA_PROJECTIONS)  # attention and MLP projections, one LoRA for every method
     methods = {run.method for run in config.runs}
     assert {"orthograd", "orthograd-fixed", "neggrad", "neggrad+", "npo", "graddiff", "simnpo", "rmu", "finetune",

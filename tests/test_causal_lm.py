@@ -146,22 +146,42 @@ class NextToken(nn.Module):
 
 
 def test_greedy_answers_and_rouge_l_recall():
-    task = CausalLMTask(metric="rouge_l")
+    task = CausalLMTask(metric="rouge_l", max_new_tokens=3)
     items = [
         {"input_ids": torch.tensor([1, 2, 3, 4, 5, 9]), "labels": torch.tensor([-100, -100, -100, 4, 5, 9])},
         {"input_ids": torch.tensor([6, 7, 8, 9]), "labels": torch.tensor([-100, -100, 8, 9])},
+        {"input_ids": torch.tensor([2, 3, 4, 5, 6]), "labels": torch.tensor([-100, -100, -100, 5, 6])},
     ]
-    loader = DataLoader(items, batch_size=2, collate_fn=task.collate_fn())
+    loader = DataLoader(items, batch_size=3, collate_fn=task.collate_fn())
     batch = next(iter(loader))
-    assert task.generate(NextToken(), batch) == [[4, 5, 6], [8, 9]]
-    assert task.rouge_l(NextToken(), loader, device=CPU).tolist() == pytest.approx([2 / 3, 1.0])
-    assert task.evaluate(NextToken(), loader, device=CPU) == pytest.approx(100 * (2 / 3 + 1.0) / 2)
-    words = CausalLMTask(metric="rouge_l", decode=lambda ids: " ".join("x" if i in (6, 9) else str(i) for i in ids))
-    assert words.rouge_l(NextToken(), loader, device=CPU).tolist() == pytest.approx([1.0, 1.0])
+    assert task.generate(NextToken(), batch) == [[4, 5, 6], [8, 9, 10], [5, 6, 7]]  # prompts of length 3 together
+    assert task.rouge_l(NextToken(), loader, device=CPU).tolist() == pytest.approx([2 / 3, 1.0, 1.0])
+    assert task.evaluate(NextToken(), loader, device=CPU) == pytest.approx(100 * (2 / 3 + 1.0 + 1.0) / 3)
+    words = CausalLMTask(metric="rouge_l", max_new_tokens=3,
+                         decode=lambda ids: " ".join("x" if i in (6, 9) else str(i) for i in ids))
+    assert words.rouge_l(NextToken(), loader, device=CPU).tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_greedy_answers_run_past_the_reference_to_the_end_token_and_rouge_l_stems_words():
+    """TOFU generates up to 200 new tokens, so a correct answer longer than the reference is not cut; its ROUGE-L
+    stems words ("novels" matches "novel")."""
+    item = {"input_ids": torch.tensor([1, 2, 3, 4]), "labels": torch.tensor([-100, -100, -100, 4])}
+    batch = {k: v[None] for k, v in item.items()}
+    assert CausalLMTask(eos_token_id=9).generate(NextToken(), batch) == [[4, 5, 6, 7, 8, 9]]
+    assert len(CausalLMTask().generate(NextToken(), batch)[0]) == 200  # no end token: TOFU's 200 new tokens
+    words = {4: "the", 5: "novels", 6: "were", 7: "good", 8: "ones", 10: "novel"}
+    task = CausalLMTask(eos_token_id=9, decode=lambda ids: " ".join(words.get(i, "") for i in ids))
+    reference = {"input_ids": torch.tensor([1, 2, 3, 4, 10]), "labels": torch.tensor([-100, -100, -100, 4, 10])}
+    loader = DataLoader([reference], batch_size=1, collate_fn=task.collate_fn())
+    assert task.rouge_l(NextToken(), loader, device=CPU).tolist() == pytest.approx([1.0])
+    silent = {"input_ids": torch.tensor([7, 8, 4]), "labels": torch.tensor([-100, -100, 4])}  # answers the end token
+    loader = DataLoader([silent], batch_size=1, collate_fn=task.collate_fn())
+    scores = task.rouge_l(NextToken(), loader, device=CPU)
+    assert scores.dtype == torch.float32 and scores.tolist() == [0.0]  # an empty answer scores a float 0
 
 
 def test_greedy_answers_with_the_key_value_cache_match_transformers_generate():
-    task, model = get_task("causal_lm"), tiny_gpt2()
+    model = tiny_gpt2()
     item = QADataset(1, seed=5)[0]
     start = int((item["labels"] != -100).nonzero()[0])
     batch = {k: v.unsqueeze(0) for k, v in item.items()}
@@ -170,7 +190,6 @@ def test_greedy_answers_with_the_key_value_cache_match_transformers_generate():
         theirs = model.generate(item["input_ids"][None, :start], max_new_tokens=6, do_sample=False, eos_token_id=None,
                                 pad_token_id=0, attention_mask=torch.ones(1, start, dtype=torch.long))
     assert ours == theirs[0, start:].tolist()
-    assert len(task.generate(model, batch)[0]) <= int((item["labels"] != -100).sum())
 
 
 def test_replace_targets_keeps_the_first_label_and_round_trips():

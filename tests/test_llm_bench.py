@@ -8,18 +8,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import yaml
+import json
 
+import pytest
+import torch
+import yaml
+from hf_helpers import QADataset, tiny_llama
 from typer.testing import CliRunner
 
 from orthograd import llm_bench
+from orthograd.bench.config import grid_points
 from orthograd.bench.engine import FinishedRuns
 from orthograd.cli import app
 from orthograd.data.authors import forget_authors
 from orthograd.io import ResultsLog
 from orthograd.llm_bench.experiment import AuthorsExperiment
+from orthograd.llm_bench.relearning import answer_probability, relearn
+from orthograd.llm_bench.runner import Workbench
+from orthograd.llm_bench.tables import confidence_interval
 from orthograd.llm_bench.tuning import choose, validation_authors
+from orthograd.tasks.causal_lm import CausalLMTask
 
 DATA = Path(__file__).parent / "data"
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -27,10 +35,12 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 TINY = {
     "task": "causal_lm",
     "name": "authors_tiny",
-    "corpus": {"authors": 4, "holdout": 2},
+    "corpus": {"authors": 4, "holdout": 2, "tokenizer": "bpe", "vocab_size": 400},
     "model": {"hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64, "device": "cpu"},
+    "pretraining": {"epochs": 1, "batch_size": 64},
     "training": {"epochs": 2, "batch_size": 16},
     "protocol": {"forget_fractions": [0.25], "eval_size": 8},
+    "evaluation": {"max_new_tokens": 6, "relearn_steps": 2},
     "unlearning": {"max_epochs": 1, "seeds": [0], "lora": {"r": 2, "targets": ["q_proj", "v_proj", "down_proj"]}},
     "runs": [
         {"label": "OrthoGrad", "method": "orthograd", "params": {"lr": 0.05, "forget_batch_size": 8}},
@@ -48,14 +58,17 @@ def test_tiny_benchmark_writes_records_and_tables_and_resumes(tmp_path):
     for record in records:
         assert record["phase"] == "test" and record["task"] == "causal_lm" and record["bench"] == "authors_tiny"
         assert 0.0 <= record["forget_quality"] <= 1.0 and 0.0 <= record["model_utility"] <= 1.0
-        assert {"forget_rouge_l", "forget_probability", "retain_probability", "heldout_rouge_l"} <= set(record)
-        assert 0.0 <= record["mia_loss_auc"] <= 1.0 and 0.0 <= record["mia_loss_accuracy"] <= 1.0
+        assert {"forget_rouge_l", "forget_probability", "retain_probability", "real_authors_probability",
+                "world_facts_truth", "relearn_before", "relearn_after"} <= set(record)
+        assert all(0.0 <= record[f"mia_{name}_auc"] <= 1.0 for name in ("loss", "zlib", "min_k", "min_k_plus_plus"))
+    assert records[1]["privleak"] == pytest.approx(0.0)  # the retrained model is its own reference
     assert records[0]["fraction"] == 0.25 and records[2]["wall_time_s"] > 0 and records[0]["wall_time_s"] is None
-    models = sorted((tmp_path / "out" / "models").glob("lm-*.safetensors"))
-    assert len(models) == 2  # the original and the model retrained without the forget author, cached
+    assert records[2]["steps"] == 2  # one epoch over the 12 forget sequences in batches of 8
+    models = sorted((tmp_path / "out" / "models").glob("*.safetensors"))
+    assert [m.name[:3] for m in models] == ["bas", "lm-", "lm-"]  # pre-trained base, original, retrained: cached
     table = (tmp_path / "out" / "tables.md").read_text()
     assert "## Forget 25% of the authors" in table and "| NPO |" in table and "Forget quality" in table
-    assert "MIA AUC" in table
+    assert "PrivLeak" in table and "Min-K%++ AUC" in table and "cut at 6 new tokens" in table
     assert (tmp_path / "out" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     again = llm_bench.run_config_file(config)  # resumes: nothing new to run
     assert again == records
@@ -146,33 +159,100 @@ def _planned(config: llm_bench.AuthorsBenchConfig, log: ResultsLog) -> list:
     return [job for phase in experiment.plan(FinishedRuns(log, experiment.record_key)) for job in phase.jobs]
 
 
-def _as_when_logged(raw: dict) -> dict:
-    """The shipped config's rows as they stood when the stored log was written: NegGrad+ was labelled "GradDiff"
-    and OpenUnlearning's methods (graddiff, simnpo, rmu) were not rows yet."""
-    rows = [{**run, "label": "GradDiff"} if run["method"] == "neggrad+" else run for run in raw["runs"]
-            if run["method"] not in ("graddiff", "simnpo", "rmu")]
-    return {**raw, "runs": rows}
+def test_record_keys_follow_what_changes_the_numbers_not_how_it_runs():
+    raw = yaml.safe_load((CONFIGS / "authors_llm.yaml").read_text())
 
+    def keys(variant: dict) -> list[str]:
+        experiment = AuthorsExperiment(llm_bench.AuthorsBenchConfig.model_validate(variant))
+        first = next(iter(experiment.plan(FinishedRuns(ResultsLog(DATA / "missing.jsonl"), experiment.record_key))))
+        return [job.key for job in first.jobs]
 
-def test_the_planner_finds_every_record_of_the_stored_log_without_training():
-    """Keys of ``runs/authors_llm/results.jsonl`` (150 records written before the shared schema, trimmed to the
-    fields that key and tune them; LoRA's scale spelled ``alpha`` then) from the shipped config: the log resumes."""
-    raw = _as_when_logged(yaml.safe_load((CONFIGS / "authors_llm.yaml").read_text()))
-    config = llm_bench.AuthorsBenchConfig.model_validate(raw)
-    log = ResultsLog(DATA / "authors_llm_records.jsonl")
-    stored, jobs = log.records(), _planned(config, log)
-    experiment = AuthorsExperiment(config)
-    assert [job.key for job in jobs] == [experiment.record_key(r) for r in stored]  # the same runs, in log order
-    assert [job.hyperparameters for job in jobs] == [r["params"] for r in stored]  # the same values kept on validation
-    assert [job.digest for job in jobs[:2]] == ["c7e219a1a5f27779", "9d41c6663e0f212b"]
-    assert jobs[0].key == '["validation", 0.01, "Original", null, "c7e219a1a5f27779"]'
-    lora = raw["unlearning"]["lora"]
-    pre_rename = {**raw, "unlearning": {**raw["unlearning"], "lora": {
-        "r": lora["r"], "alpha": lora["lora_alpha"], "targets": lora["targets"]}}}
+    shipped = keys(raw)
+    assert len(shipped) == len(set(shipped)) > 2
     how_it_runs = {**raw, "name": "elsewhere", "output": "/tmp/elsewhere", "workers": 4, "threads_per_worker": 2}
-    for variant in (pre_rename, how_it_runs):
-        assert [job.key for job in _planned(llm_bench.AuthorsBenchConfig.model_validate(variant), log)] == \
-            [job.key for job in jobs]
+    assert keys(how_it_runs) == shipped
+    shorter = {**raw, "evaluation": {**raw.get("evaluation", {}), "max_new_tokens": 7}}
+    assert not set(keys(shorter)) & set(shipped)  # measured differently: nothing is resumed from the old records
+
+
+def test_the_shipped_config_is_a_5m_llama_with_a_bpe_and_equal_tuning_trials():
+    from transformers import LlamaForCausalLM
+
+    config = llm_bench.load_config(CONFIGS / "authors_llm.yaml")
+    encoder = llm_bench.build_corpus(config).encoder
+    llama = config.model.llama_config(vocab_size=encoder.vocab_size, max_positions=256,
+                                      pad_token_id=encoder.pad_token_id, eos_token_id=encoder.eos_token_id)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in LlamaForCausalLM(llama).parameters()) >= 5e6
+    assert config.corpus.tokenizer == "bpe" and config.pretraining.epochs > 0 and len(config.unlearning.seeds) >= 5
+    trials = {len(list(grid_points(run.grid))) for run in config.runs if run.grid}
+    assert len(trials) == 1, f"every tuned method gets as many validation trials, got {trials}"
+
+
+def test_relearning_fine_tunes_a_copy_and_reads_the_other_facts_before_and_after():
+    task, model = CausalLMTask(pad_token_id=0), tiny_llama().requires_grad_(False)  # as unlearned models come back
+    items = list(QADataset(6, seed=1))
+    weights = [p.detach().clone() for p in model.parameters()]
+    scores = relearn(model, train=items, evaluate=items[:3], task=task, steps=20, lr=1e-2, batch_size=3, seed=0,
+                     device=torch.device("cpu"))
+    assert scores["before"] == pytest.approx(answer_probability(model, items[:3], task=task,
+                                                                device=torch.device("cpu")))
+    assert scores["after"] > scores["before"] + 0.1  # the evaluated answers were among those relearnt
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # the model itself is untouched
+    assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="steps >= 1"):
+        relearn(model, train=items, evaluate=items, task=task, steps=0, lr=1e-2, batch_size=3, seed=0,
+                device=torch.device("cpu"))
+
+
+def test_confidence_intervals_are_student_t_half_widths():
+    mean, half = confidence_interval([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0) and half == pytest.approx(4.302653 * 1.0 / 3 ** 0.5, rel=1e-5)
+    assert confidence_interval([0.4]) == (0.4, 0.0)
+
+
+def test_a_local_hugging_face_folder_is_the_base_model(tmp_path):
+    """The path a real user takes: a saved model and its tokenizer, fine-tuned on the authors as TOFU does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = llm_bench.AuthorsBenchConfig.model_validate(TINY)
+    encoder = llm_bench.build_corpus(config).encoder
+    folder = tmp_path / "saved"
+    torch.manual_seed(0)
+    saved = LlamaForCausalLM(LlamaConfig(vocab_size=encoder.vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, eos_token_id=1, pad_token_id=0))
+    saved.save_pretrained(folder)
+    encoder.tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "[EOS]", "pad_token": "[PAD]"}))
+    raw = {**TINY, "model": {"source": str(folder), "device": "cpu"}, "pretraining": {"epochs": 0},
+           "runs": TINY["runs"][1:], "output": str(tmp_path / "out")}
+    loaded = llm_bench.AuthorsBenchConfig.model_validate(raw)
+    bench = Workbench(loaded)
+    assert all(torch.equal(a, b) for a, b in zip(bench.base.state_dict().values(), saved.state_dict().values()))
+    assert not torch.equal(bench.original.lm_head.weight, saved.lm_head.weight)  # fine-tuned on the authors
+    records = llm_bench.run(loaded)
+    assert [r["label"] for r in records] == ["Original", "Retrain", "NPO"]
+    with pytest.raises(ValueError, match="drop the size fields"):
+        llm_bench.AuthorsBenchConfig.model_validate({**raw, "model": {"source": str(folder), "hidden_size": 64}})
+    bare = tmp_path / "tokenizer_only"
+    bare.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).write_bytes((folder / name).read_bytes())
+    with pytest.raises(ValueError, match="config.json"):
+        Workbench(llm_bench.AuthorsBenchConfig.model_validate({**raw, "model": {"source": str(bare)}}))
+
+
+def test_the_gpu_config_describes_a_llama_of_100m_to_1b_parameters():
+    """Not run here (no GPU): the config validates and the model it describes has the stated size."""
+    from transformers import LlamaForCausalLM
+
+    config = llm_bench.load_config(CONFIGS / "authors_llm_gpu.yaml")
+    for vocab in (2_000, config.corpus.vocab_size):  # the BPE trained on the corpus may stop below vocab_size
+        llama = config.model.llama_config(vocab_size=vocab, max_positions=512, pad_token_id=0, eos_token_id=1)
+        with torch.device("meta"):
+            size = sum(p.numel() for p in LlamaForCausalLM(llama).parameters())
+        assert 100e6 <= size <= 1e9
+    assert config.model.device == "cuda" and config.corpus.tokenizer == "bpe"
 
 
 def test_the_experiment_and_its_jobs_pickle_for_worker_processes():

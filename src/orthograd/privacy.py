@@ -5,7 +5,10 @@ Two attacks the unlearning literature reports, both as fractions in [0, 1]:
 - **Loss attack** (NeurIPS 2023 unlearning challenge kit, SCRUB): a logistic regression on the per-sample loss
   separates forget samples (label 1) from test samples (label 0); the larger set is subsampled (seeded) so both
   classes are equally large, and the score is the stratified k-fold cross-validated accuracy (or ROC AUC).
-  0.5 means the forget set is indistinguishable from unseen data; higher means the model still remembers it.
+  0.5 means the forget set is indistinguishable from unseen data; higher means it can be told apart, on either
+  side: the classifier learns which side has the lower loss, so a forget set made far *less* likely than unseen
+  data (over-forgetting) also scores high. The signed AUC of ``orthograd.tasks.lm_mia`` (OpenUnlearning's, used by
+  the language-model benchmark) keeps the side: 1 remembered, 0.5 unseen, below 0.5 over-forgotten.
 - **MIA-efficacy** (SalUn): an RBF SVC (C=3, gamma="auto", as SalUn) is fitted on confidence-based features of
   retain samples (members) against test samples (non-members), balanced by seeded subsampling; the efficacy is the
   fraction of forget samples it predicts as non-members. Higher means more forgotten; a retrained model is the

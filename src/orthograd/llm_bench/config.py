@@ -7,11 +7,19 @@ Schema (every section optional except ``runs``; unknown keys are errors):
     output: runs/authors_llm         # the run folder (default runs/<name>): results.jsonl (one record per split x
                                      # run x seed, resumable), tables.md, tradeoff.png, models/
     workers, threads_per_worker      # how the jobs run (``bench.config.ExperimentConfig``)
-    corpus:   {authors, holdout, seed, perturbations}   fictitious authors (orthograd.data.authors); ``holdout``
-                                                        more are never trained (the loss MIA's non-members)
-    model:    {hidden_size, layers, heads, intermediate_size, device}   a Llama config trained from scratch
-    training: {epochs, batch_size, lr, seed}            the original and the retrained models (cached)
-    protocol: {forget_fractions, split_seed, eval_size}  forget splits; eval_size caps each evaluated set
+    corpus:   {authors, holdout, seed, perturbations, tokenizer, vocab_size}   fictitious authors
+              (orthograd.data.authors); ``holdout`` more are never trained (the MIAs' non-members); tokenizer
+              "word" or "bpe" (byte-level BPE of at most vocab_size tokens), trained on the corpus
+    model:    {hidden_size, layers, heads, kv_heads, intermediate_size, device}   a Llama config built from scratch,
+              or {source: a local Hugging Face model folder (model and tokenizer.json), device}
+    pretraining: {epochs, batch_size, lr, seed}        the first stage, as TOFU's base model: general knowledge
+                                                       (orthograd.data.world); epochs 0 skips it
+    training: {epochs, batch_size, lr, seed, replay}   the second stage, from the pre-trained model: the authors
+                                                       (replay: with the general knowledge mixed in), for the
+                                                       original and every retrained model (cached)
+    protocol: {forget_fractions, split_seed, eval_size}  forget splits; eval_size caps each retained set
+                                                         evaluated (every forget sequence is evaluated)
+    evaluation: {max_new_tokens, mia_k, relearn_steps, relearn_lr, relearn_batch_size, relearn_facts}
     unlearning: {max_epochs, seeds, lora, defaults}      the same LoRA, budget and evaluation for every method
     tuning:   {seed, keep_utility}                       per forget fraction, a validation split of other authors
     runs:     [{label, method, params, grid}]             grid: {name: [values]} chosen on validation (optional)
@@ -23,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from orthograd.bench.config import ConfigSection, ExperimentConfig, RunRow, read_config, unique_labels, validate_as
 
@@ -33,17 +41,50 @@ LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 class CorpusConfig(ConfigSection):
     authors: int = Field(200, ge=2)
-    holdout: int = Field(10, ge=2)  # authors no model is trained on: TOFU's holdout set, non-members for the MIA
+    holdout: int = Field(10, ge=2)  # authors no model is trained on: TOFU's holdout set, non-members for the MIAs
     seed: int = 0
     perturbations: int = Field(3, ge=1)
+    tokenizer: Literal["word", "bpe"] = "word"
+    vocab_size: int = Field(4096, ge=300)  # the byte-level BPE's largest vocabulary (256 bytes + merges)
 
 
 class ModelConfig(ConfigSection):
+    """A Llama built from these sizes, or the model of a local Hugging Face folder (``source``)."""
+
     hidden_size: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
+    kv_heads: int | None = Field(None, ge=1)  # grouped-query attention (default: as many as heads)
     intermediate_size: int = Field(256, ge=8)
     device: str | None = None
+    source: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        sizes = self.model_fields_set & {"hidden_size", "layers", "heads", "kv_heads", "intermediate_size"}
+        if self.source is not None and sizes:
+            raise ValueError(f"model.source loads a saved model: drop the size fields {sorted(sizes)}")
+        if self.hidden_size % self.heads or self.heads % (self.kv_heads or self.heads):
+            raise ValueError("model.hidden_size must be a multiple of heads, and heads a multiple of kv_heads")
+        return self
+
+    def llama_config(self, *, vocab_size: int, max_positions: int, pad_token_id: int, eos_token_id: int) -> Any:
+        """The ``transformers.LlamaConfig`` these sizes describe."""
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads or self.heads, max_position_embeddings=max_positions,
+            pad_token_id=pad_token_id, bos_token_id=eos_token_id, eos_token_id=eos_token_id, tie_word_embeddings=False,
+        )
+
+
+class PretrainingConfig(ConfigSection):
+    epochs: int = Field(0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    seed: int = 0
 
 
 class TrainingConfig(ConfigSection):
@@ -51,12 +92,32 @@ class TrainingConfig(ConfigSection):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     seed: int = 0
+    replay: bool = False  # mix the pre-training knowledge into the authors' fine-tuning
+
+
+class EvaluationConfig(ConfigSection):
+    max_new_tokens: int = Field(200, ge=1)  # greedy answers for ROUGE-L, TOFU's 200
+    mia_k: float = Field(0.4, gt=0.0, le=1.0)  # Min-K% / Min-K%++ fraction, OpenUnlearning's
+    relearn_steps: int = Field(0, ge=0)  # 0: no relearning test
+    relearn_lr: float = Field(1e-3, gt=0)
+    relearn_batch_size: int = Field(8, ge=1)
+    relearn_facts: tuple[str, ...] = ("birthplace", "year", "genre", "debut")  # relearnt; the other facts measured
+
+    @field_validator("relearn_facts")
+    @classmethod
+    def _facts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from orthograd.data.authors import FACTS
+
+        unknown = set(value) - set(FACTS)
+        if unknown or not value or set(value) == set(FACTS):
+            raise ValueError(f"relearn_facts must be some but not all of {list(FACTS)}, got {list(value)}")
+        return value
 
 
 class ProtocolConfig(ConfigSection):
     forget_fractions: tuple[float, ...] = (0.01, 0.05, 0.1)
     split_seed: int = 0
-    eval_size: int = Field(200, ge=1)
+    eval_size: int = Field(200, ge=1)  # at most this many pairs of each retained set; the forget set is whole
 
     @field_validator("forget_fractions")
     @classmethod
@@ -88,8 +149,10 @@ class AuthorsBenchConfig(ExperimentConfig):
     name: str = "authors_llm"
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    pretraining: PretrainingConfig = Field(default_factory=PretrainingConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     unlearning: UnlearningConfig = Field(default_factory=UnlearningConfig)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
 

@@ -26,6 +26,7 @@ from orthograd.llm_bench.plots import plot_tradeoff
 from orthograd.llm_bench.runner import workbench
 from orthograd.llm_bench.tables import authors_tables, record_line
 from orthograd.llm_bench.tuning import choose, validation_authors
+from orthograd.tasks.causal_lm import DEFAULT_MAX_NEW_TOKENS
 
 log = logging.getLogger(__name__)
 REFERENCES = {"original": "Original", "retrain": "Retrain"}  # method -> label of the records that only measure
@@ -128,7 +129,7 @@ class AuthorsExperiment:
         if self.selection:
             atomic_write_json(out_dir / "selection.json", self.selection)
         path = out_dir / "tables.md"
-        atomic_write_text(path, authors_tables(records, title=self.config.name))
+        atomic_write_text(path, authors_tables(records, title=self.config.name, notes=table_notes(self.config)))
         plot_tradeoff(records, path=out_dir / "tradeoff.png", title=self.config.name)
         return path
 
@@ -158,15 +159,26 @@ class AuthorsExperiment:
 def record_digest(config: AuthorsBenchConfig, *, label: str, params: Mapping[str, Any], authors: Sequence[int]) -> str:
     """A record's ``key`` field: a hash of everything that changes its numbers (the config but how it runs, its runs
     and tuning, which only pick ``params``; the forget authors), so a rerun resumes and a changed grid reruns only
-    what it changes. Not the seed: the engine's key adds it (``AuthorsJob.key``). LoRA's scale is hashed under its
-    name before peft's (``alpha``, now ``lora_alpha``: one setting), so logs keyed before the rename resume."""
+    what it changes. Not the seed: the engine's key adds it (``AuthorsJob.key``)."""
     spec = config.model_dump(exclude={*ExperimentConfig.EXECUTION_FIELDS, "runs", "tuning"})
     spec["model"].pop("device")
-    lora = spec["unlearning"]["lora"]
-    if lora is not None:
-        spec["unlearning"]["lora"] = {("alpha" if name == "lora_alpha" else name): v for name, v in lora.items()}
     return content_hash({"config": spec, "label": label, "params": dict(params), "forget": list(authors)},
                         compact=False)
+
+
+def table_notes(config: AuthorsBenchConfig) -> list[str]:
+    """What a reader of the tables must know about this config's departures from TOFU's evaluation."""
+    evaluation, notes = config.evaluation, []
+    if evaluation.max_new_tokens != DEFAULT_MAX_NEW_TOKENS:
+        notes.append(f"Greedy answers (ROUGE-L) are cut at {evaluation.max_new_tokens} new tokens, not TOFU's "
+                     f"{DEFAULT_MAX_NEW_TOKENS}, to bound CPU time; every answer here is far shorter.")
+    notes.append(f"Budget: {config.unlearning.max_epochs} epochs over the forget set (Finetune: the retain set) "
+                 "for every method, no early stop; Steps counts each run's optimizer steps.")
+    if evaluation.relearn_steps:
+        notes.append(f"Relearning: {evaluation.relearn_steps} AdamW steps (lr {evaluation.relearn_lr:g}, batch "
+                     f"{evaluation.relearn_batch_size}) on the forget authors' {', '.join(evaluation.relearn_facts)} "
+                     "questions; measured on their other facts.")
+    return notes
 
 
 def _identity(phase: str, fraction: float, label: str, seed: int | None, key: str) -> str:

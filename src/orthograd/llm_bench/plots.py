@@ -1,8 +1,8 @@
 """TOFU's trade-off figure: forget quality (log scale) against model utility, one panel per forget fraction.
 
-Each method is its mean over seeds with ± std error bars; the original model is a black point and the retrained
-reference a black star (forget quality 1 by construction). Built on ``matplotlib.figure.Figure`` (Agg canvas), as
-``orthograd.plots``, so no display or pyplot state is touched.
+Each method is its mean over seeds with 95% confidence intervals (Student t) as error bars; the original model is a
+black point and the retrained reference a black star (forget quality 1 by construction). Built on
+``matplotlib.figure.Figure`` (Agg canvas), as ``orthograd.plots``, so no display or pyplot state is touched.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from orthograd.bench.records import upgrade_record
 from orthograd.io import atomic_write_bytes
 from orthograd.llm_bench.config import TASK
+from orthograd.llm_bench.tables import confidence_interval
 
 PANEL_SIZE = (4.6, 3.6)  # inches per panel
 DPI = 110
@@ -41,7 +42,9 @@ def tradeoff_figure(records: Sequence[Mapping[str, Any]], *, title: str) -> Figu
         for label in dict.fromkeys(r["label"] for r in rows):
             utility = np.array([r["model_utility"] for r in rows if r["label"] == label])
             quality = np.maximum([r["forget_quality"] for r in rows if r["label"] == label], FLOOR)
-            ax.errorbar(utility.mean(), quality.mean(), xerr=utility.std(), yerr=quality.std(), label=label,
+            (u_mean, u_half), (q_mean, q_half) = confidence_interval(utility), confidence_interval(quality)
+            ax.errorbar(u_mean, q_mean, xerr=u_half, yerr=[[min(q_half, q_mean - FLOOR / 2)], [q_half]],
+                        label=label,
                         fmt=MARKERS.get(label, "s"), color=colours.get(label, "black"), markersize=7, capsize=3,
                         zorder=3 if label in MARKERS else 2)  # the references stay visible under a method's point
         ax.set_yscale("log")

@@ -1,6 +1,7 @@
-"""TOFU-style tables: per forget fraction, every method's mean ± std over seeds of TOFU's metrics and wall time;
-then the validation split's grid points (what each tuned run was chosen from). Records written before the shared
-record schema (``bench.records``) read the same."""
+"""TOFU-style tables: per forget fraction, every method's mean ± 95% confidence half-width over seeds (Student t
+interval, n - 1 degrees of freedom) of TOFU's metrics, the membership attacks, PrivLeak, relearning, optimizer steps
+and wall time; then the validation split's grid points (what each tuned run was chosen from). Records written
+before the shared record schema (``bench.records``) read the same."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 from orthograd.bench.records import upgrade_record
 from orthograd.llm_bench.config import TASK
 
+CONFIDENCE = 0.95
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("forget_quality", "Forget quality ↑"),
     ("model_utility", "Model utility ↑"),
@@ -19,9 +21,38 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("forget_probability", "Forget prob."),
     ("forget_truth_ratio", "Forget truth ratio"),
     ("retain_rouge_l", "Retain ROUGE-L"),
-    ("mia_loss_auc", "MIA AUC (0.5: unseen)"),
+    ("real_authors_probability", "Real authors prob."),
+    ("world_facts_probability", "World facts prob."),
+    ("privleak", "PrivLeak % (0: as retrained)"),
+    ("mia_min_k_plus_plus_auc", "Min-K%++ AUC"),
+    ("mia_min_k_auc", "Min-K% AUC"),
+    ("mia_loss_auc", "Loss AUC"),
+    ("mia_zlib_auc", "zlib AUC"),
+    ("relearn_after", "Relearned prob."),
+    ("steps", "Steps"),
     ("wall_time_s", "Wall s"),
 )
+LEGEND = (
+    "Mean ± half-width of the 95% confidence interval over seeds (Student t, n - 1 degrees of freedom); Original "
+    "and Retrain are measured once. MIA AUCs are OpenUnlearning's signed AUC of the forget authors against "
+    "never-trained holdout authors: 1 = remembered, 0.5 = looks unseen, below 0.5 = over-forgotten. PrivLeak is "
+    "MUSE's relative Min-K%++ AUC gap to the retrained model, in percent (negative: still remembered, positive: "
+    "over-forgotten). Relearned prob.: answer probability of the forget authors' other facts after fine-tuning on "
+    "some of their facts (the Retrain row is the level a model that never saw them reaches)."
+)
+
+
+def confidence_interval(values: Sequence[float], *, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """``(mean, half-width)`` of the Student t interval of the mean (half-width 0 for a single value)."""
+    from scipy.stats import t
+
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        raise ValueError("no values to summarise")
+    if array.size == 1:
+        return float(array[0]), 0.0
+    sem = array.std(ddof=1) / np.sqrt(array.size)
+    return float(array.mean()), float(t.ppf(0.5 + confidence / 2, df=array.size - 1) * sem)
 
 
 def _cell(values: list[float]) -> str:
@@ -29,7 +60,8 @@ def _cell(values: list[float]) -> str:
         return "–"
     if len(values) == 1:
         return f"{values[0]:.3g}"
-    return f"{np.mean(values):.3g} ± {np.std(values):.2g}"
+    mean, half = confidence_interval(values)
+    return f"{mean:.3g} ± {half:.2g}"
 
 
 def record_line(record: Mapping[str, Any]) -> str:
@@ -40,13 +72,13 @@ def record_line(record: Mapping[str, Any]) -> str:
     split = "validation: " if record["phase"] == "validation" else ""
     return (f"{split}forget {100 * record['fraction']:g}% {record['label']}{seed}: forget quality "
             f"{record['forget_quality']:.3g}, model utility {record['model_utility']:.3f}, forget ROUGE-L "
-            f"{record['forget_rouge_l']:.3f}, MIA AUC {record['mia_loss_auc']:.3f}{wall}")
+            f"{record['forget_rouge_l']:.3f}, PrivLeak {record['privleak']:.1f}%{wall}")
 
 
-def authors_tables(records: Sequence[Mapping[str, Any]], *, title: str) -> str:
-    """Markdown: one table per forget fraction of the test records, one row per label (Original and Retrain first,
-    in record order), then the validation table when runs were tuned."""
-    lines = [f"# {title}", ""]
+def authors_tables(records: Sequence[Mapping[str, Any]], *, title: str, notes: Sequence[str] = ()) -> str:
+    """Markdown: the legend and ``notes``, one table per forget fraction of the test records, one row per label
+    (Original and Retrain first, in record order), then the validation table when runs were tuned."""
+    lines = [f"# {title}", "", LEGEND, *(f"\n{note}" for note in notes), ""]
     records = [upgrade_record(r, task=TASK) for r in records]
     tested = [r for r in records if r["phase"] == "test"]
     for fraction in sorted({r["fraction"] for r in tested}):
@@ -72,11 +104,11 @@ def validation_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
     (records in the shared schema)."""
     fraction = records[0]["fraction"]
     lines = [f"## Validation split (forget {100 * fraction:g}% other authors): the grid points tried, first seed", "",
-             "| Method | Values | Forget quality ↑ | Model utility ↑ | Forget ROUGE-L | MIA AUC |",
+             "| Method | Values | Forget quality ↑ | Model utility ↑ | Forget ROUGE-L | PrivLeak % |",
              "|---|---|---|---|---|---|"]
     for r in records:
         values = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items()) or "–"
         lines.append(f"| {r['label']} | {values} | {r['forget_quality']:.3g} | {r['model_utility']:.3f} | "
-                     f"{r['forget_rouge_l']:.3f} | {r['mia_loss_auc']:.3f} |")
+                     f"{r['forget_rouge_l']:.3f} | {r['privleak']:.1f} |")
     lines.append("")
     return lines

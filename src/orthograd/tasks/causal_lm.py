@@ -11,7 +11,8 @@ geometric mean of the answer tokens' probabilities (TOFU's length-normalised "Pr
 percent. It needs one teacher-forced forward per batch, so the stop rules stay cheap, and its paper-style reading
 carries over: ``stop="random"`` stops once forget answers are no more likely than held-out (test) answers,
 ``stop="class"`` once they fall below 1%. ``metric="rouge_l"`` uses ROUGE-L recall of greedy answers instead
-(TOFU's generation metric; needs ``rouge-score``, the ``llm`` extra), slower as it decodes token by token.
+(TOFU's generation metric, Porter stemmer on, answers of up to 200 new tokens as TOFU generates; needs
+``rouge-score``, the ``llm`` extra), slower as it decodes token by token.
 
 The documented way to unlearn QA pairs: ``unlearn(model, forget, retain, task="causal_lm", stop="random",
 test=never_seen)`` with ``never_seen`` QA pairs of the same kind the model never trained on (forget answers end no
@@ -36,6 +37,7 @@ from orthograd.tasks import batches
 from orthograd.tasks.base import IGNORE_INDEX, Task
 
 LMMetric = Literal["answer_probability", "rouge_l"]
+DEFAULT_MAX_NEW_TOKENS = 200  # TOFU's generation length: a correct answer longer than the reference is not cut
 EXPECTED = "a dict with 'input_ids' [B, T] and 'labels' [B, T] (-100 on the prompt and padding)"
 
 
@@ -45,7 +47,7 @@ class CausalLMTask(Task):
     ``metric``: "answer_probability" (default) or "rouge_l". ``input_ids`` are right-padded with the model's
     ``config.pad_token_id``, else ``tokenizer.pad_token_id``, else ``pad_token_id``, else 0 (settings that
     disagree are an error, see ``for_model``). Greedy answers (``generate``) stop at ``eos_token_id`` (default:
-    the model config's) or after ``max_new_tokens`` (default: the reference answer's length). ``decode`` (e.g.
+    the model config's) or after ``max_new_tokens`` (default 200, TOFU's). ``decode`` (e.g.
     ``tokenizer.decode``) turns token ids into text for ROUGE-L; without it ROUGE-L compares the token ids
     themselves.
     """
@@ -62,12 +64,12 @@ class CausalLMTask(Task):
         pad_token_id: int | None = None,
         tokenizer: Any = None,
         eos_token_id: int | None = None,
-        max_new_tokens: int | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         decode: Callable[[list[int]], str] | None = None,
     ) -> None:
         check_choice("metric", metric, LMMetric)
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 or None, got {max_new_tokens}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.metric = metric
         self.pad_token_id = pad_token_id
         self.tokenizer = tokenizer
@@ -144,23 +146,27 @@ class CausalLMTask(Task):
 
     @torch.no_grad()
     def rouge_l(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> torch.Tensor:
-        """ROUGE-L recall of each sequence's greedy answer against its reference answer (TOFU's choice)."""
+        """ROUGE-L recall (Porter stemmer on, as TOFU) of each sequence's greedy answer against its reference."""
         scorer = _rouge_scorer()
         scores: list[float] = []
         for batch in self._eval_batches(model, loader, device):
             for answer, reference in zip(self.generate(model, batch), answers(batch)):
                 scores.append(scorer.score(self._text(reference), self._text(answer))["rougeL"].recall)
-        return torch.tensor(scores)
+        return torch.tensor(scores, dtype=torch.float32)  # rouge-score gives int 0 for an empty answer
 
     @torch.no_grad()
     def generate(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[list[int]]:
-        """Greedy answer of each sequence to its prompt (the tokens before its first labelled position)."""
+        """Greedy answer of each sequence to its prompt (the tokens before its first labelled position), up to
+        ``max_new_tokens`` and the end token. Prompts of one length are decoded together (no padding, so each
+        answer is the one decoding it alone gives)."""
         eos = self.eos_token_id if self.eos_token_id is not None else _config_eos(model)
-        out: list[list[int]] = []
-        for ids, labels in zip(batch["input_ids"], batch["labels"]):
-            start = _first_labelled(labels)
-            budget = self.max_new_tokens or int((labels[start:] != IGNORE_INDEX).sum())
-            out.append(_greedy(model, ids[:start].unsqueeze(0), budget=budget, eos=eos))
+        prompts = [ids[:_first_labelled(labels)] for ids, labels in zip(batch["input_ids"], batch["labels"])]
+        out: list[list[int]] = [[] for _ in prompts]
+        for length in sorted({len(p) for p in prompts}):
+            rows = [i for i, p in enumerate(prompts) if len(p) == length]
+            answers = _greedy(model, torch.stack([prompts[i] for i in rows]), budget=self.max_new_tokens, eos=eos)
+            for row, answer in zip(rows, answers, strict=True):
+                out[row] = answer
         return out
 
     def _text(self, tokens: list[int]) -> str:
@@ -231,21 +237,27 @@ def _config_eos(model: nn.Module) -> int | None:
     return eos if isinstance(eos, int) else None
 
 
-def _greedy(model: nn.Module, prompt: torch.Tensor, *, budget: int, eos: int | None) -> list[int]:
-    """Greedy decoding of one prompt ``[1, P]``; reuses the model's key/value cache when it returns one."""
-    tokens: list[int] = []
-    sequence, step_input, cache = prompt, prompt, {}
+def _greedy(model: nn.Module, prompts: torch.Tensor, *, budget: int, eos: int | None) -> list[list[int]]:
+    """Greedy decoding of equally long prompts ``[B, P]``, each answer cut after its end token; reuses the model's
+    key/value cache when it returns one."""
+    steps: list[torch.Tensor] = []
+    finished = torch.zeros(prompts.shape[0], dtype=torch.bool, device=prompts.device)
+    sequence, step_input, cache = prompts, prompts, {}
     for _ in range(budget):
         output = model(input_ids=step_input, **cache)
-        token = int(batches.output_logits(output)[0, -1].argmax())
-        tokens.append(token)
-        if token == eos:
-            break
-        next_token = torch.tensor([[token]], device=prompt.device)
-        sequence = torch.cat([sequence, next_token], dim=1)
+        token = batches.output_logits(output)[:, -1].argmax(dim=-1)
+        steps.append(token)
+        if eos is not None:
+            finished |= token == eos
+            if bool(finished.all()):
+                break
+        sequence = torch.cat([sequence, token[:, None]], dim=1)
         cache = _cache_of(output)
-        step_input = next_token if cache else sequence
-    return tokens
+        step_input = token[:, None] if cache else sequence
+    answers: list[list[int]] = []
+    for row in torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(prompts.shape[0])]:
+        answers.append(row[: row.index(eos) + 1] if eos in row else row)
+    return answers
 
 
 def _cache_of(output: Any) -> dict[str, Any]:
@@ -263,4 +275,4 @@ def _rouge_scorer() -> Any:
         from rouge_score import rouge_scorer
     except ImportError as exc:
         raise ImportError("ROUGE-L needs the rouge-score package: pip install 'orthograd[llm]'") from exc
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

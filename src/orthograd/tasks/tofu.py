@@ -2,13 +2,17 @@
 
 As TOFU's evaluation code computes them, with "probability" the length-normalised ``P(a | q)^(1/|a|)``:
 
-- answer probability and ROUGE-L recall of the greedy answer (``CausalLMTask``);
+- answer probability and ROUGE-L recall (Porter stemmer on) of the greedy answer, generated up to
+  ``max_new_tokens`` (TOFU: 200) or the end token (``CausalLMTask``);
+- on the sets of knowledge the model had before (TOFU's Real Authors and World Facts) the probability is
+  option-normalised: ``P(a)^(1/|a|) / (P(a)^(1/|a|) + sum_k P(wrong_k)^(1/|wrong_k|))``;
 - truth ratio per question: ``R = P(paraphrase)^(1/n) / mean-in-log of P(perturbed)^(1/n)``, i.e.
-  ``exp(mean_k loss(perturbed_k) - loss(paraphrase))``: above 1 when the model prefers the correct answer;
+  ``exp(mean_k loss(perturbed_k) - loss(paraphrase))``: above 1 when the model prefers the correct answer (TOFU's
+  logs store the inverse, ``1/R``);
 - forget quality: the p-value of a two-sample Kolmogorov-Smirnov test between the truth ratios of the unlearned
   model and of a model retrained without the forget set, on the forget questions (high: indistinguishable);
 - model utility: the harmonic mean of answer probability, ROUGE-L and truth score ``mean(max(0, 1 - 1/R))`` on
-  each retained set (retained authors, held-out phrasings).
+  each retained set; TOFU's nine numbers with the retain, real-people and world-facts sets.
 
 ``TruthRatioRule`` is TOFU's forget-quality reading as a stop rule for users without a retrained model: stop once
 the forget questions' truth ratios are indistinguishable (KS test) from those of questions the model never saw.
@@ -16,7 +20,7 @@ the forget questions' truth ratios are indistinguishable (KS test) from those of
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from orthograd.tasks.causal_lm import CausalLMTask
+from orthograd.tasks.causal_lm import DEFAULT_MAX_NEW_TOKENS, CausalLMTask
 from orthograd.tasks.qa_text import QAEncoder
 
 EVAL_BATCH_SIZE = 64
@@ -71,11 +75,18 @@ def truth_score(ratios: np.ndarray) -> float:
     return float(np.maximum(0.0, 1.0 - 1.0 / ratios).mean())
 
 
-def forget_quality(unlearned: np.ndarray, retrained: np.ndarray) -> float:
-    """KS-test p-value between forget-set truth ratios of the unlearned and the retrained model."""
+def forget_quality(unlearned: np.ndarray, retrained: np.ndarray, *, inverted: bool) -> float:
+    """KS-test p-value between forget-set truth ratios of the unlearned and the retrained model.
+
+    ``inverted`` says how ``retrained`` is stored: False for this module's ``R`` (``truth_ratios``), True for
+    TOFU's logged ``1/R``, which is turned back here; it has no default because the p-value of the wrong one is
+    silently wrong."""
     from scipy.stats import ks_2samp
 
-    return float(ks_2samp(unlearned, retrained).pvalue)
+    reference = np.asarray(retrained, dtype=np.float64)
+    if reference.size == 0 or not np.all(np.isfinite(reference) & (reference > 0)):
+        raise ValueError("retrained truth ratios must be positive finite numbers (P(true) / P(false) per question)")
+    return float(ks_2samp(unlearned, 1.0 / reference if inverted else reference).pvalue)
 
 
 def harmonic_mean(values: Sequence[float]) -> float:
@@ -86,12 +97,39 @@ def harmonic_mean(values: Sequence[float]) -> float:
     return float(len(array) / (1.0 / array).sum())
 
 
-def qa_scores(model: nn.Module, pairs: Sequence[QA], *, encoder: QAEncoder, device: torch.device) -> dict[str, Any]:
-    """Answer probability, ROUGE-L recall (fractions) and truth ratios of ``model`` on ``pairs``."""
-    task = CausalLMTask(pad_token_id=encoder.pad_token_id, eos_token_id=encoder.eos_token_id, decode=encoder.decode)
+def option_probabilities(
+    model: nn.Module, pairs: Sequence[QA], *, encoder: QAEncoder, device: torch.device
+) -> np.ndarray:
+    """TOFU's probability on multiple-choice-like sets: each answer's normalised probability over itself and its
+    wrong options (``perturbed``)."""
+    questions = [p.question for p in pairs]
+    true = np.exp(-answer_losses(model, questions, [p.answer for p in pairs], encoder=encoder, device=device))
+    wrong = np.exp(-answer_losses(model, [p.question for p in pairs for _ in p.perturbed],
+                                  [a for p in pairs for a in p.perturbed], encoder=encoder, device=device))
+    ends = np.cumsum([len(p.perturbed) for p in pairs])
+    wrong_sums = np.array([chunk.sum() for chunk in np.split(wrong, ends[:-1])])
+    return true / (true + wrong_sums)
+
+
+def qa_scores(
+    model: nn.Module,
+    pairs: Sequence[QA],
+    *,
+    encoder: QAEncoder,
+    device: torch.device,
+    normalised: bool = False,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> dict[str, Any]:
+    """Answer probability (option-normalised when ``normalised``), ROUGE-L recall (fractions) and truth ratios of
+    ``model`` on ``pairs``."""
+    task = CausalLMTask(pad_token_id=encoder.pad_token_id, eos_token_id=encoder.eos_token_id, decode=encoder.decode,
+                        max_new_tokens=max_new_tokens)
     items = [encoder.item(p.question, p.answer) for p in pairs]
     loader = DataLoader(items, batch_size=EVAL_BATCH_SIZE, collate_fn=task.collate_fn())
-    probability = float(task.sequence_losses(model, loader, device=device).neg().exp().mean())
+    if normalised:
+        probability = float(option_probabilities(model, pairs, encoder=encoder, device=device).mean())
+    else:
+        probability = float(task.sequence_losses(model, loader, device=device).neg().exp().mean())
     rouge = float(task.rouge_l(model, loader, device=device).mean())
     ratios = truth_ratios(model, pairs, encoder=encoder, device=device)
     return {"probability": probability, "rouge_l": rouge, "truth_ratios": ratios}
@@ -104,11 +142,21 @@ def tofu_metrics(
     retained: Mapping[str, Sequence[QA]],
     encoder: QAEncoder,
     device: torch.device,
+    normalised: Collection[str] = (),
     retrained_forget_ratios: np.ndarray | None = None,
+    reference_inverted: bool | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> dict[str, float]:
-    """TOFU's table entries: forget probability / ROUGE-L / truth ratio, model utility over ``retained`` sets
-    (e.g. ``{"retain": ..., "heldout": ...}``), and forget quality when the retrained model's ratios are given."""
-    forget_scores = qa_scores(model, forget, encoder=encoder, device=device)
+    """TOFU's table entries: forget probability / ROUGE-L / truth ratio, model utility over the ``retained`` sets
+    (TOFU: ``{"retain": ..., "real_authors": ..., "world_facts": ...}``, the last two named in ``normalised``) and
+    forget quality when the retrained model's ratios are given (``reference_inverted``: see ``forget_quality``)."""
+    if unknown := set(normalised) - set(retained):
+        raise ValueError(f"normalised names sets that are not retained sets: {sorted(unknown)}")
+    if retrained_forget_ratios is not None and reference_inverted is None:
+        raise ValueError("say how the retrained truth ratios are stored: reference_inverted=False for R = "
+                         "P(true)/P(false) (truth_ratios), True for TOFU's logged 1/R")
+    common = {"encoder": encoder, "device": device, "max_new_tokens": max_new_tokens}
+    forget_scores = qa_scores(model, forget, **common)
     ratios = forget_scores["truth_ratios"]
     out = {
         "forget_probability": forget_scores["probability"],
@@ -117,14 +165,14 @@ def tofu_metrics(
     }
     parts: list[float] = []
     for name, pairs in retained.items():
-        scores = qa_scores(model, pairs, encoder=encoder, device=device)
+        scores = qa_scores(model, pairs, normalised=name in normalised, **common)
         entries = {"probability": scores["probability"], "rouge_l": scores["rouge_l"],
                    "truth": truth_score(scores["truth_ratios"])}
         out.update({f"{name}_{key}": value for key, value in entries.items()})
         parts.extend(entries.values())
     out["model_utility"] = harmonic_mean(parts)
     if retrained_forget_ratios is not None:
-        out["forget_quality"] = forget_quality(ratios, retrained_forget_ratios)
+        out["forget_quality"] = forget_quality(ratios, retrained_forget_ratios, inverted=bool(reference_inverted))
     return out
 
 
