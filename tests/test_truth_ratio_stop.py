@@ -32,7 +32,7 @@ def test_measure_is_the_ks_p_value_between_forget_and_never_seen_truth_ratios(co
     forget, never_seen = pairs[:8], pairs[40:50]
     rule = TruthRatioRule(forget=forget, never_seen=never_seen, encoder=encoder, level=0.05)
     expected = forget_quality(truth_ratios(model, forget, encoder=encoder, device=CPU),
-                              truth_ratios(model, never_seen, encoder=encoder, device=CPU))
+                              truth_ratios(model, never_seen, encoder=encoder, device=CPU), inverted=False)
     measured = rule.measure(model)
     assert measured == {"truth_ratio_ks_p": pytest.approx(expected)}
     assert rule({"truth_ratio_ks_p": 0.2}) and not rule({"truth_ratio_ks_p": 0.01})

@@ -221,7 +221,7 @@ class TruthRatioRule:
         device = _device_of(model)
         forget = truth_ratios(model, self.forget, encoder=self.encoder, device=device)
         never_seen = truth_ratios(model, self.never_seen, encoder=self.encoder, device=device)
-        return {self.metric: forget_quality(forget, never_seen)}
+        return {self.metric: forget_quality(forget, never_seen, inverted=False)}
 
     def __call__(self, row: Mapping[str, Any]) -> bool:
         return bool(row[self.metric] >= self.level)
