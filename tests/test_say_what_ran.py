@@ -81,3 +81,15 @@ def test_the_image_bench_runs_unlearn_quietly_with_its_fixed_budget(tmp_path, ca
         image._CONTEXTS.clear()
     assert "orthograd starts" not in capsys.readouterr().err
     assert record["stop_reason"] == "max_epochs"  # stop=false: the whole budget, no inferred rule
+
+
+@pytest.mark.parametrize("rank,printed", [(0, True), (1, False)])
+def test_in_a_distributed_run_only_rank_zero_says_what_ran(monkeypatch, capsys, rank, printed):
+    import torch.distributed as dist
+
+    from orthograd import narration
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: rank)
+    narration.say("orthograd: a line")
+    assert ("orthograd: a line" in capsys.readouterr().err) == printed

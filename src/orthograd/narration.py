@@ -36,7 +36,16 @@ PREFIX = "orthograd:"
 
 
 def say(line: str) -> None:
+    """Print ``line`` to stderr, once per run: in a torch.distributed run only rank 0 speaks."""
+    if _is_secondary_rank():
+        return
     print(line, file=sys.stderr, flush=True)
+
+
+def _is_secondary_rank() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 def start_line(*, method: str, facts: Sequence[str]) -> str:
