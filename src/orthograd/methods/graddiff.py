@@ -102,8 +102,8 @@ class ForgetRetainMethod(UnlearningMethod[ForgetRetainConfigT]):
         return self.config.retain_loss == "kl"
 
     def forget_term(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """The forget term on a forget batch (to be minimised), and statistics."""
-        raise NotImplementedError
+        """The forget term on a forget batch (to be minimised), and statistics; each method defines its own."""
+        raise NotImplementedError(f"{type(self).__name__} must define forget_term (GradDiff, SimNPO and RMU do)")
 
     def retain_term(self, batch: Any) -> torch.Tensor:
         """The retain term on a retain batch: the task loss or the KL to the original."""
