@@ -41,7 +41,8 @@ TINY = {
     "training": {"epochs": 2, "batch_size": 16},
     "protocol": {"forget_fractions": [0.25], "eval_size": 8},
     "evaluation": {"max_new_tokens": 6, "relearn_steps": 2},
-    "unlearning": {"max_epochs": 1, "seeds": [0], "lora": {"r": 2, "targets": ["q_proj", "v_proj", "down_proj"]}},
+    "unlearning": {"stop": "never", "max_epochs": 1, "seeds": [0],
+                   "lora": {"r": 2, "targets": ["q_proj", "v_proj", "down_proj"]}},
     "runs": [
         {"label": "OrthoGrad", "method": "orthograd", "params": {"lr": 0.05, "forget_batch_size": 8}},
         {"label": "NPO", "method": "npo", "params": {"lr": 0.01, "forget_batch_size": 8}},
@@ -187,6 +188,48 @@ def test_the_shipped_config_is_a_5m_llama_with_a_bpe_and_equal_tuning_trials():
     assert config.corpus.tokenizer == "bpe" and config.pretraining.epochs > 0 and len(config.unlearning.seeds) >= 5
     trials = {len(list(grid_points(run.grid))) for run in config.runs if run.grid}
     assert len(trials) == 1, f"every tuned method gets as many validation trials, got {trials}"
+    setup = config.unlearning
+    assert setup.stop == "never_seen" and setup.max_steps is not None  # one stop rule and step budget for all
+    assert not any("max_steps" in run.params or "max_epochs" in run.params for run in config.runs)
+
+
+def test_every_method_stops_on_the_never_seen_level_within_one_step_budget(tmp_path):
+    runs = [{"label": "NegGrad", "method": "neggrad", "params": {"lr": 0.5, "forget_batch_size": 4}},
+            {"label": "Finetune", "method": "finetune", "params": {"lr": 1e-4}}]
+    raw = {**TINY, "output": str(tmp_path / "out"), "runs": runs, "evaluation": {"max_new_tokens": 4},
+           "training": {"epochs": 40, "batch_size": 16, "lr": 1e-2},  # memorised: the forget set starts above
+           "unlearning": {**TINY["unlearning"], "stop": "never_seen", "max_steps": 3, "max_epochs": None,
+                          "checks_per_epoch": 3}}
+    config = llm_bench.AuthorsBenchConfig.model_validate(raw)
+    bench = Workbench(config)
+    split = bench.split(tuple(forget_authors(4, fraction=0.25, seed=0)))
+    neggrad = bench.unlearn(split, method="neggrad", params=runs[0]["params"], seed=0)
+    level = neggrad.original["test"] + 0.5  # the holdout authors' answer probability under the original
+    assert neggrad.original["forget"] > level + 5
+    assert neggrad.stop_reason == "target_reached" and neggrad.final["forget"] <= level
+    assert neggrad.steps <= 3 and neggrad.stop_checks >= 1 and neggrad.missed_target is None
+    finetune = bench.unlearn(split, method="finetune", params=runs[1]["params"], seed=0)
+    assert finetune.steps == 3 and finetune.stop_reason == "max_steps"  # Finetune too: the same step budget
+    assert finetune.missed_target and finetune.stop_checks >= 3  # kept as data, checked as often
+
+
+def test_tables_count_reached_targets_mark_misses_and_test_orthograd_against_the_best_baseline():
+    from orthograd.llm_bench.tables import authors_tables
+
+    def record(label, method, seed, quality, utility, missed=None):
+        return {"task": "causal_lm", "phase": "test", "fraction": 0.1, "label": label, "method": method,
+                "seed": seed, "hyperparameters": {}, "key": label, "stop_reason": "x" if seed is not None else None,
+                "missed_target": missed, "forget_quality": quality, "model_utility": utility, "steps": 4}
+
+    records = [record("Original", "original", None, 0.01, 0.6)]
+    for seed in range(5):
+        records += [record("OrthoGrad", "orthograd", seed, 0.5 + 0.01 * seed, 0.55),
+                    record("NPO", "npo", seed, 0.2 + 0.02 * seed, 0.5),
+                    record("NegGrad", "neggrad", seed, 0.9, 0.2, missed="missed" if seed == 0 else None)]
+    table = authors_tables(records, title="t")
+    assert "| OrthoGrad | 5/5 |" in table and "| NegGrad† | 4/5 |" in table and "| Original | – |" in table
+    assert "forget quality: OrthoGrad vs NPO (best baseline mean)" in table  # NegGrad missed once: no yardstick
+    assert "p = 0.000: ahead" in table
 
 
 def test_relearning_fine_tunes_a_copy_and_reads_the_other_facts_before_and_after():

@@ -20,7 +20,12 @@ Schema (every section optional except ``runs``; unknown keys are errors):
     protocol: {forget_fractions, split_seed, eval_size}  forget splits; eval_size caps each retained set
                                                          evaluated (every forget sequence is evaluated)
     evaluation: {max_new_tokens, mia_k, relearn_steps, relearn_lr, relearn_batch_size, relearn_facts}
-    unlearning: {max_epochs, seeds, lora, defaults}      the same LoRA, budget and evaluation for every method
+    unlearning: {stop, max_steps, max_epochs, checks_per_epoch, seeds, lora, defaults}   the same LoRA, stop rule,
+              cadence, budget and evaluation for every method: ``stop`` "never_seen" (forget answers no more likely
+              than the never-trained holdout authors' answers, ``stop="random"`` with them as ``test``),
+              "truth_ratio" (TOFU's KS reading against the holdout, ``tasks.tofu.TruthRatioRule``) or "never" (a
+              fixed budget); ``max_steps`` optimizer steps for every method (Finetune and SCRUB included), with
+              ``max_epochs`` passes as a second cap; the rule checked ``checks_per_epoch`` times a forget pass
     tuning:   {seed, keep_utility}                       per forget fraction, a validation split of other authors
     runs:     [{label, method, params, grid}]             grid: {name: [values]} chosen on validation (optional)
 """
@@ -34,6 +39,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from orthograd.bench.config import ConfigSection, ExperimentConfig, RunRow, read_config, unique_labels, validate_as
+from orthograd.bench.protocol import DEFAULT_CHECKS_PER_EPOCH
 
 TASK = "causal_lm"
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -127,13 +133,25 @@ class ProtocolConfig(ConfigSection):
         return value
 
 
+LMStop = Literal["never_seen", "truth_ratio", "never"]
+
+
 class UnlearningConfig(ConfigSection):
-    max_epochs: int = Field(5, ge=1)
+    stop: LMStop = "never_seen"
+    max_steps: int | None = Field(None, ge=1)  # the same optimizer-step budget for every method
+    max_epochs: int | None = Field(5, ge=1)  # passes over the forget set (Finetune: the retain set)
+    checks_per_epoch: int = Field(DEFAULT_CHECKS_PER_EPOCH, ge=1)  # the stop rule's cadence, every method's
     seeds: tuple[int, ...] = (0, 1, 2)
     lora: dict[str, Any] | None = Field(
         default_factory=lambda: {"r": 8, "lora_alpha": 32, "targets": list(LLAMA_PROJECTIONS)}
     )
     defaults: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _budget(self) -> UnlearningConfig:
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("unlearning needs a budget: set max_steps, max_epochs or both")
+        return self
 
 
 class TuningConfig(ConfigSection):

@@ -172,13 +172,28 @@ def table_notes(config: AuthorsBenchConfig) -> list[str]:
     if evaluation.max_new_tokens != DEFAULT_MAX_NEW_TOKENS:
         notes.append(f"Greedy answers (ROUGE-L) are cut at {evaluation.max_new_tokens} new tokens, not TOFU's "
                      f"{DEFAULT_MAX_NEW_TOKENS}, to bound CPU time; every answer here is far shorter.")
-    notes.append(f"Budget: {config.unlearning.max_epochs} epochs over the forget set (Finetune: the retain set) "
-                 "for every method, no early stop; Steps counts each run's optimizer steps.")
+    notes.append(budget_note(config))
     if evaluation.relearn_steps:
         notes.append(f"Relearning: {evaluation.relearn_steps} AdamW steps (lr {evaluation.relearn_lr:g}, batch "
                      f"{evaluation.relearn_batch_size}) on the forget authors' {', '.join(evaluation.relearn_facts)} "
                      "questions; measured on their other facts.")
     return notes
+
+
+def budget_note(config: AuthorsBenchConfig) -> str:
+    """The stop rule, cadence and budget every method of ``config`` ran under, in words."""
+    setup = config.unlearning
+    caps = [f"{setup.max_steps} optimizer steps" if setup.max_steps else "",
+            f"{setup.max_epochs} epochs over the forget set (Finetune: the retain set)" if setup.max_epochs else ""]
+    budget = " or ".join(cap for cap in caps if cap) + ", whichever ends first"
+    if setup.stop == "never":
+        return f"Budget: {budget}, for every method, no early stop; Steps counts each run's optimizer steps."
+    rule = {"never_seen": "its forget answers are no more likely than the never-trained holdout authors' (within "
+                          "half a point of their answer probability under the original model)",
+            "truth_ratio": "its forget truth ratios are indistinguishable from the holdout authors' (KS p >= 0.05)"}
+    return (f"Every method stops once {rule[setup.stop]}, checked {setup.checks_per_epoch} times per pass over "
+            f"the forget set and after every epoch, within a budget of {budget}. Reached counts the runs that "
+            "reached that target; † marks a row where some did not (its numbers are the budget's end).")
 
 
 def _identity(phase: str, fraction: float, label: str, seed: int | None, key: str) -> str:

@@ -5,8 +5,9 @@ on general knowledge, ``orthograd.data.world``, or the model of a local Hugging 
 every author's training phrasings (never the holdout authors'); for each forget split the base fine-tuned without
 the forget authors is the reference for forget quality. Each is trained once with
 ``orthograd.training.train_model`` and kept in the run folder's model store (``bench.model_store``). Every run
-starts from the original through ``orthograd.unlearn`` (``task="causal_lm"``) with the same LoRA, epoch budget
-and evaluation, and every model is measured the same way on its split (``Workbench.measure``).
+starts from the original through ``orthograd.unlearn`` (``task="causal_lm"``) with the same LoRA, stop rule,
+cadence and step budget (``Workbench.unlearn``), and every model is measured the same way on its split
+(``Workbench.measure``).
 """
 
 from __future__ import annotations
@@ -25,27 +26,24 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from orthograd import methods
-from orthograd.api import unlearn
 from orthograd.bench.config import content_hash
 from orthograd.bench.model_store import ModelStore
+from orthograd.bench.protocol import bench_unlearn, eval_every_for
 from orthograd.data.authors import QAPair, generate_authors, qa_pairs
 from orthograd.data.world import Knowledge, general_knowledge
 from orthograd.llm_bench.config import AuthorsBenchConfig
 from orthograd.llm_bench.relearning import relearn
 from orthograd.results import UnlearnResult
 from orthograd.runtime import resolve_device
-from orthograd.stopping import ForgetMetricRule
+from orthograd.stopping import NO_RULE
 from orthograd.tasks.causal_lm import CausalLMTask
 from orthograd.tasks.lm_mia import mia_aucs, privleak
 from orthograd.tasks.qa_text import QAEncoder, load_folder_encoder, train_bpe_tokenizer, train_tokenizer
-from orthograd.tasks.tofu import tofu_metrics, truth_ratios
+from orthograd.tasks.tofu import TruthRatioRule, tofu_metrics, truth_ratios
 from orthograd.training import train_model
 
 ADAMW_WEIGHT_DECAY = 0.01  # torch's AdamW default, which the stored models were trained with
 NORMALISED = ("real_authors", "world_facts")  # TOFU reads these sets' probability against the wrong options
-# every run uses its whole budget; the rule reads only the forget set, so the rows between the first and the last
-# evaluate nothing else (``track="stop"``: the retain set is evaluated once at each end, not every epoch)
-FIXED_BUDGET = ForgetMetricRule(lambda forget: False, "never: a fixed budget")
 
 
 @dataclass(frozen=True)
@@ -195,12 +193,31 @@ class Workbench:
         return {name: float(value) for name, value in out.items()}
 
     def unlearn(self, split: Split, *, method: str, params: dict[str, Any], seed: int) -> UnlearnResult:
-        """One unlearning run from the original model with the shared LoRA and epoch budget (``FIXED_BUDGET``: no
-        early stop, so the run warns that it never reached a target)."""
-        return unlearn(self.original, self.corpus.items(split.forget), self.corpus.items(split.retain), method=method,
-                       task=self.task, max_epochs=self.config.unlearning.max_epochs, seed=seed, device=self.device,
-                       stop=FIXED_BUDGET, track="stop", verbose=False,
-                       **_with_lora(method, params, self.config.unlearning.lora))
+        """One unlearning run from the original model with the shared LoRA, stop rule, cadence and budget; a missed
+        target is kept in the result (``bench_unlearn``). Between checks only what the rule reads is evaluated
+        (``track="stop"``: the forget set; the retain and never-seen sets at each end; every set each epoch when
+        there is no rule)."""
+        setup = self.config.unlearning
+        cadence = (eval_every_for(method, params, forget_size=len(split.forget), eval_every=None,
+                                  checks_per_epoch=setup.checks_per_epoch) if setup.stop != NO_RULE else None)
+        return bench_unlearn(self.original, self.corpus.items(split.forget), self.corpus.items(split.retain),
+                             method=method, task=self.task, max_epochs=setup.max_epochs, max_steps=setup.max_steps,
+                             eval_every=cadence, seed=seed, device=self.device, stop=self.stop_rule(split),
+                             test=self.corpus.items(self.corpus.holdout()),
+                             track="stop" if setup.stop != NO_RULE else "all", verbose=False,
+                             **_with_lora(method, params, setup.lora))
+
+    def stop_rule(self, split: Split) -> str | TruthRatioRule:
+        """The configured stop rule for ``split``. The never-trained holdout authors (every run's ``test`` set) are
+        the level a forgotten answer falls to: "never_seen" is ``stop="random"`` (forget answer probability within
+        half a point of theirs, or lower), "truth_ratio" TOFU's KS reading against them."""
+        kind = self.config.unlearning.stop
+        if kind == "never_seen":
+            return "random"
+        if kind == "truth_ratio":
+            return TruthRatioRule(forget=split.forget, never_seen=self.corpus.holdout(), encoder=self.corpus.encoder,
+                                  original=self.original)
+        return NO_RULE
 
     def _attacks(self, model: nn.Module, forget: Sequence[QAPair]) -> dict[str, float]:
         holdout = self.corpus.holdout()

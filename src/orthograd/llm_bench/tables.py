@@ -12,6 +12,7 @@ import numpy as np
 
 from orthograd.bench.records import upgrade_record
 from orthograd.llm_bench.config import TASK
+from orthograd.reporting import paired_test
 
 CONFIDENCE = 0.95
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -30,8 +31,11 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("mia_zlib_auc", "zlib AUC"),
     ("relearn_after", "Relearned prob."),
     ("steps", "Steps"),
+    ("stop_checks", "Checks"),
     ("wall_time_s", "Wall s"),
 )
+TESTED: tuple[tuple[str, str], ...] = (("forget_quality", "forget quality"), ("model_utility", "model utility"))
+MISSED_MARK = "†"
 LEGEND = (
     "Mean ± half-width of the 95% confidence interval over seeds (Student t, n - 1 degrees of freedom); Original "
     "and Retrain are measured once. MIA AUCs are OpenUnlearning's signed AUC of the forget authors against "
@@ -86,17 +90,61 @@ def authors_tables(records: Sequence[Mapping[str, Any]], *, title: str, notes: S
         labels = list(dict.fromkeys(r["label"] for r in rows))
         seeds = {r["seed"] for r in rows if r["seed"] is not None}
         lines += [f"## Forget {100 * fraction:g}% of the authors ({len(seeds)} seed(s) per method)", ""]
-        lines.append("| Method | " + " | ".join(name for _, name in COLUMNS) + " |")
-        lines.append("|" + "---|" * (len(COLUMNS) + 1))
+        lines.append("| Method | Reached | " + " | ".join(name for _, name in COLUMNS) + " |")
+        lines.append("|" + "---|" * (len(COLUMNS) + 2))
         for label in labels:
             chosen = [r for r in rows if r["label"] == label]
             cells = [_cell([float(r[key]) for r in chosen if r.get(key) is not None]) for key, _ in COLUMNS]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
+            mark = MISSED_MARK if _missed(chosen) else ""
+            lines.append(f"| {label}{mark} | {_reached(chosen)} | " + " | ".join(cells) + " |")
+        lines += [*paired_lines(rows), ""]
     validation = [r for r in records if r["phase"] == "validation"]
     for fraction in sorted({r["fraction"] for r in validation}):
         lines += validation_table([r for r in validation if r["fraction"] == fraction])
     return "\n".join(lines)
+
+
+def _runs(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The unlearning runs among ``records`` (Original and Retrain only measure)."""
+    return [r for r in records if r.get("stop_reason") is not None]
+
+
+def _missed(records: Sequence[Mapping[str, Any]]) -> bool:
+    return any(r.get("missed_target") for r in _runs(records))
+
+
+def _reached(records: Sequence[Mapping[str, Any]]) -> str:
+    runs = _runs(records)
+    if not runs:
+        return "–"
+    return f"{sum(not r.get('missed_target') for r in runs)}/{len(runs)}"
+
+
+def paired_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per metric, each OrthoGrad row against the baseline with the best mean among those that reached the target
+    in every run (when none did, among all, and the line says so), a paired t-test over the seeds both ran."""
+    runs = _runs(records)
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    ours = [label for label in labels if any(r["method"].startswith("orthograd") for r in runs if r["label"] == label)]
+    others = [label for label in labels if label not in ours]
+    reached = [label for label in others if not _missed([r for r in runs if r["label"] == label])]
+    baselines = reached or others
+    caveat = "" if reached else "; no baseline reached the target in every run"
+    lines = []
+    for key, name in TESTED:
+        values = {label: {r["seed"]: float(r[key]) for r in runs if r["label"] == label} for label in labels}
+        if not baselines:
+            break
+        best = max(baselines, key=lambda label: float(np.mean(list(values[label].values()))))
+        for label in ours:
+            seeds = sorted(set(values[label]) & set(values[best]))
+            if len(seeds) < 2:
+                continue
+            verdict, mean, half, p = paired_test([values[label][s] - values[best][s] for s in seeds], better="higher")
+            interval = f" ± {half:.3g}" if half is not None else ""
+            lines.append(f"- {name}: {label} vs {best} (best baseline mean{caveat}), difference {mean:+.3g}"
+                         f"{interval} (95% CI), paired t-test over {len(seeds)} seeds, p = {p:.3f}: {verdict}.")
+    return ["", "Paired tests:", *lines] if lines else []
 
 
 def validation_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
