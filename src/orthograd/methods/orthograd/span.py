@@ -4,8 +4,8 @@ OrthoGrad's update ``alpha * mean(G) - (1 - alpha) * (g - G^T c)`` needs, of ``G
 its product ``G g`` with the forget gradient ``g`` (the probe), and, once the coefficients ``c`` of ``g``'s
 projection are solved from those two, the norms of both terms and their weighted sum. ``RetainSpan`` is that
 interface. Three implementations: ``MaterialisedSpan`` (``G`` as torch.func returns it, below), ``GhostSpan``
-(``ghost.py``: layer-wise Gram blocks, never ``G``) and ``DataParallelSpan`` (``distributed/span.py``: row
-shards of ``G`` on every rank, all-reduced). ``methods/direction.py`` computes the direction from any of them.
+(``grads/ghost.py``: layer-wise Gram blocks, never ``G``) and ``DataParallelSpan`` (``distributed/orthograd.py``:
+row shards of ``G`` on every rank, all-reduced). ``direction.py`` computes the direction from any of them.
 """
 
 from __future__ import annotations
