@@ -15,7 +15,7 @@ from orthograd._version import __version__
 from orthograd.audit import save_weights, source_commit
 from orthograd.damage import Damage
 from orthograd.model_folder import save_model_folder
-from orthograd.narration import end_line, summary_lines
+from orthograd.narration import PREFIX, SETS, before_after, plural
 
 
 @dataclass
@@ -46,11 +46,35 @@ class UnlearnResult:
         return self.damage is not None
 
     def summary(self) -> str:
-        """A few readable lines: what ran, how it ended, and the metrics before and after."""
-        return "\n".join(summary_lines(self))
+        """A few readable lines: what ran, how it ended, a before/after table, damage and a missed target."""
+        stop = f", stop {self.inferred_stop!r} (inferred)" if self.inferred_stop else ""
+        lines = [
+            f"{self.method} (seed {self.seed}{stop}): {self.stop_reason} after {plural(self.steps, 'step')}, "
+            f"{plural(self.epochs, 'epoch')}, {self.wall_time_s:.1f} s",
+            f"{'':8}{'before':>9}{'after':>9}",
+        ]
+        lines += [f"{name:8}{self.original[name]:9.2f}{self.final[name]:9.2f}" for name in SETS
+                  if name in self.original and name in self.final]
+        if self.damage is not None:
+            lines.append(f"damaged: {self.damage.describe()}")
+        if self.missed_target:
+            lines.append(f"missed target: {self.missed_target}")
+        return "\n".join(lines)
+
+    def end_line(self) -> str:
+        """``orthograd: <method> <stop reason> after N steps (E epochs, T s); forget a -> b, ...`` plus damage."""
+        line = (
+            f"{PREFIX} {self.method} {self.stop_reason} after {plural(self.steps, 'step')} "
+            f"({plural(self.epochs, 'epoch')}, {self.wall_time_s:.1f} s); {before_after(self.original, self.final)}"
+        )
+        if self.damage is not None:
+            line += f"; DAMAGED: {self.damage.describe()}"
+        elif "restored_from_step" in self.final:
+            line += f"; returned the state of step {self.final['restored_from_step']}"
+        return line
 
     def __repr__(self) -> str:
-        return f"<UnlearnResult {end_line(self)}>"
+        return f"<UnlearnResult {self.end_line()}>"
 
     @property
     def final(self) -> dict[str, Any]:

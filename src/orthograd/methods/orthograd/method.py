@@ -34,7 +34,6 @@ BatchNorm layers run in eval mode throughout (per-sample gradients cannot update
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
@@ -52,7 +51,6 @@ from orthograd.methods.orthograd.direction import orthograd_direction
 from orthograd.methods.orthograd.gradients import GradientSource, LocalGradients, choose_engine
 from orthograd.methods.registry import register
 
-log = logging.getLogger(__name__)
 _TINY = 1e-30
 
 
