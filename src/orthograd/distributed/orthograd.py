@@ -44,7 +44,7 @@ from orthograd.grads.ghost import GhostUnsupportedError, ghost_span
 from orthograd.methods.orthograd.config import OrthoGradConfig
 from orthograd.methods.orthograd.gradients import LocalGradients, StepGradients
 from orthograd.methods.orthograd.method import OrthoGrad
-from orthograd.methods.orthograd.span import ExplicitSpan, ExplicitTerms, RetainSpan
+from orthograd.methods.orthograd.span import ExplicitSpan, RetainSpan, Terms
 
 log = logging.getLogger(__name__)
 
@@ -201,16 +201,13 @@ class DataParallelSpan(ExplicitSpan):
         self.retain_loss = retain_loss
         self.gram, self.product = global_gram_and_product(local_rows, probe, counts=counts, group=group)
 
-    def _terms(self, coeffs: torch.Tensor) -> ExplicitTerms:
+    def _terms(self, coeffs: torch.Tensor) -> Terms:
         rank, _ = world(self.group)
         k, offset = sum(self.counts), sum(self.counts[:rank])
         weights = torch.stack([torch.full_like(coeffs, 1.0 / k), coeffs])[:, offset : offset + self.counts[rank]]
         mean, projection = global_combination(self.local_rows, weights, group=self.group)
         residual = self.probe - projection
-        return ExplicitTerms(
-            retain_mean=unflatten(mean, self.shapes, dtype=self.dtype),
-            residual=unflatten(residual, self.shapes, dtype=self.dtype),
-        )
+        return unflatten(mean, self.shapes, dtype=self.dtype), unflatten(residual, self.shapes, dtype=self.dtype)
 
 
 def unflatten(flat: torch.Tensor, shapes: dict[str, torch.Size], *, dtype: torch.dtype) -> dict[str, torch.Tensor]:
