@@ -35,7 +35,7 @@ from torch import nn
 from orthograd.grads import PerSampleGradError
 from orthograd.lora import LoRAConfig, attach_lora
 from orthograd.methods import MethodContext, make_config
-from orthograd.methods.orthograd import OrthoGrad
+from orthograd.methods.orthograd.method import OrthoGrad
 from orthograd.tasks import get_task
 
 ENGINES: dict[str, dict[str, str]] = {

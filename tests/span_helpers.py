@@ -17,7 +17,7 @@ from torch import nn
 
 from orthograd.distributed.ghost import data_parallel_ghost_span
 from orthograd.grads.ghost import ghost_span
-from orthograd.methods.direction import orthograd_direction
+from orthograd.methods.orthograd.direction import orthograd_direction
 from orthograd.models import SmallCNN
 
 RETAIN, FORGET = 6, 4
@@ -44,9 +44,8 @@ def problem(*, nan_retain_sample: bool = False) -> tuple[nn.Module, dict[str, to
     return model, forget_grad, (retain_x, y[FORGET:])
 
 
-def adaptive_weights(*, retain_norm: float, orthogonal_norm: float) -> tuple[float, float, float]:
-    """The adaptive schedule's mix at alpha = 0.3 (each term at unit norm), so the norms matter too."""
-    return 0.3, 0.3 / retain_norm, 0.7 / orthogonal_norm
+# the adaptive schedule's mix at alpha = 0.3 (each term at unit norm), so the norms matter too
+ADAPTIVE_MIX = {"alpha": 0.3, "normalized": True}
 
 
 def flat(update: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -63,7 +62,7 @@ def three_rank_direction(rank: int, port: int, out_dir: str) -> None:
         start = [0, 1, 3, RETAIN]
         shard = (x[start[rank] : start[rank + 1]], y[start[rank] : start[rank + 1]])
         span = data_parallel_ghost_span(ghost_span(model, loss_fn, shard, probe=forget_grad))
-        direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=adaptive_weights)
+        direction = orthograd_direction(forget_grad=forget_grad, span=span, **ADAPTIVE_MIX)
         assert direction is not None
         torch.save({"gram": span.gram, "update": flat(direction.update)}, Path(out_dir) / f"{rank}.pt")
     finally:

@@ -13,12 +13,18 @@ import orthograd as og
 from orthograd.data import class_forgetting_split, random_forgetting_split
 from orthograd.data.splits import labels_of
 from orthograd.methods import make_config
-from orthograd.methods.orthograd import SCHEDULE_DEFAULTS, split_holdout
-from orthograd.methods.pressure import ForgetPressure, ProgressMeter, retain_drop, sampling_noise
+from orthograd.methods.orthograd.config import SCHEDULE_DEFAULTS
+from orthograd.methods.orthograd.controller import (
+    ControllerRule,
+    ProgressMeter,
+    retain_drop,
+    sampling_noise,
+    split_holdout,
+)
 
 
 def test_pressure_raises_share_then_lr_and_backs_off_share_then_lr() -> None:
-    pressure = ForgetPressure(share=0.5, lr=1e-3, max_share=0.9, min_share=0.1, lr_range=4.0)
+    pressure = ControllerRule(share=0.5, lr=1e-3, max_share=0.9, min_share=0.1, lr_range=4.0)
     assert pressure.update(progressed=False, retain_degraded=False) == "raise"
     assert pressure.share == pytest.approx(0.75) and pressure.lr == 1e-3  # retain share halved, lr kept
     pressure.update(progressed=False, retain_degraded=False)
@@ -49,20 +55,20 @@ def test_sampling_noise_is_two_binomial_standard_errors() -> None:
 
 
 def test_a_raise_waits_for_patience_stalls_in_a_row() -> None:
-    pressure = ForgetPressure(share=0.5, lr=1e-3, patience=3)
+    pressure = ControllerRule(share=0.5, lr=1e-3, patience=3)
     assert [pressure.update(progressed=False, retain_degraded=False) for _ in range(2)] == ["hold", "hold"]
     assert pressure.update(progressed=True, retain_degraded=False) == "hold"  # progress restarts the count
     actions = [pressure.update(progressed=False, retain_degraded=False) for _ in range(3)]
     assert actions == ["hold", "hold", "raise"] and pressure.share == pytest.approx(0.75)
     with pytest.raises(ValueError, match="patience"):
-        ForgetPressure(share=0.5, lr=1e-3, patience=0)
+        ControllerRule(share=0.5, lr=1e-3, patience=0)
 
 
 def test_pressure_rejects_shares_outside_its_bounds() -> None:
     with pytest.raises(ValueError, match="share"):
-        ForgetPressure(share=1.0, lr=1e-3)
+        ControllerRule(share=1.0, lr=1e-3)
     with pytest.raises(ValueError, match="lr"):
-        ForgetPressure(share=0.5, lr=0.0)
+        ControllerRule(share=0.5, lr=0.0)
 
 
 @pytest.mark.parametrize("higher_is_better", [True, False])

@@ -35,12 +35,12 @@ from orthograd.distributed.bench import run_bench_distributed
 from orthograd.distributed.ghost import data_parallel_ghost_span, pair_owner
 from orthograd.distributed.collectives import gather_counts, global_combination, global_gram_and_product
 from orthograd.distributed.sharding import ShardedContext
-from orthograd.distributed.span import DataParallelSpan
+from orthograd.distributed.orthograd import DataParallelSpan
 from orthograd.grads import per_sample_grads_and_losses
 from orthograd.grads.ghost import ghost_span
 from orthograd.grads.ghost_math import Outer
-from orthograd.grads.span import MaterialisedSpan
-from orthograd.methods.direction import orthograd_direction
+from orthograd.methods.orthograd.span import MaterialisedSpan
+from orthograd.methods.orthograd.direction import orthograd_direction
 from orthograd.models import SmallCNN
 
 WORLD = 2
@@ -194,7 +194,7 @@ def _span_direction(rank: int, *, nan_retain_sample: bool) -> torch.Tensor | Non
         rows, span_helpers.flat(forget_grad), counts=list(SHARD_ROWS),
         shapes={n: g.shape for n, g in forget_grad.items()}, dtype=torch.float64, retain_loss=float(losses.mean()),
     )
-    direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=span_helpers.adaptive_weights)
+    direction = orthograd_direction(forget_grad=forget_grad, span=span, **span_helpers.ADAPTIVE_MIX)
     return None if direction is None else span_helpers.flat(direction.update)
 
 
@@ -236,7 +236,7 @@ def _ghost_span_direction(rank: int, *, chunk_size: int | None) -> torch.Tensor:
     shard = (x[start : start + SHARD_ROWS[rank]], y[start : start + SHARD_ROWS[rank]])
     local = ghost_span(model, span_helpers.loss_fn, shard, probe=forget_grad, chunk_size=chunk_size)
     span = data_parallel_ghost_span(local)
-    direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=span_helpers.adaptive_weights)
+    direction = orthograd_direction(forget_grad=forget_grad, span=span, **span_helpers.ADAPTIVE_MIX)
     assert direction is not None
     return span_helpers.flat(direction.update)
 
@@ -249,7 +249,7 @@ def test_three_ranks_form_every_cross_block_once(tmp_path: Path) -> None:
     model, forget_grad, batch = span_helpers.problem()
     per_sample, losses = per_sample_grads_and_losses(model, span_helpers.loss_fn, batch, engine="loop")
     span = MaterialisedSpan(per_sample, forget_grad, retain_loss=float(losses.mean()))
-    direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=span_helpers.adaptive_weights)
+    direction = orthograd_direction(forget_grad=forget_grad, span=span, **span_helpers.ADAPTIVE_MIX)
     assert direction is not None
     expected = span_helpers.flat(direction.update)
     for rank in range(3):
@@ -312,7 +312,7 @@ def test_data_parallel_span_gives_the_single_process_direction(ranks: list[dict[
     model, forget_grad, batch = span_helpers.problem()
     per_sample, losses = per_sample_grads_and_losses(model, span_helpers.loss_fn, batch, engine="loop")
     span = MaterialisedSpan(per_sample, forget_grad, retain_loss=float(losses.mean()))
-    direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=span_helpers.adaptive_weights)
+    direction = orthograd_direction(forget_grad=forget_grad, span=span, **span_helpers.ADAPTIVE_MIX)
     assert direction is not None
     expected = span_helpers.flat(direction.update)
     for rank in ranks:
@@ -325,7 +325,7 @@ def test_data_parallel_ghost_span_gives_the_single_process_direction(ranks: list
     model, forget_grad, batch = span_helpers.problem()
     per_sample, losses = per_sample_grads_and_losses(model, span_helpers.loss_fn, batch, engine="loop")
     span = MaterialisedSpan(per_sample, forget_grad, retain_loss=float(losses.mean()))
-    direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=span_helpers.adaptive_weights)
+    direction = orthograd_direction(forget_grad=forget_grad, span=span, **span_helpers.ADAPTIVE_MIX)
     assert direction is not None
     expected = span_helpers.flat(direction.update)
     for rank in ranks:
@@ -406,13 +406,16 @@ def test_shards_must_not_be_empty() -> None:
     ],
 )
 def test_single_process_only_settings_are_refused_with_the_fix(setting: dict[str, str], message: str) -> None:
-    from orthograd.distributed import DistributedOrthoGrad
+    """What the runner does to OrthoGrad on every rank (``use_global_batches``) refuses them before any collective."""
+    from orthograd.distributed.orthograd import use_global_batches
     from orthograd.methods.base import MethodContext
-    from orthograd.methods.orthograd import OrthoGradConfig
+    from orthograd.methods.orthograd.config import OrthoGradConfig
+    from orthograd.methods.orthograd.method import OrthoGrad
     from orthograd.tasks import get_task
 
     forget, retain = _data(torch.float32, 4, 4)
     context = MethodContext(model=_model(torch.float32), task=get_task("classification"), forget=forget,
                             retain=retain, device=torch.device("cpu"), generator=torch.Generator())
+    method = OrthoGrad(OrthoGradConfig(**{"schedule": "fixed", **setting}), context)
     with pytest.raises(ValueError, match=message):
-        DistributedOrthoGrad(OrthoGradConfig(**{"schedule": "fixed", **setting}), context)
+        use_global_batches(method)

@@ -14,7 +14,8 @@ from torchvision.models import VisionTransformer
 import orthograd as og
 from orthograd.grads import headroom
 from orthograd.lora import LoRAConfig, attach_lora
-from orthograd.methods import MethodContext, make_config, orthograd_gradients
+from orthograd.methods import MethodContext, make_config
+from orthograd.methods.orthograd import gradients as orthograd_gradients
 from orthograd.models import ResNet18, SmallCNN
 from orthograd.tasks import ClassificationTask
 
@@ -246,7 +247,7 @@ def test_bf16_autocast_direction_is_close_to_float32():
 def test_auto_falls_back_for_an_unsupported_layer_and_says_so(caplog):
     torch.manual_seed(0)
     model = nn.Sequential(_RawScale(), nn.Linear(64, 10))
-    with caplog.at_level(logging.INFO, logger="orthograd.methods.orthograd_gradients"):
+    with caplog.at_level(logging.INFO, logger="orthograd.methods.orthograd.gradients"):
         result = og.unlearn(model, _data(FORGET, 1), _data(RETAIN, 2), max_epochs=1, lora=None, lr=1e-2)
     assert "torch.func" in caplog.text and "_RawScale" in caplog.text
     assert result.history[-1]["engine_ghost"] == 0.0
@@ -269,7 +270,7 @@ def test_run_time_refusal_switches_to_the_reference_engine(caplog):
     torch.manual_seed(0)
     model = _Twice()
     reference, _ = _direction(model, engine="vmap", projection="qr")
-    with caplog.at_level(logging.WARNING, logger="orthograd.methods.orthograd_gradients"):
+    with caplog.at_level(logging.WARNING, logger="orthograd.methods.orthograd.gradients"):
         auto, stats = _direction(model)
     assert "ghost engine failed" in caplog.text and stats["engine_ghost"] == 0.0
     assert _relative(auto, reference) <= 1e-5

@@ -105,13 +105,10 @@ def test_vmap_failure_is_explained_and_vmap_or_loop_falls_back():
     assert per_sample_grads_losses_and_engine(nn.Linear(4, 2), ce_per_sample, batch, engine="vmap_or_loop")[2] == "vmap"
 
 
-def test_auto_is_the_deprecated_name_of_vmap_or_loop():
-    model = DataDependentBranch()
+def test_an_unknown_engine_is_refused_with_the_choices():
     batch = (torch.randn(3, 4), torch.randint(0, 2, (3,)))
-    with pytest.warns(DeprecationWarning, match="engine='vmap_or_loop'"):
-        got = per_sample_grads(model, ce_per_sample, batch, engine="auto")
-    expected = per_sample_grads(model, ce_per_sample, batch, engine="vmap_or_loop")
-    torch.testing.assert_close(got["linear.weight"], expected["linear.weight"])
+    with pytest.raises(ValueError, match="engine must be one of .*'vmap_or_loop'.*got 'auto'"):
+        per_sample_grads(nn.Linear(4, 2), ce_per_sample, batch, engine="auto")
 
 
 def test_public_alias():

@@ -16,8 +16,8 @@ import orthograd as og
 from orthograd.lora import LoRAConfig, attach_lora, default_lora_targets
 from orthograd.methods import make_config
 from orthograd.methods.oneshot import OneShotConfig, scoped_parameters
-from orthograd.methods.orthograd import forget_batch_size
-from orthograd.methods.pressure import ForgetPressure, ProgressMeter, on_pace
+from orthograd.methods.orthograd.method import forget_batch_size
+from orthograd.methods.orthograd.controller import ControllerRule, ProgressMeter, on_pace
 from orthograd.stopping import class_forgetting_rule, random_forgetting_rule, wer_target_rule
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_toy_forgetting.py"
@@ -37,7 +37,7 @@ def test_a_slowly_falling_metric_never_stalls_but_is_not_on_pace_and_the_control
     falling = [99.0 - 0.5 * i for i in range(12)]
     stall_meter = ProgressMeter(higher_is_better=True)
     assert all(stall_meter.progressed(forget_metric=m, forget_loss=1.0) for m in falling)
-    meter, pressure = ProgressMeter(higher_is_better=True, target=2.0), ForgetPressure(share=0.5, lr=1e-3, patience=4)
+    meter, pressure = ProgressMeter(higher_is_better=True, target=2.0), ControllerRule(share=0.5, lr=1e-3, patience=4)
     actions = [
         pressure.update(progressed=meter.progressed(forget_metric=m, forget_loss=1.0, steps=1, steps_left=60 - i),
                         retain_degraded=False)
@@ -50,7 +50,7 @@ def test_a_slowly_falling_metric_never_stalls_but_is_not_on_pace_and_the_control
 
 
 def test_back_off_on_damage_still_wins_over_a_slow_pace():
-    pressure = ForgetPressure(share=0.5, lr=1e-3, patience=1)
+    pressure = ControllerRule(share=0.5, lr=1e-3, patience=1)
     assert pressure.update(progressed=False, retain_degraded=True) == "back_off" and pressure.share == 0.25
 
 

@@ -14,7 +14,8 @@ import orthograd as og
 from orthograd.data import random_forgetting_split
 from orthograd.data.splits import labels_of
 from orthograd.methods import make_config
-from orthograd.methods.orthograd import SCHEDULE_DEFAULTS, OrthoGrad
+from orthograd.methods.orthograd.config import SCHEDULE_DEFAULTS
+from orthograd.methods.orthograd.method import OrthoGrad
 
 
 def test_normalized_has_the_adaptive_defaults_and_its_own_name() -> None:

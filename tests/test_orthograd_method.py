@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 
 import orthograd as og
 from orthograd.methods import make_config
-from orthograd.methods.orthograd import OrthoGradConfig
+from orthograd.methods.orthograd.config import OrthoGradConfig
 
 
 def _mlp(dtype=torch.float32):

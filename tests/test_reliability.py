@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 import orthograd as og
 from orthograd.data import class_forgetting_split, random_forgetting_split
 from orthograd.methods import make_config
-from orthograd.methods.orthograd import OrthoGradConfig
+from orthograd.methods.orthograd.config import OrthoGradConfig
 
 
 @settings(max_examples=60, deadline=None)

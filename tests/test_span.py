@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from span_helpers import adaptive_weights, flat, loss_fn, problem
+from span_helpers import ADAPTIVE_MIX, flat, loss_fn, problem
 
 from orthograd import geometry
 from orthograd.geometry import default_rcond, gram_coefficients, project_out
 from orthograd.grads import per_sample_grads_and_losses
 from orthograd.grads.ghost import GhostSpan, ghost_span
-from orthograd.grads.span import MaterialisedSpan, RetainSpan
-from orthograd.methods.direction import orthograd_direction
+from orthograd.methods.orthograd.span import MaterialisedSpan, RetainSpan
+from orthograd.methods.orthograd.direction import orthograd_direction
 
 SPANS = ["materialised_auto", "materialised_gram", "materialised_qr", "ghost"]
 
@@ -33,8 +33,8 @@ def test_every_span_gives_the_same_direction_and_norms():
     results = {}
     for kind in SPANS:
         span = _span(kind, model, forget_grad, batch)
-        direction = orthograd_direction(forget_grad=forget_grad, span=span, weights=adaptive_weights)
-        assert direction is not None and direction.alpha == 0.3
+        direction = orthograd_direction(forget_grad=forget_grad, span=span, **ADAPTIVE_MIX)
+        assert direction is not None
         results[kind] = (flat(direction.update), direction.norms, span.retain_loss)
     reference, norms, retain_loss = results["materialised_qr"]  # Algorithm 1 literally
     assert 0.05 < norms["orthogonal"] / norms["forget"] < 0.999  # the projection removed a real part
@@ -53,10 +53,26 @@ def test_fixed_weights_give_algorithm_1_from_the_gram_solve():
     projection = G.T @ torch.linalg.lstsq(G.T, g).solution
     expected = 0.8 * G.mean(dim=0) - 0.2 * (g - projection)
     span = MaterialisedSpan(per_sample, forget_grad, retain_loss=float(losses.mean()), projection="gram")
-    direction = orthograd_direction(forget_grad=forget_grad, span=span,
-                                    weights=lambda *, retain_norm, orthogonal_norm: (0.8, 0.8, 0.2))
+    direction = orthograd_direction(forget_grad=forget_grad, span=span, alpha=0.8, normalized=False)
     assert direction is not None
     torch.testing.assert_close(flat(direction.update), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_the_normalized_mix_takes_alpha_of_each_unit_norm_term():
+    """alpha * mean(G) / |mean(G)| - (1 - alpha) * g_perp / |g_perp|, by hand, with the norms it reports."""
+    model, forget_grad, batch = problem()
+    per_sample, losses = per_sample_grads_and_losses(model, loss_fn, batch, engine="loop")
+    G = torch.cat([g.reshape(g.shape[0], -1) for g in per_sample.values()], dim=1)
+    g = flat(forget_grad)
+    residual = g - G.T @ torch.linalg.lstsq(G.T, g).solution
+    mean = G.mean(dim=0)
+    expected = 0.3 * mean / mean.norm() - 0.7 * residual / residual.norm()
+    span = MaterialisedSpan(per_sample, forget_grad, retain_loss=float(losses.mean()), projection="gram")
+    direction = orthograd_direction(forget_grad=forget_grad, span=span, **ADAPTIVE_MIX)
+    assert direction is not None
+    torch.testing.assert_close(flat(direction.update), expected, rtol=1e-8, atol=1e-12)
+    assert direction.norms["retain"] == pytest.approx(float(mean.norm()), rel=1e-9)
+    assert direction.norms["orthogonal"] == pytest.approx(float(residual.norm()), rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", SPANS)
@@ -67,14 +83,14 @@ def test_the_non_finite_guard_stops_every_span(kind, where):
         forget_grad = {n: g.clone() for n, g in forget_grad.items()}
         next(iter(forget_grad.values())).view(-1)[0] = float("inf")
     span = _span(kind, model, forget_grad, batch)
-    assert orthograd_direction(forget_grad=forget_grad, span=span, weights=adaptive_weights) is None
+    assert orthograd_direction(forget_grad=forget_grad, span=span, **ADAPTIVE_MIX) is None
 
 
 def test_a_ghost_span_is_a_retain_span_and_frees_its_pieces_after_the_update():
     model, forget_grad, batch = problem()
     span = ghost_span(model, loss_fn, batch, probe=forget_grad)
     assert isinstance(span, GhostSpan)
-    assert orthograd_direction(forget_grad=forget_grad, span=span, weights=adaptive_weights) is not None
+    assert orthograd_direction(forget_grad=forget_grad, span=span, **ADAPTIVE_MIX) is not None
     assert span.pieces is None  # one contraction, then the layer inputs and output gradients are released
 
 

@@ -10,7 +10,7 @@ from hf_helpers import tiny_llama
 
 import orthograd as og
 from orthograd.data.authors import generate_authors, qa_pairs
-from orthograd.methods.pressure import ProgressMeter
+from orthograd.methods.orthograd.controller import ProgressMeter
 from orthograd.tasks.qa_text import QAEncoder, train_tokenizer
 from orthograd.tasks.tofu import TruthRatioRule, answer_losses, forget_quality, truth_ratios
 

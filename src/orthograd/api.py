@@ -240,7 +240,7 @@ def unlearn(
         inferred_stop=inferred[0] if inferred else None,
     )
     if verbose:
-        narration.say(narration.end_line(result))
+        narration.say(result.end_line())
     return result
 
 

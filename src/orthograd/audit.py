@@ -3,8 +3,8 @@
 The weights go to a safetensors file and a JSON sidecar records the method, its config, the seed, fingerprints
 of the forget and retain data, metrics before and after, the stop reason, the damage check when the run made one,
 library versions and the source commit when orthograd runs from a git checkout. Both are written atomically (temp
-file + rename), and an existing file is never overwritten unless asked. ``run_account`` is the record without the
-weights, shared with the model folders of ``orthograd.model_folder``.
+file + rename), and an existing file is never overwritten unless asked. The account of the run itself (what the
+sidecar records besides the weights' file and hash) is ``UnlearnResult.account()``, which model folders record too.
 """
 
 from __future__ import annotations
@@ -12,42 +12,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import platform
 import subprocess
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from orthograd._version import __version__
-from orthograd.damage import Damage
 from orthograd.io import atomic_write_json, new_file_mode
-
-
-class AuditedRun(Protocol):
-    """What an audit record reads of a run (``orthograd.UnlearnResult`` has it): a protocol, so that this module
-    does not import the result type that calls it."""
-
-    model: nn.Module
-    method: str
-    config: Mapping[str, Any]
-    seed: int
-    data: Mapping[str, Any]
-    original: Mapping[str, float]
-    stop_reason: str
-    steps: int
-    epochs: int
-    wall_time_s: float
-    damage: Damage | None
-    inferred_stop: str | None
-
-    @property
-    def final(self) -> Mapping[str, Any]: ...
 
 
 def sidecar_path(weights: str | Path) -> Path:
@@ -55,8 +30,11 @@ def sidecar_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def save_result(result: AuditedRun, path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write ``result.model``'s weights (safetensors) and the audit sidecar; returns both paths."""
+def save_weights(
+    model: nn.Module, path: str | Path, *, account: Mapping[str, Any], overwrite: bool = False
+) -> tuple[Path, Path]:
+    """Write ``model``'s weights (safetensors) and the audit sidecar (``account``, the run's record, plus the weights'
+    file name and SHA-256); returns both paths."""
     weights = Path(path)
     if weights.suffix != ".safetensors":
         raise ValueError(f"save to a .safetensors file, got {weights.name!r}")
@@ -68,45 +46,15 @@ def save_result(result: AuditedRun, path: str | Path, *, overwrite: bool = False
     fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)
     os.close(fd)
     try:
-        save_model(result.model, tmp, metadata={"format": "pt", "orthograd_method": result.method})
+        save_model(model, tmp, metadata={"format": "pt", "orthograd_method": str(account["method"])})
         digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
         os.chmod(tmp, new_file_mode())
         os.replace(tmp, weights)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    atomic_write_json(
-        sidecar, audit_record(result, weights_file=weights.name, weights_sha256=digest, version=__version__)
-    )
+    atomic_write_json(sidecar, {"weights_file": weights.name, "weights_sha256": digest, **account})
     return weights, sidecar
-
-
-def audit_record(result: AuditedRun, *, weights_file: str, weights_sha256: str, version: str) -> dict[str, Any]:
-    """The JSON sidecar's content."""
-    return {"weights_file": weights_file, "weights_sha256": weights_sha256, **run_account(result, version=version)}
-
-
-def run_account(result: AuditedRun, *, version: str = __version__) -> dict[str, Any]:
-    """What a run did, for an audit record: model class, method, config, seed, data fingerprints, metrics before and
-    after, stop reason (and the inferred stop rule), retain damage past the tolerance (None: within it), versions,
-    source commit and time."""
-    return {
-        "model_class": f"{type(result.model).__module__}.{type(result.model).__qualname__}",
-        "method": result.method,
-        "config": result.config,
-        "seed": result.seed,
-        "data": result.data,
-        "metrics": {"before": result.original, "after": result.final},
-        "stop_reason": result.stop_reason,
-        "steps": result.steps,
-        "epochs": result.epochs,
-        "wall_time_s": result.wall_time_s,
-        "inferred_stop": result.inferred_stop,
-        "damage": result.damage.to_dict() if result.damage is not None else None,
-        "versions": {"orthograd": version, "torch": torch.__version__, "python": platform.python_version()},
-        "commit": source_commit(),
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
 
 
 @functools.cache

@@ -22,7 +22,6 @@ from torch import nn
 
 from orthograd import methods
 from orthograd.api import DEFAULT_MAX_EPOCHS, unlearn
-from orthograd.audit import run_account
 from orthograd.data_files import Encoding, Fields, image_classes, load_samples
 from orthograd.input_checks import fingerprint
 from orthograd.io import atomic_folder, atomic_write_json, check_folder_free
@@ -199,7 +198,7 @@ def _write(request: UnlearnRequest, *, user: UserModel, result: Any, sets: Mappi
               "retain": request.retain, "test": request.test}
     with atomic_folder(request.out, overwrite=request.overwrite) as staging:
         write_model(result.model, staging, tokenizer=user.tokenizer, processor=user.processor, factory=user.factory)
-        audit = {**run_account(result), "data": data, "task": task.name, "metric": task.metric,
+        audit = {**result.account(), "data": data, "task": task.name, "metric": task.metric,
                  "stop": request.stop, "privacy": privacy, "inputs": {k: v for k, v in inputs.items() if v}}
         write_run_report(staging, result=result, audit=audit, metric=task.metric, title=Path(request.model).name,
                          privacy=privacy, privacy_note=privacy_note)

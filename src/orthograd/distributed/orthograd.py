@@ -1,14 +1,17 @@
 """OrthoGrad on data-parallel ranks: the single-process update of the concatenated global batches, exactly.
 
 The method is OrthoGrad itself with another gradient source (``DataParallelGradients``); the direction is the
-single-process one (``methods/direction.py``: same guard, same float64 solve and cut-off, same combine), and the
-schedule is too (the adaptive controller decides on measurements every rank shares: ``ShardedContext``). Each rank
-computes, on its shard, the forget gradient and its per-sample retain pieces; then, with ``k`` global retain samples:
+single-process one (``methods/orthograd/direction.py``: same guard, same float64 solve and cut-off, same combine),
+and the schedule is too (the adaptive controller decides on measurements every rank shares: ``ShardedContext``).
+Each rank computes, on its shard, the forget gradient and its per-sample retain pieces; then, with ``k`` global
+retain samples:
 
 1. the forget gradient is the sample-weighted all-reduce of the shards' mean gradients (the global batch mean);
 2. the retain span holds the global ``G G^T`` and ``G g_u`` with the cross-rank blocks: from every rank's ghost
    pieces (``distributed/ghost.py``, the engine ``choose_engine`` picks when every layer allows it: ``G`` is never
-   formed where the ghost form is cheaper), else from torch.func's per-sample rows (``distributed/span.py``);
+   formed where the ghost form is cheaper), else from torch.func's per-sample rows (``DataParallelSpan``: rank ``r``
+   holds ``G_r``, rows ``offset .. offset + k_r`` of the global ``G``; ``G G^T`` and ``G g`` come from
+   ``collectives.global_gram_and_product``, ``mean(G)`` and ``G^T c`` from one all-reduce of ``[1/k, c_r] @ G_r``);
 3. every rank solves the same ``k x k`` system and takes the same optimizer step, so parameters stay identical with
    no parameter broadcast after the first.
 
@@ -27,21 +30,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from orthograd.distributed.collectives import all_reduce_sum, gather_counts, world
+from orthograd.distributed.collectives import (
+    all_reduce_sum,
+    gather_counts,
+    global_combination,
+    global_gram_and_product,
+    world,
+)
 from orthograd.distributed.ghost import data_parallel_ghost_span
 from orthograd.distributed.sharding import is_fsdp_sharded
-from orthograd.distributed.span import DataParallelSpan, unflatten
 from orthograd.grads import batch_size_of
 from orthograd.grads.ghost import GhostUnsupportedError, ghost_span
-from orthograd.methods.base import MethodContext
-from orthograd.methods.orthograd import OrthoGrad, OrthoGradConfig
-from orthograd.methods.orthograd_gradients import LocalGradients, SpanMethod, SpanSettings, StepGradients
-from orthograd.grads.span import RetainSpan
+from orthograd.methods.orthograd.config import OrthoGradConfig
+from orthograd.methods.orthograd.gradients import LocalGradients, StepGradients
+from orthograd.methods.orthograd.method import OrthoGrad
+from orthograd.methods.orthograd.span import ExplicitSpan, RetainSpan, Terms
 
 log = logging.getLogger(__name__)
 
 
-def require_data_parallel(config: SpanSettings) -> None:
+def require_data_parallel(config: OrthoGradConfig) -> None:
     """Raise ValueError, with the fix, for an OrthoGrad setting that cannot give the global update on shards."""
     if config.retain_grads == "mean":
         return
@@ -53,7 +61,7 @@ def require_data_parallel(config: SpanSettings) -> None:
         )
 
 
-def use_global_batches(method: SpanMethod, *, group: dist.ProcessGroup | None = None) -> None:
+def use_global_batches(method: OrthoGrad, *, group: dist.ProcessGroup | None = None) -> None:
     """Give ``method`` the data-parallel source: its updates become those of the global batches over ``group``."""
     require_data_parallel(method.config)
     if not isinstance(method.gradients, LocalGradients):
@@ -170,17 +178,39 @@ def _check_equal_chunk_counts(
         )
 
 
-class DistributedOrthoGrad(OrthoGrad):
-    """``OrthoGrad`` whose batches are this rank's shards and whose update is that of the global batches.
+class DataParallelSpan(ExplicitSpan):
+    """The global span of every rank's ``local_rows`` ([k_r, d], rank order) against the float64 ``probe`` ([d]).
 
-    ``unlearn_distributed`` builds ``OrthoGrad`` (or any ``SpanMethod``) and calls ``use_global_batches`` itself;
-    this class is that, for a caller composing the pieces by hand.
+    ``counts``: every rank's row count; ``shapes``: the parameters' names and shapes, in the column order of the
+    rows (the terms come back per parameter, in ``dtype``); ``retain_loss``: the global batch's mean retain loss.
     """
 
     def __init__(
-        self, config: OrthoGradConfig, context: MethodContext, *, group: dist.ProcessGroup | None = None
+        self,
+        local_rows: torch.Tensor,
+        probe: torch.Tensor,
+        *,
+        counts: list[int],
+        shapes: dict[str, torch.Size],
+        dtype: torch.dtype,
+        retain_loss: float,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
-        require_data_parallel(config)
-        world(group)  # a clear error when no process group is initialised, before any work
-        super().__init__(config, context)
-        use_global_batches(self, group=group)
+        self.local_rows, self.probe, self.counts = local_rows, probe, counts
+        self.shapes, self.dtype, self.group = shapes, dtype, group
+        self.retain_loss = retain_loss
+        self.gram, self.product = global_gram_and_product(local_rows, probe, counts=counts, group=group)
+
+    def _terms(self, coeffs: torch.Tensor) -> Terms:
+        rank, _ = world(self.group)
+        k, offset = sum(self.counts), sum(self.counts[:rank])
+        weights = torch.stack([torch.full_like(coeffs, 1.0 / k), coeffs])[:, offset : offset + self.counts[rank]]
+        mean, projection = global_combination(self.local_rows, weights, group=self.group)
+        residual = self.probe - projection
+        return unflatten(mean, self.shapes, dtype=self.dtype), unflatten(residual, self.shapes, dtype=self.dtype)
+
+
+def unflatten(flat: torch.Tensor, shapes: dict[str, torch.Size], *, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A flat ``[d]`` vector as ``dtype`` tensors of the given shapes, by name (in the order of ``shapes``)."""
+    parts = torch.split(flat.to(dtype), [shape.numel() for shape in shapes.values()])
+    return {name: part.view(shape) for (name, shape), part in zip(shapes.items(), parts)}

@@ -7,9 +7,9 @@ Launch one process per device (``torchrun --nproc_per_node=N``), initialise the 
 * the model (with its LoRA adapters) is broadcast from rank 0, so every rank starts from the same weights;
 * iterative methods see only their rank's share of every global batch (``sharding``); the global batches are the
   ones a single process with the same seed would draw;
-* a method whose update is the OrthoGrad direction over a retain span (a ``SpanMethod``: OrthoGrad, under either
-  name) gets the data-parallel gradient source (``distributed/orthograd.py``): the update equals the single-process
-  update on the global batches; settings that cannot run this way are refused with the fix;
+* OrthoGrad (under any of its names) gets the data-parallel gradient source (``distributed/orthograd.py``): the
+  update equals the single-process update on the global batches; settings that cannot run this way are refused
+  with the fix;
 * every other iterative method runs unchanged, and the gradients of the trainable parameters are averaged over
   the ranks right before each optimizer step (an optimizer step pre-hook). For methods whose step is a linear
   function of batch-mean gradients (Finetune, NegGrad, NegGrad+, SCRUB, DUCK) this is DDP's usual gradient
@@ -43,7 +43,7 @@ from orthograd.distributed.collectives import world
 from orthograd.distributed.orthograd import use_global_batches
 from orthograd.distributed.sharding import ShardedContext, is_fsdp_sharded
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
-from orthograd.methods.orthograd_gradients import SpanMethod
+from orthograd.methods.orthograd.method import OrthoGrad
 
 
 def init_process_group_from_env(*, device: str = "auto", backend: str | None = None) -> torch.device:
@@ -111,7 +111,7 @@ class _DataParallelMethods:
         rank, size = world(self.group)
         sharded = ShardedContext.from_context(context, rank=rank, world_size=size, group=self.group)
         method = method_cls(config, sharded)
-        if isinstance(method, SpanMethod):  # the OrthoGrad direction: its span can be the global batches' own
+        if isinstance(method, OrthoGrad):  # its span can be the global batches' own
             use_global_batches(method, group=self.group)
             return method
         average = GradientAverager(list(context.trainable_parameters().values()), group=self.group)

@@ -4,16 +4,15 @@ vmap runs the model once per sample in a vectorised way, so the result equals a 
 passes. Models whose forward mixes samples (BatchNorm in train mode) or uses operations vmap cannot batch are
 the limits: BatchNorm layers are therefore evaluated in eval mode here (running statistics, no update), and a
 model vmap rejects gets either a clear error or, with ``engine="vmap_or_loop"`` (the default), the exact but slower
-loop engine. ``"auto"`` is the deprecated name of ``"vmap_or_loop"`` (accepted with a DeprecationWarning).
+loop engine.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal, cast
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import nn
@@ -23,9 +22,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from orthograd.choices import check_choice, choices
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-Engine = Literal["vmap_or_loop", "vmap", "loop"]
-ENGINES: tuple[str, ...] = choices(Engine)
-_RENAMED_ENGINES: dict[str, Engine] = {"auto": "vmap_or_loop"}  # old name -> new name, accepted until the next release
+GradEngine = Literal["vmap_or_loop", "vmap", "loop"]
+ENGINES: tuple[str, ...] = choices(GradEngine)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +39,7 @@ def per_sample_grads(
     *,
     params: Iterable[str] | None = None,
     chunk_size: int | None = None,
-    engine: Engine = "vmap_or_loop",
+    engine: GradEngine = "vmap_or_loop",
 ) -> dict[str, torch.Tensor]:
     """Gradient of each sample's loss with respect to the chosen parameters.
 
@@ -54,7 +52,7 @@ def per_sample_grads(
     module's modes are restored afterwards.
     """
     grads, _, _ = per_sample_grads_losses_and_engine(
-        model, loss_fn, batch, params=params, chunk_size=chunk_size, engine=_renamed(engine)
+        model, loss_fn, batch, params=params, chunk_size=chunk_size, engine=engine
     )
     return grads
 
@@ -66,11 +64,11 @@ def per_sample_grads_and_losses(
     *,
     params: Iterable[str] | None = None,
     chunk_size: int | None = None,
-    engine: Engine = "vmap_or_loop",
+    engine: GradEngine = "vmap_or_loop",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``per_sample_grads`` that also returns the ``[k]`` per-sample losses (detached), at no extra cost."""
     grads, losses, _ = per_sample_grads_losses_and_engine(
-        model, loss_fn, batch, params=params, chunk_size=chunk_size, engine=_renamed(engine)
+        model, loss_fn, batch, params=params, chunk_size=chunk_size, engine=engine
     )
     return grads, losses
 
@@ -82,12 +80,11 @@ def per_sample_grads_losses_and_engine(
     *,
     params: Iterable[str] | None = None,
     chunk_size: int | None = None,
-    engine: Engine = "vmap_or_loop",
+    engine: GradEngine = "vmap_or_loop",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:
     """``per_sample_grads_and_losses`` that also names the engine that ran: "vmap" or "loop" (``"vmap_or_loop"``
     runs vmap, and the loop where vmap rejects the model)."""
-    engine = _renamed(engine)
-    check_choice("engine", engine, Engine)
+    check_choice("engine", engine, GradEngine)
     names = _resolve_params(model, params)
     if engine == "loop":
         return *_loop_grads(model, loss_fn, batch, names), "loop"
@@ -98,16 +95,6 @@ def per_sample_grads_losses_and_engine(
             raise
         _warn_once(f"vmap cannot handle {type(model).__name__} ({exc}); using the batch-size-1 loop engine (exact)")
         return *_loop_grads(model, loss_fn, batch, names), "loop"
-
-
-def _renamed(engine: str) -> Engine:
-    """The current name of a renamed engine, warning the public function's caller; any other name as given (the
-    caller checks it against ``Engine``)."""
-    new = _RENAMED_ENGINES.get(engine)
-    if new is None:
-        return cast(Engine, engine)
-    warnings.warn(f"engine={engine!r} is deprecated; use engine={new!r}", DeprecationWarning, stacklevel=3)
-    return new
 
 
 _WARNED: set[str] = set()

@@ -49,8 +49,8 @@ class GhostSpan:
 
     gram: ``G G^T`` [k, k] float64; product: ``G probe`` [k] float64; losses: the k per-sample losses.
     row_bytes: bytes the pass captured per sample (layer inputs and output gradients), for memory estimates.
-    A ``RetainSpan`` (``grads/span.py``): ``norms`` and ``update`` give OrthoGrad's terms from the k x k system alone
-    and from one contraction.
+    A ``RetainSpan`` (``methods/orthograd/span.py``): ``norms`` and ``update`` give OrthoGrad's terms from the k x k
+    system alone and from one contraction.
     ``combine(weights)`` returns ``weights @ G`` per parameter for ``[m, k]`` weights (e.g. ``1/k`` for the mean);
     it is called once, with every row needed, and then frees the pieces (layer inputs and output gradients, as
     large as the retain batch's activations) before the caller combines the results further.

@@ -1,12 +1,12 @@
 """Where OrthoGrad's gradients come from each step: the forget gradient and the retain span.
 
-``GradientSource`` is what ``OrthoGrad`` asks at every step; a ``SpanMethod`` is a method that asks one, so the
-data-parallel runner can hand it a source over every rank's shards instead (``distributed/orthograd.py``) and
-leave the rest of the method as it is. ``LocalGradients`` is the single-process source: the ghost engine when the
-config and every trainable layer allow it (a ``GhostSpan``; a layer that refuses at run time switches it to
-torch.func for good, unless ``engine="ghost"`` was asked for), else torch.func (a ``MaterialisedSpan``; the config's
-torch.func engine, or "vmap_or_loop": vmap, and the batch-size-1 loop where vmap rejects the model), and for
-``retain_grads="mean"`` a span of one row, the mean retain gradient. A source's ``engine`` names the engine that ran
+``GradientSource`` is what ``OrthoGrad`` asks at every step; the data-parallel runner swaps the method's source for
+one over every rank's shards (``distributed/orthograd.py``) and leaves the rest of the method as it is.
+``LocalGradients`` is the single-process source: the ghost engine when the config and every trainable layer allow it
+(a ``GhostSpan``; a layer that refuses at run time switches it to torch.func for good, unless ``engine="ghost"`` was
+asked for), else torch.func (a ``MaterialisedSpan``; the config's torch.func engine, or "vmap_or_loop": vmap, and
+the batch-size-1 loop where vmap rejects the model), and for ``retain_grads="mean"`` a span of one row, the mean
+retain gradient. A source's ``engine`` names the engine that ran
 last ("ghost", "vmap" or "loop"; the one chosen until a per-sample engine runs, which ``"mean"`` never does).
 
 On the ghost engine the forget batch can join the retain batch's pass (``fuse_passes``; exact where the engine
@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -36,39 +36,11 @@ from orthograd.grads.ghost import (
 )
 from orthograd.grads.headroom import ACTIVATIONS_PER_CAPTURE, fits
 from orthograd.methods.base import MethodContext
-from orthograd.geometry import ProjectionMethod, ProjectionScope
-from orthograd.grads.span import MaterialisedSpan, RetainSpan
+from orthograd.methods.orthograd.config import OrthoGradConfig
+from orthograd.methods.orthograd.span import MaterialisedSpan, RetainSpan
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-
-
-class SpanSettings(Protocol):
-    """The settings a gradient source (and the data-parallel check) reads; ``OrthoGradConfig`` has them all."""
-
-    @property
-    def schedule(self) -> str: ...
-
-    @property
-    def engine(self) -> str: ...
-
-    @property
-    def retain_grads(self) -> str: ...
-
-    @property
-    def projection(self) -> ProjectionMethod: ...
-
-    @property
-    def projection_scope(self) -> ProjectionScope: ...
-
-    @property
-    def chunk_size(self) -> int | None: ...
-
-    @property
-    def bf16(self) -> bool: ...
-
-    @property
-    def fuse_passes(self) -> bool | str: ...
 
 
 @dataclass(frozen=True)
@@ -90,15 +62,7 @@ class GradientSource(Protocol):
     def compute(self, forget_batch: Any, retain_batch: Any) -> StepGradients: ...
 
 
-@runtime_checkable
-class SpanMethod(Protocol):
-    """A method whose update is the OrthoGrad direction over the span its ``gradients`` source gives."""
-
-    config: SpanSettings
-    gradients: GradientSource
-
-
-def choose_engine(config: SpanSettings, model: nn.Module, params: Iterable[str]) -> str:
+def choose_engine(config: OrthoGradConfig, model: nn.Module, params: Iterable[str]) -> str:
     """"ghost" when the config and every trainable layer allow it, else the torch.func engine the config names
     ("vmap_or_loop" for the config's "auto")."""
     if config.engine in ENGINES:
@@ -124,7 +88,7 @@ class LocalGradients:
     from ``choose_engine`` ("ghost", or a torch.func engine for ``per_sample_grads_losses_and_engine``); ``engine``
     the one that ran last."""
 
-    config: SpanSettings
+    config: OrthoGradConfig
     context: MethodContext
     params: dict[str, nn.Parameter]
     chosen: str

@@ -1,4 +1,4 @@
-"""The tuning-free schedule of OrthoGrad: a controller of the forget pressure, driven by what a run measures anyway.
+"""The adaptive schedule of OrthoGrad: a controller of the forget pressure, driven by what a run measures anyway.
 
 Why: with fixed hyperparameters the share of the update that forgets depends on how the norms of the orthogonal
 forget gradient and the mean retain gradient compare, which changes with the model, the data and the forget-set
@@ -19,20 +19,39 @@ steps left; otherwise (a custom rule, no rule) when the metric did not move towa
 did not rise. The pace test is what makes the controller act on continuous metrics (a language model's answer
 probability falls a little at every check, so it never "stalls", yet at that speed it would not arrive).
 
-Everything here is plain arithmetic on scalars, so the rule can be tested without a model.
+``AdaptiveController`` holds the run's state (the held-out slice, the rule, the meter, the forget-loss window);
+``ControllerRule``, ``ProgressMeter`` and the functions below are plain arithmetic on scalars, so the rule can be
+tested without a model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from orthograd.damage import HoldoutReading
+from orthograd.input_checks import dataset_of
+from orthograd.methods.base import MethodContext
+from orthograd.methods.orthograd.config import OrthoGradConfig
+
 Action = Literal["raise", "back_off", "hold"]
+CHECKS_PER_EPOCH = 4  # checks of the stop rule per epoch the adaptive schedule asks for (it steers on them)
+_HOLDOUT_BATCH = 256
+_ACTION_CODES = {"back_off": -1.0, "hold": 0.0, "raise": 1.0}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class ForgetPressure:
+class ControllerRule:
     """The forget share and learning rate of an adaptive OrthoGrad run, and the rule that moves them.
 
     ``share`` stays in [min_share, max_share]; ``lr`` in [lr_start, lr_start * lr_range]: backing off never takes
@@ -146,3 +165,85 @@ def sampling_noise(*, metric: float, size: int) -> float:
     """
     rate = min(max(metric / 100.0, 0.5 / size), 1.0 - 0.5 / size)
     return 200.0 * math.sqrt(rate * (1.0 - rate) / size)
+
+
+class AdaptiveController:
+    """The adaptive schedule's state: the held-out retain slice, the rule moving share and lr, the progress meter.
+
+    It trains on ``training_context`` (the retain set less the slice), records each step's forget loss, and at each
+    check of the stop rule (``observe``) raises, holds or backs off.
+    """
+
+    def __init__(self, config: OrthoGradConfig, context: MethodContext) -> None:
+        train_part, holdout = split_holdout(
+            context.retain, fraction=config.holdout_fraction, generator=context.generator
+        )
+        self.training_context = dataclasses.replace(context, retain=train_part)
+        self.context, self.task, self.holdout = context, context.task, holdout
+        self.holdout_start = context.evaluate_held_out(context.model, holdout, batch_size=_HOLDOUT_BATCH)
+        # a drop counts once it exceeds the user's tolerance and the slice's own sampling noise
+        self.holdout_size = len(holdout)
+        self.noise = sampling_noise(metric=self.holdout_start, size=self.holdout_size)
+        self.tolerance = max(config.retain_tolerance, self.noise)
+        self.holdout_now: float | None = None
+        self.rule = ControllerRule(share=1.0 - config.alpha, lr=config.lr, patience=CHECKS_PER_EPOCH)
+        self.meter = ProgressMeter(higher_is_better=self.task.higher_is_better)
+        self._losses: list[float] = []
+        self.steps = 0
+        self.budget: int | None = None
+        self.last_action: str | None = None
+        self.actions: dict[str, int] = {action: 0 for action in _ACTION_CODES}
+
+    def reading(self) -> HoldoutReading | None:
+        """The slice's metric before the run and at the latest check (None before the first check)."""
+        if self.holdout_now is None:
+            return None
+        return HoldoutReading(before=self.holdout_start, now=self.holdout_now, noise=self.noise)
+
+    def pace(self, *, target: float | None, budget: int) -> None:
+        """Raise when the forget metric is not on pace to reach ``target`` within ``budget`` steps in all."""
+        self.meter.target = target
+        self.budget = budget
+
+    def record_forget_loss(self, loss: float) -> None:
+        self._losses.append(loss)
+        self.steps += 1
+
+    def observe(self, metrics: Mapping[str, float], model: nn.Module) -> dict[str, float]:
+        """One check: did forgetting progress, did the held-out slice degrade; move the pressure accordingly."""
+        if "forget" not in metrics or not self._losses:
+            return {}
+        # every process of a data-parallel run must take the same decision: it decides on the run's numbers
+        window = len(self._losses)
+        seen = self.context.agree({"forget": metrics["forget"], "loss": sum(self._losses) / window})
+        self._losses.clear()
+        steps_left = None if self.budget is None else max(0, self.budget - self.steps)
+        progressed = self.meter.progressed(
+            forget_metric=seen["forget"], forget_loss=seen["loss"], steps=window, steps_left=steps_left
+        )
+        was_training = model.training
+        holdout_now = self.context.evaluate_held_out(model, self.holdout, batch_size=_HOLDOUT_BATCH)
+        self.holdout_now = holdout_now
+        model.train(was_training)
+        drop = retain_drop(before=self.holdout_start, now=holdout_now, higher_is_better=self.task.higher_is_better)
+        action = self.rule.update(progressed=progressed, retain_degraded=drop > self.tolerance)
+        self.last_action = action
+        self.actions[action] += 1
+        log.debug("adaptive check: forget %.2f, holdout drop %.2f -> %s", seen["forget"], drop, action)
+        return {"holdout_retain": holdout_now, "control": _ACTION_CODES[action]}
+
+
+def split_holdout(
+    retain: Dataset | DataLoader, *, fraction: float, generator: torch.Generator
+) -> tuple[Dataset, Dataset]:
+    """(training part, held-out part) of the retain set: a random ``fraction`` (at least one sample) held out.
+
+    A retain set of one sample cannot be split: it is then both (the slice still tells if that sample degrades).
+    """
+    dataset = dataset_of(retain)
+    size = len(dataset)  # type: ignore[arg-type]
+    if size < 2:
+        return dataset, dataset
+    order = torch.randperm(size, generator=generator).tolist()
+    held = min(size - 1, max(1, round(fraction * size)))
+    return Subset(dataset, order[held:]), Subset(dataset, order[:held])

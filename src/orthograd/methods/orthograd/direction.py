@@ -1,11 +1,12 @@
 """The OrthoGrad update direction from a forget gradient and any retain span: one guard, one solve, one combine.
 
-Steps 3 and 4 of Algorithm 1, whatever holds the retain gradients ``G`` (a ``RetainSpan``, ``grads/span.py``:
+Steps 3 and 4 of Algorithm 1, whatever holds the retain gradients ``G`` (a ``RetainSpan``, ``span.py``:
 materialised, ghost or data-parallel). If the forget gradient ``g`` or the span's ``G G^T`` or ``G g`` is not
 finite there is no direction. Else the coefficients ``c`` of ``g``'s projection onto span(G) come from one float64
 eigen-solve of the ``k x k`` Gram system (``gram_coefficients``, cut-off ``default_rcond`` of ``g``'s dtype), and
-the direction is ``retain_weight * mean(G) - forget_weight * (g - G^T c)``, with the weights a schedule picks from
-both terms' norms.
+the direction is ``retain_weight * mean(G) - forget_weight * (g - G^T c)``: ``alpha`` and ``1 - alpha`` as in
+Algorithm 1, or, ``normalized``, the same shares of both terms scaled to unit norm (so that ``alpha`` is the retain
+share of the update whatever the gradients' norms). A pure function of its arguments: the caller decides alpha.
 """
 
 from __future__ import annotations
@@ -13,38 +14,34 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from orthograd.geometry import default_rcond, gram_coefficients
-from orthograd.grads.span import RetainSpan, grad_norm
+from orthograd.methods.orthograd.span import RetainSpan, grad_norm
 
-
-class Weights(Protocol):
-    """A schedule's mix: ``(alpha, retain_weight, forget_weight)`` from the norms of ``mean(G)`` and ``g_perp``."""
-
-    def __call__(self, *, retain_norm: float, orthogonal_norm: float) -> tuple[float, float, float]: ...
+_TINY = 1e-30
 
 
 @dataclass(frozen=True)
 class Direction:
-    """The descent direction per parameter, the schedule's alpha, and the norms the step statistics report.
+    """The descent direction per parameter and the norms the step statistics report.
 
     norms: ``forget`` (``|g|``), ``orthogonal`` (``|g_perp|``) and ``retain`` (``|mean(G)|``).
     """
 
     update: dict[str, torch.Tensor]
-    alpha: float
     norms: dict[str, float]
 
 
 def orthograd_direction(
-    *, forget_grad: Mapping[str, torch.Tensor], span: RetainSpan, weights: Weights
+    *, forget_grad: Mapping[str, torch.Tensor], span: RetainSpan, alpha: float, normalized: bool
 ) -> Direction | None:
     """``retain_weight * mean(G) - forget_weight * g_perp`` for the forget gradient and retain span of one step.
 
-    Returns None when a gradient is not finite (no step can be taken; the caller reports it).
+    ``alpha``: the retain term's share; ``normalized``: scale both terms to unit norm before mixing (the adaptive
+    and normalized schedules) rather than mix the raw gradients (the fixed schedule). Returns None when a gradient
+    is not finite (no step can be taken; the caller reports it).
     """
     forget_norm = grad_norm(forget_grad)
     if not (math.isfinite(forget_norm) and _finite(span.gram) and _finite(span.product)):
@@ -52,10 +49,13 @@ def orthograd_direction(
     dtype = next(iter(forget_grad.values())).dtype
     coeffs = gram_coefficients(span.gram, span.product, rcond=default_rcond(dtype))
     retain_norm, orthogonal_norm = span.norms(coeffs, probe_norm=forget_norm)
-    alpha, retain_weight, forget_weight = weights(retain_norm=retain_norm, orthogonal_norm=orthogonal_norm)
+    retain_weight, forget_weight = alpha, 1.0 - alpha
+    if normalized:
+        retain_weight /= max(retain_norm, _TINY)
+        forget_weight /= max(orthogonal_norm, _TINY)
     update = span.update(forget_grad, coeffs, mean_weight=retain_weight, residual_weight=forget_weight)
     norms = {"forget": forget_norm, "orthogonal": orthogonal_norm, "retain": retain_norm}
-    return Direction(update=update, alpha=alpha, norms=norms)
+    return Direction(update=update, norms=norms)
 
 
 def _finite(tensor: torch.Tensor) -> bool:

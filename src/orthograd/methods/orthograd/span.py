@@ -4,15 +4,14 @@ OrthoGrad's update ``alpha * mean(G) - (1 - alpha) * (g - G^T c)`` needs, of ``G
 its product ``G g`` with the forget gradient ``g`` (the probe), and, once the coefficients ``c`` of ``g``'s
 projection are solved from those two, the norms of both terms and their weighted sum. ``RetainSpan`` is that
 interface. Three implementations: ``MaterialisedSpan`` (``G`` as torch.func returns it, below), ``GhostSpan``
-(``ghost.py``: layer-wise Gram blocks, never ``G``) and ``DataParallelSpan`` (``distributed/span.py``: row
-shards of ``G`` on every rank, all-reduced). ``methods/direction.py`` computes the direction from any of them.
+(``grads/ghost.py``: layer-wise Gram blocks, never ``G``) and ``DataParallelSpan`` (``distributed/orthograd.py``:
+row shards of ``G`` on every rank, all-reduced). ``direction.py`` computes the direction from any of them.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -64,23 +63,7 @@ def grad_norm(tensors: Mapping[str, torch.Tensor]) -> float:
     return float(torch.linalg.vector_norm(norms))
 
 
-@dataclass(frozen=True)
-class ExplicitTerms:
-    """Both terms of the update held as tensors: ``mean(G)`` and the residual ``g - G^T c``, per parameter."""
-
-    retain_mean: dict[str, torch.Tensor]
-    residual: dict[str, torch.Tensor]
-
-    def norms(self) -> tuple[float, float]:
-        return grad_norm(self.retain_mean), grad_norm(self.residual)
-
-    def update(
-        self, probe: Mapping[str, torch.Tensor], *, mean_weight: float, residual_weight: float
-    ) -> dict[str, torch.Tensor]:
-        return {
-            n: mean_weight * self.retain_mean[n].to(p.dtype) - residual_weight * self.residual[n]
-            for n, p in probe.items()
-        }
+Terms = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]  # mean(G) and the residual g - G^T c, per parameter
 
 
 class ExplicitSpan(abc.ABC):
@@ -90,25 +73,27 @@ class ExplicitSpan(abc.ABC):
     ``g - G^T c``; the ghost span instead gets both norms from the k x k system and the update in one contraction.
     """
 
-    _cached: tuple[torch.Tensor, ExplicitTerms] | None = None
+    _cached: tuple[torch.Tensor, Terms] | None = None
 
     @abc.abstractmethod
-    def _terms(self, coeffs: torch.Tensor) -> ExplicitTerms:
+    def _terms(self, coeffs: torch.Tensor) -> Terms:
         """``mean(G)`` and ``g - G^T coeffs`` per parameter."""
 
-    def _terms_for(self, coeffs: torch.Tensor) -> ExplicitTerms:
+    def _terms_for(self, coeffs: torch.Tensor) -> Terms:
         if self._cached is None or self._cached[0] is not coeffs:
             self._cached = (coeffs, self._terms(coeffs))
         return self._cached[1]
 
     def norms(self, coeffs: torch.Tensor, *, probe_norm: float) -> tuple[float, float]:
         """The norms of the formed terms (``probe_norm`` is not needed: the residual is a tensor here)."""
-        return self._terms_for(coeffs).norms()
+        retain_mean, residual = self._terms_for(coeffs)
+        return grad_norm(retain_mean), grad_norm(residual)
 
     def update(
         self, probe: Mapping[str, torch.Tensor], coeffs: torch.Tensor, *, mean_weight: float, residual_weight: float
     ) -> dict[str, torch.Tensor]:
-        return self._terms_for(coeffs).update(probe, mean_weight=mean_weight, residual_weight=residual_weight)
+        retain_mean, residual = self._terms_for(coeffs)
+        return {n: mean_weight * retain_mean[n].to(p.dtype) - residual_weight * residual[n] for n, p in probe.items()}
 
 
 class MaterialisedSpan(ExplicitSpan):
@@ -137,9 +122,8 @@ class MaterialisedSpan(ExplicitSpan):
         self._flat_probe = torch.cat([self.probe[n].reshape(-1) for n in names])
         self.gram, self.product = gram_and_product(self._rows, self._flat_probe)
 
-    def _terms(self, coeffs: torch.Tensor) -> ExplicitTerms:
-        retain_mean = {n: g.mean(dim=0) for n, g in self.per_sample.items()}
-        return ExplicitTerms(retain_mean=retain_mean, residual=self._residual(coeffs))
+    def _terms(self, coeffs: torch.Tensor) -> Terms:
+        return {n: g.mean(dim=0) for n, g in self.per_sample.items()}, self._residual(coeffs)
 
     def _residual(self, coeffs: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.projection == "qr" or self.scope == "per_tensor":
