@@ -67,7 +67,7 @@ def _figure_legend(figure: Figure) -> None:
     """One legend for the whole figure (every label once, in first-seen order), right of the panels."""
     entries: dict[str, Any] = {}
     for ax in figure.axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
     figure.legend(list(entries.values()), list(entries), loc="outside right upper", fontsize="small")
 
@@ -111,7 +111,7 @@ def uis_vs_retain_size_figure(records: Sequence[Record], *, title: str | None = 
     colours = _colours(usable)
     scenarios = _scenarios(usable)
     figure, axes = _panels(len(scenarios), title=_title(usable, title))
-    for ax, scenario in zip(axes[0], scenarios):
+    for ax, scenario in zip(axes[0], scenarios, strict=True):
         runs = [r for r in usable if r["scenario"] == scenario]
         for method in _methods(colours, runs):
             sizes = sorted({int(r["retain_size"]) for r in runs if r["method"] == method})
@@ -162,10 +162,10 @@ def trajectories_figure(
     scenarios = _scenarios(usable)
     metric = _metric_name(usable)
     figure, axes = _panels(len(metrics), rows=len(scenarios), title=_title(usable, title))
-    for row, scenario in zip(axes, scenarios):
+    for row, scenario in zip(axes, scenarios, strict=True):
         runs = [r for r in usable if r["scenario"] == scenario]
         log_x = x == "step" and _run_lengths_differ(runs)
-        for ax, key in zip(row, metrics):
+        for ax, key in zip(row, metrics, strict=True):
             for method in _methods(colours, runs):
                 _mean_band(ax, [r for r in runs if r["method"] == method], x=x, key=key, colour=colours[method],
                            label=_label(method))
@@ -184,7 +184,7 @@ def trajectories_figure(
 
 def _curve(run: Record, *, x: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     points = [(h[x], h[key]) for h in run["history"] if h.get(key) is not None and h.get(x) is not None]
-    xs, ys = zip(*points) if points else ((), ())
+    xs, ys = zip(*points, strict=True) if points else ((), ())
     return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
 
 
@@ -268,7 +268,7 @@ def tradeoff_figure(records: Sequence[Record], *, title: str | None = None) -> F
     scenarios = _scenarios(usable)
     metric = _metric_name(usable)
     figure, axes = _panels(len(scenarios), title=_title(usable, title))
-    for ax, scenario in zip(axes[0], scenarios):
+    for ax, scenario in zip(axes[0], scenarios, strict=True):
         runs = [r for r in usable if r["scenario"] == scenario]
         for method in _methods(colours, runs):
             mine = [r["final"] for r in runs if r["method"] == method]

@@ -62,7 +62,7 @@ class ShardedContext(MethodContext):
     @classmethod
     def from_context(
         cls, context: MethodContext, *, rank: int, world_size: int, group: dist.ProcessGroup | None = None
-    ) -> "ShardedContext":
+    ) -> ShardedContext:
         values = {f.name: getattr(context, f.name) for f in dataclasses.fields(MethodContext) if f.init}
         return cls(**values, rank=rank, world_size=world_size, group=group)
 
@@ -87,7 +87,7 @@ class ShardedContext(MethodContext):
         names = sorted(values)
         local = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=self.device)
         dist.broadcast(local, src=self._first_rank(), group=self.group)
-        return dict(zip(names, local.tolist()))
+        return dict(zip(names, local.tolist(), strict=True))
 
     def decide(self, rule: Callable[[], bool]) -> bool:
         """``rule()`` on rank 0 of the group, broadcast: every rank gets rank 0's verdict."""

@@ -193,7 +193,7 @@ def joined(batch: Any, extra: Any) -> Any | None:
     if spec != extra_spec:
         return None
     out = []
-    for mine, theirs in zip(leaves, extra_leaves):
+    for mine, theirs in zip(leaves, extra_leaves, strict=True):
         tensors = isinstance(mine, torch.Tensor), isinstance(theirs, torch.Tensor)
         if tensors == (True, True) and mine.dim() > 0 and _row_shape(mine) == _row_shape(theirs):
             out.append(torch.cat([mine, theirs]))
@@ -302,7 +302,7 @@ def _ghost_pass(
     mean_pieces: dict[str, Piece] = {}
     losses, mean_loss, captured = [], None, 0
     with batchnorm_in_eval(model):
-        for start, end in zip(starts, ends):
+        for start, end in zip(starts, ends, strict=True):
             rows = slice(start, end)
             chunk = tree_map(lambda t, rows=rows: t[rows] if isinstance(t, torch.Tensor) else t, batch)
             own = min(end, k) - start
@@ -351,7 +351,7 @@ def _chunk_pieces(
     )
     pieces: dict[str, tuple[Piece, Piece | None]] = {}
     captured = 0
-    for name, output_grads in zip(order, grads):
+    for name, output_grads in zip(order, grads, strict=True):
         module, params = modules[name]
         inputs = captures[name].inputs[0]
         if inputs.shape[0] != n or output_grads.shape[0] != n:
@@ -437,11 +437,11 @@ def _dense_blocks(
         for c in range(len(starts))
     ]
     flat_probe = torch.cat([probe[name].reshape(-1) for name in names]).double()
-    for i, (start_i, rows_i) in enumerate(zip(starts, joined)):
+    for i, (start_i, rows_i) in enumerate(zip(starts, joined, strict=True)):
         rows = slice(start_i, start_i + rows_i.shape[0])
         gram[rows, rows] += rows_i @ rows_i.T
         product[rows] += rows_i @ flat_probe
-        for start_j, rows_j in zip(starts[:i], joined[:i]):
+        for start_j, rows_j in zip(starts[:i], joined[:i], strict=True):
             cols = slice(start_j, start_j + rows_j.shape[0])
             block = rows_i @ rows_j.T
             gram[rows, cols] += block

@@ -44,7 +44,7 @@ class MethodConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "MethodConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> MethodConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -85,11 +85,11 @@ class IterativeConfig(MethodConfig):
         self.lora = LoRAConfig.from_value(self.lora)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "MethodConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> MethodConfig:
         """As ``MethodConfig.from_dict``; a ``momentum`` other than the method's default, given for an optimizer
         that ignores it, is refused (a method's own default, e.g. SCRUB's with Adam, round-trips)."""
         config = super().from_dict(values)
-        optimizer = getattr(config, "optimizer")
+        optimizer = config.optimizer
         default = next(f.default for f in dataclasses.fields(cls) if f.name == "momentum")
         if values.get("momentum", default) not in (default, 0) and optimizer != "sgd":
             raise ValueError(

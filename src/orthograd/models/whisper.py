@@ -36,7 +36,7 @@ class WhisperText:
     eos: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Tokenizer, *, multilingual: bool, language: str = "en") -> "WhisperText":
+    def from_tokenizer(cls, tokenizer: Tokenizer, *, multilingual: bool, language: str = "en") -> WhisperText:
         def special(token: str) -> int:
             token_id = tokenizer.token_to_id(token)
             if token_id is None:

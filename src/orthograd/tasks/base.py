@@ -123,7 +123,7 @@ class Task(abc.ABC):
         """The metrics this task's evaluations produce (stop rules are matched against them): ``(metric,)``."""
         return (self.metric,)
 
-    def for_model(self, model: nn.Module) -> "Task":
+    def for_model(self, model: nn.Module) -> Task:
         """This task as it applies to ``model`` (e.g. padding with the model's pad token id); itself by default."""
         return self
 

@@ -103,7 +103,7 @@ class CausalLMTask(Task):
     def collate_fn(self) -> Any:
         return functools.partial(collate, pad_token_id=self.pad_token_id or 0)
 
-    def for_model(self, model: nn.Module) -> "CausalLMTask":
+    def for_model(self, model: nn.Module) -> CausalLMTask:
         """A copy that pads with ``model``'s pad token id (its config's, then the tokenizer's, then this task's)."""
         resolved = copy.copy(self)
         resolved.pad_token_id = batches.resolve_pad_token_id(
@@ -150,7 +150,7 @@ class CausalLMTask(Task):
         scorer = _rouge_scorer()
         scores: list[float] = []
         for batch in self._eval_batches(model, loader, device):
-            for answer, reference in zip(self.generate(model, batch), answers(batch)):
+            for answer, reference in zip(self.generate(model, batch), answers(batch), strict=True):
                 scores.append(scorer.score(self._text(reference), self._text(answer))["rougeL"].recall)
         return torch.tensor(scores, dtype=torch.float32)  # rouge-score gives int 0 for an empty answer
 
@@ -160,7 +160,8 @@ class CausalLMTask(Task):
         ``max_new_tokens`` and the end token. Prompts of one length are decoded together (no padding, so each
         answer is the one decoding it alone gives)."""
         eos = self.eos_token_id if self.eos_token_id is not None else _config_eos(model)
-        prompts = [ids[:_first_labelled(labels)] for ids, labels in zip(batch["input_ids"], batch["labels"])]
+        rows = zip(batch["input_ids"], batch["labels"], strict=True)
+        prompts = [ids[:_first_labelled(labels)] for ids, labels in rows]
         out: list[list[int]] = [[] for _ in prompts]
         for length in sorted({len(p) for p in prompts}):
             rows = [i for i, p in enumerate(prompts) if len(p) == length]

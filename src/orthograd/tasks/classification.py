@@ -39,7 +39,7 @@ class ClassificationTask(Task):
         self.pad_token_id = pad_token_id
         self.tokenizer = tokenizer
 
-    def for_model(self, model: nn.Module) -> "ClassificationTask":
+    def for_model(self, model: nn.Module) -> ClassificationTask:
         """A copy that pads with ``model``'s pad token id (its config's, then the tokenizer's, then this task's)."""
         resolved = copy.copy(self)
         resolved.pad_token_id = batches.resolve_pad_token_id(
