@@ -16,7 +16,6 @@ import platform
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,10 +34,10 @@ class AuditedRun(Protocol):
 
     model: nn.Module
     method: str
-    config: Mapping[str, Any]
+    config: dict[str, Any]
     seed: int
-    data: Mapping[str, Any]
-    original: Mapping[str, float]
+    data: dict[str, dict[str, Any]]
+    original: dict[str, float]
     stop_reason: str
     steps: int
     epochs: int
@@ -47,7 +46,7 @@ class AuditedRun(Protocol):
     inferred_stop: str | None
 
     @property
-    def final(self) -> Mapping[str, Any]: ...
+    def final(self) -> dict[str, Any]: ...
 
 
 def sidecar_path(weights: str | Path) -> Path:

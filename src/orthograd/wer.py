@@ -26,7 +26,7 @@ ClipMode = Literal["set", "utterance"]
 
 
 @lru_cache(maxsize=1)
-def english_normalizer():  # type: ignore[no-untyped-def]
+def english_normalizer() -> EnglishTextNormalizer:
     """Whisper's English text normaliser (from transformers), with the spelling table when it is installed."""
     return EnglishTextNormalizer(_spelling_mapping())
 

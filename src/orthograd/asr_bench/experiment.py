@@ -132,7 +132,7 @@ def choose_variants(config: SpeakerBenchConfig, records: Sequence[Mapping[str, A
     target = config.unlearning.stop_wer
     out: dict[str, dict[str, Any]] = {}
     for spec in (s for s in config.runs if s.grid):
-        trials = []
+        trials: list[dict[str, Any]] = []
         for variant, params in spec.expand(size=config.grid_size()):
             rows = [r for r in records if r["label"] == spec.label and r["variant"] == variant]
             trials.append({
@@ -299,7 +299,7 @@ class SpeakerExperiment:
         def wer(model: torch.nn.Module, name: str) -> float:
             return ctx.task.evaluate(model, _loader(sets[name], ctx.task), device=ctx.device)
 
-        envelope = {"task": TASK, "bench": config.name, "key": job.settings_key, "phase": job.phase,
+        envelope: dict[str, Any] = {"task": TASK, "bench": config.name, "key": job.settings_key, "phase": job.phase,
                     "method": job.method,
                     "label": job.label, "hyperparameters": job.hyperparameters}
         if job.method == "original":

@@ -315,9 +315,9 @@ def _ghost_pass(
                 pieces[name].append((start, piece))
                 if mean_piece is not None:
                     mean_pieces[name] = mean_piece
-    rows = batch_size_of(batch)
+    n_rows = batch_size_of(batch)
     return _Pass(k=k, losses=torch.cat(losses), pieces=pieces, mean_loss=mean_loss, mean_pieces=mean_pieces,
-                 row_bytes=captured / max(rows, 1))
+                 row_bytes=captured / max(n_rows, 1))
 
 
 def _chunk_pieces(
@@ -387,10 +387,13 @@ def _accumulate(
     device = probe[next(iter(pieces))].device
     gram = torch.zeros(k, k, dtype=torch.float64, device=device)
     product = torch.zeros(k, dtype=torch.float64, device=device)
-    dense = [name for name, chunks in pieces.items() if all(isinstance(piece, Dense) for _, piece in chunks)]
+    dense = {
+        name: [(start, piece) for start, piece in chunks if isinstance(piece, Dense)] for name, chunks in pieces.items()
+    }
+    dense = {name: chunks for name, chunks in dense.items() if len(chunks) == len(pieces[name])}
     joined = set(dense)
-    for group in _column_groups(dense, pieces, device):
-        _dense_blocks(gram, product, {name: pieces[name] for name in group}, probe)
+    for group in _column_groups(list(dense), dense, device):
+        _dense_blocks(gram, product, {name: dense[name] for name in group}, probe)
     for name, chunks in pieces.items():
         if name in joined:
             continue
@@ -408,14 +411,14 @@ def _accumulate(
 
 
 def _column_groups(
-    names: list[str], pieces: Mapping[str, list[tuple[int, Piece]]], device: torch.device
+    names: list[str], pieces: Mapping[str, list[tuple[int, Dense]]], device: torch.device
 ) -> Iterator[list[str]]:
     """``names`` in consecutive groups whose per-sample gradients, side by side for one chunk, fit the workspace."""
     group: list[str] = []
     width = 0
     for name in names:
         piece = pieces[name][0][1]
-        columns = piece.values[0].numel()  # type: ignore[attr-defined]
+        columns = piece.values[0].numel()
         if group and (width + columns) * piece.n > workspace(device):
             yield group
             group, width = [], 0
@@ -426,14 +429,14 @@ def _column_groups(
 
 
 def _dense_blocks(
-    gram: torch.Tensor, product: torch.Tensor, pieces: Mapping[str, list[tuple[int, Piece]]],
+    gram: torch.Tensor, product: torch.Tensor, pieces: Mapping[str, list[tuple[int, Dense]]],
     probe: Mapping[str, torch.Tensor],
 ) -> None:
     """Add the Gram blocks and probe products of materialised pieces, joined side by side, in float64."""
     names = list(pieces)
     starts = [start for start, _ in pieces[names[0]]]
     joined = [
-        torch.cat([pieces[name][c][1].values.flatten(1) for name in names], dim=1).double()  # type: ignore[attr-defined]
+        torch.cat([pieces[name][c][1].values.flatten(1) for name in names], dim=1).double()
         for c in range(len(starts))
     ]
     flat_probe = torch.cat([probe[name].reshape(-1) for name in names]).double()

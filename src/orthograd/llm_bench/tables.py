@@ -42,7 +42,9 @@ LEGEND = (
 )
 
 
-def confidence_interval(values: Sequence[float], *, confidence: float = CONFIDENCE) -> tuple[float, float]:
+def confidence_interval(
+    values: Sequence[float] | np.ndarray, *, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
     """``(mean, half-width)`` of the Student t interval of the mean (half-width 0 for a single value)."""
     from scipy.stats import t
 

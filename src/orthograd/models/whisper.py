@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -98,7 +99,7 @@ def load_ct2_whisper(
     folder = Path(folder)
     ct2 = read_ct2(folder / "model.bin")
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    sizes = whisper_config_kwargs(ct2)
+    sizes: dict[str, Any] = whisper_config_kwargs(ct2)
     text = WhisperText.from_tokenizer(
         tokenizer, multilingual=sizes["vocab_size"] >= MULTILINGUAL_VOCAB, language=language
     )

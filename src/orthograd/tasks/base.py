@@ -81,7 +81,7 @@ class Task(abc.ABC):
         return type(self).mean_loss is Task.mean_loss
 
     @abc.abstractmethod
-    def evaluate(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> float:
+    def evaluate(self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device) -> float:
         """The task metric on every batch of ``loader``, in percent."""
 
     @abc.abstractmethod
