@@ -28,8 +28,8 @@ MARKERS = {"Original": "o", "Retrain": "*"}
 
 
 def tradeoff_figure(records: Sequence[Mapping[str, Any]], *, title: str) -> Figure:
-    """The figure for the test records of ``records`` (validation records are left out; older records read the
-    same)."""
+    """The figure for the test records of ``records`` (validation records are left out; every record is read
+    through ``upgrade_record``, so any record format plots the same)."""
     tested = [r for r in (upgrade_record(r, task=TASK) for r in records) if r["phase"] == "test"]
     fractions = sorted({r["fraction"] for r in tested})
     labels = list(dict.fromkeys(r["label"] for r in tested if r["label"] not in MARKERS))

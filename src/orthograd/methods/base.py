@@ -187,7 +187,7 @@ class UnlearningMethod(abc.ABC, Generic[ConfigT]):
     """One unlearning algorithm, generic over its config: ``class Mine(UnlearningMethod[MyConfig])`` types
     ``self.config`` as ``MyConfig`` and sets ``config_class = MyConfig`` (which ``methods.make_config`` builds from
     keyword values). Subclasses set ``name`` and implement ``run_epoch``. An unparameterised subclass sets
-    ``config_class`` itself, as before.
+    ``config_class`` itself (there is no type parameter to read it from).
     """
 
     name: ClassVar[str]
