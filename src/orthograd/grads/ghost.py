@@ -387,10 +387,11 @@ def _accumulate(
     device = probe[next(iter(pieces))].device
     gram = torch.zeros(k, k, dtype=torch.float64, device=device)
     product = torch.zeros(k, dtype=torch.float64, device=device)
-    dense = {
-        name: [(start, piece) for start, piece in chunks if isinstance(piece, Dense)] for name, chunks in pieces.items()
-    }
-    dense = {name: chunks for name, chunks in dense.items() if len(chunks) == len(pieces[name])}
+    dense: dict[str, list[tuple[int, Dense]]] = {}
+    for name, chunks in pieces.items():
+        materialised = [(start, piece) for start, piece in chunks if isinstance(piece, Dense)]
+        if len(materialised) == len(chunks):
+            dense[name] = materialised
     joined = set(dense)
     for group in _column_groups(list(dense), dense, device):
         _dense_blocks(gram, product, {name: dense[name] for name in group}, probe)

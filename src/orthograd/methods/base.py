@@ -31,6 +31,7 @@ OptimizerName = Literal["sgd", "adam", "adamw"]
 _Config = TypeVar("_Config", bound="MethodConfig")
 _Iterative = TypeVar("_Iterative", bound="IterativeConfig")
 
+
 @dataclass
 class MethodConfig:
     """Base of every method's hyperparameters: dict round trip with unknown keys rejected, and every ``Literal``
