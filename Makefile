@@ -14,19 +14,23 @@ FAST := not slow and not asr and not ray and not distributed
 DEMO_STAMP := $(VENV)/.demo-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: demo test test-fast lint install debian-packages clean
+.PHONY: demo test test-fast lint typecheck install debian-packages clean
 
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/orthograd demo
 
-test: $(DEV_STAMP) debian-packages lint
+test: $(DEV_STAMP) debian-packages lint typecheck
 	$(PY) -m pytest
 
-test-fast: $(DEV_STAMP) lint
+test-fast: $(DEV_STAMP) lint typecheck
 	$(PY) -m pytest -m "$(FAST)"
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+
+# mypy over src/ as pyproject's [tool.mypy] configures it (strict for the core); an error fails the build
+typecheck: $(DEV_STAMP)
+	$(VENV)/bin/mypy
 
 install: $(DEV_STAMP) debian-packages
 
@@ -55,4 +59,4 @@ debian-packages:
 	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

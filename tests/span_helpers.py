@@ -37,7 +37,7 @@ def problem(*, nan_retain_sample: bool = False) -> tuple[nn.Module, dict[str, to
     y = torch.randint(0, 10, (FORGET + RETAIN,), generator=gen)
     params = dict(model.named_parameters())
     forget_loss = loss_fn(model, (x[:FORGET], y[:FORGET])).mean()
-    forget_grad = dict(zip(params, torch.autograd.grad(forget_loss, list(params.values()))))
+    forget_grad = dict(zip(params, torch.autograd.grad(forget_loss, list(params.values())), strict=True))
     retain_x = x[FORGET:].clone()
     if nan_retain_sample:
         retain_x[-1, 0, 0, 0] = float("nan")

@@ -55,7 +55,7 @@ def test_random_forgetting_rule_and_determinism(digits, digits_model):
     assert first.final["forget"] <= target and first.final["test"] > 90.0
     assert all(row["forget"] > target for row in first.history[:-1])  # it fires at the first row that reaches it
     assert first.steps < 30 * math.ceil(len(forget) / 32)  # mid-run, not at the budget's end
-    for a, b in zip(first.model.parameters(), second.model.parameters()):
+    for a, b in zip(first.model.parameters(), second.model.parameters(), strict=True):
         assert torch.equal(a, b)  # same seed and data: bit-identical in one process
     assert [row["forget"] for row in first.history] == [row["forget"] for row in second.history]
 
@@ -114,7 +114,7 @@ def test_what_is_evaluated_does_not_change_a_train_mode_run_with_dropout():
                                track=track, max_epochs=3, lora=None, forget_batch_size=4, retain_batch_size=8))
     full, lean = runs
     assert full.steps == lean.steps
-    for a, b in zip(full.model.parameters(), lean.model.parameters()):
+    for a, b in zip(full.model.parameters(), lean.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -217,5 +217,5 @@ def test_nan_weights_after_a_finite_step_are_never_reported_or_returned(digits, 
                         retain_batch_size=len(retain))  # one step per epoch: the bad step ends the epoch
     assert result.stop_reason == "non_finite"
     assert len(result.history) == 1  # only the input model's row: no row for a NaN model
-    for a, b in zip(result.model.inner.parameters(), digits_model.parameters()):
+    for a, b in zip(result.model.inner.parameters(), digits_model.parameters(), strict=True):
         assert torch.equal(a, b)

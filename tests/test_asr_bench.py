@@ -15,7 +15,12 @@ from orthograd import asr_bench
 from orthograd.asr_bench.config import load_config
 from orthograd.asr_bench.corpus import SpeakerCorpus, build_corpus
 from orthograd.asr_bench.experiment import (
-    choose_variants, plan_jobs, plan_validation_jobs, record_key, split_for, validation_speakers,
+    choose_variants,
+    plan_jobs,
+    plan_validation_jobs,
+    record_key,
+    split_for,
+    validation_speakers,
 )
 from orthograd.asr_bench.tables import COLUMNS, speaker_tables
 from orthograd.data.espeak import PROBE_SENTENCE, VOICES, make_sentences, speak, synthesize_corpus

@@ -80,7 +80,7 @@ def test_per_sample_grads_on_whisper_lora_match_single_utterance_backward(task):
         reference = torch.autograd.grad(
             task.mean_loss(model, single), [dict(model.named_parameters())[n] for n in names]
         )
-        for name, ref in zip(names, reference):
+        for name, ref in zip(names, reference, strict=True):
             assert torch.allclose(grads[name][row], ref, atol=1e-5, rtol=1e-4), name
 
 

@@ -135,8 +135,9 @@ def test_one_step_is_a_manual_sgd_step(name: str, which: str, sign: float) -> No
     data = retain if which == "retain" else forget
     loss = _full_batch_loss(reference, data)
     # first SGD step with momentum: the buffer is the gradient itself; weight decay 5e-4 is added to it
-    expected = [p - 0.05 * (sign * g + 5e-4 * p) for p, g in zip(reference.parameters(), _grads(reference, loss))]
-    for got, want in zip(model.parameters(), expected):
+    pairs = zip(reference.parameters(), _grads(reference, loss), strict=True)
+    expected = [p - 0.05 * (sign * g + 5e-4 * p) for p, g in pairs]
+    for got, want in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(got, want)
     assert stats[f"{which}_loss"] == pytest.approx(float(loss.detach()))
     assert method.train_mode is True
@@ -148,7 +149,8 @@ def test_neggrad_clipping_bounds_the_step() -> None:
     method = _method("neggrad", model, forget, retain, lr=1.0, momentum=0.0, weight_decay=0.0, max_grad_norm=1e-3)
     next(iter(method.run_epoch(1)))
     with torch.no_grad():
-        moved = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), reference.parameters())))
+        pairs = zip(model.parameters(), reference.parameters(), strict=True)
+        moved = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in pairs))
     assert float(moved) == pytest.approx(1e-3, rel=1e-4)
 
 
@@ -166,14 +168,15 @@ def test_neggrad_plus_loss_value_and_gradient() -> None:
     loss, stats = method.objective(retain.tensors, forget.tensors)
 
     retain_ce, forget_ce = _full_batch_loss(model, retain), _full_batch_loss(model, forget)
-    distance = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), initial))
+    distance = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), initial, strict=True))
     expected = 0.9 * (retain_ce + 0.1 * distance) - 0.1 * forget_ce
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     assert stats["forget_loss"] == pytest.approx(float(forget_ce.detach()))
 
     g_r, g_f = _grads(model, retain_ce), _grads(model, forget_ce)
-    want = [0.9 * (gr + 0.2 * (p - p0)) - 0.1 * gf for gr, gf, p, p0 in zip(g_r, g_f, model.parameters(), initial)]
-    for got, w in zip(_grads(model, loss), want):
+    terms = zip(g_r, g_f, model.parameters(), initial, strict=True)
+    want = [0.9 * (gr + 0.2 * (p - p0)) - 0.1 * gf for gr, gf, p, p0 in terms]
+    for got, w in zip(_grads(model, loss), want, strict=True):
         torch.testing.assert_close(got, w)
 
 
@@ -283,7 +286,7 @@ def test_gdr_gma_directions_are_rectified_per_tensor() -> None:
     raw_x = [g.reshape(-1) for g in _grads(reference, _full_batch_loss(reference, retain))]
     raw_y = [g.reshape(-1) for g in _grads(reference, -_full_batch_loss(reference, forget))]
     conflicting = 0
-    for name, rx, ry in zip(method.params, raw_x, raw_y):
+    for name, rx, ry in zip(method.params, raw_x, raw_y, strict=True):
         if float(rx @ ry) < 0:
             conflicting += 1
             want_x = rx - (rx @ ry) / (ry @ ry) * ry
@@ -309,7 +312,7 @@ def test_gdr_gma_step_is_adamw_on_the_weighted_direction() -> None:
     optimizer.step()
     out = next(iter(method.run_epoch(1)))
     assert out["gma_lambda"] == pytest.approx(weight)
-    for got, want in zip(model.parameters(), reference.parameters()):
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -391,7 +394,7 @@ def test_code_defaults_do_not_forget_a_digits_class_in_the_source_budget(name: s
     assert result.stop_reason == "max_epochs" and result.epochs == SOURCE_EPOCHS[name]
     assert result.original["forget"] == 100.0
     assert result.final["forget"] > 90.0 and result.final["retain"] > 90.0
-    moved = max(float((a - b).abs().max()) for a, b in zip(result.model.parameters(), model.parameters()))
+    moved = max(float((a - b).abs().max()) for a, b in zip(result.model.parameters(), model.parameters(), strict=True))
     assert moved > 1e-5  # it trained (a method that does nothing would pass the lines above)
 
 

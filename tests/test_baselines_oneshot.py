@@ -18,9 +18,9 @@ from orthograd.methods.duck import Embedder, class_centroids, find_head, nearest
 from orthograd.methods.fisher import NoiseRules, fisher_diagonal, std_noise_scale, variance_noise_moments
 from orthograd.methods.oneshot import scoped_parameters
 from orthograd.models import SmallCNN
-from orthograd.training import train_classifier
 from orthograd.tasks import get_task
 from orthograd.tasks.base import IGNORE_INDEX, Task, per_sample_cross_entropy
+from orthograd.training import train_classifier
 
 CLASSIFICATION = get_task("classification")
 
@@ -85,9 +85,9 @@ def test_true_fisher_per_sample_and_batch_mean_match_hand_loops() -> None:
         z = model(x[i : i + 1])
         prob = torch.softmax(z, dim=1).detach()
         for c in range(3):
-            for e, g in zip(expected, grads_of(model, F.cross_entropy(z, torch.tensor([c])))):
+            for e, g in zip(expected, grads_of(model, F.cross_entropy(z, torch.tensor([c]))), strict=True):
                 e += prob[0, c] * g**2
-    for n, e in zip(names, expected):
+    for n, e in zip(names, expected, strict=True):
         torch.testing.assert_close(per_sample[n], e / 6)
 
     batches = [(x[:3], y[:3]), (x[3:], y[3:])]
@@ -99,9 +99,9 @@ def test_true_fisher_per_sample_and_batch_mean_match_hand_loops() -> None:
         z = model(xb)
         prob = torch.softmax(z, dim=1).detach()
         for c in range(3):
-            for e, g in zip(expected, grads_of(model, F.cross_entropy(z, torch.full((3,), c)))):
+            for e, g in zip(expected, grads_of(model, F.cross_entropy(z, torch.full((3,), c))), strict=True):
                 e += prob[:, c].mean() * g**2
-    for n, e in zip(names, expected):
+    for n, e in zip(names, expected, strict=True):
         torch.testing.assert_close(batch_mean[n], e / 2)
 
 
@@ -115,9 +115,9 @@ def test_empirical_fisher_adds_eps_before_squaring() -> None:
     expected = [torch.zeros_like(p) for p in model.parameters()]
     for i in range(4):
         log_p = torch.log_softmax(model(x[i : i + 1]), dim=1)[0, y[i]]
-        for e, g in zip(expected, grads_of(model, log_p)):
+        for e, g in zip(expected, grads_of(model, log_p), strict=True):
             e += (g + 1e-8) ** 2
-    for n, e in zip(names, expected):
+    for n, e in zip(names, expected, strict=True):
         torch.testing.assert_close(fisher[n], e / 4)
 
 
@@ -140,9 +140,9 @@ def test_monte_carlo_fisher_on_sequences_matches_hand_loop() -> None:
         sampled = torch.where(t == IGNORE_INDEX, t, sampled)
         for i in range(6):  # per utterance: mean token CE of the sampled labels
             loss = per_sample_cross_entropy(model(x[i : i + 1]), sampled[i : i + 1])[0]
-            for e, g in zip(expected, grads_of(model, loss)):
+            for e, g in zip(expected, grads_of(model, loss), strict=True):
                 e += g**2 / 2
-    for n, e in zip(names, expected):
+    for n, e in zip(names, expected, strict=True):
         torch.testing.assert_close(fisher[n], e / 6)
     with pytest.raises(ValueError, match="monte_carlo"):
         fisher_diagonal(model, task, iter([(x, t)]), names, kind="true", generator=torch.Generator())
@@ -365,7 +365,7 @@ def test_duck_reads_a_shuffled_forget_loader_in_dataset_order(digits: dict[str, 
     from_dataset = forget_digit_3(digits, "duck", **kwargs)
     shuffled = DataLoader(digits["forget"], batch_size=32, shuffle=True)
     from_loader = forget_digit_3({**digits, "forget": shuffled}, "duck", **{**kwargs, "forget_batch_size": 7})
-    for a, b in zip(from_dataset.model.parameters(), from_loader.model.parameters()):
+    for a, b in zip(from_dataset.model.parameters(), from_loader.model.parameters(), strict=True):
         assert torch.equal(a, b)  # the loader's dataset and batch size (32), in order: the same run
     sampled = DataLoader(digits["forget"], batch_size=32, sampler=SubsetRandomSampler(range(10)))
     with pytest.raises(ValueError, match="SubsetRandomSampler cannot be reordered .*: pass the forget dataset itself"):
@@ -374,7 +374,7 @@ def test_duck_reads_a_shuffled_forget_loader_in_dataset_order(digits: dict[str, 
 
 def largest_relative_change(before: nn.Module, after: nn.Module) -> float:
     """The largest ``|after - before| / |before|`` over the parameter tensors."""
-    pairs = zip(after.parameters(), before.parameters())
+    pairs = zip(after.parameters(), before.parameters(), strict=True)
     return max(float((a.detach() - b.detach()).norm() / b.detach().norm()) for a, b in pairs)
 
 

@@ -149,4 +149,4 @@ def test_paper_configs_carry_the_appendix_a_grids_and_every_point_is_a_valid_con
         assert config.sweep.grid["orthograd-fixed"]["alpha"] == [0.9, 0.8]  # Appendix A.1
         for method, grid in config.sweep.grid.items():
             for values in itertools.product(*grid.values()):
-                make_config(method, {**config.methods[method], **dict(zip(grid, values))})
+                make_config(method, {**config.methods[method], **dict(zip(grid, values, strict=True))})

@@ -353,7 +353,7 @@ def test_adaptive_schedule_under_ddp_equals_single_process(ranks: list[dict[str,
     for rank in ranks:
         got = rank["adaptive"][name]
         assert len(got["history"]) == len(single["history"])
-        for ddp_row, row in zip(got["history"], single["history"]):
+        for ddp_row, row in zip(got["history"], single["history"], strict=True):
             assert ddp_row.keys() == row.keys()
             for key, value in row.items():  # the held-out slice is evaluated in shards and combined
                 assert ddp_row[key] == pytest.approx(value, rel=1e-9, abs=1e-9), (row, key)

@@ -100,7 +100,7 @@ def test_fsdp_sharded_run_equals_single_process(ranks: list[dict[str, Any]]) -> 
         scale = float(expected.abs().max())
         assert float((rank["logits"] - expected).abs().max()) <= 1e-9 * scale
         assert len(rank["history"]) == len(rows)
-        for got, row in zip(rank["history"], rows):
+        for got, row in zip(rank["history"], rows, strict=True):
             assert got.keys() == row.keys()
             for key, value in row.items():
                 assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-9), (row, key)

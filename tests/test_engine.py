@@ -178,7 +178,7 @@ def test_init_seed_makes_the_original_reproducible_and_leaves_older_cache_names_
     a = cache.fresh_model()
     torch.manual_seed(456)
     b = cache.fresh_model()
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 # ------------------------------------------------------------------------------------------ configs and records

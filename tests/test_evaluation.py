@@ -56,11 +56,11 @@ def test_train_classifier_trains_a_model_to_unlearn_from(digits):
     assert og.accuracy(trained, test) > 90.0  # ~96% after 3 epochs; 10% before
     torch.manual_seed(0)
     again = og.train_classifier(SmallCNN(), train, epochs=3, seed=1, device="cpu")
-    for a, b in zip(trained.parameters(), again.parameters()):
+    for a, b in zip(trained.parameters(), again.parameters(), strict=True):
         assert torch.equal(a, b)  # seeded
     torch.manual_seed(0)
     other_seed = og.train_classifier(SmallCNN(), train, epochs=3, seed=2, device="cpu")
-    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), other_seed.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), other_seed.parameters(), strict=True))
     loader = DataLoader(train, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
     sgd = og.train_classifier(SmallCNN(), loader, epochs=3, optimizer="sgd", lr=0.1, device="cpu")
     assert og.accuracy(sgd, test) > 80.0

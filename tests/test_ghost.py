@@ -263,7 +263,8 @@ def test_one_pass_with_a_mean_batch_equals_two_passes(case, chunk_size, gram_met
     model.eval()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     mean_loss = _loss_fn(model, extra).mean()
-    expected = dict(zip(names, torch.autograd.grad(mean_loss, [p for p in model.parameters() if p.requires_grad])))
+    mean_grads = torch.autograd.grad(mean_loss, [p for p in model.parameters() if p.requires_grad])
+    expected = dict(zip(names, mean_grads, strict=True))
     reference = ghost_span(model, _loss_fn, batch, probe=expected, params=names, chunk_size=chunk_size)
     span, loss, probe = ghost_span_and_mean(model, _loss_fn, batch, extra, params=names, chunk_size=chunk_size)
 

@@ -171,7 +171,7 @@ def test_dict_batches_and_model_outputs_run_through_unlearn_with_the_ghost_engin
     assert type(result.model) is type(model)
     assert all(row["engine_ghost"] == 1.0 for row in result.history[1:])
     assert {"forget", "retain", "test"} <= set(result.final)
-    moved = sum(float((a - b).abs().sum()) for a, b in zip(result.model.parameters(), model.parameters()))
+    moved = sum(float((a - b).abs().sum()) for a, b in zip(result.model.parameters(), model.parameters(), strict=True))
     assert moved > 0  # the LoRA adapters on the attention projections trained and were merged
 
 

@@ -241,7 +241,8 @@ def test_relearning_fine_tunes_a_copy_and_reads_the_other_facts_before_and_after
     assert scores["before"] == pytest.approx(answer_probability(model, items[:3], task=task,
                                                                 device=torch.device("cpu")))
     assert scores["after"] > scores["before"] + 0.1  # the evaluated answers were among those relearnt
-    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # the model itself is untouched
+    # the model itself is untouched
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
     assert not any(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="steps >= 1"):
         relearn(model, train=items, evaluate=items, task=task, steps=0, lr=1e-2, batch_size=3, seed=0,
@@ -271,7 +272,8 @@ def test_a_local_hugging_face_folder_is_the_base_model(tmp_path):
            "runs": TINY["runs"][1:], "output": str(tmp_path / "out")}
     loaded = llm_bench.AuthorsBenchConfig.model_validate(raw)
     bench = Workbench(loaded)
-    assert all(torch.equal(a, b) for a, b in zip(bench.base.state_dict().values(), saved.state_dict().values()))
+    pairs = zip(bench.base.state_dict().values(), saved.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     assert not torch.equal(bench.original.lm_head.weight, saved.lm_head.weight)  # fine-tuned on the authors
     records = llm_bench.run(loaded)
     assert [r["label"] for r in records] == ["Original", "Retrain", "NPO"]

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from hf_helpers import LLAMA_LORA, QADataset, tiny_llama
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -17,7 +18,6 @@ from orthograd.methods.graddiff import ForgetRetainConfig
 from orthograd.methods.rmu import RMUConfig, activation_loss, layer_output, steering_vector
 from orthograd.methods.simnpo import SimNPOConfig, simnpo_loss
 from orthograd.tasks import get_task
-from hf_helpers import LLAMA_LORA, QADataset, tiny_llama
 
 CPU = torch.device("cpu")
 VOCAB = 4
@@ -52,7 +52,7 @@ def log_softmax(row: list[float], index: int) -> float:
 def token_nlls(table: list[list[float]]) -> list[list[float]]:
     """Per sequence, -log p of each labelled token given the previous token (by hand from the table)."""
     out = []
-    for ids, labels in zip(BATCH["input_ids"].tolist(), BATCH["labels"].tolist()):
+    for ids, labels in zip(BATCH["input_ids"].tolist(), BATCH["labels"].tolist(), strict=True):
         out.append([-log_softmax(table[ids[t]], labels[t + 1]) for t in range(len(ids) - 1) if labels[t + 1] != -100])
     return out
 
@@ -84,7 +84,7 @@ def test_graddiff_kl_retain_term_is_the_original_to_model_kl_over_non_padding_po
         model.table[3, 2] -= 0.8
     moved = model.table.tolist()
     kls = []
-    for ids, mask in zip(BATCH["input_ids"].tolist(), BATCH["attention_mask"].tolist()):
+    for ids, mask in zip(BATCH["input_ids"].tolist(), BATCH["attention_mask"].tolist(), strict=True):
         for t in range(len(ids) - 1):  # the logits at positions 0..T-2, counted where attended
             if mask[t]:
                 p = [math.exp(log_softmax(TABLE[ids[t]], v)) for v in range(VOCAB)]
@@ -138,7 +138,7 @@ def test_rmu_objective_by_hand_on_a_model_with_known_hidden_states():
 
     def per_sequence(fn):
         out = []
-        for ids, labels in zip(BATCH["input_ids"].tolist(), BATCH["labels"].tolist()):
+        for ids, labels in zip(BATCH["input_ids"].tolist(), BATCH["labels"].tolist(), strict=True):
             terms = [sum(fn(ids[t], d) for d in range(VOCAB)) / VOCAB for t in range(len(ids)) if labels[t] != -100]
             out.append(sum(terms) / len(terms))
         return sum(out) / len(out)

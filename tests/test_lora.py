@@ -48,7 +48,7 @@ def test_merged_model_is_plain_and_matches_adapter_outputs():
 def test_same_seed_same_adapters_and_unknown_target_explained():
     a = attach_lora(SmallCNN(width=8), LoRAConfig(r=2), seed=3)
     b = attach_lora(SmallCNN(width=8), LoRAConfig(r=2), seed=3)
-    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         if "lora_A" in na:
             assert torch.equal(pa, pb)
     with pytest.raises(ValueError, match="match no module"):

@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
+from user_files import gpt2_classifier_folder, sentiment_rows, word_tokenizer, write_jsonl
 
 import orthograd as og
 from orthograd.data_files import Encoding, Fields, load_samples
 from orthograd.model_folder import load_user_model
 from orthograd.models import SmallCNN
 from orthograd.results import UnlearnResult
-from user_files import gpt2_classifier_folder, sentiment_rows, word_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +87,9 @@ def test_a_plain_module_is_rebuilt_from_its_class_or_loaded_into_a_given_instanc
 
 
 def test_a_peft_result_saves_its_adapters_and_loads_over_its_base_folder(tmp_path: Path) -> None:
+    from hf_helpers import tiny_gpt2
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from hf_helpers import tiny_gpt2
 
     tiny_gpt2().save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
@@ -148,7 +147,7 @@ def test_every_file_format_gives_the_samples_json_lines_gives(tmp_path: Path) ->
     for name in ("rows.csv", "rows.parquet", "saved", "rows.json"):
         samples = load_samples(tmp_path / name, encoding=encoding)
         assert len(samples) == 12
-        for got, want in zip(samples, reference):
+        for got, want in zip(samples, reference, strict=True):
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
     names = [{"review": row["text"], "sentiment": ["pos", "neg", "neutral"][row["label"]]} for row in rows]

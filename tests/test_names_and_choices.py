@@ -6,7 +6,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, get_args
+from typing import Any, Literal, get_args
+from collections.abc import Iterator
 
 import pytest
 import yaml

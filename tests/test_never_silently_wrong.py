@@ -61,7 +61,7 @@ def test_padding_takes_the_models_pad_token_id_and_evaluate_scores_as_samples_al
     assert og.evaluate(model, items, batch_size=8)["accuracy"] == pytest.approx(expected)
     batch = ClassificationTask().for_model(model).collate_fn()(items[:4])
     lengths = [len(item["input_ids"]) for item in items[:4]]
-    for row, length in zip(batch["input_ids"], lengths):
+    for row, length in zip(batch["input_ids"], lengths, strict=True):
         assert (row[length:] == 1).all()  # padded with the config's id, not 0
 
 
@@ -183,7 +183,7 @@ def test_after_a_non_finite_step_the_last_state_within_tolerance_comes_back(digi
     assert result.stop_reason == "non_finite"
     assert result.history[1]["retain"] < result.original["retain"] - 10.0  # the finite state it passed was damaged
     assert result.final["restored_from_step"] == 0 and not result.damaged
-    for a, b in zip(result.model.inner.parameters(), digits_model.parameters()):
+    for a, b in zip(result.model.inner.parameters(), digits_model.parameters(), strict=True):
         assert torch.equal(a, b)  # the input state: the last one within tolerance
 
 

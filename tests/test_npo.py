@@ -23,7 +23,7 @@ def test_npo_loss_matches_the_formula_by_hand():
     reference = torch.tensor([1.0, 1.5, 3.0])
     beta = 0.3
     by_hand = -(2 / beta) * sum(
-        math.log(1 / (1 + math.exp(beta * (r - n)))) for n, r in zip(nll.tolist(), reference.tolist())
+        math.log(1 / (1 + math.exp(beta * (r - n)))) for n, r in zip(nll.tolist(), reference.tolist(), strict=True)
     ) / 3  # log sigmoid(-beta * log(p / p_ref)) with log(p / p_ref) = nll_ref - nll
     assert float(npo_loss(nll, reference, beta=beta)) == pytest.approx(by_hand, rel=1e-6)
     assert float(npo_loss(reference, reference, beta=beta)) == pytest.approx(2 / beta * math.log(2), rel=1e-6)

@@ -59,7 +59,7 @@ def test_first_order_retain_loss_change_is_zero():
         loss = F.cross_entropy(neg(forget[0]), forget[1])
         grads = torch.autograd.grad(loss, list(neg.parameters()))
         with torch.no_grad():
-            for p, g in zip(neg.parameters(), grads):
+            for p, g in zip(neg.parameters(), grads, strict=True):
                 p.add_(lr * g)
         plain.append((_losses(neg, *retain) - before).abs().max().item())
     assert ortho[1] < ortho[0] / 50  # quadratic: 10x smaller lr -> ~100x smaller change
@@ -94,15 +94,17 @@ def test_mean_ablation_projects_against_mean_retain_gradient_only():
         [g.reshape(-1) for g in torch.autograd.grad(F.cross_entropy(model(retain[0]), retain[1]), params)]
     )
     after = _one_step(model, forget, retain, alpha=0.0, lr=1e-3, retain_grads="mean")
-    delta = torch.cat([(a.detach() - p.detach()).reshape(-1) for a, p in zip(after.parameters(), params)])
+    delta = torch.cat([(a.detach() - p.detach()).reshape(-1) for a, p in zip(after.parameters(), params, strict=True)])
     assert abs(torch.dot(delta, mean_grad)) < 1e-9 * delta.norm() * mean_grad.norm()
     per_sample = _one_step(model, forget, retain, alpha=0.0, lr=1e-3)
-    delta_ps = torch.cat([(a.detach() - p.detach()).reshape(-1) for a, p in zip(per_sample.parameters(), params)])
+    pairs = zip(per_sample.parameters(), params, strict=True)
+    delta_ps = torch.cat([(a.detach() - p.detach()).reshape(-1) for a, p in pairs])
     assert (delta - delta_ps).norm() > 1e-3 * delta.norm()  # the two ablations really differ
 
 
 def _flat_delta(after, model) -> torch.Tensor:
-    return torch.cat([(a.detach() - p.detach()).reshape(-1) for a, p in zip(after.parameters(), model.parameters())])
+    pairs = zip(after.parameters(), model.parameters(), strict=True)
+    return torch.cat([(a.detach() - p.detach()).reshape(-1) for a, p in pairs])
 
 
 def test_adam_first_step_moves_every_entry_by_lr_along_the_sgd_direction():
@@ -125,7 +127,7 @@ def test_per_tensor_scope_projects_each_tensor_against_its_own_retain_gradients(
         model, lambda m, batch: F.cross_entropy(m(batch[0]), batch[1], reduction="none"), retain
     )
     global_delta = _flat_delta(_one_step(model, forget, retain, alpha=0.0, lr=1e-2), model)
-    for (name, param), new in zip(model.named_parameters(), after.parameters()):
+    for (name, param), new in zip(model.named_parameters(), after.parameters(), strict=True):
         delta = (new.detach() - param.detach()).reshape(-1)
         rows = per_sample[name].reshape(len(retain[0]), -1)
         assert delta.norm() > 0 or rows.shape[0] >= delta.numel()  # a tensor smaller than the batch gets nothing

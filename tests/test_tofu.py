@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from hf_helpers import tiny_llama
 
 from orthograd.data.authors import FACTS, forget_authors, generate_authors, qa_pairs
@@ -67,7 +66,7 @@ def test_truth_ratio_is_the_normalised_paraphrase_probability_over_the_perturbed
     model.resize_token_embeddings(encoder.vocab_size)
     chosen = pairs[:4]
     ratios = truth_ratios(model, chosen, encoder=encoder, device=CPU)
-    for ratio, pair in zip(ratios, chosen):
+    for ratio, pair in zip(ratios, chosen, strict=True):
         paraphrase = answer_losses(model, [pair.question], [pair.paraphrase], encoder=encoder, device=CPU)[0]
         wrong = answer_losses(model, [pair.question] * 3, list(pair.perturbed), encoder=encoder, device=CPU)
         assert ratio == pytest.approx(np.exp(wrong.mean() - paraphrase), rel=1e-5)

@@ -112,7 +112,7 @@ def test_saved_model_and_audit_sidecar(tmp_path, digits, digits_model):
     assert record["metrics"]["after"]["forget"] == result.final["forget"]
     assert record["versions"]["torch"] == torch.__version__
     restored = load_weights(SmallCNN(), weights)
-    for a, b in zip(restored.parameters(), result.model.parameters()):
+    for a, b in zip(restored.parameters(), result.model.parameters(), strict=True):
         assert torch.equal(a, b)
     before = weights.read_bytes()
     with pytest.raises(FileExistsError, match="overwrite=True"):
@@ -121,7 +121,7 @@ def test_saved_model_and_audit_sidecar(tmp_path, digits, digits_model):
     other = og.unlearn(digits_model, forget, retain, max_epochs=1, lr=1e-2, seed=5)
     assert other.save(weights, overwrite=True) == (weights, sidecar)
     replaced = load_weights(SmallCNN(), weights)
-    for a, b in zip(replaced.parameters(), other.model.parameters()):
+    for a, b in zip(replaced.parameters(), other.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert weights.read_bytes() != before and json.loads(sidecar.read_text())["seed"] == 5
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind

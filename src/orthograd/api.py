@@ -30,6 +30,7 @@ from orthograd.results import UnlearnResult
 from orthograd.runtime import resolve_device, seeded_generator
 from orthograd.stopping import StopRule, check_stop, infer_stop, resolve_stop, stalled_at
 from orthograd.tasks import Task, get_task
+from orthograd.tasks.batches import dataset_size
 
 log = logging.getLogger(__name__)
 EVAL_BATCH_SIZE = 512
@@ -39,18 +40,18 @@ ProgressCallback = Callable[[Mapping[str, Any]], None]
 Track = Literal["all", "stop"]  # what the rows between the first and the last evaluate (see unlearn)
 Verbose = Literal[True, False, "rows"]  # start and end lines; none; and a line per history row too
 DEFAULT_MAX_EPOCHS = 30
-MethodFactory = Callable[[type[UnlearningMethod], MethodConfig, MethodContext], UnlearningMethod]
+MethodFactory = Callable[[type[UnlearningMethod[Any]], MethodConfig, MethodContext], UnlearningMethod[Any]]
 
 
 def unlearn(
     model: nn.Module,
-    forget: Dataset | DataLoader,
-    retain: Dataset | DataLoader,
+    forget: Dataset[Any] | DataLoader[Any],
+    retain: Dataset[Any] | DataLoader[Any],
     *,
     method: str = "orthograd",
     task: str | Task = "classification",
     stop: str | StopRule | None = None,
-    test: Dataset | DataLoader | None = None,
+    test: Dataset[Any] | DataLoader[Any] | None = None,
     max_epochs: int | None = None,
     max_steps: int | None = None,
     eval_every: int | None = None,
@@ -244,7 +245,7 @@ def unlearn(
     return result
 
 
-def _infer_stop(task: Task, sets: Mapping[str, Dataset]) -> tuple[str, str] | None:
+def _infer_stop(task: Task, sets: Mapping[str, Dataset[Any]]) -> tuple[str, str] | None:
     """The rule a call without ``stop=`` ends on, and why (see ``orthograd.stopping.infer_stop``)."""
     return infer_stop(
         task.metrics,
@@ -254,7 +255,7 @@ def _infer_stop(task: Task, sets: Mapping[str, Dataset]) -> tuple[str, str] | No
     )
 
 
-def _check_peft_run(model: nn.Module, method_cls: type[UnlearningMethod], lora: LoRAConfig | None) -> None:
+def _check_peft_run(model: nn.Module, method_cls: type[UnlearningMethod[Any]], lora: LoRAConfig | None) -> None:
     """A ``PeftModel`` is unlearned by training its own LoRA adapters: refuse what that cannot honour."""
     check_peft_model(model)
     if method_cls.one_shot:
@@ -270,7 +271,7 @@ def _check_peft_run(model: nn.Module, method_cls: type[UnlearningMethod], lora: 
 
 
 def _warn_damage(
-    method: UnlearningMethod, reason: str, *, damage: Damage | None, ended_at: Mapping[str, Any],
+    method: UnlearningMethod[Any], reason: str, *, damage: Damage | None, ended_at: Mapping[str, Any],
     final: Mapping[str, Any],
 ) -> None:
     """The ``RetainDamageWarning`` of a damaged run (or of one whose damaged end state was replaced)."""
@@ -313,7 +314,7 @@ def _stall_message(history: list[dict[str, Any]], metric: str) -> str:
 
 
 def _preferred_eval_every(
-    method: UnlearningMethod, forget: Dataset | DataLoader, *, batch_size: int | None
+    method: UnlearningMethod[Any], forget: Dataset[Any] | DataLoader[Any], *, batch_size: int | None
 ) -> int | None:
     """Steps between checks for a method that asks for a number of checks per epoch (None: once an epoch)."""
     checks = method.checks_per_epoch()
@@ -322,11 +323,13 @@ def _preferred_eval_every(
     if isinstance(forget, DataLoader):
         steps = len(forget)
     else:
-        steps = math.ceil(len(forget) / (batch_size or 1))  # type: ignore[arg-type]
+        steps = math.ceil(dataset_size(forget) / (batch_size or 1))
     return max(1, steps // checks)
 
 
-def _missed_target(stop: object, stop_reason: str, final: Mapping[str, Any], method: UnlearningMethod) -> str | None:
+def _missed_target(
+    stop: object, stop_reason: str, final: Mapping[str, Any], method: UnlearningMethod[Any]
+) -> str | None:
     """The warning text for a run that ended without reaching its target (None when it reached it)."""
     if stop_reason in ("target_reached", "one_shot"):
         return None
@@ -351,9 +354,9 @@ def print_row(row: Mapping[str, Any]) -> None:
     print(head + "  " + "  ".join(f"{k} {row[k]:.4g}" for k in keys), flush=True)
 
 
-def _check_not_empty(**sets: Dataset | DataLoader) -> None:
+def _check_not_empty(**sets: Dataset[Any] | DataLoader[Any]) -> None:
     for name, data in sets.items():
-        size = len(data.dataset) if isinstance(data, DataLoader) else len(data)  # type: ignore[arg-type]
+        size = dataset_size(data.dataset if isinstance(data, DataLoader) else data)
         if size == 0:
             raise ValueError(f"the {name} set is empty: unlearning needs at least one {name} sample")
 
@@ -361,12 +364,12 @@ def _check_not_empty(**sets: Dataset | DataLoader) -> None:
 class _Evaluator:
     """Computes the task metric on forget, retain and (if given) test data."""
 
-    def __init__(self, task: Task, device: torch.device, **sets: Dataset | DataLoader | None) -> None:
+    def __init__(self, task: Task, device: torch.device, **sets: Dataset[Any] | DataLoader[Any] | None) -> None:
         self.task = task
         self.device = device
         self.loaders = {name: self._loader(data) for name, data in sets.items() if data is not None}
 
-    def _loader(self, data: Dataset | DataLoader) -> DataLoader:
+    def _loader(self, data: Dataset[Any] | DataLoader[Any]) -> DataLoader[Any]:
         if isinstance(data, DataLoader):
             return data
         # its own generator: iterating a DataLoader draws a seed, which must not come from the global generator
@@ -401,7 +404,7 @@ class _Run:
 
     def __init__(
         self,
-        method: UnlearningMethod,
+        method: UnlearningMethod[Any],
         evaluator: _Evaluator,
         stop_rule: StopRule | None,
         callbacks: list[ProgressCallback],
@@ -482,7 +485,7 @@ class _Run:
     def _more_forgotten(self, row: Mapping[str, Any]) -> bool:
         assert self._best is not None
         best = self.history[self._best[1]]["forget"]
-        return row["forget"] <= best if self.check.higher_is_better else row["forget"] >= best
+        return bool(row["forget"] <= best if self.check.higher_is_better else row["forget"] >= best)
 
     def probe(self, stats: Mapping[str, float]) -> bool:
         """A mid-epoch check: evaluate only what the stop rule reads; a full evaluation row when it fires."""

@@ -13,6 +13,7 @@ the class and state-dict keys they gave. The tensors are moved, not copied.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,8 @@ class ProjectedAttention(nn.Module):
             self.embed_dim, self.num_heads, dropout=self.dropout, bias=bias, batch_first=self.batch_first,
             device="meta",
         )
-        attention.in_proj_weight = self.in_proj.weight
+        # Linear declares its weight a Tensor; it is a Parameter, shared here, not copied
+        attention.in_proj_weight = cast(nn.Parameter, self.in_proj.weight)
         attention.out_proj.weight = self.out_proj.weight
         if bias:
             attention.in_proj_bias, attention.out_proj.bias = self.in_proj.bias, self.out_proj.bias

@@ -29,9 +29,10 @@ def check_choice(name: str, value: Any, literal: Any) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def check_literal_fields(instance: Any) -> None:
+def check_literal_fields(instance: object) -> None:
     """``check_choice`` for every field of the dataclass ``instance`` whose type is a ``Literal`` (or one or None)."""
-    for name, (allowed, optional) in _literal_fields(type(instance)).items():
+    cls = type(instance)
+    for name, (allowed, optional) in _literal_fields(cls).items():  # type: ignore[arg-type]  # mypy: a class is not Hashable
         value = getattr(instance, name)
         if not (optional and value is None) and value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

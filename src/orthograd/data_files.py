@@ -129,7 +129,7 @@ def read_records(path: Path) -> Sequence[Record]:
 
 
 def _json_lines(path: Path) -> list[Record]:
-    records = []
+    records: list[Record] = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():

@@ -71,7 +71,7 @@ def project_out(
             method,
             rcond,
         )
-        return dict(zip(names, _split_like(flat, [g[n] for n in names])))
+        return dict(zip(names, _split_like(flat, [g[n] for n in names]), strict=True))
     if isinstance(G, Mapping):
         raise ValueError("G is a dict but g is a tensor: pass both as dicts or both as tensors")
     if g.dim() != 1 or G.dim() != 2 or G.shape[1] != g.shape[0]:
@@ -81,7 +81,7 @@ def project_out(
 
 def _split_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     sizes = [t.numel() for t in like]
-    return [part.view_as(t) for part, t in zip(torch.split(flat, sizes), like)]
+    return [part.view_as(t) for part, t in zip(torch.split(flat, sizes), like, strict=True)]
 
 
 def default_rcond(dtype: torch.dtype) -> float:

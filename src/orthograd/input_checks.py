@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from orthograd.tasks.batches import dataset_size
+
 DataLike = Dataset | DataLoader
 
 
@@ -34,7 +36,7 @@ def dataset_of(data: DataLike) -> Dataset:
 
 def base_and_indices(dataset: Dataset) -> tuple[Dataset, np.ndarray]:
     """Resolve nested ``Subset`` views to (underlying dataset, indices into it)."""
-    indices = np.arange(len(dataset))  # type: ignore[arg-type]
+    indices = np.arange(dataset_size(dataset))
     while isinstance(dataset, Subset):
         indices = np.asarray(dataset.indices)[indices]
         dataset = dataset.dataset

@@ -24,6 +24,9 @@ def accuracy(
     ``accuracy(model, test)`` is ``orthograd.evaluate(model, test)["accuracy"]`` (``device`` as there).
     """
     if isinstance(logits_or_model, nn.Module):
+        if isinstance(labels_or_data, torch.Tensor):
+            raise TypeError("accuracy(model, data) takes a dataset or DataLoader, not a tensor: pass (logits, labels)"
+                            " tensors, or wrap the inputs in a TensorDataset")
         return evaluate(logits_or_model, labels_or_data, task="classification", device=device)["accuracy"]
     if not isinstance(logits_or_model, torch.Tensor) or not isinstance(labels_or_data, torch.Tensor):
         raise TypeError(

@@ -23,10 +23,13 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 from orthograd.io import atomic_folder, atomic_write_json
 
@@ -76,10 +79,11 @@ def load_user_model(spec: str | Path, *, weights: str | Path | None = None, task
 
 def _load_folder(path: Path, *, task: str | None) -> UserModel:
     if (path / "adapter_config.json").is_file():
-        model = _load_peft(path, base=None)
-        tokenizer_home = path if _has_tokenizer(path) else Path(model.peft_config["default"].base_model_name_or_path)
-        base_class = type(model.get_base_model()).__name__
-        return UserModel(model=model, tokenizer=_tokenizer(tokenizer_home), processor=_processor(path),
+        adapted = _load_peft(path, base=None)
+        base_name = adapted.peft_config["default"].base_model_name_or_path  # a local folder: _load_peft checks
+        tokenizer_home = path if _has_tokenizer(path) or base_name is None else Path(base_name)
+        base_class = type(adapted.get_base_model()).__name__
+        return UserModel(model=adapted, tokenizer=_tokenizer(tokenizer_home), processor=_processor(path),
                          task=task or _task_of(base_class))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -125,12 +129,12 @@ def _load_transformers(path: Path, *, task: str | None) -> nn.Module:
     )
 
 
-def _load_peft(path: Path, *, base: nn.Module | None) -> nn.Module:
+def _load_peft(path: Path, *, base: nn.Module | None) -> PeftModel:
     """Adapters over ``base``, or over the local base folder their config names (peft picks the task's class)."""
     from peft import PeftConfig, PeftModel
 
     if base is None:
-        base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
+        base_path = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
         if not base_path or not Path(base_path).is_dir():
             raise FileNotFoundError(
                 f"the adapters in {path} name the base model {base_path!r}, which is not a local folder: pass the "
@@ -168,8 +172,10 @@ def build_module(factory: str) -> nn.Module:
         if not file.is_file():
             raise FileNotFoundError(f"no file {file} (from {factory!r}); module:factory names a .py file or a module")
         spec = importlib.util.spec_from_file_location(file.stem, file)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {file} (from {factory!r}): module:factory names a Python source file")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     else:
         if "" not in sys.path:  # a module in the working directory, as `python -m` finds it
             sys.path.insert(0, "")
@@ -232,8 +238,9 @@ def write_model(
     model: nn.Module, folder: Path, *, tokenizer: Any = None, processor: Any = None, factory: str | None = None
 ) -> None:
     """Write ``model`` (and its tokenizer and processor) into ``folder`` in the format its kind loads from."""
-    if callable(getattr(model, "save_pretrained", None)):  # transformers and peft models
-        model.save_pretrained(folder)
+    save_pretrained = getattr(model, "save_pretrained", None)
+    if callable(save_pretrained):  # transformers and peft models
+        save_pretrained(folder)
     else:
         from safetensors.torch import save_model
 

@@ -9,8 +9,12 @@ is refused before a step is taken.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -24,10 +28,11 @@ def is_peft_model(model: nn.Module) -> bool:
 
 def check_peft_model(model: nn.Module) -> None:
     """Refuse a PeftModel whose active adapter is not LoRA, or that has several active adapters."""
-    active = model.active_adapters  # type: ignore[attr-defined]
+    peft_model = _as_peft(model)
+    active = peft_model.active_adapters
     if len(active) != 1:
         raise ValueError(f"the PeftModel has {len(active)} active adapters {active}; set one with set_adapter(name)")
-    peft_type = str(getattr(model.peft_config[active[0]].peft_type, "value", ""))  # type: ignore[index]
+    peft_type = str(getattr(peft_model.peft_config[active[0]].peft_type, "value", ""))
     if peft_type != "LORA":
         raise ValueError(
             f"the PeftModel's adapter {active[0]!r} is {peft_type or 'not LoRA'}; only LoRA adapters can be "
@@ -37,7 +42,7 @@ def check_peft_model(model: nn.Module) -> None:
 
 def train_own_adapters(model: nn.Module) -> nn.Module:
     """Make the active adapter's parameters (and only them) trainable; returns ``model``."""
-    (adapter,) = model.active_adapters  # type: ignore[attr-defined]
+    (adapter,) = _as_peft(model).active_adapters
     marker = f".{adapter}."
     for name, param in model.named_parameters():
         param.requires_grad_(marker in name)
@@ -48,10 +53,20 @@ def lora_targets_of(model: nn.Module) -> list[str] | None:
     """The module names the active LoRA adapter targets (None: not a PeftModel)."""
     if not is_peft_model(model):
         return None
-    (adapter, *_) = model.active_adapters  # type: ignore[attr-defined]
-    targets = model.peft_config[adapter].target_modules  # type: ignore[index]
+    peft_model = _as_peft(model)
+    (adapter, *_) = peft_model.active_adapters
+    targets = getattr(peft_model.peft_config[adapter], "target_modules", None)  # LoRA configs carry it
     return [targets] if isinstance(targets, str) else sorted(_names(targets or ()))
 
 
 def _names(targets: Iterable[str]) -> set[str]:
     return {str(target) for target in targets}
+
+
+def _as_peft(model: nn.Module) -> PeftModel:
+    """``model`` as the ``peft.PeftModel`` the caller found it to be (``is_peft_model``)."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"expected a peft.PeftModel, got {type(model).__name__}")
+    return model

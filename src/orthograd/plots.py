@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib import color_sequences
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -40,7 +40,7 @@ def _scenarios(records: Sequence[Record]) -> list[str]:
 
 def _colours(records: Sequence[Record]) -> dict[str, Any]:
     """A fixed colour per method, in the table's method order (18 distinct colours before any repeats)."""
-    palette = colormaps["tab10"].colors + colormaps["Dark2"].colors
+    palette = color_sequences["tab10"] + color_sequences["Dark2"]
     methods = [m for m in method_order(records) if m != "original"]
     return {method: palette[i % len(palette)] for i, method in enumerate(methods)}
 
@@ -67,7 +67,7 @@ def _figure_legend(figure: Figure) -> None:
     """One legend for the whole figure (every label once, in first-seen order), right of the panels."""
     entries: dict[str, Any] = {}
     for ax in figure.axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
     figure.legend(list(entries.values()), list(entries), loc="outside right upper", fontsize="small")
 
@@ -111,7 +111,7 @@ def uis_vs_retain_size_figure(records: Sequence[Record], *, title: str | None = 
     colours = _colours(usable)
     scenarios = _scenarios(usable)
     figure, axes = _panels(len(scenarios), title=_title(usable, title))
-    for ax, scenario in zip(axes[0], scenarios):
+    for ax, scenario in zip(axes[0], scenarios, strict=True):
         runs = [r for r in usable if r["scenario"] == scenario]
         for method in _methods(colours, runs):
             sizes = sorted({int(r["retain_size"]) for r in runs if r["method"] == method})
@@ -162,10 +162,10 @@ def trajectories_figure(
     scenarios = _scenarios(usable)
     metric = _metric_name(usable)
     figure, axes = _panels(len(metrics), rows=len(scenarios), title=_title(usable, title))
-    for row, scenario in zip(axes, scenarios):
+    for row, scenario in zip(axes, scenarios, strict=True):
         runs = [r for r in usable if r["scenario"] == scenario]
         log_x = x == "step" and _run_lengths_differ(runs)
-        for ax, key in zip(row, metrics):
+        for ax, key in zip(row, metrics, strict=True):
             for method in _methods(colours, runs):
                 _mean_band(ax, [r for r in runs if r["method"] == method], x=x, key=key, colour=colours[method],
                            label=_label(method))
@@ -184,7 +184,7 @@ def trajectories_figure(
 
 def _curve(run: Record, *, x: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     points = [(h[x], h[key]) for h in run["history"] if h.get(key) is not None and h.get(x) is not None]
-    xs, ys = zip(*points) if points else ((), ())
+    xs, ys = zip(*points, strict=True) if points else ((), ())
     return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
 
 
@@ -241,7 +241,7 @@ def _target(runs: Sequence[Record], *, scenario: str) -> float | None:
     original_test = _original(runs, "test")
     if scenario not in ("random", "class") or original_test is None:
         return None
-    return unlearning_target(scenario=scenario, original_test=original_test)  # type: ignore[arg-type]
+    return unlearning_target(scenario="random" if scenario == "random" else "class", original_test=original_test)
 
 
 def _mark_target(ax: Axes, runs: Sequence[Record], *, scenario: str, vertical: bool) -> None:
@@ -268,19 +268,20 @@ def tradeoff_figure(records: Sequence[Record], *, title: str | None = None) -> F
     scenarios = _scenarios(usable)
     metric = _metric_name(usable)
     figure, axes = _panels(len(scenarios), title=_title(usable, title))
-    for ax, scenario in zip(axes[0], scenarios):
+    for ax, scenario in zip(axes[0], scenarios, strict=True):
         runs = [r for r in usable if r["scenario"] == scenario]
         for method in _methods(colours, runs):
             mine = [r["final"] for r in runs if r["method"] == method]
             (fx, sx), (fy, sy) = _mean_std([f["forget"] for f in mine]), _mean_std([f["test"] for f in mine])
             ax.errorbar(fx, fy, xerr=sx, yerr=sy, marker="o", capsize=3, color=colours[method], label=_label(method))
-        original = (_original(runs, "forget"), _original(runs, "test"))
-        if None not in original:
-            ax.plot(*original, marker="s", markersize=9, color="black", linestyle="none", label="Original")
+        forget_original, test_original = _original(runs, "forget"), _original(runs, "test")
+        if forget_original is not None and test_original is not None:
+            ax.plot(forget_original, test_original, marker="s", markersize=9, color="black", linestyle="none",
+                    label="Original")
         _mark_target(ax, runs, scenario=scenario, vertical=True)
         target = _target(runs, scenario=scenario)
-        if target is not None:
-            ax.plot([target], [original[1]], marker="*", markersize=14, color="black", linestyle="none",
+        if target is not None and test_original is not None:
+            ax.plot([target], [test_original], marker="*", markersize=14, color="black", linestyle="none",
                     label="ideal")
         ax.set(title=f"{scenario.capitalize()} forgetting", xlabel=f"forget {metric} (%)",
                ylabel=f"test {metric} (%)")

@@ -206,7 +206,7 @@ def mia_loss(
     device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """Loss attack (accuracy and AUC) on data scored by ``model``, or on precomputed losses / ``SampleOutputs``."""
-    common = {"model": model, "task": task, "device": device}
+    common: dict[str, Any] = {"model": model, "task": task, "device": device}
     return loss_attack(
         forget_losses=_losses_of(forget, name="forget", **common),
         test_losses=_losses_of(test, name="test", **common),
@@ -288,7 +288,7 @@ def mia_efficacy(
 ) -> float:
     """SalUn's MIA-efficacy: the fraction of forget samples an SVC (retain = members, test = non-members, on
     ``feature``) predicts as non-members. Higher: more forgotten; compare with a retrained model's value."""
-    common = {"model": model, "task": task, "device": device}
+    common: dict[str, Any] = {"model": model, "task": task, "device": device}
     features = {
         name: attack_features(_outputs(source, name=name, **common), feature=feature)
         for name, source in (("forget", forget), ("retain", retain), ("test", test))
@@ -331,7 +331,8 @@ def privacy_metrics(
     metrics: dict[str, Any] = {
         "mia_loss_accuracy": attack["accuracy"],
         "mia_loss_auc": attack["auc"],
-        "mia_efficacy": mia_efficacy(**outputs, feature=feature, seed=seed, max_per_side=max_per_side),
+        "mia_efficacy": mia_efficacy(forget=outputs["forget"], retain=outputs["retain"], test=outputs["test"],
+                                     feature=feature, seed=seed, max_per_side=max_per_side),
     }
     if reference is not None:
         missing = [key for key in PRIVACY_KEYS if key not in reference]

@@ -97,8 +97,8 @@ def t_half_width(std: float, n: int, *, level: float = CONFIDENCE) -> float | No
     return float(stats.t.ppf(0.5 + level / 2, df=n - 1)) * std / math.sqrt(n)
 
 
-def summarize(values: Sequence[float]) -> Cell | None:
-    """Mean, sample std and 95% CI of the values (None when there are none)."""
+def summarize(values: Sequence[float | None]) -> Cell | None:
+    """Mean, sample std and 95% CI of the values that are not None (None when there are none)."""
     clean = [float(v) for v in values if v is not None]
     if not clean:
         return None
@@ -311,8 +311,8 @@ def _paired_line(runs: Sequence[Mapping[str, Any]], ours: str, theirs: str, *, s
                  better: str, role: str) -> str | None:
     """One paired test of ``ours`` against ``theirs`` over the splits both ran (None: fewer than 2 pairs)."""
     values = {_split_of(r): _value(r, key) for r in runs if r["method"] == theirs}
-    pairs = [(v, values[_split_of(r)]) for r in runs if r["method"] == ours
-             and (v := _value(r, key)) is not None and values.get(_split_of(r)) is not None]
+    pairs = [(v, w) for r in runs if r["method"] == ours
+             and (v := _value(r, key)) is not None and (w := values.get(_split_of(r))) is not None]
     if len(pairs) < 2:
         return None
     verdict, mean, half, p = paired_test([a - b for a, b in pairs], better=better)

@@ -26,7 +26,7 @@ ClipMode = Literal["set", "utterance"]
 
 
 @lru_cache(maxsize=1)
-def english_normalizer():  # type: ignore[no-untyped-def]
+def english_normalizer() -> EnglishTextNormalizer:
     """Whisper's English text normaliser (from transformers), with the spelling table when it is installed."""
     return EnglishTextNormalizer(_spelling_mapping())
 
@@ -52,7 +52,7 @@ def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> list[tu
     import jiwer
 
     counts = []
-    for reference, hypothesis in zip(references, hypotheses):
+    for reference, hypothesis in zip(references, hypotheses, strict=True):
         ref_words, hyp_words = normalize(reference).split(), normalize(hypothesis).split()
         if not ref_words:  # nothing to recognise: every hypothesised word is an insertion
             counts.append((len(hyp_words), 0))

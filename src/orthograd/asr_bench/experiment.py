@@ -70,13 +70,14 @@ class SpeakerJob:
 
 def settings_key(config: SpeakerBenchConfig, variant: str, params: Mapping[str, Any]) -> str:
     """What determines a record besides its speaker: the data, model and protocol settings and the run's
-    hyperparameters (the sections' ``repr``, as the records were first written with)."""
+    hyperparameters. The sections enter as their ``repr``, which keeps the keys of existing results logs valid
+    (a key that changed would rerun every recorded job)."""
     payload = [
         repr(config.corpus), repr(config.model), repr(config.original), repr(config.protocol),
         config.unlearning.max_epochs, config.unlearning.stop_wer, config.unlearning.eval_every,
         config.unlearning.seed, variant, sorted(params.items(), key=lambda kv: kv[0]),
     ]
-    if config.unlearning.track != "all":  # records made before the option keep their keys
+    if config.unlearning.track != "all":  # the default adds nothing, so keys without the option stay valid
         payload.append(config.unlearning.track)
     if config.unlearning.eval_every is None and config.unlearning.stop_wer is not None:
         payload.append({"checks_per_epoch": config.unlearning.checks_per_epoch})  # every method's cadence
@@ -132,7 +133,7 @@ def choose_variants(config: SpeakerBenchConfig, records: Sequence[Mapping[str, A
     target = config.unlearning.stop_wer
     out: dict[str, dict[str, Any]] = {}
     for spec in (s for s in config.runs if s.grid):
-        trials = []
+        trials: list[dict[str, Any]] = []
         for variant, params in spec.expand(size=config.grid_size()):
             rows = [r for r in records if r["label"] == spec.label and r["variant"] == variant]
             trials.append({
@@ -299,7 +300,7 @@ class SpeakerExperiment:
         def wer(model: torch.nn.Module, name: str) -> float:
             return ctx.task.evaluate(model, _loader(sets[name], ctx.task), device=ctx.device)
 
-        envelope = {"task": TASK, "bench": config.name, "key": job.settings_key, "phase": job.phase,
+        envelope: dict[str, Any] = {"task": TASK, "bench": config.name, "key": job.settings_key, "phase": job.phase,
                     "method": job.method,
                     "label": job.label, "hyperparameters": job.hyperparameters}
         if job.method == "original":

@@ -41,7 +41,7 @@ def _selection_line(label: str, variant: str, validation: Sequence[Mapping[str, 
 def speaker_tables(records: Sequence[Mapping[str, Any]], config: SpeakerBenchConfig) -> str:
     """Markdown with one table per paper table, rows in config order (Original first in Table 2).
 
-    ``records`` may come from a results log written before the shared record schema (``upgrade_record``).
+    ``records`` are read through ``upgrade_record``, so a results log in any record format gives the same tables.
     """
     records = [upgrade_record(r, task="asr") for r in records]
     tested = [r for r in records if r.get("phase", "test") == "test"]

@@ -40,7 +40,7 @@ def resample(samples: np.ndarray, *, rate: int, target: int = SAMPLE_RATE) -> np
 
 
 @lru_cache(maxsize=1)
-def _extractor():  # type: ignore[no-untyped-def]
+def _extractor() -> WhisperFeatureExtractor:
     return WhisperFeatureExtractor()  # 80 mel bins, 16 kHz, n_fft 400 (25 ms), hop 160 (10 ms)
 
 

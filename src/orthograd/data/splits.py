@@ -50,7 +50,7 @@ def labels_of(dataset: Dataset) -> np.ndarray:
     targets = getattr(base, "targets", None)
     if targets is not None:
         return np.asarray(targets)[indices]
-    return np.asarray([int(base[int(i)][1]) for i in indices])  # type: ignore[index]
+    return np.asarray([int(base[int(i)][1]) for i in indices])
 
 
 def _take_retain(pool: np.ndarray, retain_size: int | None, rng: np.random.Generator) -> np.ndarray:

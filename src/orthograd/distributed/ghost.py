@@ -129,7 +129,7 @@ def _agreed_forms(
     codes = torch.tensor([max(_FORMS.index(_form(p)) for _, p in chunks) for chunks in pieces.values()],
                          dtype=torch.int64, device=device)
     dist.all_reduce(codes, op=dist.ReduceOp.MAX, group=group)
-    return {name: _FORMS[code] for name, code in zip(pieces, codes.tolist())}
+    return {name: _FORMS[code] for name, code in zip(pieces, codes.tolist(), strict=True)}
 
 
 def _in_form(piece: Piece, form: str) -> Piece:

@@ -151,12 +151,12 @@ class GradientAverager:
         _, size = world(self.group)
         present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
         dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group)
-        synced = [p for p, flag in zip(params, present.tolist()) if flag]
+        synced = [p for p, flag in zip(params, present.tolist(), strict=True) if flag]
         for bucket in _buckets(synced):
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
             flat /= size
-            for p, part in zip(bucket, torch.split(flat, [p.numel() for p in bucket])):
+            for p, part in zip(bucket, torch.split(flat, [p.numel() for p in bucket]), strict=True):
                 p.grad = part.view_as(p).clone()
 
 

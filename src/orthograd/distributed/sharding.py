@@ -13,9 +13,9 @@ set is evaluated in shards and combined, every rank takes rank 0's measurements,
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from orthograd.distributed.collectives import all_reduce_sum
 from orthograd.grads import batch_size_of
 from orthograd.methods.base import MethodContext
+from orthograd.tasks.batches import dataset_size
 
 
 def shard_bounds(total: int, *, rank: int, world_size: int) -> tuple[int, int]:
@@ -62,7 +63,7 @@ class ShardedContext(MethodContext):
     @classmethod
     def from_context(
         cls, context: MethodContext, *, rank: int, world_size: int, group: dist.ProcessGroup | None = None
-    ) -> "ShardedContext":
+    ) -> ShardedContext:
         values = {f.name: getattr(context, f.name) for f in dataclasses.fields(MethodContext) if f.init}
         return cls(**values, rank=rank, world_size=world_size, group=group)
 
@@ -74,7 +75,7 @@ class ShardedContext(MethodContext):
         collective, so every rank must run the same ones)."""
         if is_fsdp_sharded(model):  # each forward is collective there: every rank evaluates the whole set
             return self.agree({"metric": super().evaluate_held_out(model, data, batch_size=batch_size)})["metric"]
-        start, stop = shard_bounds(len(data), rank=self.rank, world_size=self.world_size)  # type: ignore[arg-type]
+        start, stop = shard_bounds(dataset_size(data), rank=self.rank, world_size=self.world_size)
         local = super().evaluate_held_out(model, Subset(data, range(start, stop)), batch_size=batch_size) if (
             stop > start) else 0.0
         weighted = torch.tensor([local * (stop - start), stop - start], dtype=torch.float64, device=self.device)
@@ -87,7 +88,7 @@ class ShardedContext(MethodContext):
         names = sorted(values)
         local = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=self.device)
         dist.broadcast(local, src=self._first_rank(), group=self.group)
-        return dict(zip(names, local.tolist()))
+        return dict(zip(names, local.tolist(), strict=True))
 
     def decide(self, rule: Callable[[], bool]) -> bool:
         """``rule()`` on rank 0 of the group, broadcast: every rank gets rank 0's verdict."""
@@ -103,9 +104,10 @@ class ShardedContext(MethodContext):
         data = self.forget if which == "forget" else self.retain
         if isinstance(data, DataLoader):
             return data
-        size = len(data)  # type: ignore[arg-type]
+        sized = cast(Sized, data)  # a map-style dataset: the samplers index it by position
+        size = len(sized)
         _check_shards_not_empty(which, size, batch_size=batch_size, world_size=self.world_size)
-        sampler: Sampler[int] = RandomSampler(data, generator=self.generator) if shuffle else SequentialSampler(data)
+        sampler: Sampler[int] = RandomSampler(sized, generator=self.generator) if shuffle else SequentialSampler(sized)
         batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
         return DataLoader(
             data,

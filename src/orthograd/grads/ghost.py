@@ -193,7 +193,7 @@ def joined(batch: Any, extra: Any) -> Any | None:
     if spec != extra_spec:
         return None
     out = []
-    for mine, theirs in zip(leaves, extra_leaves):
+    for mine, theirs in zip(leaves, extra_leaves, strict=True):
         tensors = isinstance(mine, torch.Tensor), isinstance(theirs, torch.Tensor)
         if tensors == (True, True) and mine.dim() > 0 and _row_shape(mine) == _row_shape(theirs):
             out.append(torch.cat([mine, theirs]))
@@ -302,7 +302,7 @@ def _ghost_pass(
     mean_pieces: dict[str, Piece] = {}
     losses, mean_loss, captured = [], None, 0
     with batchnorm_in_eval(model):
-        for start, end in zip(starts, ends):
+        for start, end in zip(starts, ends, strict=True):
             rows = slice(start, end)
             chunk = tree_map(lambda t, rows=rows: t[rows] if isinstance(t, torch.Tensor) else t, batch)
             own = min(end, k) - start
@@ -315,9 +315,9 @@ def _ghost_pass(
                 pieces[name].append((start, piece))
                 if mean_piece is not None:
                     mean_pieces[name] = mean_piece
-    rows = batch_size_of(batch)
+    n_rows = batch_size_of(batch)
     return _Pass(k=k, losses=torch.cat(losses), pieces=pieces, mean_loss=mean_loss, mean_pieces=mean_pieces,
-                 row_bytes=captured / max(rows, 1))
+                 row_bytes=captured / max(n_rows, 1))
 
 
 def _chunk_pieces(
@@ -351,7 +351,7 @@ def _chunk_pieces(
     )
     pieces: dict[str, tuple[Piece, Piece | None]] = {}
     captured = 0
-    for name, output_grads in zip(order, grads):
+    for name, output_grads in zip(order, grads, strict=True):
         module, params = modules[name]
         inputs = captures[name].inputs[0]
         if inputs.shape[0] != n or output_grads.shape[0] != n:
@@ -387,10 +387,14 @@ def _accumulate(
     device = probe[next(iter(pieces))].device
     gram = torch.zeros(k, k, dtype=torch.float64, device=device)
     product = torch.zeros(k, dtype=torch.float64, device=device)
-    dense = [name for name, chunks in pieces.items() if all(isinstance(piece, Dense) for _, piece in chunks)]
+    dense: dict[str, list[tuple[int, Dense]]] = {}
+    for name, chunks in pieces.items():
+        materialised = [(start, piece) for start, piece in chunks if isinstance(piece, Dense)]
+        if len(materialised) == len(chunks):
+            dense[name] = materialised
     joined = set(dense)
-    for group in _column_groups(dense, pieces, device):
-        _dense_blocks(gram, product, {name: pieces[name] for name in group}, probe)
+    for group in _column_groups(list(dense), dense, device):
+        _dense_blocks(gram, product, {name: dense[name] for name in group}, probe)
     for name, chunks in pieces.items():
         if name in joined:
             continue
@@ -408,14 +412,14 @@ def _accumulate(
 
 
 def _column_groups(
-    names: list[str], pieces: Mapping[str, list[tuple[int, Piece]]], device: torch.device
+    names: list[str], pieces: Mapping[str, list[tuple[int, Dense]]], device: torch.device
 ) -> Iterator[list[str]]:
     """``names`` in consecutive groups whose per-sample gradients, side by side for one chunk, fit the workspace."""
     group: list[str] = []
     width = 0
     for name in names:
         piece = pieces[name][0][1]
-        columns = piece.values[0].numel()  # type: ignore[attr-defined]
+        columns = piece.values[0].numel()
         if group and (width + columns) * piece.n > workspace(device):
             yield group
             group, width = [], 0
@@ -426,22 +430,22 @@ def _column_groups(
 
 
 def _dense_blocks(
-    gram: torch.Tensor, product: torch.Tensor, pieces: Mapping[str, list[tuple[int, Piece]]],
+    gram: torch.Tensor, product: torch.Tensor, pieces: Mapping[str, list[tuple[int, Dense]]],
     probe: Mapping[str, torch.Tensor],
 ) -> None:
     """Add the Gram blocks and probe products of materialised pieces, joined side by side, in float64."""
     names = list(pieces)
     starts = [start for start, _ in pieces[names[0]]]
     joined = [
-        torch.cat([pieces[name][c][1].values.flatten(1) for name in names], dim=1).double()  # type: ignore[attr-defined]
+        torch.cat([pieces[name][c][1].values.flatten(1) for name in names], dim=1).double()
         for c in range(len(starts))
     ]
     flat_probe = torch.cat([probe[name].reshape(-1) for name in names]).double()
-    for i, (start_i, rows_i) in enumerate(zip(starts, joined)):
+    for i, (start_i, rows_i) in enumerate(zip(starts, joined, strict=True)):
         rows = slice(start_i, start_i + rows_i.shape[0])
         gram[rows, rows] += rows_i @ rows_i.T
         product[rows] += rows_i @ flat_probe
-        for start_j, rows_j in zip(starts[:i], joined[:i]):
+        for start_j, rows_j in zip(starts[:i], joined[:i], strict=True):
             cols = slice(start_j, start_j + rows_j.shape[0])
             block = rows_i @ rows_j.T
             gram[rows, cols] += block

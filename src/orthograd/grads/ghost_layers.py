@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +26,12 @@ from torch import nn
 
 from orthograd.grads.ghost_math import Dense, Lookup, Outer, Piece, prefer_ghost
 
-# fn(module, inputs [n, ...], output_grads [n, ...]) -> {local parameter name: Piece}
-GhostRule = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, Piece]]
+# fn(module, inputs [n, ...], output_grads [n, ...]) -> {local parameter name: Piece}. The registry calls a rule
+# (and its check) only with instances of the types it was registered for, so the module parameter may name them.
+GhostRule = Callable[..., dict[str, Piece]]
 # check(module) -> why the rule cannot handle this instance (None: it can)
-GhostCheck = Callable[[nn.Module], str | None]
+GhostCheck = Callable[..., str | None]
+Rule = TypeVar("Rule", bound=GhostRule)
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ def _always(_: nn.Module) -> str | None:
     return None
 
 
-def register_ghost_rule(*types: type[nn.Module], check: GhostCheck = _always) -> Callable[[GhostRule], GhostRule]:
+def register_ghost_rule(*types: type[nn.Module], check: GhostCheck = _always) -> Callable[[Rule], Rule]:
     """Decorator: make ``fn(module, inputs, output_grads) -> {param name: Piece}`` the ghost rule of ``types``.
 
     ``inputs`` is the first positional argument the module was called with, for the ``n`` samples of a chunk
@@ -57,7 +60,7 @@ def register_ghost_rule(*types: type[nn.Module], check: GhostCheck = _always) ->
     is); the engine then falls back to torch.func and logs the reason. Registering a type again replaces its rule.
     """
 
-    def decorate(fn: GhostRule) -> GhostRule:
+    def decorate(fn: Rule) -> Rule:
         for cls in types:
             _REGISTRY[cls] = _Entry(fn, check)
         return fn
@@ -67,11 +70,11 @@ def register_ghost_rule(*types: type[nn.Module], check: GhostCheck = _always) ->
 
 def register_ghost_matcher(
     predicate: Callable[[nn.Module], bool], *, check: GhostCheck = _always
-) -> Callable[[GhostRule], GhostRule]:
+) -> Callable[[Rule], Rule]:
     """Decorator: make ``fn`` the ghost rule of the modules for which ``predicate(module)`` holds, for types that
     cannot be named without importing an optional library (checked after the exact types, in registration order)."""
 
-    def decorate(fn: GhostRule) -> GhostRule:
+    def decorate(fn: Rule) -> Rule:
         _MATCHERS.append((predicate, _Entry(fn, check)))
         return fn
 
@@ -119,7 +122,7 @@ def _bias_piece(module: nn.Module, grads: torch.Tensor) -> dict[str, Piece]:
 
 
 @register_ghost_rule(nn.Linear)
-def _linear(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+def _linear(module: nn.Linear, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     n, d_in, d_out = inputs.shape[0], module.in_features, module.out_features
     grads = output_grads.reshape(n, -1, d_out)
     weight = Outer(
@@ -158,7 +161,7 @@ class _Transposed:
 
 @register_ghost_matcher(is_transformers_conv1d)
 def _transformers_conv1d(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
-    n, (d_in, d_out) = inputs.shape[0], module.weight.shape
+    n, (d_in, d_out) = inputs.shape[0], module.get_parameter("weight").shape
     grads = output_grads.reshape(n, -1, d_out)
     weight = Outer(
         inputs=inputs,
@@ -170,7 +173,7 @@ def _transformers_conv1d(module: nn.Module, inputs: torch.Tensor, output_grads: 
     return {"weight": _Transposed(weight.compact()), **_bias_piece(module, grads)}
 
 
-def _conv_check(module: nn.Module) -> str | None:
+def _conv_check(module: nn.Conv1d | nn.Conv2d) -> str | None:
     kind = type(module).__name__
     if module.groups != 1:
         return f"{kind} with groups={module.groups} (only groups=1)"
@@ -189,15 +192,20 @@ def _as_2d(value: tuple[int, ...] | int | str, filler: int) -> tuple[int, int] |
 
 
 @register_ghost_rule(nn.Conv1d, nn.Conv2d, check=_conv_check)
-def _conv(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+def _conv(module: nn.Conv1d | nn.Conv2d, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     n, d_out = inputs.shape[0], module.out_channels
     one_d = isinstance(module, nn.Conv1d)
+    kernel: tuple[int, ...] | int
+    stride: tuple[int, ...] | int
+    dilation: tuple[int, ...] | int
+    padding: tuple[int, ...] | int
     if one_d:  # a Conv1d is a Conv2d over a height-1 image with a 1 x k kernel
         kernel, stride = _as_2d(module.kernel_size, 1), _as_2d(module.stride, 1)
         dilation, padding = _as_2d(module.dilation, 1), _as_2d(module.padding, 0)
     else:
         kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        padding = 0 if module.padding == "valid" else module.padding
+        # a string is "valid" (_conv_check refuses the others)
+        padding = 0 if isinstance(module.padding, str) else module.padding
 
     def rows(x: torch.Tensor) -> torch.Tensor:
         image = x.unsqueeze(2) if one_d else x
@@ -214,9 +222,10 @@ def _conv(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -
         g_image = g.transpose(1, 2).reshape(g.shape[0], d_out, *out_size)
         mask = [False, True, False]
         with _without_tf32():
-            return torch.ops.aten.convolution_backward(
+            grad: torch.Tensor = torch.ops.aten.convolution_backward(
                 g_image, image, weight, None, *settings, False, [0, 0], 1, mask
             )[1]
+        return grad
 
     grads = output_grads.reshape(n, d_out, -1).transpose(1, 2)
     d_in = module.weight[0].numel()
@@ -270,19 +279,19 @@ def _without_tf32() -> Iterator[None]:
         cudnn.allow_tf32 = allowed
 
 
-def _embedding_check(module: nn.Module) -> str | None:
+def _embedding_check(module: nn.Embedding) -> str | None:
     if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
         return "Embedding with max_norm, scale_grad_by_freq or sparse gradients"
     return None
 
 
 @register_ghost_rule(nn.Embedding, check=_embedding_check)
-def _embedding(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+def _embedding(module: nn.Embedding, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     n = inputs.shape[0]
     index = inputs.reshape(n, -1)
     grads = output_grads.reshape(n, index.shape[1], module.embedding_dim)
     if module.padding_idx is not None:  # the padding row gets no gradient
-        grads = grads * (index != module.padding_idx).unsqueeze(-1)
+        grads = grads * index.ne(module.padding_idx).unsqueeze(-1)
     return {"weight": Lookup(index=index, grads=grads, num_rows=module.num_embeddings)}
 
 
@@ -290,42 +299,47 @@ def _affine_pieces(
     module: nn.Module, normalised: torch.Tensor, output_grads: torch.Tensor, channel_dim: int
 ) -> dict[str, Piece]:
     """Weight and bias pieces of an elementwise affine ``y = x_hat * weight + bias`` over ``channel_dim``."""
-    n, channels = normalised.shape[0], module.weight.numel()
+    weight = module.get_parameter("weight")
+    n, channels = normalised.shape[0], weight.numel()
     if channel_dim == 1:  # [n, C, *] -> per-channel sums over the remaining dims
         product = (normalised * output_grads).reshape(n, channels, -1).sum(dim=2)
         pieces: dict[str, Piece] = {"weight": Dense(product)}
         summed = output_grads.reshape(n, channels, -1).sum(dim=2)
     else:  # trailing normalised shape -> sums over the leading positions
         product = (normalised * output_grads).reshape(n, -1, channels).sum(dim=1)
-        pieces = {"weight": Dense(product.view(n, *module.weight.shape))}
+        pieces = {"weight": Dense(product.view(n, *weight.shape))}
         summed = output_grads.reshape(n, -1, channels).sum(dim=1)
     if getattr(module, "bias", None) is not None:
-        pieces["bias"] = Dense(summed.view(n, *module.weight.shape))
+        pieces["bias"] = Dense(summed.view(n, *weight.shape))
     return pieces
 
 
 @register_ghost_rule(nn.LayerNorm)
-def _layer_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+def _layer_norm(module: nn.LayerNorm, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     normalised = F.layer_norm(_wide(inputs), module.normalized_shape, eps=module.eps)
     return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=-1)
 
 
 @register_ghost_rule(nn.GroupNorm)
-def _group_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+def _group_norm(module: nn.GroupNorm, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     normalised = F.group_norm(_wide(inputs), module.num_groups, eps=module.eps)
     return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=1)
 
 
-def _batch_norm_check(module: nn.Module) -> str | None:
-    if module.running_mean is None:
+def _batch_norm_check(module: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d) -> str | None:
+    if module.running_mean is None or module.running_var is None:
         return f"{type(module).__name__} without running statistics (its output mixes the samples of a batch)"
     return None
 
 
 @register_ghost_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, check=_batch_norm_check)
-def _batch_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+def _batch_norm(
+    module: nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d, inputs: torch.Tensor, output_grads: torch.Tensor
+) -> dict[str, Piece]:
     if module.training:
         raise RuntimeError("the ghost engine evaluates BatchNorm in eval mode; call it through ghost_span")
+    if module.running_mean is None or module.running_var is None:
+        raise RuntimeError(_batch_norm_check(module))
     shape = (1, -1) + (1,) * (inputs.dim() - 2)
     mean, var = module.running_mean.view(shape), module.running_var.view(shape)
     normalised = (_wide(inputs) - mean) / torch.sqrt(var + module.eps)
@@ -333,7 +347,7 @@ def _batch_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Ten
 
 
 @register_ghost_rule(nn.RMSNorm)
-def _rms_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
+def _rms_norm(module: nn.RMSNorm, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     normalised = F.rms_norm(_wide(inputs), module.normalized_shape, eps=module.eps)
     return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=-1)
 
@@ -361,5 +375,5 @@ def is_transformers_rms_norm(module: nn.Module) -> bool:
 @register_ghost_matcher(is_transformers_rms_norm)
 def _transformers_rms_norm(module: nn.Module, inputs: torch.Tensor, output_grads: torch.Tensor) -> dict[str, Piece]:
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    normalised = F.rms_norm(_wide(inputs), (module.weight.shape[0],), eps=eps)
+    normalised = F.rms_norm(_wide(inputs), (module.get_parameter("weight").shape[0],), eps=eps)
     return _affine_pieces(module, normalised, _wide(output_grads), channel_dim=-1)

@@ -40,7 +40,8 @@ _SUMMED_ONLY: ContextVar[bool] = ContextVar("summed_only", default=False)
 class Piece(Protocol):
     """Per-sample gradients of one parameter for ``n`` samples, in whatever form is cheapest."""
 
-    n: int
+    @property
+    def n(self) -> int: ...
 
     def gram(self, other: Piece) -> torch.Tensor: ...
 
@@ -231,16 +232,17 @@ class Outer:
 
     def combine(self, weights: torch.Tensor) -> torch.Tensor:
         m, dtype = weights.shape[0], _combine_dtype(self.grads)
-        kernel = self.contract is not None and self.positions >= KERNEL_POSITIONS
-        unfolded = None if kernel else self._unfolded()
-        out = None
+        contract = self.contract if self.positions >= KERNEL_POSITIONS else None
+        unfolded = None if contract is not None else self._unfolded()
+        out: torch.Tensor | None = None
         for block in _blocks(self.n, m * self.positions * self.d_out, self.grads.device):
             scaled = weights[:, block, None, None].to(dtype) * self.grads[block].to(dtype)  # [m, s, T, d_out]
-            if kernel:
-                part = torch.stack([self.contract(self.inputs[block], scaled[row]) for row in range(m)])
+            if contract is not None:
+                part = torch.stack([contract(self.inputs[block], scaled[row]) for row in range(m)])
             else:
                 part = scaled.flatten(1, 2).transpose(1, 2) @ self._a(block, unfolded).flatten(0, 1)
             out = part if out is None else out.add_(part.view_as(out))
+        assert out is not None, "_blocks yields at least one block"
         return out.view(m, *self.shape)
 
 

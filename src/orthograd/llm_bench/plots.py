@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib import color_sequences
 from matplotlib.figure import Figure
 
 from orthograd.bench.records import upgrade_record
@@ -28,12 +28,12 @@ MARKERS = {"Original": "o", "Retrain": "*"}
 
 
 def tradeoff_figure(records: Sequence[Mapping[str, Any]], *, title: str) -> Figure:
-    """The figure for the test records of ``records`` (validation records are left out; older records read the
-    same)."""
+    """The figure for the test records of ``records`` (validation records are left out; every record is read
+    through ``upgrade_record``, so any record format plots the same)."""
     tested = [r for r in (upgrade_record(r, task=TASK) for r in records) if r["phase"] == "test"]
     fractions = sorted({r["fraction"] for r in tested})
     labels = list(dict.fromkeys(r["label"] for r in tested if r["label"] not in MARKERS))
-    palette = colormaps["tab10"].colors
+    palette = color_sequences["tab10"]
     colours = {label: palette[i % len(palette)] for i, label in enumerate(labels)}
     figure = Figure(figsize=(PANEL_SIZE[0] * len(fractions) + 1.6, PANEL_SIZE[1]), dpi=DPI, layout="constrained")
     figure.suptitle(title)

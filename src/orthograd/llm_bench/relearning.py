@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from orthograd.tasks.batches import as_dataset
 from orthograd.tasks.causal_lm import CausalLMTask
 from orthograd.training import train_model
 
@@ -23,7 +24,7 @@ from orthograd.training import train_model
 def answer_probability(model: nn.Module, items: Sequence[Mapping[str, torch.Tensor]], *, task: CausalLMTask,
                        device: torch.device) -> float:
     """Mean length-normalised answer probability of ``items`` (TOFU's "Prob.")."""
-    loader = DataLoader(list(items), batch_size=64, collate_fn=task.collate_fn())
+    loader = DataLoader(as_dataset(list(items)), batch_size=64, collate_fn=task.collate_fn())
     return float(task.sequence_losses(model, loader, device=device).neg().exp().mean())
 
 
@@ -45,6 +46,6 @@ def relearn(
         raise ValueError("relearning needs steps >= 1 and non-empty train and evaluate sets")
     before = answer_probability(model, evaluate, task=task, device=device)
     student = copy.deepcopy(model).requires_grad_(True)  # an unlearned model may come back with frozen weights
-    student = train_model(student, list(train), task=task, steps=steps, lr=lr, batch_size=batch_size,
+    student = train_model(student, as_dataset(list(train)), task=task, steps=steps, lr=lr, batch_size=batch_size,
                           optimizer="adamw", seed=seed, device=device)
     return {"before": before, "after": answer_probability(student, evaluate, task=task, device=device)}

@@ -1,7 +1,7 @@
 """TOFU-style tables: per forget fraction, every method's mean ± 95% confidence half-width over seeds (Student t
 interval, n - 1 degrees of freedom) of TOFU's metrics, the membership attacks, PrivLeak, relearning, optimizer steps
-and wall time; then the validation split's grid points (what each tuned run was chosen from). Records written
-before the shared record schema (``bench.records``) read the same."""
+and wall time; then the validation split's grid points (what each tuned run was chosen from). Every record is
+read through ``bench.records.upgrade_record``, so a results log in any record format gives the same tables."""
 
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ LEGEND = (
 )
 
 
-def confidence_interval(values: Sequence[float], *, confidence: float = CONFIDENCE) -> tuple[float, float]:
+def confidence_interval(
+    values: Sequence[float] | np.ndarray, *, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
     """``(mean, half-width)`` of the Student t interval of the mean (half-width 0 for a single value)."""
     from scipy.stats import t
 

@@ -28,6 +28,10 @@ from orthograd.tasks.base import Task
 OptimizerName = Literal["sgd", "adam", "adamw"]
 
 
+_Config = TypeVar("_Config", bound="MethodConfig")
+_Iterative = TypeVar("_Iterative", bound="IterativeConfig")
+
+
 @dataclass
 class MethodConfig:
     """Base of every method's hyperparameters: dict round trip with unknown keys rejected, and every ``Literal``
@@ -44,7 +48,7 @@ class MethodConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "MethodConfig":
+    def from_dict(cls: type[_Config], values: Mapping[str, Any]) -> _Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -85,11 +89,11 @@ class IterativeConfig(MethodConfig):
         self.lora = LoRAConfig.from_value(self.lora)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "MethodConfig":
+    def from_dict(cls: type[_Iterative], values: Mapping[str, Any]) -> _Iterative:
         """As ``MethodConfig.from_dict``; a ``momentum`` other than the method's default, given for an optimizer
         that ignores it, is refused (a method's own default, e.g. SCRUB's with Adam, round-trips)."""
         config = super().from_dict(values)
-        optimizer = getattr(config, "optimizer")
+        optimizer = config.optimizer
         default = next(f.default for f in dataclasses.fields(cls) if f.name == "momentum")
         if values.get("momentum", default) not in (default, 0) and optimizer != "sgd":
             raise ValueError(
@@ -105,8 +109,8 @@ class MethodContext:
 
     model: nn.Module
     task: Task
-    forget: Dataset | DataLoader
-    retain: Dataset | DataLoader
+    forget: Dataset[Any] | DataLoader[Any]
+    retain: Dataset[Any] | DataLoader[Any]
     device: torch.device
     generator: torch.Generator
     num_classes: int | None = None
@@ -128,7 +132,7 @@ class MethodContext:
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def loader(self, which: Literal["forget", "retain"], *, batch_size: int, shuffle: bool = True) -> DataLoader:
+    def loader(self, which: Literal["forget", "retain"], *, batch_size: int, shuffle: bool = True) -> DataLoader[Any]:
         """A DataLoader over the forget or retain data (a user's DataLoader is used as given)."""
         data = self.forget if which == "forget" else self.retain
         if isinstance(data, DataLoader):
@@ -141,12 +145,12 @@ class MethodContext:
             collate_fn=self.task.collate_fn(),
         )
 
-    def batches(self, loader: DataLoader) -> Iterator[Any]:
+    def batches(self, loader: DataLoader[Any]) -> Iterator[Any]:
         """Batches of ``loader`` moved to the run's device."""
         for batch in loader:
             yield self.task.to_device(batch, self.device)
 
-    def endless(self, loader: DataLoader) -> Iterator[Any]:
+    def endless(self, loader: DataLoader[Any]) -> Iterator[Any]:
         """Batches of ``loader`` forever, reshuffled at each pass (for the set that is cycled)."""
         for _ in itertools.count():
             yield from self.batches(loader)
@@ -154,7 +158,7 @@ class MethodContext:
     # The run's shared view. One process: the values and decisions are this process's own. A data-parallel rank
     # (``distributed.sharding.ShardedContext``) shares the work and makes every rank see the same numbers.
 
-    def evaluate_held_out(self, model: nn.Module, data: Dataset, *, batch_size: int) -> float:
+    def evaluate_held_out(self, model: nn.Module, data: Dataset[Any], *, batch_size: int) -> float:
         """The task metric of ``model`` on a held-out dataset (the adaptive schedule's watch on retain damage)."""
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=self.task.collate_fn())
         return self.task.evaluate(model, loader, device=self.device)
@@ -184,7 +188,7 @@ class UnlearningMethod(abc.ABC, Generic[ConfigT]):
     """One unlearning algorithm, generic over its config: ``class Mine(UnlearningMethod[MyConfig])`` types
     ``self.config`` as ``MyConfig`` and sets ``config_class = MyConfig`` (which ``methods.make_config`` builds from
     keyword values). Subclasses set ``name`` and implement ``run_epoch``. An unparameterised subclass sets
-    ``config_class`` itself, as before.
+    ``config_class`` itself (there is no type parameter to read it from).
     """
 
     name: ClassVar[str]

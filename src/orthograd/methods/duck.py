@@ -35,9 +35,9 @@ Library [DEVIATION]s:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +101,7 @@ class DUCKConfig(IterativeConfig):
 
 def find_head(model: nn.Module, name: str | None = None) -> nn.Module:
     """The classification head: ``name`` if given, else a known head attribute, else the last child module."""
-    base = model.get_base_model() if is_lora_model(model) else model
+    base: nn.Module = model.get_base_model() if is_lora_model(model) else model  # type: ignore[operator]  # peft's method
     fix = "pass head_module='<name of the module that maps embeddings to logits>'"
     if name is not None:
         try:
@@ -176,7 +176,7 @@ def class_centroids(
     return centroids, torch.tensor(ids, device=centroids.device)
 
 
-def in_fixed_order(data: Any, *, generator: torch.Generator) -> DataLoader | None:
+def in_fixed_order(data: Any, *, generator: torch.Generator) -> DataLoader[Any] | None:
     """A user's shuffled forget DataLoader re-read in dataset order (same batch size and collate function).
 
     DUCK caches an assignment per forget batch, so the batches must come in the same order every epoch. The loader
@@ -187,8 +187,8 @@ def in_fixed_order(data: Any, *, generator: torch.Generator) -> DataLoader | Non
     """
     if not isinstance(data, DataLoader) or isinstance(data.sampler, SequentialSampler):
         return None
-    sampler = data.sampler
-    if type(sampler) is not RandomSampler or sampler.replacement or sampler.num_samples != len(data.dataset):
+    sampler, size = data.sampler, len(cast(Sized, data.dataset))  # a RandomSampler's dataset is map-style
+    if type(sampler) is not RandomSampler or sampler.replacement or sampler.num_samples != size:
         raise ValueError(
             f"DUCK needs the forget batches in a fixed order, and a DataLoader with a {type(sampler).__name__} "
             "cannot be reordered without changing which samples it yields: pass the forget dataset itself"
@@ -303,6 +303,7 @@ class DUCK(UnlearningMethod[DUCKConfig]):
                         assignment = self._assign(z_f, y_f)
                     elif cfg.assignment == "code_quirk":
                         assignment = self.assignments[n][: y_f.shape[0]]
+                    assert assignment is not None, "assigned at m == 0"
                     forget_loss = cfg.lambda_forget / 10.0 * self._forget_distance(z_f, assignment)
                     retain_loss = self._retain_loss(logits_r, y_r)
                     optimizer.zero_grad(set_to_none=True)

@@ -23,8 +23,14 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from orthograd.methods.base import IterativeConfig, MethodConfig, MethodContext, OptimizerName, UnlearningMethod
-from orthograd.methods.base import make_optimizer
+from orthograd.methods.base import (
+    IterativeConfig,
+    MethodConfig,
+    MethodContext,
+    OptimizerName,
+    UnlearningMethod,
+    make_optimizer,
+)
 from orthograd.methods.registry import register
 
 
@@ -145,7 +151,7 @@ class GdrGma(UnlearningMethod[GdrGmaConfig]):
 
     def _flat_grads(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
         grads = torch.autograd.grad(loss, list(self.params.values()), materialize_grads=True)
-        return {name: g.reshape(-1) for name, g in zip(self.params, grads)}
+        return {name: g.reshape(-1) for name, g in zip(self.params, grads, strict=True)}
 
     def directions(
         self, forget_batch: Any, retain_batch: Any, *, epoch: int
@@ -173,7 +179,9 @@ class GdrGma(UnlearningMethod[GdrGmaConfig]):
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
         forget_loader = self.context.loader("forget", batch_size=self.config.forget_batch_size)
         retain_loader = self.context.loader("retain", batch_size=self.config.retain_batch_size)
-        for forget_batch, retain_batch in zip(self.context.batches(forget_loader), self.context.batches(retain_loader)):
+        forget_batches, retain_batches = self.context.batches(forget_loader), self.context.batches(retain_loader)
+        # an epoch is as long as the shorter of the two loaders
+        for forget_batch, retain_batch in zip(forget_batches, retain_batches, strict=False):
             x, y, stats = self.directions(forget_batch, retain_batch, epoch=epoch)
             if self.eps is None:
                 self.eps = stats["retain_loss"]

@@ -79,7 +79,8 @@ def retain_kl(task: Task, model: torch.nn.Module, original: torch.nn.Module, bat
 def _positions(batch: Any, task: Task, *, like: torch.Tensor) -> torch.Tensor:
     """1.0 at the ``[B, T']`` positions a per-position loss counts: the attended inputs, else the labelled ones."""
     if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
-        return batch["attention_mask"][:, : like.shape[1]].to(like.dtype)
+        mask: torch.Tensor = batch["attention_mask"]
+        return mask[:, : like.shape[1]].to(like.dtype)
     return (task.targets(batch) != IGNORE_INDEX).to(like.dtype)
 
 

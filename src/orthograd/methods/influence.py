@@ -84,7 +84,8 @@ def woodfisher_code(v: torch.Tensor, sample_grads: Iterable[torch.Tensor], *, n:
 
 
 def _flatten(grads: Iterable[torch.Tensor | None], params: list[nn.Parameter]) -> torch.Tensor:
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    filled = (g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True))
+    return torch.cat([g.reshape(-1) for g in filled])
 
 
 @register

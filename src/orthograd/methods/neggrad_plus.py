@@ -20,8 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from orthograd.methods._common import descend
-from orthograd.methods.base import IterativeConfig, MethodContext, OptimizerName, UnlearningMethod
-from orthograd.methods.base import make_optimizer
+from orthograd.methods.base import IterativeConfig, MethodContext, OptimizerName, UnlearningMethod, make_optimizer
 from orthograd.methods.registry import register
 
 CLASSIFICATION_PROX_WD = 0.1  # the notebook's run (main.py --weight_decay 0.1); main.py's own default is 5e-4
@@ -96,7 +95,8 @@ class NegGradPlus(UnlearningMethod[NegGradPlusConfig]):
         retain_loader = self.context.loader("retain", batch_size=cfg.retain_batch_size)
         forget_loader = self.context.loader("forget", batch_size=cfg.forget_batch_size)
         forget_batches = itertools.cycle(self.context.batches(forget_loader))
-        for retain_batch, forget_batch in zip(self.context.batches(retain_loader), forget_batches):
+        # the forget batches cycle; the retain loader sets the epoch
+        for retain_batch, forget_batch in zip(self.context.batches(retain_loader), forget_batches, strict=False):
             loss, stats = self.objective(retain_batch, forget_batch)
             descend(self.optimizer, loss)
             yield {"loss": float(loss.detach()), **stats}

@@ -31,7 +31,7 @@ class OneShotConfig(MethodConfig):
     targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.param_scope == "lora":
+        if self.param_scope == "lora":  # type: ignore[comparison-overlap]  # a caller may pass it; the Literal refuses it
             raise ValueError(
                 "param_scope='lora' is not offered: one-shot methods attach no adapters, and a fresh adapter "
                 "(B = 0) has zero gradient in A; use 'lora_targets_base' (same layers, base weights) or 'all'"

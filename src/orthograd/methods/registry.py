@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from orthograd.methods.base import MethodConfig, UnlearningMethod
 
-_REGISTRY: dict[str, type[UnlearningMethod]] = {}
+_REGISTRY: dict[str, type[UnlearningMethod[Any]]] = {}
+M = TypeVar("M", bound=type[UnlearningMethod[Any]])
 
 
-def register(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
+def register(cls: M) -> M:
     """Make a method selectable by ``cls.name`` (the name users pass as ``method=``)."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"a method named {cls.name!r} is already registered")
@@ -23,7 +24,7 @@ def available() -> list[str]:
     return list(_REGISTRY)
 
 
-def get(name: str) -> type[UnlearningMethod]:
+def get(name: str) -> type[UnlearningMethod[Any]]:
     """The method class registered under ``name``."""
     try:
         return _REGISTRY[name]

@@ -50,7 +50,7 @@ class RMUConfig(ForgetRetainConfig):
 
     layer: int | None = None
     steering_coeff: float = 2.0
-    retain_loss: RMURetainLoss = "activations"  # type: ignore[assignment]
+    retain_loss: RMURetainLoss = "activations"  # type: ignore[assignment]  # widens GradDiff's RetainLoss by one
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,7 +90,8 @@ def activation_loss(activations: torch.Tensor, target: torch.Tensor, labels: tor
 def steering_vector(size: int, *, coeff: float, generator: torch.Generator) -> torch.Tensor:
     """``coeff`` times a random unit vector with uniform [0, 1) entries before normalising (WMDP's draw)."""
     draw = torch.rand(size, generator=generator, dtype=torch.float64)
-    return (coeff * draw / draw.norm()).float()
+    scaled: torch.Tensor = coeff * draw
+    return scaled.div(draw.norm()).float()
 
 
 @register

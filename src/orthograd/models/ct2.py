@@ -173,7 +173,7 @@ class _Mapper:
     def fused(self, hf: str, ct2: str, parts: tuple[str, ...]) -> None:
         weights = np.split(self.model.get(f"{ct2}/weight"), len(parts), axis=0)
         biases = np.split(self.model.get(f"{ct2}/bias"), len(parts), axis=0)
-        for part, weight, bias in zip(parts, weights, biases):
+        for part, weight, bias in zip(parts, weights, biases, strict=True):
             self._set(f"{hf}.{part}.weight", weight)
             if part != "k_proj":  # transformers' Whisper k projections have no bias
                 self._set(f"{hf}.{part}.bias", bias)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -36,7 +37,7 @@ class WhisperText:
     eos: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Tokenizer, *, multilingual: bool, language: str = "en") -> "WhisperText":
+    def from_tokenizer(cls, tokenizer: Tokenizer, *, multilingual: bool, language: str = "en") -> WhisperText:
         def special(token: str) -> int:
             token_id = tokenizer.token_to_id(token)
             if token_id is None:
@@ -98,7 +99,7 @@ def load_ct2_whisper(
     folder = Path(folder)
     ct2 = read_ct2(folder / "model.bin")
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    sizes = whisper_config_kwargs(ct2)
+    sizes: dict[str, Any] = whisper_config_kwargs(ct2)
     text = WhisperText.from_tokenizer(
         tokenizer, multilingual=sizes["vocab_size"] >= MULTILINGUAL_VOCAB, language=language
     )

@@ -71,10 +71,12 @@ class ASRTask(Task):
         out = model(
             input_features=batch["input_features"], decoder_input_ids=batch["decoder_input_ids"], use_cache=False
         )
-        return out.logits
+        logits: torch.Tensor = out.logits
+        return logits
 
     def targets(self, batch: Any) -> torch.Tensor:
-        return batch["labels"]
+        labels: torch.Tensor = batch["labels"]
+        return labels
 
     def replace_targets(self, batch: Any, targets: torch.Tensor) -> Any:
         """Labels replaced (e.g. sampled for a Fisher estimate); decoder inputs stay those of the original text."""
@@ -115,7 +117,7 @@ class ASRTask(Task):
         """Batched greedy decoding from the forced prefix, up to ``max_new_tokens`` tokens per utterance."""
         text = self.text
         batch_size, device = input_features.shape[0], input_features.device
-        encoder_out = model.get_encoder()(input_features=input_features)
+        encoder_out = model.get_encoder()(input_features=input_features)  # type: ignore[operator]  # Whisper's method
         tokens = torch.tensor([list(text.prefix)] * batch_size, device=device)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         generated: list[torch.Tensor] = []
@@ -136,12 +138,12 @@ class ASRTask(Task):
         ids = torch.stack(generated, dim=1).cpu().tolist()
         return [text.decode(row[: row.index(text.eos)] if text.eos in row else row) for row in ids]
 
-    def evaluate(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> float:
+    def evaluate(self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device) -> float:
         """WER in percent over ``loader`` (greedy transcripts vs reference transcripts), clipped at 100."""
         counts = self.error_counts(model, loader, device=device)
         return wer_from_counts(counts, clip=self.clip)
 
-    def error_counts(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> list[tuple[int, int]]:
+    def error_counts(self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device) -> list[tuple[int, int]]:
         """Per utterance ``(word errors, reference words)``."""
         was_training = model.training
         model.eval()

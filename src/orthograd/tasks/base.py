@@ -81,7 +81,7 @@ class Task(abc.ABC):
         return type(self).mean_loss is Task.mean_loss
 
     @abc.abstractmethod
-    def evaluate(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> float:
+    def evaluate(self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device) -> float:
         """The task metric on every batch of ``loader``, in percent."""
 
     @abc.abstractmethod
@@ -123,7 +123,7 @@ class Task(abc.ABC):
         """The metrics this task's evaluations produce (stop rules are matched against them): ``(metric,)``."""
         return (self.metric,)
 
-    def for_model(self, model: nn.Module) -> "Task":
+    def for_model(self, model: nn.Module) -> Task:
         """This task as it applies to ``model`` (e.g. padding with the model's pad token id); itself by default."""
         return self
 

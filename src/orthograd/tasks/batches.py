@@ -8,14 +8,16 @@ target under ``labels`` (``label``, the name of many datasets, is accepted as tr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence, Sized
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
-from torch.utils.data import default_collate
+from torch.utils.data import Dataset, default_collate
 
 from orthograd.tasks.base import IGNORE_INDEX
+
+T = TypeVar("T")
 
 LABEL_KEYS: tuple[str, ...] = ("labels", "label")
 EXPECTED = "an (inputs, labels) pair or a dict of model inputs with 'labels' (Hugging Face style)"
@@ -153,3 +155,14 @@ def pad_collate(items: Sequence[Any], *, pad_token_id: int = 0) -> Any:
     if lengths is not None and "attention_mask" not in out:  # padding must not be attended to
         out["attention_mask"] = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
     return out
+
+
+def as_dataset(items: Sequence[T]) -> Dataset[T]:
+    """``items`` as a DataLoader's dataset: a sequence is a map-style dataset (``__getitem__`` and ``__len__``),
+    which torch's annotations spell ``Dataset``."""
+    return cast(Dataset[T], items)
+
+
+def dataset_size(dataset: Dataset[Any]) -> int:
+    """``len(dataset)``: a map-style dataset defines ``__len__``, which torch's ``Dataset`` annotation leaves out."""
+    return len(cast(Sized, dataset))

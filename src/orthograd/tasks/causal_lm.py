@@ -86,7 +86,8 @@ class CausalLMTask(Task):
     def targets(self, batch: Any) -> torch.Tensor:
         """``[B, T - 1]``: the labels shifted left by one, aligned with ``logits``."""
         _check(batch)
-        return batch["labels"][:, 1:]
+        labels: torch.Tensor = batch["labels"]
+        return labels[:, 1:]
 
     def replace_targets(self, batch: Any, targets: torch.Tensor) -> Any:
         labels = batch["labels"]
@@ -103,7 +104,7 @@ class CausalLMTask(Task):
     def collate_fn(self) -> Any:
         return functools.partial(collate, pad_token_id=self.pad_token_id or 0)
 
-    def for_model(self, model: nn.Module) -> "CausalLMTask":
+    def for_model(self, model: nn.Module) -> CausalLMTask:
         """A copy that pads with ``model``'s pad token id (its config's, then the tokenizer's, then this task's)."""
         resolved = copy.copy(self)
         resolved.pad_token_id = batches.resolve_pad_token_id(
@@ -127,7 +128,7 @@ class CausalLMTask(Task):
             _check_labels(name, dataset, vocab=vocab)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> float:
+    def evaluate(self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device) -> float:
         """Mean answer probability or ROUGE-L recall over the set, in percent."""
         scores = self.rouge_l(model, loader, device=device) if self.metric == "rouge_l" else (
             self.sequence_losses(model, loader, device=device).neg().exp()
@@ -137,7 +138,7 @@ class CausalLMTask(Task):
         return 100.0 * float(scores.mean())
 
     @torch.no_grad()
-    def sequence_losses(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> torch.Tensor:
+    def sequence_losses(self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device) -> torch.Tensor:
         """Per-sequence mean answer-token cross-entropy over ``loader`` (``exp(-loss)`` is the answer probability)."""
         losses = [
             self.per_sample_loss(model, batch).float().cpu() for batch in self._eval_batches(model, loader, device)
@@ -145,12 +146,12 @@ class CausalLMTask(Task):
         return torch.cat(losses) if losses else torch.empty(0)
 
     @torch.no_grad()
-    def rouge_l(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> torch.Tensor:
+    def rouge_l(self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device) -> torch.Tensor:
         """ROUGE-L recall (Porter stemmer on, as TOFU) of each sequence's greedy answer against its reference."""
         scorer = _rouge_scorer()
         scores: list[float] = []
         for batch in self._eval_batches(model, loader, device):
-            for answer, reference in zip(self.generate(model, batch), answers(batch)):
+            for answer, reference in zip(self.generate(model, batch), answers(batch), strict=True):
                 scores.append(scorer.score(self._text(reference), self._text(answer))["rougeL"].recall)
         return torch.tensor(scores, dtype=torch.float32)  # rouge-score gives int 0 for an empty answer
 
@@ -160,7 +161,8 @@ class CausalLMTask(Task):
         ``max_new_tokens`` and the end token. Prompts of one length are decoded together (no padding, so each
         answer is the one decoding it alone gives)."""
         eos = self.eos_token_id if self.eos_token_id is not None else _config_eos(model)
-        prompts = [ids[:_first_labelled(labels)] for ids, labels in zip(batch["input_ids"], batch["labels"])]
+        pairs = zip(batch["input_ids"], batch["labels"], strict=True)
+        prompts = [ids[:_first_labelled(labels)] for ids, labels in pairs]
         out: list[list[int]] = [[] for _ in prompts]
         for length in sorted({len(p) for p in prompts}):
             rows = [i for i, p in enumerate(prompts) if len(p) == length]
@@ -172,7 +174,7 @@ class CausalLMTask(Task):
     def _text(self, tokens: list[int]) -> str:
         return self.decode(tokens) if self.decode is not None else " ".join(str(t) for t in tokens)
 
-    def _eval_batches(self, model: nn.Module, loader: DataLoader, device: torch.device) -> Any:
+    def _eval_batches(self, model: nn.Module, loader: DataLoader[Any], device: torch.device) -> Any:
         was_training = model.training
         model.eval()
         try:
@@ -188,7 +190,8 @@ def collate(items: Sequence[Mapping[str, Any]], *, pad_token_id: int = 0) -> dic
         kind = batches.describe(items[0]) if items else "an empty batch"
         raise ValueError(f"task='causal_lm' expects dataset items as dicts with 'input_ids'; got {kind}")
     filled = [item if "labels" in item else {**item, "labels": item.get("input_ids")} for item in items]
-    return batches.pad_collate(filled, pad_token_id=pad_token_id)
+    batch: dict[str, torch.Tensor] = batches.pad_collate(filled, pad_token_id=pad_token_id)
+    return batch
 
 
 def answers(batch: Mapping[str, torch.Tensor]) -> list[list[int]]:
@@ -209,9 +212,9 @@ def _check(batch: Any) -> None:
         raise ValueError(f"task='causal_lm' expects {EXPECTED} of one shape; got {batches.describe(batch)}")
 
 
-def _check_labels(name: str, dataset: Dataset, *, vocab: int) -> None:
+def _check_labels(name: str, dataset: Dataset[Any], *, vocab: int) -> None:
     """Every sequence has a labelled token after its first position, and every label is a token id of the model."""
-    for index in range(len(dataset)):  # type: ignore[arg-type]
+    for index in range(batches.dataset_size(dataset)):
         item = dataset[index]
         labels = torch.as_tensor(item.get("labels", item.get("input_ids")) if isinstance(item, Mapping) else [])
         learned = labels[1:][labels[1:] != IGNORE_INDEX]
@@ -242,7 +245,8 @@ def _greedy(model: nn.Module, prompts: torch.Tensor, *, budget: int, eos: int | 
     key/value cache when it returns one."""
     steps: list[torch.Tensor] = []
     finished = torch.zeros(prompts.shape[0], dtype=torch.bool, device=prompts.device)
-    sequence, step_input, cache = prompts, prompts, {}
+    cache: dict[str, Any] = {}
+    sequence, step_input = prompts, prompts
     for _ in range(budget):
         output = model(input_ids=step_input, **cache)
         token = batches.output_logits(output)[:, -1].argmax(dim=-1)

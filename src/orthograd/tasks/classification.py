@@ -39,7 +39,7 @@ class ClassificationTask(Task):
         self.pad_token_id = pad_token_id
         self.tokenizer = tokenizer
 
-    def for_model(self, model: nn.Module) -> "ClassificationTask":
+    def for_model(self, model: nn.Module) -> ClassificationTask:
         """A copy that pads with ``model``'s pad token id (its config's, then the tokenizer's, then this task's)."""
         resolved = copy.copy(self)
         resolved.pad_token_id = batches.resolve_pad_token_id(
@@ -70,7 +70,7 @@ class ClassificationTask(Task):
         return this_mean and not bool((self.targets(batch) == IGNORE_INDEX).any())
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader, *, device: torch.device) -> float:
+    def evaluate(self, model: nn.Module, loader: DataLoader[Any], *, device: torch.device) -> float:
         was_training = model.training
         model.eval()
         correct = total = 0
@@ -122,7 +122,7 @@ class ClassificationTask(Task):
         return functools.partial(batches.pad_collate, pad_token_id=self.pad_token_id or 0)
 
 
-def _check_label_format(name: str, dataset: Dataset) -> None:
+def _check_label_format(name: str, dataset: Dataset[Any]) -> None:
     """The first sample's label must be one integer class id (one-hot, list-wrapped and float labels are refused)."""
     first = dataset[0]
     label = first[batches.label_key(first)] if isinstance(first, Mapping) else batches.split_batch(first)[1]
@@ -147,12 +147,12 @@ def _is_integer(value: torch.Tensor | np.ndarray) -> bool:
     return value.dtype.kind in "iub"
 
 
-def _labels(dataset: Dataset) -> np.ndarray:
+def _labels(dataset: Dataset[Any]) -> np.ndarray:
     """Integer labels of a dataset of ``(input, label)`` pairs or of dicts with ``labels``."""
     first = dataset[0]
     if not isinstance(first, Mapping):
         batches.split_batch(first)  # a sample of another shape: the error says what was expected
         return labels_of(dataset)
     key = batches.label_key(first)
-    labels = [dataset[i][key] for i in range(len(dataset))]  # type: ignore[arg-type]
+    labels = [dataset[i][key] for i in range(batches.dataset_size(dataset))]
     return np.asarray([int(label) for label in labels])

@@ -55,7 +55,7 @@ def token_stats(
 ) -> list[TokenStats]:
     """``TokenStats`` of each ``{"input_ids", "labels"}`` item (labels -100 on the prompt)."""
     task = CausalLMTask(pad_token_id=pad_token_id)
-    loader = DataLoader(list(items), batch_size=EVAL_BATCH_SIZE, collate_fn=task.collate_fn())
+    loader = DataLoader(batches.as_dataset(list(items)), batch_size=EVAL_BATCH_SIZE, collate_fn=task.collate_fn())
     was_training = model.training
     model.eval()
     out: list[TokenStats] = []

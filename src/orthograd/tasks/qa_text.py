@@ -106,4 +106,5 @@ class QAEncoder:
 
     def decode(self, ids: list[int]) -> str:
         """Text of token ids (the end token and padding dropped), e.g. for ROUGE-L."""
-        return self.tokenizer.decode([i for i in ids if i not in (self.eos_token_id, self.pad_token_id)]).strip()
+        text: str = self.tokenizer.decode([i for i in ids if i not in (self.eos_token_id, self.pad_token_id)])
+        return text.strip()

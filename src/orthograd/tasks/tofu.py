@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from orthograd.tasks import batches
 from orthograd.tasks.causal_lm import DEFAULT_MAX_NEW_TOKENS, CausalLMTask
 from orthograd.tasks.qa_text import QAEncoder
 
@@ -51,8 +52,9 @@ def answer_losses(
     """Mean answer-token cross-entropy of each (question, answer); ``exp(-loss)`` is the normalised probability."""
     task = CausalLMTask(pad_token_id=encoder.pad_token_id)
     items = [encoder.item(q, a) for q, a in zip(questions, answers, strict=True)]
-    loader = DataLoader(items, batch_size=EVAL_BATCH_SIZE, collate_fn=task.collate_fn())
-    return task.sequence_losses(model, loader, device=device).double().numpy()
+    loader = DataLoader(batches.as_dataset(items), batch_size=EVAL_BATCH_SIZE, collate_fn=task.collate_fn())
+    losses: np.ndarray = task.sequence_losses(model, loader, device=device).double().numpy()
+    return losses
 
 
 def truth_ratios(model: nn.Module, pairs: Sequence[QA], *, encoder: QAEncoder, device: torch.device) -> np.ndarray:
@@ -67,7 +69,8 @@ def truth_ratios(model: nn.Module, pairs: Sequence[QA], *, encoder: QAEncoder, d
         model, [q for q in questions for _ in range(k)], [a for p in pairs for a in p.perturbed], encoder=encoder,
         device=device,
     ).reshape(len(pairs), k)
-    return np.exp(perturbed.mean(axis=1) - paraphrase)
+    ratios: np.ndarray = np.exp(perturbed.mean(axis=1) - paraphrase)
+    return ratios
 
 
 def truth_score(ratios: np.ndarray) -> float:
@@ -108,7 +111,8 @@ def option_probabilities(
                                   [a for p in pairs for a in p.perturbed], encoder=encoder, device=device))
     ends = np.cumsum([len(p.perturbed) for p in pairs])
     wrong_sums = np.array([chunk.sum() for chunk in np.split(wrong, ends[:-1])])
-    return true / (true + wrong_sums)
+    probabilities: np.ndarray = true / (true + wrong_sums)
+    return probabilities
 
 
 def qa_scores(
@@ -125,7 +129,7 @@ def qa_scores(
     task = CausalLMTask(pad_token_id=encoder.pad_token_id, eos_token_id=encoder.eos_token_id, decode=encoder.decode,
                         max_new_tokens=max_new_tokens)
     items = [encoder.item(p.question, p.answer) for p in pairs]
-    loader = DataLoader(items, batch_size=EVAL_BATCH_SIZE, collate_fn=task.collate_fn())
+    loader = DataLoader(batches.as_dataset(items), batch_size=EVAL_BATCH_SIZE, collate_fn=task.collate_fn())
     if normalised:
         probability = float(option_probabilities(model, pairs, encoder=encoder, device=device).mean())
     else:
@@ -155,7 +159,7 @@ def tofu_metrics(
     if retrained_forget_ratios is not None and reference_inverted is None:
         raise ValueError("say how the retrained truth ratios are stored: reference_inverted=False for R = "
                          "P(true)/P(false) (truth_ratios), True for TOFU's logged 1/R")
-    common = {"encoder": encoder, "device": device, "max_new_tokens": max_new_tokens}
+    common: dict[str, Any] = {"encoder": encoder, "device": device, "max_new_tokens": max_new_tokens}
     forget_scores = qa_scores(model, forget, **common)
     ratios = forget_scores["truth_ratios"]
     out = {
