@@ -35,8 +35,9 @@ import torch
 
 import orthograd.privacy
 from orthograd import api
-from orthograd.bench import runner, training
-from orthograd.bench.image_config import load_config
+from orthograd.image_bench import experiment as runner
+from orthograd.image_bench import references as training
+from orthograd.image_bench.config import load_config
 
 PHASES = ("data", "original", "retrain", "steps", "evaluation", "probes", "setup/merge", "privacy", "rest")
 

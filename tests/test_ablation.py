@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from orthograd.bench import image
+from orthograd.image_bench import experiment as image
 from orthograd.bench.experiments import load_experiment
-from orthograd.bench.image import run_bench
-from orthograd.bench.image_config import load_config
-from orthograd.bench.report import write_report
+from orthograd.image_bench.experiment import run_bench
+from orthograd.image_bench.config import load_config
+from orthograd.image_bench.report import write_report
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "orthograd" / "configs"
 SHARED = ("data", "model", "train", "unlearn", "device", "cache_dir")

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orthograd.bench import image, training
+from orthograd.image_bench import experiment as image
+from orthograd.image_bench import references as training
 from orthograd.bench.config import ConfigError
-from orthograd.bench.image_config import load_config
-from orthograd.bench.report import write_report
-from orthograd.bench.image import run_bench
+from orthograd.image_bench.config import load_config
+from orthograd.image_bench.report import write_report
+from orthograd.image_bench.experiment import run_bench
 from orthograd.io import ResultsLog
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

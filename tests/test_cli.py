@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 import orthograd
 from orthograd.bench.console import resolve_config, shipped_configs
 from orthograd.bench.experiments import load_experiment
-from orthograd.bench.printer import RunPrinter, run_line
+from orthograd.bench.printer import RunPrinter
+from orthograd.image_bench.experiment import run_line
 from orthograd.cli import app
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -118,7 +119,7 @@ def test_an_unexpected_error_names_its_type_and_the_debug_switch(monkeypatch: py
     def broken(*args: Any, **kwargs: Any) -> None:
         raise KeyError("final")
 
-    monkeypatch.setattr("orthograd.bench.report.write_report", broken)
+    monkeypatch.setattr("orthograd.image_bench.report.write_report", broken)
     result = runner.invoke(app, ["report", "anything"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error (KeyError): 'final' (ORTHOGRAD_DEBUG=1 shows the traceback)"

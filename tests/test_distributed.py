@@ -27,9 +27,9 @@ import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from orthograd import unlearn
-from orthograd.bench.image_config import validate_config
-from orthograd.bench.jobs import Job, job_key
-from orthograd.bench.image import execute
+from orthograd.image_bench.config import validate_config
+from orthograd.image_bench.jobs import Job, job_key
+from orthograd.image_bench.experiment import execute
 from orthograd.distributed import unlearn_distributed
 from orthograd.distributed.bench import run_bench_distributed
 from orthograd.distributed.ghost import data_parallel_ghost_span, pair_owner

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from orthograd.bench.image_config import validate_config
+from orthograd.image_bench.config import validate_config
 from orthograd.bench.executors import Executor, InProcess, ProcessPool
-from orthograd.bench.jobs import job_key
-from orthograd.bench.image import run_bench
+from orthograd.image_bench.jobs import job_key
+from orthograd.image_bench.experiment import run_bench
 from orthograd.io import ResultsLog
 
 # what does not depend on where a job ran (wall times, memory peaks and the device do)

@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orthograd.bench import image, jobs
+from orthograd.image_bench import experiment as image
+from orthograd.image_bench import jobs
 from orthograd.bench.config import ConfigError
-from orthograd.bench.image import run_bench
-from orthograd.bench.image_config import load_config
+from orthograd.image_bench.experiment import run_bench
+from orthograd.image_bench.config import load_config
 from orthograd.bench.protocol import eval_every_for, extend_edges, method_accepts, trials
-from orthograd.bench.report import write_report
+from orthograd.image_bench.report import write_report
 from orthograd.io import ResultsLog
 from orthograd.reporting import markdown_table, paired_test, paired_tests
 
@@ -240,7 +241,7 @@ def test_report_regenerates_a_committed_table_byte_for_byte_from_its_log(tmp_pat
 def test_a_missed_target_in_a_benchmark_is_a_record_field_a_run_line_and_a_mark_not_a_warning(tmp_path: Path) -> None:
     import warnings
 
-    from orthograd.bench.printer import run_line
+    from orthograd.image_bench.experiment import run_line
 
     config, raw = load_config(CONFIGS / "demo.yaml", variant="class", overrides=[
         "train.epochs=2", "scenario.retrain=false", "scenario.classes=[1, 4]", "scenario.retain_size=60",

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from orthograd.bench.image_config import validate_config
+from orthograd.image_bench.config import validate_config
 from orthograd.io import ResultsLog
 from orthograd.sweep import runner as sweep_runner
 from orthograd.sweep.ray_trials import TrialsFailed

@@ -91,13 +91,14 @@ def demo(
     from orthograd.bench.printer import RunPrinter
     from orthograd.bench.experiments import canonical_methods
     from orthograd.demo import TITLE, run_demo
+    from orthograd.image_bench.experiment import run_line
 
     method = canonical_methods(method) if method else None
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
     ) as progress:
-        printer = RunPrinter(console, progress=progress)
+        printer = RunPrinter(console, line=run_line, progress=progress)
         records = run_demo(out_dir=out, method_names=method, on_start=printer.started, on_run=printer.finished)
     console.print(rich_table(records, title=TITLE))
     console.print(f"results: {out / 'results.jsonl'}  table: {out / 'table.md'}  plots: {out}/*.png")
@@ -132,7 +133,7 @@ def report(
     out: Annotated[Optional[Path], typer.Option(help="Where to write (default: the first folder).")] = None,
 ) -> None:
     """Tables (Markdown, CSV, JSON) and plots from stored benchmark results."""
-    from orthograd.bench.report import write_report
+    from orthograd.image_bench.report import write_report
 
     paths = write_report(run_dirs, out_dir=out)
     console.print(paths["table"].read_text())

@@ -14,8 +14,8 @@ from typing import Any
 from orthograd.bench.console import shipped_configs
 from orthograd.bench.engine import OnRun, OnStart
 from orthograd.bench.experiments import load_experiment
-from orthograd.bench.image import run_bench
-from orthograd.bench.image_config import BenchConfig
+from orthograd.image_bench.experiment import run_bench
+from orthograd.image_bench.config import BenchConfig
 
 TITLE = "Digits, SmallCNN: mean ± 95% CI over 5 seeds (random) / 5 classes (class)"
 

@@ -1,6 +1,6 @@
 """The one experiment engine: an ``Experiment`` plans jobs in phases, the engine runs the unfinished ones and logs them.
 
-Every benchmark task is an ``Experiment`` (image classification: ``bench.image``; speaker unlearning:
+Every benchmark task is an ``Experiment`` (image classification: ``image_bench``; speaker unlearning:
 ``asr_bench``; language-model unlearning: ``llm_bench``). It plans its jobs as a generator of ``Phase``s, so a later
 phase can read what an earlier one logged (a sweep's selection, a tuning split's chosen values); it runs one job into
 a record, names the key that identifies a record in the log, describes a record in one console line and writes its

@@ -23,7 +23,8 @@ from orthograd.bench.executors import Executor, ProcessPool
 
 # task -> (module and class of its config, module and class of its experiment)
 TASKS: dict[str, tuple[str, str, str, str]] = {
-    "classification": ("orthograd.bench.image_config", "BenchConfig", "orthograd.bench.image", "ImageExperiment"),
+    "classification": ("orthograd.image_bench.config", "BenchConfig", "orthograd.image_bench.experiment",
+                       "ImageExperiment"),
     "asr": ("orthograd.asr_bench.config", "SpeakerBenchConfig", "orthograd.asr_bench.experiment",
             "SpeakerExperiment"),
     "causal_lm": ("orthograd.llm_bench.config", "AuthorsBenchConfig", "orthograd.llm_bench.experiment",

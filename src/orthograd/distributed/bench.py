@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from orthograd.bench.image_config import BenchConfig
+from orthograd.image_bench.config import BenchConfig
 from orthograd.bench.executors import OnRecord, RunJob
-from orthograd.bench.jobs import Job
+from orthograd.image_bench.jobs import Job
 from orthograd.bench.engine import OnRun, OnStart
-from orthograd.bench.image import JobInputs, run_bench
+from orthograd.image_bench.experiment import JobInputs, run_bench
 from orthograd.distributed.collectives import world
 from orthograd.distributed.runner import unlearn_distributed
 

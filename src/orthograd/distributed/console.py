@@ -8,8 +8,9 @@ from pathlib import Path
 import torch.distributed as dist
 from rich.console import Console
 
-from orthograd.bench.image_config import load_config
+from orthograd.image_bench.config import load_config
 from orthograd.bench.printer import RunPrinter
+from orthograd.image_bench.experiment import run_line
 from orthograd.distributed.bench import run_bench_distributed
 from orthograd.distributed.runner import init_process_group_from_env
 
@@ -21,7 +22,7 @@ def ddp_command(
     config, raw = load_config(path, overrides=overrides)
     run_dir = out or Path("runs") / config.name
     device = init_process_group_from_env(device=config.device)
-    printer = RunPrinter(console)
+    printer = RunPrinter(console, line=run_line)
     try:
         if dist.get_rank() == 0:
             console.log(f"{dist.get_world_size()} ranks ({dist.get_backend()}), rank 0 on {device}; results: {run_dir}")

@@ -22,7 +22,7 @@ import torch
 from ray import tune
 
 from orthograd.bench.executors import OnRecord, RunJob
-from orthograd.bench.jobs import Job
+from orthograd.image_bench.jobs import Job
 
 T = TypeVar("T")
 

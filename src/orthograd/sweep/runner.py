@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from orthograd.bench.image_config import BenchConfig
+from orthograd.image_bench.config import BenchConfig
 from orthograd.bench.engine import OnRun, OnStart
 from orthograd.bench.executors import Executor, ProcessPool
-from orthograd.bench.image import run_bench
+from orthograd.image_bench.experiment import run_bench
 from orthograd.choices import check_choice, choices
 
 log = logging.getLogger(__name__)

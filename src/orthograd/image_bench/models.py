@@ -14,7 +14,7 @@ from torch import nn
 
 from orthograd.bench.config import ConfigError
 
-from orthograd.bench.image_config import ResNet18Config, SmallCNNConfig, ViTConfig
+from orthograd.image_bench.config import ResNet18Config, SmallCNNConfig, ViTConfig
 from orthograd.models import ResNet18, SmallCNN
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from orthograd import methods
 from orthograd.bench.config import ConfigError, content_hash
-from orthograd.bench.image_config import BenchConfig
+from orthograd.image_bench.config import BenchConfig
 from orthograd.data.splits import UnlearningSplit, class_forgetting_split, random_forgetting_split
 
 SWEEP = "sweep"  # the phase scored on the validation split

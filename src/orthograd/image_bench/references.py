@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from orthograd.bench.image_config import BenchConfig, TrainConfig
-from orthograd.bench.data import BenchData
+from orthograd.image_bench.config import BenchConfig, TrainConfig
+from orthograd.image_bench.data import BenchData
 from orthograd.bench.model_store import ModelStore, TrainedModel
-from orthograd.bench.models import build_model
+from orthograd.image_bench.models import build_model
 from orthograd.evaluation import evaluate as evaluate_metrics
 from orthograd.training import train_classifier
 

@@ -19,20 +19,19 @@ import torch
 from torch.utils.data import Subset
 
 from orthograd.bench.config import content_hash
-from orthograd.bench.image_config import BenchConfig
-from orthograd.bench.data import BenchData, load_bench_data
+from orthograd.image_bench.config import BenchConfig
+from orthograd.image_bench.data import BenchData, load_bench_data
 from orthograd.bench.engine import Engine, FinishedRuns, OnRun, OnStart, Phase
 from orthograd.bench.executors import Executor
 from orthograd.bench.experiments import local_executor
-from orthograd.bench.jobs import SWEEP, Job, check_disjoint, job_key, make_split, n_splits, split_seed
-from orthograd.bench.memory import PeakMemory
-from orthograd.bench.printer import run_line
+from orthograd.image_bench.jobs import SWEEP, Job, check_disjoint, job_key, make_split, n_splits, split_seed
+from orthograd.image_bench.memory import PeakMemory
 from orthograd.bench.protocol import (
     bench_unlearn, eval_every_for, extend_edges, grid_size, method_accepts, trials,
 )
 from orthograd.bench.records import record_envelope
-from orthograd.bench.report import report_records
-from orthograd.bench.training import ModelCache, evaluate, indices_fingerprint
+from orthograd.image_bench.report import report_records
+from orthograd.image_bench.references import ModelCache, evaluate, indices_fingerprint
 from orthograd.data.splits import UnlearningSplit
 from orthograd.io import atomic_write_json
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
@@ -74,6 +73,24 @@ def run_record(
         "data": result.data,  # fingerprints of the forget and retain sets (the split)
         **extra,
     }
+
+
+def run_line(record: Mapping[str, Any]) -> str:
+    """One line about a finished benchmark run (an image record, data-parallel ones too)."""
+    final = record["final"]
+    forget_class = record["forget_class"]
+    split = f"class {forget_class}" if forget_class is not None else f"seed {record['seed']}"
+    hyper = ", ".join(f"{name}={value}" for name, value in record["hyperparameters"].items())
+    scored = "A_val" if record["evaluated_on"] == "validation" else "A_test"
+    uis = "–" if record["uis"] is None else f"{record['uis']:.3f}"
+    ranks = f" on {record['world_size']} ranks" if "world_size" in record else ""
+    missed = ", missed the target" if record.get("target_reached") is False else ""
+    return (
+        f"{record['phase']:>5} {record['method']:<10} {split} retain {record['retain_size']} [{hyper}]: "
+        f"A_u {final['forget']:.2f} {scored} {final['test']:.2f} UIS {uis} "
+        f"({record['stop_reason']}{missed}, {record['steps']} steps, {record['wall_time_s']:.1f}s{ranks})"
+    )
+
 
 
 # ----------------------------------------------------------------------------------------- execution of one job
@@ -264,7 +281,7 @@ class ImageExperiment:
         return run_line(record)
 
     def write_tables(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> Path | None:
-        """The report of the test runs (``bench.report``) and each sweep's selection (``selection.json``)."""
+        """The report of the test runs (``image_bench.report``) and each sweep's selection (``selection.json``)."""
         for variant, selection in self._selections.items():
             name = SELECTION_FILE if len(self.configs) == 1 else f"selection_variant{variant}.json"
             atomic_write_json(out_dir / name, selection)

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from orthograd.bench.config import ConfigError
 
-from orthograd.bench.image_config import DataConfig
+from orthograd.image_bench.config import DataConfig
 from orthograd.data import load_digits_dataset
 from orthograd.data.splits import labels_of
 
