@@ -18,6 +18,7 @@ from orthograd.asr_bench.experiment import (
     choose_variants, plan_jobs, plan_validation_jobs, record_key, split_for, validation_speakers,
 )
 from orthograd.asr_bench.tables import COLUMNS, speaker_tables
+from orthograd.bench.records import upgrade_log
 from orthograd.data.espeak import PROBE_SENTENCE, VOICES, make_sentences, speak, synthesize_corpus
 from orthograd.data.librispeech import Utterance, pick_speakers
 
@@ -75,11 +76,15 @@ def test_tiny_speaker_unlearning_run_writes_records_and_tables(tmp_path):
     lines = log.read_text().count("\n")
     assert len(asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", overrides)) == 2
     assert log.read_text().count("\n") == lines
-    # A log written before the shared record schema (params, no envelope) resumes too, into the same tables
-    envelope = ("task", "bench", "phase", "seed", "versions")
+    # A log written before the shared record schema (params, no envelope) resumes too, into the same tables, once
+    # `orthograd upgrade-log` has rewritten it
+    envelope = ("format", "task", "bench", "phase", "seed", "versions")
     old = [{("params" if k == "hyperparameters" else k): v for k, v in r.items() if k not in envelope}
            for r in map(json.loads, log.read_text().splitlines())]
     log.write_text("".join(json.dumps(r) + "\n" for r in old))
+    with pytest.raises(ValueError, match="orthograd upgrade-log"):
+        asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", overrides)
+    assert upgrade_log(log) == len(old)
     assert [r["key"] for r in asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", overrides)] == [
         r["key"] for r in records]
     assert log.read_text().count("\n") == lines and (tmp_path / "run" / "tables.md").read_text() == tables

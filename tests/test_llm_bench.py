@@ -142,7 +142,7 @@ def test_tradeoff_figure_has_a_panel_per_tested_fraction_and_one_entry_per_label
     from orthograd.llm_bench.plots import tradeoff_figure
 
     def record(split, fraction, label, seed, quality):
-        return {"split": split, "fraction": fraction, "label": label, "seed": seed, "forget_quality": quality,
+        return {"phase": split, "fraction": fraction, "label": label, "seed": seed, "forget_quality": quality,
                 "model_utility": 0.5}
 
     records = [record("validation", 0.2, "NPO", 0, 0.5)]

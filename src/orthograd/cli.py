@@ -141,6 +141,18 @@ def report(
         console.print(f"{name}: {path}")
 
 
+@app.command("upgrade-log")
+def upgrade_log(
+    path: Annotated[Path, typer.Argument(help="A results.jsonl written by an older orthograd.")],
+) -> None:
+    """Rewrite a results log in the current record format, in place and atomically (then it resumes and reports)."""
+    from orthograd.bench.records import FORMAT, upgrade_log as upgrade
+
+    changed = upgrade(path)
+    console.print(f"{path}: {changed} record(s) rewritten in format {FORMAT}" if changed
+                  else f"{path}: already in format {FORMAT}")
+
+
 @app.command()
 def sweep(
     config: Annotated[Path, typer.Argument(help="Benchmark config (YAML) with a sweep: block, or a shipped name.")],

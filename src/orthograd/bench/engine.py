@@ -22,6 +22,7 @@ import yaml
 
 from orthograd.bench.executors import Executor, InProcess, Job
 from orthograd.bench.provenance import run_provenance
+from orthograd.bench.records import FORMAT, current_records
 from orthograd.io import ResultsLog, atomic_write_text
 
 Record = dict[str, Any]
@@ -48,8 +49,9 @@ class FinishedRuns:
         self.refresh()
 
     def refresh(self) -> None:
-        """Read the log again (another process, rank 0 under torchrun, may have appended to it)."""
-        self._records = {self._record_key(r): r for r in self._log.records()}
+        """Read the log again (another process, rank 0 under torchrun, may have appended to it); a log in an older
+        format is an error naming ``orthograd upgrade-log``."""
+        self._records = {self._record_key(r): r for r in current_records(self._log.path)}
 
     def add(self, record: Record) -> None:
         self._records[self._record_key(record)] = record
@@ -129,7 +131,7 @@ class Engine:
 
         def finish(record: Record) -> None:
             if lead:
-                record = {**record, "provenance": provenance}
+                record = {**record, "format": FORMAT, "provenance": provenance}
                 self.log.append(record)
                 finished.add(record)
                 if on_run is not None:

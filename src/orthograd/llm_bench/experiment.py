@@ -18,7 +18,7 @@ from typing import Any
 from orthograd.bench.config import ExperimentConfig, RunRow, content_hash, grid_points
 from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.experiments import run_experiment
-from orthograd.bench.records import Record, record_envelope, upgrade_record
+from orthograd.bench.records import Record, record_envelope
 from orthograd.data.authors import forget_authors
 from orthograd.io import atomic_write_json, atomic_write_text
 from orthograd.llm_bench.config import TASK, AuthorsBenchConfig, load_config
@@ -114,10 +114,8 @@ class AuthorsExperiment:
         return {**envelope, "fraction": job.fraction, **bench.measure(model, split)}
 
     def record_key(self, record: Mapping[str, Any]) -> str:
-        """A record's identity: its phase, forget fraction, label, seed and ``key`` field (records written before the
-        shared schema included)."""
-        r = upgrade_record(record, task=TASK)
-        return _identity(r["phase"], r["fraction"], r["label"], r["seed"], r["key"])
+        """A record's identity: its phase, forget fraction, label, seed and ``key`` field."""
+        return _identity(record["phase"], record["fraction"], record["label"], record["seed"], record["key"])
 
     def describe(self, record: Mapping[str, Any]) -> str:
         """``tables.record_line``: what the CLI prints as each record is logged."""

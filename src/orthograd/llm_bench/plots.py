@@ -16,9 +16,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from orthograd.bench.records import upgrade_record
 from orthograd.io import atomic_write_bytes
-from orthograd.llm_bench.config import TASK
 from orthograd.llm_bench.tables import confidence_interval
 
 PANEL_SIZE = (4.6, 3.6)  # inches per panel
@@ -30,7 +28,7 @@ MARKERS = {"Original": "o", "Retrain": "*"}
 def tradeoff_figure(records: Sequence[Mapping[str, Any]], *, title: str) -> Figure:
     """The figure for the test records of ``records`` (validation records are left out; older records read the
     same)."""
-    tested = [r for r in (upgrade_record(r, task=TASK) for r in records) if r["phase"] == "test"]
+    tested = [r for r in records if r["phase"] == "test"]
     fractions = sorted({r["fraction"] for r in tested})
     labels = list(dict.fromkeys(r["label"] for r in tested if r["label"] not in MARKERS))
     palette = colormaps["tab10"].colors
