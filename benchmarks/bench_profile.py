@@ -37,6 +37,7 @@ import orthograd.privacy
 from orthograd import api
 from orthograd.image_bench import experiment as runner
 from orthograd.image_bench import references as training
+from orthograd.bench.experiments import run_experiment
 from orthograd.image_bench.config import load_config
 
 PHASES = ("data", "original", "retrain", "steps", "evaluation", "probes", "setup/merge", "privacy", "rest")
@@ -107,7 +108,7 @@ def profile(config_path: str, overrides: list[str]) -> tuple[PhaseTimer, list[di
         undo.callback(lambda: setattr(runner, "unlearn", unlearn))
         started = time.perf_counter()
         with timer.phase("rest"):
-            records = runner.run_bench(config, raw, out_dir=Path(tmp) / "run")
+            records = [r for r in run_experiment(config, raw=raw, out_dir=Path(tmp) / "run") if r["phase"] == "test"]
         return timer, records, time.perf_counter() - started
 
 

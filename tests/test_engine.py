@@ -19,7 +19,7 @@ from orthograd.image_bench.data import BenchData
 from orthograd.bench.config import ConfigError, apply_overrides, variants_of
 from orthograd.image_bench.config import load_config, validate_config
 from orthograd.bench.engine import Engine, FinishedRuns, Phase
-from orthograd.bench.executors import ProcessPool
+from orthograd.bench.executors.local import ProcessPool
 from orthograd.bench.experiments import load_experiment, validate_experiment
 from orthograd.bench.model_store import ModelStore
 from orthograd.bench.records import FORMAT, current_records, record_envelope, upgrade_log

@@ -14,7 +14,7 @@ import pytest
 from orthograd.image_bench import experiment as image
 from orthograd.image_bench import jobs
 from orthograd.bench.config import ConfigError
-from orthograd.image_bench.experiment import run_bench
+from bench_helpers import run_test_phase
 from orthograd.image_bench.config import load_config
 from orthograd.bench.protocol import eval_every_for, extend_edges, method_accepts, trials
 from orthograd.image_bench.report import write_report
@@ -143,7 +143,7 @@ def test_a_sweep_with_an_edge_choice_searches_once_more_and_logs_every_trial_wit
         "sweep={grid: {neggrad: {lr: [1.0e-6, 1.0e-5, 3.0e-2]}, neggrad+: {lr: [1.0e-3, 1.0e-2]}}}",
     ])
     phases: list[tuple[str, int]] = []
-    records = run_bench(config, raw, out_dir=tmp_path / "run", on_start=lambda p, n: phases.append((p, n)))
+    records = run_test_phase(config, raw, out_dir=tmp_path / "run", on_start=lambda p, n: phases.append((p, n)))
     selection = json.loads((tmp_path / "run" / "selection.json").read_text())
     assert selection["protocol"]["trials_per_method"] == 3
     neggrad, plus = selection["neggrad"], selection["neggrad+"]
@@ -250,7 +250,7 @@ def test_a_missed_target_in_a_benchmark_is_a_record_field_a_run_line_and_a_mark_
     ])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        records = run_bench(config, raw, out_dir=tmp_path / "run")
+        records = run_test_phase(config, raw, out_dir=tmp_path / "run")
     assert not [w for w in caught if "without reaching" in str(w.message)]
     assert {r["target_reached"] for r in records} == {False} and all(r["missed_target"] for r in records)
     assert "missed the target" in run_line(records[0])

@@ -70,13 +70,13 @@ def test_the_image_bench_runs_unlearn_quietly_with_its_fixed_budget(tmp_path, ca
     from test_bench_runs import tiny_digits
 
     from orthograd.image_bench import experiment as image
-    from orthograd.image_bench.experiment import run_bench
+    from bench_helpers import run_test_phase
 
     config, raw = tiny_digits(tmp_path, "scenario.seeds=[0]", "unlearn.stop=false",
                               "methods={neggrad: {lr: 1.0e-4, forget_batch_size: 32}}")
     image._CONTEXTS.clear()
     try:
-        (record,) = run_bench(config, raw, out_dir=tmp_path / "run")
+        (record,) = run_test_phase(config, raw, out_dir=tmp_path / "run")
     finally:
         image._CONTEXTS.clear()
     assert "orthograd starts" not in capsys.readouterr().err
