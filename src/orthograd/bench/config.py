@@ -18,8 +18,6 @@ from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 

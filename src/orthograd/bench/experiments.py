@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from importlib import resources
@@ -25,6 +26,7 @@ from orthograd.bench.config import ConfigError, ExperimentConfig, describe_error
 from orthograd.bench.engine import Engine, Experiment, OnRun, OnStart, Record
 from orthograd.bench.executors import Executor, OnNote, executor_for
 
+log = logging.getLogger(__name__)
 # task -> (module and class of its config, module and class of its experiment)
 TASKS: dict[str, tuple[str, str, str, str]] = {
     "classification": ("orthograd.image_bench.config", "BenchConfig", "orthograd.image_bench.experiment",
@@ -148,7 +150,7 @@ def run_experiment(
     backend_options: Mapping[str, Any] | None = None,
     on_start: OnStart | None = None,
     on_run: OnRun | None = None,
-    on_note: OnNote = print,
+    on_note: OnNote = log.warning,
     on_tables: Callable[[Path], None] | None = None,
 ) -> list[Record]:
     """Run (or resume) any task's config; returns its planned records (every phase, in plan order).

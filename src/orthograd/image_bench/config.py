@@ -14,10 +14,15 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from orthograd import methods
-from orthograd.bench.protocol import DEFAULT_CHECKS_PER_EPOCH
 from orthograd.bench.config import (
-    ConfigError, ConfigSection, ExperimentConfig, content_hash, expand_config, validate_as,
+    ConfigError,
+    ConfigSection,
+    ExperimentConfig,
+    content_hash,
+    expand_config,
+    validate_as,
 )
+from orthograd.bench.protocol import DEFAULT_CHECKS_PER_EPOCH
 
 
 class DataConfig(ConfigSection):

@@ -15,10 +15,9 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from orthograd.bench.config import ConfigError
-
-from orthograd.image_bench.config import DataConfig
 from orthograd.data import load_digits_dataset
 from orthograd.data.splits import labels_of
+from orthograd.image_bench.config import DataConfig
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {

@@ -20,19 +20,24 @@ import torch
 from torch.utils.data import Subset
 
 from orthograd.bench.config import content_hash
-from orthograd.image_bench.config import BenchConfig
-from orthograd.image_bench.data import BenchData, load_bench_data
 from orthograd.bench.engine import FinishedRuns, Phase
-from orthograd.image_bench.jobs import SWEEP, Job, check_disjoint, job_key, make_split, n_splits, split_seed
-from orthograd.image_bench.memory import PeakMemory
 from orthograd.bench.protocol import (
-    bench_unlearn, eval_every_for, extend_edges, grid_size, method_accepts, trials,
+    bench_unlearn,
+    eval_every_for,
+    extend_edges,
+    grid_size,
+    method_accepts,
+    trials,
 )
 from orthograd.bench.records import record_envelope
-from orthograd.image_bench.report import report_records
-from orthograd.image_bench.references import ModelCache, indices_fingerprint
 from orthograd.data.splits import UnlearningSplit
 from orthograd.evaluation import evaluate
+from orthograd.image_bench.config import BenchConfig
+from orthograd.image_bench.data import BenchData, load_bench_data
+from orthograd.image_bench.jobs import SWEEP, Job, check_disjoint, job_key, make_split, n_splits, split_seed
+from orthograd.image_bench.memory import PeakMemory
+from orthograd.image_bench.references import ModelCache, indices_fingerprint
+from orthograd.image_bench.report import report_records
 from orthograd.io import atomic_write_json
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
 from orthograd.metrics import uis

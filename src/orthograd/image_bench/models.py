@@ -12,7 +12,6 @@ from pathlib import Path
 from torch import nn
 
 from orthograd.bench.config import ConfigError
-
 from orthograd.image_bench.config import ResNet18Config, SmallCNNConfig, ViTConfig
 from orthograd.model_folder import load_state
 from orthograd.models import ResNet18, SmallCNN

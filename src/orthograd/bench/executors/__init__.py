@@ -63,7 +63,7 @@ BACKENDS: dict[str, str] = {
 
 
 def executor_for(
-    backend: str, config: Any, *, run_dir: Path, options: Mapping[str, Any] | None = None, on_note: OnNote = print,
+    backend: str, config: Any, *, run_dir: Path, on_note: OnNote, options: Mapping[str, Any] | None = None,
 ) -> AbstractContextManager[Executor]:
     """The executor of ``backend`` for ``config`` (an ``ExperimentConfig``), as a context manager; ``options`` are
     the backend's own settings (e.g. ``address`` for ray), an option the backend does not take is an error."""
