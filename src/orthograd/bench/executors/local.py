@@ -25,7 +25,7 @@ class InProcess:
     """Every job in this process, one after the other (the context is loaded once)."""
 
     lead = True
-    device = None
+    device: torch.device | None = None
 
     def prepare(self, setup: Callable[[], T]) -> T:
         return setup()

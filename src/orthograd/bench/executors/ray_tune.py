@@ -124,7 +124,7 @@ class RayTune:
     """
 
     lead = True
-    device = None
+    device: torch.device | None = None
 
     def __init__(
         self, *, storage: Path, resources: TrialResources, address: str | None = None, num_cpus: int | None = None
