@@ -35,8 +35,10 @@ import torch
 
 import orthograd.privacy
 from orthograd import api
-from orthograd.bench import runner, training
-from orthograd.bench.image_config import load_config
+from orthograd.image_bench import experiment as runner
+from orthograd.image_bench import references as training
+from orthograd.bench.experiments import run_experiment
+from orthograd.image_bench.config import load_config
 
 PHASES = ("data", "original", "retrain", "steps", "evaluation", "probes", "setup/merge", "privacy", "rest")
 
@@ -106,7 +108,7 @@ def profile(config_path: str, overrides: list[str]) -> tuple[PhaseTimer, list[di
         undo.callback(lambda: setattr(runner, "unlearn", unlearn))
         started = time.perf_counter()
         with timer.phase("rest"):
-            records = runner.run_bench(config, raw, out_dir=Path(tmp) / "run")
+            records = [r for r in run_experiment(config, raw=raw, out_dir=Path(tmp) / "run") if r["phase"] == "test"]
         return timer, records, time.perf_counter() - started
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from orthograd.bench import image
+from orthograd.image_bench import experiment as image
 from orthograd.bench.experiments import load_experiment
-from orthograd.bench.image import run_bench
-from orthograd.bench.image_config import load_config
-from orthograd.bench.report import write_report
+from bench_helpers import run_test_phase
+from orthograd.image_bench.config import load_config
+from orthograd.image_bench.report import write_report
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "orthograd" / "configs"
 SHARED = ("data", "model", "train", "unlearn", "device", "cache_dir")
@@ -47,7 +47,7 @@ def test_records_and_the_cost_table_count_the_controllers_actions(tmp_path: Path
                    "unlearn.max_epochs=1", f"cache_dir={tmp_path / 'cache'}", "scenario.seeds=[0, 1]",
                    "methods={orthograd: {}, orthograd-normalized: {}, neggrad: {forget_batch_size: 32}}"],
     )
-    records = run_bench(config, raw, out_dir=tmp_path / "run")
+    records = run_test_phase(config, raw, out_dir=tmp_path / "run")
     by_method = {m: [r for r in records if r["method"] == m] for m in ("orthograd", "orthograd-normalized", "neggrad")}
     for record in by_method["orthograd"]:
         actions = record["controller_actions"]

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from orthograd import asr_bench
 from orthograd.asr_bench.config import load_config
 from orthograd.asr_bench.corpus import SpeakerCorpus, build_corpus
 from orthograd.asr_bench.experiment import (
@@ -23,6 +22,8 @@ from orthograd.asr_bench.experiment import (
     validation_speakers,
 )
 from orthograd.asr_bench.tables import COLUMNS, speaker_tables
+from orthograd.bench.experiments import run_experiment
+from orthograd.bench.records import upgrade_log
 from orthograd.data.espeak import PROBE_SENTENCE, VOICES, make_sentences, speak, synthesize_corpus
 from orthograd.data.librispeech import Utterance, pick_speakers
 
@@ -60,7 +61,7 @@ def test_tiny_speaker_unlearning_run_writes_records_and_tables(tmp_path):
         "unlearning.defaults={forget_batch_size: 2, retain_batch_size: 2, optimizer: adam}",
         "runs=[{label: OrthoGrad, method: orthograd, tables: [1, 2], params: {alpha: 0.2, lr: 1.0e-3}}]",
     ]
-    records = asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", overrides)
+    records = run_experiment("configs/espeak_speaker_smoke.yaml", overrides=overrides)
     assert [r["label"] for r in records] == ["Original", "OrthoGrad"]
     for record in records:
         assert all(0.0 <= record[c] <= 100.0 for c in COLUMNS)
@@ -78,18 +79,23 @@ def test_tiny_speaker_unlearning_run_writes_records_and_tables(tmp_path):
     # Resuming does no work twice: the same records come back and nothing is appended.
     log = tmp_path / "run" / "results.jsonl"
     lines = log.read_text().count("\n")
-    assert len(asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", overrides)) == 2
+    assert len(run_experiment("configs/espeak_speaker_smoke.yaml", overrides=overrides)) == 2
     assert log.read_text().count("\n") == lines
-    # A log written before the shared record schema (params, no envelope) resumes too, into the same tables
-    envelope = ("task", "bench", "phase", "seed", "versions")
+    # A log written before the shared record schema (params, no envelope) resumes too, into the same tables, once
+    # `orthograd upgrade-log` has rewritten it
+    envelope = ("format", "task", "bench", "phase", "seed", "versions")
     old = [{("params" if k == "hyperparameters" else k): v for k, v in r.items() if k not in envelope}
            for r in map(json.loads, log.read_text().splitlines())]
     log.write_text("".join(json.dumps(r) + "\n" for r in old))
-    assert [r["key"] for r in asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", overrides)] == [
+    with pytest.raises(ValueError, match="orthograd upgrade-log"):
+        run_experiment("configs/espeak_speaker_smoke.yaml", overrides=overrides)
+    assert upgrade_log(log) == len(old)
+    assert [r["key"] for r in run_experiment("configs/espeak_speaker_smoke.yaml", overrides=overrides)] == [
         r["key"] for r in records]
     assert log.read_text().count("\n") == lines and (tmp_path / "run" / "tables.md").read_text() == tables
     # A changed setting makes new records; the old ones stay in the log but out of this config's tables
-    changed = asr_bench.run_config_file("configs/espeak_speaker_smoke.yaml", [*overrides, "unlearning.max_epochs=2"])
+    changed = run_experiment("configs/espeak_speaker_smoke.yaml",
+                             overrides=[*overrides, "unlearning.max_epochs=2"])
     assert len(changed) == 2 and {r["key"] for r in changed}.isdisjoint(r["key"] for r in records)
 
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from orthograd.bench.config import ConfigError
-from orthograd.bench.models import load_weights
+from orthograd.image_bench.models import load_weights
 from orthograd.models import SmallCNN
 
 

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from orthograd.bench.config import ConfigError, apply_overrides, variants_of
 
-from orthograd.bench.image_config import load_config, validate_config
+from orthograd.image_bench.config import load_config, validate_config
 from orthograd.bench.experiments import load_experiment
-from orthograd.bench.data import load_bench_data
+from orthograd.image_bench.data import load_bench_data
 from orthograd.cli import app
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -137,7 +137,7 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path) -> None:
 def test_paper_configs_carry_the_appendix_a_grids_and_every_point_is_a_valid_config() -> None:
     import itertools
 
-    from orthograd.bench.image_config import load_config
+    from orthograd.image_bench.config import load_config
     from orthograd.methods import make_config
 
     paper = sorted(CONFIGS.glob("cifar10_resnet18_*.yaml")) + sorted(CONFIGS.glob("imagenet_*.yaml"))

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orthograd.bench import image, training
+from orthograd.image_bench import experiment as image
+from orthograd.image_bench import references as training
 from orthograd.bench.config import ConfigError
-from orthograd.bench.image_config import load_config
-from orthograd.bench.report import write_report
-from orthograd.bench.image import run_bench
+from orthograd.image_bench.config import load_config
+from orthograd.image_bench.report import write_report
+from bench_helpers import run_test_phase
 from orthograd.io import ResultsLog
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -73,7 +74,7 @@ def test_cifar10_resnet18_config_runs_on_generated_batches(tmp_path: Path) -> No
                    "scenario.classes=[3]", "scenario.retain_size=8", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
                    "methods={neggrad: {lr: 1.0e-5, forget_batch_size: 8}}", *TINY_PROTOCOL],
     )
-    records = run_bench(config, raw, out_dir=tmp_path / "run")
+    records = run_test_phase(config, raw, out_dir=tmp_path / "run")
     (record,) = records
     assert record["scenario"] == "class" and record["forget_class"] == 3
     assert record["forget_size"] == 5  # class 3: one image in each of the 5 generated training batches
@@ -118,7 +119,7 @@ def test_imagenet_configs_run_on_a_generated_imagefolder(tmp_path: Path, name: s
             *model_overrides,
         ],  # one batch: BatchNorm sees 18
     )
-    (record,) = run_bench(config, raw, out_dir=tmp_path / "run")
+    (record,) = run_test_phase(config, raw, out_dir=tmp_path / "run")
     assert record["method"] == "orthograd" and record["steps"] >= 1
     assert record["original"]["test"] >= 0 and "retrained" not in record  # retrain: false in the ImageNet configs
 
@@ -135,14 +136,14 @@ def tiny_digits(tmp_path: Path, *extra: str):
 def test_original_model_is_trained_once_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     methods = "methods={neggrad: {lr: 5.0e-3, forget_batch_size: 32}}"
     config, raw = tiny_digits(tmp_path, "scenario.seeds=[0]", methods)
-    first = run_bench(config, raw, out_dir=tmp_path / "a")
+    first = run_test_phase(config, raw, out_dir=tmp_path / "a")
     image._CONTEXTS.clear()
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached original model should have been used")
 
     monkeypatch.setattr(training, "train_model", no_training)
-    second = run_bench(config, raw, out_dir=tmp_path / "b")
+    second = run_test_phase(config, raw, out_dir=tmp_path / "b")
     assert second[0]["original"] == first[0]["original"]
     assert second[0]["final"] == first[0]["final"]  # same cached model, same seed: the same run
     assert len(list((tmp_path / "cache").glob("original-*.safetensors"))) == 1
@@ -153,7 +154,7 @@ def test_sweep_selects_on_validation_and_evaluates_the_choice_on_test(tmp_path: 
         tmp_path, "scenario.seeds=[0, 1]", "data.validation_size=200",
         "methods={neggrad: {forget_batch_size: 32}}", "sweep={grid: {neggrad: {lr: [1.0e-7, 5.0e-2]}}, splits: 1}",
     )
-    records = run_bench(config, raw, out_dir=tmp_path / "run")
+    records = run_test_phase(config, raw, out_dir=tmp_path / "run")
     log = ResultsLog(tmp_path / "run" / "results.jsonl").records()
     sweep = [r for r in log if r["phase"] == "sweep"]
     assert len(sweep) == 2 and {r["evaluated_on"] for r in sweep} == {"validation"}
@@ -172,7 +173,7 @@ def test_sweep_scores_the_grid_at_the_chosen_retain_size(tmp_path: Path) -> None
         "methods={neggrad: {forget_batch_size: 32}}",
         "sweep={grid: {neggrad: {lr: [1.0e-7, 5.0e-2]}}, retain_size: 80}",
     )
-    records = run_bench(config, raw, out_dir=tmp_path / "run")
+    records = run_test_phase(config, raw, out_dir=tmp_path / "run")
     sweep = [r for r in ResultsLog(tmp_path / "run" / "results.jsonl").records() if r["phase"] == "sweep"]
     assert len(sweep) == 2 and {r["retain_size"] for r in sweep} == {80}
     assert sorted(r["retain_size"] for r in records) == [40, 80]
@@ -183,8 +184,8 @@ def test_track_stop_gives_the_same_records_with_forget_only_rows_between(tmp_pat
                  "methods={neggrad: {lr: 1.0e-5, forget_batch_size: 32}}", "unlearn.max_epochs=3"]
     config, raw = tiny_digits(tmp_path, *overrides)
     lean_config, lean_raw = tiny_digits(tmp_path, *overrides, "unlearn.track=stop")
-    full = run_bench(config, raw, out_dir=tmp_path / "full")[0]
-    lean = run_bench(lean_config, lean_raw, out_dir=tmp_path / "lean")[0]
+    full = run_test_phase(config, raw, out_dir=tmp_path / "full")[0]
+    lean = run_test_phase(lean_config, lean_raw, out_dir=tmp_path / "lean")[0]
     assert lean["key"] != full["key"] and lean["steps"] == full["steps"] and lean["uis"] == pytest.approx(full["uis"])
     assert {k: v for k, v in lean["final"].items() if k != "time_s"} == pytest.approx(
         {k: v for k, v in full["final"].items() if k != "time_s"})

@@ -15,9 +15,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import orthograd
-from orthograd.bench.console import resolve_config, shipped_configs
+from orthograd.bench.experiments import resolve_config, shipped_configs
 from orthograd.bench.experiments import load_experiment
-from orthograd.bench.printer import RunPrinter, run_line
+from orthograd.bench.printer import RunPrinter
+from orthograd.image_bench.experiment import run_line
 from orthograd.cli import app
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -79,10 +80,10 @@ def test_a_usage_error_is_one_line_naming_the_help() -> None:
 
 
 def test_a_command_that_exits_keeps_its_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
-    def stop(**kwargs: Any) -> None:
+    def stop(*args: Any, **kwargs: Any) -> None:
         raise typer.Exit(code=0)
 
-    monkeypatch.setattr("orthograd.demo.run_demo", stop)
+    monkeypatch.setattr("orthograd.bench.experiments.run_experiment", stop)
     result = runner.invoke(app, ["demo", "--method", "orthograd"])
     assert result.exit_code == 0 and not result.stderr
 
@@ -110,6 +111,10 @@ def test_unlearn_ddp_outside_torchrun_says_so(tmp_path: Path, monkeypatch: pytes
 
 def test_bench_backends_and_their_options_are_checked() -> None:
     _fails_in_one_line(["bench", "demo", "--backend", "gpu"], match="backend must be one of")
+    line = _fails_in_one_line(["bench", "demo", "--address", "auto"], match="backend 'local' does not take address")
+    assert line.endswith("its options: none"), line
+    # the aliases are `bench --backend ...`: the ddp one needs torchrun, whatever else it is given
+    _fails_in_one_line(["unlearn-ddp", "demo", "--method", "orthograd"], match="start this program with torchrun")
     # --method works for every backend now (issue 20): a misspelt one is refused before anything runs
     _fails_in_one_line(["bench", "demo", "--method", "orthgrad"], match="did you mean 'orthograd'?")
 
@@ -118,7 +123,7 @@ def test_an_unexpected_error_names_its_type_and_the_debug_switch(monkeypatch: py
     def broken(*args: Any, **kwargs: Any) -> None:
         raise KeyError("final")
 
-    monkeypatch.setattr("orthograd.bench.report.write_report", broken)
+    monkeypatch.setattr("orthograd.image_bench.report.write_report", broken)
     result = runner.invoke(app, ["report", "anything"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error (KeyError): 'final' (ORTHOGRAD_DEBUG=1 shows the traceback)"
@@ -188,10 +193,10 @@ def test_the_run_printer_prints_the_runs_to_go_and_any_schema_s_line() -> None:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder written by ``orthograd sweep`` on local worker processes."""
+    """A run folder written by ``orthograd bench --backend processes`` (one worker process)."""
     tmp_path = tmp_path_factory.mktemp("sweep")
     out = tmp_path / "run"
-    args = ["sweep", str(_tiny_config(tmp_path)), "--backend", "local", "--num-cpus", "1", "--out", str(out)]
+    args = ["bench", str(_tiny_config(tmp_path)), "--backend", "processes", "--num-cpus", "1", "--out", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return out

@@ -27,11 +27,12 @@ import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from orthograd import unlearn
-from orthograd.bench.image_config import validate_config
-from orthograd.bench.jobs import Job, job_key
-from orthograd.bench.image import execute
+from orthograd.image_bench.config import validate_config
+from orthograd.image_bench.jobs import Job, job_key
+from orthograd.image_bench.experiment import execute
 from orthograd.distributed import unlearn_distributed
-from orthograd.distributed.bench import run_bench_distributed
+from orthograd.bench.executors.torchrun import DataParallel
+from orthograd.bench.experiments import run_experiment
 from orthograd.distributed.ghost import data_parallel_ghost_span, pair_owner
 from orthograd.distributed.collectives import gather_counts, global_combination, global_gram_and_product
 from orthograd.distributed.sharding import ShardedContext
@@ -163,8 +164,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         raw = _bench_raw(str(Path(out_dir) / "cache"))
         starts: list[tuple[str, int]] = []
         for _ in range(2):  # the second call resumes a finished bench: nothing runs, nothing is appended
-            run_bench_distributed(validate_config(raw), raw, out_dir=Path(out_dir) / "bench",
-                                  device=torch.device("cpu"), on_start=lambda phase, todo: starts.append((phase, todo)))
+            run_experiment(validate_config(raw), raw=raw, out_dir=Path(out_dir) / "bench",
+                           backend=DataParallel(device=torch.device("cpu")),
+                           on_start=lambda phase, todo: starts.append((phase, todo)))
         results["starts"] = starts
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:

@@ -3,6 +3,7 @@ the one config loader, the record envelope and the executors' thread settings.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +15,15 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from orthograd.bench.data import BenchData
+from orthograd.image_bench.data import BenchData
 from orthograd.bench.config import ConfigError, apply_overrides, variants_of
-from orthograd.bench.image_config import load_config, validate_config
+from orthograd.image_bench.config import load_config, validate_config
 from orthograd.bench.engine import Engine, FinishedRuns, Phase
-from orthograd.bench.executors import ProcessPool
+from orthograd.bench.executors.local import ProcessPool
 from orthograd.bench.experiments import load_experiment, validate_experiment
 from orthograd.bench.model_store import ModelStore
-from orthograd.bench.records import record_envelope, upgrade_record
-from orthograd.bench.training import ModelCache
+from orthograd.bench.records import FORMAT, current_records, record_envelope, upgrade_log
+from orthograd.image_bench.references import ModelCache
 from orthograd.io import ResultsLog
 from orthograd.training import train_model
 
@@ -80,6 +81,7 @@ def test_a_later_phase_reads_the_earlier_ones_records_and_a_rerun_runs_nothing(t
     assert starts == [("a", 3), ("b", 1)] and experiment.ran == ["a1", "a2", "a3", "b"]
     assert engine.tables == tmp_path / "tables.md" and "b=24" in engine.tables.read_text()
     assert (tmp_path / "config.yaml").read_text() == "name: toy\n"
+    assert all(r["format"] == FORMAT for r in records)  # the engine logs every record in the current format
 
     again = ToyExperiment()
     assert Engine(again, out_dir=tmp_path).run() == records
@@ -87,7 +89,7 @@ def test_a_later_phase_reads_the_earlier_ones_records_and_a_rerun_runs_nothing(t
 
 
 def test_an_interrupted_phase_resumes_with_the_unfinished_jobs_only(tmp_path: Path) -> None:
-    ResultsLog(tmp_path / "results.jsonl").append({"id": "a2", "result": 4})
+    ResultsLog(tmp_path / "results.jsonl").append({"id": "a2", "result": 4, "format": FORMAT})
     experiment = ToyExperiment()
     Engine(experiment, out_dir=tmp_path).run()
     assert experiment.ran == ["a1", "a3", "b"]
@@ -215,13 +217,50 @@ def test_one_loader_tells_tasks_apart_and_names_the_valid_keys() -> None:
     assert llm.task == "causal_lm" and llm.run_dir() == Path("runs/authors_llm")
 
 
-def test_the_envelope_is_shared_and_older_records_are_upgraded_per_task() -> None:
+def test_the_envelope_is_shared() -> None:
     envelope = record_envelope(task="asr", bench="b", key="k", phase="test", method="original", label="Original",
                                hyperparameters={}, seed=None)
     assert envelope["stop_reason"] is None and envelope["versions"]["torch"] == torch.__version__
-    old = {"split": "validation", "params": {"lr": 1}, "wall_s": 2.0, "label": "NPO"}
-    assert upgrade_record(old, task="causal_lm") == {"task": "causal_lm", "phase": "validation",
-                                                     "hyperparameters": {"lr": 1}, "wall_time_s": 2.0,
-                                                     "label": "NPO"}
-    image = {"task": "classification", "split": {"forget": "f"}}
-    assert upgrade_record(image, task="classification") == image  # a current record is left as it is
+
+
+def _old_log(path: Path) -> Path:
+    """A results log of every older format: a format-0 language-model and speech record, a format-1 image one."""
+    records = [
+        {"split": "validation", "params": {"lr": 1}, "wall_s": 2.0, "label": "NPO", "fraction": 0.1, "key": "a"},
+        {"params": {}, "speaker": "lanc_f1", "variant": "Original", "label": "Original", "key": "b"},
+        {"task": "classification", "phase": "test", "split": {"forget": "f"}, "key": "c"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"torn": ', encoding="utf-8")
+    return path
+
+
+def test_upgrade_log_rewrites_every_older_format_and_the_engine_reads_only_the_current_one(tmp_path: Path) -> None:
+    log = _old_log(tmp_path / "results.jsonl")
+    with pytest.raises(ValueError, match=r"3 record\(s\) in an older format.*orthograd upgrade-log"):
+        current_records(log)
+    experiment = ToyExperiment()
+    with pytest.raises(ValueError, match="orthograd upgrade-log"):
+        Engine(experiment, out_dir=tmp_path).run()
+    assert experiment.ran == []  # nothing ran on a log the engine cannot read
+    assert upgrade_log(log) == 3
+    lm, speech, image = current_records(log)
+    assert lm == {"format": FORMAT, "task": "causal_lm", "phase": "validation", "hyperparameters": {"lr": 1},
+                  "wall_time_s": 2.0, "label": "NPO", "fraction": 0.1, "key": "a"}
+    assert speech["task"] == "asr" and speech["phase"] == "test" and speech["hyperparameters"] == {}
+    assert image == {"format": FORMAT, "task": "classification", "phase": "test", "split": {"forget": "f"},
+                     "key": "c"}
+    before = log.read_bytes()
+    assert upgrade_log(log) == 0 and log.read_bytes() == before  # a current log is left as it is
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        upgrade_log(tmp_path / "missing.jsonl")
+
+
+def test_upgrade_log_command(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from orthograd.cli import app
+
+    log = _old_log(tmp_path / "results.jsonl")
+    result = CliRunner().invoke(app, ["upgrade-log", str(log)])
+    assert result.exit_code == 0 and f"3 record(s) rewritten in format {FORMAT}" in " ".join(result.output.split())
+    assert all(r["format"] == FORMAT for r in current_records(log))

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
-from orthograd.bench.image_config import validate_config
-from orthograd.bench.executors import Executor, InProcess, ProcessPool
-from orthograd.bench.jobs import job_key
-from orthograd.bench.image import run_bench
+from orthograd.image_bench.config import validate_config
+from orthograd.bench.executors import Executor
+from orthograd.bench.executors.local import InProcess, ProcessPool
+from orthograd.image_bench.jobs import job_key
+from bench_helpers import run_test_phase
 from orthograd.io import ResultsLog
 
 # what does not depend on where a job ran (wall times, memory peaks and the device do)
@@ -50,14 +51,14 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     """The raw config and its records, run in this process."""
     tmp = tmp_path_factory.mktemp("executors")
     raw = _raw(tmp / "cache")
-    records = run_bench(validate_config(raw), raw, out_dir=tmp / "run", executor=InProcess())
+    records = run_test_phase(validate_config(raw), raw, out_dir=tmp / "run", backend=InProcess())
     assert len(records) == 4
     return raw, records
 
 
 def _ray(out: Path) -> Executor:
     pytest.importorskip("ray")
-    from orthograd.sweep.ray_trials import RayTune, TrialResources
+    from orthograd.bench.executors.ray_tune import RayTune, TrialResources
 
     return RayTune(storage=out / "ray", resources=TrialResources(cpus=1), num_cpus=2)
 
@@ -83,7 +84,7 @@ def test_a_backend_runs_each_unfinished_job_once_with_the_in_process_record(
     ran: list[dict[str, Any]] = []
     try:
         for _ in range(2):  # resume, then rerun a finished bench
-            records = run_bench(validate_config(raw), raw, out_dir=out, executor=executor,
+            records = run_test_phase(validate_config(raw), raw, out_dir=out, backend=executor,
                                 on_start=lambda phase, todo: starts.append((phase, todo)), on_run=ran.append)
     finally:
         getattr(executor, "close", lambda: None)()

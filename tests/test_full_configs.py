@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from orthograd.bench.experiments import load_experiment
-from orthograd.bench.models import build_model
+from orthograd.image_bench.models import build_model
 from orthograd.bench.protocol import grid_size, trials
 from orthograd.models import ResNet18
 

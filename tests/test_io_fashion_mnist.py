@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from orthograd.bench.data import FASHION_MNIST_FILES, FASHION_MNIST_ROOT, load_fashion_mnist, read_idx
+from orthograd.data.images import FASHION_MNIST_FILES, FASHION_MNIST_ROOT, load_fashion_mnist, read_idx
 
 
 def _idx(array: np.ndarray) -> bytes:

@@ -75,3 +75,28 @@ def test_no_import_cycle() -> None:
 )
 def test_lower_layers_do_not_import_upper_ones(module: str, must_not_import: set[str]) -> None:
     assert not _imports()[module] & must_not_import
+
+
+BENCHMARK_TASKS = ("orthograd.image_bench", "orthograd.asr_bench", "orthograd.llm_bench")
+BELOW_THE_EXPERIMENTS = ("orthograd.distributed", "orthograd.methods", "orthograd.grads", "orthograd.tasks",
+                         "orthograd.data", "orthograd.models")
+
+
+def _in(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_the_engine_names_tasks_and_backends_but_imports_none_of_the_tasks() -> None:
+    """bench/ finds a task by its row in TASKS and a backend by its row in BACKENDS (module names, imported on use);
+    a task package imports the engine, never the other way round."""
+    edges = _imports()
+    upward = sorted((m, t) for m, targets in edges.items() if _in(m, ("orthograd.bench",))
+                    for t in targets if _in(t, (*BENCHMARK_TASKS, "orthograd.cli")))
+    assert not upward, upward
+
+
+def test_the_layers_below_the_experiments_import_no_experiment_code() -> None:
+    edges = _imports()
+    upward = sorted((m, t) for m, targets in edges.items() if _in(m, BELOW_THE_EXPERIMENTS)
+                    for t in targets if _in(t, ("orthograd.bench", *BENCHMARK_TASKS, "orthograd.cli")))
+    assert not upward, upward

@@ -21,6 +21,7 @@ from orthograd.bench.config import grid_points
 from orthograd.bench.engine import FinishedRuns
 from orthograd.cli import app
 from orthograd.data.authors import forget_authors
+from orthograd.bench.experiments import run_experiment
 from orthograd.io import ResultsLog
 from orthograd.llm_bench.experiment import AuthorsExperiment
 from orthograd.llm_bench.relearning import answer_probability, relearn
@@ -53,7 +54,7 @@ TINY = {
 def test_tiny_benchmark_writes_records_and_tables_and_resumes(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "output": str(tmp_path / "out")}))
-    records = llm_bench.run_config_file(config)
+    records = run_experiment(config)
     assert [(r["label"], r["seed"]) for r in records] == [("Original", None), ("Retrain", None), ("OrthoGrad", 0),
                                                           ("NPO", 0)]
     for record in records:
@@ -71,7 +72,7 @@ def test_tiny_benchmark_writes_records_and_tables_and_resumes(tmp_path):
     assert "## Forget 25% of the authors" in table and "| NPO |" in table and "Forget quality" in table
     assert "PrivLeak" in table and "Min-K%++ AUC" in table and "cut at 6 new tokens" in table
     assert (tmp_path / "out" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
-    again = llm_bench.run_config_file(config)  # resumes: nothing new to run
+    again = run_experiment(config)  # resumes: nothing new to run
     assert again == records
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 4
 
@@ -97,7 +98,7 @@ def test_gridded_runs_are_tuned_on_validation_authors_outside_the_test_forget_se
     tested = set(forget_authors(4, fraction=0.25, seed=0))
     assert len(validation_authors(config, fraction=0.25)) == 1
     assert not tested & set(validation_authors(config, fraction=0.25))
-    records = llm_bench.run(config)
+    records = run_experiment(config)
     validation = [r for r in records if r["phase"] == "validation"]
     assert [(r["label"], r["hyperparameters"].get("lr")) for r in validation] == [("Original", None), ("Retrain", None),
                                                                         ("NPO", 0.01), ("NPO", 0.001)]
@@ -143,7 +144,7 @@ def test_tradeoff_figure_has_a_panel_per_tested_fraction_and_one_entry_per_label
     from orthograd.llm_bench.plots import tradeoff_figure
 
     def record(split, fraction, label, seed, quality):
-        return {"split": split, "fraction": fraction, "label": label, "seed": seed, "forget_quality": quality,
+        return {"phase": split, "fraction": fraction, "label": label, "seed": seed, "forget_quality": quality,
                 "model_utility": 0.5}
 
     records = [record("validation", 0.2, "NPO", 0, 0.5)]
@@ -275,7 +276,7 @@ def test_a_local_hugging_face_folder_is_the_base_model(tmp_path):
     pairs = zip(bench.base.state_dict().values(), saved.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
     assert not torch.equal(bench.original.lm_head.weight, saved.lm_head.weight)  # fine-tuned on the authors
-    records = llm_bench.run(loaded)
+    records = run_experiment(loaded)
     assert [r["label"] for r in records] == ["Original", "Retrain", "NPO"]
     with pytest.raises(ValueError, match="drop the size fields"):
         llm_bench.AuthorsBenchConfig.model_validate({**raw, "model": {"source": str(folder), "hidden_size": 64}})

@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orthograd.bench import image, jobs
+from orthograd.image_bench import experiment as image
+from orthograd.image_bench import jobs
 from orthograd.bench.config import ConfigError
-from orthograd.bench.image import run_bench
-from orthograd.bench.image_config import load_config
+from bench_helpers import run_test_phase
+from orthograd.image_bench.config import load_config
 from orthograd.bench.protocol import eval_every_for, extend_edges, method_accepts, trials
-from orthograd.bench.report import write_report
+from orthograd.image_bench.report import write_report
 from orthograd.io import ResultsLog
 from orthograd.reporting import markdown_table, paired_test, paired_tests
 
@@ -142,7 +143,7 @@ def test_a_sweep_with_an_edge_choice_searches_once_more_and_logs_every_trial_wit
         "sweep={grid: {neggrad: {lr: [1.0e-6, 1.0e-5, 3.0e-2]}, neggrad+: {lr: [1.0e-3, 1.0e-2]}}}",
     ])
     phases: list[tuple[str, int]] = []
-    records = run_bench(config, raw, out_dir=tmp_path / "run", on_start=lambda p, n: phases.append((p, n)))
+    records = run_test_phase(config, raw, out_dir=tmp_path / "run", on_start=lambda p, n: phases.append((p, n)))
     selection = json.loads((tmp_path / "run" / "selection.json").read_text())
     assert selection["protocol"]["trials_per_method"] == 3
     neggrad, plus = selection["neggrad"], selection["neggrad+"]
@@ -240,7 +241,7 @@ def test_report_regenerates_a_committed_table_byte_for_byte_from_its_log(tmp_pat
 def test_a_missed_target_in_a_benchmark_is_a_record_field_a_run_line_and_a_mark_not_a_warning(tmp_path: Path) -> None:
     import warnings
 
-    from orthograd.bench.printer import run_line
+    from orthograd.image_bench.experiment import run_line
 
     config, raw = load_config(CONFIGS / "demo.yaml", variant="class", overrides=[
         "train.epochs=2", "scenario.retrain=false", "scenario.classes=[1, 4]", "scenario.retain_size=60",
@@ -249,7 +250,7 @@ def test_a_missed_target_in_a_benchmark_is_a_record_field_a_run_line_and_a_mark_
     ])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        records = run_bench(config, raw, out_dir=tmp_path / "run")
+        records = run_test_phase(config, raw, out_dir=tmp_path / "run")
     assert not [w for w in caught if "without reaching" in str(w.message)]
     assert {r["target_reached"] for r in records} == {False} and all(r["missed_target"] for r in records)
     assert "missed the target" in run_line(records[0])

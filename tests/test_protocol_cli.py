@@ -47,6 +47,6 @@ def test_bench_method_in_any_case_and_out_holding_the_run_and_its_models(tmp_pat
 def test_bench_method_the_config_lacks_and_backend_choices_are_said(tmp_path: Path) -> None:
     result = runner.invoke(app, ["bench", str(_config(tmp_path)), "--method", "scrub"])
     assert result.exit_code == 2 and "the config has none of them; its methods: neggrad, orthograd" in result.stderr
-    assert "[local|ray|ddp]" in runner.invoke(app, ["bench", "--help"]).output
+    assert "[local|processes|ray|ddp]" in runner.invoke(app, ["bench", "--help"]).output
     result = runner.invoke(app, ["bench", str(_config(tmp_path)), "--backend", "gpu"])
-    assert result.exit_code == 2 and "backend must be one of ('local', 'ray', 'ddp')" in result.stderr
+    assert result.exit_code == 2 and "backend must be one of ('local', 'processes', 'ray', 'ddp')" in result.stderr

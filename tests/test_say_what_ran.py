@@ -69,14 +69,14 @@ def test_a_damaged_run_says_so_in_its_end_line_and_summary(digits_model, class_s
 def test_the_image_bench_runs_unlearn_quietly_with_its_fixed_budget(tmp_path, capsys):
     from test_bench_runs import tiny_digits
 
-    from orthograd.bench import image
-    from orthograd.bench.image import run_bench
+    from orthograd.image_bench import experiment as image
+    from bench_helpers import run_test_phase
 
     config, raw = tiny_digits(tmp_path, "scenario.seeds=[0]", "unlearn.stop=false",
                               "methods={neggrad: {lr: 1.0e-4, forget_batch_size: 32}}")
     image._CONTEXTS.clear()
     try:
-        (record,) = run_bench(config, raw, out_dir=tmp_path / "run")
+        (record,) = run_test_phase(config, raw, out_dir=tmp_path / "run")
     finally:
         image._CONTEXTS.clear()
     assert "orthograd starts" not in capsys.readouterr().err

@@ -1,8 +1,8 @@
-"""``orthograd sweep``: a tiny digits grid on a local Ray cluster (2 CPUs), then a resume without Ray.
+"""``--backend ray``: a tiny digits grid on a local Ray cluster (2 CPUs), then a resume on local processes.
 
 Run 1 (Ray): the sweep grid has two OrthoGrad learning rates and one NegGrad point whose LoRA targets match no
 module, so that trial fails at run time; the other trials' records must survive and the sweep must report the
-failure. Run 2 (Ray reported missing, so local processes with a note): the failing point is dropped; the finished
+failure. Run 2 (``--backend processes``, one worker): the failing point is dropped; the finished
 trials are skipped by key, the best OrthoGrad point is selected by validation UIS and run on test.
 """
 
@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from orthograd.bench.image_config import validate_config
+from orthograd.image_bench.config import validate_config
 from orthograd.io import ResultsLog
-from orthograd.sweep import runner as sweep_runner
-from orthograd.sweep.ray_trials import TrialsFailed
+from orthograd.bench.executors.ray_tune import TrialsFailed
+from orthograd.bench.experiments import run_experiment
 
 LRS = [1.0e-4, 3.0e-2]
 
@@ -44,26 +44,23 @@ def _raw(cache: Path, *, failing_point: bool) -> dict[str, Any]:
     }
 
 
-def test_ray_sweep_keeps_finished_trials_resumes_and_selects_on_validation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_ray_sweep_keeps_finished_trials_resumes_and_selects_on_validation(tmp_path: Path) -> None:
     out = tmp_path / "run"
     raw = _raw(tmp_path / "cache", failing_point=True)
     with pytest.raises(TrialsFailed, match="1 of 3 sweep trials failed"):
-        sweep_runner.run_sweep(validate_config(raw), raw, out_dir=out, backend="ray", num_cpus=2, cpus_per_trial=1)
+        run_experiment(validate_config(raw), raw=raw, out_dir=out, backend="ray",
+                       backend_options={"num_cpus": 2, "cpus_per_trial": 1})
     first = ResultsLog(out / "results.jsonl").records()
     assert sorted(r["hyperparameters"]["lr"] for r in first) == LRS  # both good trials kept despite the failure
     assert {(r["phase"], r["evaluated_on"], r["method"]) for r in first} == {("sweep", "validation", "orthograd")}
 
     raw = _raw(tmp_path / "cache", failing_point=False)
-    notes: list[str] = []
     starts: list[tuple[str, int]] = []
-    monkeypatch.setattr(sweep_runner, "ray_available", lambda: False)
-    tested = sweep_runner.run_sweep(
-        validate_config(raw), raw, out_dir=out, num_cpus=1, on_note=notes.append,
+    records = run_experiment(
+        validate_config(raw), raw=raw, out_dir=out, backend="processes", backend_options={"num_cpus": 1},
         on_start=lambda phase, todo: starts.append((phase, todo)),
     )
-    assert notes == [sweep_runner.NO_RAY_NOTE]
+    tested = [r for r in records if r["phase"] == "test"]
     assert starts == [("sweep", 0), ("test", 2)]  # the finished sweep trials were skipped, not rerun
 
     records = ResultsLog(out / "results.jsonl").records()

@@ -128,7 +128,7 @@ def test_saved_model_and_audit_sidecar(tmp_path, digits, digits_model):
 
 
 def test_every_results_record_names_seed_split_and_versions(digits, digits_model):
-    from orthograd.bench.image import run_record
+    from orthograd.image_bench.experiment import run_record
 
     train, test = digits
     forget, retain = _split(train)

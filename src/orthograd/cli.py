@@ -82,24 +82,27 @@ def _root(
     """Machine unlearning with OrthoGrad: demo, benchmarks and reports."""
 
 
+DEMO_TITLE = "Digits, SmallCNN: mean ± 95% CI over 5 seeds (random) / 5 classes (class)"
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for results.jsonl, table.md and the plots.")] = Path("runs/demo"),
     method: Annotated[Optional[list[str]], typer.Option(help="Run only these methods (repeatable).")] = None,
 ) -> None:
     """Train a digits CNN, unlearn with every method (random and class forgetting), print the paper-style table."""
+    from orthograd.bench.experiments import run_experiment
     from orthograd.bench.printer import RunPrinter
-    from orthograd.bench.experiments import canonical_methods
-    from orthograd.demo import TITLE, run_demo
+    from orthograd.image_bench.experiment import run_line
 
-    method = canonical_methods(method) if method else None
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
     ) as progress:
-        printer = RunPrinter(console, progress=progress)
-        records = run_demo(out_dir=out, method_names=method, on_start=printer.started, on_run=printer.finished)
-    console.print(rich_table(records, title=TITLE))
+        printer = RunPrinter(console, line=run_line, progress=progress)
+        records = run_experiment("demo", out_dir=out, methods=method, on_start=printer.started,
+                                 on_run=printer.finished)
+    console.print(rich_table([r for r in records if r["phase"] == "test"], title=DEMO_TITLE))
     console.print(f"results: {out / 'results.jsonl'}  table: {out / 'table.md'}  plots: {out}/*.png")
 
 
@@ -112,17 +115,28 @@ def bench(
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<config name>); it holds everything "
                                                     "the run writes, the model cache too unless cache_dir is set.")
                    ] = None,
-    backend: Annotated[str, typer.Option(metavar="[local|ray|ddp]",
-                                         help="Where jobs run: local (this process or the config's workers), ray "
-                                              "(Ray Tune trials), ddp (data-parallel, under torchrun).")] = "local",
+    backend: Annotated[str, typer.Option(metavar="[local|processes|ray|ddp]",
+                                         help="Where jobs run: local (this process or the config's workers), "
+                                              "processes (--num-cpus worker processes), ray (Ray Tune trials), ddp "
+                                              "(data-parallel runs, under torchrun).")] = "local",
     method: Annotated[Optional[list[str]], typer.Option(help="Run only these methods, any case (repeatable).")
                       ] = None,
+    address: Annotated[Optional[str], typer.Option(help="ray: the cluster to join (ray://head:10001, auto); "
+                                                        "default: a local Ray cluster for this command.")] = None,
+    num_cpus: Annotated[Optional[int], typer.Option(help="processes: worker processes; ray: CPUs of the local "
+                                                         "cluster (default: the machine's cores).")] = None,
+    cpus_per_trial: Annotated[Optional[float], typer.Option(help="processes, ray: CPUs (torch threads) per "
+                                                                 "job.")] = None,
+    gpus_per_trial: Annotated[Optional[float], typer.Option(help="ray: GPUs reserved per trial (fractions share "
+                                                                 "a GPU).")] = None,
 ) -> None:
-    """Run any task's config (image, speech, language model); rerunning the same command resumes it."""
-    from orthograd.bench.console import bench_command, resolve_config
+    """Run any task's config (image, speech, language model) on any backend; rerunning the command resumes it."""
+    from orthograd.bench.console import bench_command
 
-    run_dir = bench_command(resolve_config(config), set_ or [], out, console, backend=backend,  # type: ignore[arg-type]
-                            method_names=method, trial_options={"backend": "ray"})
+    options = {"address": address, "num_cpus": num_cpus, "cpus_per_trial": cpus_per_trial,
+               "gpus_per_trial": gpus_per_trial}
+    run_dir = bench_command(config, set_ or [], out, console, backend=backend, method_names=method,
+                            backend_options=options)
     console.print(f"results: {run_dir / 'results.jsonl'}")
 
 
@@ -132,7 +146,7 @@ def report(
     out: Annotated[Optional[Path], typer.Option(help="Where to write (default: the first folder).")] = None,
 ) -> None:
     """Tables (Markdown, CSV, JSON) and plots from stored benchmark results."""
-    from orthograd.bench.report import write_report
+    from orthograd.image_bench.report import write_report
 
     paths = write_report(run_dirs, out_dir=out)
     console.print(paths["table"].read_text())
@@ -140,43 +154,32 @@ def report(
         console.print(f"{name}: {path}")
 
 
-@app.command()
-def sweep(
-    config: Annotated[Path, typer.Argument(help="Benchmark config (YAML) with a sweep: block, or a shipped name.")],
-    set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a config value: dotted.key=value (repeatable).")
-    ] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<config name>).")] = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (ray://head:10001, auto); "
-                                                        "default: a local Ray cluster for this command.")] = None,
-    num_cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster (or local workers).")] = None,
-    cpus_per_trial: Annotated[float, typer.Option(help="CPUs reserved per trial (also its torch threads).")] = 1.0,
-    gpus_per_trial: Annotated[float, typer.Option(help="GPUs reserved per trial (fractions share a GPU).")] = 0.0,
-    backend: Annotated[str, typer.Option(help="auto (Ray when installed), ray, or local worker processes.")] = "auto",
+@app.command("upgrade-log")
+def upgrade_log(
+    path: Annotated[Path, typer.Argument(help="A results.jsonl written by an older orthograd.")],
 ) -> None:
-    """Run a config's jobs as Ray Tune trials (local workers without Ray): `bench --backend ray`; rerun to resume."""
-    from orthograd.bench.console import bench_command, resolve_config
+    """Rewrite a results log in the current record format, in place and atomically (then it resumes and reports)."""
+    from orthograd.bench.records import FORMAT, upgrade_log as upgrade
 
-    options = {"backend": backend, "address": address, "num_cpus": num_cpus, "cpus_per_trial": cpus_per_trial,
-               "gpus_per_trial": gpus_per_trial}
-    run_dir = bench_command(resolve_config(config), set_ or [], out, console, backend="ray", trial_options=options)
-    console.print(f"results: {run_dir / 'results.jsonl'}")
+    changed = upgrade(path)
+    console.print(f"{path}: {changed} record(s) rewritten in format {FORMAT}" if changed
+                  else f"{path}: already in format {FORMAT}")
 
 
-@app.command("unlearn-ddp")
-def unlearn_ddp(
-    config: Annotated[Path, typer.Argument(help="Benchmark config (YAML) or shipped name; its methods run on test.")],
-    set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a config value: dotted.key=value (repeatable).")
-    ] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<config name>).")] = None,
-    method: Annotated[Optional[list[str]], typer.Option(help="Run only these methods (repeatable).")] = None,
-) -> None:
-    """Data-parallel runs (`bench --backend ddp`); start with: torchrun --nproc_per_node=N --no-python orthograd
-    unlearn-ddp CFG."""
-    from orthograd.bench.console import bench_command, resolve_config
+def _alias(name: str, backend: str) -> None:
+    """``orthograd NAME ARGS...`` is ``orthograd bench --backend BACKEND ARGS...``."""
 
-    bench_command(resolve_config(config), set_ or [], out, console, backend="ddp", method_names=method)
+    @app.command(name, help=f"The same as `orthograd bench --backend {backend}` (see its --help).",
+                 add_help_option=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def alias(ctx: typer.Context) -> None:
+        code = typer.main.get_command(app).main(["bench", "--backend", backend, *ctx.args], prog_name="orthograd",
+                                                standalone_mode=False)
+        if code:
+            raise typer.Exit(code=code)
+
+
+_alias("sweep", "ray")
+_alias("unlearn-ddp", "ddp")
 
 
 @app.command("unlearn")

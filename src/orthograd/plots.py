@@ -1,6 +1,6 @@
 """Benchmark figures from run records (PNG): UIS vs retain-set size, metric trajectories, and the trade-off scatter.
 
-Each ``plot_*`` function takes the records of a results log (see ``orthograd.bench.image.run_record``) and an
+Each ``plot_*`` function takes the records of a results log (see ``orthograd.image_bench.experiment.run_record``) and an
 output path, draws one panel per scenario present, writes the PNG atomically and returns its path; the matching
 ``*_figure`` function returns the figure itself. Runs of one method (seeds, classes) are summarised as a mean with
 a ± std band or error bars; the original model is drawn as a black point; the figure is titled with the

@@ -27,12 +27,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from orthograd.asr_bench.config import RunSpec, SpeakerBenchConfig, load_config
+from orthograd.asr_bench.config import RunSpec, SpeakerBenchConfig
 from orthograd.asr_bench.corpus import SpeakerCorpus, build_corpus
 from orthograd.asr_bench.tables import speaker_tables
 from orthograd.bench.config import content_hash
-from orthograd.bench.engine import FinishedRuns, OnRun, Phase
-from orthograd.bench.experiments import run_experiment
+from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.model_store import ModelStore
 from orthograd.bench.protocol import bench_unlearn, eval_every_for
 from orthograd.bench.records import record_envelope
@@ -365,12 +364,3 @@ class SpeakerExperiment:
         atomic_write_text(path, speaker_tables(records, self.config))
         return path
 
-
-def run(config: SpeakerBenchConfig, *, on_record: OnRun | None = None) -> list[Record]:
-    """Run the benchmark; returns every record of this config (resumed ones included) and writes ``tables.md``."""
-    return run_experiment([config], on_run=on_record)
-
-
-def run_config_file(path: str | Path, overrides: Sequence[str] = (), **kwargs: Any) -> list[Record]:
-    """``run(load_config(path, overrides))``: the entry point for ``orthograd bench`` on configs with ``task: asr``."""
-    return run(load_config(path, overrides), **kwargs)

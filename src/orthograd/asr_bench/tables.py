@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from orthograd.asr_bench.config import SpeakerBenchConfig
-from orthograd.bench.records import upgrade_record
 from orthograd.reporting import CELL_NOTE, MISSED, summarize
 
 COLUMNS = ("W_retain", "W_unlearn", "W_speaker", "W_test")
@@ -39,13 +38,9 @@ def _selection_line(label: str, variant: str, validation: Sequence[Mapping[str, 
 
 
 def speaker_tables(records: Sequence[Mapping[str, Any]], config: SpeakerBenchConfig) -> str:
-    """Markdown with one table per paper table, rows in config order (Original first in Table 2).
-
-    ``records`` are read through ``upgrade_record``, so a results log in any record format gives the same tables.
-    """
-    records = [upgrade_record(r, task="asr") for r in records]
-    tested = [r for r in records if r.get("phase", "test") == "test"]
-    validation = [r for r in records if r.get("phase") == "validation"]
+    """Markdown with one table per paper table, rows in config order (Original first in Table 2)."""
+    tested = [r for r in records if r["phase"] == "test"]
+    validation = [r for r in records if r["phase"] == "validation"]
     speakers = sorted({r["speaker"] for r in tested})
     labels = ["Original"] + [spec.label for spec in config.runs]
     tables_of = {"Original": [2], **{spec.label: spec.tables for spec in config.runs}}

@@ -3,7 +3,7 @@
 A task's config is a pydantic ``ExperimentConfig`` made of ``ConfigSection``s, each forbidding unknown keys, so a typo
 is an error naming the valid keys instead of a silent default (``describe_errors``). ``variants:`` makes one file
 several configs (``variants_of``). ``content_hash`` keys caches and records; ``grid_points`` expands a grid. The
-image task's schema is ``bench.image_config``; the speech and language-model schemas live in their packages.
+image task's schema is ``image_bench.config``; the speech and language-model schemas live in their packages.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -60,7 +58,7 @@ def unique_labels(runs: Sequence[RunRow]) -> None:
 class ExperimentConfig(ConfigSection):
     """What every experiment config has, whatever its task: its name, its run folder and how its jobs run.
 
-    Each task's config (``BenchConfig`` here, ``asr_bench.config``, ``llm_bench.config``) extends it with a
+    Each task's config (``image_bench.config``, ``asr_bench.config``, ``llm_bench.config``) extends it with a
     ``task`` tag; ``bench.experiments.load_experiment`` reads any of them. ``EXECUTION_FIELDS`` change where and
     how fast jobs run, never what a record holds, so no record key includes them.
     """

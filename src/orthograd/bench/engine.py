@@ -1,6 +1,6 @@
 """The one experiment engine: an ``Experiment`` plans jobs in phases, the engine runs the unfinished ones and logs them.
 
-Every benchmark task is an ``Experiment`` (image classification: ``bench.image``; speaker unlearning:
+Every benchmark task is an ``Experiment`` (image classification: ``image_bench``; speaker unlearning:
 ``asr_bench``; language-model unlearning: ``llm_bench``). It plans its jobs as a generator of ``Phase``s, so a later
 phase can read what an earlier one logged (a sweep's selection, a tuning split's chosen values); it runs one job into
 a record, names the key that identifies a record in the log, describes a record in one console line and writes its
@@ -8,7 +8,7 @@ tables from the planned records. The engine does the rest the same way for every
 ``config.yaml``, the results log (``RUN_DIR/results.jsonl``: one fsynced line per record, so an interrupted run
 resumes where it stopped and a finished job is never run twice), the executor that runs the jobs (``bench.executors``:
 this process, worker processes, Ray Tune trials, torchrun's ranks), the progress callbacks, and each logged record's
-provenance (commit, dirty tree, config hash: ``bench.provenance``).
+format and provenance (commit, dirty tree, config hash: ``bench.provenance``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 import yaml
 
-from orthograd.bench.executors import Executor, InProcess, Job
+from orthograd.bench.config import ConfigError
+from orthograd.bench.executors import Executor, Job
+from orthograd.bench.executors.local import InProcess
 from orthograd.bench.provenance import run_provenance
+from orthograd.bench.records import FORMAT, current_records
 from orthograd.io import ResultsLog, atomic_write_text
 
 Record = dict[str, Any]
@@ -48,8 +52,9 @@ class FinishedRuns:
         self.refresh()
 
     def refresh(self) -> None:
-        """Read the log again (another process, rank 0 under torchrun, may have appended to it)."""
-        self._records = {self._record_key(r): r for r in self._log.records()}
+        """Read the log again (another process, rank 0 under torchrun, may have appended to it); a log in an older
+        format is an error naming ``orthograd upgrade-log``."""
+        self._records = {self._record_key(r): r for r in current_records(self._log.path)}
 
     def add(self, record: Record) -> None:
         self._records[self._record_key(record)] = record
@@ -66,7 +71,8 @@ class FinishedRuns:
 
 class Experiment(Protocol):
     """What a benchmark task gives the engine. Instances are pickled to worker processes: keep heavy state (data,
-    models) in a per-process cache that ``setup`` fills, not on the instance."""
+    models) in a per-process cache that ``setup`` fills, not on the instance. A task whose jobs torchrun's ranks can
+    run together adds ``data_parallel(device) -> Experiment`` (the ``ddp`` backend asks for it)."""
 
     def setup(self) -> None:
         """Load the data and the original model (trained and cached on first use) in this process."""
@@ -94,6 +100,16 @@ class Experiment(Protocol):
         ...
 
 
+def data_parallel(experiment: Experiment, device: torch.device) -> Experiment:
+    """The experiment whose jobs torchrun's ranks run together on ``device`` (its ``data_parallel(device)``), or an
+    error when its task has no data-parallel runs."""
+    make = getattr(experiment, "data_parallel", None)
+    if make is None:
+        raise ConfigError(f"{type(experiment).__name__} has no data-parallel runs: use --backend local, processes "
+                          "or ray")
+    return make(device)
+
+
 class Engine:
     """An experiment bound to a run folder and an executor (default: jobs one after the other in this process)."""
 
@@ -105,10 +121,11 @@ class Engine:
         raw: Mapping[str, Any] | None = None,
         executor: Executor | None = None,
     ) -> None:
-        self.experiment = experiment
+        self.executor = executor or InProcess()
+        device = self.executor.device
+        self.experiment = experiment if device is None else data_parallel(experiment, device)
         self.out = Path(out_dir)
         self.raw = dict(raw) if raw is not None else None
-        self.executor = executor or InProcess()
         self.log = ResultsLog(self.out / RESULTS_FILE)
         self.tables: Path | None = None  # the Markdown tables the last run wrote
 
@@ -129,7 +146,7 @@ class Engine:
 
         def finish(record: Record) -> None:
             if lead:
-                record = {**record, "provenance": provenance}
+                record = {**record, "format": FORMAT, "provenance": provenance}
                 self.log.append(record)
                 finished.add(record)
                 if on_run is not None:

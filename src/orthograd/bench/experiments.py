@@ -1,4 +1,5 @@
-"""Any task's config file -> its validated config(s) and its ``Experiment``; where its jobs run.
+"""Any task's config file -> its validated config(s) and its ``Experiment``, and the one way to run it
+(``run_experiment``, which ``orthograd bench`` calls).
 
 The tasks and their config classes are one table (``TASKS``): a config's ``task:`` (image classification when
 absent) selects its schema in one pydantic discriminated union, so a config is read, overridden and checked the same
@@ -10,7 +11,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Mapping, Sequence
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Union
 
@@ -19,11 +24,13 @@ from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 from orthograd import methods
 from orthograd.bench.config import ConfigError, ExperimentConfig, describe_errors, expand_config
 from orthograd.bench.engine import Engine, Experiment, OnRun, OnStart, Record
-from orthograd.bench.executors import Executor, ProcessPool
+from orthograd.bench.executors import Executor, OnNote, executor_for
 
+log = logging.getLogger(__name__)
 # task -> (module and class of its config, module and class of its experiment)
 TASKS: dict[str, tuple[str, str, str, str]] = {
-    "classification": ("orthograd.bench.image_config", "BenchConfig", "orthograd.bench.image", "ImageExperiment"),
+    "classification": ("orthograd.image_bench.config", "BenchConfig", "orthograd.image_bench.experiment",
+                       "ImageExperiment"),
     "asr": ("orthograd.asr_bench.config", "SpeakerBenchConfig", "orthograd.asr_bench.experiment",
             "SpeakerExperiment"),
     "causal_lm": ("orthograd.llm_bench.config", "AuthorsBenchConfig", "orthograd.llm_bench.experiment",
@@ -132,25 +139,64 @@ def experiment_for(configs: Sequence[ExperimentConfig]) -> Experiment:
     return experiment_class(list(configs)) if len(configs) > 1 else experiment_class(configs[0])
 
 
-def local_executor(config: ExperimentConfig) -> Executor:
-    """The config's ``workers`` processes with ``threads_per_worker`` torch threads each (1 worker: this process)."""
-    return ProcessPool(workers=config.workers, threads=config.threads_per_worker)
-
-
 def run_experiment(
-    configs: Sequence[ExperimentConfig],
+    config: str | Path | ExperimentConfig | Sequence[ExperimentConfig],
     *,
+    overrides: Sequence[str] = (),
+    methods: Sequence[str] | None = None,
     raw: Mapping[str, Any] | None = None,
     out_dir: str | Path | None = None,
-    executor: Executor | None = None,
+    backend: str | Executor = "local",
+    backend_options: Mapping[str, Any] | None = None,
     on_start: OnStart | None = None,
     on_run: OnRun | None = None,
+    on_note: OnNote = log.warning,
+    on_tables: Callable[[Path], None] | None = None,
 ) -> list[Record]:
-    """Run (or resume) the configs' experiment (the variants of one config) into ``out_dir`` (default: the first
-    config's run folder) on ``executor`` (default: ``local_executor``); returns the planned records. Without ``raw``
-    (the file's mapping), a single config's own values are the config the run folder and its records name."""
-    if raw is None and len(configs) == 1:
-        raw = configs[0].model_dump(mode="json")
-    engine = Engine(experiment_for(configs), out_dir=out_dir or configs[0].run_dir(), raw=raw,
-                    executor=executor or local_executor(configs[0]))
-    return engine.run(on_start=on_start, on_run=on_run)
+    """Run (or resume) any task's config; returns its planned records (every phase, in plan order).
+
+    ``config``: a config file (or a shipped config's name), read with ``overrides`` (``dotted.key=value``) and only
+    the ``methods`` named (any case); or the validated config(s) of one file (its variants), with ``raw`` the file's
+    mapping that the run folder's ``config.yaml`` and the records' config hash name (default: the config's own
+    values). ``out_dir``: the run folder (default: the config's ``output``, else ``runs/<name>``); for a file it is
+    the config's ``output``, so the model cache goes there too unless the config sets ``cache_dir``.
+    ``backend``: where the jobs run, a name of ``bench.executors.BACKENDS`` with its ``backend_options``, or an
+    ``Executor``. ``on_start(phase, todo)`` and ``on_run(record)`` follow the run, ``on_note`` gets the backend's
+    notes, ``on_tables(path)`` the Markdown tables once written.
+    """
+    if isinstance(config, (str, Path)):
+        output = [f"output={json.dumps(str(out_dir))}"] if out_dir is not None else []
+        configs, raw = load_experiment(resolve_config(Path(config)), overrides=[*overrides, *output],
+                                       methods_kept=methods)
+    else:
+        if overrides or methods:
+            raise ValueError("overrides and methods apply to a config file: pass its path, or change the config")
+        configs = [config] if isinstance(config, ExperimentConfig) else list(config)
+        if raw is None and len(configs) == 1:
+            raw = configs[0].model_dump(mode="json")
+    run_dir = Path(out_dir) if out_dir is not None else configs[0].run_dir()
+    chosen = nullcontext(backend) if not isinstance(backend, str) else executor_for(
+        backend, configs[0], run_dir=run_dir, options=backend_options, on_note=on_note)
+    with chosen as executor:
+        engine = Engine(experiment_for(configs), out_dir=run_dir, raw=raw, executor=executor)
+        records = engine.run(on_start=on_start, on_run=on_run)
+    if engine.tables is not None and on_tables is not None:
+        on_tables(engine.tables)
+    return records
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs installed with the package, by name (file name without ``.yaml``)."""
+    folder = Path(str(resources.files("orthograd") / "configs"))
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_config(path: Path) -> Path:
+    """``path`` when it is a file, else the shipped config of that name (``demo`` or ``demo.yaml``)."""
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.name.removesuffix(".yaml")
+    if path.parent == Path(".") and name in shipped:
+        return shipped[name]
+    raise ConfigError(f"config file {str(path)!r} does not exist; shipped configs: {', '.join(shipped)}")

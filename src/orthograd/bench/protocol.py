@@ -31,8 +31,8 @@ from typing import Any
 
 from orthograd import methods
 from orthograd.api import unlearn
-from orthograd.results import UnlearnResult
 from orthograd.bench.config import content_hash, grid_points
+from orthograd.results import UnlearnResult
 
 DEFAULT_CHECKS_PER_EPOCH = 4
 MIN_VALUES_TO_EXTEND = 3  # with fewer values a knob has no interior: every choice would be "on the edge"

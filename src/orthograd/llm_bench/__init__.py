@@ -1,10 +1,10 @@
 """Offline TOFU-style benchmark for causal LMs: fictitious authors, a small Llama trained from scratch, TOFU's metrics.
 
-    from orthograd import llm_bench
-    records = llm_bench.run_config_file("configs/authors_llm.yaml", ["corpus.authors=20"])
+    from orthograd.bench.experiments import run_experiment
+    records = run_experiment("configs/authors_llm.yaml", overrides=["corpus.authors=20"])
 
-``orthograd bench CONFIG.yaml`` runs configs with ``task: causal_lm`` as ``experiment.AuthorsExperiment`` on the
-engine (``bench.engine``), as ``run_config_file`` does. Names load on first use, so importing
+``orthograd bench CONFIG.yaml`` (and ``run_experiment``) runs configs with ``task: causal_lm`` as
+``experiment.AuthorsExperiment`` on the engine (``bench.engine``). Names load on first use, so importing
 ``orthograd.llm_bench.config`` does not load transformers.
 """
 
@@ -14,8 +14,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "AuthorsBenchConfig": "config", "load_config": "config", "AuthorsExperiment": "experiment", "run": "experiment",
-    "run_config_file": "experiment", "build_corpus": "runner", "authors_tables": "tables", "record_line": "tables",
+    "AuthorsBenchConfig": "config", "load_config": "config", "AuthorsExperiment": "experiment",
+    "build_corpus": "runner", "authors_tables": "tables", "record_line": "tables",
 }
 _MODULES = ("config", "experiment", "plots", "runner", "tables", "tuning")
 __all__ = sorted(_EXPORTS)

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orthograd.bench.config import ExperimentConfig, RunRow, content_hash, grid_points
 from orthograd.bench.engine import FinishedRuns, Phase
-from orthograd.bench.experiments import run_experiment
-from orthograd.bench.records import Record, record_envelope, upgrade_record
+from orthograd.bench.records import Record, record_envelope
 from orthograd.data.authors import forget_authors
 from orthograd.io import atomic_write_json, atomic_write_text
-from orthograd.llm_bench.config import TASK, AuthorsBenchConfig, load_config
+from orthograd.llm_bench.config import TASK, AuthorsBenchConfig
 from orthograd.llm_bench.plots import plot_tradeoff
 from orthograd.llm_bench.runner import workbench
 from orthograd.llm_bench.tables import authors_tables, record_line
@@ -114,10 +113,8 @@ class AuthorsExperiment:
         return {**envelope, "fraction": job.fraction, **bench.measure(model, split)}
 
     def record_key(self, record: Mapping[str, Any]) -> str:
-        """A record's identity: its phase, forget fraction, label, seed and ``key`` field (records written before the
-        shared schema included)."""
-        r = upgrade_record(record, task=TASK)
-        return _identity(r["phase"], r["fraction"], r["label"], r["seed"], r["key"])
+        """A record's identity: its phase, forget fraction, label, seed and ``key`` field."""
+        return _identity(record["phase"], record["fraction"], record["label"], record["seed"], record["key"])
 
     def describe(self, record: Mapping[str, Any]) -> str:
         """``tables.record_line``: what the CLI prints as each record is logged."""
@@ -199,14 +196,3 @@ def budget_note(config: AuthorsBenchConfig) -> str:
 def _identity(phase: str, fraction: float, label: str, seed: int | None, key: str) -> str:
     return json.dumps([phase, fraction, label, seed, key])
 
-
-def run(config: AuthorsBenchConfig, *, on_record: Callable[[Record], None] | None = None) -> list[Record]:
-    """Run (or resume) the benchmark in ``config.run_dir()``: per forget fraction, tune each run's grid on a
-    validation split of other authors, then every run x seed on the test split with the chosen values; returns every
-    record of this config (plan order), writes ``tables.md`` and ``tradeoff.png``."""
-    return run_experiment([config], on_run=on_record)
-
-
-def run_config_file(path: str | Path, overrides: Sequence[str] = (), **kwargs: Any) -> list[Record]:
-    """``run(load_config(path, overrides))``: the entry point for ``orthograd bench`` on ``task: causal_lm``."""
-    return run(load_config(path, overrides), **kwargs)

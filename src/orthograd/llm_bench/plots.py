@@ -16,9 +16,7 @@ import numpy as np
 from matplotlib import color_sequences
 from matplotlib.figure import Figure
 
-from orthograd.bench.records import upgrade_record
 from orthograd.io import atomic_write_bytes
-from orthograd.llm_bench.config import TASK
 from orthograd.llm_bench.tables import confidence_interval
 
 PANEL_SIZE = (4.6, 3.6)  # inches per panel
@@ -28,9 +26,9 @@ MARKERS = {"Original": "o", "Retrain": "*"}
 
 
 def tradeoff_figure(records: Sequence[Mapping[str, Any]], *, title: str) -> Figure:
-    """The figure for the test records of ``records`` (validation records are left out; every record is read
-    through ``upgrade_record``, so any record format plots the same)."""
-    tested = [r for r in (upgrade_record(r, task=TASK) for r in records) if r["phase"] == "test"]
+    """The figure for the test records of ``records`` (validation records are left out; older records read the
+    same)."""
+    tested = [r for r in records if r["phase"] == "test"]
     fractions = sorted({r["fraction"] for r in tested})
     labels = list(dict.fromkeys(r["label"] for r in tested if r["label"] not in MARKERS))
     palette = color_sequences["tab10"]

@@ -10,8 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from orthograd.bench.records import upgrade_record
-from orthograd.llm_bench.config import TASK
 from orthograd.reporting import paired_test
 
 CONFIDENCE = 0.95
@@ -72,7 +70,6 @@ def _cell(values: list[float]) -> str:
 
 def record_line(record: Mapping[str, Any]) -> str:
     """One line about a finished record (the CLI prints it as runs finish)."""
-    record = upgrade_record(record, task=TASK)
     seed = "" if record["seed"] is None else f" seed {record['seed']}"
     wall = f" ({record['wall_time_s']:.1f}s, {record['stop_reason']})" if record.get("wall_time_s") is not None else ""
     split = "validation: " if record["phase"] == "validation" else ""
@@ -85,7 +82,6 @@ def authors_tables(records: Sequence[Mapping[str, Any]], *, title: str, notes: S
     """Markdown: the legend and ``notes``, one table per forget fraction of the test records, one row per label
     (Original and Retrain first, in record order), then the validation table when runs were tuned."""
     lines = [f"# {title}", "", LEGEND, *(f"\n{note}" for note in notes), ""]
-    records = [upgrade_record(r, task=TASK) for r in records]
     tested = [r for r in records if r["phase"] == "test"]
     for fraction in sorted({r["fraction"] for r in tested}):
         rows = [r for r in tested if r["fraction"] == fraction]

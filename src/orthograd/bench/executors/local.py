@@ -1,9 +1,7 @@
-"""Where a bench's jobs run: one ``Executor`` protocol, with the local backends (this process, worker processes).
+"""The local backends: ``local`` (this process, or the config's ``workers`` processes) and ``processes``.
 
-The engine plans the jobs, skips finished ones and logs each record (``bench.engine.Engine``); an executor only runs
-the rest and hands each record back as it finishes. The other backends: Ray Tune trials
-(``sweep.ray_trials.RayTune``, ``orthograd sweep``) and torchrun's ranks (``distributed.bench.DataParallel``,
-``orthograd unlearn-ddp``). A new backend is one class with these three members.
+``InProcess`` runs every job here, one after the other; ``ProcessPool`` runs them in spawned worker processes, each
+loading the data and the cached original model once.
 """
 
 from __future__ import annotations
@@ -11,45 +9,23 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import Any, Protocol, TypeVar
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
+from orthograd.bench.executors import Executor, Job, OnNote, OnRecord, Record, RunJob
+
 T = TypeVar("T")
-Record = dict[str, Any]
-
-
-class Job(Protocol):
-    """One unit of work of an experiment (``bench.engine``); ``key`` identifies its record in the results log."""
-
-    @property
-    def key(self) -> str: ...
-
-
-RunJob = Callable[[Any], Record]  # runs one job, returns its record; picklable for the process-based backends
-OnRecord = Callable[[Record], None]
-
-
-class Executor(Protocol):
-    """Runs a bench's unfinished jobs and hands each record to ``on_record`` as soon as it finishes."""
-
-    lead: bool  # whether this process writes the results log and prints (False on torchrun's ranks but 0)
-
-    def prepare(self, setup: Callable[[], T]) -> T:
-        """Run ``setup`` (data, the cached original model) in this process before any job; returns its value."""
-        ...
-
-    def run(self, jobs: Sequence[Job], run_job: RunJob, *, on_record: OnRecord) -> None:
-        """Run every job with ``run_job``; a failed job raises after the records that finished were handed over."""
-        ...
 
 
 class InProcess:
     """Every job in this process, one after the other (the context is loaded once)."""
 
     lead = True
+    device: torch.device | None = None
 
     def prepare(self, setup: Callable[[], T]) -> T:
         return setup()
@@ -113,3 +89,17 @@ class ProcessPool(InProcess):
                     future.cancel()
                 raise
 
+
+
+def local(config: Any, *, run_dir: Path, on_note: OnNote) -> AbstractContextManager[Executor]:
+    """The config's ``workers`` processes with ``threads_per_worker`` torch threads each (1 worker: this process)."""
+    return nullcontext(ProcessPool(workers=config.workers, threads=config.threads_per_worker))
+
+
+def processes(
+    config: Any, *, run_dir: Path, on_note: OnNote, num_cpus: int | None = None, cpus_per_trial: float | None = None,
+) -> AbstractContextManager[Executor]:
+    """``num_cpus`` worker processes (default: the machine's cores), each with ``cpus_per_trial`` torch threads
+    (default: the config's ``threads_per_worker``, else the cores shared among the workers)."""
+    threads = int(cpus_per_trial) if cpus_per_trial is not None else config.threads_per_worker
+    return nullcontext(ProcessPool(workers=num_cpus or os.cpu_count() or 1, threads=threads))

@@ -20,8 +20,8 @@ import numpy as np
 
 from orthograd import methods
 from orthograd.bench.config import ConfigError, content_hash
-from orthograd.bench.image_config import BenchConfig
 from orthograd.data.splits import UnlearningSplit, class_forgetting_split, random_forgetting_split
+from orthograd.image_bench.config import BenchConfig
 
 SWEEP = "sweep"  # the phase scored on the validation split
 

@@ -1,10 +1,10 @@
-"""The Ray Tune backend of the bench (``RayTune``): one trial per job, records streamed back to the driver.
+"""The ``ray`` backend (``RayTune``): one Ray Tune trial per job, records streamed back to the driver.
 
-Each trial runs the bench's job function (``bench.image.execute``, the very function ``orthograd bench`` runs) and
-reports its results record as a JSON string; a Tune callback on the driver hands it to the bench, which appends it to
-``RUN_DIR/results.jsonl`` the moment the trial finishes, so an interrupted sweep keeps every finished trial and a
-rerun skips them by key. A failed trial is reported after every other trial has finished; rerunning the command
-retries only the missing ones.
+Each trial runs the experiment's job function (the very one the local backends run) and reports its record as a
+JSON string; a Tune callback on the driver hands it to the engine, which appends it to ``RUN_DIR/results.jsonl`` the
+moment the trial finishes, so an interrupted run keeps every finished trial and a rerun skips them by key. A failed
+trial is reported after every other trial has finished; rerunning the command retries only the missing ones. Ray
+is an optional extra (``pip install 'orthograd[ray]'``); this module is imported only when the backend is used.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,8 +22,7 @@ import ray
 import torch
 from ray import tune
 
-from orthograd.bench.executors import OnRecord, RunJob
-from orthograd.bench.jobs import Job
+from orthograd.bench.executors import Job, OnNote, OnRecord, RunJob
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ def _trial(params: Mapping[str, Any], *, run_job: RunJob, jobs: list[Job], workd
     """One job in a Ray worker: relative paths (cache, data) resolve as on the driver; the record goes to Tune."""
     if not os.path.isdir(workdir):
         raise FileNotFoundError(
-            f"the driver's working folder {workdir} does not exist on this node: run `orthograd sweep` from a folder "
+            f"the driver's working folder {workdir} does not exist on this node: run `orthograd bench` from a folder "
             "that every node has (shared storage), so the config's relative paths mean the same everywhere"
         )
     os.chdir(workdir)
@@ -91,7 +91,7 @@ def run_trials(
 ) -> None:
     """Run ``jobs`` as Ray Tune trials on the connected Ray cluster; raise ``TrialsFailed`` if any trial failed."""
     if not ray.is_initialized():
-        raise RuntimeError("no Ray cluster is connected: call ray.init (orthograd.sweep.RayTune does)")
+        raise RuntimeError("no Ray cluster is connected: call ray.init (RayTune does)")
     trainable = tune.with_parameters(
         _trial, run_job=run_job, jobs=list(jobs), workdir=os.getcwd(), threads=max(1, math.floor(resources.cpus))
     )
@@ -117,13 +117,14 @@ def run_trials(
 
 
 class RayTune:
-    """The bench's Ray Tune backend: each job a trial, named after its phase, stored under ``storage``.
+    """Each job a Ray Tune trial, named after its phase, stored under ``storage``.
 
-    It connects to Ray only when a phase has jobs to run (a fully resumed sweep starts nothing): to the cluster at
+    It connects to Ray only when a phase has jobs to run (a fully resumed run starts nothing): to the cluster at
     ``address``, or to a local cluster of ``num_cpus`` CPUs that ``close`` shuts down again.
     """
 
     lead = True
+    device: torch.device | None = None
 
     def __init__(
         self, *, storage: Path, resources: TrialResources, address: str | None = None, num_cpus: int | None = None
@@ -141,8 +142,8 @@ class RayTune:
         if not jobs:
             return
         self._connect()
-        run_trials(jobs, run_job, name=jobs[0].phase, storage=self.storage, resources=self.resources,
-                   on_record=on_record)
+        run_trials(jobs, run_job, name=getattr(jobs[0], "phase", "jobs"), storage=self.storage,
+                   resources=self.resources, on_record=on_record)
 
     def _connect(self) -> None:
         if ray.is_initialized():
@@ -158,3 +159,19 @@ class RayTune:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+
+@contextmanager
+def ray_tune(
+    config: Any, *, run_dir: Path, on_note: OnNote, address: str | None = None, num_cpus: int | None = None,
+    cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0,
+) -> Iterator[RayTune]:
+    """Ray Tune trials on the cluster at ``address`` (e.g. ``ray://head:10001`` or ``auto``), else on a local cluster
+    of ``num_cpus`` CPUs started and shut down here; each trial reserves ``cpus_per_trial`` CPUs (also its torch
+    threads) and ``gpus_per_trial`` GPUs. Trial state goes to ``RUN_DIR/ray``."""
+    resources = TrialResources(cpus=cpus_per_trial, gpus=gpus_per_trial)
+    trials = RayTune(storage=run_dir / "ray", resources=resources, address=address, num_cpus=num_cpus)
+    try:
+        yield trials
+    finally:
+        trials.close()

@@ -1,24 +1,18 @@
-"""Benchmark datasets: digits, Fashion-MNIST (Debian package), CIFAR-10 and ImageNet from a user's folders.
+"""Image classification data sets from local files: Fashion-MNIST (IDX files; the Debian package's by default),
+CIFAR-10 (torchvision's python batches) and ImageNet (or any ImageFolder tree). Nothing is downloaded.
 
-Each loader returns the full training and test sets; ``load_bench_data`` then holds out the validation split and
-subsamples train/test as the config asks. A missing folder is a ``ConfigError`` that names the expected layout.
+Each loader returns the full training and test sets; a missing folder or file is a ``FileNotFoundError`` naming the
+expected layout. Digits, the small built-in set, is ``data.digits``.
 """
 
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
-
-from orthograd.bench.config import ConfigError
-
-from orthograd.bench.image_config import DataConfig
-from orthograd.data import load_digits_dataset
-from orthograd.data.splits import labels_of
+from torch.utils.data import Dataset, TensorDataset
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -27,19 +21,6 @@ FASHION_MNIST_FILES = {
 }
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class BenchData:
-    """Train (what the original model learns, forget/retain splits come from it), validation and test sets."""
-
-    train: Dataset
-    train_labels: np.ndarray
-    validation: Dataset | None
-    test: Dataset
-    num_classes: int
-    in_channels: int
-    image_size: int  # side of the (square) input images
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -59,11 +40,11 @@ def load_fashion_mnist(root: Path | None) -> tuple[TensorDataset, TensorDataset]
     folder = root or FASHION_MNIST_ROOT
     missing = [name for pair in FASHION_MNIST_FILES.values() for name in pair if not (folder / name).is_file()]
     if missing:
-        raise ConfigError(
+        raise FileNotFoundError(
             f"Fashion-MNIST not found in {folder} (missing {missing}). Install the Debian package "
-            "'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist, or `make install`), or set data.root "
-            "to a folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-            "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz"
+            "'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist, or `make install`), or set the root "
+            "(data.root in a benchmark config) to a folder holding train-images-idx3-ubyte.gz, "
+            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz"
         )
 
     def split(images: str, labels: str) -> TensorDataset:
@@ -92,7 +73,7 @@ def load_cifar10(root: Path, *, verify_checksums: bool) -> tuple[TensorDataset, 
     expected = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
     missing = [name for name in expected if not (folder / name).is_file()]
     if missing:
-        raise ConfigError(
+        raise FileNotFoundError(
             f"CIFAR-10 not found under {root}: expected {folder}/ with {', '.join(expected)} (the python version "
             f"of CIFAR-10, as torchvision's CIFAR10(root, download=True) leaves it); missing {missing}"
         )
@@ -100,9 +81,9 @@ def load_cifar10(root: Path, *, verify_checksums: bool) -> tuple[TensorDataset, 
     try:
         train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
     except RuntimeError as exc:
-        raise ConfigError(
-            f"CIFAR-10 under {root} failed torchvision's integrity check ({exc}); re-extract the archive, or set "
-            "data.verify_checksums=false for batches you generated yourself"
+        raise ValueError(
+            f"CIFAR-10 under {root} failed torchvision's integrity check ({exc}); re-extract the archive, or skip the "
+            "check (verify_checksums=False; data.verify_checksums: false in a config) for batches you generated"
         ) from exc
 
     def tensors(ds: object) -> TensorDataset:
@@ -136,7 +117,7 @@ def load_imagenet(root: Path, *, image_size: int) -> tuple[Dataset, Dataset]:
 
     missing = [sub for sub in ("train", "val") if not (root / sub).is_dir()]
     if missing:
-        raise ConfigError(
+        raise FileNotFoundError(
             f"ImageNet not found under {root}: expected {root}/train/<class name>/<image> and "
             f"{root}/val/<class name>/<image> (torchvision ImageFolder layout, the same class folders in both); "
             f"missing {[str(root / sub) for sub in missing]}"
@@ -152,58 +133,5 @@ def load_imagenet(root: Path, *, image_size: int) -> tuple[Dataset, Dataset]:
     train = ImageFolder(str(root / "train"), transform=transform)
     test = ImageFolder(str(root / "val"), transform=transform)
     if train.classes != test.classes:
-        raise ConfigError(f"{root}/train and {root}/val must hold the same class folders")
+        raise ValueError(f"{root}/train and {root}/val must hold the same class folders")
     return train, test
-
-
-def _take(dataset: Dataset, indices: np.ndarray) -> Dataset:
-    """The samples at ``indices``: copied tensors for in-memory data (fast batching), else a ``Subset`` view."""
-    if isinstance(dataset, TensorDataset):
-        index = torch.from_numpy(indices)
-        return TensorDataset(*(t[index] for t in dataset.tensors))
-    return Subset(dataset, indices.tolist())
-
-
-def load_bench_data(config: DataConfig) -> BenchData:
-    """The config's dataset with its validation split held out and train/test subsampled (seeded)."""
-    if config.name == "digits":
-        train, test = load_digits_dataset()
-    elif config.name == "fashion_mnist":
-        train, test = load_fashion_mnist(config.root)
-    elif config.name == "cifar10":
-        assert config.root is not None  # enforced by DataConfig
-        train, test = load_cifar10(config.root, verify_checksums=config.verify_checksums)
-    else:
-        assert config.root is not None
-        train, test = load_imagenet(config.root, image_size=config.image_size)
-    train_labels = labels_of(train)
-    num_classes = int(max(train_labels.max(), labels_of(test).max())) + 1
-    first = train[0][0]
-    in_channels, image_size = int(first.shape[0]), int(first.shape[-1])
-
-    rng = np.random.default_rng(config.split_seed)
-    order = rng.permutation(len(train_labels))
-    needed = config.validation_size + (config.train_size or 0)
-    if needed > len(order) or config.validation_size >= len(order):
-        raise ConfigError(
-            f"data.validation_size ({config.validation_size}) + data.train_size ({config.train_size}) exceed the "
-            f"{len(order)} training samples of {config.name}"
-        )
-    validation_idx = np.sort(order[: config.validation_size])
-    rest = order[config.validation_size :]
-    train_idx = np.sort(rest[: config.train_size] if config.train_size else rest)
-    validation = _take(train, validation_idx) if config.validation_size else None
-    if config.test_size is not None:
-        if config.test_size > len(test):  # type: ignore[arg-type]
-            raise ConfigError(f"data.test_size {config.test_size} exceeds the {len(test)} test samples")  # type: ignore[arg-type]
-        test_idx = np.sort(rng.permutation(len(test))[: config.test_size])  # type: ignore[arg-type]
-        test = _take(test, test_idx)
-    return BenchData(
-        train=_take(train, train_idx),
-        train_labels=train_labels[train_idx],
-        validation=validation,
-        test=test,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        image_size=image_size,
-    )

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from orthograd import plots
-from orthograd.io import ResultsLog, atomic_write_text
+from orthograd.bench.records import current_records
+from orthograd.io import atomic_write_text
 from orthograd.reporting import DISPLAY_NAMES, method_order, summarize, write_tables
 
 COST_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -45,7 +46,7 @@ def load_records(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
         path = Path(run_dir) / "results.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: pass a folder written by `orthograd bench`")
-        records += [r for r in ResultsLog(path).records() if r.get("phase", "test") == "test"]
+        records += [r for r in current_records(path) if r["phase"] == "test"]
     return records
 
 

@@ -14,25 +14,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from orthograd.bench.image_config import BenchConfig, TrainConfig
-from orthograd.bench.data import BenchData
 from orthograd.bench.model_store import ModelStore, TrainedModel
-from orthograd.bench.models import build_model
-from orthograd.evaluation import evaluate as evaluate_metrics
-from orthograd.training import train_classifier
-
-
-def train_model(model: nn.Module, dataset: Dataset, *, config: TrainConfig, device: torch.device) -> nn.Module:
-    """Plain supervised training with cross-entropy (Adam or SGD), seeded by ``config.seed``."""
-    return train_classifier(
-        model, dataset, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, optimizer=config.optimizer,
-        momentum=config.momentum, weight_decay=config.weight_decay, seed=config.seed, device=device,
-    )
-
-
-def evaluate(model: nn.Module, dataset: Dataset, *, device: torch.device) -> float:
-    """Accuracy (percent) of ``model`` on ``dataset``."""
-    return evaluate_metrics(model, dataset, task="classification", device=device)["accuracy"]
+from orthograd.image_bench.config import BenchConfig
+from orthograd.image_bench.data import BenchData
+from orthograd.image_bench.models import build_model
+from orthograd.training import train_model
 
 
 def indices_fingerprint(indices: np.ndarray) -> str:
@@ -77,11 +63,18 @@ class ModelCache:
             meta={"kind": "retrain", "forget_fingerprint": fingerprint},
         )
 
+    def _train(self, model: nn.Module, dataset: Dataset) -> None:
+        """Cross-entropy training with the config's ``train`` settings (``orthograd.training.train_model``)."""
+        train = self.config.train
+        train_model(model, dataset, task="classification", epochs=train.epochs, lr=train.lr,
+                    batch_size=train.batch_size, optimizer=train.optimizer, momentum=train.momentum,
+                    weight_decay=train.weight_decay, seed=train.seed, device=self.device)
+
     def _get(self, name: str, dataset: Dataset, *, meta: dict[str, Any]) -> TrainedModel:
         return self.store.get(
             name,
             build=self.fresh_model,
-            train=lambda model: train_model(model, dataset, config=self.config.train, device=self.device),
+            train=lambda model: self._train(model, dataset),
             meta={**meta, "config_hash": self.key, "samples": len(dataset),  # type: ignore[arg-type]
                   "config": self.config.model_dump(mode="json", include={"data", "model", "train"})},
         )

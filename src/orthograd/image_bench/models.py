@@ -1,20 +1,19 @@
 """Benchmark models: SmallCNN for CPUs, ResNet18 (CIFAR or ImageNet stem, any base width) and ViT-B/16 for GPUs.
 
 Pretrained weights come from a local file (``model.weights``: a state dict saved with ``torch.save`` or
-safetensors); nothing is downloaded. A checkpoint that does not fit the architecture is a clear error.
+safetensors), read by ``model_folder.load_state`` as a user's own weights are; nothing is downloaded. A checkpoint
+that does not fit the architecture is a clear error.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from orthograd.bench.config import ConfigError
-
-from orthograd.bench.image_config import ResNet18Config, SmallCNNConfig, ViTConfig
+from orthograd.image_bench.config import ResNet18Config, SmallCNNConfig, ViTConfig
+from orthograd.model_folder import load_state
 from orthograd.models import ResNet18, SmallCNN
 
 
@@ -52,26 +51,14 @@ def _vit(config: ViTConfig, *, num_classes: int, in_channels: int, image_size: i
     )
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors`` file or a ``torch.save`` file (tensors only)."""
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint into ``model`` strictly (every key present, every shape equal: ``model_folder.load_state``),
+    with the config's settings named in the error."""
     if not path.is_file():
         raise ConfigError(f"model.weights {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ConfigError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return state
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a checkpoint into ``model`` strictly (every key present, every shape equal)."""
-    state = read_state_dict(path)
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+        load_state(model, path)
+    except ValueError as exc:
         raise ConfigError(
             f"the weights in {path} do not fit {type(model).__name__} with this config ({exc}). Check model.arch, "
             "model.stem and the number of classes of the dataset"

@@ -12,6 +12,7 @@ import logging
 import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +20,24 @@ import torch
 from torch.utils.data import Subset
 
 from orthograd.bench.config import content_hash
-from orthograd.bench.image_config import BenchConfig
-from orthograd.bench.data import BenchData, load_bench_data
-from orthograd.bench.engine import Engine, FinishedRuns, OnRun, OnStart, Phase
-from orthograd.bench.executors import Executor
-from orthograd.bench.experiments import local_executor
-from orthograd.bench.jobs import SWEEP, Job, check_disjoint, job_key, make_split, n_splits, split_seed
-from orthograd.bench.memory import PeakMemory
-from orthograd.bench.printer import run_line
+from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.protocol import (
-    bench_unlearn, eval_every_for, extend_edges, grid_size, method_accepts, trials,
+    bench_unlearn,
+    eval_every_for,
+    extend_edges,
+    grid_size,
+    method_accepts,
+    trials,
 )
 from orthograd.bench.records import record_envelope
-from orthograd.bench.report import report_records
-from orthograd.bench.training import ModelCache, evaluate, indices_fingerprint
 from orthograd.data.splits import UnlearningSplit
+from orthograd.evaluation import evaluate
+from orthograd.image_bench.config import BenchConfig
+from orthograd.image_bench.data import BenchData, load_bench_data
+from orthograd.image_bench.jobs import SWEEP, Job, check_disjoint, job_key, make_split, n_splits, split_seed
+from orthograd.image_bench.memory import PeakMemory
+from orthograd.image_bench.references import ModelCache, indices_fingerprint
+from orthograd.image_bench.report import report_records
 from orthograd.io import atomic_write_json
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
 from orthograd.metrics import uis
@@ -74,6 +78,24 @@ def run_record(
         "data": result.data,  # fingerprints of the forget and retain sets (the split)
         **extra,
     }
+
+
+def run_line(record: Mapping[str, Any]) -> str:
+    """One line about a finished benchmark run (an image record, data-parallel ones too)."""
+    final = record["final"]
+    forget_class = record["forget_class"]
+    split = f"class {forget_class}" if forget_class is not None else f"seed {record['seed']}"
+    hyper = ", ".join(f"{name}={value}" for name, value in record["hyperparameters"].items())
+    scored = "A_val" if record["evaluated_on"] == "validation" else "A_test"
+    uis = "–" if record["uis"] is None else f"{record['uis']:.3f}"
+    ranks = f" on {record['world_size']} ranks" if "world_size" in record else ""
+    missed = ", missed the target" if record.get("target_reached") is False else ""
+    return (
+        f"{record['phase']:>5} {record['method']:<10} {split} retain {record['retain_size']} [{hyper}]: "
+        f"A_u {final['forget']:.2f} {scored} {final['test']:.2f} UIS {uis} "
+        f"({record['stop_reason']}{missed}, {record['steps']} steps, {record['wall_time_s']:.1f}s{ranks})"
+    )
+
 
 
 # ----------------------------------------------------------------------------------------- execution of one job
@@ -215,6 +237,17 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
     return record
 
 
+def execute_data_parallel(config: BenchConfig, job: Job, *, device: torch.device) -> dict[str, Any]:
+    """Run one test job as ``unlearn_distributed`` on this rank's ``device``; returns its record (on every rank)."""
+    from orthograd.distributed.collectives import world  # torch.distributed, for the ddp backend only
+    from orthograd.distributed.runner import unlearn_distributed
+
+    inputs = JobInputs.of(config, job)
+    result = unlearn_distributed(inputs.ctx.original, inputs.forget, inputs.retain, test=inputs.ctx.data.test,
+                                 **inputs.unlearn_options(device=device))
+    return inputs.record(result, device=device, world_size=world()[1])
+
+
 RunJob = Callable[[BenchConfig, Job], dict[str, Any]]
 
 
@@ -224,8 +257,7 @@ RunJob = Callable[[BenchConfig, Job], dict[str, Any]]
 class ImageExperiment:
     """The jobs of one image config (or of each of its variants): plan, run one, describe, tabulate.
 
-    ``run_job(config, job)`` (default: ``execute``) runs one job; ``orthograd unlearn-ddp`` swaps in its
-    data-parallel one.
+    ``run_job(config, job)`` (default: ``execute``) runs one job; ``data_parallel`` swaps in the data-parallel one.
     """
 
     def __init__(self, configs: BenchConfig | Sequence[BenchConfig], *, run_job: RunJob = execute) -> None:
@@ -257,6 +289,13 @@ class ImageExperiment:
     def run_job(self, job: Job) -> dict[str, Any]:
         return self._run_job(self.configs[job.variant], job)
 
+    def data_parallel(self, device: torch.device) -> ImageExperiment:
+        """The test runs as ``unlearn_distributed`` across torchrun's ranks, this rank on ``device``; without the
+        sweep, the retrained reference and the privacy metrics (the other backends run those)."""
+        test_only = [config.model_copy(update={"sweep": None, "scenario": config.scenario.model_copy(
+            update={"retrain": False})}) for config in self.configs]
+        return ImageExperiment(test_only, run_job=partial(execute_data_parallel, device=device))
+
     def record_key(self, record: Mapping[str, Any]) -> str:
         return str(record.get("key"))
 
@@ -264,7 +303,7 @@ class ImageExperiment:
         return run_line(record)
 
     def write_tables(self, records: Sequence[Mapping[str, Any]], out_dir: Path) -> Path | None:
-        """The report of the test runs (``bench.report``) and each sweep's selection (``selection.json``)."""
+        """The report of the test runs (``image_bench.report``) and each sweep's selection (``selection.json``)."""
         for variant, selection in self._selections.items():
             name = SELECTION_FILE if len(self.configs) == 1 else f"selection_variant{variant}.json"
             atomic_write_json(out_dir / name, selection)
@@ -307,7 +346,7 @@ class ImageExperiment:
             sets = {"forget": forget, "retain": retain, "test": ctx.data.test}
             out[(index, retain_size)] = {
                 "train_time_s": trained.train_time_s,
-                "accuracy": {name: evaluate(model, data, device=ctx.device) for name, data in sets.items()},
+                "accuracy": {name: evaluate(model, data, device=ctx.device)["accuracy"] for name, data in sets.items()},
                 "privacy": privacy_metrics(model, **sets, device=ctx.device, seed=split_seed(config, index)),
             }
         return out
@@ -395,25 +434,3 @@ class _Sweep:
         }
         return {**methods_out, "protocol": protocol}
 
-
-def run_bench(
-    configs: BenchConfig | Sequence[BenchConfig],
-    raw: Mapping[str, Any] | None = None,
-    *,
-    out_dir: str | Path,
-    executor: Executor | None = None,
-    run_job: RunJob = execute,
-    on_start: OnStart | None = None,
-    on_run: OnRun | None = None,
-) -> list[dict[str, Any]]:
-    """Run (or resume) an image benchmark into ``out_dir``; returns the test-phase records.
-
-    ``executor`` defaults to the first config's ``workers`` processes (this process for 1); ``run_job`` runs one
-    job (the data-parallel backend swaps in its own).
-    """
-    first = configs if isinstance(configs, BenchConfig) else configs[0]
-    executor = executor or local_executor(first)
-    experiment = ImageExperiment(configs, run_job=run_job)
-    records = Engine(experiment, out_dir=out_dir, raw=raw, executor=executor).run(
-        on_start=on_start, on_run=on_run)
-    return [r for r in records if r.get("phase") == "test"]

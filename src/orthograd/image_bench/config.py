@@ -2,7 +2,7 @@
 
 Method hyperparameters are checked against the method's own config class when the file is loaded, so a bad learning
 rate fails before any model is trained. The hash of the parts that determine the original model (data, model,
-training) keys its cache; the hash of the run protocol and a job's identity keys its record (``bench.jobs``).
+training) keys its cache; the hash of the run protocol and a job's identity keys its record (``image_bench.jobs``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,15 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from orthograd import methods
-from orthograd.bench.protocol import DEFAULT_CHECKS_PER_EPOCH
 from orthograd.bench.config import (
-    ConfigError, ConfigSection, ExperimentConfig, content_hash, expand_config, validate_as,
+    ConfigError,
+    ConfigSection,
+    ExperimentConfig,
+    content_hash,
+    expand_config,
+    validate_as,
 )
+from orthograd.bench.protocol import DEFAULT_CHECKS_PER_EPOCH
 
 
 class DataConfig(ConfigSection):
@@ -143,9 +148,9 @@ class UnlearnConfig(ConfigSection):
 
 
 class SweepConfig(ConfigSection):
-    """A grid per method, scored by UIS on validation splits that share no sample with a test split (``bench.jobs``);
-    the best point then runs on test. Every method gets the same number of trials and one edge extension
-    (``bench.protocol``)."""
+    """A grid per method, scored by UIS on validation splits that share no sample with a test split
+    (``image_bench.jobs``); the best point then runs on test. Every method gets the same number of trials and one
+    edge extension (``bench.protocol``)."""
 
     grid: dict[str, dict[str, list[Any]]]
     splits: int = Field(default=1, ge=1)  # validation splits each point is scored on

@@ -1,0 +1,59 @@
+"""The ``ddp`` backend (``DataParallel``): torchrun's ranks run each job together, ``torchrun ... orthograd bench
+CONFIG.yaml --backend ddp``.
+
+Every rank plans the same jobs; the engine hands the experiment this backend's ``device`` and the experiment runs
+each job across the ranks (``Experiment.data_parallel``: the image task's test runs as ``unlearn_distributed``).
+Rank 0 runs the set-up first (it trains and caches the original model), the other ranks then load it from the
+cache; rank 0 alone appends each record to ``RUN_DIR/results.jsonl`` and prints, so a rerun skips finished runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from orthograd.bench.executors import Job, OnNote, OnRecord, RunJob
+from orthograd.distributed.collectives import world
+from orthograd.distributed.runner import init_process_group_from_env
+
+T = TypeVar("T")
+
+
+class DataParallel:
+    """Every rank runs every job together on its ``device``; rank 0 writes the log and prints."""
+
+    def __init__(self, *, device: torch.device) -> None:
+        self.device: torch.device | None = device
+        self.lead = world()[0] == 0
+
+    def prepare(self, setup: Callable[[], T]) -> T:
+        """Rank 0 first (it trains and caches the original model), then the others (they load it)."""
+        if self.lead:
+            value = setup()
+            dist.barrier()
+            return value
+        dist.barrier()
+        return setup()
+
+    def run(self, jobs: Sequence[Job], run_job: RunJob, *, on_record: OnRecord) -> None:
+        dist.barrier()  # every rank has read the results log before rank 0 appends to it
+        for job in jobs:
+            on_record(run_job(job))
+        dist.barrier()  # rank 0 has appended every record before any rank reads the log again
+
+
+@contextmanager
+def torchrun(config: Any, *, run_dir: Path, on_note: OnNote) -> Iterator[DataParallel]:
+    """Join torchrun's process group on the config's ``device`` (a GPU per rank when available), run, leave it."""
+    device = init_process_group_from_env(device=getattr(config, "device", None) or "auto")
+    try:
+        if dist.get_rank() == 0:
+            on_note(f"{dist.get_world_size()} ranks ({dist.get_backend()}), rank 0 on {device}; results: {run_dir}")
+        yield DataParallel(device=device)
+    finally:
+        dist.destroy_process_group()
