@@ -35,9 +35,9 @@ import torch
 
 import orthograd.privacy
 from orthograd import api
+from orthograd.bench.experiments import run_experiment
 from orthograd.image_bench import experiment as runner
 from orthograd.image_bench import references as training
-from orthograd.bench.experiments import run_experiment
 from orthograd.image_bench.config import load_config
 
 PHASES = ("data", "original", "retrain", "steps", "evaluation", "probes", "setup/merge", "privacy", "rest")

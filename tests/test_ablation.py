@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from orthograd.image_bench import experiment as image
-from orthograd.bench.experiments import load_experiment
 from bench_helpers import run_test_phase
+
+from orthograd.bench.experiments import load_experiment
+from orthograd.image_bench import experiment as image
 from orthograd.image_bench.config import load_config
 from orthograd.image_bench.report import write_report
 

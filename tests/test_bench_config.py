@@ -9,11 +9,10 @@ import yaml
 from typer.testing import CliRunner
 
 from orthograd.bench.config import ConfigError, apply_overrides, variants_of
-
-from orthograd.image_bench.config import load_config, validate_config
 from orthograd.bench.experiments import load_experiment
-from orthograd.image_bench.data import load_bench_data
 from orthograd.cli import app
+from orthograd.image_bench.config import load_config, validate_config
+from orthograd.image_bench.data import load_bench_data
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_helpers import run_test_phase
 from PIL import Image
 
+from orthograd.bench.config import ConfigError
 from orthograd.image_bench import experiment as image
 from orthograd.image_bench import references as training
-from orthograd.bench.config import ConfigError
 from orthograd.image_bench.config import load_config
 from orthograd.image_bench.report import write_report
-from bench_helpers import run_test_phase
 from orthograd.io import ResultsLog
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_helpers import GPT2_LORA, LLAMA_LORA, QADataset, assert_ghost_matches_loop, tiny_gpt2, tiny_llama
 from torch import nn
 from torch.utils.data import DataLoader
-
-from hf_helpers import GPT2_LORA, LLAMA_LORA, QADataset, assert_ghost_matches_loop, tiny_gpt2, tiny_llama
 
 import orthograd as og
 from orthograd.lora import LoRAConfig, attach_lora

@@ -15,11 +15,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import orthograd
-from orthograd.bench.experiments import resolve_config, shipped_configs
-from orthograd.bench.experiments import load_experiment
+from orthograd.bench.experiments import load_experiment, resolve_config, shipped_configs
 from orthograd.bench.printer import RunPrinter
-from orthograd.image_bench.experiment import run_line
 from orthograd.cli import app
+from orthograd.image_bench.experiment import run_line
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 runner = CliRunner()

@@ -63,9 +63,9 @@ def test_the_unlearn_your_own_model_section_runs(tmp_path: Path, monkeypatch: py
 
     import datasets
     from typer.testing import CliRunner
+    from user_files import gpt2_classifier_folder, sentiment_rows, write_jsonl
 
     from orthograd.cli import app
-    from user_files import gpt2_classifier_folder, sentiment_rows, write_jsonl
 
     section = _section("Unlearn your own model")
     command = re.search(r"```bash\n(.*?)```", section, re.S)

@@ -27,21 +27,21 @@ import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from orthograd import unlearn
-from orthograd.image_bench.config import validate_config
-from orthograd.image_bench.jobs import Job, job_key
-from orthograd.image_bench.experiment import execute
-from orthograd.distributed import unlearn_distributed
 from orthograd.bench.executors.torchrun import DataParallel
 from orthograd.bench.experiments import run_experiment
-from orthograd.distributed.ghost import data_parallel_ghost_span, pair_owner
+from orthograd.distributed import unlearn_distributed
 from orthograd.distributed.collectives import gather_counts, global_combination, global_gram_and_product
-from orthograd.distributed.sharding import ShardedContext
+from orthograd.distributed.ghost import data_parallel_ghost_span, pair_owner
 from orthograd.distributed.orthograd import DataParallelSpan
+from orthograd.distributed.sharding import ShardedContext
 from orthograd.grads import per_sample_grads_and_losses
 from orthograd.grads.ghost import ghost_span
 from orthograd.grads.ghost_math import Outer
-from orthograd.methods.orthograd.span import MaterialisedSpan
+from orthograd.image_bench.config import validate_config
+from orthograd.image_bench.experiment import execute
+from orthograd.image_bench.jobs import Job, job_key
 from orthograd.methods.orthograd.direction import orthograd_direction
+from orthograd.methods.orthograd.span import MaterialisedSpan
 from orthograd.models import SmallCNN
 
 WORLD = 2

@@ -15,14 +15,14 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from orthograd.image_bench.data import BenchData
 from orthograd.bench.config import ConfigError, apply_overrides, variants_of
-from orthograd.image_bench.config import load_config, validate_config
 from orthograd.bench.engine import Engine, FinishedRuns, Phase
 from orthograd.bench.executors.local import ProcessPool
 from orthograd.bench.experiments import load_experiment, validate_experiment
 from orthograd.bench.model_store import ModelStore
 from orthograd.bench.records import FORMAT, current_records, record_envelope, upgrade_log
+from orthograd.image_bench.config import load_config, validate_config
+from orthograd.image_bench.data import BenchData
 from orthograd.image_bench.references import ModelCache
 from orthograd.io import ResultsLog
 from orthograd.training import train_model

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bench_helpers import run_test_phase
 
-from orthograd.image_bench.config import validate_config
 from orthograd.bench.executors import Executor
 from orthograd.bench.executors.local import InProcess, ProcessPool
+from orthograd.image_bench.config import validate_config
 from orthograd.image_bench.jobs import job_key
-from bench_helpers import run_test_phase
 from orthograd.io import ResultsLog
 
 # what does not depend on where a job ran (wall times, memory peaks and the device do)

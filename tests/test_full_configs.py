@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from orthograd.bench.experiments import load_experiment
-from orthograd.image_bench.models import build_model
 from orthograd.bench.protocol import grid_size, trials
+from orthograd.image_bench.models import build_model
 from orthograd.models import ResNet18
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "orthograd" / "configs"

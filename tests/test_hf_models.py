@@ -7,10 +7,9 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_helpers import assert_ghost_matches_loop
 from torch import nn
 from torch.utils.data import Dataset
-
-from hf_helpers import assert_ghost_matches_loop
 from transformers import (
     BertConfig,
     BertForSequenceClassification,

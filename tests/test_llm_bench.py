@@ -3,12 +3,11 @@ record keys of the shipped config against a stored results log."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
 from pathlib import Path
-
-import json
 
 import pytest
 import torch
@@ -19,9 +18,9 @@ from typer.testing import CliRunner
 from orthograd import llm_bench
 from orthograd.bench.config import grid_points
 from orthograd.bench.engine import FinishedRuns
+from orthograd.bench.experiments import run_experiment
 from orthograd.cli import app
 from orthograd.data.authors import forget_authors
-from orthograd.bench.experiments import run_experiment
 from orthograd.io import ResultsLog
 from orthograd.llm_bench.experiment import AuthorsExperiment
 from orthograd.llm_bench.relearning import answer_probability, relearn

@@ -1,9 +1,9 @@
+import pytest
 import torch
 from torch import nn
 
 from orthograd.lora import LoRAConfig, attach_lora, default_lora_targets, merge_lora
 from orthograd.models import SmallCNN
-import pytest
 
 
 class TinyAttention(nn.Module):

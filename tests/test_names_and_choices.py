@@ -4,10 +4,10 @@ generic over their configs and registered by explicit import."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
-from collections.abc import Iterator
 
 import pytest
 import yaml

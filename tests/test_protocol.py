@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from bench_helpers import run_test_phase
 
+from orthograd.bench.config import ConfigError
+from orthograd.bench.protocol import eval_every_for, extend_edges, method_accepts, trials
 from orthograd.image_bench import experiment as image
 from orthograd.image_bench import jobs
-from orthograd.bench.config import ConfigError
-from bench_helpers import run_test_phase
 from orthograd.image_bench.config import load_config
-from orthograd.bench.protocol import eval_every_for, extend_edges, method_accepts, trials
 from orthograd.image_bench.report import write_report
 from orthograd.io import ResultsLog
 from orthograd.reporting import markdown_table, paired_test, paired_tests

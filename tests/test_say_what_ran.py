@@ -67,10 +67,10 @@ def test_a_damaged_run_says_so_in_its_end_line_and_summary(digits_model, class_s
 
 
 def test_the_image_bench_runs_unlearn_quietly_with_its_fixed_budget(tmp_path, capsys):
+    from bench_helpers import run_test_phase
     from test_bench_runs import tiny_digits
 
     from orthograd.image_bench import experiment as image
-    from bench_helpers import run_test_phase
 
     config, raw = tiny_digits(tmp_path, "scenario.seeds=[0]", "unlearn.stop=false",
                               "methods={neggrad: {lr: 1.0e-4, forget_batch_size: 32}}")

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from orthograd.image_bench.config import validate_config
-from orthograd.io import ResultsLog
 from orthograd.bench.executors.ray_tune import TrialsFailed
 from orthograd.bench.experiments import run_experiment
+from orthograd.image_bench.config import validate_config
+from orthograd.io import ResultsLog
 
 LRS = [1.0e-4, 3.0e-2]
 

@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 from torch.utils.data import ConcatDataset
 from typer.testing import CliRunner
+from user_files import gpt2_classifier_folder, llama_qa_folder, qa_rows, sentiment_rows, write_jsonl
 
 import orthograd as og
 from orthograd.cli import app
@@ -21,7 +22,6 @@ from orthograd.io import atomic_folder
 from orthograd.model_folder import file_hashes
 from orthograd.run_progress import RunProgress
 from orthograd.tasks.base import IGNORE_INDEX
-from user_files import gpt2_classifier_folder, llama_qa_folder, qa_rows, sentiment_rows, write_jsonl
 
 runner = CliRunner()
 

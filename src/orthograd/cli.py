@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -88,7 +88,7 @@ DEMO_TITLE = "Digits, SmallCNN: mean ± 95% CI over 5 seeds (random) / 5 classes
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for results.jsonl, table.md and the plots.")] = Path("runs/demo"),
-    method: Annotated[Optional[list[str]], typer.Option(help="Run only these methods (repeatable).")] = None,
+    method: Annotated[list[str] | None, typer.Option(help="Run only these methods (repeatable).")] = None,
 ) -> None:
     """Train a digits CNN, unlearn with every method (random and class forgetting), print the paper-style table."""
     from orthograd.bench.experiments import run_experiment
@@ -110,24 +110,24 @@ def demo(
 def bench(
     config: Annotated[Path, typer.Argument(help="Any task's config (YAML), or a shipped config's name (e.g. demo).")],
     set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a config value: dotted.key=value (repeatable).")
+        list[str] | None, typer.Option("--set", help="Override a config value: dotted.key=value (repeatable).")
     ] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<config name>); it holds everything "
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<config name>); it holds everything "
                                                     "the run writes, the model cache too unless cache_dir is set.")
                    ] = None,
     backend: Annotated[str, typer.Option(metavar="[local|processes|ray|ddp]",
                                          help="Where jobs run: local (this process or the config's workers), "
                                               "processes (--num-cpus worker processes), ray (Ray Tune trials), ddp "
                                               "(data-parallel runs, under torchrun).")] = "local",
-    method: Annotated[Optional[list[str]], typer.Option(help="Run only these methods, any case (repeatable).")
+    method: Annotated[list[str] | None, typer.Option(help="Run only these methods, any case (repeatable).")
                       ] = None,
-    address: Annotated[Optional[str], typer.Option(help="ray: the cluster to join (ray://head:10001, auto); "
+    address: Annotated[str | None, typer.Option(help="ray: the cluster to join (ray://head:10001, auto); "
                                                         "default: a local Ray cluster for this command.")] = None,
-    num_cpus: Annotated[Optional[int], typer.Option(help="processes: worker processes; ray: CPUs of the local "
+    num_cpus: Annotated[int | None, typer.Option(help="processes: worker processes; ray: CPUs of the local "
                                                          "cluster (default: the machine's cores).")] = None,
-    cpus_per_trial: Annotated[Optional[float], typer.Option(help="processes, ray: CPUs (torch threads) per "
+    cpus_per_trial: Annotated[float | None, typer.Option(help="processes, ray: CPUs (torch threads) per "
                                                                  "job.")] = None,
-    gpus_per_trial: Annotated[Optional[float], typer.Option(help="ray: GPUs reserved per trial (fractions share "
+    gpus_per_trial: Annotated[float | None, typer.Option(help="ray: GPUs reserved per trial (fractions share "
                                                                  "a GPU).")] = None,
 ) -> None:
     """Run any task's config (image, speech, language model) on any backend; rerunning the command resumes it."""
@@ -143,7 +143,7 @@ def bench(
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Folders written by `orthograd bench` (combined).")],
-    out: Annotated[Optional[Path], typer.Option(help="Where to write (default: the first folder).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write (default: the first folder).")] = None,
 ) -> None:
     """Tables (Markdown, CSV, JSON) and plots from stored benchmark results."""
     from orthograd.image_bench.report import write_report
@@ -159,7 +159,8 @@ def upgrade_log(
     path: Annotated[Path, typer.Argument(help="A results.jsonl written by an older orthograd.")],
 ) -> None:
     """Rewrite a results log in the current record format, in place and atomically (then it resumes and reports)."""
-    from orthograd.bench.records import FORMAT, upgrade_log as upgrade
+    from orthograd.bench.records import FORMAT
+    from orthograd.bench.records import upgrade_log as upgrade
 
     changed = upgrade(path)
     console.print(f"{path}: {changed} record(s) rewritten in format {FORMAT}" if changed
@@ -192,31 +193,31 @@ def unlearn_files(
     retain: Annotated[Path, typer.Option(help="Data whose performance to keep (same formats).", show_default=False)],
     out: Annotated[Path, typer.Option(help="Folder to write: the unlearned model (from_pretrained loads it), "
                                            "audit.json, report.md, trajectory.png.", show_default=False)],
-    test: Annotated[Optional[Path], typer.Option(help="Held-out data: test metric, stop='random', and "
+    test: Annotated[Path | None, typer.Option(help="Held-out data: test metric, stop='random', and "
                                                       "membership inference in the report.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="module:factory only: a state dict to load "
+    weights: Annotated[Path | None, typer.Option(help="module:factory only: a state dict to load "
                                                          "(.safetensors, or a torch.save file).")] = None,
-    task: Annotated[Optional[str], typer.Option(help="classification or causal_lm (default: from the model's "
+    task: Annotated[str | None, typer.Option(help="classification or causal_lm (default: from the model's "
                                                      "architecture, else classification).")] = None,
     method: Annotated[str, typer.Option(help="Unlearning method.")] = "orthograd",
-    stop: Annotated[Optional[str], typer.Option(help="Stop rule: random (needs --test), class, never, ... "
+    stop: Annotated[str | None, typer.Option(help="Stop rule: random (needs --test), class, never, ... "
                                                      "(default: inferred, as unlearn() does).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="A method setting: key=value, e.g. lr=1e-3, "
+    set_: Annotated[list[str] | None, typer.Option("--set", help="A method setting: key=value, e.g. lr=1e-3, "
                                                                     "lora.r=4 (repeatable).")] = None,
-    text_field: Annotated[Optional[str], typer.Option(help="Field holding text (default: text).")] = None,
-    label_field: Annotated[Optional[str], typer.Option(help="Field holding the class (default: label).")] = None,
-    prompt_field: Annotated[Optional[str], typer.Option(help="causal_lm: prompt field, not learned (default: "
+    text_field: Annotated[str | None, typer.Option(help="Field holding text (default: text).")] = None,
+    label_field: Annotated[str | None, typer.Option(help="Field holding the class (default: label).")] = None,
+    prompt_field: Annotated[str | None, typer.Option(help="causal_lm: prompt field, not learned (default: "
                                                              "prompt or question).")] = None,
-    answer_field: Annotated[Optional[str], typer.Option(help="causal_lm: answer field (default: answer, "
+    answer_field: Annotated[str | None, typer.Option(help="causal_lm: answer field (default: answer, "
                                                              "completion or response).")] = None,
-    input_field: Annotated[Optional[str], typer.Option(help="module:factory models: field of numbers given to "
+    input_field: Annotated[str | None, typer.Option(help="module:factory models: field of numbers given to "
                                                             "the model (default: input).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda when "
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda when "
                                                        "available).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the run (LoRA initialisation, batch order).")] = 0,
-    max_epochs: Annotated[Optional[int], typer.Option(help="Budget in passes over the forget set (default 30 "
+    max_epochs: Annotated[int | None, typer.Option(help="Budget in passes over the forget set (default 30 "
                                                            "without --max-steps).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Budget in optimizer steps (whichever budget ends "
+    max_steps: Annotated[int | None, typer.Option(help="Budget in optimizer steps (whichever budget ends "
                                                           "first).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
 ) -> None:

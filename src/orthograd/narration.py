@@ -12,7 +12,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-
 SETS = ("forget", "retain", "test")
 PREFIX = "orthograd:"
 

@@ -41,7 +41,7 @@ class RunRow(ConfigSection):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _grid_values(self) -> "RunRow":
+    def _grid_values(self) -> RunRow:
         empty = [name for name, values in self.grid.items() if not values]
         if empty:
             raise ValueError(f"run {self.label!r}: grid values must be non-empty lists, got none for {empty}")

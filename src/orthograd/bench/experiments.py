@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
@@ -44,14 +44,14 @@ def _attribute(module: str, name: str) -> Any:
 
 def task_of(raw: Mapping[str, Any] | ExperimentConfig) -> str:
     """The task a config names (``classification`` when it names none)."""
-    value = raw.get("task", "classification") if isinstance(raw, Mapping) else getattr(raw, "task")
+    value = raw.get("task", "classification") if isinstance(raw, Mapping) else raw.task
     return str(value)
 
 
 def _schema() -> TypeAdapter[Any]:
     """One union of every task's config class, told apart by ``task``."""
     members = tuple(Annotated[_attribute(module, cls), Tag(task)] for task, (module, cls, _, _) in TASKS.items())
-    return TypeAdapter(Annotated[Union[members], Discriminator(task_of)])  # type: ignore[valid-type]
+    return TypeAdapter(Annotated[members, Discriminator(task_of)])  # type: ignore[valid-type]
 
 
 def validate_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:

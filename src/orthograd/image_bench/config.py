@@ -43,7 +43,7 @@ class DataConfig(ConfigSection):
     split_seed: int = 0
 
     @model_validator(mode="after")
-    def _root_needed(self) -> "DataConfig":
+    def _root_needed(self) -> DataConfig:
         if self.name in ("cifar10", "imagenet") and self.root is None:
             raise ValueError(f"data.root is required for {self.name}: the folder that holds your local copy")
         return self
@@ -111,7 +111,7 @@ class ScenarioConfig(ConfigSection):
         return [value] if isinstance(value, int) else value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ScenarioConfig":
+    def _consistent(self) -> ScenarioConfig:
         if not self.retain_size or min(self.retain_size) < 1:
             raise ValueError("scenario.retain_size must be a positive size or a non-empty list of them")
         if self.kind == "random":
@@ -184,7 +184,7 @@ class BenchConfig(ExperimentConfig):
         return {name: dict(hyper or {}) for name, hyper in value.items()}
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "BenchConfig":
+    def _cross_checks(self) -> BenchConfig:
         if self.unlearn.track == "stop" and not self.unlearn.stop:
             raise ValueError("unlearn.track 'stop' evaluates what the stopping rule reads: set unlearn.stop true")
         if self.train.epochs == 0 and self.model.weights is None:

@@ -277,7 +277,7 @@ class ImageExperiment:
             chosen = {name: dict(hyper) for name, hyper in config.methods.items()}
             if config.sweep is not None:
                 check_disjoint(config, bench_context(config).data.train_labels)
-                sweep = _Sweep(config, lambda *args: self._job(config, variant, SWEEP, *args))
+                sweep = _Sweep(config, partial(self._job, config, variant, SWEEP))
                 yield Phase(SWEEP, sweep.first_jobs())
                 extended = sweep.extend(finished)
                 if extended:
