@@ -15,8 +15,8 @@ from orthograd import geometry
 from orthograd.geometry import default_rcond, gram_coefficients, project_out
 from orthograd.grads import per_sample_grads_and_losses
 from orthograd.grads.ghost import GhostSpan, ghost_span
-from orthograd.methods.orthograd.span import MaterialisedSpan, RetainSpan
 from orthograd.methods.orthograd.direction import orthograd_direction
+from orthograd.methods.orthograd.span import MaterialisedSpan, RetainSpan
 
 SPANS = ["materialised_auto", "materialised_gram", "materialised_qr", "ghost"]
 
