@@ -109,7 +109,7 @@ def _accepting_old_alpha(init: Callable[..., None]) -> Callable[..., None]:
     return accept
 
 
-LoRAConfig.__init__ = _accepting_old_alpha(LoRAConfig.__init__)  # type: ignore[method-assign]
+LoRAConfig.__init__ = _accepting_old_alpha(LoRAConfig.__init__)  # type: ignore[method-assign]  # adds the old keyword
 
 
 def default_lora_targets(model: nn.Module, *, mlp: bool = False) -> list[str]:

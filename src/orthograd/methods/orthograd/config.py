@@ -53,10 +53,10 @@ class OrthoGradConfig(IterativeConfig):
     schedule: Schedule = "adaptive"
     alpha: float | None = None
     # the base class's fields, widened by None (the schedule's default, filled in by __post_init__)
-    lr: float | None = None  # type: ignore[assignment]  # None until __post_init__
-    optimizer: OptimizerName | None = None  # type: ignore[assignment]  # None until __post_init__
-    forget_batch_size: int | None = None  # type: ignore[assignment]  # None until __post_init__
-    retain_batch_size: int | None = None  # type: ignore[assignment]  # None until __post_init__
+    lr: float | None = None  # type: ignore[assignment]  # widens the base field
+    optimizer: OptimizerName | None = None  # type: ignore[assignment]  # widens the base field
+    forget_batch_size: int | None = None  # type: ignore[assignment]  # widens the base field
+    retain_batch_size: int | None = None  # type: ignore[assignment]  # widens the base field
     holdout_fraction: float = 0.1
     retain_tolerance: float = 2.0
     retain_grads: Literal["per_sample", "mean"] = "per_sample"
