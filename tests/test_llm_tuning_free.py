@@ -16,8 +16,8 @@ import orthograd as og
 from orthograd.lora import LoRAConfig, attach_lora, default_lora_targets
 from orthograd.methods import make_config
 from orthograd.methods.oneshot import OneShotConfig, scoped_parameters
-from orthograd.methods.orthograd.method import forget_batch_size
 from orthograd.methods.orthograd.controller import ControllerRule, ProgressMeter, on_pace
+from orthograd.methods.orthograd.method import forget_batch_size
 from orthograd.stopping import class_forgetting_rule, random_forgetting_rule, wer_target_rule
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_toy_forgetting.py"
