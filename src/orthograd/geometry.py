@@ -17,7 +17,7 @@ Two solvers give the same answer:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, TypeVar
+from typing import Literal, overload
 
 import torch
 
@@ -30,17 +30,37 @@ PROJECTION_SCOPES: tuple[str, ...] = choices(ProjectionScope)
 
 _GRAM_CHUNK = 1 << 22  # columns of G upcast to float64 at a time (bounds the extra memory)
 
-GradLike = TypeVar("GradLike", torch.Tensor, Mapping[str, torch.Tensor])
+
+@overload
+def project_out(
+    g: torch.Tensor,
+    G: torch.Tensor,
+    *,
+    method: ProjectionMethod = ...,
+    scope: ProjectionScope = ...,
+    rcond: float | None = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def project_out(
+    g: Mapping[str, torch.Tensor],
+    G: Mapping[str, torch.Tensor],
+    *,
+    method: ProjectionMethod = ...,
+    scope: ProjectionScope = ...,
+    rcond: float | None = ...,
+) -> dict[str, torch.Tensor]: ...
 
 
 def project_out(
-    g: GradLike,
-    G: GradLike,
+    g: torch.Tensor | Mapping[str, torch.Tensor],
+    G: torch.Tensor | Mapping[str, torch.Tensor],
     *,
     method: ProjectionMethod = "auto",
     scope: ProjectionScope = "global",
     rcond: float | None = None,
-) -> GradLike:
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """Return ``g`` minus its orthogonal projection onto the span of the rows of ``G``.
 
     ``g`` is a vector ``[d]`` and ``G`` a matrix ``[k, d]``; or both are dicts keyed by parameter name, with

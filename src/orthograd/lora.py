@@ -17,7 +17,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
@@ -25,6 +25,10 @@ from torch.distributed.tensor import DTensor
 
 from orthograd.attention import expose_projections, restore_attention
 from orthograd.grads.ghost_layers import is_transformers_conv1d
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 
 ATTENTION_PROJECTIONS: frozenset[str] = frozenset(
     {"q_proj", "k_proj", "v_proj", "out_proj", "o_proj", "query", "key", "value", "qkv", "c_attn", "Wqkv"}
@@ -105,7 +109,7 @@ def _accepting_old_alpha(init: Callable[..., None]) -> Callable[..., None]:
     return accept
 
 
-LoRAConfig.__init__ = _accepting_old_alpha(LoRAConfig.__init__)  # type: ignore[method-assign]
+LoRAConfig.__init__ = _accepting_old_alpha(LoRAConfig.__init__)  # type: ignore[method-assign]  # adds the old keyword
 
 
 def default_lora_targets(model: nn.Module, *, mlp: bool = False) -> list[str]:
@@ -193,7 +197,7 @@ def attach_lora(model: nn.Module, config: LoRAConfig, *, seed: int | None = None
     targets = expose_projections(model, targets)  # LoRA on nn.MultiheadAttention as LoRA on its linear projections
     peft_config = LoraConfig(
         r=config.r,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, scales by lora_alpha / r
         lora_dropout=config.dropout,
         target_modules=targets,
         fan_in_fan_out=_only_conv1d(model, targets),
@@ -205,7 +209,7 @@ def attach_lora(model: nn.Module, config: LoRAConfig, *, seed: int | None = None
     return get_peft_model(model, peft_config)
 
 
-def is_lora_model(model: nn.Module) -> bool:
+def is_lora_model(model: nn.Module) -> TypeGuard[PeftModel]:
     from peft import PeftModel  # on first use, as in attach_lora
 
     return isinstance(model, PeftModel)

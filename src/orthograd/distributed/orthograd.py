@@ -102,8 +102,8 @@ class DataParallelGradients:
         if self.local.config.retain_grads == "mean":
             span = self._mean_span(retain_batch, probe=forget_grad)
         else:
-            span = self._ghost_span(retain_batch, probe=forget_grad) if self.local.chosen == "ghost" else None
-            span = span if span is not None else self._sharded_span(retain_batch, probe=forget_flat)
+            ghost = self._ghost_span(retain_batch, probe=forget_grad) if self.local.chosen == "ghost" else None
+            span = ghost if ghost is not None else self._sharded_span(retain_batch, probe=forget_flat)
         return StepGradients(forget_loss=forget_loss, forget_grad=forget_grad, span=span)
 
     def _global_mean(

@@ -38,12 +38,13 @@ from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from orthograd.api import UnlearnResult, unlearn
+from orthograd.api import unlearn
 from orthograd.distributed.collectives import world
 from orthograd.distributed.orthograd import use_global_batches
 from orthograd.distributed.sharding import ShardedContext, is_fsdp_sharded
 from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
 from orthograd.methods.orthograd.method import OrthoGrad
+from orthograd.results import UnlearnResult
 
 
 def init_process_group_from_env(*, device: str = "auto", backend: str | None = None) -> torch.device:

@@ -169,7 +169,7 @@ def _vmap_grads(
 
     def one_sample_loss(theta: Mapping[str, torch.Tensor], sample: Any) -> torch.Tensor:
         single = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
-        losses = functional_call(wrapper, dict(theta), (single,), strict=False)
+        losses: torch.Tensor = functional_call(wrapper, dict(theta), (single,), strict=False)
         return losses.reshape(-1)[0]
 
     per_sample = vmap(grad_and_value(one_sample_loss), in_dims=(None, 0), chunk_size=chunk_size)

@@ -34,14 +34,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from orthograd.bench.config import ConfigSection, ExperimentConfig, RunRow, read_config, unique_labels, validate_as
 from orthograd.bench.protocol import DEFAULT_CHECKS_PER_EPOCH
 
-TASK = "causal_lm"
+TASK: Final = "causal_lm"
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -36,6 +36,7 @@ from orthograd.llm_bench.relearning import relearn
 from orthograd.results import UnlearnResult
 from orthograd.runtime import resolve_device
 from orthograd.stopping import NO_RULE
+from orthograd.tasks.batches import as_dataset
 from orthograd.tasks.causal_lm import CausalLMTask
 from orthograd.tasks.lm_mia import mia_aucs, privleak
 from orthograd.tasks.qa_text import QAEncoder, load_folder_encoder, train_bpe_tokenizer, train_tokenizer
@@ -132,9 +133,9 @@ class Workbench:
             return build().to(self.device)
 
         def train(model: nn.Module) -> None:
-            train_model(model, corpus.items(corpus.knowledge.training), task=self.task, epochs=stage.epochs,
-                        lr=stage.lr, batch_size=stage.batch_size, optimizer="adamw", weight_decay=ADAMW_WEIGHT_DECAY,
-                        seed=stage.seed, device=self.device)
+            train_model(model, as_dataset(corpus.items(corpus.knowledge.training)), task=self.task,
+                        epochs=stage.epochs, lr=stage.lr, batch_size=stage.batch_size, optimizer="adamw",
+                        weight_decay=ADAMW_WEIGHT_DECAY, seed=stage.seed, device=self.device)
 
         stored = self.store.get(f"base-{content_hash(spec, compact=False)}", build=build, train=train, meta=spec)
         return stored.model.to(self.device)
@@ -151,7 +152,7 @@ class Workbench:
             pairs = [*pairs, *corpus.knowledge.training]
 
         def train(model: nn.Module) -> None:
-            train_model(model, corpus.items(pairs), task=self.task, epochs=training.epochs, lr=training.lr,
+            train_model(model, as_dataset(corpus.items(pairs)), task=self.task, epochs=training.epochs, lr=training.lr,
                         batch_size=training.batch_size, optimizer="adamw", weight_decay=ADAMW_WEIGHT_DECAY,
                         seed=training.seed, device=self.device)
 

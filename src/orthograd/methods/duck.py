@@ -101,7 +101,7 @@ class DUCKConfig(IterativeConfig):
 
 def find_head(model: nn.Module, name: str | None = None) -> nn.Module:
     """The classification head: ``name`` if given, else a known head attribute, else the last child module."""
-    base: nn.Module = model.get_base_model() if is_lora_model(model) else model  # type: ignore[operator]  # peft's method
+    base = model.get_base_model() if is_lora_model(model) else model
     fix = "pass head_module='<name of the module that maps embeddings to logits>'"
     if name is not None:
         try:

@@ -38,12 +38,20 @@ PACE_TOLERANCE_POINTS = 0.5  # as stop="random": the answer-probability level th
 
 
 class QA(Protocol):
-    """What the metrics read of a question/answer pair (``orthograd.data.authors.QAPair`` has it)."""
+    """What the metrics read of a question/answer pair (``orthograd.data.authors.QAPair`` has it). Read-only, so
+    a frozen dataclass matches."""
 
-    question: str
-    answer: str
-    paraphrase: str
-    perturbed: tuple[str, ...]
+    @property
+    def question(self) -> str: ...
+
+    @property
+    def answer(self) -> str: ...
+
+    @property
+    def paraphrase(self) -> str: ...
+
+    @property
+    def perturbed(self) -> tuple[str, ...]: ...
 
 
 def answer_losses(

@@ -51,11 +51,12 @@ class OrthoGradConfig(IterativeConfig):
     """
 
     schedule: Schedule = "adaptive"
-    alpha: float | None = None  # type: ignore[assignment]
-    lr: float | None = None  # type: ignore[assignment]
-    optimizer: OptimizerName | None = None  # type: ignore[assignment]
-    forget_batch_size: int | None = None  # type: ignore[assignment]
-    retain_batch_size: int | None = None  # type: ignore[assignment]
+    alpha: float | None = None
+    # the base class's fields, widened by None (the schedule's default, filled in by __post_init__)
+    lr: float | None = None  # type: ignore[assignment]  # widens the base field
+    optimizer: OptimizerName | None = None  # type: ignore[assignment]  # widens the base field
+    forget_batch_size: int | None = None  # type: ignore[assignment]  # widens the base field
+    retain_batch_size: int | None = None  # type: ignore[assignment]  # widens the base field
     holdout_fraction: float = 0.1
     retain_tolerance: float = 2.0
     retain_grads: Literal["per_sample", "mean"] = "per_sample"
@@ -77,13 +78,15 @@ class OrthoGradConfig(IterativeConfig):
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.retain_tolerance < 0:
             raise ValueError(f"retain_tolerance must be >= 0 metric points, got {self.retain_tolerance}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.alpha == 1.0:
+        alpha = self.alpha
+        assert alpha is not None, "SCHEDULE_DEFAULTS fills alpha under every schedule the base class accepts"
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if alpha == 1.0:
             raise ValueError("alpha=1 ignores the forget set entirely (that is Finetune); use alpha < 1")
-        if self.schedule != "fixed" and not 0.0 < self.alpha < 1.0:
+        if self.schedule != "fixed" and not 0.0 < alpha < 1.0:
             raise ValueError(f"the {self.schedule} schedule mixes unit-norm terms with a retain share alpha in (0, 1), "
-                             f"got {self.alpha}")
+                             f"got {alpha}")
         if self.engine == "ghost" and (self.projection == "qr" or self.projection_scope == "per_tensor"):
             raise ValueError("engine='ghost' solves the global Gram system; use engine='vmap' for projection='qr' "
                              "or projection_scope='per_tensor'")

@@ -31,7 +31,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -41,6 +41,7 @@ from orthograd.damage import HoldoutReading
 from orthograd.input_checks import dataset_of
 from orthograd.methods.base import MethodContext
 from orthograd.methods.orthograd.config import OrthoGradConfig
+from orthograd.tasks.batches import dataset_size
 
 Action = Literal["raise", "back_off", "hold"]
 CHECKS_PER_EPOCH = 4  # checks of the stop rule per epoch the adaptive schedule asks for (it steers on them)
@@ -182,10 +183,11 @@ class AdaptiveController:
         self.context, self.task, self.holdout = context, context.task, holdout
         self.holdout_start = context.evaluate_held_out(context.model, holdout, batch_size=_HOLDOUT_BATCH)
         # a drop counts once it exceeds the user's tolerance and the slice's own sampling noise
-        self.holdout_size = len(holdout)
+        self.holdout_size = dataset_size(holdout)
         self.noise = sampling_noise(metric=self.holdout_start, size=self.holdout_size)
         self.tolerance = max(config.retain_tolerance, self.noise)
         self.holdout_now: float | None = None
+        assert config.alpha is not None and config.lr is not None, "OrthoGradConfig fills the schedule's defaults"
         self.rule = ControllerRule(share=1.0 - config.alpha, lr=config.lr, patience=CHECKS_PER_EPOCH)
         self.meter = ProgressMeter(higher_is_better=self.task.higher_is_better)
         self._losses: list[float] = []
@@ -234,14 +236,14 @@ class AdaptiveController:
 
 
 def split_holdout(
-    retain: Dataset | DataLoader, *, fraction: float, generator: torch.Generator
-) -> tuple[Dataset, Dataset]:
+    retain: Dataset[Any] | DataLoader[Any], *, fraction: float, generator: torch.Generator
+) -> tuple[Dataset[Any], Dataset[Any]]:
     """(training part, held-out part) of the retain set: a random ``fraction`` (at least one sample) held out.
 
     A retain set of one sample cannot be split: it is then both (the slice still tells if that sample degrades).
     """
     dataset = dataset_of(retain)
-    size = len(dataset)  # type: ignore[arg-type]
+    size = dataset_size(dataset)
     if size < 2:
         return dataset, dataset
     order = torch.randperm(size, generator=generator).tolist()

@@ -21,12 +21,13 @@ import logging
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 from torch import nn
 
-from orthograd.grads import ENGINES, batch_size_of, per_sample_grads_losses_and_engine
+from orthograd.grads import batch_size_of, per_sample_grads_losses_and_engine
+from orthograd.grads.functorch import GradEngine
 from orthograd.grads.ghost import (
     GhostSpan,
     GhostUnsupportedError,
@@ -41,6 +42,7 @@ from orthograd.methods.orthograd.span import MaterialisedSpan, RetainSpan
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+ChosenEngine = Literal["ghost"] | GradEngine  # what LocalGradients runs: ghost, or a torch.func engine
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,12 @@ class GradientSource(Protocol):
     def compute(self, forget_batch: Any, retain_batch: Any) -> StepGradients: ...
 
 
-def choose_engine(config: OrthoGradConfig, model: nn.Module, params: Iterable[str]) -> str:
+def choose_engine(config: OrthoGradConfig, model: nn.Module, params: Iterable[str]) -> ChosenEngine:
     """"ghost" when the config and every trainable layer allow it, else the torch.func engine the config names
     ("vmap_or_loop" for the config's "auto")."""
-    if config.engine in ENGINES:
-        return config.engine
+    named = config.engine
+    if named != "auto" and named != "ghost":  # a torch.func engine, as named
+        return named
     if config.retain_grads == "mean":  # no per-sample gradients at all
         return "vmap_or_loop"
     if config.projection == "qr" or config.projection_scope == "per_tensor":
@@ -91,7 +94,7 @@ class LocalGradients:
     config: OrthoGradConfig
     context: MethodContext
     params: dict[str, nn.Parameter]
-    chosen: str
+    chosen: ChosenEngine
     engine: str = field(init=False)
     row_bytes: float | None = field(init=False, default=None)  # bytes the last ghost pass captured per sample
 
@@ -124,14 +127,16 @@ class LocalGradients:
         """The mean loss of ``batch`` and its gradient (the forget gradient; the retain row of ``"mean"`` mode)."""
         with self._autocast():
             loss = self.context.task.mean_loss(self.context.model, batch)
-        return loss, dict(zip(self.params, torch.autograd.grad(loss, list(self.params.values()))))
+        return loss, dict(zip(self.params, torch.autograd.grad(loss, list(self.params.values())), strict=True))
 
     def per_sample(self, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-sample gradients ``{name: [k, *shape]}`` and losses of ``batch``, from the torch.func engine."""
+        engine = self.chosen
+        assert engine != "ghost", "the torch.func path runs only once the ghost engine is set aside"
         with self._autocast():
             grads, losses, self.engine = per_sample_grads_losses_and_engine(
                 self.context.model, self.context.task.per_sample_loss, batch, params=list(self.params),
-                chunk_size=self.config.chunk_size, engine=self.chosen,  # type: ignore[arg-type]
+                chunk_size=self.config.chunk_size, engine=engine,
             )
         return grads, losses
 

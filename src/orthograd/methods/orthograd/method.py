@@ -50,6 +50,7 @@ from orthograd.methods.orthograd.controller import CHECKS_PER_EPOCH, AdaptiveCon
 from orthograd.methods.orthograd.direction import orthograd_direction
 from orthograd.methods.orthograd.gradients import GradientSource, LocalGradients, choose_engine
 from orthograd.methods.registry import register
+from orthograd.tasks.batches import dataset_size
 
 _TINY = 1e-30
 
@@ -68,6 +69,7 @@ class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
         self.optimizer = make_optimizer(config, list(self.params.values()))
         self.controller = AdaptiveController(config, context) if config.schedule == "adaptive" else None
         training_context = self.controller.training_context if self.controller is not None else context
+        assert config.retain_batch_size is not None, "OrthoGradConfig fills the schedule's defaults"
         self._retain = context.endless(training_context.loader("retain", batch_size=config.retain_batch_size))
         engine = choose_engine(config, context.model, self.params)
         self.gradients: GradientSource = LocalGradients(config, context, self.params, engine)
@@ -165,7 +167,10 @@ class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
     @property
     def alpha(self) -> float:
         """The retain share of the next update: the controller's (adaptive schedule), else the config's."""
-        return self.controller.rule.alpha if self.controller is not None else self.config.alpha
+        if self.controller is not None:
+            return self.controller.rule.alpha
+        assert self.config.alpha is not None, "OrthoGradConfig fills the schedule's defaults"
+        return self.config.alpha
 
     def _stats(
         self, forget_loss: float, retain_loss: float, *, alpha: float, norms: Mapping[str, float]
@@ -194,13 +199,14 @@ class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
         return stats
 
 
-def forget_batch_size(config: OrthoGradConfig, forget: Dataset | DataLoader) -> int:
+def forget_batch_size(config: OrthoGradConfig, forget: Dataset[Any] | DataLoader[Any]) -> int:
     """The forget batch of a run: the config's, cut to ``ceil(n / 4)`` for a small forget set when the adaptive (or
     normalized) schedule's default was left in place (so the controller's four checks an epoch each follow a step;
     the normalized ablation takes the same batches)."""
+    assert config.forget_batch_size is not None, "OrthoGradConfig fills the schedule's defaults"
     if config.schedule == "fixed" or not config._forget_batch_defaulted or isinstance(forget, DataLoader):
         return config.forget_batch_size
-    size = len(dataset_of(forget))  # type: ignore[arg-type]
+    size = dataset_size(dataset_of(forget))
     return max(1, min(config.forget_batch_size, math.ceil(size / CHECKS_PER_EPOCH)))
 
 

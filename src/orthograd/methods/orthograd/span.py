@@ -133,4 +133,4 @@ class MaterialisedSpan(ExplicitSpan):
         if self.projection == "auto" and not is_orthogonal(flat, G, self.gram, g):
             flat = project_out(g, G, method="qr")
         parts = torch.split(flat, [t.numel() for t in self.probe.values()])
-        return {n: part.view_as(t) for (n, t), part in zip(self.probe.items(), parts)}
+        return {n: part.view_as(t) for (n, t), part in zip(self.probe.items(), parts, strict=True)}
