@@ -74,6 +74,11 @@ def test_tiny_benchmark_writes_records_and_tables_and_resumes(tmp_path):
     again = run_experiment(config)  # resumes: nothing new to run
     assert again == records
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 4
+    written = (tmp_path / "out" / "tables.md").read_bytes()
+    (tmp_path / "out" / "tables.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "out")])  # the tables again, from the log alone
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "tables.md").read_bytes() == written
 
 
 def test_config_errors_are_clear(tmp_path):

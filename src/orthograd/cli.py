@@ -46,7 +46,7 @@ def error_line(exc: BaseException) -> str:
 class OneLineErrors(TyperGroup):
     """A command group whose commands' exceptions become one line on stderr and exit code 2."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]  # typer.Context is the click Context its base names
         try:
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort):
@@ -145,13 +145,33 @@ def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Folders written by `orthograd bench` (combined).")],
     out: Annotated[Path | None, typer.Option(help="Where to write (default: the first folder).")] = None,
 ) -> None:
-    """Tables (Markdown, CSV, JSON) and plots from stored benchmark results."""
+    """Tables (Markdown, CSV, JSON) and plots from stored benchmark results: image folders combined (e.g. one per
+    retain size), a speech or language-model folder's tables as its run wrote them."""
+    from orthograd.bench.experiments import task_of, write_run_tables
     from orthograd.image_bench.report import write_report
 
+    tasks = {task_of(_saved_config(folder)) for folder in run_dirs}
+    if tasks != {"classification"}:
+        if len(run_dirs) > 1:
+            raise typer.BadParameter("only image-classification folders combine: pass one speech or language-model "
+                                     "run folder")
+        tables = write_run_tables(run_dirs[0], out_dir=out)
+        if tables is not None:
+            console.print(tables.read_text())
+            console.print(f"tables: {tables}")
+        return
     paths = write_report(run_dirs, out_dir=out)
     console.print(paths["table"].read_text())
     for name, path in paths.items():
         console.print(f"{name}: {path}")
+
+
+def _saved_config(folder: Path) -> dict[str, Any]:
+    """The ``config.yaml`` a run wrote into its folder (empty when there is none: an image folder from elsewhere)."""
+    import yaml
+
+    path = folder / "config.yaml"
+    return dict(yaml.safe_load(path.read_text())) if path.is_file() else {}
 
 
 @app.command("upgrade-log")

@@ -17,14 +17,15 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
 from orthograd import methods
 from orthograd.bench.config import ConfigError, ExperimentConfig, describe_errors, expand_config
-from orthograd.bench.engine import Engine, Experiment, OnRun, OnStart, Record
+from orthograd.bench.engine import RESULTS_FILE, Engine, Experiment, FinishedRuns, OnRun, OnStart, Record
 from orthograd.bench.executors import Executor, OnNote, executor_for
+from orthograd.io import ResultsLog
 
 log = logging.getLogger(__name__)
 # task -> (module and class of its config, module and class of its experiment)
@@ -44,14 +45,16 @@ def _attribute(module: str, name: str) -> Any:
 
 def task_of(raw: Mapping[str, Any] | ExperimentConfig) -> str:
     """The task a config names (``classification`` when it names none)."""
-    value = raw.get("task", "classification") if isinstance(raw, Mapping) else raw.task
+    value = (raw.get("task", "classification") if isinstance(raw, Mapping)
+             else raw.model_dump(include={"task"})["task"])
     return str(value)
 
 
 def _schema() -> TypeAdapter[Any]:
     """One union of every task's config class, told apart by ``task``."""
     members = tuple(Annotated[_attribute(module, cls), Tag(task)] for task, (module, cls, _, _) in TASKS.items())
-    return TypeAdapter(Annotated[members, Discriminator(task_of)])  # type: ignore[valid-type]
+    # Union[...] of a tuple built at run time: the | operator has no spelling for it
+    return TypeAdapter(Annotated[Union[members], Discriminator(task_of)])  # type: ignore[valid-type]  # noqa: UP007
 
 
 def validate_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
@@ -183,6 +186,23 @@ def run_experiment(
     if engine.tables is not None and on_tables is not None:
         on_tables(engine.tables)
     return records
+
+
+def write_run_tables(run_dir: str | Path, *, out_dir: str | Path | None = None) -> Path | None:
+    """Regenerate a run folder's tables from its ``config.yaml`` and results log, as the run wrote them (the
+    experiment's plan replayed over the logged records, nothing run), into ``out_dir`` (default: the folder)."""
+    folder = Path(run_dir)
+    if not (folder / "config.yaml").is_file() or not (folder / RESULTS_FILE).is_file():
+        raise ConfigError(f"{folder} is not a run folder of `orthograd bench` (it needs config.yaml and "
+                          f"{RESULTS_FILE})")
+    configs, _ = load_experiment(folder / "config.yaml")
+    experiment = experiment_for(configs)
+    finished = FinishedRuns(ResultsLog(folder / RESULTS_FILE), experiment.record_key)
+    planned = [job.key for phase in experiment.plan(finished) for job in phase.jobs]
+    records = [finished[key] for key in dict.fromkeys(planned) if key in finished]
+    if not records:
+        raise ConfigError(f"{folder / RESULTS_FILE} holds no record of this config's runs")
+    return experiment.write_tables(records, Path(out_dir) if out_dir is not None else folder)
 
 
 def shipped_configs() -> dict[str, Path]:

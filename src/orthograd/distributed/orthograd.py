@@ -213,4 +213,4 @@ class DataParallelSpan(ExplicitSpan):
 def unflatten(flat: torch.Tensor, shapes: dict[str, torch.Size], *, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A flat ``[d]`` vector as ``dtype`` tensors of the given shapes, by name (in the order of ``shapes``)."""
     parts = torch.split(flat.to(dtype), [shape.numel() for shape in shapes.values()])
-    return {name: part.view(shape) for (name, shape), part in zip(shapes.items(), parts)}
+    return {name: part.view(shape) for (name, shape), part in zip(shapes.items(), parts, strict=True)}

@@ -10,9 +10,10 @@ loop engine.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal
+from functools import partial
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -156,7 +157,7 @@ def batchnorm_in_eval(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, mode in zip(norms, modes):
+        for m, mode in zip(norms, modes, strict=True):
             m.train(mode)
 
 
@@ -198,7 +199,7 @@ def _loop_grads(
     losses: list[torch.Tensor] = []
     with batchnorm_in_eval(model):
         for index in range(batch_size_of(batch)):
-            single = tree_map(lambda t: t[index : index + 1] if isinstance(t, torch.Tensor) else t, batch)
+            single = tree_map(partial(_row, index=index), batch)
             loss = loss_fn(model, single).reshape(-1)[0]
             rows.append(torch.autograd.grad(loss, chosen, allow_unused=True))
             losses.append(loss.detach())
@@ -207,3 +208,8 @@ def _loop_grads(
         for i, n in enumerate(names)
     }
     return grads, torch.stack(losses)
+
+
+def _row(value: Any, *, index: int) -> Any:
+    """Sample ``index`` of a batch leaf, kept as a batch of one (non-tensor leaves pass through)."""
+    return value[index : index + 1] if isinstance(value, torch.Tensor) else value

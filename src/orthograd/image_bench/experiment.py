@@ -225,14 +225,15 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
             k: record["final"][k] - v for k, v in reference["accuracy"].items() if k in record["final"]
         }
     if job.phase == "test" and config.unlearn.privacy:
-        sets = {"forget": inputs.forget, "retain": inputs.retain, "test": evaluation}
         record["privacy"] = privacy_metrics(
-            result.model, **sets, device=ctx.device, seed=seed, reference=reference.get("privacy")
+            result.model, forget=inputs.forget, retain=inputs.retain, test=evaluation, device=ctx.device, seed=seed,
+            reference=reference.get("privacy"),
         )
         # the same attacks on the original model fill the Original row's MIA columns (once per split and seed)
         split_key = f"{record['split']['forget']}-{record['split']['retain']}-{seed}"
         if split_key not in ctx.original_privacy:
-            ctx.original_privacy[split_key] = privacy_metrics(ctx.original, **sets, device=ctx.device, seed=seed)
+            ctx.original_privacy[split_key] = privacy_metrics(ctx.original, forget=inputs.forget, retain=inputs.retain,
+                                                              test=evaluation, device=ctx.device, seed=seed)
         record["privacy"]["original"] = dict(ctx.original_privacy[split_key])
     return record
 
@@ -347,7 +348,8 @@ class ImageExperiment:
             out[(index, retain_size)] = {
                 "train_time_s": trained.train_time_s,
                 "accuracy": {name: evaluate(model, data, device=ctx.device)["accuracy"] for name, data in sets.items()},
-                "privacy": privacy_metrics(model, **sets, device=ctx.device, seed=split_seed(config, index)),
+                "privacy": privacy_metrics(model, forget=forget, retain=retain, test=ctx.data.test, device=ctx.device,
+                                           seed=split_seed(config, index)),
             }
         return out
 

@@ -108,7 +108,7 @@ def run_trials(
         ),
     )
     grid = tuner.fit()
-    errors = [result.error for result in grid if result.error is not None]
+    errors = [grid[i].error for i in range(len(grid)) if grid[i].error is not None]
     if errors:
         raise TrialsFailed(
             f"{len(errors)} of {len(jobs)} {name} trials failed (first: {errors[0]!r}); the finished ones are saved, "
