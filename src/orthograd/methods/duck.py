@@ -45,13 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from orthograd.lora import is_lora_model
-from orthograd.methods.base import (
-    IterativeConfig,
-    MethodContext,
-    OptimizerName,
-    UnlearningMethod,
-    make_optimizer,
-)
+from orthograd.methods.base import IterativeConfig, IterativeMethod, MethodContext, OptimizerName, check_positive
 from orthograd.methods.registry import register
 
 HEAD_ATTRIBUTES: tuple[str, ...] = ("fc", "head", "heads", "classifier")
@@ -84,10 +78,7 @@ class DUCKConfig(IterativeConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.milestones = tuple(int(m) for m in self.milestones)
-        for name, value in (("temperature", self.temperature), ("lr_gamma", self.lr_gamma),
-                            ("phase2_lr", self.phase2_lr)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+        check_positive(temperature=self.temperature, lr_gamma=self.lr_gamma, phase2_lr=self.phase2_lr)
         if self.lambda_forget < 0 or self.lambda_retain < 0:
             raise ValueError("lambda_forget and lambda_retain must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -200,17 +191,14 @@ def in_fixed_order(data: Any, *, generator: torch.Generator) -> DataLoader[Any] 
 
 
 @register
-class DUCK(UnlearningMethod[DUCKConfig]):
+class DUCK(IterativeMethod[DUCKConfig]):
     """Forget embeddings pulled to the nearest wrong class centroid, retain cross-entropy at temperature T."""
 
     name: ClassVar[str] = "duck"
     tasks: ClassVar[tuple[str, ...] | None] = ("classification",)
-    train_mode: ClassVar[bool] = True
 
     def __init__(self, config: DUCKConfig, context: MethodContext) -> None:
         super().__init__(config, context)
-        self.params = context.trainable_parameters()
-        self.optimizer = make_optimizer(config, list(self.params.values()))
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(config.milestones), gamma=config.lr_gamma
         )

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from orthograd.grads import per_sample_grads
-from orthograd.methods.base import MethodContext, UnlearningMethod
+from orthograd.methods.base import MethodContext, UnlearningMethod, check_positive
 from orthograd.methods.oneshot import OneShotConfig, scoped_parameters
 from orthograd.methods.registry import register
 from orthograd.tasks.base import IGNORE_INDEX, Task
@@ -79,10 +79,9 @@ class FisherConfig(OneShotConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, value in (("alpha", self.alpha), ("variance_clamp", self.variance_clamp),
-                            ("head_variance_clamp", self.head_variance_clamp)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+        check_positive(
+            alpha=self.alpha, variance_clamp=self.variance_clamp, head_variance_clamp=self.head_variance_clamp
+        )
         if self.batch_size < 1 or self.mc_samples < 1:
             raise ValueError(f"batch_size and mc_samples must be >= 1, got {self.batch_size}, {self.mc_samples}")
         if self.fisher_samples is not None and self.fisher_samples < 1:

@@ -23,14 +23,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from orthograd.methods.base import (
-    IterativeConfig,
-    MethodConfig,
-    MethodContext,
-    OptimizerName,
-    UnlearningMethod,
-    make_optimizer,
-)
+from orthograd.methods.base import IterativeConfig, IterativeMethod, MethodContext, OptimizerName, check_positive
 from orthograd.methods.registry import register
 
 
@@ -75,8 +68,7 @@ class GdrGmaConfig(IterativeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.gamma > 0:
-            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        check_positive(gamma=self.gamma)
         if self.bank_size is not None and self.bank_size < 1:
             raise ValueError(f"bank_size must be >= 1 or None (one epoch of forget steps), got {self.bank_size}")
 
@@ -131,17 +123,13 @@ class GradientBank:
 
 
 @register
-class GdrGma(UnlearningMethod[GdrGmaConfig]):
+class GdrGma(IterativeMethod[GdrGmaConfig]):
     """Per-tensor conflict removal between retain descent and forget ascent, weighted by the retain loss."""
 
     name: ClassVar[str] = "gdr-gma"
-    config_class: ClassVar[type[MethodConfig]] = GdrGmaConfig
-    train_mode: ClassVar[bool] = True
 
     def __init__(self, config: GdrGmaConfig, context: MethodContext) -> None:
         super().__init__(config, context)
-        self.params = context.trainable_parameters()
-        self.optimizer = make_optimizer(config, list(self.params.values()))
         names = list(self.params)
         banked = names[-1:] if config.bank_scope == "last_tensor" else names
         size = config.bank_size or len(context.loader("forget", batch_size=config.forget_batch_size))

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from orthograd.grads import per_sample_grads
-from orthograd.methods.base import MethodContext, UnlearningMethod
+from orthograd.methods.base import MethodContext, UnlearningMethod, check_positive
 from orthograd.methods.oneshot import OneShotConfig, scoped_parameters
 from orthograd.methods.registry import register
 from orthograd.tasks.base import Task
@@ -45,8 +45,7 @@ class InfluenceConfig(OneShotConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        check_positive(alpha=self.alpha)
         if self.batch_size < 1 or self.woodfisher_n < 1:
             raise ValueError(f"batch_size and woodfisher_n must be >= 1, got {self.batch_size}, {self.woodfisher_n}")
 

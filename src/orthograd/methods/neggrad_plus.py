@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from orthograd.methods._common import descend
-from orthograd.methods.base import IterativeConfig, MethodContext, OptimizerName, UnlearningMethod, make_optimizer
+from orthograd.methods.base import IterativeConfig, IterativeMethod, MethodContext, OptimizerName
 from orthograd.methods.registry import register
 
 CLASSIFICATION_PROX_WD = 0.1  # the notebook's run (main.py --weight_decay 0.1); main.py's own default is 5e-4
@@ -61,7 +61,7 @@ class NegGradPlusConfig(IterativeConfig):
 
 
 @register
-class NegGradPlus(UnlearningMethod[NegGradPlusConfig]):
+class NegGradPlus(IterativeMethod[NegGradPlusConfig]):
     """beta * (retain CE + proximal term) - (1 - beta) * forget CE, one SGD step per retain batch."""
 
     name: ClassVar[str] = "neggrad+"
@@ -69,9 +69,7 @@ class NegGradPlus(UnlearningMethod[NegGradPlusConfig]):
 
     def __init__(self, config: NegGradPlusConfig, context: MethodContext) -> None:
         super().__init__(config, context)
-        self.params = context.trainable_parameters()
         self.initial = {name: p.detach().clone() for name, p in self.params.items()}
-        self.optimizer = make_optimizer(config, list(self.params.values()))
         if config.prox_wd is not None:
             self.prox_wd = config.prox_wd
         else:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from orthograd.methods._common import ScheduleConfig, decayed_lr, descend, distill_kl, set_lr
-from orthograd.methods.base import MethodContext, OptimizerName, UnlearningMethod, make_optimizer
+from orthograd.methods.base import IterativeMethod, MethodContext, OptimizerName, check_positive
 from orthograd.methods.registry import register
 from orthograd.tasks.base import per_sample_cross_entropy
 
@@ -63,8 +63,7 @@ class ScrubConfig(ScheduleConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_positive(temperature=self.temperature)
         if self.alpha < 0 or self.gamma < 0:
             raise ValueError(f"alpha and gamma must be >= 0, got alpha={self.alpha}, gamma={self.gamma}")
         if self.msteps < 0:
@@ -74,16 +73,14 @@ class ScrubConfig(ScheduleConfig):
 
 
 @register
-class Scrub(UnlearningMethod[ScrubConfig]):
+class Scrub(IterativeMethod[ScrubConfig]):
     """Max steps (forget, first ``msteps`` epochs) and min steps (retain) of teacher-student distillation."""
 
     name: ClassVar[str] = "scrub"
-    train_mode: ClassVar[bool] = True
 
     def __init__(self, config: ScrubConfig, context: MethodContext) -> None:
         super().__init__(config, context)
         self.teacher = context.teacher()
-        self.optimizer = make_optimizer(config, list(context.trainable_parameters().values()))
 
     def _logits(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and teacher logits of ``batch`` (the teacher without gradients)."""
