@@ -10,8 +10,9 @@ with gamma = alpha = 1. Each forget batch is paired with the next batch of a res
 Kurmanji et al.) by its weights (1 and 1, not a convex 0.05/0.95 split), its optimizer (AdamW, not SGD), its epoch
 (a pass over the forget set, not the retain set), the KL option and no proximal term.
 
-``ForgetRetainMethod`` is the shared loop of the OpenUnlearning family (GradDiff, SimNPO, RMU): a subclass
-only says what its forget term is, and may add retain terms.
+``ForgetRetainMethod`` is the shared objective of the OpenUnlearning family (GradDiff, SimNPO, RMU) on the
+forget-anchored loop it shares with NPO (``_common.ForgetAnchored``): a subclass only says what its forget term
+is, and may add retain terms.
 """
 
 from __future__ import annotations
