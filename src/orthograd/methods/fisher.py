@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from orthograd.grads import per_sample_grads
-from orthograd.methods.base import MethodContext, UnlearningMethod, check_positive
-from orthograd.methods.oneshot import OneShotConfig, scoped_parameters
+from orthograd.methods.base import MethodContext, check_positive
+from orthograd.methods.oneshot import OneShotConfig, OneShotMethod
 from orthograd.methods.registry import register
 from orthograd.tasks.base import IGNORE_INDEX, Task
 
@@ -233,15 +233,10 @@ def std_noise_scale(param: torch.Tensor, fisher: torch.Tensor, rules: NoiseRules
 
 
 @register
-class FisherForgetting(UnlearningMethod[FisherConfig]):
+class FisherForgetting(OneShotMethod[FisherConfig]):
     """One-shot: resample the edited parameters with noise scaled by the inverse retain-set Fisher."""
 
     name: ClassVar[str] = "fisher"
-    one_shot: ClassVar[bool] = True
-
-    def __init__(self, config: FisherConfig, context: MethodContext) -> None:
-        super().__init__(config, context)
-        self.params = scoped_parameters(context.model, config, mlp=context.task.lora_mlp)
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
         cfg = self.config

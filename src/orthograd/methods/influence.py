@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from orthograd.grads import per_sample_grads
-from orthograd.methods.base import MethodContext, UnlearningMethod, check_positive
-from orthograd.methods.oneshot import OneShotConfig, scoped_parameters
+from orthograd.methods.base import check_positive
+from orthograd.methods.oneshot import OneShotConfig, OneShotMethod
 from orthograd.methods.registry import register
 from orthograd.tasks.base import Task
 
@@ -88,15 +88,10 @@ def _flatten(grads: Iterable[torch.Tensor | None], params: list[nn.Parameter]) -
 
 
 @register
-class InfluenceUnlearning(UnlearningMethod[InfluenceConfig]):
+class InfluenceUnlearning(OneShotMethod[InfluenceConfig]):
     """One-shot: theta + alpha * WoodFisher-code(v), v = (n_f / N)(mean forget grad - mean retain grad)."""
 
     name: ClassVar[str] = "influence"
-    one_shot: ClassVar[bool] = True
-
-    def __init__(self, config: InfluenceConfig, context: MethodContext) -> None:
-        super().__init__(config, context)
-        self.params = scoped_parameters(context.model, config, mlp=context.task.lora_mlp)
 
     def _per_sample_grads(self) -> Iterator[torch.Tensor]:
         """Flat gradients of the retain samples in order (the code's batch-size-1, unshuffled loader)."""
