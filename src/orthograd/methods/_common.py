@@ -5,10 +5,12 @@
   SPARSE/SALUN defaults, shared by FT and NegGrad;
 - ``OneSetDescent``: the SPARSE/SALUN training wrapper of FT and NegGrad (one pass over one set per epoch, the task
   loss with a sign, one optimizer step per batch);
-- ``TofuOptimizerConfig``: the AdamW setting of the language-model baselines (NPO's repository and OpenUnlearning);
-  ``ForgetAnchored``: their loop (a step per forget batch, paired with the next batch of a retain cycle);
+- ``AdamWConfig``: AdamW at weight decay 0.01 (GDR-GMA, the TOFU recipe); ``TofuOptimizerConfig``: the TOFU
+  setting of the language-model baselines (NPO's repository, OpenUnlearning); ``ForgetAnchored``: their loop
+  (a step per forget batch, paired with the next batch of a retain cycle);
 - ``descend``: one optimizer step on a loss; ``distill_kl``: SCRUB's temperature-scaled KL on logits.
 """
+
 from __future__ import annotations
 
 import abc
@@ -60,15 +62,21 @@ class SparseConfig(ScheduleConfig):
 
 
 @dataclass
-class TofuOptimizerConfig(IterativeConfig):
+class AdamWConfig(IterativeConfig):
+    """AdamW at torch's default weight decay, 0.01: the optimizer of GDR-GMA's code and of the TOFU recipe."""
+
+    optimizer: OptimizerName = "adamw"
+    weight_decay: float = 0.01
+
+
+@dataclass
+class TofuOptimizerConfig(AdamWConfig):
     """The TOFU fine-tuning setting that NPO's repository and OpenUnlearning both use: AdamW(lr 1e-5, weight decay
     0.01), batch 32 on each set (OpenUnlearning: 8 per device x 4 accumulation steps)."""
 
     lr: float = 1e-5
     forget_batch_size: int = 32
     retain_batch_size: int = 32
-    optimizer: OptimizerName = "adamw"
-    weight_decay: float = 0.01
 
 
 def decayed_lr(config: ScheduleConfig, epoch: int) -> float:

@@ -23,12 +23,13 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from orthograd.methods.base import IterativeConfig, IterativeMethod, MethodContext, OptimizerName, check_positive
+from orthograd.methods._common import AdamWConfig
+from orthograd.methods.base import IterativeMethod, MethodContext, check_positive
 from orthograd.methods.registry import register
 
 
 @dataclass
-class GdrGmaConfig(IterativeConfig):
+class GdrGmaConfig(AdamWConfig):
     """GDR-GMA hyperparameters; defaults are the authors' code's.
 
     AdamW(lr 1e-4, weight decay 0.01, default betas), forget and retain batches 256, gamma 100 and eps 0.02 (hard
@@ -63,8 +64,6 @@ class GdrGmaConfig(IterativeConfig):
     lr: float = 1e-4
     forget_batch_size: int = 256
     retain_batch_size: int = 256
-    optimizer: OptimizerName = "adamw"
-    weight_decay: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()
