@@ -59,11 +59,27 @@ class MethodConfig:
         return cls(**kwargs)
 
 
-def check_positive(**values: float) -> None:
-    """Refuse any value that is not > 0, naming it (``check_positive(lr=config.lr)``)."""
+def check_positive(*, note: str = "", **values: float) -> None:
+    """Refuse any value that is not > 0, naming it (``check_positive(lr=config.lr)``); ``note`` says what the
+    value means."""
     for name, value in values.items():
         if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
+            raise ValueError(f"{name} must be > 0{_explained(note)}, got {value}")
+
+
+def check_at_least(*, minimum: int, optional: bool = False, note: str = "", **values: float | None) -> None:
+    """Refuse any value below ``minimum``, naming it; ``optional``: None is a valid value (and the message says so);
+    ``note`` says what the bound means."""
+    for name, value in values.items():
+        if value is None and optional:
+            continue
+        if value is None or value < minimum:
+            bound = f">= {minimum} or None" if optional else f">= {minimum}"
+            raise ValueError(f"{name} must be {bound}{_explained(note)}, got {value}")
+
+
+def _explained(note: str) -> str:
+    return f" ({note})" if note else ""
 
 
 @dataclass
@@ -85,8 +101,7 @@ class IterativeConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(lr=self.lr, forget_batch_size=self.forget_batch_size, retain_batch_size=self.retain_batch_size)
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise ValueError("momentum and weight_decay must be >= 0")
+        check_at_least(minimum=0, momentum=self.momentum, weight_decay=self.weight_decay)
         self.lora = LoRAConfig.from_value(self.lora)
 
     @classmethod

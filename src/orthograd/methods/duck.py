@@ -45,7 +45,14 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from orthograd.lora import is_lora_model
-from orthograd.methods.base import IterativeConfig, IterativeMethod, MethodContext, OptimizerName, check_positive
+from orthograd.methods.base import (
+    IterativeConfig,
+    IterativeMethod,
+    MethodContext,
+    OptimizerName,
+    check_at_least,
+    check_positive,
+)
 from orthograd.methods.registry import register
 
 HEAD_ATTRIBUTES: tuple[str, ...] = ("fc", "head", "heads", "classifier")
@@ -79,15 +86,12 @@ class DUCKConfig(IterativeConfig):
         super().__post_init__()
         self.milestones = tuple(int(m) for m in self.milestones)
         check_positive(temperature=self.temperature, lr_gamma=self.lr_gamma, phase2_lr=self.phase2_lr)
-        if self.lambda_forget < 0 or self.lambda_retain < 0:
-            raise ValueError("lambda_forget and lambda_retain must be >= 0")
+        check_at_least(minimum=0, lambda_forget=self.lambda_forget, lambda_retain=self.lambda_retain)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("centroid_batches", "phase2_batch_size", "phase2_epochs", "phase2_retain_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.retain_steps < 0:
-            raise ValueError(f"retain_steps (R) must be >= 0, got {self.retain_steps}")
+        check_at_least(minimum=1, centroid_batches=self.centroid_batches, phase2_batch_size=self.phase2_batch_size,
+                       phase2_epochs=self.phase2_epochs, phase2_retain_batches=self.phase2_retain_batches)
+        check_at_least(minimum=0, note="R", retain_steps=self.retain_steps)
 
 
 def find_head(model: nn.Module, name: str | None = None) -> nn.Module:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from orthograd.grads import per_sample_grads
-from orthograd.methods.base import MethodContext, check_positive
+from orthograd.methods.base import MethodContext, check_at_least, check_positive
 from orthograd.methods.oneshot import OneShotConfig, OneShotMethod
 from orthograd.methods.registry import register
 from orthograd.tasks.base import IGNORE_INDEX, Task
@@ -82,10 +82,8 @@ class FisherConfig(OneShotConfig):
         check_positive(
             alpha=self.alpha, variance_clamp=self.variance_clamp, head_variance_clamp=self.head_variance_clamp
         )
-        if self.batch_size < 1 or self.mc_samples < 1:
-            raise ValueError(f"batch_size and mc_samples must be >= 1, got {self.batch_size}, {self.mc_samples}")
-        if self.fisher_samples is not None and self.fisher_samples < 1:
-            raise ValueError(f"fisher_samples must be >= 1 or None, got {self.fisher_samples}")
+        check_at_least(minimum=1, batch_size=self.batch_size, mc_samples=self.mc_samples)
+        check_at_least(minimum=1, optional=True, fisher_samples=self.fisher_samples)
 
 
 def device_generator(context: MethodContext) -> torch.Generator:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from orthograd.methods._common import AdamWConfig
-from orthograd.methods.base import IterativeMethod, MethodContext, check_positive
+from orthograd.methods.base import IterativeMethod, MethodContext, check_at_least, check_positive
 from orthograd.methods.registry import register
 
 
@@ -68,8 +68,7 @@ class GdrGmaConfig(AdamWConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(gamma=self.gamma)
-        if self.bank_size is not None and self.bank_size < 1:
-            raise ValueError(f"bank_size must be >= 1 or None (one epoch of forget steps), got {self.bank_size}")
+        check_at_least(minimum=1, optional=True, note="None: one epoch of forget steps", bank_size=self.bank_size)
 
 
 def rectify(

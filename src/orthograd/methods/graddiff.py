@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from orthograd.methods._common import ForgetAnchored, TofuOptimizerConfig
-from orthograd.methods.base import MethodContext
+from orthograd.methods.base import MethodContext, check_at_least, check_positive
 from orthograd.methods.registry import register
 from orthograd.tasks.base import IGNORE_INDEX, Task
 
@@ -53,10 +53,8 @@ class ForgetRetainConfig(TofuOptimizerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.gamma > 0:
-            raise ValueError(f"gamma (the forget term's weight) must be > 0, got {self.gamma}")
-        if self.alpha < 0:
-            raise ValueError(f"alpha (the retain term's weight) must be >= 0 (0: no retain term), got {self.alpha}")
+        check_positive(note="the forget term's weight", gamma=self.gamma)
+        check_at_least(minimum=0, note="the retain term's weight; 0: no retain term", alpha=self.alpha)
 
 
 def retain_kl(task: Task, model: torch.nn.Module, original: torch.nn.Module, batch: Any) -> torch.Tensor:

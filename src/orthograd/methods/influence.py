@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from orthograd.grads import per_sample_grads
-from orthograd.methods.base import check_positive
+from orthograd.methods.base import check_at_least, check_positive
 from orthograd.methods.oneshot import OneShotConfig, OneShotMethod
 from orthograd.methods.registry import register
 from orthograd.tasks.base import Task
@@ -46,8 +46,7 @@ class InfluenceConfig(OneShotConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(alpha=self.alpha)
-        if self.batch_size < 1 or self.woodfisher_n < 1:
-            raise ValueError(f"batch_size and woodfisher_n must be >= 1, got {self.batch_size}, {self.woodfisher_n}")
+        check_at_least(minimum=1, batch_size=self.batch_size, woodfisher_n=self.woodfisher_n)
 
 
 def summed_gradient(

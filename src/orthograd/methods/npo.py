@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from orthograd.methods._common import ForgetAnchored, TofuOptimizerConfig
-from orthograd.methods.base import MethodContext
+from orthograd.methods.base import MethodContext, check_at_least, check_positive
 from orthograd.methods.registry import register
 
 
@@ -44,10 +44,8 @@ class NPOConfig(TofuOptimizerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0 (beta -> 0 is gradient ascent: use neggrad), got {self.beta}")
-        if self.retain_weight < 0:
-            raise ValueError(f"retain_weight must be >= 0 (0: NPO without its retain term), got {self.retain_weight}")
+        check_positive(note="beta -> 0 is gradient ascent: use neggrad", beta=self.beta)
+        check_at_least(minimum=0, note="0: NPO without its retain term", retain_weight=self.retain_weight)
 
 
 def npo_loss(nll: torch.Tensor, reference_nll: torch.Tensor, *, beta: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from orthograd.methods._common import ScheduleConfig, decayed_lr, descend, distill_kl, set_lr
-from orthograd.methods.base import IterativeMethod, MethodContext, OptimizerName, check_positive
+from orthograd.methods.base import IterativeMethod, MethodContext, OptimizerName, check_at_least, check_positive
 from orthograd.methods.registry import register
 from orthograd.tasks.base import per_sample_cross_entropy
 
@@ -64,12 +64,9 @@ class ScrubConfig(ScheduleConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(temperature=self.temperature)
-        if self.alpha < 0 or self.gamma < 0:
-            raise ValueError(f"alpha and gamma must be >= 0, got alpha={self.alpha}, gamma={self.gamma}")
-        if self.msteps < 0:
-            raise ValueError(f"msteps must be >= 0 (0: no max steps at all), got {self.msteps}")
-        if self.retain_steps_per_epoch is not None and self.retain_steps_per_epoch < 1:
-            raise ValueError(f"retain_steps_per_epoch must be >= 1 or None, got {self.retain_steps_per_epoch}")
+        check_at_least(minimum=0, alpha=self.alpha, gamma=self.gamma)
+        check_at_least(minimum=0, note="0: no max steps at all", msteps=self.msteps)
+        check_at_least(minimum=1, optional=True, retain_steps_per_epoch=self.retain_steps_per_epoch)
 
 
 @register
