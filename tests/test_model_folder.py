@@ -250,15 +250,15 @@ def test_rows_of_number_lists_are_checked_for_nan_and_fingerprinted_by_content()
 
 def test_the_report_says_when_the_retain_side_was_damaged() -> None:
     from orthograd.damage import Damage
-    from orthograd.run_report import report_markdown
+    from orthograd.run_report import RunReport, report_markdown
 
     damage = Damage(set="retain", metric="accuracy", before=98.0, after=40.0, tolerance=10.0)
     history = [{"step": 0, "forget": 99.0, "retain": 98.0}, {"step": 5, "forget": 0.5, "retain": 40.0}]
     result = UnlearnResult(model=nn.Linear(2, 2), method="orthograd", config={"schedule": "fixed"}, history=history,
                            stop_reason="target_reached", steps=5, epochs=1, wall_time_s=1.0,
                            original={"forget": 99.0, "retain": 98.0}, damage=damage)
-    text = report_markdown(result=result, audit={"config": result.config, "stop": "class"}, metric="accuracy",
-                           title="net", privacy_note="No test set given.")
+    text = report_markdown(RunReport(result=result, audit={"config": result.config, "stop": "class"}, metric="accuracy",
+                                     title="net", privacy_note="No test set given."))
     assert "**Retain side damaged past its tolerance** (target_reached)" in text
     assert "Retain damage: retain accuracy fell from 98.00 to 40.00" in text
     assert "| retain |  | 98.00 | 40.00 | -58.00 |" in text and "No test set given." in text

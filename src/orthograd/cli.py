@@ -82,13 +82,16 @@ def _root(
     """Machine unlearning with OrthoGrad: demo, benchmarks and reports."""
 
 
+# The --method option of the commands that run a benchmark config (its methods, any case, as run_experiment reads)
+MethodsOption = Annotated[list[str] | None, typer.Option(help="Run only these methods, any case (repeatable).")]
+
 DEMO_TITLE = "Digits, SmallCNN: mean ± 95% CI over 5 seeds (random) / 5 classes (class)"
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for results.jsonl, table.md and the plots.")] = Path("runs/demo"),
-    method: Annotated[list[str] | None, typer.Option(help="Run only these methods (repeatable).")] = None,
+    method: MethodsOption = None,
 ) -> None:
     """Train a digits CNN, unlearn with every method (random and class forgetting), print the paper-style table."""
     from orthograd.bench.experiments import run_experiment
@@ -119,8 +122,7 @@ def bench(
                                          help="Where jobs run: local (this process or the config's workers), "
                                               "processes (--num-cpus worker processes), ray (Ray Tune trials), ddp "
                                               "(data-parallel runs, under torchrun).")] = "local",
-    method: Annotated[list[str] | None, typer.Option(help="Run only these methods, any case (repeatable).")
-                      ] = None,
+    method: MethodsOption = None,
     address: Annotated[str | None, typer.Option(help="ray: the cluster to join (ray://head:10001, auto); "
                                                         "default: a local Ray cluster for this command.")] = None,
     num_cpus: Annotated[int | None, typer.Option(help="processes: worker processes; ray: CPUs of the local "

@@ -80,8 +80,21 @@ def _title(records: Sequence[Record], title: str | None) -> str | None:
     return " + ".join(names) or None
 
 
-def _methods(colours: Mapping[str, Any], runs: Sequence[Record]) -> list[str]:
-    return [m for m in colours if any(r["method"] == m for r in runs)]
+def _by_method(colours: Mapping[str, Any], runs: Sequence[Record]) -> list[tuple[str, list[Record]]]:
+    """Each method present in ``runs`` (in colour order) with its runs."""
+    grouped = [(method, [r for r in runs if r["method"] == method]) for method in colours]
+    return [(method, mine) for method, mine in grouped if mine]
+
+
+def _scenario_panels(
+    usable: Sequence[Record], *, title: str | None
+) -> tuple[Figure, dict[str, Any], list[tuple[Axes, str, list[Record]]]]:
+    """A figure of one panel per scenario, the method colours, and each panel with its scenario and runs."""
+    scenarios = _scenarios(usable)
+    figure, axes = _panels(len(scenarios), title=_title(usable, title))
+    panels = [(ax, scenario, [r for r in usable if r["scenario"] == scenario])
+              for ax, scenario in zip(axes[0], scenarios, strict=True)]
+    return figure, _colours(usable), panels
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
@@ -108,17 +121,11 @@ def uis_vs_retain_size_figure(records: Sequence[Record], *, title: str | None = 
     usable = [r for r in records if r.get("retain_size") is not None and r.get("uis") is not None]
     if not usable:
         raise ValueError("no record carries both 'retain_size' and 'uis': run a retain-size sweep first")
-    colours = _colours(usable)
-    scenarios = _scenarios(usable)
-    figure, axes = _panels(len(scenarios), title=_title(usable, title))
-    for ax, scenario in zip(axes[0], scenarios, strict=True):
-        runs = [r for r in usable if r["scenario"] == scenario]
-        for method in _methods(colours, runs):
-            sizes = sorted({int(r["retain_size"]) for r in runs if r["method"] == method})
-            stats = [
-                _mean_std([r["uis"] for r in runs if r["method"] == method and int(r["retain_size"]) == size])
-                for size in sizes
-            ]
+    figure, colours, panels = _scenario_panels(usable, title=title)
+    for ax, scenario, runs in panels:
+        for method, mine in _by_method(colours, runs):
+            sizes = sorted({int(r["retain_size"]) for r in mine})
+            stats = [_mean_std([r["uis"] for r in mine if int(r["retain_size"]) == size]) for size in sizes]
             ax.errorbar(sizes, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
                         color=colours[method], label=_label(method))
         all_sizes = [int(r["retain_size"]) for r in runs]
@@ -166,9 +173,8 @@ def trajectories_figure(
         runs = [r for r in usable if r["scenario"] == scenario]
         log_x = x == "step" and _run_lengths_differ(runs)
         for ax, key in zip(row, metrics, strict=True):
-            for method in _methods(colours, runs):
-                _mean_band(ax, [r for r in runs if r["method"] == method], x=x, key=key, colour=colours[method],
-                           label=_label(method))
+            for method, mine in _by_method(colours, runs):
+                _mean_band(ax, mine, x=x, key=key, colour=colours[method], label=_label(method))
             _mark_original(ax, runs, key=key)
             if key == "forget":
                 _mark_target(ax, runs, scenario=scenario, vertical=False)
@@ -264,15 +270,12 @@ def tradeoff_figure(records: Sequence[Record], *, title: str | None = None) -> F
     usable = [r for r in records if r.get("final", {}).get("forget") is not None and r["final"].get("test") is not None]
     if not usable:
         raise ValueError("no record carries final 'forget' and 'test' metrics to plot")
-    colours = _colours(usable)
-    scenarios = _scenarios(usable)
     metric = _metric_name(usable)
-    figure, axes = _panels(len(scenarios), title=_title(usable, title))
-    for ax, scenario in zip(axes[0], scenarios, strict=True):
-        runs = [r for r in usable if r["scenario"] == scenario]
-        for method in _methods(colours, runs):
-            mine = [r["final"] for r in runs if r["method"] == method]
-            (fx, sx), (fy, sy) = _mean_std([f["forget"] for f in mine]), _mean_std([f["test"] for f in mine])
+    figure, colours, panels = _scenario_panels(usable, title=title)
+    for ax, scenario, runs in panels:
+        for method, mine in _by_method(colours, runs):
+            finals = [r["final"] for r in mine]
+            (fx, sx), (fy, sy) = _mean_std([f["forget"] for f in finals]), _mean_std([f["test"] for f in finals])
             ax.errorbar(fx, fy, xerr=sx, yerr=sy, marker="o", capsize=3, color=colours[method], label=_label(method))
         forget_original, test_original = _original(runs, "forget"), _original(runs, "test")
         if forget_original is not None and test_original is not None:

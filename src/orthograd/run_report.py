@@ -1,4 +1,4 @@
-"""The report of one unlearning run for a person: ``report.md`` and ``trajectory.png``.
+"""The report of one unlearning run for a person: ``report.md`` and ``trajectory.png`` (``RunReport.write``).
 
 It answers "is the data forgotten, and what did it cost?": the task metric on the forget, retain and test sets
 before and after, the stop reason (and the target missed, or the damage check, when there is one), the
@@ -8,6 +8,7 @@ membership-inference figures before and after when a test set was given, and the
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,44 +26,36 @@ PRIVACY_ROWS = (
 )
 
 
-def write_run_report(
-    folder: Path,
-    *,
-    result: Any,
-    audit: Mapping[str, Any],
-    metric: str,
-    title: str,
-    privacy: Mapping[str, Mapping[str, float]] | None = None,
-    privacy_note: str | None = None,
-) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``trajectory.png`` into ``folder``; returns both paths.
+@dataclass(frozen=True, kw_only=True)
+class RunReport:
+    """What the report of one run shows. ``privacy`` holds ``{"before": ..., "after": ...}`` from
+    ``orthograd.privacy.privacy_metrics``; ``privacy_note`` says why there is none (e.g. no test set)."""
 
-    ``privacy`` holds ``{"before": ..., "after": ...}`` from ``orthograd.privacy.privacy_metrics``;
-    ``privacy_note`` says why there is none (e.g. no test set).
-    """
-    stop = audit.get("stop") or result.inferred_stop
-    scenario = stop if stop in ("random", "class") else "run"
-    record = {"method": result.method, "scenario": scenario, "history": result.history, "original": result.original,
-              "metric": metric}
-    shown = [key for key in SETS if key in result.final]
-    plot = plot_trajectories([record], path=folder / PLOT_FILE, metrics=shown, title=title)
-    text = report_markdown(result=result, audit=audit, metric=metric, title=title, privacy=privacy,
-                           privacy_note=privacy_note)
-    path = folder / REPORT_FILE
-    atomic_write_text(path, text)
-    return path, plot
+    result: Any
+    audit: Mapping[str, Any]
+    metric: str
+    title: str
+    privacy: Mapping[str, Mapping[str, float]] | None = None
+    privacy_note: str | None = None
+
+    def write(self, folder: Path) -> tuple[Path, Path]:
+        """Write ``report.md`` and ``trajectory.png`` into ``folder``; returns both paths."""
+        result = self.result
+        stop = self.audit.get("stop") or result.inferred_stop
+        scenario = stop if stop in ("random", "class") else "run"
+        record = {"method": result.method, "scenario": scenario, "history": result.history,
+                  "original": result.original, "metric": self.metric}
+        shown = [key for key in SETS if key in result.final]
+        plot = plot_trajectories([record], path=folder / PLOT_FILE, metrics=shown, title=self.title)
+        path = folder / REPORT_FILE
+        atomic_write_text(path, report_markdown(self))
+        return path, plot
 
 
-def report_markdown(
-    *,
-    result: Any,
-    audit: Mapping[str, Any],
-    metric: str,
-    title: str,
-    privacy: Mapping[str, Mapping[str, float]] | None = None,
-    privacy_note: str | None = None,
-) -> str:
-    """The Markdown text of the report (see ``write_run_report``)."""
+def report_markdown(report: RunReport) -> str:
+    """The Markdown text of ``report``."""
+    result, audit, metric, title = report.result, report.audit, report.metric, report.title
+    privacy, privacy_note = report.privacy, report.privacy_note
     label = metric.replace("_", " ")
     sizes = {name: audit.get("data", {}).get(name, {}).get("size") for name in SETS}
     lines = [f"# Unlearning report: {title}", "", verdict(result, label=label), ""]

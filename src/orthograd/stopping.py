@@ -13,8 +13,8 @@ questions', KS p >= 0.05) for TOFU-style data, passed as ``stop=``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, ClassVar, Literal
 
 StopRule = Callable[[Mapping[str, Any]], bool]
 Direction = Literal["falls", "rises"]  # which way forgetting moves the metric a rule reads
@@ -26,6 +26,7 @@ ACCURACY_LIKE: tuple[str, ...] = ("accuracy", "answer_probability", "rouge_l")
 NO_RULE = "never"  # stop="never": run the whole budget, no rule inferred (fixed-budget protocols)
 
 
+@dataclass(eq=False, repr=False)
 class ForgetMetricRule:
     """A stop rule that reads only the forget-set metric, so the runner may evaluate just that set to check it.
 
@@ -34,22 +35,14 @@ class ForgetMetricRule:
     forget metric value where it fires (what OrthoGrad's adaptive schedule paces its pressure on).
     """
 
-    needs: tuple[str, ...] = ("forget",)
+    needs: ClassVar[tuple[str, ...]] = ("forget",)
 
-    def __init__(
-        self,
-        predicate: Callable[[float], bool],
-        description: str,
-        *,
-        metrics: tuple[str, ...] = (),
-        direction: Direction = "falls",
-        target: float | None = None,
-    ) -> None:
-        self.predicate = predicate
-        self.description = description
-        self.metrics = metrics
-        self.direction = direction
-        self.target = target
+    predicate: Callable[[float], bool]
+    description: str
+    _: KW_ONLY
+    metrics: tuple[str, ...] = ()
+    direction: Direction = "falls"
+    target: float | None = None
 
     def __call__(self, row: Mapping[str, Any]) -> bool:
         return bool(self.predicate(row["forget"]))

@@ -28,7 +28,7 @@ from orthograd.io import atomic_folder, atomic_write_json, check_folder_free
 from orthograd.model_folder import AUDIT_FILE, UserModel, file_hashes, load_user_model, write_model
 from orthograd.privacy import privacy_metrics
 from orthograd.run_progress import RunProgress
-from orthograd.run_report import write_run_report
+from orthograd.run_report import RunReport
 from orthograd.stopping import check_stop
 from orthograd.tasks import CausalLMTask, ClassificationTask, Task
 
@@ -200,7 +200,7 @@ def _write(request: UnlearnRequest, *, user: UserModel, result: Any, sets: Mappi
         write_model(result.model, staging, tokenizer=user.tokenizer, processor=user.processor, factory=user.factory)
         audit = {**result.account(), "data": data, "task": task.name, "metric": task.metric,
                  "stop": request.stop, "privacy": privacy, "inputs": {k: v for k, v in inputs.items() if v}}
-        write_run_report(staging, result=result, audit=audit, metric=task.metric, title=Path(request.model).name,
-                         privacy=privacy, privacy_note=privacy_note)
+        RunReport(result=result, audit=audit, metric=task.metric, title=Path(request.model).name, privacy=privacy,
+                  privacy_note=privacy_note).write(staging)
         atomic_write_json(staging / AUDIT_FILE, {**audit, "files": file_hashes(staging)})
     return request.out

@@ -59,10 +59,27 @@ class MethodConfig:
         return cls(**kwargs)
 
 
-def _check_positive(**values: float) -> None:
+def check_positive(*, note: str = "", **values: float) -> None:
+    """Refuse any value that is not > 0, naming it (``check_positive(lr=config.lr)``); ``note`` says what the
+    value means."""
     for name, value in values.items():
         if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
+            raise ValueError(f"{name} must be > 0{_explained(note)}, got {value}")
+
+
+def check_at_least(*, minimum: int, optional: bool = False, note: str = "", **values: float | None) -> None:
+    """Refuse any value below ``minimum``, naming it; ``optional``: None is a valid value (and the message says so);
+    ``note`` says what the bound means."""
+    for name, value in values.items():
+        if value is None and optional:
+            continue
+        if value is None or value < minimum:
+            bound = f">= {minimum} or None" if optional else f">= {minimum}"
+            raise ValueError(f"{name} must be {bound}{_explained(note)}, got {value}")
+
+
+def _explained(note: str) -> str:
+    return f" ({note})" if note else ""
 
 
 @dataclass
@@ -83,9 +100,8 @@ class IterativeConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive(lr=self.lr, forget_batch_size=self.forget_batch_size, retain_batch_size=self.retain_batch_size)
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise ValueError("momentum and weight_decay must be >= 0")
+        check_positive(lr=self.lr, forget_batch_size=self.forget_batch_size, retain_batch_size=self.retain_batch_size)
+        check_at_least(minimum=0, momentum=self.momentum, weight_decay=self.weight_decay)
         self.lora = LoRAConfig.from_value(self.lora)
 
     @classmethod
@@ -182,6 +198,7 @@ def make_optimizer(config: IterativeConfig, params: list[nn.Parameter]) -> torch
 
 
 ConfigT = TypeVar("ConfigT", bound=MethodConfig)
+IterativeConfigT = TypeVar("IterativeConfigT", bound=IterativeConfig)
 
 
 class UnlearningMethod(abc.ABC, Generic[ConfigT]):
@@ -273,3 +290,16 @@ def _declared_config(cls: type, *, own: bool = False) -> type[MethodConfig] | No
                 if isinstance(argument, type) and issubclass(argument, MethodConfig):
                     return argument
     return None
+
+
+class IterativeMethod(UnlearningMethod[IterativeConfigT]):
+    """A method that trains: ``self.params`` are the trainable parameters (LoRA adapters under the fairness
+    policy), ``self.optimizer`` the config's optimizer over them. Updates run in train mode, as the sources'
+    training loops do (a method whose source trains in eval mode sets ``train_mode = False``)."""
+
+    train_mode: ClassVar[bool] = True
+
+    def __init__(self, config: IterativeConfigT, context: MethodContext) -> None:
+        super().__init__(config, context)
+        self.params = context.trainable_parameters()
+        self.optimizer = make_optimizer(config, list(self.params.values()))

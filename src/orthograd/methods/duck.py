@@ -47,10 +47,11 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from orthograd.lora import is_lora_model
 from orthograd.methods.base import (
     IterativeConfig,
+    IterativeMethod,
     MethodContext,
     OptimizerName,
-    UnlearningMethod,
-    make_optimizer,
+    check_at_least,
+    check_positive,
 )
 from orthograd.methods.registry import register
 
@@ -84,19 +85,13 @@ class DUCKConfig(IterativeConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.milestones = tuple(int(m) for m in self.milestones)
-        for name, value in (("temperature", self.temperature), ("lr_gamma", self.lr_gamma),
-                            ("phase2_lr", self.phase2_lr)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if self.lambda_forget < 0 or self.lambda_retain < 0:
-            raise ValueError("lambda_forget and lambda_retain must be >= 0")
+        check_positive(temperature=self.temperature, lr_gamma=self.lr_gamma, phase2_lr=self.phase2_lr)
+        check_at_least(minimum=0, lambda_forget=self.lambda_forget, lambda_retain=self.lambda_retain)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("centroid_batches", "phase2_batch_size", "phase2_epochs", "phase2_retain_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.retain_steps < 0:
-            raise ValueError(f"retain_steps (R) must be >= 0, got {self.retain_steps}")
+        check_at_least(minimum=1, centroid_batches=self.centroid_batches, phase2_batch_size=self.phase2_batch_size,
+                       phase2_epochs=self.phase2_epochs, phase2_retain_batches=self.phase2_retain_batches)
+        check_at_least(minimum=0, note="R", retain_steps=self.retain_steps)
 
 
 def find_head(model: nn.Module, name: str | None = None) -> nn.Module:
@@ -200,17 +195,14 @@ def in_fixed_order(data: Any, *, generator: torch.Generator) -> DataLoader[Any] 
 
 
 @register
-class DUCK(UnlearningMethod[DUCKConfig]):
+class DUCK(IterativeMethod[DUCKConfig]):
     """Forget embeddings pulled to the nearest wrong class centroid, retain cross-entropy at temperature T."""
 
     name: ClassVar[str] = "duck"
     tasks: ClassVar[tuple[str, ...] | None] = ("classification",)
-    train_mode: ClassVar[bool] = True
 
     def __init__(self, config: DUCKConfig, context: MethodContext) -> None:
         super().__init__(config, context)
-        self.params = context.trainable_parameters()
-        self.optimizer = make_optimizer(config, list(self.params.values()))
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(config.milestones), gamma=config.lr_gamma
         )

@@ -9,13 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from orthograd.methods._common import OneSetDescent, ScheduleConfig
-from orthograd.methods.base import OptimizerName
+from orthograd.methods._common import OneSetDescent, SparseConfig
 from orthograd.methods.registry import register
 
 
 @dataclass
-class FinetuneConfig(ScheduleConfig):
+class FinetuneConfig(SparseConfig):
     """FT hyperparameters; defaults are SPARSE/SALUN's code defaults.
 
     SGD(lr 0.01, momentum 0.9, weight decay 5e-4), retain batch 256, MultiStepLR milestones (91, 136) with rate
@@ -29,11 +28,6 @@ class FinetuneConfig(ScheduleConfig):
 
     lr: float = 0.01
     retain_batch_size: int = 256
-    optimizer: OptimizerName = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_decay_epochs: tuple[int, ...] = (91, 136)
-    lr_decay_rate: float = 0.1
 
 
 @register

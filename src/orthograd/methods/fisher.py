@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from orthograd.grads import per_sample_grads
-from orthograd.methods.base import MethodContext, UnlearningMethod
-from orthograd.methods.oneshot import OneShotConfig, scoped_parameters
+from orthograd.methods.base import MethodContext, check_at_least, check_positive
+from orthograd.methods.oneshot import OneShotConfig, OneShotMethod
 from orthograd.methods.registry import register
 from orthograd.tasks.base import IGNORE_INDEX, Task
 
@@ -79,14 +79,11 @@ class FisherConfig(OneShotConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, value in (("alpha", self.alpha), ("variance_clamp", self.variance_clamp),
-                            ("head_variance_clamp", self.head_variance_clamp)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if self.batch_size < 1 or self.mc_samples < 1:
-            raise ValueError(f"batch_size and mc_samples must be >= 1, got {self.batch_size}, {self.mc_samples}")
-        if self.fisher_samples is not None and self.fisher_samples < 1:
-            raise ValueError(f"fisher_samples must be >= 1 or None, got {self.fisher_samples}")
+        check_positive(
+            alpha=self.alpha, variance_clamp=self.variance_clamp, head_variance_clamp=self.head_variance_clamp
+        )
+        check_at_least(minimum=1, batch_size=self.batch_size, mc_samples=self.mc_samples)
+        check_at_least(minimum=1, optional=True, fisher_samples=self.fisher_samples)
 
 
 def device_generator(context: MethodContext) -> torch.Generator:
@@ -234,15 +231,10 @@ def std_noise_scale(param: torch.Tensor, fisher: torch.Tensor, rules: NoiseRules
 
 
 @register
-class FisherForgetting(UnlearningMethod[FisherConfig]):
+class FisherForgetting(OneShotMethod[FisherConfig]):
     """One-shot: resample the edited parameters with noise scaled by the inverse retain-set Fisher."""
 
     name: ClassVar[str] = "fisher"
-    one_shot: ClassVar[bool] = True
-
-    def __init__(self, config: FisherConfig, context: MethodContext) -> None:
-        super().__init__(config, context)
-        self.params = scoped_parameters(context.model, config, mlp=context.task.lora_mlp)
 
     def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
         cfg = self.config

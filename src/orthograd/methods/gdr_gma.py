@@ -23,19 +23,13 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from orthograd.methods.base import (
-    IterativeConfig,
-    MethodConfig,
-    MethodContext,
-    OptimizerName,
-    UnlearningMethod,
-    make_optimizer,
-)
+from orthograd.methods._common import AdamWConfig
+from orthograd.methods.base import IterativeMethod, MethodContext, check_at_least, check_positive
 from orthograd.methods.registry import register
 
 
 @dataclass
-class GdrGmaConfig(IterativeConfig):
+class GdrGmaConfig(AdamWConfig):
     """GDR-GMA hyperparameters; defaults are the authors' code's.
 
     AdamW(lr 1e-4, weight decay 0.01, default betas), forget and retain batches 256, gamma 100 and eps 0.02 (hard
@@ -70,15 +64,11 @@ class GdrGmaConfig(IterativeConfig):
     lr: float = 1e-4
     forget_batch_size: int = 256
     retain_batch_size: int = 256
-    optimizer: OptimizerName = "adamw"
-    weight_decay: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.gamma > 0:
-            raise ValueError(f"gamma must be > 0, got {self.gamma}")
-        if self.bank_size is not None and self.bank_size < 1:
-            raise ValueError(f"bank_size must be >= 1 or None (one epoch of forget steps), got {self.bank_size}")
+        check_positive(gamma=self.gamma)
+        check_at_least(minimum=1, optional=True, note="None: one epoch of forget steps", bank_size=self.bank_size)
 
 
 def rectify(
@@ -131,17 +121,13 @@ class GradientBank:
 
 
 @register
-class GdrGma(UnlearningMethod[GdrGmaConfig]):
+class GdrGma(IterativeMethod[GdrGmaConfig]):
     """Per-tensor conflict removal between retain descent and forget ascent, weighted by the retain loss."""
 
     name: ClassVar[str] = "gdr-gma"
-    config_class: ClassVar[type[MethodConfig]] = GdrGmaConfig
-    train_mode: ClassVar[bool] = True
 
     def __init__(self, config: GdrGmaConfig, context: MethodContext) -> None:
         super().__init__(config, context)
-        self.params = context.trainable_parameters()
-        self.optimizer = make_optimizer(config, list(self.params.values()))
         names = list(self.params)
         banked = names[-1:] if config.bank_scope == "last_tensor" else names
         size = config.bank_size or len(context.loader("forget", batch_size=config.forget_batch_size))

@@ -10,21 +10,22 @@ with gamma = alpha = 1. Each forget batch is paired with the next batch of a res
 Kurmanji et al.) by its weights (1 and 1, not a convex 0.05/0.95 split), its optimizer (AdamW, not SGD), its epoch
 (a pass over the forget set, not the retain set), the KL option and no proximal term.
 
-``ForgetRetainMethod`` is the shared loop of the OpenUnlearning family (GradDiff, SimNPO, RMU): a subclass
-only says what its forget term is, and may add retain terms.
+``ForgetRetainMethod`` is the shared objective of the OpenUnlearning family (GradDiff, SimNPO, RMU) on the
+forget-anchored loop it shares with NPO (``_common.ForgetAnchored``): a subclass only says what its forget term
+is, and may add retain terms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from orthograd.methods._common import descend
-from orthograd.methods.base import IterativeConfig, MethodContext, OptimizerName, UnlearningMethod, make_optimizer
+from orthograd.methods._common import ForgetAnchored, TofuOptimizerConfig
+from orthograd.methods.base import MethodContext, check_at_least, check_positive
 from orthograd.methods.registry import register
 from orthograd.tasks.base import IGNORE_INDEX, Task
 
@@ -32,12 +33,12 @@ RetainLoss = Literal["nll", "kl"]
 
 
 @dataclass
-class ForgetRetainConfig(IterativeConfig):
+class ForgetRetainConfig(TofuOptimizerConfig):
     """Hyperparameters shared by GradDiff, SimNPO and RMU; defaults are OpenUnlearning's TOFU runs.
 
     gamma: weight of the forget term; alpha: weight of the retain term; retain_loss: "nll" (the task's loss on
     the retain batch) or "kl" (KL from the frozen original's next-token distribution to the model's, per token).
-    AdamW(lr 1e-5, weight decay 0.01), batch 32 on each set (OpenUnlearning: 8 per device x 4 accumulation steps).
+    AdamW(lr 1e-5, weight decay 0.01), batch 32 on each set (``TofuOptimizerConfig``).
 
     [DEVIATION] OpenUnlearning's NLL terms are the token mean over the whole batch (HF's ``outputs.loss``); here
     they are the task's mean loss (per-sequence token means, averaged), as every method of the library uses; its
@@ -49,18 +50,11 @@ class ForgetRetainConfig(IterativeConfig):
     gamma: float = 1.0
     alpha: float = 1.0
     retain_loss: RetainLoss = "nll"
-    lr: float = 1e-5
-    forget_batch_size: int = 32
-    retain_batch_size: int = 32
-    optimizer: OptimizerName = "adamw"
-    weight_decay: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.gamma > 0:
-            raise ValueError(f"gamma (the forget term's weight) must be > 0, got {self.gamma}")
-        if self.alpha < 0:
-            raise ValueError(f"alpha (the retain term's weight) must be >= 0 (0: no retain term), got {self.alpha}")
+        check_positive(note="the forget term's weight", gamma=self.gamma)
+        check_at_least(minimum=0, note="the retain term's weight; 0: no retain term", alpha=self.alpha)
 
 
 def retain_kl(task: Task, model: torch.nn.Module, original: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -87,16 +81,13 @@ def _positions(batch: Any, task: Task, *, like: torch.Tensor) -> torch.Tensor:
 ForgetRetainConfigT = TypeVar("ForgetRetainConfigT", bound=ForgetRetainConfig)
 
 
-class ForgetRetainMethod(UnlearningMethod[ForgetRetainConfigT]):
-    """``gamma * forget_term(forget batch) + alpha * retain_term(retain batch)``, one step per forget batch."""
-
-    train_mode: ClassVar[bool] = True  # OpenUnlearning trains under HF's Trainer (dropout on)
+class ForgetRetainMethod(ForgetAnchored[ForgetRetainConfigT]):
+    """``gamma * forget_term(forget batch) + alpha * retain_term(retain batch)``, one step per forget batch, in
+    train mode (OpenUnlearning trains under HF's Trainer, dropout on)."""
 
     def __init__(self, config: ForgetRetainConfigT, context: MethodContext) -> None:
         super().__init__(config, context)
         self.original = context.teacher() if self.needs_original() else None
-        self.optimizer = make_optimizer(config, list(context.trainable_parameters().values()))
-        self._retain = context.endless(context.loader("retain", batch_size=config.retain_batch_size))
 
     def needs_original(self) -> bool:
         """Whether the loss reads the frozen original model (taken before the first update)."""
@@ -125,13 +116,6 @@ class ForgetRetainMethod(UnlearningMethod[ForgetRetainConfigT]):
             loss = loss + cfg.alpha * retain
             stats["retain_term"] = float(retain.detach())
         return loss, stats
-
-    def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
-        forget_loader = self.context.loader("forget", batch_size=self.config.forget_batch_size)
-        for forget_batch in self.context.batches(forget_loader):
-            loss, stats = self.objective(forget_batch, next(self._retain))
-            descend(self.optimizer, loss)
-            yield {"loss": float(loss.detach()), **stats}
 
 
 @register

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from orthograd.grads import per_sample_grads
-from orthograd.methods.base import MethodContext, UnlearningMethod
-from orthograd.methods.oneshot import OneShotConfig, scoped_parameters
+from orthograd.methods.base import check_at_least, check_positive
+from orthograd.methods.oneshot import OneShotConfig, OneShotMethod
 from orthograd.methods.registry import register
 from orthograd.tasks.base import Task
 
@@ -45,10 +45,8 @@ class InfluenceConfig(OneShotConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if self.batch_size < 1 or self.woodfisher_n < 1:
-            raise ValueError(f"batch_size and woodfisher_n must be >= 1, got {self.batch_size}, {self.woodfisher_n}")
+        check_positive(alpha=self.alpha)
+        check_at_least(minimum=1, batch_size=self.batch_size, woodfisher_n=self.woodfisher_n)
 
 
 def summed_gradient(
@@ -89,15 +87,10 @@ def _flatten(grads: Iterable[torch.Tensor | None], params: list[nn.Parameter]) -
 
 
 @register
-class InfluenceUnlearning(UnlearningMethod[InfluenceConfig]):
+class InfluenceUnlearning(OneShotMethod[InfluenceConfig]):
     """One-shot: theta + alpha * WoodFisher-code(v), v = (n_f / N)(mean forget grad - mean retain grad)."""
 
     name: ClassVar[str] = "influence"
-    one_shot: ClassVar[bool] = True
-
-    def __init__(self, config: InfluenceConfig, context: MethodContext) -> None:
-        super().__init__(config, context)
-        self.params = scoped_parameters(context.model, config, mlp=context.task.lora_mlp)
 
     def _per_sample_grads(self) -> Iterator[torch.Tensor]:
         """Flat gradients of the retain samples in order (the code's batch-size-1, unshuffled loader)."""

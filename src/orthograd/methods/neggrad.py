@@ -9,13 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from orthograd.methods._common import OneSetDescent, ScheduleConfig
-from orthograd.methods.base import OptimizerName
+from orthograd.methods._common import OneSetDescent, SparseConfig
 from orthograd.methods.registry import register
 
 
 @dataclass
-class NegGradConfig(ScheduleConfig):
+class NegGradConfig(SparseConfig):
     """NegGrad hyperparameters; defaults are SPARSE/SALUN's (lr from their README's GA command).
 
     SGD(lr 1e-4, momentum 0.9, weight decay 5e-4), forget batch 256, MultiStepLR milestones (91, 136), rate 0.1,
@@ -31,11 +30,6 @@ class NegGradConfig(ScheduleConfig):
 
     lr: float = 1e-4
     forget_batch_size: int = 256
-    optimizer: OptimizerName = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_decay_epochs: tuple[int, ...] = (91, 136)
-    lr_decay_rate: float = 0.1
 
 
 @register

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from orthograd.methods._common import descend
-from orthograd.methods.base import IterativeConfig, MethodContext, OptimizerName, UnlearningMethod, make_optimizer
+from orthograd.methods.base import IterativeConfig, IterativeMethod, MethodContext, OptimizerName, check_at_least
 from orthograd.methods.registry import register
 
 CLASSIFICATION_PROX_WD = 0.1  # the notebook's run (main.py --weight_decay 0.1); main.py's own default is 5e-4
@@ -56,12 +56,11 @@ class NegGradPlusConfig(IterativeConfig):
         super().__post_init__()
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"beta must be in [0, 1) (beta=1 ignores the forget set: use finetune), got {self.beta}")
-        if self.prox_wd is not None and self.prox_wd < 0:
-            raise ValueError(f"prox_wd must be >= 0 or None (task default), got {self.prox_wd}")
+        check_at_least(minimum=0, optional=True, note="None: the task's default", prox_wd=self.prox_wd)
 
 
 @register
-class NegGradPlus(UnlearningMethod[NegGradPlusConfig]):
+class NegGradPlus(IterativeMethod[NegGradPlusConfig]):
     """beta * (retain CE + proximal term) - (1 - beta) * forget CE, one SGD step per retain batch."""
 
     name: ClassVar[str] = "neggrad+"
@@ -69,9 +68,7 @@ class NegGradPlus(UnlearningMethod[NegGradPlusConfig]):
 
     def __init__(self, config: NegGradPlusConfig, context: MethodContext) -> None:
         super().__init__(config, context)
-        self.params = context.trainable_parameters()
         self.initial = {name: p.detach().clone() for name, p in self.params.items()}
-        self.optimizer = make_optimizer(config, list(self.params.values()))
         if config.prox_wd is not None:
             self.prox_wd = config.prox_wd
         else:

@@ -13,31 +13,25 @@ variant (NPO-RT, the default here) adds the retain loss: ``L = L_NPO + retain_we
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from orthograd.methods._common import descend
-from orthograd.methods.base import (
-    IterativeConfig,
-    MethodContext,
-    OptimizerName,
-    UnlearningMethod,
-    make_optimizer,
-)
+from orthograd.methods._common import ForgetAnchored, TofuOptimizerConfig
+from orthograd.methods.base import MethodContext, check_at_least, check_positive
 from orthograd.methods.registry import register
 
 
 @dataclass
-class NPOConfig(IterativeConfig):
+class NPOConfig(TofuOptimizerConfig):
     """NPO hyperparameters; defaults are the paper's TOFU runs (its repository's ``forget.py``).
 
     beta 0.1; retain_weight 1 (NPO-RT; 0 gives NPO alone); AdamW(lr 1e-5, weight decay 0.01), batch 32 on each
-    set. An epoch is one pass over the forget set, each forget batch paired with the next batch of a reshuffled
-    cycle of the retain set; the model trains in train mode (dropout on), as under the source's HF Trainer.
+    set (``TofuOptimizerConfig``). An epoch is one pass over the forget set, each forget batch paired with the next
+    batch of a reshuffled cycle of the retain set; the model trains in train mode (dropout on), as under the
+    source's HF Trainer.
 
     [DEVIATION] The source's retain loss is the token mean over the whole batch (HF's ``outputs.loss``); here it
     is the task's mean loss (per-sequence token means, averaged), as every method of the library uses. The
@@ -47,18 +41,11 @@ class NPOConfig(IterativeConfig):
 
     beta: float = 0.1
     retain_weight: float = 1.0
-    lr: float = 1e-5
-    forget_batch_size: int = 32
-    retain_batch_size: int = 32
-    optimizer: OptimizerName = "adamw"
-    weight_decay: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0 (beta -> 0 is gradient ascent: use neggrad), got {self.beta}")
-        if self.retain_weight < 0:
-            raise ValueError(f"retain_weight must be >= 0 (0: NPO without its retain term), got {self.retain_weight}")
+        check_positive(note="beta -> 0 is gradient ascent: use neggrad", beta=self.beta)
+        check_at_least(minimum=0, note="0: NPO without its retain term", retain_weight=self.retain_weight)
 
 
 def npo_loss(nll: torch.Tensor, reference_nll: torch.Tensor, *, beta: float) -> torch.Tensor:
@@ -68,17 +55,17 @@ def npo_loss(nll: torch.Tensor, reference_nll: torch.Tensor, *, beta: float) -> 
 
 
 @register
-class NPO(UnlearningMethod[NPOConfig]):
+class NPO(ForgetAnchored[NPOConfig]):
     """NPO on forget batches plus ``retain_weight`` times the retain loss (NPO-RT), one optimizer step per pair."""
 
     name: ClassVar[str] = "npo"
-    train_mode: ClassVar[bool] = True
 
     def __init__(self, config: NPOConfig, context: MethodContext) -> None:
         super().__init__(config, context)
         self.reference = context.teacher()
-        self.optimizer = make_optimizer(config, list(context.trainable_parameters().values()))
-        self._retain = context.endless(context.loader("retain", batch_size=config.retain_batch_size))
+
+    def uses_retain(self) -> bool:
+        return self.config.retain_weight > 0
 
     def forget_loss(self, forget_batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """NPO's loss on a forget batch, and the batch's mean log-likelihood ratio to the reference."""
@@ -93,15 +80,12 @@ class NPO(UnlearningMethod[NPOConfig]):
             "log_ratio": float((reference_nll - nll).detach().mean()),
         }
 
-    def run_epoch(self, epoch: int) -> Iterator[dict[str, float]]:
-        cfg = self.config
-        forget_loader = self.context.loader("forget", batch_size=cfg.forget_batch_size)
-        for forget_batch in self.context.batches(forget_loader):
-            loss, stats = self.forget_loss(forget_batch)
-            stats["npo_loss"] = float(loss.detach())
-            if cfg.retain_weight > 0:
-                retain_loss = self.context.task.mean_loss(self.context.model, next(self._retain))
-                loss = loss + cfg.retain_weight * retain_loss
-                stats["retain_loss"] = float(retain_loss.detach())
-            descend(self.optimizer, loss)
-            yield {"loss": float(loss.detach()), **stats}
+    def objective(self, forget_batch: Any, retain_batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """NPO's loss plus, for NPO-RT, ``retain_weight`` times the task loss on the retain batch."""
+        loss, stats = self.forget_loss(forget_batch)
+        stats["npo_loss"] = float(loss.detach())
+        if self.uses_retain():
+            retain_loss = self.context.task.mean_loss(self.context.model, retain_batch)
+            loss = loss + self.config.retain_weight * retain_loss
+            stats["retain_loss"] = float(retain_loss.detach())
+        return loss, stats

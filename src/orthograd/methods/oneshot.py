@@ -1,4 +1,5 @@
-"""What the one-shot baselines (Fisher forgetting, influence unlearning) share: the parameters they edit.
+"""What the one-shot baselines (Fisher forgetting, influence unlearning) share: the parameters they edit
+(``OneShotMethod.params``).
 
 One-shot methods make a single weight edit and train nothing, so their configs have no ``lora`` field: the
 runner attaches no adapters and the method chooses the tensors it edits itself (docs/baselines.md section 1):
@@ -15,12 +16,12 @@ so dL/dA = 0 and the edit degenerates (IU touches only B; Fisher puts the maximu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal, TypeVar
 
 from torch import nn
 
 from orthograd.lora import default_lora_targets
-from orthograd.methods.base import MethodConfig
+from orthograd.methods.base import MethodConfig, MethodContext, UnlearningMethod
 
 
 @dataclass
@@ -66,3 +67,16 @@ def scoped_parameters(model: nn.Module, config: OneShotConfig, *, mlp: bool = Fa
     if not params:
         raise ValueError(f"the modules {chosen[:5]} hold no parameters; use param_scope='all' or other targets")
     return params
+
+
+OneShotConfigT = TypeVar("OneShotConfigT", bound=OneShotConfig)
+
+
+class OneShotMethod(UnlearningMethod[OneShotConfigT]):
+    """A single weight edit of ``self.params``, the parameters the config's scope names (``scoped_parameters``)."""
+
+    one_shot: ClassVar[bool] = True
+
+    def __init__(self, config: OneShotConfigT, context: MethodContext) -> None:
+        super().__init__(config, context)
+        self.params = scoped_parameters(context.model, config, mlp=context.task.lora_mlp)

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from orthograd.methods.base import MethodContext
+from orthograd.methods.base import MethodContext, check_at_least, check_positive
 from orthograd.methods.graddiff import ForgetRetainConfig, ForgetRetainMethod
 from orthograd.methods.registry import register
 from orthograd.tasks.base import IGNORE_INDEX
@@ -54,11 +54,9 @@ class RMUConfig(ForgetRetainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layer is not None and self.layer < 0:
-            raise ValueError(f"layer must be a decoder layer index >= 0 or None (a quarter of the depth), got "
-                             f"{self.layer}")
-        if not self.steering_coeff > 0:
-            raise ValueError(f"steering_coeff must be > 0, got {self.steering_coeff}")
+        check_at_least(minimum=0, optional=True, note="a decoder layer index; None: a quarter of the depth",
+                       layer=self.layer)
+        check_positive(steering_coeff=self.steering_coeff)
 
 
 def layer_output(model: nn.Module, batch: Mapping[str, torch.Tensor], *, layer: int | None) -> tuple[torch.Tensor, int]:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from orthograd.methods._common import ScheduleConfig, decayed_lr, descend, distill_kl, set_lr
-from orthograd.methods.base import MethodContext, OptimizerName, UnlearningMethod, make_optimizer
+from orthograd.methods.base import IterativeMethod, MethodContext, OptimizerName, check_at_least, check_positive
 from orthograd.methods.registry import register
 from orthograd.tasks.base import per_sample_cross_entropy
 
@@ -63,27 +63,21 @@ class ScrubConfig(ScheduleConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.alpha < 0 or self.gamma < 0:
-            raise ValueError(f"alpha and gamma must be >= 0, got alpha={self.alpha}, gamma={self.gamma}")
-        if self.msteps < 0:
-            raise ValueError(f"msteps must be >= 0 (0: no max steps at all), got {self.msteps}")
-        if self.retain_steps_per_epoch is not None and self.retain_steps_per_epoch < 1:
-            raise ValueError(f"retain_steps_per_epoch must be >= 1 or None, got {self.retain_steps_per_epoch}")
+        check_positive(temperature=self.temperature)
+        check_at_least(minimum=0, alpha=self.alpha, gamma=self.gamma)
+        check_at_least(minimum=0, note="0: no max steps at all", msteps=self.msteps)
+        check_at_least(minimum=1, optional=True, retain_steps_per_epoch=self.retain_steps_per_epoch)
 
 
 @register
-class Scrub(UnlearningMethod[ScrubConfig]):
+class Scrub(IterativeMethod[ScrubConfig]):
     """Max steps (forget, first ``msteps`` epochs) and min steps (retain) of teacher-student distillation."""
 
     name: ClassVar[str] = "scrub"
-    train_mode: ClassVar[bool] = True
 
     def __init__(self, config: ScrubConfig, context: MethodContext) -> None:
         super().__init__(config, context)
         self.teacher = context.teacher()
-        self.optimizer = make_optimizer(config, list(context.trainable_parameters().values()))
 
     def _logits(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and teacher logits of ``batch`` (the teacher without gradients)."""

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from orthograd.methods.base import check_positive
 from orthograd.methods.graddiff import ForgetRetainConfig, ForgetRetainMethod
 from orthograd.methods.registry import register
 
@@ -39,8 +40,7 @@ class SimNPOConfig(ForgetRetainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+        check_positive(beta=self.beta)
 
 
 def simnpo_loss(mean_nll: torch.Tensor, *, beta: float, delta: float) -> torch.Tensor:
