@@ -24,7 +24,7 @@ from orthograd.data.authors import forget_authors
 from orthograd.io import ResultsLog
 from orthograd.llm_bench.experiment import AuthorsExperiment
 from orthograd.llm_bench.relearning import answer_probability, relearn
-from orthograd.llm_bench.runner import Workbench
+from orthograd.llm_bench.workbench import Workbench
 from orthograd.llm_bench.tables import confidence_interval
 from orthograd.llm_bench.tuning import choose, validation_authors
 from orthograd.tasks.causal_lm import CausalLMTask

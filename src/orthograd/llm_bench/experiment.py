@@ -3,7 +3,7 @@
 Per forget fraction, gridded runs are first tuned on a validation split of other authors (``llm_bench.tuning``):
 a phase with the split's Original and Retrain records and every grid point (first seed), from whose records the
 next phase, the test split, takes each run's chosen values for every seed. The engine runs what is not logged yet
-and writes the results log; each job measures one model (``llm_bench.runner``) into one record.
+and writes the results log; each job measures one model (``llm_bench.workbench``) into one record.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from orthograd.data.authors import forget_authors
 from orthograd.io import atomic_write_json, atomic_write_text
 from orthograd.llm_bench.config import TASK, AuthorsBenchConfig
 from orthograd.llm_bench.plots import plot_tradeoff
-from orthograd.llm_bench.runner import workbench
+from orthograd.llm_bench.workbench import workbench
 from orthograd.llm_bench.tables import authors_tables, record_line
 from orthograd.llm_bench.tuning import choose, validation_authors
 from orthograd.tasks.causal_lm import DEFAULT_MAX_NEW_TOKENS
