@@ -15,9 +15,9 @@ from typing import Any
 
 _EXPORTS = {
     "AuthorsBenchConfig": "config", "load_config": "config", "AuthorsExperiment": "experiment",
-    "build_corpus": "runner", "authors_tables": "tables", "record_line": "tables",
+    "build_corpus": "workbench", "authors_tables": "tables", "record_line": "tables",
 }
-_MODULES = ("config", "experiment", "plots", "runner", "tables", "tuning")
+_MODULES = ("config", "experiment", "plots", "tables", "tuning", "workbench")
 __all__ = sorted(_EXPORTS)
 
 
