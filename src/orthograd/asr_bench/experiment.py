@@ -68,21 +68,23 @@ class SpeakerJob:
 
 
 def settings_key(config: SpeakerBenchConfig, variant: str, params: Mapping[str, Any]) -> str:
-    """What determines a record besides its speaker: the data, model and protocol settings and the run's
-    hyperparameters. The sections enter as their ``repr``, which keeps the keys of existing results logs valid
-    (a key that changed would rerun every recorded job)."""
-    payload = [
-        repr(config.corpus), repr(config.model), repr(config.original), repr(config.protocol),
-        config.unlearning.max_epochs, config.unlearning.stop_wer, config.unlearning.eval_every,
-        config.unlearning.seed, variant, sorted(params.items(), key=lambda kv: kv[0]),
-    ]
-    if config.unlearning.track != "all":  # the default adds nothing, so keys without the option stay valid
-        payload.append(config.unlearning.track)
-    if config.unlearning.eval_every is None and config.unlearning.stop_wer is not None:
-        payload.append({"checks_per_epoch": config.unlearning.checks_per_epoch})  # every method's cadence
-    if config.speakers.validation_count:  # the test runs' retain sets leave the validation speakers out
-        payload.append({"validation_speakers": config.speakers.validation_count})
-    return content_hash(payload, length=12, sort_keys=False, compact=False)
+    """What determines a record besides its speaker: the data, model and protocol settings (not where it runs:
+    ``model.device``), the variant and the run's hyperparameters. ``checks_per_epoch`` only when it acts (a stop
+    rule and no ``eval_every``)."""
+    unlearning = config.unlearning.model_dump(mode="json", exclude={"defaults"})  # the defaults are in ``params``
+    if unlearning["eval_every"] is not None or unlearning["stop_wer"] is None:
+        unlearning.pop("checks_per_epoch")
+    payload = {
+        "corpus": config.corpus.model_dump(mode="json"),
+        "model": config.model.model_dump(mode="json", exclude={"device"}),
+        "original": config.original.model_dump(mode="json"),
+        "protocol": config.protocol.model_dump(mode="json"),
+        "unlearning": unlearning,
+        "validation_speakers": config.speakers.validation_count,  # the test runs' retain sets leave them out
+        "variant": variant,
+        "params": dict(params),
+    }
+    return content_hash(payload)
 
 
 def _identity(speaker: str, variant: str, key: str) -> str:
@@ -203,8 +205,8 @@ def _original_model(
         return model.to(device).eval()
     heldout = {u.id for s in speakers_of(corpus.train) for u in _split(config, corpus, s).speaker_heldout}
     train = [u for u in corpus.train if u.id not in heldout]
-    fingerprint = content_hash([config.model.source, config.model.window_s, repr(settings), [u.id for u in train]],
-                               length=12, sort_keys=False, compact=False)
+    fingerprint = content_hash({"source": config.model.source, "window_s": config.model.window_s,
+                                "original": settings.model_dump(mode="json"), "train": [u.id for u in train]})
 
     def fine_tune(fresh: torch.nn.Module) -> None:
         torch.manual_seed(settings.seed)  # dropout, as the original fine-tunes were made

@@ -22,9 +22,9 @@ from orthograd.data.authors import forget_authors
 from orthograd.io import atomic_write_json, atomic_write_text
 from orthograd.llm_bench.config import TASK, AuthorsBenchConfig
 from orthograd.llm_bench.plots import plot_tradeoff
-from orthograd.llm_bench.workbench import workbench
 from orthograd.llm_bench.tables import authors_tables, record_line
 from orthograd.llm_bench.tuning import choose, validation_authors
+from orthograd.llm_bench.workbench import workbench
 from orthograd.tasks.causal_lm import DEFAULT_MAX_NEW_TOKENS
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class AuthorsExperiment:
         """The corpus, the original model and every split's retrained reference, trained here (once, then stored)
         so that worker processes only load them."""
         bench = workbench(self.config)
-        for _, _, authors in self._splits():
+        for _, _, authors in self.splits():
             bench.split(authors)
 
     def plan(self, finished: FinishedRuns) -> Iterator[Phase]:
@@ -68,7 +68,7 @@ class AuthorsExperiment:
         each gridded run kept on validation."""
         config = self.config
         chosen: dict[str, dict[str, Any]] = {}
-        for phase, fraction, authors in self._splits():
+        for phase, fraction, authors in self.splits():
             references = [self._job(phase, fraction, authors, label, method, {}, None)
                           for method, label in REFERENCES.items()]
             if phase == "validation":
@@ -130,7 +130,7 @@ class AuthorsExperiment:
         plot_tradeoff(records, path=out_dir / "tradeoff.png", title=self.config.name)
         return path
 
-    def _splits(self) -> Iterator[tuple[str, float, tuple[int, ...]]]:
+    def splits(self) -> Iterator[tuple[str, float, tuple[int, ...]]]:
         """(phase, fraction, forget authors) of every split, in plan order: per fraction its validation split (when
         any run has a grid), then its test split."""
         config, protocol = self.config, self.config.protocol
@@ -159,8 +159,7 @@ def record_digest(config: AuthorsBenchConfig, *, label: str, params: Mapping[str
     what it changes. Not the seed: the engine's key adds it (``AuthorsJob.key``)."""
     spec = config.model_dump(exclude={*ExperimentConfig.EXECUTION_FIELDS, "runs", "tuning"})
     spec["model"].pop("device")
-    return content_hash({"config": spec, "label": label, "params": dict(params), "forget": list(authors)},
-                        compact=False)
+    return content_hash({"config": spec, "label": label, "params": dict(params), "forget": list(authors)})
 
 
 def table_notes(config: AuthorsBenchConfig) -> list[str]:
