@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from bench_helpers import run_test_phase
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -20,7 +21,8 @@ from orthograd.bench.engine import Engine, FinishedRuns, Phase
 from orthograd.bench.executors.local import ProcessPool
 from orthograd.bench.experiments import load_experiment, validate_experiment
 from orthograd.bench.model_store import ModelStore
-from orthograd.bench.records import FORMAT, current_records, record_envelope, upgrade_log
+from orthograd.bench.records import FORMAT, current_records, record_envelope
+from orthograd.bench.upgrade import upgrade_log
 from orthograd.image_bench.config import load_config, validate_config
 from orthograd.image_bench.data import BenchData
 from orthograd.image_bench.references import ModelCache
@@ -169,7 +171,7 @@ def test_train_model_runs_epochs_or_steps_and_refuses_both_or_neither() -> None:
         train_model(model, _counting_data(), epochs=1, optimizer="rmsprop")  # type: ignore[arg-type]
 
 
-def test_init_seed_makes_the_original_reproducible_and_leaves_older_cache_names_alone() -> None:
+def test_init_seed_makes_the_original_reproducible() -> None:
     config, _ = load_config(CONFIGS / "demo.yaml", variant="random")
     unseeded = validate_config(apply_overrides(config.model_dump(mode="json"), ["train.init_seed=null"]))
     assert unseeded.original_hash() != config.original_hash()  # init_seed 0 is part of the demo's original
@@ -242,7 +244,7 @@ def test_upgrade_log_rewrites_every_older_format_and_the_engine_reads_only_the_c
     with pytest.raises(ValueError, match="orthograd upgrade-log"):
         Engine(experiment, out_dir=tmp_path).run()
     assert experiment.ran == []  # nothing ran on a log the engine cannot read
-    assert upgrade_log(log) == 3
+    assert upgrade_log(log).rewritten == 3
     lm, speech, image = current_records(log)
     assert lm == {"format": FORMAT, "task": "causal_lm", "phase": "validation", "hyperparameters": {"lr": 1},
                   "wall_time_s": 2.0, "label": "NPO", "fraction": 0.1, "key": "a"}
@@ -250,9 +252,11 @@ def test_upgrade_log_rewrites_every_older_format_and_the_engine_reads_only_the_c
     assert image == {"format": FORMAT, "task": "classification", "phase": "test", "split": {"forget": "f"},
                      "key": "c"}
     before = log.read_bytes()
-    assert upgrade_log(log) == 0 and log.read_bytes() == before  # a current log is left as it is
+    assert upgrade_log(log).rewritten == 0 and log.read_bytes() == before  # a current log is left as it is
     with pytest.raises(FileNotFoundError, match="does not exist"):
         upgrade_log(tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError, match="pass the config the log was written with"):
+        upgrade_log(log, config=tmp_path / "missing.yaml")
 
 
 def test_upgrade_log_command(tmp_path: Path) -> None:
@@ -264,3 +268,57 @@ def test_upgrade_log_command(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["upgrade-log", str(log)])
     assert result.exit_code == 0 and f"3 record(s) rewritten in format {FORMAT}" in " ".join(result.output.split())
     assert all(r["format"] == FORMAT for r in current_records(log))
+
+
+def _tiny_image(cache: Path) -> dict[str, Any]:
+    """One OrthoGrad run with LoRA adapters on a tiny digits split."""
+    return {
+        "name": "tiny_upgrade",
+        "data": {"name": "digits", "train_size": 200, "test_size": 60},
+        "model": {"arch": "small_cnn", "width": 4},
+        "train": {"epochs": 1, "lr": 3.0e-3, "batch_size": 64},
+        "scenario": {"kind": "random", "forget_size": 20, "retain_size": 40, "seeds": [3], "retrain": False},
+        "unlearn": {"max_epochs": 1, "stop": False, "privacy": False},
+        "methods": {"orthograd": {"schedule": "fixed", "lr": 1.0e-3, "forget_batch_size": 10,
+                                  "retain_batch_size": 20, "lora": {"r": 4, "lora_alpha": 16}}},
+        "device": "cpu",
+        "cache_dir": str(cache),
+    }
+
+
+def _lora_as(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    lora = {(name if key in ("alpha", "lora_alpha") else key): value for key, value in settings["lora"].items()}
+    return {**settings, "lora": lora}
+
+
+def test_an_old_image_record_is_rekeyed_and_renamed_by_upgrade_log_then_resumes_without_running(
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from orthograd.cli import app
+
+    raw, out = _tiny_image(tmp_path / "cache"), tmp_path / "run"
+    (record,) = run_test_phase(validate_config(raw), raw, out_dir=out)
+    assert record["key"] == "89311b31d1e3aa68" and record["hyperparameters"]["lora"] == {"r": 4, "lora_alpha": 16}
+    # The same run as format 2 logged it: its key (computed then, by the code of format 2) hashed LoRA's scaling as
+    # alpha, the original model's hash left train.init_seed out, and its fields named LoRA's scaling alpha; a second
+    # record is of a split this config does not plan (another config's run).
+    old = {**record, "format": 2, "key": "bd19738015975ec4", "original_hash": "44999e6c45b38c40",
+           "hyperparameters": _lora_as("alpha", record["hyperparameters"]),
+           "config": _lora_as("alpha", record["config"])}
+    other = {**old, "seed": 7, "key": "0123456789abcdef"}
+    log = out / "results.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in (old, other)), encoding="utf-8")
+    with pytest.raises(ValueError, match="orthograd upgrade-log"):
+        run_test_phase(validate_config(raw), raw, out_dir=out)
+    result = CliRunner().invoke(app, ["upgrade-log", str(log)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"2 record(s) rewritten in format {FORMAT}; 1 re-keyed" in said and "1 record(s) keep their key" in said
+    upgraded, kept = current_records(log)
+    assert upgraded == record  # the key, original hash and LoRA's lora_alpha of the run as it logs now
+    assert kept["key"] == other["key"] and kept["hyperparameters"] == record["hyperparameters"]
+    ran: list[dict[str, Any]] = []
+    assert run_test_phase(validate_config(raw), raw, out_dir=out, on_run=ran.append) == [record]
+    assert ran == [] and len(current_records(log)) == 2  # found under its current key: nothing ran again
