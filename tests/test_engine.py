@@ -322,3 +322,46 @@ def test_an_old_image_record_is_rekeyed_and_renamed_by_upgrade_log_then_resumes_
     ran: list[dict[str, Any]] = []
     assert run_test_phase(validate_config(raw), raw, out_dir=out, on_run=ran.append) == [record]
     assert ran == [] and len(current_records(log)) == 2  # found under its current key: nothing ran again
+
+
+def test_upgrade_log_rekeys_speech_and_language_model_records_by_the_jobs_their_configs_plan(tmp_path: Path) -> None:
+    """Format-2 keys (computed by the code of format 2) of a speech test run, a speech validation run, and a
+    language-model reference and run, each found again under its job's current key."""
+    from orthograd.asr_bench.experiment import record_key
+    from orthograd.llm_bench.experiment import AuthorsExperiment
+
+    shipped = Path(__file__).resolve().parents[1] / "src" / "orthograd" / "configs"
+    speech_params = {"forget_batch_size": 6, "retain_batch_size": 6, "optimizer": "adam", "retain_grads": "mean",
+                     "lora": None, "alpha": 0.0, "lr": 3e-05}
+    gridded = {"forget_batch_size": 6, "retain_batch_size": 6, "optimizer": "adam", "alpha": 0.2, "lr": 0.001}
+    speech = [
+        {"task": "asr", "format": 2, "phase": "test", "speaker": "lanc_f1", "variant": "OrthoGrad Mean",
+         "label": "OrthoGrad Mean", "hyperparameters": speech_params, "key": "fcb73e61d586"},
+        {"task": "asr", "format": 2, "phase": "validation", "speaker": "lanc_m2", "label": "OrthoGrad",
+         "variant": "OrthoGrad (alpha=0.2, lr=0.001)", "hyperparameters": gridded, "key": "8ddc9f73d703-validation"},
+    ]
+    lm_params = {"forget_batch_size": 8, "optimizer": "adam", "retain_batch_size": 32, "alpha": 0.9, "lr": 0.001}
+    language = [
+        {"task": "causal_lm", "format": 2, "phase": "validation", "fraction": 0.01, "label": "Original",
+         "method": "original", "seed": None, "hyperparameters": {}, "key": "f4798bb7951d39b7"},
+        {"task": "causal_lm", "format": 2, "phase": "validation", "fraction": 0.01, "label": "OrthoGrad (fixed)",
+         "method": "orthograd-fixed", "seed": 0, "hyperparameters": lm_params, "key": "7bf354a3091c96e0"},
+    ]
+    upgraded = {}
+    for name, config, records in (("speech", "espeak_speaker.yaml", speech), ("lm", "authors_llm.yaml", language)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text((shipped / config).read_text(encoding="utf-8"), encoding="utf-8")
+        log = folder / "results.jsonl"
+        log.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        done = upgrade_log(log)
+        assert (done.rewritten, done.rekeyed, done.kept_key) == (2, 2, 0)
+        upgraded[name] = current_records(log)
+    assert [r["key"] for r in upgraded["speech"]] == ["dfb10fc24957f002", "855d9da4c4be60ab-validation"]
+    assert record_key(upgraded["speech"][0]) == json.dumps(["lanc_f1", "OrthoGrad Mean", "dfb10fc24957f002"])
+    (config,), _ = load_experiment(tmp_path / "lm" / "config.yaml")
+    experiment = AuthorsExperiment(config)
+    first = next(iter(experiment.plan(FinishedRuns(ResultsLog(tmp_path / "none.jsonl"), experiment.record_key))))
+    planned = {job.key for job in first.jobs}
+    assert [r["key"] for r in upgraded["lm"]] == ["4793998ded5c4d44", "3b7f413860bbc275"]
+    assert all(experiment.record_key(r) in planned for r in upgraded["lm"])  # a rerun finds them

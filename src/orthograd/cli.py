@@ -193,8 +193,10 @@ def upgrade_log(
         return
     console.print(f"{path}: {done.rewritten} record(s) rewritten in format {FORMAT}; {done.rekeyed} re-keyed")
     if done.kept_key:
-        console.print(f"{done.kept_key} record(s) keep their key: no job of the config made them (another config, "
-                      "or an earlier protocol); they stay in the log, and a run resumes without them")
+        why = (f"no job of {done.config} made them (another config, or an earlier protocol)" if done.config
+               else "no config.yaml beside the log to re-key them with (pass --config)")
+        console.print(f"{done.kept_key} record(s) keep their key: {why}; they stay in the log, and a run resumes "
+                      "without them")
 
 
 def _alias(name: str, backend: str) -> None:

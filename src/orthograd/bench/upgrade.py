@@ -5,7 +5,7 @@
 - 0: before the shared envelope: no ``task``, and the speech and language-model records named some fields otherwise
   (``params``, ``wall_s``, ``split`` for the phase).
 - 1: the shared envelope, without ``format``.
-- 2: with ``format``. Each task hashed its keys its own way (``_FORMAT2_KEYS``): the image task hashed LoRA's
+- 2: with ``format``. Each task hashed its keys its own way (its ``rekey_format2``): the image task hashed LoRA's
   ``lora_alpha`` as ``alpha``, left out the settings added later (``unlearn.track``, OrthoGrad's ``fuse_passes``,
   ``unlearn.privacy``) at their earlier behaviour and ``train.init_seed`` when unset; the speech task hashed the
   ``repr`` of its config sections as unsorted JSON with spaces; the language-model task hashed sorted JSON with
@@ -28,14 +28,15 @@ models it needs again under their current names.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orthograd.bench.config import ConfigError, ExperimentConfig, content_hash
-from orthograd.bench.experiments import load_experiment, task_of
+from orthograd.bench.config import ConfigError, ExperimentConfig
+from orthograd.bench.experiments import TASKS, load_experiment, task_of
 from orthograd.bench.records import FORMAT, Record, record_format
 from orthograd.io import ResultsLog, atomic_write_text
 
@@ -44,16 +45,18 @@ _RENAMED: dict[str, dict[str, str]] = {
     "asr": {"params": "hyperparameters"},
     "causal_lm": {"params": "hyperparameters", "wall_s": "wall_time_s", "split": "phase"},
 }
-# Format 2, image keys: settings added after the first logs, left out of a key at the value that kept the earlier
-# behaviour.
-_LATER_DEFAULTS: dict[str, Any] = {"track": "all", "fuse_passes": False, "privacy": True}
+# A task's rule for its format-2 keys: ``rekey_format2(config, record, old_key)`` in its experiment module (the
+# ``TASKS`` row), the fields that give the record its current key when the config made it under ``old_key``, else
+# None.
+Rekey = Callable[[Any, Record, str], dict[str, Any] | None]
 
 
 @dataclass(frozen=True)
 class Upgraded:
     """What ``upgrade_log`` did: records in the log, rewritten, given their current key, and older ones left with
-    the key they had (no config accounts for them)."""
+    the key they had (no config accounts for them); the config file that re-keyed them (None: there was none)."""
 
+    config: Path | None
     records: int
     rewritten: int
     rekeyed: int
@@ -67,8 +70,8 @@ def upgrade_log(path: str | Path, *, config: str | Path | None = None) -> Upgrad
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"{source} does not exist: pass a results.jsonl written by `orthograd bench`")
-    configs = _configs(Path(config) if config is not None else source.parent / "config.yaml",
-                       required=config is not None)
+    config_file = Path(config) if config is not None else source.parent / "config.yaml"
+    configs = _configs(config_file, required=config is not None)
     records = ResultsLog(source).records()
     upgraded, rekeyed, kept = [], 0, 0
     for record in records:
@@ -86,7 +89,7 @@ def upgrade_log(path: str | Path, *, config: str | Path | None = None) -> Upgrad
     rewritten = sum(new != old for new, old in zip(upgraded, records, strict=True))
     if rewritten:
         atomic_write_text(source, "".join(json.dumps(r, sort_keys=True) + "\n" for r in upgraded))
-    return Upgraded(len(records), rewritten, rekeyed, kept)
+    return Upgraded(config_file if configs else None, len(records), rewritten, rekeyed, kept)
 
 
 def _configs(path: Path, *, required: bool) -> list[ExperimentConfig]:
@@ -125,18 +128,10 @@ def _enveloped(record: Mapping[str, Any]) -> Record:
     return {"task": task, "phase": "test", **{renamed.get(name, name): value for name, value in record.items()}}
 
 
-def _lora_renamed(settings: Any) -> Any:
-    """Method settings with LoRA's ``alpha`` named ``lora_alpha``."""
-    if not isinstance(settings, Mapping) or not isinstance(settings.get("lora"), Mapping):
-        return settings
-    lora = {("lora_alpha" if name == "alpha" else name): value for name, value in settings["lora"].items()}
-    return {**settings, "lora": lora}
-
-
 def _renamed_fields(record: Record) -> Record:
     """The record with the current field names inside it: LoRA's ``lora_alpha`` in its hyperparameters and (image
     records) in the method's resolved ``config``."""
-    return {**record, **{name: _lora_renamed(record[name]) for name in ("hyperparameters", "config")
+    return {**record, **{name: lora_named(record[name], "lora_alpha") for name in ("hyperparameters", "config")
                          if name in record}}
 
 
@@ -146,123 +141,28 @@ def _renamed_fields(record: Record) -> Record:
 def _current_key(configs: Sequence[ExperimentConfig], *, record: Record, old_key: Any) -> dict[str, Any] | None:
     """The fields that give ``record`` (fields renamed, key as logged: ``old_key``) its current key under the first
     of ``configs`` that accounts for it; None when none does."""
-    rekey = _FORMAT2_KEYS.get(str(record.get("task")))
-    if rekey is None or not isinstance(old_key, str):
+    task = record.get("task")
+    if task not in TASKS or not isinstance(old_key, str):
         return None
+    rekey: Rekey = importlib.import_module(TASKS[task][2]).rekey_format2
     for config in configs:
-        if task_of(config) == record["task"]:
+        if task_of(config) == task:
             fields = rekey(config, record, old_key)
             if fields is not None:
                 return fields
     return None
 
 
-def _hash_format2(value: Any, *, length: int, sort_keys: bool) -> str:
-    """The speech and language-model tasks' format-2 hashes: JSON with spaces (the speech one unsorted)."""
+def hash_format2(value: Any, *, length: int, sort_keys: bool) -> str:
+    """How the speech and language-model tasks hashed their keys in format 2: JSON with spaces (the speech one
+    unsorted)."""
     text = json.dumps(value, sort_keys=sort_keys, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
-def _image(config: Any, record: Record, old_key: str) -> dict[str, Any] | None:
-    """An image record's key (and ``original_hash``) now, when the job read off it had ``old_key`` in format 2."""
-    from orthograd.image_bench.jobs import SWEEP, job_key, job_payload
-
-    index = _image_split_index(config, record, sweep=SWEEP)
-    if index is None:
-        return None
-    job = {"phase": record["phase"], "method": record.get("method"), "hyperparameters": record.get("hyperparameters"),
-           "split_index": index, "retain_size": record.get("retain_size")}
-    try:
-        payload = job_payload(config, **job)
-    except (KeyError, TypeError, ValueError):  # settings the method no longer has: no job of the config made the record
-        return None
-    train = config.train.model_dump(mode="json", exclude={"init_seed"} if config.train.init_seed is None else None)
-    original = content_hash({"data": config.data.model_dump(mode="json"),
-                             "model": config.model.model_dump(mode="json"), "train": train})
-    first = _without_later_defaults(payload["hyperparameters"])
-    if "lora" in first:
-        first["lora"] = _lora_first(first["lora"])
-    format2 = {**payload, "hyperparameters": first, "original": original,
-               "unlearn": _without_later_defaults(payload["unlearn"])}
-    if content_hash(format2) != old_key:
-        return None
-    return {"key": job_key(config, **job), "original_hash": config.original_hash()}
-
-
-def _image_split_index(config: Any, record: Record, *, sweep: str) -> int | None:
-    """The split index of the job that made an image record (from its phase and seed, or its class)."""
-    seed, scenario = record.get("seed"), config.scenario
-    if record.get("phase") == sweep:
-        if config.sweep is None or not isinstance(seed, int):
-            return None
-        index = seed - config.sweep.seed - 1
-        return index if 0 <= index < config.sweep.splits else None
-    if record.get("phase") != "test":
-        return None
-    if scenario.kind == "random":
-        return scenario.seeds.index(seed) if seed in scenario.seeds else None
-    forget_class = record.get("forget_class")
-    return scenario.classes.index(forget_class) if forget_class in scenario.classes else None
-
-
-def _without_later_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if k not in _LATER_DEFAULTS or v != _LATER_DEFAULTS[k]}
-
-
-def _speech(config: Any, record: Record, old_key: str) -> dict[str, Any] | None:
-    """A speech record's key now, when one of the config's jobs (its variant) had ``old_key`` in format 2."""
-    from orthograd.asr_bench.experiment import ORIGINAL, settings_key
-
-    unlearning = config.unlearning
-    candidates: list[tuple[str, dict[str, Any]]] = [(ORIGINAL, {})]
-    for spec in config.runs:
-        variants = spec.expand(size=config.grid_size()) if spec.grid else spec.expand()
-        candidates += [(variant, {**unlearning.defaults, **params}) for variant, params in variants]
-    base, suffix = old_key.removesuffix("-validation"), old_key[len(old_key.removesuffix("-validation")):]
-    for variant, params in candidates:
-        if variant != record.get("variant"):
-            continue
-        payload = [
-            repr(config.corpus), repr(config.model), repr(config.original), repr(config.protocol),
-            unlearning.max_epochs, unlearning.stop_wer, unlearning.eval_every, unlearning.seed, variant,
-            sorted(params.items(), key=lambda kv: kv[0]),
-        ]
-        if unlearning.track != "all":
-            payload.append(unlearning.track)
-        if unlearning.eval_every is None and unlearning.stop_wer is not None:
-            payload.append({"checks_per_epoch": unlearning.checks_per_epoch})
-        if config.speakers.validation_count:
-            payload.append({"validation_speakers": config.speakers.validation_count})
-        if _hash_format2(payload, length=12, sort_keys=False) == base:
-            return {"key": settings_key(config, variant, _lora_renamed(params)) + suffix}
-    return None
-
-
-def _language_model(config: Any, record: Record, old_key: str) -> dict[str, Any] | None:
-    """A language-model record's key now, when its split, label and hyperparameters had ``old_key`` in format 2."""
-    from orthograd.llm_bench.experiment import AuthorsExperiment, record_digest
-
-    splits = {(phase, fraction): authors for phase, fraction, authors in AuthorsExperiment(config).splits()}
-    authors = splits.get((record.get("phase"), record.get("fraction")))
-    if authors is None:
-        return None
-    label, params = record.get("label"), dict(record.get("hyperparameters") or {})
-    spec = config.model_dump(exclude={*ExperimentConfig.EXECUTION_FIELDS, "runs", "tuning"})
-    spec["model"].pop("device")
-    for written in (params, {**params, "lora": _lora_first(params.get("lora"))}):
-        payload = {"config": spec, "label": label, "params": written, "forget": list(authors)}
-        if _hash_format2(payload, length=16, sort_keys=True) == old_key:
-            return {"key": record_digest(config, label=str(label), params=params, authors=authors)}
-    return None
-
-
-def _lora_first(lora: Any) -> Any:
-    """LoRA settings with ``lora_alpha`` under its format-2 name ``alpha``."""
-    if not isinstance(lora, Mapping):
-        return lora
-    return {("alpha" if name == "lora_alpha" else name): value for name, value in lora.items()}
-
-
-_FORMAT2_KEYS: dict[str, Callable[[Any, Record, str], dict[str, Any] | None]] = {
-    "classification": _image, "asr": _speech, "causal_lm": _language_model,
-}
+def lora_named(settings: Any, name: str) -> Any:
+    """Method settings with LoRA's scaling under ``name`` (``lora_alpha`` now, ``alpha`` in format 2)."""
+    if not isinstance(settings, Mapping) or not isinstance(settings.get("lora"), Mapping):
+        return settings
+    lora = {(name if key in ("alpha", "lora_alpha") else key): value for key, value in settings["lora"].items()}
+    return {**settings, "lora": lora}

@@ -18,6 +18,7 @@ from typing import Any
 from orthograd.bench.config import ExperimentConfig, RunRow, content_hash, grid_points
 from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.records import Record, record_envelope
+from orthograd.bench.upgrade import hash_format2, lora_named
 from orthograd.data.authors import forget_authors
 from orthograd.io import atomic_write_json, atomic_write_text
 from orthograd.llm_bench.config import TASK, AuthorsBenchConfig
@@ -160,6 +161,24 @@ def record_digest(config: AuthorsBenchConfig, *, label: str, params: Mapping[str
     spec = config.model_dump(exclude={*ExperimentConfig.EXECUTION_FIELDS, "runs", "tuning"})
     spec["model"].pop("device")
     return content_hash({"config": spec, "label": label, "params": dict(params), "forget": list(authors)})
+
+
+def rekey_format2(config: AuthorsBenchConfig, record: Mapping[str, Any], old_key: str) -> dict[str, Any] | None:
+    """``bench.upgrade``'s rule for language-model records: the current key of the record's split, label and
+    hyperparameters when their format-2 key is ``old_key``, else None. Format 2 hashed ``record_digest``'s payload
+    as sorted JSON with spaces (LoRA's scaling as the config wrote it: ``alpha`` or ``lora_alpha``)."""
+    splits = {(phase, fraction): authors for phase, fraction, authors in AuthorsExperiment(config).splits()}
+    authors = splits.get((record.get("phase"), record.get("fraction")))
+    if authors is None:
+        return None
+    label, params = str(record.get("label")), dict(record.get("hyperparameters") or {})
+    spec = config.model_dump(exclude={*ExperimentConfig.EXECUTION_FIELDS, "runs", "tuning"})
+    spec["model"].pop("device")
+    for written in (params, lora_named(params, "alpha")):
+        payload = {"config": spec, "label": label, "params": written, "forget": list(authors)}
+        if hash_format2(payload, length=16, sort_keys=True) == old_key:
+            return {"key": record_digest(config, label=label, params=params, authors=authors)}
+    return None
 
 
 def table_notes(config: AuthorsBenchConfig) -> list[str]:
