@@ -8,8 +8,8 @@ commit and the config hash (``bench.provenance``). For a record that measures a 
 Original and Retrain rows) the run fields are None.
 
 The engine and the reports read logs in the current format only (``current_records``); ``bench.upgrade``
-(``orthograd upgrade-log FILE``) rewrites an older log in place, atomically, and is the one place that knows the
-older formats.
+(``orthograd upgrade-log FILE``) rewrites an older log in place, atomically; it and each task's ``rekey_format2``
+are what knows the older formats.
 """
 
 from __future__ import annotations

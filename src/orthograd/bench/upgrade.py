@@ -1,4 +1,5 @@
-"""Older results logs in the current record format: the one place that knows the formats before ``records.FORMAT``.
+"""Older results logs in the current record format: what knows the formats before ``records.FORMAT``, with each
+task's rule for its format-2 keys (``rekey_format2`` in its experiment module, found through its ``TASKS`` row).
 
 ``orthograd upgrade-log RUN_DIR/results.jsonl`` (``upgrade_log``) rewrites a log in place, atomically. The formats:
 
