@@ -167,7 +167,8 @@ def rekey_format2(config: AuthorsBenchConfig, record: Mapping[str, Any], old_key
     """``bench.upgrade``'s rule for language-model records: the current key of the record's split, label and
     hyperparameters when their format-2 key is ``old_key``, else None. Format 2 hashed ``record_digest``'s payload
     as sorted JSON with spaces (LoRA's scaling as the config wrote it: ``alpha`` or ``lora_alpha``)."""
-    splits = {(phase, fraction): authors for phase, fraction, authors in AuthorsExperiment(config).splits()}
+    splits: dict[tuple[Any, Any], tuple[int, ...]] = {
+        (phase, fraction): authors for phase, fraction, authors in AuthorsExperiment(config).splits()}
     authors = splits.get((record.get("phase"), record.get("fraction")))
     if authors is None:
         return None
