@@ -23,7 +23,7 @@ from orthograd.asr_bench.experiment import (
 )
 from orthograd.asr_bench.tables import COLUMNS, speaker_tables
 from orthograd.bench.experiments import run_experiment
-from orthograd.bench.records import upgrade_log
+from orthograd.bench.upgrade import upgrade_log
 from orthograd.data.espeak import PROBE_SENTENCE, VOICES, make_sentences, speak, synthesize_corpus
 from orthograd.data.librispeech import Utterance, pick_speakers
 
@@ -89,7 +89,7 @@ def test_tiny_speaker_unlearning_run_writes_records_and_tables(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in old))
     with pytest.raises(ValueError, match="orthograd upgrade-log"):
         run_experiment("configs/espeak_speaker_smoke.yaml", overrides=overrides)
-    assert upgrade_log(log) == len(old)
+    assert upgrade_log(log).rewritten == len(old)
     assert [r["key"] for r in run_experiment("configs/espeak_speaker_smoke.yaml", overrides=overrides)] == [
         r["key"] for r in records]
     assert log.read_text().count("\n") == lines and (tmp_path / "run" / "tables.md").read_text() == tables

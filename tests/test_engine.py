@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from bench_helpers import run_test_phase
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -20,7 +21,8 @@ from orthograd.bench.engine import Engine, FinishedRuns, Phase
 from orthograd.bench.executors.local import ProcessPool
 from orthograd.bench.experiments import load_experiment, validate_experiment
 from orthograd.bench.model_store import ModelStore
-from orthograd.bench.records import FORMAT, current_records, record_envelope, upgrade_log
+from orthograd.bench.records import FORMAT, current_records, record_envelope
+from orthograd.bench.upgrade import upgrade_log
 from orthograd.image_bench.config import load_config, validate_config
 from orthograd.image_bench.data import BenchData
 from orthograd.image_bench.references import ModelCache
@@ -169,7 +171,7 @@ def test_train_model_runs_epochs_or_steps_and_refuses_both_or_neither() -> None:
         train_model(model, _counting_data(), epochs=1, optimizer="rmsprop")  # type: ignore[arg-type]
 
 
-def test_init_seed_makes_the_original_reproducible_and_leaves_older_cache_names_alone() -> None:
+def test_init_seed_makes_the_original_reproducible() -> None:
     config, _ = load_config(CONFIGS / "demo.yaml", variant="random")
     unseeded = validate_config(apply_overrides(config.model_dump(mode="json"), ["train.init_seed=null"]))
     assert unseeded.original_hash() != config.original_hash()  # init_seed 0 is part of the demo's original
@@ -242,7 +244,7 @@ def test_upgrade_log_rewrites_every_older_format_and_the_engine_reads_only_the_c
     with pytest.raises(ValueError, match="orthograd upgrade-log"):
         Engine(experiment, out_dir=tmp_path).run()
     assert experiment.ran == []  # nothing ran on a log the engine cannot read
-    assert upgrade_log(log) == 3
+    assert upgrade_log(log).rewritten == 3
     lm, speech, image = current_records(log)
     assert lm == {"format": FORMAT, "task": "causal_lm", "phase": "validation", "hyperparameters": {"lr": 1},
                   "wall_time_s": 2.0, "label": "NPO", "fraction": 0.1, "key": "a"}
@@ -250,9 +252,11 @@ def test_upgrade_log_rewrites_every_older_format_and_the_engine_reads_only_the_c
     assert image == {"format": FORMAT, "task": "classification", "phase": "test", "split": {"forget": "f"},
                      "key": "c"}
     before = log.read_bytes()
-    assert upgrade_log(log) == 0 and log.read_bytes() == before  # a current log is left as it is
+    assert upgrade_log(log).rewritten == 0 and log.read_bytes() == before  # a current log is left as it is
     with pytest.raises(FileNotFoundError, match="does not exist"):
         upgrade_log(tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError, match="pass the config the log was written with"):
+        upgrade_log(log, config=tmp_path / "missing.yaml")
 
 
 def test_upgrade_log_command(tmp_path: Path) -> None:
@@ -264,3 +268,100 @@ def test_upgrade_log_command(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["upgrade-log", str(log)])
     assert result.exit_code == 0 and f"3 record(s) rewritten in format {FORMAT}" in " ".join(result.output.split())
     assert all(r["format"] == FORMAT for r in current_records(log))
+
+
+def _tiny_image(cache: Path) -> dict[str, Any]:
+    """One OrthoGrad run with LoRA adapters on a tiny digits split."""
+    return {
+        "name": "tiny_upgrade",
+        "data": {"name": "digits", "train_size": 200, "test_size": 60},
+        "model": {"arch": "small_cnn", "width": 4},
+        "train": {"epochs": 1, "lr": 3.0e-3, "batch_size": 64},
+        "scenario": {"kind": "random", "forget_size": 20, "retain_size": 40, "seeds": [3], "retrain": False},
+        "unlearn": {"max_epochs": 1, "stop": False, "privacy": False},
+        "methods": {"orthograd": {"schedule": "fixed", "lr": 1.0e-3, "forget_batch_size": 10,
+                                  "retain_batch_size": 20, "lora": {"r": 4, "lora_alpha": 16}}},
+        "device": "cpu",
+        "cache_dir": str(cache),
+    }
+
+
+def _lora_as(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    lora = {(name if key in ("alpha", "lora_alpha") else key): value for key, value in settings["lora"].items()}
+    return {**settings, "lora": lora}
+
+
+def test_an_old_image_record_is_rekeyed_and_renamed_by_upgrade_log_then_resumes_without_running(
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from orthograd.cli import app
+
+    raw, out = _tiny_image(tmp_path / "cache"), tmp_path / "run"
+    (record,) = run_test_phase(validate_config(raw), raw, out_dir=out)
+    assert record["key"] == "89311b31d1e3aa68" and record["hyperparameters"]["lora"] == {"r": 4, "lora_alpha": 16}
+    # The same run as format 2 logged it: its key (computed then, by the code of format 2) hashed LoRA's scaling as
+    # alpha, the original model's hash left train.init_seed out, and its fields named LoRA's scaling alpha; a second
+    # record is of a split this config does not plan (another config's run).
+    old = {**record, "format": 2, "key": "bd19738015975ec4", "original_hash": "44999e6c45b38c40",
+           "hyperparameters": _lora_as("alpha", record["hyperparameters"]),
+           "config": _lora_as("alpha", record["config"])}
+    other = {**old, "seed": 7, "key": "0123456789abcdef"}
+    log = out / "results.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in (old, other)), encoding="utf-8")
+    with pytest.raises(ValueError, match="orthograd upgrade-log"):
+        run_test_phase(validate_config(raw), raw, out_dir=out)
+    result = CliRunner().invoke(app, ["upgrade-log", str(log)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"2 record(s) rewritten in format {FORMAT}; 1 re-keyed" in said and "1 record(s) keep their key" in said
+    upgraded, kept = current_records(log)
+    assert upgraded == record  # the key, original hash and LoRA's lora_alpha of the run as it logs now
+    assert kept["key"] == other["key"] and kept["hyperparameters"] == record["hyperparameters"]
+    ran: list[dict[str, Any]] = []
+    assert run_test_phase(validate_config(raw), raw, out_dir=out, on_run=ran.append) == [record]
+    assert ran == [] and len(current_records(log)) == 2  # found under its current key: nothing ran again
+
+
+def test_upgrade_log_rekeys_speech_and_language_model_records_by_the_jobs_their_configs_plan(tmp_path: Path) -> None:
+    """Format-2 keys (computed by the code of format 2) of a speech test run, a speech validation run, and a
+    language-model reference and run, each found again under its job's current key."""
+    from orthograd.asr_bench.experiment import record_key
+    from orthograd.llm_bench.experiment import AuthorsExperiment
+
+    shipped = Path(__file__).resolve().parents[1] / "src" / "orthograd" / "configs"
+    speech_params = {"forget_batch_size": 6, "retain_batch_size": 6, "optimizer": "adam", "retain_grads": "mean",
+                     "lora": None, "alpha": 0.0, "lr": 3e-05}
+    gridded = {"forget_batch_size": 6, "retain_batch_size": 6, "optimizer": "adam", "alpha": 0.2, "lr": 0.001}
+    speech = [
+        {"task": "asr", "format": 2, "phase": "test", "speaker": "lanc_f1", "variant": "OrthoGrad Mean",
+         "label": "OrthoGrad Mean", "hyperparameters": speech_params, "key": "fcb73e61d586"},
+        {"task": "asr", "format": 2, "phase": "validation", "speaker": "lanc_m2", "label": "OrthoGrad",
+         "variant": "OrthoGrad (alpha=0.2, lr=0.001)", "hyperparameters": gridded, "key": "8ddc9f73d703-validation"},
+    ]
+    lm_params = {"forget_batch_size": 8, "optimizer": "adam", "retain_batch_size": 32, "alpha": 0.9, "lr": 0.001}
+    language = [
+        {"task": "causal_lm", "format": 2, "phase": "validation", "fraction": 0.01, "label": "Original",
+         "method": "original", "seed": None, "hyperparameters": {}, "key": "f4798bb7951d39b7"},
+        {"task": "causal_lm", "format": 2, "phase": "validation", "fraction": 0.01, "label": "OrthoGrad (fixed)",
+         "method": "orthograd-fixed", "seed": 0, "hyperparameters": lm_params, "key": "7bf354a3091c96e0"},
+    ]
+    upgraded = {}
+    for name, config, records in (("speech", "espeak_speaker.yaml", speech), ("lm", "authors_llm.yaml", language)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text((shipped / config).read_text(encoding="utf-8"), encoding="utf-8")
+        log = folder / "results.jsonl"
+        log.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        done = upgrade_log(log)
+        assert (done.rewritten, done.rekeyed, done.kept_key) == (2, 2, 0)
+        upgraded[name] = current_records(log)
+    assert [r["key"] for r in upgraded["speech"]] == ["dfb10fc24957f002", "855d9da4c4be60ab-validation"]
+    assert record_key(upgraded["speech"][0]) == json.dumps(["lanc_f1", "OrthoGrad Mean", "dfb10fc24957f002"])
+    (config,), _ = load_experiment(tmp_path / "lm" / "config.yaml")
+    experiment = AuthorsExperiment(config)
+    first = next(iter(experiment.plan(FinishedRuns(ResultsLog(tmp_path / "none.jsonl"), experiment.record_key))))
+    planned = {job.key for job in first.jobs}
+    assert [r["key"] for r in upgraded["lm"]] == ["4793998ded5c4d44", "3b7f413860bbc275"]
+    assert all(experiment.record_key(r) in planned for r in upgraded["lm"])  # a rerun finds them

@@ -24,9 +24,9 @@ from orthograd.data.authors import forget_authors
 from orthograd.io import ResultsLog
 from orthograd.llm_bench.experiment import AuthorsExperiment
 from orthograd.llm_bench.relearning import answer_probability, relearn
-from orthograd.llm_bench.workbench import Workbench
 from orthograd.llm_bench.tables import confidence_interval
 from orthograd.llm_bench.tuning import choose, validation_authors
+from orthograd.llm_bench.workbench import Workbench
 from orthograd.tasks.causal_lm import CausalLMTask
 
 DATA = Path(__file__).parent / "data"

@@ -1,9 +1,8 @@
-"""Renamed settings keep their old names for one release; choice lists come from the Literal types; methods are
-generic over their configs and registered by explicit import."""
+"""Settings have one name each (an old one is an error naming the new); choice lists come from the Literal types;
+methods are generic over their configs and registered by explicit import."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,22 +22,13 @@ from orthograd.methods.gdr_gma import GdrGmaConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "orthograd" / "configs"
 
 
-def test_lora_alpha_is_the_name_and_alpha_still_works_with_a_deprecation_warning() -> None:
+def test_lora_alpha_is_the_one_name_of_lora_scaling() -> None:
     assert LoRAConfig().lora_alpha == 32.0 and "alpha" not in LoRAConfig().to_dict()
-    with pytest.warns(DeprecationWarning, match="'lora_alpha'"):
-        old = LoRAConfig(r=4, alpha=16)
-    assert old == LoRAConfig(r=4, lora_alpha=16)
-    with pytest.warns(DeprecationWarning, match="'lora_alpha'"):
-        assert old.alpha == 16
-    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="pass lora_alpha only"):
-        LoRAConfig(alpha=16, lora_alpha=8)
-
-
-def test_old_lora_alpha_key_in_hyperparameters_is_accepted_with_a_warning() -> None:
-    with pytest.warns(DeprecationWarning, match="'lora_alpha'"):
-        config = methods.make_config("finetune", {"lora": {"r": 4, "alpha": 16}})
-    assert config.lora == LoRAConfig(r=4, lora_alpha=16)
-    assert methods.make_config("finetune", {"lora": {"r": 4, "lora_alpha": 16}}) == config
+    assert methods.make_config("finetune", {"lora": {"r": 4, "lora_alpha": 16}}).lora == LoRAConfig(r=4, lora_alpha=16)
+    with pytest.raises(ValueError, match=r"unknown LoRA settings \['alpha'\]; valid: r, lora_alpha"):
+        methods.make_config("finetune", {"lora": {"r": 4, "alpha": 16}})
+    with pytest.raises(TypeError, match="alpha"):
+        LoRAConfig(r=4, alpha=16)  # type: ignore[call-arg]  # the name it no longer has
 
 
 def _lora_settings(node: Any) -> Iterator[Any]:
@@ -53,11 +43,9 @@ def _lora_settings(node: Any) -> Iterator[Any]:
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_shipped_configs_lora_settings_validate_without_deprecated_names(path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        for settings in _lora_settings(yaml.safe_load(path.read_text(encoding="utf-8"))):
-            LoRAConfig.from_value(settings)
+def test_shipped_configs_lora_settings_validate(path: Path) -> None:
+    for settings in _lora_settings(yaml.safe_load(path.read_text(encoding="utf-8"))):
+        LoRAConfig.from_value(settings)
 
 
 def test_choice_lists_are_the_literal_types_values() -> None:

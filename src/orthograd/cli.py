@@ -179,14 +179,24 @@ def _saved_config(folder: Path) -> dict[str, Any]:
 @app.command("upgrade-log")
 def upgrade_log(
     path: Annotated[Path, typer.Argument(help="A results.jsonl written by an older orthograd.")],
+    config: Annotated[Path | None, typer.Option(
+        help="The config whose jobs re-key the records (default: config.yaml beside the log).")] = None,
 ) -> None:
-    """Rewrite a results log in the current record format, in place and atomically (then it resumes and reports)."""
+    """Rewrite a results log in the current record format, in place and atomically: current field names, and each
+    record its config's current key, so the run resumes and reports (bench/upgrade.py)."""
     from orthograd.bench.records import FORMAT
-    from orthograd.bench.records import upgrade_log as upgrade
+    from orthograd.bench.upgrade import upgrade_log as upgrade
 
-    changed = upgrade(path)
-    console.print(f"{path}: {changed} record(s) rewritten in format {FORMAT}" if changed
-                  else f"{path}: already in format {FORMAT}")
+    done = upgrade(path, config=config)
+    if not done.rewritten:
+        console.print(f"{path}: already in format {FORMAT}")
+        return
+    console.print(f"{path}: {done.rewritten} record(s) rewritten in format {FORMAT}; {done.rekeyed} re-keyed")
+    if done.kept_key:
+        why = (f"no job of {done.config} made them (another config, or an earlier protocol)" if done.config
+               else "no config.yaml beside the log to re-key them with (pass --config)")
+        console.print(f"{done.kept_key} record(s) keep their key: {why}; they stay in the log, and a run resumes "
+                      "without them")
 
 
 def _alias(name: str, backend: str) -> None:

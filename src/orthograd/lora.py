@@ -12,10 +12,7 @@ such as a classification head.
 
 from __future__ import annotations
 
-import functools
 import logging
-import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -39,18 +36,11 @@ _ATTENTION_BLOCK_MARKS = ("attn", "attention")
 log = logging.getLogger(__name__)
 
 
-_ALPHA_RENAMED = (
-    "LoRA's 'alpha' is now 'lora_alpha' (peft's name; OrthoGrad's own alpha is a different setting); "
-    "'alpha' is accepted until the next release"
-)
-
-
 @dataclass(frozen=True)
 class LoRAConfig:
     """Rank, scaling and target modules of the adapters (``targets=None`` picks defaults for the model kind).
 
-    ``lora_alpha`` scales the adapters' update by ``lora_alpha / r`` (peft's ``LoraConfig.lora_alpha``). Its old
-    name ``alpha`` is still accepted, with a ``DeprecationWarning``, for one release.
+    ``lora_alpha`` scales the adapters' update by ``lora_alpha / r`` (peft's ``LoraConfig.lora_alpha``).
     """
 
     r: int = 8
@@ -70,12 +60,6 @@ class LoRAConfig:
             if not self.targets:
                 raise ValueError("LoRA targets must name at least one module (or be None for the defaults)")
 
-    @property
-    def alpha(self) -> float:
-        """Deprecated name of ``lora_alpha`` (read with a DeprecationWarning)."""
-        warnings.warn(_ALPHA_RENAMED, DeprecationWarning, stacklevel=2)
-        return self.lora_alpha
-
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["targets"] = list(self.targets) if self.targets is not None else None
@@ -87,29 +71,11 @@ class LoRAConfig:
         if value is None or isinstance(value, LoRAConfig):
             return value
         if isinstance(value, dict):
-            unknown = set(value) - {"r", "lora_alpha", "alpha", "dropout", "targets"}
+            unknown = set(value) - {"r", "lora_alpha", "dropout", "targets"}
             if unknown:
                 raise ValueError(f"unknown LoRA settings {sorted(unknown)}; valid: r, lora_alpha, dropout, targets")
             return cls(**value)
         raise TypeError(f"lora must be a LoRAConfig, a dict or None, got {type(value).__name__}")
-
-
-def _accepting_old_alpha(init: Callable[..., None]) -> Callable[..., None]:
-    """``LoRAConfig(alpha=...)``: the old keyword of ``lora_alpha``, accepted with a DeprecationWarning."""
-
-    @functools.wraps(init)
-    def accept(self: LoRAConfig, *args: Any, alpha: float | None = None, **kwargs: Any) -> None:
-        if alpha is not None:
-            warnings.warn(_ALPHA_RENAMED, DeprecationWarning, stacklevel=2)
-            if "lora_alpha" in kwargs or len(args) > 1:
-                raise TypeError("LoRAConfig got both alpha and lora_alpha; pass lora_alpha only")
-            kwargs["lora_alpha"] = alpha
-        init(self, *args, **kwargs)
-
-    return accept
-
-
-LoRAConfig.__init__ = _accepting_old_alpha(LoRAConfig.__init__)  # type: ignore[method-assign]  # adds the old keyword
 
 
 def default_lora_targets(model: nn.Module, *, mlp: bool = False) -> list[str]:

@@ -35,6 +35,7 @@ from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.model_store import ModelStore
 from orthograd.bench.protocol import bench_unlearn, eval_every_for
 from orthograd.bench.records import record_envelope
+from orthograd.bench.upgrade import hash_format2, lora_named
 from orthograd.data.audio import SpeechDataset
 from orthograd.data.librispeech import SpeakerSplit, Utterance, pick_speakers, speaker_unlearning_split, speakers_of
 from orthograd.io import atomic_write_json, atomic_write_text
@@ -68,21 +69,23 @@ class SpeakerJob:
 
 
 def settings_key(config: SpeakerBenchConfig, variant: str, params: Mapping[str, Any]) -> str:
-    """What determines a record besides its speaker: the data, model and protocol settings and the run's
-    hyperparameters. The sections enter as their ``repr``, which keeps the keys of existing results logs valid
-    (a key that changed would rerun every recorded job)."""
-    payload = [
-        repr(config.corpus), repr(config.model), repr(config.original), repr(config.protocol),
-        config.unlearning.max_epochs, config.unlearning.stop_wer, config.unlearning.eval_every,
-        config.unlearning.seed, variant, sorted(params.items(), key=lambda kv: kv[0]),
-    ]
-    if config.unlearning.track != "all":  # the default adds nothing, so keys without the option stay valid
-        payload.append(config.unlearning.track)
-    if config.unlearning.eval_every is None and config.unlearning.stop_wer is not None:
-        payload.append({"checks_per_epoch": config.unlearning.checks_per_epoch})  # every method's cadence
-    if config.speakers.validation_count:  # the test runs' retain sets leave the validation speakers out
-        payload.append({"validation_speakers": config.speakers.validation_count})
-    return content_hash(payload, length=12, sort_keys=False, compact=False)
+    """What determines a record besides its speaker: the data, model and protocol settings (not where it runs:
+    ``model.device``), the variant and the run's hyperparameters. ``checks_per_epoch`` only when it acts (a stop
+    rule and no ``eval_every``)."""
+    unlearning = config.unlearning.model_dump(mode="json", exclude={"defaults"})  # the defaults are in ``params``
+    if unlearning["eval_every"] is not None or unlearning["stop_wer"] is None:
+        unlearning.pop("checks_per_epoch")
+    payload = {
+        "corpus": config.corpus.model_dump(mode="json"),
+        "model": config.model.model_dump(mode="json", exclude={"device"}),
+        "original": config.original.model_dump(mode="json"),
+        "protocol": config.protocol.model_dump(mode="json"),
+        "unlearning": unlearning,
+        "validation_speakers": config.speakers.validation_count,  # the test runs' retain sets leave them out
+        "variant": variant,
+        "params": dict(params),
+    }
+    return content_hash(payload)
 
 
 def _identity(speaker: str, variant: str, key: str) -> str:
@@ -92,6 +95,36 @@ def _identity(speaker: str, variant: str, key: str) -> str:
 def record_key(record: Mapping[str, Any]) -> str:
     """A record's identity in the results log: its speaker, variant and settings key."""
     return _identity(record["speaker"], record["variant"], record["key"])
+
+
+def rekey_format2(config: SpeakerBenchConfig, record: Mapping[str, Any], old_key: str) -> dict[str, Any] | None:
+    """``bench.upgrade``'s rule for speech records: the current key of the config's job of the record's variant when
+    that job's format-2 key is ``old_key``, else None. Format 2 hashed a list (the sections' ``repr``, the protocol,
+    the variant, the sorted params; ``track`` only when not "all") as unsorted JSON with spaces, 12 hex digits."""
+    unlearning = config.unlearning
+    jobs: list[tuple[str, dict[str, Any]]] = [(ORIGINAL, {})]
+    for spec in config.runs:
+        variants = spec.expand(size=config.grid_size()) if spec.grid else spec.expand()
+        jobs += [(variant, {**unlearning.defaults, **params}) for variant, params in variants]
+    base = old_key.removesuffix("-validation")
+    suffix = old_key[len(base):]
+    for variant, params in jobs:
+        if variant != record.get("variant"):
+            continue
+        payload = [
+            repr(config.corpus), repr(config.model), repr(config.original), repr(config.protocol),
+            unlearning.max_epochs, unlearning.stop_wer, unlearning.eval_every, unlearning.seed, variant,
+            sorted(params.items(), key=lambda kv: kv[0]),
+        ]
+        if unlearning.track != "all":
+            payload.append(unlearning.track)
+        if unlearning.eval_every is None and unlearning.stop_wer is not None:
+            payload.append({"checks_per_epoch": unlearning.checks_per_epoch})
+        if config.speakers.validation_count:
+            payload.append({"validation_speakers": config.speakers.validation_count})
+        if hash_format2(payload, length=12, sort_keys=False) == base:
+            return {"key": settings_key(config, variant, lora_named(params, "lora_alpha")) + suffix}
+    return None
 
 
 Chosen = Mapping[str, tuple[str, Mapping[str, Any]]]  # label -> (variant, params) of each gridded run
@@ -203,8 +236,8 @@ def _original_model(
         return model.to(device).eval()
     heldout = {u.id for s in speakers_of(corpus.train) for u in _split(config, corpus, s).speaker_heldout}
     train = [u for u in corpus.train if u.id not in heldout]
-    fingerprint = content_hash([config.model.source, config.model.window_s, repr(settings), [u.id for u in train]],
-                               length=12, sort_keys=False, compact=False)
+    fingerprint = content_hash({"source": config.model.source, "window_s": config.model.window_s,
+                                "original": settings.model_dump(mode="json"), "train": [u.id for u in train]})
 
     def fine_tune(fresh: torch.nn.Module) -> None:
         torch.manual_seed(settings.seed)  # dropout, as the original fine-tunes were made

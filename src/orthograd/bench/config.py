@@ -75,15 +75,13 @@ class ExperimentConfig(ConfigSection):
         return self.output if self.output is not None else Path("runs") / self.name
 
 
-def content_hash(value: Any, *, length: int = 16, sort_keys: bool = True, compact: bool = True) -> str:
+def content_hash(value: Any, *, length: int = 16) -> str:
     """Short, stable hash (SHA-256 hex prefix) of a JSON-able value: the identity of a config, a record, a model.
 
-    ``sort_keys`` and ``compact`` (JSON without spaces) are how the value is written before hashing; the speech and
-    language-model benchmarks first wrote their keys with spaces (and the speech one unsorted), and keep doing so
-    that their results logs and stored models are found again.
+    The value is written as JSON with sorted keys and no spaces, so equal values hash equal whatever their key order;
+    this is the one hashing convention of every task's record keys and stored-model names.
     """
-    separators = (",", ":") if compact else None
-    text = json.dumps(value, sort_keys=sort_keys, separators=separators, default=str)
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 

@@ -220,13 +220,9 @@ class BenchConfig(ExperimentConfig):
         return self.cache_dir if self.cache_dir is not None else self.run_dir() / "cache"
 
     def original_hash(self) -> str:
-        """Hash of what determines the original model: data, model and training settings (``train.init_seed`` only
-        when set, so that the models made before it existed keep their cache entries)."""
-        unset = {"init_seed"} if self.train.init_seed is None else None
-        return content_hash(
-            {"data": self.data.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
-             "train": self.train.model_dump(mode="json", exclude=unset)}
-        )
+        """Hash of what determines the original model: the data, model and training settings."""
+        return content_hash({"data": self.data.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
+                             "train": self.train.model_dump(mode="json")})
 
 
 def validate_config(raw: Mapping[str, Any]) -> BenchConfig:

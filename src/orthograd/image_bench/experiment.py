@@ -30,11 +30,21 @@ from orthograd.bench.protocol import (
     trials,
 )
 from orthograd.bench.records import record_envelope
+from orthograd.bench.upgrade import lora_named
 from orthograd.data.splits import UnlearningSplit
 from orthograd.evaluation import evaluate
 from orthograd.image_bench.config import BenchConfig
 from orthograd.image_bench.data import BenchData, load_bench_data
-from orthograd.image_bench.jobs import SWEEP, Job, check_disjoint, job_key, make_split, n_splits, split_seed
+from orthograd.image_bench.jobs import (
+    SWEEP,
+    Job,
+    check_disjoint,
+    job_key,
+    job_payload,
+    make_split,
+    n_splits,
+    split_seed,
+)
 from orthograd.image_bench.memory import PeakMemory
 from orthograd.image_bench.references import ModelCache, indices_fingerprint
 from orthograd.image_bench.report import report_records
@@ -250,6 +260,56 @@ def execute_data_parallel(config: BenchConfig, job: Job, *, device: torch.device
 
 
 RunJob = Callable[[BenchConfig, Job], dict[str, Any]]
+
+
+# ------------------------------------------------------------------------------------- older logs (bench.upgrade)
+
+# Settings added after the first logs, left out of a format-2 key at the value that kept the earlier behaviour.
+_LATER_DEFAULTS: dict[str, Any] = {"track": "all", "fuse_passes": False, "privacy": True}
+
+
+def rekey_format2(config: BenchConfig, record: Mapping[str, Any], old_key: str) -> dict[str, Any] | None:
+    """``bench.upgrade``'s rule for image records: the key and ``original_hash`` of the job read off ``record``
+    (fields renamed) when that job's format-2 key is ``old_key``, else None. Format 2 hashed the resolved
+    hyperparameters with LoRA's ``lora_alpha`` as ``alpha``, left out ``_LATER_DEFAULTS`` at their value, and
+    hashed the original model's settings without ``train.init_seed`` when it was unset."""
+    index = _split_index(config, record)
+    if index is None:
+        return None
+    job = {"phase": record["phase"], "method": record.get("method"), "hyperparameters": record.get("hyperparameters"),
+           "split_index": index, "retain_size": record.get("retain_size")}
+    try:
+        payload = job_payload(config, **job)
+    except (KeyError, TypeError, ValueError):  # settings no method has now: no job of this config made the record
+        return None
+    train = config.train.model_dump(mode="json", exclude={"init_seed"} if config.train.init_seed is None else None)
+    original = content_hash({"data": config.data.model_dump(mode="json"),
+                             "model": config.model.model_dump(mode="json"), "train": train})
+    format2 = {**payload, "hyperparameters": _without_later_defaults(lora_named(payload["hyperparameters"], "alpha")),
+               "original": original, "unlearn": _without_later_defaults(payload["unlearn"])}
+    if content_hash(format2) != old_key:
+        return None
+    return {"key": job_key(config, **job), "original_hash": config.original_hash()}
+
+
+def _split_index(config: BenchConfig, record: Mapping[str, Any]) -> int | None:
+    """The split index of the job that made an image record (from its phase and seed, or its class)."""
+    seed, scenario = record.get("seed"), config.scenario
+    if record.get("phase") == SWEEP:
+        if config.sweep is None or not isinstance(seed, int):
+            return None
+        index = seed - config.sweep.seed - 1
+        return index if 0 <= index < config.sweep.splits else None
+    if record.get("phase") != "test":
+        return None
+    if scenario.kind == "random":
+        return scenario.seeds.index(seed) if seed in scenario.seeds else None
+    forget_class = record.get("forget_class")
+    return scenario.classes.index(forget_class) if forget_class in scenario.classes else None
+
+
+def _without_later_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in _LATER_DEFAULTS or v != _LATER_DEFAULTS[k]}
 
 
 # ------------------------------------------------------------------------------------------------ the experiment

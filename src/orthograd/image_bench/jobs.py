@@ -150,21 +150,28 @@ def n_splits(config: BenchConfig) -> int:
 def job_key(config: BenchConfig, *, phase: str, method: str, hyperparameters: Mapping[str, Any],
             split_index: int, retain_size: int) -> str:
     """Identity of a run: rerunning the same config finds it finished under this key."""
-    resolved = methods.make_config(method, dict(hyperparameters)).to_dict()
+    return content_hash(job_payload(config, phase=phase, method=method, hyperparameters=hyperparameters,
+                                    split_index=split_index, retain_size=retain_size))
+
+
+def job_payload(config: BenchConfig, *, phase: str, method: str, hyperparameters: Mapping[str, Any],
+                split_index: int, retain_size: int) -> dict[str, Any]:
+    """What ``job_key`` hashes: everything that changes a run's numbers (the method's settings resolved to their
+    values, defaults included; the split; the original model; the run protocol as it acts)."""
     payload = {
         "phase": phase,
         "method": method,
-        "hyperparameters": _as_first_keyed(resolved),
+        "hyperparameters": methods.make_config(method, dict(hyperparameters)).to_dict(),
         "scenario": config.scenario.kind,
         "forget_size": config.scenario.forget_size,
         "split": _split_identity(config, phase=phase, split_index=split_index),
         "retain_size": retain_size,
         "original": config.original_hash(),
-        "unlearn": _without_later_defaults(_effective_unlearn(config)),
+        "unlearn": _effective_unlearn(config),
     }
     if config.sweep is not None:  # the test splits are drawn outside the validation pool
         payload["validation_pool"] = _pool_settings(config)
-    return content_hash(payload)
+    return payload
 
 
 def _split_identity(config: BenchConfig, *, phase: str, split_index: int) -> Any:
@@ -187,22 +194,3 @@ def _effective_unlearn(config: BenchConfig) -> dict[str, Any]:
     if values["eval_every"] is not None or not values["stop"]:
         values.pop("checks_per_epoch")
     return values
-
-
-# Settings added after results logs were first written, at the value that reproduces the earlier behaviour: left
-# out of a key, so that older logs resume (a new setting at another value makes a new key).
-_LATER_DEFAULTS: dict[str, Any] = {"track": "all", "fuse_passes": False, "privacy": True}
-
-
-def _without_later_defaults(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if k not in _LATER_DEFAULTS or v != _LATER_DEFAULTS[k]}
-
-
-def _as_first_keyed(resolved: dict[str, Any]) -> dict[str, Any]:
-    """Hyperparameters in the form keys were first written with, so older results logs resume: LoRA's
-    ``lora_alpha`` hashed under its earlier name ``alpha``, later settings at their earlier behaviour left out."""
-    resolved = _without_later_defaults(resolved)
-    lora = resolved.get("lora")
-    if not isinstance(lora, dict):
-        return resolved
-    return {**resolved, "lora": {("alpha" if name == "lora_alpha" else name): v for name, v in lora.items()}}

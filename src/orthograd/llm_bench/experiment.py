@@ -18,13 +18,14 @@ from typing import Any
 from orthograd.bench.config import ExperimentConfig, RunRow, content_hash, grid_points
 from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.records import Record, record_envelope
+from orthograd.bench.upgrade import hash_format2, lora_named
 from orthograd.data.authors import forget_authors
 from orthograd.io import atomic_write_json, atomic_write_text
 from orthograd.llm_bench.config import TASK, AuthorsBenchConfig
 from orthograd.llm_bench.plots import plot_tradeoff
-from orthograd.llm_bench.workbench import workbench
 from orthograd.llm_bench.tables import authors_tables, record_line
 from orthograd.llm_bench.tuning import choose, validation_authors
+from orthograd.llm_bench.workbench import workbench
 from orthograd.tasks.causal_lm import DEFAULT_MAX_NEW_TOKENS
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class AuthorsExperiment:
         """The corpus, the original model and every split's retrained reference, trained here (once, then stored)
         so that worker processes only load them."""
         bench = workbench(self.config)
-        for _, _, authors in self._splits():
+        for _, _, authors in self.splits():
             bench.split(authors)
 
     def plan(self, finished: FinishedRuns) -> Iterator[Phase]:
@@ -68,7 +69,7 @@ class AuthorsExperiment:
         each gridded run kept on validation."""
         config = self.config
         chosen: dict[str, dict[str, Any]] = {}
-        for phase, fraction, authors in self._splits():
+        for phase, fraction, authors in self.splits():
             references = [self._job(phase, fraction, authors, label, method, {}, None)
                           for method, label in REFERENCES.items()]
             if phase == "validation":
@@ -130,7 +131,7 @@ class AuthorsExperiment:
         plot_tradeoff(records, path=out_dir / "tradeoff.png", title=self.config.name)
         return path
 
-    def _splits(self) -> Iterator[tuple[str, float, tuple[int, ...]]]:
+    def splits(self) -> Iterator[tuple[str, float, tuple[int, ...]]]:
         """(phase, fraction, forget authors) of every split, in plan order: per fraction its validation split (when
         any run has a grid), then its test split."""
         config, protocol = self.config, self.config.protocol
@@ -159,8 +160,26 @@ def record_digest(config: AuthorsBenchConfig, *, label: str, params: Mapping[str
     what it changes. Not the seed: the engine's key adds it (``AuthorsJob.key``)."""
     spec = config.model_dump(exclude={*ExperimentConfig.EXECUTION_FIELDS, "runs", "tuning"})
     spec["model"].pop("device")
-    return content_hash({"config": spec, "label": label, "params": dict(params), "forget": list(authors)},
-                        compact=False)
+    return content_hash({"config": spec, "label": label, "params": dict(params), "forget": list(authors)})
+
+
+def rekey_format2(config: AuthorsBenchConfig, record: Mapping[str, Any], old_key: str) -> dict[str, Any] | None:
+    """``bench.upgrade``'s rule for language-model records: the current key of the record's split, label and
+    hyperparameters when their format-2 key is ``old_key``, else None. Format 2 hashed ``record_digest``'s payload
+    as sorted JSON with spaces (LoRA's scaling as the config wrote it: ``alpha`` or ``lora_alpha``)."""
+    splits: dict[tuple[Any, Any], tuple[int, ...]] = {
+        (phase, fraction): authors for phase, fraction, authors in AuthorsExperiment(config).splits()}
+    authors = splits.get((record.get("phase"), record.get("fraction")))
+    if authors is None:
+        return None
+    label, params = str(record.get("label")), dict(record.get("hyperparameters") or {})
+    spec = config.model_dump(exclude={*ExperimentConfig.EXECUTION_FIELDS, "runs", "tuning"})
+    spec["model"].pop("device")
+    for written in (params, lora_named(params, "alpha")):
+        payload = {"config": spec, "label": label, "params": written, "forget": list(authors)}
+        if hash_format2(payload, length=16, sort_keys=True) == old_key:
+            return {"key": record_digest(config, label=label, params=params, authors=authors)}
+    return None
 
 
 def table_notes(config: AuthorsBenchConfig) -> list[str]:

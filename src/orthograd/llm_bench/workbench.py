@@ -137,7 +137,7 @@ class Workbench:
                         epochs=stage.epochs, lr=stage.lr, batch_size=stage.batch_size, optimizer="adamw",
                         weight_decay=ADAMW_WEIGHT_DECAY, seed=stage.seed, device=self.device)
 
-        stored = self.store.get(f"base-{content_hash(spec, compact=False)}", build=build, train=train, meta=spec)
+        stored = self.store.get(f"base-{content_hash(spec)}", build=build, train=train, meta=spec)
         return stored.model.to(self.device)
 
     def trained_model(self, *, excluded: Sequence[int]) -> nn.Module:
@@ -156,7 +156,7 @@ class Workbench:
                         batch_size=training.batch_size, optimizer="adamw", weight_decay=ADAMW_WEIGHT_DECAY,
                         seed=training.seed, device=self.device)
 
-        stored = self.store.get(f"lm-{content_hash(spec, compact=False)}", build=lambda: copy.deepcopy(self.base),
+        stored = self.store.get(f"lm-{content_hash(spec)}", build=lambda: copy.deepcopy(self.base),
                                 train=train, meta=spec)
         return stored.model.to(self.device)
 

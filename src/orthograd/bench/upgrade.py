@@ -1,0 +1,169 @@
+"""Older results logs in the current record format: what knows the formats before ``records.FORMAT``, with each
+task's rule for its format-2 keys (``rekey_format2`` in its experiment module, found through its ``TASKS`` row).
+
+``orthograd upgrade-log RUN_DIR/results.jsonl`` (``upgrade_log``) rewrites a log in place, atomically. The formats:
+
+- 0: before the shared envelope: no ``task``, and the speech and language-model records named some fields otherwise
+  (``params``, ``wall_s``, ``split`` for the phase).
+- 1: the shared envelope, without ``format``.
+- 2: with ``format``. Each task hashed its keys its own way (its ``rekey_format2``): the image task hashed LoRA's
+  ``lora_alpha`` as ``alpha``, left out the settings added later (``unlearn.track``, OrthoGrad's ``fuse_passes``,
+  ``unlearn.privacy``) at their earlier behaviour and ``train.init_seed`` when unset; the speech task hashed the
+  ``repr`` of its config sections as unsorted JSON with spaces; the language-model task hashed sorted JSON with
+  spaces. LoRA's scaling was ``alpha`` in the records of that time.
+- 3 (``FORMAT``): one key convention for every task (``bench.config.content_hash``), LoRA's scaling named
+  ``lora_alpha`` (peft's name) in every record.
+
+An older record gets its current key when one of the run folder's configs (``RUN_DIR/config.yaml``, its variants, or
+the config passed instead) accounts for it: the job that made it, read off the record (image) or planned by the
+config (speech, language models), has the record's key under format 2's scheme; the record then gets that job's key
+now, so the run resumes without running it again. A record no config accounts for (made by another config, or by an
+earlier protocol whose jobs the config no longer plans) keeps its key: it stays in the log and out of every resume,
+as before the upgrade.
+
+Stored models are named by the same hashes (the image task's ``cache_dir``, ``RUN_DIR/models`` of the language-model
+task, the speech task's original in ``RUN_DIR``): the upgrader leaves them as they are, and the next run trains the
+models it needs again under their current names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orthograd.bench.config import ConfigError, ExperimentConfig
+from orthograd.bench.experiments import TASKS, load_experiment, task_of
+from orthograd.bench.records import FORMAT, Record, record_format
+from orthograd.io import ResultsLog, atomic_write_text
+
+# Format 0, per task: the fields its records had under other names.
+_RENAMED: dict[str, dict[str, str]] = {
+    "asr": {"params": "hyperparameters"},
+    "causal_lm": {"params": "hyperparameters", "wall_s": "wall_time_s", "split": "phase"},
+}
+# A task's rule for its format-2 keys: ``rekey_format2(config, record, old_key)`` in its experiment module (the
+# ``TASKS`` row), the fields that give the record its current key when the config made it under ``old_key``, else
+# None.
+Rekey = Callable[[Any, Record, str], dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class Upgraded:
+    """What ``upgrade_log`` did: records in the log, rewritten, given their current key, and older ones left with
+    the key they had (no config accounts for them); the config file that re-keyed them (None: there was none)."""
+
+    config: Path | None
+    records: int
+    rewritten: int
+    rekeyed: int
+    kept_key: int
+
+
+def upgrade_log(path: str | Path, *, config: str | Path | None = None) -> Upgraded:
+    """Rewrite the results log at ``path`` in the current format, atomically (a reader sees the old file or the
+    new one, never half of each). ``config``: the config whose jobs re-key the records (default: ``config.yaml``
+    beside the log; none there: every record keeps its key). A torn last line is dropped."""
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} does not exist: pass a results.jsonl written by `orthograd bench`")
+    config_file = Path(config) if config is not None else source.parent / "config.yaml"
+    configs = _configs(config_file, required=config is not None)
+    records = ResultsLog(source).records()
+    upgraded, rekeyed, kept = [], 0, 0
+    for record in records:
+        if record_format(record) >= FORMAT:
+            upgraded.append(record)
+            continue
+        new = _renamed_fields(_enveloped(record))
+        key = _current_key(configs, record=new, old_key=record.get("key"))
+        if key is None:
+            kept += 1
+        else:
+            new = {**new, **key}
+            rekeyed += 1
+        upgraded.append({**new, "format": FORMAT})
+    rewritten = sum(new != old for new, old in zip(upgraded, records, strict=True))
+    if rewritten:
+        atomic_write_text(source, "".join(json.dumps(r, sort_keys=True) + "\n" for r in upgraded))
+    return Upgraded(config_file if configs else None, len(records), rewritten, rekeyed, kept)
+
+
+def _configs(path: Path, *, required: bool) -> list[ExperimentConfig]:
+    """The configs (one per variant) of the config file at ``path``; none when it is absent and not ``required``."""
+    if not path.is_file():
+        if required:
+            raise ConfigError(f"config file {str(path)!r} does not exist: pass the config the log was written with")
+        return []
+    try:
+        configs, _ = load_experiment(path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path} does not load, so no record can be re-keyed with it: fix it (or pass --config a "
+                          f"config that loads), then run upgrade-log again\n{exc}") from None
+    return configs
+
+
+# ------------------------------------------------------------------------------------------------- record fields
+
+
+def _task_of(record: Mapping[str, Any]) -> str:
+    """The task of a format-0 record, from the fields only that task's records have."""
+    if "speaker" in record:
+        return "asr"
+    if "fraction" in record:
+        return "causal_lm"
+    return "classification"
+
+
+def _enveloped(record: Mapping[str, Any]) -> Record:
+    """A format-0 record with its task's field names and ``task``; an envelope as it is."""
+    if "task" in record:
+        return dict(record)
+    task = _task_of(record)
+    renamed = _RENAMED.get(task, {})
+    # format-0 speech records ran on test only and said nothing of their phase
+    return {"task": task, "phase": "test", **{renamed.get(name, name): value for name, value in record.items()}}
+
+
+def _renamed_fields(record: Record) -> Record:
+    """The record with the current field names inside it: LoRA's ``lora_alpha`` in its hyperparameters and (image
+    records) in the method's resolved ``config``."""
+    return {**record, **{name: lora_named(record[name], "lora_alpha") for name in ("hyperparameters", "config")
+                         if name in record}}
+
+
+# ----------------------------------------------------------------------------------------------------- the keys
+
+
+def _current_key(configs: Sequence[ExperimentConfig], *, record: Record, old_key: Any) -> dict[str, Any] | None:
+    """The fields that give ``record`` (fields renamed, key as logged: ``old_key``) its current key under the first
+    of ``configs`` that accounts for it; None when none does."""
+    task = record.get("task")
+    if task not in TASKS or not isinstance(old_key, str):
+        return None
+    rekey: Rekey = importlib.import_module(TASKS[task][2]).rekey_format2
+    for config in configs:
+        if task_of(config) == task:
+            fields = rekey(config, record, old_key)
+            if fields is not None:
+                return fields
+    return None
+
+
+def hash_format2(value: Any, *, length: int, sort_keys: bool) -> str:
+    """How the speech and language-model tasks hashed their keys in format 2: JSON with spaces (the speech one
+    unsorted)."""
+    text = json.dumps(value, sort_keys=sort_keys, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def lora_named(settings: Any, name: str) -> Any:
+    """Method settings with LoRA's scaling under ``name`` (``lora_alpha`` now, ``alpha`` in format 2)."""
+    if not isinstance(settings, Mapping) or not isinstance(settings.get("lora"), Mapping):
+        return settings
+    lora = {(name if key in ("alpha", "lora_alpha") else key): value for key, value in settings["lora"].items()}
+    return {**settings, "lora": lora}
