@@ -365,3 +365,21 @@ def test_upgrade_log_rekeys_speech_and_language_model_records_by_the_jobs_their_
     planned = {job.key for job in first.jobs}
     assert [r["key"] for r in upgraded["lm"]] == ["4793998ded5c4d44", "3b7f413860bbc275"]
     assert all(experiment.record_key(r) in planned for r in upgraded["lm"])  # a rerun finds them
+
+
+def test_upgrade_renames_stored_models_named_by_the_format2_hash_of_their_spec(tmp_path):
+    from orthograd.bench.config import content_hash
+    from orthograd.bench.upgrade import hash_format2, rename_stored_models
+
+    spec = {"model": {"layers": 2, "hidden_size": 8}, "training": {"epochs": 3}}
+    old = f"lm-{hash_format2(spec, length=16, sort_keys=True)}"
+    current = f"lm-{content_hash({'training': {'epochs': 4}})}"
+    for name, meta in ((old, spec), (current, {"training": {"epochs": 4}})):
+        (tmp_path / f"{name}.json").write_text(json.dumps({**meta, "name": name, "train_time_s": 1.5}))
+        (tmp_path / f"{name}.safetensors").write_bytes(name.encode())
+    assert rename_stored_models(tmp_path) == 1  # the current name is left alone
+    new = f"lm-{content_hash(spec)}"
+    assert new != old and (tmp_path / f"{new}.safetensors").read_bytes() == old.encode()
+    assert json.loads((tmp_path / f"{new}.json").read_text())["name"] == new
+    assert not (tmp_path / f"{old}.json").exists() and (tmp_path / f"{current}.json").exists()
+    assert rename_stored_models(tmp_path) == 0

@@ -183,10 +183,15 @@ def upgrade_log(
         help="The config whose jobs re-key the records (default: config.yaml beside the log).")] = None,
 ) -> None:
     """Rewrite a results log in the current record format, in place and atomically: current field names, and each
-    record its config's current key, so the run resumes and reports (bench/upgrade.py)."""
+    record its config's current key, so the run resumes and reports; the model store beside it (models/) renamed
+    to the current names (bench/upgrade.py)."""
     from orthograd.bench.records import FORMAT
+    from orthograd.bench.upgrade import rename_stored_models
     from orthograd.bench.upgrade import upgrade_log as upgrade
 
+    models = path.parent / "models"
+    if models.is_dir() and (renamed := rename_stored_models(models)):
+        console.print(f"{models}: {renamed} stored model(s) renamed to their current names")
     done = upgrade(path, config=config)
     if not done.rewritten:
         console.print(f"{path}: already in format {FORMAT}")

@@ -21,9 +21,11 @@ now, so the run resumes without running it again. A record no config accounts fo
 earlier protocol whose jobs the config no longer plans) keeps its key: it stays in the log and out of every resume,
 as before the upgrade.
 
-Stored models are named by the same hashes (the image task's ``cache_dir``, ``RUN_DIR/models`` of the language-model
-task, the speech task's original in ``RUN_DIR``): the upgrader leaves them as they are, and the next run trains the
-models it needs again under their current names.
+Stored models are named by the same hashes. The model store's (``bench.model_store``: ``RUN_DIR/models`` of the
+language-model task) are named ``PREFIX-HASH`` after the spec in their ``.json`` sidecar, so ``rename_stored_models``
+renames each one whose name is its spec's format-2 hash to the current hash, and a resumed run finds it; the image
+task's ``cache_dir`` and the speech task's original are left as they are, and the next run trains them again under
+their current names.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orthograd.bench.config import ConfigError, ExperimentConfig
+from orthograd.bench.config import ConfigError, ExperimentConfig, content_hash
 from orthograd.bench.experiments import TASKS, load_experiment, task_of
 from orthograd.bench.records import FORMAT, Record, record_format
-from orthograd.io import ResultsLog, atomic_write_text
+from orthograd.io import ResultsLog, atomic_write_json, atomic_write_text
 
 # Format 0, per task: the fields its records had under other names.
 _RENAMED: dict[str, dict[str, str]] = {
@@ -91,6 +93,28 @@ def upgrade_log(path: str | Path, *, config: str | Path | None = None) -> Upgrad
     if rewritten:
         atomic_write_text(source, "".join(json.dumps(r, sort_keys=True) + "\n" for r in upgraded))
     return Upgraded(config_file if configs else None, len(records), rewritten, rekeyed, kept)
+
+
+SIDECAR_FIELDS = ("name", "train_time_s")  # what the model store adds to a stored model's spec in its sidecar
+
+
+def rename_stored_models(models_dir: str | Path) -> int:
+    """Rename the stored models in ``models_dir`` (``NAME.safetensors`` + ``NAME.json``) whose ``NAME`` is
+    ``PREFIX-`` and their spec's format-2 hash to ``PREFIX-`` and its current hash; how many were renamed."""
+    renamed = 0
+    for sidecar in sorted(Path(models_dir).glob("*.json")):
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+        prefix, _, old = str(info.get("name", "")).rpartition("-")
+        spec = {k: v for k, v in info.items() if k not in SIDECAR_FIELDS}
+        weights = sidecar.with_suffix(".safetensors")
+        if not prefix or old != hash_format2(spec, length=len(old), sort_keys=True) or not weights.is_file():
+            continue
+        name = f"{prefix}-{content_hash(spec, length=len(old))}"
+        weights.replace(weights.with_name(f"{name}.safetensors"))
+        atomic_write_json(sidecar.with_name(f"{name}.json"), {**info, "name": name})
+        sidecar.unlink()
+        renamed += 1
+    return renamed
 
 
 def _configs(path: Path, *, required: bool) -> list[ExperimentConfig]:

@@ -1,7 +1,7 @@
 """TOFU-style tables: per forget fraction, every method's mean ± 95% confidence half-width over seeds (Student t
 interval, n - 1 degrees of freedom) of TOFU's metrics, the membership attacks, PrivLeak, relearning, optimizer steps
-and wall time; then the validation split's grid points (what each tuned run was chosen from). Every record is
-read through ``bench.records.upgrade_record``, so a results log in any record format gives the same tables."""
+stop-rule checks and wall time, how many runs reached the target and a paired test of each OrthoGrad row against the
+best baseline; then the validation split's grid points (what each tuned run was chosen from)."""
 
 from __future__ import annotations
 
