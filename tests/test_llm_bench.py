@@ -221,19 +221,22 @@ def test_every_method_stops_on_the_never_seen_level_within_one_step_budget(tmp_p
 def test_tables_count_reached_targets_mark_misses_and_test_orthograd_against_the_best_baseline():
     from orthograd.llm_bench.tables import authors_tables
 
-    def record(label, method, seed, quality, utility, missed=None):
+    def record(label, method, seed, quality, utility, missed=None, damaged=False):
         return {"task": "causal_lm", "phase": "test", "fraction": 0.1, "label": label, "method": method,
                 "seed": seed, "hyperparameters": {}, "key": label, "stop_reason": "x" if seed is not None else None,
-                "missed_target": missed, "forget_quality": quality, "model_utility": utility, "steps": 4}
+                "missed_target": missed, "damaged": damaged, "forget_quality": quality, "model_utility": utility,
+                "steps": 4}
 
     records = [record("Original", "original", None, 0.01, 0.6)]
     for seed in range(5):
         records += [record("OrthoGrad", "orthograd", seed, 0.5 + 0.01 * seed, 0.55),
                     record("NPO", "npo", seed, 0.2 + 0.02 * seed, 0.5),
-                    record("NegGrad", "neggrad", seed, 0.9, 0.2, missed="missed" if seed == 0 else None)]
+                    record("NegGrad", "neggrad", seed, 0.9, 0.2, missed="missed" if seed == 0 else None),
+                    record("RMU", "rmu", seed, 0.95, 0.01, damaged=True)]
     table = authors_tables(records, title="t")
     assert "| OrthoGrad | 5/5 |" in table and "| NegGrad† | 4/5 |" in table and "| Original | – |" in table
-    assert "forget quality: OrthoGrad vs NPO (best baseline mean)" in table  # NegGrad missed once: no yardstick
+    assert "| RMU‡ | 5/5 |" in table  # reached, but with a damaged model
+    assert "forget quality: OrthoGrad vs NPO (best baseline mean)" in table  # NegGrad missed, RMU damaged: neither
     assert "p = 0.000: ahead" in table
 
 

@@ -53,6 +53,7 @@ def record_envelope(
         "epochs": result.epochs if result is not None else None,
         "stop_checks": result.stop_checks if result is not None else None,
         "missed_target": result.missed_target if result is not None else None,  # why and what to try, if missed
+        "damaged": result.damaged if result is not None else None,  # retain damage beyond the run's tolerance
         "wall_time_s": result.wall_time_s if result is not None else None,
         "history": result.history if result is not None else None,
         "versions": package_versions(),

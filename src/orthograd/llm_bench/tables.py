@@ -34,13 +34,16 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 )
 TESTED: tuple[tuple[str, str], ...] = (("forget_quality", "forget quality"), ("model_utility", "model utility"))
 MISSED_MARK = "†"
+DAMAGED_MARK = "‡"
 LEGEND = (
     "Mean ± half-width of the 95% confidence interval over seeds (Student t, n - 1 degrees of freedom); Original "
     "and Retrain are measured once. MIA AUCs are OpenUnlearning's signed AUC of the forget authors against "
     "never-trained holdout authors: 1 = remembered, 0.5 = looks unseen, below 0.5 = over-forgotten. PrivLeak is "
     "MUSE's relative Min-K%++ AUC gap to the retrained model, in percent (negative: still remembered, positive: "
     "over-forgotten). Relearned prob.: answer probability of the forget authors' other facts after fine-tuning on "
-    "some of their facts (the Retrain row is the level a model that never saw them reaches)."
+    "some of their facts (the Retrain row is the level a model that never saw them reaches). ‡ marks a row where "
+    "some run lost more retain answer probability than the damage tolerance (10 points): its target counts as "
+    "reached, its model as damaged."
 )
 
 
@@ -93,7 +96,7 @@ def authors_tables(records: Sequence[Mapping[str, Any]], *, title: str, notes: S
         for label in labels:
             chosen = [r for r in rows if r["label"] == label]
             cells = [_cell([float(r[key]) for r in chosen if r.get(key) is not None]) for key, _ in COLUMNS]
-            mark = MISSED_MARK if _missed(chosen) else ""
+            mark = (MISSED_MARK if _missed(chosen) else "") + (DAMAGED_MARK if _damaged(chosen) else "")
             lines.append(f"| {label}{mark} | {_reached(chosen)} | " + " | ".join(cells) + " |")
         lines += [*paired_lines(rows), ""]
     validation = [r for r in records if r["phase"] == "validation"]
@@ -111,6 +114,10 @@ def _missed(records: Sequence[Mapping[str, Any]]) -> bool:
     return any(r.get("missed_target") for r in _runs(records))
 
 
+def _damaged(records: Sequence[Mapping[str, Any]]) -> bool:
+    return any(r.get("damaged") for r in _runs(records))
+
+
 def _reached(records: Sequence[Mapping[str, Any]]) -> str:
     runs = _runs(records)
     if not runs:
@@ -120,14 +127,16 @@ def _reached(records: Sequence[Mapping[str, Any]]) -> str:
 
 def paired_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """Per metric, each OrthoGrad row against the baseline with the best mean among those that reached the target
-    in every run (when none did, among all, and the line says so), a paired t-test over the seeds both ran."""
+    in every run without damage (when none did, among all, and the line says so), a paired t-test over the seeds
+    both ran."""
     runs = _runs(records)
     labels = list(dict.fromkeys(r["label"] for r in runs))
     ours = [label for label in labels if any(r["method"].startswith("orthograd") for r in runs if r["label"] == label)]
     others = [label for label in labels if label not in ours]
-    reached = [label for label in others if not _missed([r for r in runs if r["label"] == label])]
+    reached = [label for label in others if not _missed(chosen := [r for r in runs if r["label"] == label])
+               and not _damaged(chosen)]
     baselines = reached or others
-    caveat = "" if reached else "; no baseline reached the target in every run"
+    caveat = "" if reached else "; no baseline reached the target undamaged in every run"
     lines = []
     for key, name in TESTED:
         values = {label: {r["seed"]: float(r[key]) for r in runs if r["label"] == label} for label in labels}
