@@ -54,7 +54,7 @@ def _schema() -> TypeAdapter[Any]:
     """One union of every task's config class, told apart by ``task``."""
     members = tuple(Annotated[_attribute(module, cls), Tag(task)] for task, (module, cls, _, _) in TASKS.items())
     # Union[...] of a tuple built at run time: the | operator has no spelling for it
-    return TypeAdapter(Annotated[Union[members], Discriminator(task_of)])  # type: ignore[valid-type]  # noqa: UP007
+    return TypeAdapter(Annotated[Union[members], Discriminator(task_of)])  # type: ignore[arg-type]  # noqa: UP007
 
 
 def validate_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
