@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,9 +87,9 @@ def load_cifar10(root: Path, *, verify_checksums: bool) -> tuple[TensorDataset, 
             "check (verify_checksums=False; data.verify_checksums: false in a config) for batches you generated"
         ) from exc
 
-    def tensors(ds: object) -> TensorDataset:
-        x = _normalized(np.asarray(ds.data), CIFAR10_MEAN, CIFAR10_STD)  # type: ignore[attr-defined]
-        return TensorDataset(x, torch.as_tensor(ds.targets, dtype=torch.long))  # type: ignore[attr-defined]
+    def tensors(ds: Any) -> TensorDataset:  # a torchvision CIFAR10 (untyped): its ``data`` and ``targets``
+        x = _normalized(np.asarray(ds.data), CIFAR10_MEAN, CIFAR10_STD)
+        return TensorDataset(x, torch.as_tensor(ds.targets, dtype=torch.long))
 
     return tensors(train), tensors(test)
 

@@ -16,6 +16,7 @@ from orthograd.data import load_digits_dataset
 from orthograd.data.images import load_cifar10, load_fashion_mnist, load_imagenet
 from orthograd.data.splits import labels_of
 from orthograd.image_bench.config import DataConfig
+from orthograd.tasks.batches import dataset_size
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,10 @@ def load_bench_data(config: DataConfig) -> BenchData:
     train_idx = np.sort(rest[: config.train_size] if config.train_size else rest)
     validation = _take(train, validation_idx) if config.validation_size else None
     if config.test_size is not None:
-        if config.test_size > len(test):  # type: ignore[arg-type]
-            raise ConfigError(f"data.test_size {config.test_size} exceeds the {len(test)} test samples")  # type: ignore[arg-type]
-        test_idx = np.sort(rng.permutation(len(test))[: config.test_size])  # type: ignore[arg-type]
+        available = dataset_size(test)
+        if config.test_size > available:
+            raise ConfigError(f"data.test_size {config.test_size} exceeds the {available} test samples")
+        test_idx = np.sort(rng.permutation(available)[: config.test_size])
         test = _take(test, test_idx)
     return BenchData(
         train=_take(train, train_idx),

@@ -74,7 +74,7 @@ def run_record(
     score = None
     if "test" in original and "test" in final and scenario in SCENARIOS:
         score = uis(original_test=original["test"], unlearned_test=final["test"], unlearned_forget=final["forget"],
-                    scenario=scenario)  # type: ignore[arg-type]
+                    scenario=scenario)  # type: ignore[arg-type]  # a Scenario: checked against SCENARIOS above
     envelope = record_envelope(task=TASK, bench=bench, key=key, phase=phase, method=result.method,
                                label=result.method, hyperparameters=hyperparameters or {}, seed=seed, result=result)
     return {

@@ -18,6 +18,7 @@ from orthograd.bench.model_store import ModelStore, TrainedModel
 from orthograd.image_bench.config import BenchConfig
 from orthograd.image_bench.data import BenchData
 from orthograd.image_bench.models import build_model
+from orthograd.tasks.batches import dataset_size
 from orthograd.training import train_model
 
 
@@ -75,6 +76,6 @@ class ModelCache:
             name,
             build=self.fresh_model,
             train=lambda model: self._train(model, dataset),
-            meta={**meta, "config_hash": self.key, "samples": len(dataset),  # type: ignore[arg-type]
+            meta={**meta, "config_hash": self.key, "samples": dataset_size(dataset),
                   "config": self.config.model_dump(mode="json", include={"data", "model", "train"})},
         )
