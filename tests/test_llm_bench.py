@@ -114,6 +114,12 @@ def test_gridded_runs_are_tuned_on_validation_authors_outside_the_test_forget_se
     models = list((tmp_path / "out" / "models").glob("lm-*.safetensors"))
     assert len(models) == 3  # original, test and validation retrains
     assert "## Validation split" in (tmp_path / "out" / "tables.md").read_text()
+    log = tmp_path / "out" / "results.jsonl"  # a run still under way: its validation phase half logged
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:3]))
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    tables = (tmp_path / "out" / "tables.md").read_text()
+    assert "| NPO | " in tables and "lr=0.01" in tables and "lr=0.001" not in tables and "## Forget 25%" not in tables
 
 
 def test_choose_keeps_utility_then_maximises_forget_quality():

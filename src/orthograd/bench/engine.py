@@ -42,6 +42,10 @@ class Phase:
     jobs: Sequence[Job]
 
 
+class NotFinished(KeyError):
+    """A planner asked for the record of a job the log does not hold yet (a later phase needs an earlier one's)."""
+
+
 class FinishedRuns:
     """The records of a results log by key, as an experiment's planner reads them between phases."""
 
@@ -63,6 +67,8 @@ class FinishedRuns:
         return key in self._records
 
     def __getitem__(self, key: str) -> Record:
+        if key not in self._records:
+            raise NotFinished(key)
         return self._records[key]
 
     def get(self, key: str) -> Record | None:

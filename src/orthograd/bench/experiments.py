@@ -23,7 +23,16 @@ from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
 from orthograd import methods
 from orthograd.bench.config import ConfigError, ExperimentConfig, describe_errors, expand_config
-from orthograd.bench.engine import RESULTS_FILE, Engine, Experiment, FinishedRuns, OnRun, OnStart, Record
+from orthograd.bench.engine import (
+    RESULTS_FILE,
+    Engine,
+    Experiment,
+    FinishedRuns,
+    NotFinished,
+    OnRun,
+    OnStart,
+    Record,
+)
 from orthograd.bench.executors import Executor, OnNote, executor_for
 from orthograd.io import ResultsLog
 
@@ -190,7 +199,9 @@ def run_experiment(
 
 def write_run_tables(run_dir: str | Path, *, out_dir: str | Path | None = None) -> Path | None:
     """Regenerate a run folder's tables from its ``config.yaml`` and results log, as the run wrote them (the
-    experiment's plan replayed over the logged records, nothing run), into ``out_dir`` (default: the folder)."""
+    experiment's plan replayed over the logged records, nothing run), into ``out_dir`` (default: the folder). A run
+    still under way gives the tables of what it has logged: planning stops at the first phase that needs a record
+    the log does not hold yet."""
     folder = Path(run_dir)
     if not (folder / "config.yaml").is_file() or not (folder / RESULTS_FILE).is_file():
         raise ConfigError(f"{folder} is not a run folder of `orthograd bench` (it needs config.yaml and "
@@ -198,7 +209,12 @@ def write_run_tables(run_dir: str | Path, *, out_dir: str | Path | None = None) 
     configs, _ = load_experiment(folder / "config.yaml")
     experiment = experiment_for(configs)
     finished = FinishedRuns(ResultsLog(folder / RESULTS_FILE), experiment.record_key)
-    planned = [job.key for phase in experiment.plan(finished) for job in phase.jobs]
+    planned: list[str] = []
+    try:
+        for phase in experiment.plan(finished):
+            planned += [job.key for job in phase.jobs]
+    except NotFinished:
+        pass  # a later phase waits on records of this one that the run has not logged yet
     records = [finished[key] for key in dict.fromkeys(planned) if key in finished]
     if not records:
         raise ConfigError(f"{folder / RESULTS_FILE} holds no record of this config's runs")

@@ -128,7 +128,8 @@ class AuthorsExperiment:
             atomic_write_json(out_dir / "selection.json", self.selection)
         path = out_dir / "tables.md"
         atomic_write_text(path, authors_tables(records, title=self.config.name, notes=table_notes(self.config)))
-        plot_tradeoff(records, path=out_dir / "tradeoff.png", title=self.config.name)
+        if any(r["phase"] == "test" for r in records):  # the figure shows test splits; a run under way may have none
+            plot_tradeoff(records, path=out_dir / "tradeoff.png", title=self.config.name)
         return path
 
     def splits(self) -> Iterator[tuple[str, float, tuple[int, ...]]]:
