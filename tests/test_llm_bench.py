@@ -325,3 +325,13 @@ def test_the_experiment_and_its_jobs_pickle_for_worker_processes():
 def test_importing_the_config_does_not_load_transformers():
     code = "import sys, orthograd.llm_bench.config; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_committed_authors_tables_are_what_orthograd_report_writes_from_the_committed_log(tmp_path):
+    committed = Path(__file__).parents[1] / "benchmarks" / "authors_llm"
+    for name in ("config.yaml", "results.jsonl"):
+        (tmp_path / name).write_bytes((committed / name).read_bytes())
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for name in ("tables.md", "selection.json"):
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
