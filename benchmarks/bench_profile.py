@@ -97,15 +97,15 @@ def profile(config_path: str, overrides: list[str]) -> tuple[PhaseTimer, list[di
             (runner, "privacy_metrics", "privacy"),  # the name the runner imported
         ):
             undo.callback(timer.wrap(owner, attribute, name))
-        unlearn = runner.unlearn
+        unlearn = runner.bench_unlearn
 
         def timed_unlearn(*args: Any, method: str, **kwargs: Any) -> Any:
             timer.method = method
             with timer.phase("setup/merge"):
                 return unlearn(*args, method=method, **kwargs)
 
-        runner.unlearn = timed_unlearn
-        undo.callback(lambda: setattr(runner, "unlearn", unlearn))
+        runner.bench_unlearn = timed_unlearn
+        undo.callback(lambda: setattr(runner, "bench_unlearn", unlearn))
         started = time.perf_counter()
         with timer.phase("rest"):
             records = [r for r in run_experiment(config, raw=raw, out_dir=Path(tmp) / "run") if r["phase"] == "test"]
