@@ -17,6 +17,7 @@ is, and may add retain terms.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
@@ -93,9 +94,9 @@ class ForgetRetainMethod(ForgetAnchored[ForgetRetainConfigT]):
         """Whether the loss reads the frozen original model (taken before the first update)."""
         return self.config.retain_loss == "kl"
 
+    @abc.abstractmethod
     def forget_term(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """The forget term on a forget batch (to be minimised), and statistics; each method defines its own."""
-        raise NotImplementedError(f"{type(self).__name__} must define forget_term (GradDiff, SimNPO and RMU do)")
 
     def retain_term(self, batch: Any) -> torch.Tensor:
         """The retain term on a retain batch: the task loss or the KL to the original."""
