@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthograd.distributed.ghost import data_parallel_ghost_span
+from orthograd.grads import per_sample_grads_and_losses
 from orthograd.grads.ghost import ghost_span
 from orthograd.methods.orthograd.direction import orthograd_direction
+from orthograd.methods.orthograd.span import MaterialisedSpan
 from orthograd.models import SmallCNN
 
 RETAIN, FORGET = 6, 4
@@ -46,6 +48,17 @@ def problem(*, nan_retain_sample: bool = False) -> tuple[nn.Module, dict[str, to
 
 # the adaptive schedule's mix at alpha = 0.3 (each term at unit norm), so the norms matter too
 ADAPTIVE_MIX = {"alpha": 0.3, "normalized": True}
+
+
+def single_process_reference() -> tuple[MaterialisedSpan, torch.Tensor]:
+    """The reference: the span of the whole span problem's materialised per-sample gradients and its direction,
+    flattened."""
+    model, forget_grad, batch = problem()
+    per_sample, losses = per_sample_grads_and_losses(model, loss_fn, batch, engine="loop")
+    span = MaterialisedSpan(per_sample, forget_grad, retain_loss=float(losses.mean()))
+    direction = orthograd_direction(forget_grad=forget_grad, span=span, **ADAPTIVE_MIX)
+    assert direction is not None
+    return span, flat(direction.update)
 
 
 def flat(update: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -41,7 +41,6 @@ from orthograd.image_bench.config import validate_config
 from orthograd.image_bench.experiment import execute
 from orthograd.image_bench.jobs import Job, job_key
 from orthograd.methods.orthograd.direction import orthograd_direction
-from orthograd.methods.orthograd.span import MaterialisedSpan
 from orthograd.models import SmallCNN
 
 WORLD = 2
@@ -248,12 +247,7 @@ def test_three_ranks_form_every_cross_block_once(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(span_helpers.three_rank_direction, args=(port, str(tmp_path)), nprocs=3, join=True)
-    model, forget_grad, batch = span_helpers.problem()
-    per_sample, losses = per_sample_grads_and_losses(model, span_helpers.loss_fn, batch, engine="loop")
-    span = MaterialisedSpan(per_sample, forget_grad, retain_loss=float(losses.mean()))
-    direction = orthograd_direction(forget_grad=forget_grad, span=span, **span_helpers.ADAPTIVE_MIX)
-    assert direction is not None
-    expected = span_helpers.flat(direction.update)
+    span, expected = span_helpers.single_process_reference()
     for rank in range(3):
         got = torch.load(tmp_path / f"{rank}.pt")
         torch.testing.assert_close(got["gram"], span.gram, rtol=1e-10, atol=1e-12 * float(span.gram.abs().max()))
@@ -311,12 +305,7 @@ def test_collectives_equal_the_dense_formulas(ranks: list[dict[str, Any]]) -> No
 
 
 def test_data_parallel_span_gives_the_single_process_direction(ranks: list[dict[str, Any]]) -> None:
-    model, forget_grad, batch = span_helpers.problem()
-    per_sample, losses = per_sample_grads_and_losses(model, span_helpers.loss_fn, batch, engine="loop")
-    span = MaterialisedSpan(per_sample, forget_grad, retain_loss=float(losses.mean()))
-    direction = orthograd_direction(forget_grad=forget_grad, span=span, **span_helpers.ADAPTIVE_MIX)
-    assert direction is not None
-    expected = span_helpers.flat(direction.update)
+    _, expected = span_helpers.single_process_reference()
     for rank in ranks:
         got = rank["span"][False]
         assert float((got - expected).norm() / expected.norm()) <= 1e-9
@@ -324,12 +313,7 @@ def test_data_parallel_span_gives_the_single_process_direction(ranks: list[dict[
 
 
 def test_data_parallel_ghost_span_gives_the_single_process_direction(ranks: list[dict[str, Any]]) -> None:
-    model, forget_grad, batch = span_helpers.problem()
-    per_sample, losses = per_sample_grads_and_losses(model, span_helpers.loss_fn, batch, engine="loop")
-    span = MaterialisedSpan(per_sample, forget_grad, retain_loss=float(losses.mean()))
-    direction = orthograd_direction(forget_grad=forget_grad, span=span, **span_helpers.ADAPTIVE_MIX)
-    assert direction is not None
-    expected = span_helpers.flat(direction.update)
+    _, expected = span_helpers.single_process_reference()
     for rank in ranks:
         for chunk, got in rank["ghost_span"].items():  # whole shards, and 1-sample chunks (cross-chunk blocks)
             assert float((got - expected).norm() / expected.norm()) <= 1e-9, chunk
