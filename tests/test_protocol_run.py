@@ -16,8 +16,32 @@ def test_a_check_on_an_epochs_last_step_counts_that_epoch_and_every_check_is_cou
     assert result.stop_reason == "target_reached" and result.steps >= 2
     assert result.epochs == result.steps  # not one less: the epoch whose last step reached the target counts
     assert result.final["epoch"] == result.epochs
-    # the step-0 row, then per epoch a probe and (in the epochs that did not stop) the epoch's row
-    assert result.stop_checks == 1 + result.steps + (result.epochs - 1)
+    # the step-0 row, then one check per step: the epoch's row after a probe of the same state is not a new check
+    assert result.stop_checks == 1 + result.steps
+
+
+def test_the_controller_reads_each_checked_state_once(digits, digits_model, monkeypatch):
+    """An epoch-end row on a state a probe just judged must not reach the controller as a second, progress-free
+    check (it would read as a stall and raise the pressure)."""
+    from orthograd.methods.orthograd.controller import AdaptiveController
+
+    observed_steps: list[int] = []
+    original_observe = AdaptiveController.observe
+
+    def counting_observe(self, metrics, model):
+        observed_steps.append(self.steps)
+        return original_observe(self, metrics, model)
+
+    monkeypatch.setattr(AdaptiveController, "observe", counting_observe)
+    train, test = digits
+    split = class_forgetting_split(labels_of(train), forget_class=3, retain_size=200, seed=0)
+    forget, retain = split.datasets(train)
+    # two steps an epoch, a check every step: every epoch's last step is both probed and given a row
+    result = og.unlearn(digits_model, forget, retain, test=test, stop="class", retain_batch_size=64,
+                        forget_batch_size=(len(forget) + 1) // 2, eval_every=1, max_epochs=3, seed=0)
+    assert result.steps >= 2
+    assert len(observed_steps) == result.steps == result.stop_checks - 1
+    assert len(set(observed_steps)) == len(observed_steps)  # never the same step twice
 
 
 def test_without_a_stop_rule_nothing_is_checked(digits, digits_model):

@@ -424,7 +424,8 @@ class _Run:
         self._steering = _RunningMeans()  # what the method reported on the checks since the last row
         self.steps = 0
         self.epochs = 0  # epochs begun: a run stopped by a check in epoch e ran e epochs, the last in part
-        self.stop_checks = 0  # times the stop rule was evaluated (history rows and mid-epoch probes)
+        self.stop_checks = 0  # states the stop rule judged (history rows and mid-epoch probes, once per step)
+        self._checked_step = -1  # the step whose state the last counted check judged
         # (parameters, history index) of the last evaluated state within the damage tolerance, and of the most
         # forgotten one after step 0 (kept only for a method that returns it when the run ends damaged)
         self._last_good: tuple[dict[str, torch.Tensor], int] = (self._snapshot(), 0)
@@ -450,14 +451,27 @@ class _Run:
         return {**metrics, **measure(self.model)} if measure is not None else dict(metrics)
 
     def record(self, *, step: int, epoch: int, metrics: Mapping[str, float], stats: Mapping[str, float]) -> bool:
-        """Append a history row; True when the stop rule says the target is reached."""
+        """Append a history row; True when the stop rule says the target is reached.
+
+        The row counts as a check unless a probe already judged this step's state (an epoch whose last step is
+        also a probe step): one state, one check.
+        """
         metrics = self.measured(metrics)
         row = {"step": step, "epoch": epoch, **metrics, **stats, "time_s": time.perf_counter() - self.started}
         self.history.append(row)
         for callback in self.callbacks:
             callback(row)
-        self.stop_checks += self.stop_rule is not None
+        self._count_check()
         return self._reached(row)
+
+    def _fresh_state(self) -> bool:
+        """False when a counted check has already judged the current step's state."""
+        return self._checked_step != self.steps
+
+    def _count_check(self) -> None:
+        if self.stop_rule is not None and self._fresh_state():
+            self.stop_checks += 1
+            self._checked_step = self.steps
 
     def _reached(self, row: Mapping[str, Any]) -> bool:
         """The stop rule's verdict on ``row``, taken once for the run (on one rank of a data-parallel run)."""
@@ -467,7 +481,8 @@ class _Run:
     def evaluate(self, stats: Mapping[str, float]) -> bool:
         state = self._snapshot()
         metrics = self.evaluator(self.model, only=self.tracked)
-        self._steering.add(self.method.observe(metrics))
+        if self._fresh_state():  # a controller that saw this state at a probe must not read it twice as no progress
+            self._steering.add(self.method.observe(metrics))
         steering, self._steering = self._steering.means(), _RunningMeans()
         reached = self.record(step=self.steps, epoch=self.epochs, metrics=metrics, stats={**stats, **steering})
         self._judge(state)
@@ -496,7 +511,7 @@ class _Run:
         metrics = self.measured(self.evaluator(self.model, only=needs))
         if self._reached(metrics):
             return self.evaluate(stats)  # the full row that follows counts as this check
-        self.stop_checks += self.stop_rule is not None
+        self._count_check()
         self._steering.add(self.method.observe(metrics))
         return False
 
