@@ -22,8 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from orthograd.asr_bench.config import load_config
+from orthograd.asr_bench.experiment import settings_key
 from orthograd.asr_bench.tables import COLUMNS
-from orthograd.bench.executors.torchrun import DataParallel
+from orthograd.bench.data_parallel import on_rank_device
+from orthograd.bench.executors.torchrun import DataParallel, device_kind
 from orthograd.bench.experiments import run_experiment
 
 WORLD = 2
@@ -78,3 +81,10 @@ def test_ddp_backend_gives_the_single_process_records(tmp_path: Path) -> None:
                 assert ddp_row.get(name, 0.0) == pytest.approx(row.get(name, 0.0), rel=1e-4), name
     step = written[1]["history"][1]  # OrthoGrad's first step: the adaptive controller and the ghost engine ran
     assert written[1]["steps"] == 2 and "control" in step and step["engine_ghost"] == 1.0
+
+
+def test_a_rank_runs_on_its_device_under_the_same_record_keys(tmp_path: Path) -> None:
+    config = load_config(CONFIG, _overrides(tmp_path / "run", tmp_path / "espeak"))
+    on_rank = on_rank_device(config, torch.device("cuda", 1))
+    assert on_rank.model.device == "cuda:1" and config.model.device is None and device_kind(config) == "auto"
+    assert settings_key(on_rank, "OrthoGrad", {}) == settings_key(config, "OrthoGrad", {})

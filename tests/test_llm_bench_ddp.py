@@ -25,9 +25,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_llm_bench import TINY
 
-from orthograd.bench.executors.torchrun import DataParallel
+from orthograd.bench.data_parallel import on_rank_device
+from orthograd.bench.executors.torchrun import DataParallel, device_kind
 from orthograd.bench.experiments import run_experiment
 from orthograd.llm_bench.config import AuthorsBenchConfig
+from orthograd.llm_bench.experiment import record_digest
 
 WORLD = 2
 PROBABILITIES = ("forget_probability", "forget_truth_ratio", "retain_probability", "retain_truth",
@@ -81,3 +83,14 @@ def test_ddp_backend_gives_the_single_process_records(tmp_path: Path) -> None:
             assert ddp_row.get("forget_loss", 0.0) == pytest.approx(row.get("forget_loss", 0.0), rel=1e-4)
     step = written[2]["history"][1]  # OrthoGrad's first step: the adaptive controller and the ghost engine ran
     assert "control" in step and step["engine_ghost"] == 1.0
+
+
+def test_ranks_run_where_the_config_asks_and_their_records_keep_the_keys(tmp_path: Path) -> None:
+    config = _config(tmp_path)  # model.device: cpu
+    assert device_kind(config) == "cpu"
+    unset = config.model_copy(update={"model": config.model.model_copy(update={"device": None})})
+    assert device_kind(unset) == "auto"
+    on_rank = on_rank_device(config, torch.device("cuda", 1))  # a rank's device is no part of a record's key
+    assert on_rank.model.device == "cuda:1" and config.model.device == "cpu"
+    args = {"label": "OrthoGrad", "params": {"lr": 0.05}, "authors": [0]}
+    assert record_digest(on_rank, **args) == record_digest(config, **args)
