@@ -385,11 +385,11 @@ class SpeakerExperiment:
         }
 
     def data_parallel(self, device: torch.device) -> SpeakerExperiment:
-        """Every job on torchrun's ranks, this rank on ``device``: each run as ``unlearn_distributed``
-        (``asr_bench.data_parallel``)."""
-        from orthograd.asr_bench.data_parallel import DataParallelSpeakers  # torch.distributed, for ddp only
+        """Every job on torchrun's ranks, this rank's models on ``device``: each run as ``unlearn_distributed``, the
+        WERs before and after it measured whole on every rank (``bench.data_parallel``)."""
+        from orthograd.bench.data_parallel import on_rank_device, unlearn_on_ranks  # torch.distributed: ddp only
 
-        return DataParallelSpeakers(self.config, device=device)
+        return SpeakerExperiment(on_rank_device(self.config, device), unlearn=unlearn_on_ranks)
 
     def record_key(self, record: Mapping[str, Any]) -> str:
         return record_key(record)

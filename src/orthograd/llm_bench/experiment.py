@@ -121,11 +121,11 @@ class AuthorsExperiment:
         return {**envelope, "fraction": job.fraction, **bench.measure(model, split)}
 
     def data_parallel(self, device: torch.device) -> AuthorsExperiment:
-        """Every job on torchrun's ranks, this rank on ``device``: each run as ``unlearn_distributed``
-        (``llm_bench.data_parallel``)."""
-        from orthograd.llm_bench.data_parallel import DataParallelAuthors  # torch.distributed, for ddp only
+        """Every job on torchrun's ranks, this rank's models on ``device``: each run as ``unlearn_distributed``, the
+        measurements (TOFU's metrics, the attacks, relearning) whole on every rank (``bench.data_parallel``)."""
+        from orthograd.bench.data_parallel import on_rank_device, unlearn_on_ranks  # torch.distributed: ddp only
 
-        return DataParallelAuthors(self.config, device=device)
+        return AuthorsExperiment(on_rank_device(self.config, device), unlearn=unlearn_on_ranks)
 
     def record_key(self, record: Mapping[str, Any]) -> str:
         """A record's identity: its phase, forget fraction, label, seed and ``key`` field."""

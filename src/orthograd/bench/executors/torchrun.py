@@ -46,8 +46,14 @@ class DataParallel:
     def run(self, jobs: Sequence[Job], run_job: RunJob, *, on_record: OnRecord) -> None:
         dist.barrier()  # every rank has read the results log before rank 0 appends to it
         for job in jobs:
-            on_record(run_job(job))
+            on_record(self.tagged(run_job(job)))
         dist.barrier()  # rank 0 has appended every record before any rank reads the log again
+
+    @staticmethod
+    def tagged(record: dict[str, Any]) -> dict[str, Any]:
+        """A run's record with the number of ranks that made it (``world_size``); a record that only measures a
+        model (no ``steps``) is unchanged."""
+        return record if record.get("steps") is None else {**record, "world_size": world()[1]}
 
 
 def device_kind(config: Any) -> str:
