@@ -54,7 +54,8 @@ class AuthorsJob:
 
 
 class AuthorsExperiment:
-    """The benchmark of one config (``AuthorsBenchConfig``) for the engine; holds only the config (it is pickled).
+    """The benchmark of one config (``AuthorsBenchConfig``) for the engine; holds only the config and a function (it
+    is pickled).
 
     ``unlearn`` (default: ``bench_unlearn``) makes each run; ``data_parallel`` swaps in the data-parallel one."""
 
