@@ -33,7 +33,7 @@ from orthograd.asr_bench.tables import speaker_tables
 from orthograd.bench.config import content_hash
 from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.model_store import ModelStore
-from orthograd.bench.protocol import bench_unlearn, eval_every_for
+from orthograd.bench.protocol import UnlearnRun, bench_unlearn, eval_every_for
 from orthograd.bench.records import record_envelope
 from orthograd.bench.upgrade import hash_format2, lora_named
 from orthograd.data.audio import SpeechDataset
@@ -296,10 +296,13 @@ def _loader(dataset: SpeechDataset, task: ASRTask) -> DataLoader:
 
 
 class SpeakerExperiment:
-    """``bench.engine.Experiment`` for a speaker-unlearning config: one phase of speaker x variant jobs."""
+    """``bench.engine.Experiment`` for a speaker-unlearning config: one phase of speaker x variant jobs.
 
-    def __init__(self, config: SpeakerBenchConfig) -> None:
+    ``unlearn`` (default: ``bench_unlearn``) makes each run; ``data_parallel`` swaps in the data-parallel one."""
+
+    def __init__(self, config: SpeakerBenchConfig, *, unlearn: UnlearnRun = bench_unlearn) -> None:
         self.config = config
+        self.unlearn = unlearn
         self.selection: dict[str, Any] | None = None  # the validation phase's choices, once planned
 
     def setup(self) -> None:
@@ -340,7 +343,7 @@ class SpeakerExperiment:
             return self._record(job, record_envelope(**envelope, seed=None), metrics)
         log.info("speaker %s: %s", job.speaker, job.variant)
         stop_wer = config.unlearning.stop_wer
-        result = bench_unlearn(
+        result = self.unlearn(
             ctx.original,
             sets["unlearn"],
             sets["retain"],
@@ -380,6 +383,13 @@ class SpeakerExperiment:
             "W_test": metrics["test"],
             "W_val": metrics.get("validation"),  # the validation speakers (None without them)
         }
+
+    def data_parallel(self, device: torch.device) -> SpeakerExperiment:
+        """Every job on torchrun's ranks, this rank's models on ``device``: each run as ``unlearn_distributed``, the
+        WERs before and after it measured whole on every rank (``bench.data_parallel``)."""
+        from orthograd.bench.data_parallel import on_rank_device, unlearn_on_ranks  # torch.distributed: ddp only
+
+        return SpeakerExperiment(on_rank_device(self.config, device), unlearn=unlearn_on_ranks)
 
     def record_key(self, record: Mapping[str, Any]) -> str:
         return record_key(record)

@@ -136,11 +136,20 @@ def trials(grid: Mapping[str, Sequence[Any]], *, size: int, seed: str) -> list[d
     return points  # fewer than ``size`` only when the grid has no float knob and fewer points than that
 
 
+UnlearnRun = Callable[..., UnlearnResult]  # ``orthograd.unlearn``'s signature (or ``unlearn_distributed``'s)
+
+
 def bench_unlearn(*args: Any, **kwargs: Any) -> UnlearnResult:
     """``orthograd.unlearn`` as a benchmark runs it: every warning but the missed target's passes through."""
+    return as_benchmark_run(unlearn, *args, **kwargs)
+
+
+def as_benchmark_run(run: UnlearnRun, *args: Any, **kwargs: Any) -> UnlearnResult:
+    """``run(*args, **kwargs)`` (``unlearn`` or ``unlearn_distributed``) with the missed target's warning kept in
+    the result only; every other warning passes through."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = unlearn(*args, **kwargs)
+        result = run(*args, **kwargs)
     for warning in caught:
         if str(warning.message) != result.missed_target:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)

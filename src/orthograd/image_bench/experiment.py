@@ -249,14 +249,14 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
 
 
 def execute_data_parallel(config: BenchConfig, job: Job, *, device: torch.device) -> dict[str, Any]:
-    """Run one test job as ``unlearn_distributed`` on this rank's ``device``; returns its record (on every rank)."""
-    from orthograd.distributed.collectives import world  # torch.distributed, for the ddp backend only
-    from orthograd.distributed.runner import unlearn_distributed
+    """Run one test job as ``unlearn_distributed`` on this rank's ``device``; returns its record (on every rank;
+    the torchrun executor adds ``world_size``)."""
+    from orthograd.distributed.runner import unlearn_distributed  # torch.distributed, for the ddp backend only
 
     inputs = JobInputs.of(config, job)
     result = unlearn_distributed(inputs.ctx.original, inputs.forget, inputs.retain, test=inputs.ctx.data.test,
                                  **inputs.unlearn_options(device=device))
-    return inputs.record(result, device=device, world_size=world()[1])
+    return inputs.record(result, device=device)
 
 
 RunJob = Callable[[BenchConfig, Job], dict[str, Any]]

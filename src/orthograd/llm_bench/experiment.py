@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from orthograd.bench.config import ExperimentConfig, RunRow, content_hash, grid_points
 from orthograd.bench.engine import FinishedRuns, Phase
+from orthograd.bench.protocol import UnlearnRun, bench_unlearn
 from orthograd.bench.records import Record, record_envelope
 from orthograd.bench.upgrade import hash_format2, lora_named
 from orthograd.data.authors import forget_authors
@@ -51,10 +54,14 @@ class AuthorsJob:
 
 
 class AuthorsExperiment:
-    """The benchmark of one config (``AuthorsBenchConfig``) for the engine; holds only the config (it is pickled)."""
+    """The benchmark of one config (``AuthorsBenchConfig``) for the engine; holds only the config and a function (it
+    is pickled).
 
-    def __init__(self, config: AuthorsBenchConfig) -> None:
+    ``unlearn`` (default: ``bench_unlearn``) makes each run; ``data_parallel`` swaps in the data-parallel one."""
+
+    def __init__(self, config: AuthorsBenchConfig, *, unlearn: UnlearnRun = bench_unlearn) -> None:
         self.config = config
+        self.unlearn = unlearn
         self.selection: dict[str, Any] = {}  # per forget fraction: each gridded run's trials and choice
 
     def setup(self) -> None:
@@ -106,12 +113,20 @@ class AuthorsExperiment:
         else:
             assert job.seed is not None, "every unlearning run has a seed"
             log.info("%s split, forget %.0f%%: %s, seed %d", job.phase, 100 * job.fraction, job.label, job.seed)
-            result = bench.unlearn(split, method=job.method, params=job.hyperparameters, seed=job.seed)
+            result = bench.unlearn(split, method=job.method, params=job.hyperparameters, seed=job.seed,
+                                   run=self.unlearn)
             model = result.model
         envelope = record_envelope(task=TASK, bench=self.config.name, key=job.digest, phase=job.phase,
                                    method=job.method, label=job.label, hyperparameters=job.hyperparameters,
                                    seed=job.seed, result=result)
         return {**envelope, "fraction": job.fraction, **bench.measure(model, split)}
+
+    def data_parallel(self, device: torch.device) -> AuthorsExperiment:
+        """Every job on torchrun's ranks, this rank's models on ``device``: each run as ``unlearn_distributed``, the
+        measurements (TOFU's metrics, the attacks, relearning) whole on every rank (``bench.data_parallel``)."""
+        from orthograd.bench.data_parallel import on_rank_device, unlearn_on_ranks  # torch.distributed: ddp only
+
+        return AuthorsExperiment(on_rank_device(self.config, device), unlearn=unlearn_on_ranks)
 
     def record_key(self, record: Mapping[str, Any]) -> str:
         """A record's identity: its phase, forget fraction, label, seed and ``key`` field."""

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from orthograd import methods
 from orthograd.bench.config import content_hash
 from orthograd.bench.model_store import ModelStore
-from orthograd.bench.protocol import bench_unlearn, eval_every_for
+from orthograd.bench.protocol import UnlearnRun, bench_unlearn, eval_every_for
 from orthograd.data.authors import QAPair, generate_authors, qa_pairs
 from orthograd.data.world import Knowledge, general_knowledge
 from orthograd.llm_bench.config import AuthorsBenchConfig
@@ -193,20 +193,21 @@ class Workbench:
             out.update(self._relearn(model, split))
         return {name: float(value) for name, value in out.items()}
 
-    def unlearn(self, split: Split, *, method: str, params: dict[str, Any], seed: int) -> UnlearnResult:
-        """One unlearning run from the original model with the shared LoRA, stop rule, cadence and budget; a missed
-        target is kept in the result (``bench_unlearn``). Between checks only what the rule reads is evaluated
-        (``track="stop"``: the forget set; the retain and never-seen sets at each end; every set each epoch when
-        there is no rule)."""
+    def unlearn(self, split: Split, *, method: str, params: dict[str, Any], seed: int,
+                run: UnlearnRun = bench_unlearn) -> UnlearnResult:
+        """One unlearning run from the original model with the shared LoRA, stop rule, cadence and budget, made by
+        ``run`` (``bench_unlearn``, or ``unlearn_on_ranks`` under torchrun); a missed target is kept in the result.
+        Between checks only what the rule reads is evaluated (``track="stop"``: the forget set; the retain and
+        never-seen sets at each end; every set each epoch when there is no rule)."""
         setup = self.config.unlearning
         cadence = (eval_every_for(method, params, forget_size=len(split.forget), eval_every=None,
                                   checks_per_epoch=setup.checks_per_epoch) if setup.stop != NO_RULE else None)
-        return bench_unlearn(self.original, self.corpus.items(split.forget), self.corpus.items(split.retain),
-                             method=method, task=self.task, max_epochs=setup.max_epochs, max_steps=setup.max_steps,
-                             eval_every=cadence, seed=seed, device=self.device, stop=self.stop_rule(split),
-                             test=self.corpus.items(self.corpus.holdout()),
-                             track="stop" if setup.stop != NO_RULE else "all", verbose=False,
-                             **_with_lora(method, params, setup.lora))
+        return run(self.original, self.corpus.items(split.forget), self.corpus.items(split.retain),
+                   method=method, task=self.task, max_epochs=setup.max_epochs, max_steps=setup.max_steps,
+                   eval_every=cadence, seed=seed, device=self.device, stop=self.stop_rule(split),
+                   test=self.corpus.items(self.corpus.holdout()),
+                   track="stop" if setup.stop != NO_RULE else "all", verbose=False,
+                   **_with_lora(method, params, setup.lora))
 
     def stop_rule(self, split: Split) -> str | TruthRatioRule:
         """The configured stop rule for ``split``. The never-trained holdout authors (every run's ``test`` set) are
