@@ -86,8 +86,9 @@ def _bench_raw(cache: str) -> dict[str, Any]:
     return {
         "name": "ddp_bench", "data": {"name": "digits", "train_size": 300, "test_size": 100},
         "model": {"arch": "small_cnn", "width": 4}, "train": {"epochs": 2, "lr": 3e-3, "batch_size": 64},
-        "scenario": {"kind": "random", "forget_size": 40, "retain_size": 60, "seeds": [0]},
-        "unlearn": {"max_epochs": 2, "stop": False}, "methods": {"orthograd": ORTHOGRAD}, "device": "cpu",
+        "scenario": {"kind": "random", "forget_size": 40, "retain_size": 60},
+        "protocol": {"seeds": [0], "max_epochs": 2, "stop": False}, "methods": {"orthograd": {"params": ORTHOGRAD}},
+        "device": "cpu",
         "cache_dir": cache,
     }
 

@@ -71,21 +71,34 @@ class SpeakerJob:
 def settings_key(config: SpeakerBenchConfig, variant: str, params: Mapping[str, Any]) -> str:
     """What determines a record besides its speaker: the data, model and protocol settings (not where it runs:
     ``model.device``), the variant and the run's hyperparameters. ``checks_per_epoch`` only when it acts (a stop
-    rule and no ``eval_every``)."""
-    unlearning = config.unlearning.model_dump(mode="json", exclude={"defaults"})  # the defaults are in ``params``
-    if unlearning["eval_every"] is not None or unlearning["stop_wer"] is None:
-        unlearning.pop("checks_per_epoch")
+    rule and no ``eval_every``), ``max_steps`` and the validation speakers' seed only when set (and other than
+    ``speakers.seed + 1``); the payload's names (``protocol`` for the scenario, ``unlearning``, ``stop_wer``) are
+    those of the keys already logged, so they stay valid."""
+    protocol = config.protocol
+    unlearning: dict[str, Any] = {"max_epochs": protocol.max_epochs, "stop_wer": protocol.stop,
+                                  "eval_every": protocol.eval_every, "track": protocol.track, "seed": run_seed(config)}
+    if protocol.eval_every is None and protocol.stop is not None:
+        unlearning["checks_per_epoch"] = protocol.checks_per_epoch
+    if protocol.max_steps is not None:
+        unlearning["max_steps"] = protocol.max_steps
     payload = {
         "corpus": config.corpus.model_dump(mode="json"),
         "model": config.model.model_dump(mode="json", exclude={"device"}),
         "original": config.original.model_dump(mode="json"),
-        "protocol": config.protocol.model_dump(mode="json"),
+        "protocol": config.scenario.model_dump(mode="json"),
         "unlearning": unlearning,
-        "validation_speakers": config.speakers.validation_count,  # the test runs' retain sets leave them out
+        "validation_speakers": config.tuning.splits,  # the test runs' retain sets leave them out
         "variant": variant,
         "params": dict(params),
     }
+    if config.tuning.splits and config.tuning.seed != config.speakers.seed + 1:
+        payload["validation_seed"] = config.tuning.seed
     return content_hash(payload)
+
+
+def run_seed(config: SpeakerBenchConfig) -> int:
+    """The seed every run unlearns with (``protocol.seeds``' one)."""
+    return config.protocol.seeds[0]
 
 
 def _identity(speaker: str, variant: str, key: str) -> str:
@@ -101,30 +114,36 @@ def rekey_format2(config: SpeakerBenchConfig, record: Mapping[str, Any], old_key
     """``bench.upgrade``'s rule for speech records: the current key of the config's job of the record's variant when
     that job's format-2 key is ``old_key``, else None. Format 2 hashed a list (the sections' ``repr``, the protocol,
     the variant, the sorted params; ``track`` only when not "all") as unsorted JSON with spaces, 12 hex digits."""
-    unlearning = config.unlearning
+    protocol = config.protocol
     jobs: list[tuple[str, dict[str, Any]]] = [(ORIGINAL, {})]
-    for spec in config.runs:
+    for spec in config.rows():
         variants = spec.expand(size=config.grid_size()) if spec.grid else spec.expand()
-        jobs += [(variant, {**unlearning.defaults, **params}) for variant, params in variants]
+        jobs += [(variant, {**protocol.defaults, **params}) for variant, params in variants]
     base = old_key.removesuffix("-validation")
     suffix = old_key[len(base):]
     for variant, params in jobs:
         if variant != record.get("variant"):
             continue
-        payload = [
-            repr(config.corpus), repr(config.model), repr(config.original), repr(config.protocol),
-            unlearning.max_epochs, unlearning.stop_wer, unlearning.eval_every, unlearning.seed, variant,
-            sorted(params.items(), key=lambda kv: kv[0]),
+        payload: list[Any] = [
+            *_format2_reprs(config), protocol.max_epochs, protocol.stop, protocol.eval_every, run_seed(config),
+            variant, sorted(params.items(), key=lambda kv: kv[0]),
         ]
-        if unlearning.track != "all":
-            payload.append(unlearning.track)
-        if unlearning.eval_every is None and unlearning.stop_wer is not None:
-            payload.append({"checks_per_epoch": unlearning.checks_per_epoch})
-        if config.speakers.validation_count:
-            payload.append({"validation_speakers": config.speakers.validation_count})
+        if protocol.track != "all":
+            payload.append(protocol.track)
+        if protocol.eval_every is None and protocol.stop is not None:
+            payload.append({"checks_per_epoch": protocol.checks_per_epoch})
+        if config.tuning.splits:
+            payload.append({"validation_speakers": config.tuning.splits})
         if hash_format2(payload, length=12, sort_keys=False) == base:
             return {"key": settings_key(config, variant, lora_named(params, "lora_alpha")) + suffix}
     return None
+
+
+def _format2_reprs(config: SpeakerBenchConfig) -> list[str]:
+    """The ``repr`` of the corpus, model, original and split sections as format 2 hashed them (the split section
+    was named ``ProtocolConfig`` then)."""
+    scenario = repr(config.scenario).replace("ScenarioConfig(", "ProtocolConfig(", 1)
+    return [repr(config.corpus), repr(config.model), repr(config.original), scenario]
 
 
 Chosen = Mapping[str, tuple[str, Mapping[str, Any]]]  # label -> (variant, params) of each gridded run
@@ -133,7 +152,7 @@ Chosen = Mapping[str, tuple[str, Mapping[str, Any]]]  # label -> (variant, param
 def _job(config: SpeakerBenchConfig, speaker: str, spec: RunSpec | None, variant: str, params: Mapping[str, Any],
          *, phase: str = PHASE) -> SpeakerJob:
     label, method, tables = (spec.label, spec.method, spec.tables) if spec else (ORIGINAL, "original", [1, 2])
-    params = {**config.unlearning.defaults, **params} if spec else {}
+    params = {**config.protocol.defaults, **params} if spec else {}
     key = settings_key(config, variant, params) + ("-validation" if phase == VALIDATION else "")
     return SpeakerJob(_identity(speaker, variant, key), key, speaker, label, variant, method, params, tuple(tables),
                       phase)
@@ -145,8 +164,8 @@ def plan_jobs(config: SpeakerBenchConfig, speakers: Sequence[str], chosen: Chose
     jobs = []
     for speaker in speakers:
         jobs.append(_job(config, speaker, None, ORIGINAL, {}))
-        for spec in config.runs:
-            variant, params = chosen[spec.label] if spec.grid else spec.expand()[0]
+        for spec in config.rows():
+            variant, params = chosen.get(spec.label, (spec.label, spec.params))
             jobs.append(_job(config, speaker, spec, variant, params))
     return jobs
 
@@ -154,7 +173,7 @@ def plan_jobs(config: SpeakerBenchConfig, speakers: Sequence[str], chosen: Chose
 def plan_validation_jobs(config: SpeakerBenchConfig, speakers: Sequence[str]) -> list[SpeakerJob]:
     """Every variant of every gridded run on every validation speaker."""
     return [_job(config, speaker, spec, variant, params, phase=VALIDATION)
-            for spec in config.runs if spec.grid for variant, params in spec.expand(size=config.grid_size())
+            for spec in config.tuned_rows() for variant, params in spec.expand(size=config.grid_size())
             for speaker in speakers]
 
 
@@ -162,9 +181,9 @@ def choose_variants(config: SpeakerBenchConfig, records: Sequence[Mapping[str, A
     """Per gridded run, from its validation records: the variant with the lowest mean W_val among those whose
     W_unlearn reached the target on every validation speaker, else (``fallback``) the highest mean W_unlearn; with
     every variant's figures (what ``selection.json`` holds)."""
-    target = config.unlearning.stop_wer
+    target = config.protocol.stop
     out: dict[str, dict[str, Any]] = {}
-    for spec in (s for s in config.runs if s.grid):
+    for spec in config.tuned_rows():
         trials: list[dict[str, Any]] = []
         for variant, params in spec.expand(size=config.grid_size()):
             rows = [r for r in records if r["label"] == spec.label and r["variant"] == variant]
@@ -219,12 +238,12 @@ def _context(config: SpeakerBenchConfig) -> _Context:
 
 
 def validation_speakers(config: SpeakerBenchConfig, train: Sequence[Utterance], tested: Sequence[str]) -> list[str]:
-    """``speakers.validation_count`` training speakers that are not tested (drawn with ``speakers.seed + 1``)."""
-    count = config.speakers.validation_count
+    """``tuning.splits`` training speakers that are not tested (drawn with ``tuning.seed``)."""
+    count = config.tuning.splits
     if count == 0:
         return []
     others = [u for u in train if u.speaker not in set(tested)]
-    return pick_speakers(others, count=count, seed=config.speakers.seed + 1)
+    return pick_speakers(others, count=count, seed=config.tuning.seed)
 
 
 def _original_model(
@@ -257,7 +276,7 @@ def _original_model(
 def _split(config: SpeakerBenchConfig, corpus: SpeakerCorpus, speaker: str,
            train: Sequence[Utterance] | None = None) -> SpeakerSplit:
     """The speaker's split; ``train`` (default: every training utterance) is what its retain set is drawn from."""
-    protocol = config.protocol
+    protocol = config.scenario
     return speaker_unlearning_split(
         corpus.train if train is None else train,
         corpus.test,
@@ -280,7 +299,7 @@ def split_for(config: SpeakerBenchConfig, corpus: SpeakerCorpus, speaker: str, *
     shared = used & {u.id for u in [*split.unlearn, *split.speaker_heldout, *split.retain]}
     if shared:
         raise ValueError(f"validation speaker {speaker} shares {len(shared)} utterances with the test runs: choose "
-                         "speakers.names / speakers.validation_count so that no validation speaker is tested")
+                         "speakers.names / tuning.splits so that no validation speaker is tested")
     return split
 
 
@@ -309,7 +328,7 @@ class SpeakerExperiment:
         """The validation runs of the gridded runs (when any), then the test runs with each one's chosen variant."""
         ctx = _context(self.config)
         chosen: dict[str, dict[str, Any]] = {}
-        if any(spec.grid for spec in self.config.runs):
+        if self.config.gridded():
             jobs = plan_validation_jobs(self.config, ctx.validation_speakers)
             yield Phase(VALIDATION, jobs)
             chosen = choose_variants(self.config, [finished[job.key] for job in jobs])
@@ -339,23 +358,22 @@ class SpeakerExperiment:
             metrics = {name: wer(ctx.original, name) for name in sets}
             return self._record(job, record_envelope(**envelope, seed=None), metrics)
         log.info("speaker %s: %s", job.speaker, job.variant)
-        stop_wer = config.unlearning.stop_wer
+        protocol = config.protocol
         result = bench_unlearn(
             ctx.original,
             sets["unlearn"],
             sets["retain"],
             method=job.method,
             task=ctx.task,
-            stop=wer_target_rule(threshold=stop_wer) if stop_wer is not None else "never",
+            stop=wer_target_rule(threshold=protocol.stop) if protocol.stop is not None else "never",
             test=sets["test"],
-            max_epochs=config.unlearning.max_epochs,
+            **protocol.budget(),
             eval_every=eval_every_for(job.method, job.hyperparameters, forget_size=len(sets["unlearn"]),
-                                      eval_every=config.unlearning.eval_every,
-                                      checks_per_epoch=config.unlearning.checks_per_epoch)
-            if stop_wer is not None else config.unlearning.eval_every,
-            track=config.unlearning.track,
+                                      eval_every=protocol.eval_every, checks_per_epoch=protocol.checks_per_epoch)
+            if protocol.stop is not None else protocol.eval_every,
+            track=protocol.track,
             device=ctx.device,
-            seed=config.unlearning.seed,
+            seed=run_seed(config),
             verbose=False,
             **job.hyperparameters,
         )
@@ -365,7 +383,7 @@ class SpeakerExperiment:
             "test": result.final["test"],
             **{name: wer(result.model, name) for name in ("speaker_heldout", "validation") if name in sets},
         }
-        return self._record(job, record_envelope(**envelope, seed=config.unlearning.seed, result=result), metrics)
+        return self._record(job, record_envelope(**envelope, seed=run_seed(config), result=result), metrics)
 
     @staticmethod
     def _record(job: SpeakerJob, envelope: Record, metrics: Mapping[str, float]) -> Record:

@@ -34,7 +34,6 @@ from orthograd.api import unlearn
 from orthograd.bench.config import content_hash, grid_points
 from orthograd.results import UnlearnResult
 
-DEFAULT_CHECKS_PER_EPOCH = 4
 MIN_VALUES_TO_EXTEND = 3  # with fewer values a knob has no interior: every choice would be "on the edge"
 
 

@@ -160,16 +160,15 @@ class JobInputs:
 
     def unlearn_options(self, *, device: torch.device) -> dict[str, Any]:
         """Everything ``unlearn`` takes besides the model, the data and the evaluation set."""
-        config, job = self.config, self.job
+        job, protocol = self.job, self.config.protocol
         return {
             "method": job.method,
-            "stop": config.scenario.kind if config.unlearn.stop else "never",
-            "max_epochs": config.unlearn.max_epochs,
+            "stop": self.config.scenario.kind if protocol.stop else "never",
+            **protocol.budget(),
             "eval_every": eval_every_for(job.method, job.hyperparameters, forget_size=len(self.split.forget),
-                                         eval_every=config.unlearn.eval_every,
-                                         checks_per_epoch=config.unlearn.checks_per_epoch)
-            if config.unlearn.stop else config.unlearn.eval_every,
-            "track": config.unlearn.track,
+                                         eval_every=protocol.eval_every, checks_per_epoch=protocol.checks_per_epoch)
+            if protocol.stop else protocol.eval_every,
+            "track": protocol.track,
             "device": device,
             "seed": self.seed,
             "verbose": False,
@@ -194,7 +193,7 @@ class JobInputs:
             retain_size=job.retain_size,
             forget_size=len(self.split.forget),
             target_reached=target_reached(self.config.scenario.kind, result.original, result.final)
-            if self.config.unlearn.stop else None,
+            if self.config.protocol.stop else None,
             original_hash=self.config.original_hash(),
             device=str(device),
             **extra,
@@ -234,7 +233,7 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
         record["gap_to_retrained"] = {
             k: record["final"][k] - v for k, v in reference["accuracy"].items() if k in record["final"]
         }
-    if job.phase == "test" and config.unlearn.privacy:
+    if job.phase == "test" and config.protocol.privacy:
         record["privacy"] = privacy_metrics(
             result.model, forget=inputs.forget, retain=inputs.retain, test=evaluation, device=ctx.device, seed=seed,
             reference=reference.get("privacy"),
@@ -296,14 +295,15 @@ def _split_index(config: BenchConfig, record: Mapping[str, Any]) -> int | None:
     """The split index of the job that made an image record (from its phase and seed, or its class)."""
     seed, scenario = record.get("seed"), config.scenario
     if record.get("phase") == SWEEP:
-        if config.sweep is None or not isinstance(seed, int):
+        if not config.gridded() or not isinstance(seed, int):
             return None
-        index = seed - config.sweep.seed - 1
-        return index if 0 <= index < config.sweep.splits else None
+        index = seed - config.tuning.seed - 1
+        return index if 0 <= index < config.tuning.splits else None
     if record.get("phase") != "test":
         return None
     if scenario.kind == "random":
-        return scenario.seeds.index(seed) if seed in scenario.seeds else None
+        seeds = config.protocol.seeds
+        return seeds.index(seed) if seed in seeds else None
     forget_class = record.get("forget_class")
     return scenario.classes.index(forget_class) if forget_class in scenario.classes else None
 
@@ -335,8 +335,8 @@ class ImageExperiment:
         choice lies on the edge of a knob), then the test runs with the chosen hyperparameters."""
         for variant, config in enumerate(self.configs):
             references = self._references(config) if config.scenario.retrain else {}
-            chosen = {name: dict(hyper) for name, hyper in config.methods.items()}
-            if config.sweep is not None:
+            chosen = {label: (row.method, config.params(row)) for label, row in config.methods.items()}
+            if config.gridded():
                 check_disjoint(config, bench_context(config).data.train_labels)
                 sweep = _Sweep(config, partial(self._job, config, variant, SWEEP))
                 yield Phase(SWEEP, sweep.first_jobs())
@@ -344,7 +344,8 @@ class ImageExperiment:
                 if extended:
                     yield Phase("sweep, edges extended", extended)
                 self._selections[variant] = sweep.selection(finished)
-                chosen.update({m: self._selections[variant][m]["hyperparameters"] for m in config.sweep.grid})
+                chosen.update({row.label: (row.method, self._selections[variant][row.label]["hyperparameters"])
+                               for row in config.gridded()})
             yield Phase("test", self._test_jobs(config, variant, chosen, references))
 
     def run_job(self, job: Job) -> dict[str, Any]:
@@ -353,8 +354,9 @@ class ImageExperiment:
     def data_parallel(self, device: torch.device) -> ImageExperiment:
         """The test runs as ``unlearn_distributed`` across torchrun's ranks, this rank on ``device``; without the
         sweep, the retrained reference and the privacy metrics (the other backends run those)."""
-        test_only = [config.model_copy(update={"sweep": None, "scenario": config.scenario.model_copy(
-            update={"retrain": False})}) for config in self.configs]
+        test_only = [config.model_copy(update={
+            "methods": {label: row.model_copy(update={"grid": {}}) for label, row in config.methods.items()},
+            "scenario": config.scenario.model_copy(update={"retrain": False})}) for config in self.configs]
         return ImageExperiment(test_only, run_job=partial(execute_data_parallel, device=device))
 
     def record_key(self, record: Mapping[str, Any]) -> str:
@@ -386,12 +388,13 @@ class ImageExperiment:
                       retain_size=retain_size)
         return Job(phase, method, hyper, index, retain_size, key, reference, variant)
 
-    def _test_jobs(self, config: BenchConfig, variant: int, chosen: Mapping[str, dict[str, Any]],
+    def _test_jobs(self, config: BenchConfig, variant: int, chosen: Mapping[str, tuple[str, dict[str, Any]]],
                    references: Mapping[tuple[int, int], Any]) -> list[Job]:
         return [
-            self._job(config, variant, "test", name, hyper, index, retain_size, references.get((index, retain_size)))
+            self._job(config, variant, "test", method, hyper, index, retain_size,
+                      references.get((index, retain_size)))
             for index, retain_size in self._splits(config)
-            for name, hyper in chosen.items()
+            for method, hyper in chosen.values()
         ]
 
     def _references(self, config: BenchConfig) -> dict[tuple[int, int], dict[str, Any]]:
@@ -415,37 +418,38 @@ class ImageExperiment:
 
 
 class _Sweep:
-    """One variant's tuning (``bench.protocol``): every tuned method's trials on the validation splits, the one edge
-    extension, and the choice (lowest mean validation UIS; ties: the first trial)."""
+    """One variant's tuning (``bench.protocol``): every gridded row's trials on the validation splits, the one edge
+    extension, and the choice (lowest mean validation UIS; ties: the first trial). Keyed by row label."""
 
     def __init__(self, config: BenchConfig, job: Callable[..., Job]) -> None:
-        assert config.sweep is not None
         self.config = config
-        self.sweep = config.sweep
-        self.retain_size = config.sweep.retain_size or config.scenario.retain_size[0]
-        self.size = max(grid_size(grid) for grid in config.sweep.grid.values())
+        self.tuning = config.tuning
+        self.rows = {row.label: row for row in config.gridded()}
+        self.retain_size = config.tuning.retain_size or config.scenario.retain_size[0]
+        self.size = max(grid_size(row.grid) for row in self.rows.values())
         self._job = job
         self.rounds: dict[str, list[list[dict[str, Any]]]] = {
-            name: [trials(grid, size=self.size, seed=name)] for name, grid in config.sweep.grid.items()
+            label: [trials(row.grid, size=self.size, seed=label)] for label, row in self.rows.items()
         }
         self.edges: dict[str, dict[str, Any]] = {}
 
-    def _jobs(self, method: str, points: Sequence[Mapping[str, Any]]) -> list[Job]:
-        return [self._job(method, {**self.config.methods[method], **point}, index, self.retain_size)
-                for point in points for index in range(self.sweep.splits)]
+    def _jobs(self, label: str, points: Sequence[Mapping[str, Any]]) -> list[Job]:
+        row = self.rows[label]
+        return [self._job(row.method, {**self.config.params(row), **point}, index, self.retain_size)
+                for point in points for index in range(self.tuning.splits)]
 
     def first_jobs(self) -> list[Job]:
-        return [job for method, rounds in self.rounds.items() for job in self._jobs(method, rounds[0])]
+        return [job for label, rounds in self.rounds.items() for job in self._jobs(label, rounds[0])]
 
-    def _scored(self, method: str, finished: FinishedRuns) -> list[dict[str, Any]]:
-        """Every trial of ``method`` so far: its point, round, per-split UIS and whether each split met the target."""
+    def _scored(self, label: str, finished: FinishedRuns) -> list[dict[str, Any]]:
+        """Every trial of ``label`` so far: its point, round, per-split UIS and whether each split met the target."""
         out: dict[str, dict[str, Any]] = {}
-        for round_index, points in enumerate(self.rounds[method], start=1):
+        for round_index, points in enumerate(self.rounds[label], start=1):
             for point in points:
-                hyper = {**self.config.methods[method], **point}
+                hyper = {**self.config.params(self.rows[label]), **point}
                 if content_hash(hyper) in out:
                     continue
-                runs = [finished[job.key] for job in self._jobs(method, [point])]
+                runs = [finished[job.key] for job in self._jobs(label, [point])]
                 values = [float("inf") if r["uis"] is None else r["uis"] for r in runs]
                 out[content_hash(hyper)] = {
                     "hyperparameters": hyper, "round": round_index, "validation_uis": statistics.fmean(values),
@@ -454,45 +458,45 @@ class _Sweep:
                 }
         return list(out.values())
 
-    def _best(self, method: str, finished: FinishedRuns) -> dict[str, Any]:
-        return min(self._scored(method, finished), key=lambda trial: trial["validation_uis"])
+    def _best(self, label: str, finished: FinishedRuns) -> dict[str, Any]:
+        return min(self._scored(label, finished), key=lambda trial: trial["validation_uis"])
 
     def extend(self, finished: FinishedRuns) -> list[Job]:
-        """The jobs of the shifted grids of the methods whose choice lies on an edge (none: no second round)."""
-        if not self.sweep.extend_edges:
+        """The jobs of the shifted grids of the rows whose choice lies on an edge (none: no second round)."""
+        if not self.tuning.extend_edges:
             return []
         jobs: list[Job] = []
-        for method, grid in self.sweep.grid.items():
-            best = self._best(method, finished)["hyperparameters"]
-            shifted, changes = extend_edges(grid, best, valid=method_accepts(method, self.config.methods[method]))
-            self.edges[method] = changes
+        for label, row in self.rows.items():
+            best = self._best(label, finished)["hyperparameters"]
+            shifted, changes = extend_edges(row.grid, best,
+                                            valid=method_accepts(row.method, self.config.params(row)))
+            self.edges[label] = changes
             if any(change["extended"] for change in changes.values()):
-                self.rounds[method].append(trials(shifted, size=self.size, seed=f"{method} extended"))
-                jobs += self._jobs(method, self.rounds[method][1])
+                self.rounds[label].append(trials(shifted, size=self.size, seed=f"{label} extended"))
+                jobs += self._jobs(label, self.rounds[label][1])
         return jobs
 
     def selection(self, finished: FinishedRuns) -> dict[str, Any]:
-        """What ``selection.json`` holds: per method its choice, every trial and its edges; the rule (``protocol``)."""
-        methods_out = {}
-        for method, grid in self.sweep.grid.items():
-            scored = self._scored(method, finished)
+        """What ``selection.json`` holds: per row its choice, every trial and its edges; the rule (``protocol``)."""
+        rows_out = {}
+        for label, row in self.rows.items():
+            scored = self._scored(label, finished)
             best = min(scored, key=lambda trial: trial["validation_uis"])
-            extended = {k: v for k, v in self.edges.get(method, {}).items() if v["extended"]}
+            extended = {k: v for k, v in self.edges.get(label, {}).items() if v["extended"]}
             final_grid = {name: sorted({*values, *extended.get(name, {}).get("to", [])})
-                          for name, values in grid.items()}
+                          for name, values in row.grid.items()}
             _, still = extend_edges(final_grid, best["hyperparameters"], valid=lambda point: True)
-            methods_out[method] = {
+            rows_out[label] = {
                 "hyperparameters": best["hyperparameters"], "validation_uis": best["validation_uis"],
                 "target_reached": best["target_reached"], "trials": scored,
-                "short_of_budget": len(self.rounds[method][0]) < self.size, "edges": self.edges.get(method, {}),
+                "short_of_budget": len(self.rounds[label][0]) < self.size, "edges": self.edges.get(label, {}),
                 "edge_extended": bool(extended), "still_on_edge": sorted(still),
             }
         protocol = {
             "rule": f"grid padded to {self.size} trials per method, one edge extension (bench.protocol); lowest mean "
                     "validation UIS",
             "trials_per_method": self.size,
-            "validation_splits": self.sweep.splits,
+            "validation_splits": self.tuning.splits,
             "retain_size": self.retain_size,
         }
-        return {**methods_out, "protocol": protocol}
-
+        return {**rows_out, "protocol": protocol}

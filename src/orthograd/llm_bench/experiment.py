@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orthograd.bench.config import ExperimentConfig, RunRow, content_hash, grid_points
+from orthograd.bench.config import MethodRow, content_hash, grid_points
 from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.records import Record, record_envelope
 from orthograd.bench.upgrade import hash_format2, lora_named
@@ -73,9 +73,9 @@ class AuthorsExperiment:
             references = [self._job(phase, fraction, authors, label, method, {}, None)
                           for method, label in REFERENCES.items()]
             if phase == "validation":
-                first = config.unlearning.seeds[0]
+                first = config.protocol.seeds[0]
                 grids = {spec.label: [(point, self._run(phase, fraction, authors, spec, point, first))
-                                      for point in grid_points(spec.grid)] for spec in config.runs if spec.grid}
+                                      for point in grid_points(spec.grid)] for spec in config.gridded()}
                 yield Phase(f"validation, forget {100 * fraction:g}%",
                             [*references, *(job for scored in grids.values() for _, job in scored)])
                 utility = finished[references[0].key]["model_utility"]
@@ -91,7 +91,7 @@ class AuthorsExperiment:
                     for label, scored in grids.items()}
             else:
                 runs = [self._run(phase, fraction, authors, spec, chosen.get(spec.label, {}), seed)
-                        for spec in config.runs for seed in config.unlearning.seeds]
+                        for spec in config.methods.values() for seed in config.protocol.seeds]
                 yield Phase(f"test, forget {100 * fraction:g}%", [*references, *runs])
 
     def run_job(self, job: AuthorsJob) -> Record:
@@ -135,17 +135,17 @@ class AuthorsExperiment:
     def splits(self) -> Iterator[tuple[str, float, tuple[int, ...]]]:
         """(phase, fraction, forget authors) of every split, in plan order: per fraction its validation split (when
         any run has a grid), then its test split."""
-        config, protocol = self.config, self.config.protocol
-        for fraction in protocol.forget_fractions:
-            if any(spec.grid for spec in config.runs):
+        config, scenario = self.config, self.config.scenario
+        for fraction in scenario.forget_fractions:
+            if config.gridded():
                 yield "validation", fraction, tuple(sorted(validation_authors(config, fraction=fraction)))
-            tested = forget_authors(config.corpus.authors, fraction=fraction, seed=protocol.split_seed)
+            tested = forget_authors(config.corpus.authors, fraction=fraction, seed=scenario.split_seed)
             yield "test", fraction, tuple(sorted(tested))
 
-    def _run(self, phase: str, fraction: float, authors: tuple[int, ...], spec: RunRow, values: dict[str, Any],
+    def _run(self, phase: str, fraction: float, authors: tuple[int, ...], spec: MethodRow, values: dict[str, Any],
              seed: int) -> AuthorsJob:
         """The job of ``spec`` with ``values`` over its own and the shared defaults."""
-        params = {**self.config.unlearning.defaults, **spec.params, **values}
+        params = {**self.config.params(spec), **values}
         return self._job(phase, fraction, authors, spec.label, spec.method, params, seed)
 
     def _job(self, phase: str, fraction: float, authors: tuple[int, ...], label: str, method: str,
@@ -159,9 +159,25 @@ def record_digest(config: AuthorsBenchConfig, *, label: str, params: Mapping[str
     """A record's ``key`` field: a hash of everything that changes its numbers (the config but how it runs, its runs
     and tuning, which only pick ``params``; the forget authors), so a rerun resumes and a changed grid reruns only
     what it changes. Not the seed: the engine's key adds it (``AuthorsJob.key``)."""
-    spec = config.model_dump(exclude={*ExperimentConfig.EXECUTION_FIELDS, "runs", "tuning"})
-    spec["model"].pop("device")
-    return content_hash({"config": spec, "label": label, "params": dict(params), "forget": list(authors)})
+    return content_hash({"config": _hashed_settings(config), "label": label, "params": dict(params),
+                         "forget": list(authors)})
+
+
+def _hashed_settings(config: AuthorsBenchConfig) -> dict[str, Any]:
+    """The settings a record's key hashes: every section but how the jobs run, the rows and the tuning, and the
+    model's device; under the names of the keys already logged (the scenario as ``protocol``, the protocol as
+    ``unlearning``; ``eval_every`` only when set), so they stay valid."""
+    unlearning = config.protocol.model_dump(exclude={"eval_every"} if config.protocol.eval_every is None else None)
+    return {
+        "task": config.task,
+        "corpus": config.corpus.model_dump(),
+        "model": config.model.model_dump(exclude={"device"}),
+        "pretraining": config.pretraining.model_dump(),
+        "training": config.training.model_dump(),
+        "protocol": config.scenario.model_dump(),
+        "evaluation": config.evaluation.model_dump(),
+        "unlearning": unlearning,
+    }
 
 
 def rekey_format2(config: AuthorsBenchConfig, record: Mapping[str, Any], old_key: str) -> dict[str, Any] | None:
@@ -174,8 +190,7 @@ def rekey_format2(config: AuthorsBenchConfig, record: Mapping[str, Any], old_key
     if authors is None:
         return None
     label, params = str(record.get("label")), dict(record.get("hyperparameters") or {})
-    spec = config.model_dump(exclude={*ExperimentConfig.EXECUTION_FIELDS, "runs", "tuning"})
-    spec["model"].pop("device")
+    spec = _hashed_settings(config)
     for written in (params, lora_named(params, "alpha")):
         payload = {"config": spec, "label": label, "params": written, "forget": list(authors)}
         if hash_format2(payload, length=16, sort_keys=True) == old_key:
@@ -199,7 +214,7 @@ def table_notes(config: AuthorsBenchConfig) -> list[str]:
 
 def budget_note(config: AuthorsBenchConfig) -> str:
     """The stop rule, cadence and budget every method of ``config`` ran under, in words."""
-    setup = config.unlearning
+    setup = config.protocol
     caps = [f"{setup.max_steps} optimizer steps" if setup.max_steps else "",
             f"{setup.max_epochs} epochs over the forget set (Finetune: the retain set)" if setup.max_epochs else ""]
     budget = " or ".join(cap for cap in caps if cap) + ", whichever ends first"

@@ -19,8 +19,8 @@ from orthograd.llm_bench.config import AuthorsBenchConfig
 
 def validation_authors(config: AuthorsBenchConfig, *, fraction: float) -> list[int]:
     """The validation forget authors: ``fraction`` of the authors, none of them in a test forget set."""
-    count, protocol = config.corpus.authors, config.protocol
-    tested = {a for f in protocol.forget_fractions for a in forget_authors(count, fraction=f, seed=protocol.split_seed)}
+    count, scenario = config.corpus.authors, config.scenario
+    tested = {a for f in scenario.forget_fractions for a in forget_authors(count, fraction=f, seed=scenario.split_seed)}
     pool = [a for a in range(count) if a not in tested]
     wanted = max(1, round(fraction * count))
     if len(pool) < wanted:

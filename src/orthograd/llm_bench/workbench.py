@@ -164,10 +164,10 @@ class Workbench:
         """The split forgetting ``forget_ids``: its sets, evaluation samples and retrained reference (trained once)."""
         excluded = tuple(sorted(forget_ids))
         if excluded not in self._splits:
-            corpus, size = self.corpus, self.config.protocol.eval_size
+            corpus, size = self.corpus, self.config.scenario.eval_size
             forget = [p for p in corpus.training() if p.author in excluded]
             retain = corpus.training(excluded=excluded)
-            rng = random.Random(self.config.protocol.split_seed)
+            rng = random.Random(self.config.scenario.split_seed)
             retained_eval = {"retain": _sample(rng, retain, size),
                              "real_authors": _sample(rng, corpus.knowledge.real_authors, size),
                              "world_facts": _sample(rng, corpus.knowledge.world_facts, size)}
@@ -198,8 +198,8 @@ class Workbench:
         target is kept in the result (``bench_unlearn``). Between checks only what the rule reads is evaluated
         (``track="stop"``: the forget set; the retain and never-seen sets at each end; every set each epoch when
         there is no rule)."""
-        setup = self.config.unlearning
-        cadence = (eval_every_for(method, params, forget_size=len(split.forget), eval_every=None,
+        setup = self.config.protocol
+        cadence = (eval_every_for(method, params, forget_size=len(split.forget), eval_every=setup.eval_every,
                                   checks_per_epoch=setup.checks_per_epoch) if setup.stop != NO_RULE else None)
         return bench_unlearn(self.original, self.corpus.items(split.forget), self.corpus.items(split.retain),
                              method=method, task=self.task, max_epochs=setup.max_epochs, max_steps=setup.max_steps,
@@ -212,7 +212,7 @@ class Workbench:
         """The configured stop rule for ``split``. The never-trained holdout authors (every run's ``test`` set) are
         the level a forgotten answer falls to: "never_seen" is ``stop="random"`` (forget answer probability within
         half a point of theirs, or lower), "truth_ratio" TOFU's KS reading against them."""
-        kind = self.config.unlearning.stop
+        kind = self.config.protocol.stop
         if kind == "never_seen":
             return "random"
         if kind == "truth_ratio":
