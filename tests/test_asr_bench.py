@@ -14,15 +14,16 @@ import pytest
 from orthograd.asr_bench.config import load_config
 from orthograd.asr_bench.corpus import SpeakerCorpus, build_corpus
 from orthograd.asr_bench.experiment import (
+    IDENTITY,
     choose_variants,
     plan_jobs,
     plan_validation_jobs,
-    record_key,
     split_for,
     validation_speakers,
 )
 from orthograd.asr_bench.tables import COLUMNS, speaker_tables
 from orthograd.bench.experiments import run_experiment
+from orthograd.bench.jobs import record_key
 from orthograd.bench.upgrade import upgrade_log
 from orthograd.data.espeak import PROBE_SENTENCE, VOICES, make_sentences, speak, synthesize_corpus
 from orthograd.data.librispeech import Utterance, pick_speakers
@@ -121,7 +122,7 @@ def test_grid_variant_is_chosen_on_validation_speakers_never_on_test():
     chosen = choose_variants(config, validation)["OrthoGrad"]
     assert chosen["variant"] == b and not chosen["fallback"] and chosen["W_val"] == 10
     jobs = plan_jobs(config, ["s1"], {"OrthoGrad": (chosen["variant"], chosen["params"])})
-    assert [j.variant for j in jobs] == ["Original", b] and jobs[1].hyperparameters["lr"] == 0.003
+    assert [j.split["variant"] for j in jobs] == ["Original", b] and jobs[1].hyperparameters["lr"] == 0.003
     tested = [_record("OrthoGrad", b, s, unlearn=90, test=20, val=10) for s in ("s1", "s2")]
     tables = speaker_tables([*validation, *tested], config)
     assert f"| {b} | " in tables and f"| {a} | " not in tables
@@ -195,7 +196,7 @@ def test_committed_speaker_records_of_the_earlier_protocol_are_not_mixed_into_a_
     jobs = {job.key: job for job in [*validation_jobs, *plan_jobs(config, speakers, chosen)]}
     assert len(jobs) == 32 + len(speakers) * (1 + len(config.methods))
     committed = [json.loads(line) for line in (ROOT / "benchmarks/espeak_speaker/results.jsonl").open()]
-    assert committed and not any(record_key(r) in jobs for r in committed)
+    assert committed and not any(record_key(r, IDENTITY) in jobs for r in committed)
 
 
 def test_config_keeps_numbers_as_written_and_names_the_valid_keys():

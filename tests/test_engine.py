@@ -331,7 +331,8 @@ def test_an_old_image_record_is_rekeyed_and_renamed_by_upgrade_log_then_resumes_
 def test_upgrade_log_rekeys_speech_and_language_model_records_by_the_jobs_their_configs_plan(tmp_path: Path) -> None:
     """Format-2 keys (computed by the code of format 2) of a speech test run, a speech validation run, and a
     language-model reference and run, each found again under its job's current key."""
-    from orthograd.asr_bench.experiment import record_key
+    from orthograd.asr_bench.experiment import IDENTITY
+    from orthograd.bench.jobs import record_key
     from orthograd.llm_bench.experiment import AuthorsExperiment
 
     shipped = Path(__file__).resolve().parents[1] / "src" / "orthograd" / "configs"
@@ -362,7 +363,7 @@ def test_upgrade_log_rekeys_speech_and_language_model_records_by_the_jobs_their_
         assert (done.rewritten, done.rekeyed, done.kept_key) == (2, 2, 0)
         upgraded[name] = current_records(log)
     assert [r["key"] for r in upgraded["speech"]] == ["dfb10fc24957f002", "855d9da4c4be60ab-validation"]
-    assert record_key(upgraded["speech"][0]) == json.dumps(["lanc_f1", "OrthoGrad Mean", "dfb10fc24957f002"])
+    assert record_key(upgraded["speech"][0], IDENTITY) == json.dumps(["lanc_f1", "OrthoGrad Mean", "dfb10fc24957f002"])
     (config,), _ = load_experiment(tmp_path / "lm" / "config.yaml")
     experiment = AuthorsExperiment(config)
     first = next(iter(experiment.plan(FinishedRuns(ResultsLog(tmp_path / "none.jsonl"), experiment.record_key))))

@@ -16,7 +16,6 @@ rule (W_unlearn >= target). ``run`` hands the experiment to the engine (``bench.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,6 +31,7 @@ from orthograd.asr_bench.corpus import SpeakerCorpus, build_corpus
 from orthograd.asr_bench.tables import speaker_tables
 from orthograd.bench.config import content_hash
 from orthograd.bench.engine import FinishedRuns, Phase
+from orthograd.bench.jobs import Job, ProcessCache, record_key
 from orthograd.bench.model_store import ModelStore
 from orthograd.bench.protocol import bench_unlearn, eval_every_for
 from orthograd.bench.records import record_envelope
@@ -53,19 +53,7 @@ VALIDATION = "validation"  # the phase that chooses a grid's variant, on the val
 ORIGINAL = "Original"
 
 
-@dataclass(frozen=True)
-class SpeakerJob:
-    """One record to make: a speaker and one variant of a table row (the Original row measures the original)."""
-
-    key: str  # the record's identity in the log (``record_key``)
-    settings_key: str  # the record's stored ``key``: what determines it besides the speaker (``settings_key``)
-    speaker: str
-    label: str
-    variant: str
-    method: str  # "original" for the Original row
-    hyperparameters: Mapping[str, Any]
-    tables: tuple[int, ...]
-    phase: str = PHASE
+IDENTITY = ("speaker", "variant", "key")  # a record's key hashes everything but its speaker
 
 
 def settings_key(config: SpeakerBenchConfig, variant: str, params: Mapping[str, Any]) -> str:
@@ -99,15 +87,6 @@ def settings_key(config: SpeakerBenchConfig, variant: str, params: Mapping[str, 
 def run_seed(config: SpeakerBenchConfig) -> int:
     """The seed every run unlearns with (``protocol.seeds``' one)."""
     return config.protocol.seeds[0]
-
-
-def _identity(speaker: str, variant: str, key: str) -> str:
-    return json.dumps([speaker, variant, key])
-
-
-def record_key(record: Mapping[str, Any]) -> str:
-    """A record's identity in the results log: its speaker, variant and settings key."""
-    return _identity(record["speaker"], record["variant"], record["key"])
 
 
 def rekey_format2(config: SpeakerBenchConfig, record: Mapping[str, Any], old_key: str) -> dict[str, Any] | None:
@@ -150,15 +129,18 @@ Chosen = Mapping[str, tuple[str, Mapping[str, Any]]]  # label -> (variant, param
 
 
 def _job(config: SpeakerBenchConfig, speaker: str, spec: RunSpec | None, variant: str, params: Mapping[str, Any],
-         *, phase: str = PHASE) -> SpeakerJob:
+         *, phase: str = PHASE) -> Job:
+    """The job of one variant of a row (``spec``; None: the Original row, which measures the original model) for
+    ``speaker``; its digest is ``settings_key`` (validation runs: with a ``-validation`` suffix)."""
     label, method, tables = (spec.label, spec.method, spec.tables) if spec else (ORIGINAL, "original", [1, 2])
     params = {**config.protocol.defaults, **params} if spec else {}
     key = settings_key(config, variant, params) + ("-validation" if phase == VALIDATION else "")
-    return SpeakerJob(_identity(speaker, variant, key), key, speaker, label, variant, method, params, tuple(tables),
-                      phase)
+    return Job(phase=phase, label=label, method=method, hyperparameters=params,
+               seed=run_seed(config) if spec else None, digest=key, split={"speaker": speaker, "variant": variant},
+               identity=IDENTITY, extra={"tables": tuple(tables)})
 
 
-def plan_jobs(config: SpeakerBenchConfig, speakers: Sequence[str], chosen: Chosen) -> list[SpeakerJob]:
+def plan_jobs(config: SpeakerBenchConfig, speakers: Sequence[str], chosen: Chosen) -> list[Job]:
     """Per test speaker, the Original row and then every run in config order, a gridded one with its ``chosen``
     variant (needs no corpus or model)."""
     jobs = []
@@ -170,7 +152,7 @@ def plan_jobs(config: SpeakerBenchConfig, speakers: Sequence[str], chosen: Chose
     return jobs
 
 
-def plan_validation_jobs(config: SpeakerBenchConfig, speakers: Sequence[str]) -> list[SpeakerJob]:
+def plan_validation_jobs(config: SpeakerBenchConfig, speakers: Sequence[str]) -> list[Job]:
     """Every variant of every gridded run on every validation speaker."""
     return [_job(config, speaker, spec, variant, params, phase=VALIDATION)
             for spec in config.tuned_rows() for variant, params in spec.expand(size=config.grid_size())
@@ -215,26 +197,27 @@ class _Context:
     validation_speakers: list[str]
 
 
-_CONTEXT: dict[str, _Context] = {}  # this process's context, by the config's content hash (the latest config only)
+def _build_context(config: SpeakerBenchConfig) -> _Context:
+    """Corpus synthesis and the original model (fine-tuned and stored on first use)."""
+    device = resolve_device(config.model.device)
+    model, text = load_whisper(config.model.source)
+    set_input_window(model, seconds=config.model.window_s)
+    task = ASRTask(text=text, max_new_tokens=config.model.max_new_tokens)
+    corpus = build_corpus(config.corpus, window_s=config.model.window_s)
+    speakers = config.speakers.names or pick_speakers(
+        corpus.train, count=config.speakers.count, seed=config.speakers.seed
+    )
+    original = _original_model(config, model, task, corpus, device=device)
+    return _Context(task, corpus, original, device, list(speakers), validation_speakers(config, corpus.train, speakers))
+
+
+# one config at a time: a Whisper per config would pile up in a long-lived process
+_CONTEXT: ProcessCache[_Context] = ProcessCache(_build_context, keep=1)
 
 
 def _context(config: SpeakerBenchConfig) -> _Context:
-    """The config's context in this process (built on first use: corpus synthesis, original model training)."""
-    key = content_hash(config.model_dump(mode="json"))
-    if key not in _CONTEXT:
-        _CONTEXT.clear()  # one config at a time: a model per config would pile up in a long-lived process
-        device = resolve_device(config.model.device)
-        model, text = load_whisper(config.model.source)
-        set_input_window(model, seconds=config.model.window_s)
-        task = ASRTask(text=text, max_new_tokens=config.model.max_new_tokens)
-        corpus = build_corpus(config.corpus, window_s=config.model.window_s)
-        speakers = config.speakers.names or pick_speakers(
-            corpus.train, count=config.speakers.count, seed=config.speakers.seed
-        )
-        original = _original_model(config, model, task, corpus, device=device)
-        _CONTEXT[key] = _Context(task, corpus, original, device, list(speakers),
-                                 validation_speakers(config, corpus.train, speakers))
-    return _CONTEXT[key]
+    """The config's context in this process (built on first use)."""
+    return _CONTEXT.get(config)
 
 
 def validation_speakers(config: SpeakerBenchConfig, train: Sequence[Utterance], tested: Sequence[str]) -> list[str]:
@@ -338,10 +321,11 @@ class SpeakerExperiment:
         yield Phase(PHASE, plan_jobs(self.config, ctx.speakers,
                                      {label: (c["variant"], c["params"]) for label, c in chosen.items()}))
 
-    def run_job(self, job: SpeakerJob) -> Record:
+    def run_job(self, job: Job) -> Record:
         """Measure the original model (the Original row) or unlearn the speaker with the job's method."""
         config, ctx = self.config, _context(self.config)
-        split = split_for(config, ctx.corpus, job.speaker, phase=job.phase, tested=ctx.speakers,
+        speaker = job.split["speaker"]
+        split = split_for(config, ctx.corpus, speaker, phase=job.phase, tested=ctx.speakers,
                           validating=ctx.validation_speakers)
         sets = {name: _dataset(getattr(split, name), config)
                 for name in ("unlearn", "speaker_heldout", "retain", "test")}
@@ -351,13 +335,13 @@ class SpeakerExperiment:
         def wer(model: torch.nn.Module, name: str) -> float:
             return ctx.task.evaluate(model, _loader(sets[name], ctx.task), device=ctx.device)
 
-        envelope: dict[str, Any] = {"task": TASK, "bench": config.name, "key": job.settings_key, "phase": job.phase,
+        envelope: dict[str, Any] = {"task": TASK, "bench": config.name, "key": job.digest, "phase": job.phase,
                     "method": job.method,
                     "label": job.label, "hyperparameters": job.hyperparameters}
         if job.method == "original":
             metrics = {name: wer(ctx.original, name) for name in sets}
             return self._record(job, record_envelope(**envelope, seed=None), metrics)
-        log.info("speaker %s: %s", job.speaker, job.variant)
+        log.info("speaker %s: %s", speaker, job.split["variant"])
         protocol = config.protocol
         result = bench_unlearn(
             ctx.original,
@@ -386,12 +370,12 @@ class SpeakerExperiment:
         return self._record(job, record_envelope(**envelope, seed=run_seed(config), result=result), metrics)
 
     @staticmethod
-    def _record(job: SpeakerJob, envelope: Record, metrics: Mapping[str, float]) -> Record:
+    def _record(job: Job, envelope: Record, metrics: Mapping[str, float]) -> Record:
         return {
             **envelope,
-            "speaker": job.speaker,
-            "variant": job.variant,
-            "tables": list(job.tables),
+            "speaker": job.split["speaker"],
+            "variant": job.split["variant"],
+            "tables": list(job.extra["tables"]),
             "W_retain": metrics["retain"],
             "W_unlearn": metrics["unlearn"],
             "W_speaker": metrics["speaker_heldout"],
@@ -400,7 +384,7 @@ class SpeakerExperiment:
         }
 
     def record_key(self, record: Mapping[str, Any]) -> str:
-        return record_key(record)
+        return record_key(record, IDENTITY)
 
     def describe(self, record: Mapping[str, Any]) -> str:
         return (f"{record['speaker']}: {record['variant']}  W_retain {record['W_retain']:.1f}  "

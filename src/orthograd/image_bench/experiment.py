@@ -21,6 +21,7 @@ from torch.utils.data import Subset
 
 from orthograd.bench.config import content_hash
 from orthograd.bench.engine import FinishedRuns, Phase
+from orthograd.bench.jobs import Job, ProcessCache, record_key
 from orthograd.bench.protocol import (
     bench_unlearn,
     eval_every_for,
@@ -37,7 +38,6 @@ from orthograd.image_bench.config import BenchConfig
 from orthograd.image_bench.data import BenchData, load_bench_data
 from orthograd.image_bench.jobs import (
     SWEEP,
-    Job,
     check_disjoint,
     job_key,
     job_payload,
@@ -59,6 +59,7 @@ from orthograd.runtime import resolve_device
 log = logging.getLogger(__name__)
 SELECTION_FILE = "selection.json"
 TASK = "classification"
+IDENTITY = ("key",)  # a record's key hashes its phase, method, hyperparameters, split and protocol
 
 
 # ----------------------------------------------------------------------------------------------------- records
@@ -123,18 +124,19 @@ class BenchContext:
     original_privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-_CONTEXTS: dict[str, BenchContext] = {}
+def _build_context(config: BenchConfig) -> BenchContext:
+    device = resolve_device(None if config.device == "auto" else config.device)
+    data = load_bench_data(config.data)
+    original = ModelCache(config, data, device=device).original().model
+    return BenchContext(config, data, original, device)
+
+
+_CONTEXTS: ProcessCache[BenchContext] = ProcessCache(_build_context)  # every variant's, in this process
 
 
 def bench_context(config: BenchConfig) -> BenchContext:
     """The data and the original model of ``config`` in this process (trained and cached on first use)."""
-    key = content_hash(config.model_dump(mode="json"))
-    if key not in _CONTEXTS:
-        device = resolve_device(None if config.device == "auto" else config.device)
-        data = load_bench_data(config.data)
-        original = ModelCache(config, data, device=device).original().model
-        _CONTEXTS[key] = BenchContext(config, data, original, device)
-    return _CONTEXTS[key]
+    return _CONTEXTS.get(config)
 
 
 @dataclass(frozen=True)
@@ -153,9 +155,9 @@ class JobInputs:
     @classmethod
     def of(cls, config: BenchConfig, job: Job) -> JobInputs:
         ctx = bench_context(config)
-        split = make_split(config, ctx.data.train_labels, split_index=job.split_index, retain_size=job.retain_size,
-                           phase=job.phase)
-        seed = split_seed(config, job.split_index, phase=job.phase)
+        split = make_split(config, ctx.data.train_labels, split_index=job.split["split_index"],
+                           retain_size=job.split["retain_size"], phase=job.phase)
+        seed = split_seed(config, job.split["split_index"], phase=job.phase)
         return cls(config, job, ctx, split, *split.datasets(ctx.data.train), seed)
 
     def unlearn_options(self, *, device: torch.device) -> dict[str, Any]:
@@ -185,12 +187,12 @@ class JobInputs:
             scenario=self.config.scenario.kind,
             seed=self.seed,
             forget_class=self.split.forget_classes[0] if self.split.forget_classes else None,
-            key=job.key,
+            key=job.digest,
             phase=job.phase,
             bench=self.config.name,
             hyperparameters=job.hyperparameters,
             evaluated_on="validation" if job.phase == "sweep" else "test",
-            retain_size=job.retain_size,
+            retain_size=job.split["retain_size"],
             forget_size=len(self.split.forget),
             target_reached=target_reached(self.config.scenario.kind, result.original, result.final)
             if self.config.protocol.stop else None,
@@ -216,7 +218,7 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
     with PeakMemory(ctx.device) as memory:
         result = bench_unlearn(ctx.original, inputs.forget, inputs.retain, test=evaluation, make_method=keep,
                                **options)
-    reference = job.reference or {}
+    reference = job.extra.get("reference") or {}
     retrain_time = reference.get("train_time_s")
     record = inputs.record(
         result,
@@ -349,7 +351,7 @@ class ImageExperiment:
             yield Phase("test", self._test_jobs(config, variant, chosen, references))
 
     def run_job(self, job: Job) -> dict[str, Any]:
-        return self._run_job(self.configs[job.variant], job)
+        return self._run_job(self.configs[job.extra.get("variant", 0)], job)
 
     def data_parallel(self, device: torch.device) -> ImageExperiment:
         """The test runs as ``unlearn_distributed`` across torchrun's ranks, this rank on ``device``; without the
@@ -360,7 +362,7 @@ class ImageExperiment:
         return ImageExperiment(test_only, run_job=partial(execute_data_parallel, device=device))
 
     def record_key(self, record: Mapping[str, Any]) -> str:
-        return str(record.get("key"))
+        return record_key(record, IDENTITY)
 
     def describe(self, record: Mapping[str, Any]) -> str:
         return run_line(record)
@@ -386,7 +388,10 @@ class ImageExperiment:
              retain_size: int, reference: dict[str, Any] | None = None) -> Job:
         key = job_key(config, phase=phase, method=method, hyperparameters=hyper, split_index=index,
                       retain_size=retain_size)
-        return Job(phase, method, hyper, index, retain_size, key, reference, variant)
+        return Job(phase=phase, label=method, method=method, hyperparameters=hyper,
+                   seed=split_seed(config, index, phase=phase), digest=key,
+                   split={"split_index": index, "retain_size": retain_size},
+                   extra={"variant": variant, "reference": reference})
 
     def _test_jobs(self, config: BenchConfig, variant: int, chosen: Mapping[str, tuple[str, dict[str, Any]]],
                    references: Mapping[tuple[int, int], Any]) -> list[Job]:

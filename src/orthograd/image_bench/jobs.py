@@ -1,7 +1,8 @@
-"""The image bench's job planner: a ``Job`` per run, its key, and its forget/retain split (test or validation).
+"""The image bench's job planner: each run's key (``job_key``) and its forget/retain split (test or validation).
 
-A job's key is its identity in the results log: the same config planned again gives the same keys, so finished
-runs are found and skipped whichever backend ran them (``bench.executors``).
+A run is the engine's ``bench.jobs.Job`` (split: ``split_index`` and ``retain_size``); its key hashes what changes
+its numbers, so the same config planned again gives the same keys, and finished runs are found and skipped
+whichever backend ran them (``bench.executors``).
 
 Validation splits never share a sample with a test split, by construction: when a row has a grid, a validation
 pool of training samples is set aside first (random forgetting: ``forget_size`` + the tuning retain size samples;
@@ -13,7 +14,6 @@ samples of the classes that are neither tested nor validation classes) and the t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,20 +24,6 @@ from orthograd.data.splits import UnlearningSplit, class_forgetting_split, rando
 from orthograd.image_bench.config import BenchConfig
 
 SWEEP = "sweep"  # the phase scored on the validation split
-
-
-@dataclass(frozen=True)
-class Job:
-    """One unlearning run: a method with hyperparameters on one split, scored on validation or test."""
-
-    phase: str  # "sweep" (a validation split, scored on the validation set) | "test"
-    method: str
-    hyperparameters: dict[str, Any]
-    split_index: int  # test: index into protocol.seeds (random) or scenario.classes (class); sweep: validation split
-    retain_size: int
-    key: str
-    reference: dict[str, Any] | None = field(default=None, compare=False)  # the retrained model's metrics
-    variant: int = field(default=0, compare=False)  # which of the config's variants (bench.config.variants_of)
 
 
 def validation_classes(config: BenchConfig, labels: np.ndarray) -> list[int]:

@@ -8,15 +8,14 @@ and writes the results log; each job measures one model (``llm_bench.workbench``
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orthograd.bench.config import MethodRow, content_hash, grid_points
 from orthograd.bench.engine import FinishedRuns, Phase
+from orthograd.bench.jobs import Job, record_key
 from orthograd.bench.records import Record, record_envelope
 from orthograd.bench.upgrade import hash_format2, lora_named
 from orthograd.data.authors import forget_authors
@@ -32,22 +31,8 @@ log = logging.getLogger(__name__)
 REFERENCES = {"original": "Original", "retrain": "Retrain"}  # method -> label of the records that only measure
 
 
-@dataclass(frozen=True)
-class AuthorsJob:
-    """One record to make: the original, the retrained reference or one unlearning run, measured on a forget split."""
-
-    phase: str  # "validation" (tuning) or "test"
-    fraction: float
-    authors: tuple[int, ...]  # the forget authors
-    label: str
-    method: str
-    hyperparameters: dict[str, Any]
-    seed: int | None
-    digest: str  # the record's ``key`` field (``record_digest``), shared by a run's seeds
-
-    @property
-    def key(self) -> str:
-        return _identity(self.phase, self.fraction, self.label, self.seed, self.digest)
+# a record's key (``record_digest``) hashes its label, params and forget authors; its seeds share it
+IDENTITY = ("phase", "fraction", "label", "seed", "key")
 
 
 class AuthorsExperiment:
@@ -94,10 +79,10 @@ class AuthorsExperiment:
                         for spec in config.methods.values() for seed in config.protocol.seeds]
                 yield Phase(f"test, forget {100 * fraction:g}%", [*references, *runs])
 
-    def run_job(self, job: AuthorsJob) -> Record:
+    def run_job(self, job: Job) -> Record:
         """Measure the job's model on its split: the original, the retrained reference, or a run from the original."""
         bench = workbench(self.config)
-        split = bench.split(job.authors)
+        split = bench.split(job.split["authors"])
         result = None
         if job.method == "original":
             model = bench.original
@@ -105,17 +90,18 @@ class AuthorsExperiment:
             model = split.retrained
         else:
             assert job.seed is not None, "every unlearning run has a seed"
-            log.info("%s split, forget %.0f%%: %s, seed %d", job.phase, 100 * job.fraction, job.label, job.seed)
-            result = bench.unlearn(split, method=job.method, params=job.hyperparameters, seed=job.seed)
+            log.info("%s split, forget %.0f%%: %s, seed %d", job.phase, 100 * job.split["fraction"], job.label,
+                     job.seed)
+            result = bench.unlearn(split, method=job.method, params=dict(job.hyperparameters), seed=job.seed)
             model = result.model
         envelope = record_envelope(task=TASK, bench=self.config.name, key=job.digest, phase=job.phase,
                                    method=job.method, label=job.label, hyperparameters=job.hyperparameters,
                                    seed=job.seed, result=result)
-        return {**envelope, "fraction": job.fraction, **bench.measure(model, split)}
+        return {**envelope, "fraction": job.split["fraction"], **bench.measure(model, split)}
 
     def record_key(self, record: Mapping[str, Any]) -> str:
         """A record's identity: its phase, forget fraction, label, seed and ``key`` field."""
-        return _identity(record["phase"], record["fraction"], record["label"], record["seed"], record["key"])
+        return record_key(record, IDENTITY)
 
     def describe(self, record: Mapping[str, Any]) -> str:
         """``tables.record_line``: what the CLI prints as each record is logged."""
@@ -143,22 +129,22 @@ class AuthorsExperiment:
             yield "test", fraction, tuple(sorted(tested))
 
     def _run(self, phase: str, fraction: float, authors: tuple[int, ...], spec: MethodRow, values: dict[str, Any],
-             seed: int) -> AuthorsJob:
+             seed: int) -> Job:
         """The job of ``spec`` with ``values`` over its own and the shared defaults."""
         params = {**self.config.params(spec), **values}
         return self._job(phase, fraction, authors, spec.label, spec.method, params, seed)
 
     def _job(self, phase: str, fraction: float, authors: tuple[int, ...], label: str, method: str,
-             params: dict[str, Any], seed: int | None) -> AuthorsJob:
-        return AuthorsJob(phase=phase, fraction=fraction, authors=authors, label=label, method=method,
-                          hyperparameters=params, seed=seed,
-                          digest=record_digest(self.config, label=label, params=params, authors=authors))
+             params: dict[str, Any], seed: int | None) -> Job:
+        return Job(phase=phase, label=label, method=method, hyperparameters=params, seed=seed,
+                   digest=record_digest(self.config, label=label, params=params, authors=authors),
+                   split={"fraction": fraction, "authors": authors}, identity=IDENTITY)
 
 
 def record_digest(config: AuthorsBenchConfig, *, label: str, params: Mapping[str, Any], authors: Sequence[int]) -> str:
     """A record's ``key`` field: a hash of everything that changes its numbers (the config but how it runs, its runs
     and tuning, which only pick ``params``; the forget authors), so a rerun resumes and a changed grid reruns only
-    what it changes. Not the seed: the engine's key adds it (``AuthorsJob.key``)."""
+    what it changes. Not the seed: the engine's key adds it (``bench.jobs.Job.key``)."""
     return content_hash({"config": _hashed_settings(config), "label": label, "params": dict(params),
                          "forget": list(authors)})
 
@@ -226,8 +212,4 @@ def budget_note(config: AuthorsBenchConfig) -> str:
     return (f"Every method stops once {rule[setup.stop]}, checked {setup.checks_per_epoch} times per pass over "
             f"the forget set and after every epoch, within a budget of {budget}. Reached counts the runs that "
             "reached that target; † marks a row where some did not (its numbers are the budget's end).")
-
-
-def _identity(phase: str, fraction: float, label: str, seed: int | None, key: str) -> str:
-    return json.dumps([phase, fraction, label, seed, key])
 

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from orthograd import methods
 from orthograd.bench.config import content_hash
+from orthograd.bench.jobs import ProcessCache
 from orthograd.bench.model_store import ModelStore
 from orthograd.bench.protocol import bench_unlearn, eval_every_for
 from orthograd.data.authors import QAPair, generate_authors, qa_pairs
@@ -244,15 +245,12 @@ class Workbench:
         return longest + self.config.evaluation.max_new_tokens
 
 
-_WORKBENCHES: dict[str, Workbench] = {}
+_WORKBENCHES: ProcessCache[Workbench] = ProcessCache(Workbench)
 
 
 def workbench(config: AuthorsBenchConfig) -> Workbench:
     """This process's workbench for ``config`` (built on first use: the corpus and the original model)."""
-    key = content_hash(config.model_dump(mode="json"))
-    if key not in _WORKBENCHES:
-        _WORKBENCHES[key] = Workbench(config)
-    return _WORKBENCHES[key]
+    return _WORKBENCHES.get(config)
 
 
 def _sample(rng: random.Random, pairs: Sequence[QAPair], size: int) -> list[QAPair]:
