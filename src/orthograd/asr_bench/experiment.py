@@ -33,7 +33,7 @@ from orthograd.bench.config import content_hash
 from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.jobs import Job, ProcessCache, record_key
 from orthograd.bench.model_store import ModelStore
-from orthograd.bench.protocol import bench_unlearn, eval_every_for
+from orthograd.bench.protocol import bench_unlearn, eval_every_for, select
 from orthograd.bench.records import record_envelope
 from orthograd.bench.upgrade import hash_format2, lora_named
 from orthograd.data.audio import SpeechDataset
@@ -176,9 +176,8 @@ def choose_variants(config: SpeakerBenchConfig, records: Sequence[Mapping[str, A
                 "reached": target is not None and all(r["W_unlearn"] >= target for r in rows),
                 "speakers": sorted(r["speaker"] for r in rows),
             })
-        reached = [t for t in trials if t["reached"]]
-        best = min(reached, key=lambda t: t["W_val"]) if reached else max(trials, key=lambda t: t["W_unlearn"])
-        out[spec.label] = {**best, "fallback": not reached, "trials": trials}
+        best = select(trials, score=lambda t: (0, t["W_val"]) if t["reached"] else (1, -t["W_unlearn"]))
+        out[spec.label] = {**best, "fallback": not best["reached"], "trials": trials}
     return out
 
 

@@ -27,13 +27,14 @@ import math
 import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from orthograd import methods
 from orthograd.api import unlearn
 from orthograd.bench.config import content_hash, grid_points
 from orthograd.results import UnlearnResult
 
+T = TypeVar("T")
 MIN_VALUES_TO_EXTEND = 3  # with fewer values a knob has no interior: every choice would be "on the edge"
 
 
@@ -116,6 +117,15 @@ def _padding_value(values: Sequence[Any], rng: random.Random) -> Any:
     low, high = float(min(values)), float(max(values))
     value = math.exp(rng.uniform(math.log(low), math.log(high))) if low > 0 else rng.uniform(low, high)
     return float(f"{value:.3g}")
+
+
+def select(scored: Sequence[T], *, score: Callable[[T], Any]) -> T:
+    """The selection rule of every task: the trial with the lowest ``score`` (the task's: image mean validation
+    UIS; speech mean W_val among the variants that reach the target; language models forget quality among the
+    points that keep utility), ties to the first trial in the order they were tried."""
+    if not scored:
+        raise ValueError("no trial to select from")
+    return min(scored, key=score)
 
 
 def trials(grid: Mapping[str, Sequence[Any]], *, size: int, seed: str) -> list[dict[str, Any]]:

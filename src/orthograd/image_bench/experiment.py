@@ -28,6 +28,7 @@ from orthograd.bench.protocol import (
     extend_edges,
     grid_size,
     method_accepts,
+    select,
     trials,
 )
 from orthograd.bench.records import record_envelope
@@ -464,7 +465,7 @@ class _Sweep:
         return list(out.values())
 
     def _best(self, label: str, finished: FinishedRuns) -> dict[str, Any]:
-        return min(self._scored(label, finished), key=lambda trial: trial["validation_uis"])
+        return select(self._scored(label, finished), score=lambda trial: trial["validation_uis"])
 
     def extend(self, finished: FinishedRuns) -> list[Job]:
         """The jobs of the shifted grids of the rows whose choice lies on an edge (none: no second round)."""
@@ -486,7 +487,7 @@ class _Sweep:
         rows_out = {}
         for label, row in self.rows.items():
             scored = self._scored(label, finished)
-            best = min(scored, key=lambda trial: trial["validation_uis"])
+            best = self._best(label, finished)
             extended = {k: v for k, v in self.edges.get(label, {}).items() if v["extended"]}
             final_grid = {name: sorted({*values, *extended.get(name, {}).get("to", [])})
                           for name, values in row.grid.items()}

@@ -13,9 +13,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from orthograd.bench.config import MethodRow, content_hash, grid_points
+from orthograd.bench.config import MethodRow, content_hash
 from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.jobs import Job, record_key
+from orthograd.bench.protocol import grid_size, trials
 from orthograd.bench.records import Record, record_envelope
 from orthograd.bench.upgrade import hash_format2, lora_named
 from orthograd.data.authors import forget_authors
@@ -59,8 +60,10 @@ class AuthorsExperiment:
                           for method, label in REFERENCES.items()]
             if phase == "validation":
                 first = config.protocol.seeds[0]
+                size = max(grid_size(spec.grid) for spec in config.gridded())  # every tuned row: as many trials
                 grids = {spec.label: [(point, self._run(phase, fraction, authors, spec, point, first))
-                                      for point in grid_points(spec.grid)] for spec in config.gridded()}
+                                      for point in trials(spec.grid, size=size, seed=spec.label)]
+                         for spec in config.gridded()}
                 yield Phase(f"validation, forget {100 * fraction:g}%",
                             [*references, *(job for scored in grids.values() for _, job in scored)])
                 utility = finished[references[0].key]["model_utility"]

@@ -13,6 +13,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from orthograd.bench.protocol import select
 from orthograd.data.authors import forget_authors
 from orthograd.llm_bench.config import AuthorsBenchConfig
 
@@ -33,10 +34,12 @@ def choose(
 ) -> dict[str, Any]:
     """The point with the highest forget quality among those with model utility >= ``keep_utility`` x the
     original's (ties: the more useful); when none keeps that much utility, the most useful point."""
-    if not scored:
-        raise ValueError("no grid point to choose from")
     floor = keep_utility * original_utility
-    kept = [(p, m) for p, m in scored if m["model_utility"] >= floor]
-    if kept:
-        return max(kept, key=lambda pm: (pm[1]["forget_quality"], pm[1]["model_utility"]))[0]
-    return max(scored, key=lambda pm: pm[1]["model_utility"])[0]
+
+    def score(trial: tuple[dict[str, Any], Mapping[str, float]]) -> tuple[float, ...]:
+        metrics = trial[1]
+        if metrics["model_utility"] >= floor:
+            return (0, -metrics["forget_quality"], -metrics["model_utility"])
+        return (1, -metrics["model_utility"])
+
+    return select(scored, score=score)[0]
