@@ -156,3 +156,40 @@ def test_the_reference_example_is_a_valid_language_model_config() -> None:
     config = validate_experiment({"task": "causal_lm", "name": "example", **yaml.safe_load(block)})
     assert [row.method for row in config.methods.values()] == ["orthograd", "orthograd-fixed", "neggrad+"]
     assert config.protocol.max_steps == 60 and config.tuning.keep_utility == 0.9
+
+
+def test_tuning_search_false_runs_every_rows_params_without_a_validation_split() -> None:
+    cifar = ROOT / "configs" / "cifar10_resnet18_random.yaml"
+    with pytest.raises(ConfigError, match="data.validation_size > 0"):
+        load_experiment(cifar, overrides=["data.validation_size=0"])
+    (config,), _ = load_experiment(cifar, overrides=["data.validation_size=0", "tuning.search=false"])
+    assert config.gridded() == [] and config.methods["neggrad"].grid  # the grid stays in the config, unused
+    (speech,), _ = load_experiment(ROOT / "configs" / "espeak_speaker.yaml", overrides=["tuning.search=false"])
+    assert speech.tuned_rows() == [] and speech.tuning.splits == 2  # validation speakers still set apart
+
+
+def test_new_protocol_settings_change_keys_only_when_set() -> None:
+    from orthograd.image_bench.jobs import job_key
+    from orthograd.llm_bench.experiment import record_digest
+
+    image = validate_experiment(upgrade_config(OLD_IMAGE))
+    capped = validate_experiment({**upgrade_config(OLD_IMAGE), "protocol": {"seeds": [3, 5], "max_epochs": 2,
+                                                                            "checks_per_epoch": 2, "max_steps": 9}})
+    job = {"phase": "test", "method": "neggrad", "hyperparameters": {"lr": 1.0e-3}, "split_index": 1,
+           "retain_size": 40}
+    assert job_key(image, **job) == "7d7d5c30ecad3e51" != job_key(capped, **job)
+    llm = {"task": "causal_lm", "name": "x", "methods": {"NPO": {}}}
+    base = record_digest(validate_experiment(llm), label="NPO", params={}, authors=[1])
+    every = record_digest(validate_experiment({**llm, "protocol": {"eval_every": 3}}), label="NPO", params={},
+                          authors=[1])
+    assert base != every
+
+
+def test_the_process_cache_builds_once_per_config_and_keeps_what_it_is_told() -> None:
+    from orthograd.bench.jobs import ProcessCache
+
+    built: list[str] = []
+    cache = ProcessCache(lambda config: built.append(config.name) or config.name, keep=1)
+    a, b = (validate_experiment({"task": "causal_lm", "name": n, "methods": {"NPO": {}}}) for n in ("a", "b"))
+    assert [cache.get(a), cache.get(a), cache.get(b), cache.get(a)] == ["a", "a", "b", "a"]
+    assert built == ["a", "b", "a"]  # keep=1: b's build dropped a's value
