@@ -23,13 +23,12 @@ from orthograd.bench.config import content_hash
 from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.jobs import Job, ProcessCache, record_key
 from orthograd.bench.protocol import (
+    Search,
     bench_unlearn,
     eval_every_for,
-    extend_edges,
     grid_size,
     method_accepts,
     select,
-    trials,
 )
 from orthograd.bench.records import record_envelope
 from orthograd.bench.upgrade import lora_named
@@ -424,8 +423,9 @@ class ImageExperiment:
 
 
 class _Sweep:
-    """One variant's tuning (``bench.protocol``): every gridded row's trials on the validation splits, the one edge
-    extension, and the choice (lowest mean validation UIS; ties: the first trial). Keyed by row label."""
+    """One variant's tuning: every gridded row's search (``bench.protocol.Search``: its trials on the validation
+    splits, the one edge extension) and the choice (``select``: lowest mean validation UIS; ties: the first trial).
+    Keyed by row label."""
 
     def __init__(self, config: BenchConfig, job: Callable[..., Job]) -> None:
         self.config = config
@@ -434,10 +434,9 @@ class _Sweep:
         self.retain_size = config.tuning.retain_size or config.scenario.retain_size[0]
         self.size = max(grid_size(row.grid) for row in self.rows.values())
         self._job = job
-        self.rounds: dict[str, list[list[dict[str, Any]]]] = {
-            label: [trials(row.grid, size=self.size, seed=label)] for label, row in self.rows.items()
-        }
-        self.edges: dict[str, dict[str, Any]] = {}
+        self.searches = {label: Search(label, row.grid, size=self.size, extend=self.tuning.extend_edges,
+                                       accepts=method_accepts(row.method, config.params(row)))
+                         for label, row in self.rows.items()}
 
     def _jobs(self, label: str, points: Sequence[Mapping[str, Any]]) -> list[Job]:
         row = self.rows[label]
@@ -445,58 +444,38 @@ class _Sweep:
                 for point in points for index in range(self.tuning.splits)]
 
     def first_jobs(self) -> list[Job]:
-        return [job for label, rounds in self.rounds.items() for job in self._jobs(label, rounds[0])]
+        return [job for label, search in self.searches.items() for job in self._jobs(label, search.rounds[0])]
 
     def _scored(self, label: str, finished: FinishedRuns) -> list[dict[str, Any]]:
         """Every trial of ``label`` so far: its point, round, per-split UIS and whether each split met the target."""
-        out: dict[str, dict[str, Any]] = {}
-        for round_index, points in enumerate(self.rounds[label], start=1):
-            for point in points:
-                hyper = {**self.config.params(self.rows[label]), **point}
-                if content_hash(hyper) in out:
-                    continue
-                runs = [finished[job.key] for job in self._jobs(label, [point])]
-                values = [float("inf") if r["uis"] is None else r["uis"] for r in runs]
-                out[content_hash(hyper)] = {
-                    "hyperparameters": hyper, "round": round_index, "validation_uis": statistics.fmean(values),
-                    "per_split_uis": [r["uis"] for r in runs],
-                    "target_reached": all(r.get("target_reached") is not False for r in runs),
-                }
-        return list(out.values())
+        out = []
+        for round_index, point in self.searches[label].tried():
+            runs = [finished[job.key] for job in self._jobs(label, [point])]
+            values = [float("inf") if r["uis"] is None else r["uis"] for r in runs]
+            out.append({
+                "hyperparameters": {**self.config.params(self.rows[label]), **point}, "round": round_index,
+                "validation_uis": statistics.fmean(values), "per_split_uis": [r["uis"] for r in runs],
+                "target_reached": all(r.get("target_reached") is not False for r in runs),
+            })
+        return out
 
     def _best(self, label: str, finished: FinishedRuns) -> dict[str, Any]:
         return select(self._scored(label, finished), score=lambda trial: trial["validation_uis"])
 
     def extend(self, finished: FinishedRuns) -> list[Job]:
         """The jobs of the shifted grids of the rows whose choice lies on an edge (none: no second round)."""
-        if not self.tuning.extend_edges:
-            return []
-        jobs: list[Job] = []
-        for label, row in self.rows.items():
-            best = self._best(label, finished)["hyperparameters"]
-            shifted, changes = extend_edges(row.grid, best,
-                                            valid=method_accepts(row.method, self.config.params(row)))
-            self.edges[label] = changes
-            if any(change["extended"] for change in changes.values()):
-                self.rounds[label].append(trials(shifted, size=self.size, seed=f"{label} extended"))
-                jobs += self._jobs(label, self.rounds[label][1])
-        return jobs
+        return [job for label, search in self.searches.items()
+                for job in self._jobs(label, search.extension(self._best(label, finished)["hyperparameters"]))]
 
     def selection(self, finished: FinishedRuns) -> dict[str, Any]:
         """What ``selection.json`` holds: per row its choice, every trial and its edges; the rule (``protocol``)."""
         rows_out = {}
-        for label, row in self.rows.items():
-            scored = self._scored(label, finished)
+        for label, search in self.searches.items():
             best = self._best(label, finished)
-            extended = {k: v for k, v in self.edges.get(label, {}).items() if v["extended"]}
-            final_grid = {name: sorted({*values, *extended.get(name, {}).get("to", [])})
-                          for name, values in row.grid.items()}
-            _, still = extend_edges(final_grid, best["hyperparameters"], valid=lambda point: True)
             rows_out[label] = {
                 "hyperparameters": best["hyperparameters"], "validation_uis": best["validation_uis"],
-                "target_reached": best["target_reached"], "trials": scored,
-                "short_of_budget": len(self.rounds[label][0]) < self.size, "edges": self.edges.get(label, {}),
-                "edge_extended": bool(extended), "still_on_edge": sorted(still),
+                "target_reached": best["target_reached"], "trials": self._scored(label, finished),
+                **search.summary(best["hyperparameters"]),
             }
         protocol = {
             "rule": f"grid padded to {self.size} trials per method, one edge extension (bench.protocol); lowest mean "
