@@ -177,17 +177,20 @@ class RunSpec(MethodRow):
             raise ValueError(f"row {self.label!r}: tables must be a subset of [1, 2], got {self.tables}")
         return self
 
+    def sorted_grid(self) -> dict[str, list[Any]]:
+        """The grid with its names sorted, as the variants name them (and their record keys hash them)."""
+        return {name: self.grid[name] for name in sorted(self.grid)}
+
+    def variant(self, point: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """``(variant name, params)`` of one grid point."""
+        return self.label + " (" + ", ".join(f"{k}={v}" for k, v in point.items()) + ")", {**self.params, **point}
+
     def expand(self, *, size: int = 0) -> list[tuple[str, dict[str, Any]]]:
         """``(variant name, params)`` for every grid combination, padded to ``size`` (``bench.protocol.trials``;
-        just the run itself without a grid)."""
+        just the run itself without a grid): the first round of its search."""
         if not self.grid:
             return [(self.label, dict(self.params))]
-        out = []
-        grid = {name: self.grid[name] for name in sorted(self.grid)}  # names sorted, as written
-        for chosen in trials(grid, size=size, seed=self.label):
-            variant = self.label + " (" + ", ".join(f"{k}={v}" for k, v in chosen.items()) + ")"
-            out.append((variant, {**self.params, **chosen}))
-        return out
+        return [self.variant(point) for point in trials(self.sorted_grid(), size=size, seed=self.label)]
 
 
 class SpeakerBenchConfig(ExperimentConfig):

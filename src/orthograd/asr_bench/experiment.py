@@ -33,7 +33,7 @@ from orthograd.bench.config import content_hash
 from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.jobs import Job, ProcessCache, record_key
 from orthograd.bench.model_store import ModelStore
-from orthograd.bench.protocol import bench_unlearn, eval_every_for, select
+from orthograd.bench.protocol import Search, bench_unlearn, eval_every_for, method_accepts, select, trials
 from orthograd.bench.records import record_envelope
 from orthograd.bench.upgrade import hash_format2, lora_named
 from orthograd.data.audio import SpeechDataset
@@ -152,32 +152,51 @@ def plan_jobs(config: SpeakerBenchConfig, speakers: Sequence[str], chosen: Chose
     return jobs
 
 
-def plan_validation_jobs(config: SpeakerBenchConfig, speakers: Sequence[str]) -> list[Job]:
-    """Every variant of every gridded run on every validation speaker."""
+Points = Mapping[str, Sequence[tuple[int, Mapping[str, Any]]]]  # label -> (round, grid point) of each trial
+
+
+def searches(config: SpeakerBenchConfig) -> dict[str, Search]:
+    """Every tuned row's search (``bench.protocol.Search``) over its grid, names sorted as its variants name them."""
+    return {spec.label: Search(spec.label, spec.sorted_grid(), size=config.grid_size(),
+                               extend=config.tuning.extend_edges,
+                               accepts=method_accepts(spec.method, {**config.protocol.defaults, **spec.params}))
+            for spec in config.tuned_rows()}
+
+
+def plan_validation_jobs(config: SpeakerBenchConfig, speakers: Sequence[str],
+                         points: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> list[Job]:
+    """Every variant of every gridded run on every validation speaker (``points``: these grid points per row;
+    default: every row's first round)."""
     return [_job(config, speaker, spec, variant, params, phase=VALIDATION)
-            for spec in config.tuned_rows() for variant, params in spec.expand(size=config.grid_size())
+            for spec in config.tuned_rows()
+            for variant, params in ([spec.variant(p) for p in points.get(spec.label, [])] if points is not None
+                                    else spec.expand(size=config.grid_size()))
             for speaker in speakers]
 
 
-def choose_variants(config: SpeakerBenchConfig, records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per gridded run, from its validation records: the variant with the lowest mean W_val among those whose
-    W_unlearn reached the target on every validation speaker, else (``fallback``) the highest mean W_unlearn; with
-    every variant's figures (what ``selection.json`` holds)."""
+def choose_variants(config: SpeakerBenchConfig, records: Sequence[Mapping[str, Any]],
+                    tried: Points | None = None) -> dict[str, dict[str, Any]]:
+    """Per gridded run, from its validation records of the ``tried`` points (default: the first round's): the
+    variant with the lowest mean W_val among those whose W_unlearn reached the target on every validation speaker,
+    else (``fallback``) the highest mean W_unlearn; with every variant's figures (what ``selection.json`` holds)."""
     target = config.protocol.stop
     out: dict[str, dict[str, Any]] = {}
     for spec in config.tuned_rows():
-        trials: list[dict[str, Any]] = []
-        for variant, params in spec.expand(size=config.grid_size()):
+        points = tried[spec.label] if tried is not None else [
+            (1, point) for point in trials(spec.sorted_grid(), size=config.grid_size(), seed=spec.label)]
+        trials_out: list[dict[str, Any]] = []
+        for index, point in points:
+            variant, params = spec.variant(point)
             rows = [r for r in records if r["label"] == spec.label and r["variant"] == variant]
-            trials.append({
-                "variant": variant, "params": params,
+            trials_out.append({
+                "variant": variant, "params": params, "point": dict(point), "round": index,
                 "W_val": statistics.fmean(r["W_val"] for r in rows),
                 "W_unlearn": statistics.fmean(r["W_unlearn"] for r in rows),
                 "reached": target is not None and all(r["W_unlearn"] >= target for r in rows),
                 "speakers": sorted(r["speaker"] for r in rows),
             })
-        best = select(trials, score=lambda t: (0, t["W_val"]) if t["reached"] else (1, -t["W_unlearn"]))
-        out[spec.label] = {**best, "fallback": not best["reached"], "trials": trials}
+        best = select(trials_out, score=lambda t: (0, t["W_val"]) if t["reached"] else (1, -t["W_unlearn"]))
+        out[spec.label] = {**best, "fallback": not best["reached"], "trials": trials_out}
     return out
 
 
@@ -310,10 +329,22 @@ class SpeakerExperiment:
         """The validation runs of the gridded runs (when any), then the test runs with each one's chosen variant."""
         ctx = _context(self.config)
         chosen: dict[str, dict[str, Any]] = {}
-        if self.config.gridded():
-            jobs = plan_validation_jobs(self.config, ctx.validation_speakers)
+        if self.config.tuned_rows():
+            rows = searches(self.config)
+            jobs = plan_validation_jobs(self.config, ctx.validation_speakers,
+                                        {label: search.rounds[0] for label, search in rows.items()})
             yield Phase(VALIDATION, jobs)
-            chosen = choose_variants(self.config, [finished[job.key] for job in jobs])
+            chosen = choose_variants(self.config, [finished[job.key] for job in jobs],
+                                     {label: search.tried() for label, search in rows.items()})
+            extended = plan_validation_jobs(self.config, ctx.validation_speakers, {
+                label: search.extension(chosen[label]["point"]) for label, search in rows.items()})
+            if extended:
+                yield Phase(f"{VALIDATION}, edges extended", extended)
+                jobs = [*jobs, *extended]
+                chosen = choose_variants(self.config, [finished[job.key] for job in jobs],
+                                         {label: search.tried() for label, search in rows.items()})
+            for label, search in rows.items():
+                chosen[label].update(search.summary(chosen[label]["point"]))
             self.selection = {"rule": "lowest mean W_val among the variants that reach the target on every validation "
                                       "speaker (else the highest mean W_unlearn: a fallback)",
                               "validation_speakers": ctx.validation_speakers, "runs": chosen}

@@ -23,6 +23,7 @@ its ``name``, its run folder (``output``, default ``runs/<name>``) and how its j
       seed: ...                  #   draws the validation splits
       splits: 1                  #   validation splits each grid point is scored on
       search: true               #   false: every row runs its params (its grid unused)
+      extend_edges: true         #   a choice on the end of a knob's values: shift them once, search again
 
 Each task's module (``image_bench.config``, ``asr_bench.config``, ``llm_bench.config``) subclasses these three with
 the fields only it has (the stop rule's values; the image task's ``track`` and ``privacy``, ``extend_edges``...) and
@@ -136,6 +137,7 @@ class TuningConfig(ConfigSection):
     seed: int = 0
     splits: int = Field(default=1, ge=1)
     search: bool = True  # false: every row runs its params, its grid unused (e.g. a paper's optima without its search)
+    extend_edges: bool = True  # a choice at the end of a knob's values shifts them once and searches again
 
 
 class ExperimentConfig(ConfigSection):

@@ -299,7 +299,8 @@ def _image_row(hyper: Any, grid: Any) -> dict[str, Any]:
 def _upgraded_rows_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     """A speech or language-model config: ``runs`` are ``methods`` by label, ``unlearning`` is ``protocol`` (the
     speech ``stop_wer`` its ``stop``, its ``seed`` its ``seeds``), the split section ``protocol`` is ``scenario``,
-    the speech ``speakers.validation_count`` is ``tuning.splits`` (drawn with ``speakers.seed + 1``, as before)."""
+    the speech ``speakers.validation_count`` is ``tuning.splits`` (drawn with ``speakers.seed + 1``, as before);
+    ``tuning.extend_edges`` is false, as these tasks searched then."""
     speech = raw.get("task") == "asr"
     out: dict[str, Any] = {}
     for name, value in raw.items():
@@ -322,6 +323,7 @@ def _upgraded_rows_config(raw: Mapping[str, Any]) -> dict[str, Any]:
             _put(out, "tuning", tuning)
         else:
             out[name] = value
+    _put(out, "tuning", {"extend_edges": False})
     return out
 
 

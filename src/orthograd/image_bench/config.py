@@ -151,7 +151,6 @@ class ImageTuning(TuningConfig):
     seed: int = 1000  # draws the validation pool and splits (split i: seed + 1 + i, never a test seed)
     retain_size: int | None = Field(default=None, ge=1)  # validation retain size: one of the test ones (None: first)
     classes: list[int] = Field(default_factory=list)  # class forgetting: the validation classes (none: first untested)
-    extend_edges: bool = True  # a choice at the end of a knob's values shifts them once and searches again
 
 
 class BenchConfig(ExperimentConfig):

@@ -9,14 +9,14 @@ and writes the results log; each job measures one model (``llm_bench.workbench``
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from orthograd.bench.config import MethodRow, content_hash
 from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.jobs import Job, record_key
-from orthograd.bench.protocol import grid_size, trials
+from orthograd.bench.protocol import Search, grid_size, method_accepts
 from orthograd.bench.records import Record, record_envelope
 from orthograd.bench.upgrade import hash_format2, lora_named
 from orthograd.data.authors import forget_authors
@@ -51,36 +51,68 @@ class AuthorsExperiment:
             bench.split(authors)
 
     def plan(self, finished: FinishedRuns) -> Iterator[Phase]:
-        """Per forget fraction: the validation phase (when any run has a grid), then the test phase with the values
-        each gridded run kept on validation."""
+        """Per forget fraction: the validation phase (when any run has a grid: every gridded row's search,
+        ``bench.protocol.Search``, once more for the rows whose choice lies on an edge), then the test phase with
+        the values each gridded row kept on validation."""
         config = self.config
         chosen: dict[str, dict[str, Any]] = {}
         for phase, fraction, authors in self.splits():
             references = [self._job(phase, fraction, authors, label, method, {}, None)
                           for method, label in REFERENCES.items()]
             if phase == "validation":
-                first = config.protocol.seeds[0]
-                size = max(grid_size(spec.grid) for spec in config.gridded())  # every tuned row: as many trials
-                grids = {spec.label: [(point, self._run(phase, fraction, authors, spec, point, first))
-                                      for point in trials(spec.grid, size=size, seed=spec.label)]
-                         for spec in config.gridded()}
-                yield Phase(f"validation, forget {100 * fraction:g}%",
-                            [*references, *(job for scored in grids.values() for _, job in scored)])
-                utility = finished[references[0].key]["model_utility"]
-                chosen = {label: choose([(point, finished[job.key]) for point, job in scored],
-                                        original_utility=utility, keep_utility=config.tuning.keep_utility)
-                          for label, scored in grids.items()}
-                for label, values in chosen.items():
-                    log.info("validation: %s keeps %s", label, values)
-                self.selection[f"{fraction:g}"] = {
-                    label: {"chosen": chosen[label], "trials": [
-                        {"params": point, **{k: finished[job.key].get(k) for k in ("forget_quality", "model_utility")}}
-                        for point, job in scored]}
-                    for label, scored in grids.items()}
+                chosen = yield from self._validation(fraction, authors, references, finished)
             else:
                 runs = [self._run(phase, fraction, authors, spec, chosen.get(spec.label, {}), seed)
                         for spec in config.methods.values() for seed in config.protocol.seeds]
                 yield Phase(f"test, forget {100 * fraction:g}%", [*references, *runs])
+
+    def _validation(self, fraction: float, authors: tuple[int, ...], references: Sequence[Job],
+                    finished: FinishedRuns) -> Generator[Phase, None, dict[str, dict[str, Any]]]:
+        """The validation phases of one forget fraction; returns each gridded row's kept values."""
+        config = self.config
+        rows = {spec.label: spec for spec in config.gridded()}
+        size = max(grid_size(spec.grid) for spec in rows.values())  # every tuned row: as many trials
+        searches = {label: Search(label, spec.grid, size=size, extend=config.tuning.extend_edges,
+                                  accepts=method_accepts(spec.method, config.params(spec)))
+                    for label, spec in rows.items()}
+
+        def jobs(label: str, points: Sequence[dict[str, Any]]) -> list[Job]:
+            return [self._run("validation", fraction, authors, rows[label], point, config.protocol.seeds[0])
+                    for point in points]
+
+        def scored(label: str) -> list[tuple[int, dict[str, Any], Record]]:
+            points = searches[label].tried()
+            runs = jobs(label, [point for _, point in points])
+            return [(index, point, finished[job.key]) for (index, point), job in zip(points, runs, strict=True)]
+
+        def best(label: str) -> dict[str, Any]:
+            return choose([(point, record) for _, point, record in scored(label)],
+                          original_utility=finished[references[0].key]["model_utility"],
+                          keep_utility=config.tuning.keep_utility)
+
+        first = [job for label, search in searches.items() for job in jobs(label, search.rounds[0])]
+        yield Phase(f"validation, forget {100 * fraction:g}%", [*references, *first])
+        extended = [job for label, search in searches.items() for job in jobs(label, search.extension(best(label)))]
+        if extended:
+            yield Phase(f"validation, edges extended, forget {100 * fraction:g}%", extended)
+        chosen = {label: best(label) for label in searches}
+        for label, values in chosen.items():
+            log.info("validation: %s keeps %s", label, values)
+        self.selection[f"{fraction:g}"] = {label: self._selected(searches[label], chosen[label], scored(label))
+                                           for label in searches}
+        return chosen
+
+    @staticmethod
+    def _selected(search: Search, chosen: dict[str, Any], scored: Sequence[tuple[int, dict[str, Any], Record]],
+                  ) -> dict[str, Any]:
+        """A row's ``selection.json`` entry: the kept values and every trial (with its round and the search's
+        edges when the search extends)."""
+        measured = ("forget_quality", "model_utility")
+        if not search.extend:
+            return {"chosen": chosen, "trials": [{"params": point, **{k: record.get(k) for k in measured}}
+                                                 for _, point, record in scored]}
+        return {"chosen": chosen, "trials": [{"params": point, "round": index, **{k: record.get(k) for k in measured}}
+                                             for index, point, record in scored], **search.summary(chosen)}
 
     def run_job(self, job: Job) -> Record:
         """Measure the job's model on its split: the original, the retrained reference, or a run from the original."""
