@@ -15,7 +15,7 @@ Schema (every section optional except ``methods``; unknown keys are errors); ``m
     protocol: {stop, max_epochs, max_steps, eval_every, checks_per_epoch, track, seeds, defaults}   stop: the
                                                            W_unlearn target (null: the whole budget); seeds: one;
                                                            defaults: params shared by every row
-    tuning:   {splits, seed}                               splits: validation speakers (other training speakers,
+    tuning:   {splits, seed, search, extend_edges}         splits: validation speakers (other training speakers,
                                                            drawn with seed), unlearned in their own runs to choose
                                                            a grid's variant
     methods:  {LABEL: {method, params, grid, tables}}      tables: [1] ablation, [2] comparison; grid: lists

@@ -28,7 +28,7 @@ Schema (every section optional except ``methods``; unknown keys are errors); ``m
               "never" (a fixed budget); ``max_steps`` optimizer steps for every method (Finetune and SCRUB
               included), with ``max_epochs`` passes as a second cap; the rule checked ``checks_per_epoch`` times a
               forget pass (or every ``eval_every`` steps)
-    tuning:   {seed, keep_utility}                       per forget fraction, a validation split of other authors
+    tuning:   {seed, keep_utility, search, extend_edges}  per forget fraction, a validation split of other authors
     methods:  {LABEL: {method, params, grid}}            grid: {name: [values]} chosen on validation (optional)
 """
 
