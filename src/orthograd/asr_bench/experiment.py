@@ -33,7 +33,7 @@ from orthograd.bench.config import content_hash
 from orthograd.bench.engine import FinishedRuns, Phase
 from orthograd.bench.jobs import Job, ProcessCache, record_key
 from orthograd.bench.model_store import ModelStore
-from orthograd.bench.protocol import Search, bench_unlearn, eval_every_for, method_accepts, select, trials
+from orthograd.bench.protocol import Search, bench_unlearn, method_accepts, run_schedule, select, trials
 from orthograd.bench.records import record_envelope
 from orthograd.bench.upgrade import hash_format2, lora_named
 from orthograd.data.audio import SpeechDataset
@@ -381,10 +381,8 @@ class SpeakerExperiment:
             task=ctx.task,
             stop=wer_target_rule(threshold=protocol.stop) if protocol.stop is not None else "never",
             test=sets["test"],
-            **protocol.budget(),
-            eval_every=eval_every_for(job.method, job.hyperparameters, forget_size=len(sets["unlearn"]),
-                                      eval_every=protocol.eval_every, checks_per_epoch=protocol.checks_per_epoch)
-            if protocol.stop is not None else protocol.eval_every,
+            **run_schedule(protocol, method=job.method, hyperparameters=job.hyperparameters,
+                           forget_size=len(sets["unlearn"]), has_rule=protocol.stop is not None),
             track=protocol.track,
             device=ctx.device,
             seed=run_seed(config),

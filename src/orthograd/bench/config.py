@@ -125,10 +125,6 @@ class ProtocolConfig(ConfigSection):
             raise ValueError("protocol needs a budget: set max_epochs, max_steps or both")
         return self
 
-    def budget(self) -> dict[str, int | None]:
-        """``max_epochs`` and ``max_steps`` as ``unlearn`` takes them."""
-        return {"max_epochs": self.max_epochs, "max_steps": self.max_steps}
-
 
 class TuningConfig(ConfigSection):
     """How a gridded row is tuned: each grid point runs on ``splits`` validation splits drawn with ``seed`` (none

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from orthograd import methods
 from orthograd.api import unlearn
-from orthograd.bench.config import content_hash, grid_points
+from orthograd.bench.config import ProtocolConfig, content_hash, grid_points
 from orthograd.results import UnlearnResult
 
 T = TypeVar("T")
@@ -49,6 +49,17 @@ def eval_every_for(
         return eval_every
     batch_size = getattr(methods.make_config(method, dict(hyperparameters)), "forget_batch_size", None) or 1
     return max(1, math.ceil(forget_size / batch_size) // checks_per_epoch)
+
+
+def run_schedule(
+    protocol: ProtocolConfig, *, method: str, hyperparameters: Mapping[str, Any], forget_size: int, has_rule: bool,
+) -> dict[str, int | None]:
+    """The budget and the stop rule's cadence of one run under ``protocol`` (``max_epochs``, ``max_steps``,
+    ``eval_every`` as ``unlearn`` takes them): every task's runs get theirs here. Without a stop rule there is
+    nothing to check: ``protocol.eval_every`` as given (None: every epoch's row only)."""
+    eval_every = eval_every_for(method, hyperparameters, forget_size=forget_size, eval_every=protocol.eval_every,
+                                checks_per_epoch=protocol.checks_per_epoch) if has_rule else protocol.eval_every
+    return {"max_epochs": protocol.max_epochs, "max_steps": protocol.max_steps, "eval_every": eval_every}
 
 
 def grid_size(grid: Mapping[str, Sequence[Any]]) -> int:

@@ -25,9 +25,9 @@ from orthograd.bench.jobs import Job, ProcessCache, record_key
 from orthograd.bench.protocol import (
     Search,
     bench_unlearn,
-    eval_every_for,
     grid_size,
     method_accepts,
+    run_schedule,
     select,
 )
 from orthograd.bench.records import record_envelope
@@ -166,10 +166,8 @@ class JobInputs:
         return {
             "method": job.method,
             "stop": self.config.scenario.kind if protocol.stop else "never",
-            **protocol.budget(),
-            "eval_every": eval_every_for(job.method, job.hyperparameters, forget_size=len(self.split.forget),
-                                         eval_every=protocol.eval_every, checks_per_epoch=protocol.checks_per_epoch)
-            if protocol.stop else protocol.eval_every,
+            **run_schedule(protocol, method=job.method, hyperparameters=job.hyperparameters,
+                           forget_size=len(self.split.forget), has_rule=protocol.stop),
             "track": protocol.track,
             "device": device,
             "seed": self.seed,

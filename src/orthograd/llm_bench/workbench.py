@@ -29,7 +29,7 @@ from orthograd import methods
 from orthograd.bench.config import content_hash
 from orthograd.bench.jobs import ProcessCache
 from orthograd.bench.model_store import ModelStore
-from orthograd.bench.protocol import bench_unlearn, eval_every_for
+from orthograd.bench.protocol import bench_unlearn, run_schedule
 from orthograd.data.authors import QAPair, generate_authors, qa_pairs
 from orthograd.data.world import Knowledge, general_knowledge
 from orthograd.llm_bench.config import AuthorsBenchConfig
@@ -200,11 +200,11 @@ class Workbench:
         (``track="stop"``: the forget set; the retain and never-seen sets at each end; every set each epoch when
         there is no rule)."""
         setup = self.config.protocol
-        cadence = (eval_every_for(method, params, forget_size=len(split.forget), eval_every=setup.eval_every,
-                                  checks_per_epoch=setup.checks_per_epoch) if setup.stop != NO_RULE else None)
+        schedule = run_schedule(setup, method=method, hyperparameters=params, forget_size=len(split.forget),
+                                has_rule=setup.stop != NO_RULE)
         return bench_unlearn(self.original, self.corpus.items(split.forget), self.corpus.items(split.retain),
-                             method=method, task=self.task, max_epochs=setup.max_epochs, max_steps=setup.max_steps,
-                             eval_every=cadence, seed=seed, device=self.device, stop=self.stop_rule(split),
+                             method=method, task=self.task, **schedule, seed=seed, device=self.device,
+                             stop=self.stop_rule(split),
                              test=self.corpus.items(self.corpus.holdout()),
                              track="stop" if setup.stop != NO_RULE else "all", verbose=False,
                              **_with_lora(method, params, setup.lora))
