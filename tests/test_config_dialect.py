@@ -60,6 +60,8 @@ def test_a_row_runs_its_label_lower_cased_unless_it_names_its_method() -> None:
         validate_experiment({"task": "causal_lm", "name": "x", "methods": {"Mine": {}}})
     with pytest.raises(ConfigError, match="grid values must be non-empty lists"):
         validate_experiment({"task": "causal_lm", "name": "x", "methods": {"NPO": {"grid": {"lr": []}}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'methods.NPO.lr'; valid keys here: grid, label, method, par"):
+        validate_experiment({"task": "causal_lm", "name": "x", "methods": {"NPO": {"lr": 0.1}}})  # not in params
 
 
 def test_the_shared_sections_refuse_what_a_task_cannot_do() -> None:

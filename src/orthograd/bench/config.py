@@ -241,14 +241,17 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 def _valid_keys(loc: Sequence[Any], root: type[BaseModel]) -> str:
     """The keys accepted by the section of ``root`` that holds the unknown key at ``loc``."""
     candidates: list[type[BaseModel]] = [root]
+    keyed = False  # the part is a key of a mapping of sections (a methods row's label)
     for part in loc[:-1]:
-        if isinstance(part, int):  # an item of a list section: its model is already the candidate
+        if isinstance(part, int) or keyed:  # an item of a list or mapping: its model is already the candidate
+            keyed = False
             continue
         if len(candidates) > 1:  # a tagged union: pydantic puts the tag (e.g. model.arch's value) in the location
             candidates = [m for m in candidates if _has_tag(m, part)] or candidates
             continue
         field = candidates[0].model_fields.get(str(part))
         candidates = _models_in(field.annotation) if field is not None else []
+        keyed = field is not None and get_origin(field.annotation) in (dict, Mapping)
         if not candidates:
             return "(see the config reference)"
     return ", ".join(sorted(candidates[0].model_fields))
