@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     kind = load_config(args.config, overrides=args.overrides)[0].scenario.kind
-    first_split = "scenario.seeds=[0]" if kind == "random" else "scenario.classes=[1]"
+    first_split = "protocol.seeds=[0]" if kind == "random" else "scenario.classes=[1]"
     overrides = [first_split, "scenario.retrain=true", *args.overrides]
     timer, records, total = profile(args.config, overrides)
     print(report(timer, records, total, args.config))

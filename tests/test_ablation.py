@@ -14,7 +14,7 @@ from orthograd.image_bench.config import load_config
 from orthograd.image_bench.report import write_report
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "orthograd" / "configs"
-SHARED = ("data", "model", "train", "unlearn", "device", "cache_dir")
+SHARED = ("data", "model", "train", "protocol", "device", "cache_dir")
 
 
 @pytest.fixture(autouse=True)
@@ -30,22 +30,23 @@ def test_the_ablation_runs_three_orthograd_schedules_on_the_small_benchmarks_spl
     for config in ablation:
         (base,), _ = load_experiment(CONFIGS / f"fashion_mnist_{config.scenario.kind}.yaml")
         assert set(config.methods) == {"orthograd", "orthograd-normalized", "orthograd-fixed"}
-        assert config.methods["orthograd"] == config.methods["orthograd-normalized"] == {}
+        assert config.methods["orthograd"].params == config.methods["orthograd-normalized"].params == {}
         for section in SHARED:
             assert getattr(config, section) == getattr(base, section), section
         assert config.scenario == base.scenario  # the same seeds or classes, forget and retain sizes
         # the validation pool is drawn the same way, so the test splits are the base benchmark's
-        assert config.sweep.model_dump(exclude={"grid"}) == base.sweep.model_dump(exclude={"grid"})
-        assert set(config.sweep.grid) == {"orthograd-fixed"} and "alpha" not in config.sweep.grid["orthograd-fixed"]
-        assert config.methods["orthograd-fixed"]["alpha"] == {"random": 0.9, "class": 0.8}[config.scenario.kind]
+        assert config.tuning == base.tuning
+        assert [row.label for row in config.gridded()] == ["orthograd-fixed"]
+        assert "alpha" not in config.methods["orthograd-fixed"].grid
+        assert config.methods["orthograd-fixed"].params["alpha"] == {"random": 0.9, "class": 0.8}[config.scenario.kind]
 
 
 def test_records_and_the_cost_table_count_the_controllers_actions(tmp_path: Path) -> None:
     config, raw = load_config(
         CONFIGS / "demo.yaml", variant="random",
         overrides=["train.epochs=2", "scenario.retrain=false", "scenario.forget_size=40", "scenario.retain_size=60",
-                   "unlearn.max_epochs=1", f"cache_dir={tmp_path / 'cache'}", "scenario.seeds=[0, 1]",
-                   "methods={orthograd: {}, orthograd-normalized: {}, neggrad: {forget_batch_size: 32}}"],
+                   "protocol.max_epochs=1", f"cache_dir={tmp_path / 'cache'}", "protocol.seeds=[0, 1]",
+                   "methods={orthograd: {}, orthograd-normalized: {}, neggrad: {params: {forget_batch_size: 32}}}"],
     )
     records = run_test_phase(config, raw, out_dir=tmp_path / "run")
     by_method = {m: [r for r in records if r["method"] == m] for m in ("orthograd", "orthograd-normalized", "neggrad")}

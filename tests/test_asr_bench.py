@@ -14,15 +14,16 @@ import pytest
 from orthograd.asr_bench.config import load_config
 from orthograd.asr_bench.corpus import SpeakerCorpus, build_corpus
 from orthograd.asr_bench.experiment import (
+    IDENTITY,
     choose_variants,
     plan_jobs,
     plan_validation_jobs,
-    record_key,
     split_for,
     validation_speakers,
 )
 from orthograd.asr_bench.tables import COLUMNS, speaker_tables
 from orthograd.bench.experiments import run_experiment
+from orthograd.bench.jobs import record_key
 from orthograd.bench.upgrade import upgrade_log
 from orthograd.data.espeak import PROBE_SENTENCE, VOICES, make_sentences, speak, synthesize_corpus
 from orthograd.data.librispeech import Utterance, pick_speakers
@@ -58,8 +59,8 @@ def test_tiny_speaker_unlearning_run_writes_records_and_tables(tmp_path):
         "corpus.test_sentences_per_voice=2",
         "model.window_s=6.0", "model.max_new_tokens=20",
         "original.steps=1", "original.batch_size=2",
-        "unlearning.defaults={forget_batch_size: 2, retain_batch_size: 2, optimizer: adam}",
-        "runs=[{label: OrthoGrad, method: orthograd, tables: [1, 2], params: {alpha: 0.2, lr: 1.0e-3}}]",
+        "protocol.defaults={forget_batch_size: 2, retain_batch_size: 2, optimizer: adam}",
+        "methods={OrthoGrad: {tables: [1, 2], params: {alpha: 0.2, lr: 1.0e-3}}}",
     ]
     records = run_experiment("configs/espeak_speaker_smoke.yaml", overrides=overrides)
     assert [r["label"] for r in records] == ["Original", "OrthoGrad"]
@@ -95,7 +96,7 @@ def test_tiny_speaker_unlearning_run_writes_records_and_tables(tmp_path):
     assert log.read_text().count("\n") == lines and (tmp_path / "run" / "tables.md").read_text() == tables
     # A changed setting makes new records; the old ones stay in the log but out of this config's tables
     changed = run_experiment("configs/espeak_speaker_smoke.yaml",
-                             overrides=[*overrides, "unlearning.max_epochs=2"])
+                             overrides=[*overrides, "protocol.max_epochs=2"])
     assert len(changed) == 2 and {r["key"] for r in changed}.isdisjoint(r["key"] for r in records)
 
 
@@ -107,11 +108,11 @@ def _record(label: str, variant: str, speaker: str, *, unlearn: float, test: flo
 
 def test_grid_variant_is_chosen_on_validation_speakers_never_on_test():
     config = load_config("configs/espeak_speaker_smoke.yaml", [
-        "corpus.validation_voices=1", "speakers.validation_count=1",
-        "runs=[{label: OrthoGrad, method: orthograd-fixed, tables: [1, 2], grid: {lr: [0.001, 0.003]}}]",
+        "corpus.validation_voices=1", "tuning.splits=1",
+        "methods={OrthoGrad: {method: orthograd-fixed, tables: [1, 2], grid: {lr: [0.001, 0.003]}}}",
     ])
     a, b = "OrthoGrad (lr=0.001)", "OrthoGrad (lr=0.003)"
-    assert [v for v, _ in config.runs[0].expand(size=config.grid_size())] == [a, b]
+    assert [v for v, _ in config.rows()[0].expand(size=config.grid_size())] == [a, b]
     # since the shared protocol, the variants unlearn validation speakers in runs of their own: both reach the
     # target there, b has the lower W_val, so b is chosen; the test speakers then run b alone
     validation = [
@@ -121,7 +122,7 @@ def test_grid_variant_is_chosen_on_validation_speakers_never_on_test():
     chosen = choose_variants(config, validation)["OrthoGrad"]
     assert chosen["variant"] == b and not chosen["fallback"] and chosen["W_val"] == 10
     jobs = plan_jobs(config, ["s1"], {"OrthoGrad": (chosen["variant"], chosen["params"])})
-    assert [j.variant for j in jobs] == ["Original", b] and jobs[1].hyperparameters["lr"] == 0.003
+    assert [j.split["variant"] for j in jobs] == ["Original", b] and jobs[1].hyperparameters["lr"] == 0.003
     tested = [_record("OrthoGrad", b, s, unlearn=90, test=20, val=10) for s in ("s1", "s2")]
     tables = speaker_tables([*validation, *tested], config)
     assert f"| {b} | " in tables and f"| {a} | " not in tables
@@ -159,7 +160,7 @@ def test_validation_runs_retain_nothing_of_a_test_run():
 def test_a_grid_without_validation_speakers_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"set corpus.validation_voices"):
         load_config("configs/espeak_speaker_smoke.yaml", [
-            "runs=[{label: OrthoGrad, method: orthograd-fixed, grid: {lr: [0.001, 0.003]}}]",
+            "methods={OrthoGrad: {method: orthograd-fixed, grid: {lr: [0.001, 0.003]}}}",
         ])
 
 
@@ -189,22 +190,22 @@ def test_committed_speaker_records_of_the_earlier_protocol_are_not_mixed_into_a_
     speakers = pick_speakers(voices, count=config.speakers.count, seed=config.speakers.seed)
     validating = validation_speakers(config, voices, speakers)
     validation_jobs = plan_validation_jobs(config, validating)
-    gridded = [spec for spec in config.runs if spec.grid]
+    gridded = config.gridded()
     assert len(validation_jobs) == len(validating) * len(gridded) * config.grid_size() == 2 * 4 * 4
     chosen = {spec.label: spec.expand(size=config.grid_size())[0] for spec in gridded}
     jobs = {job.key: job for job in [*validation_jobs, *plan_jobs(config, speakers, chosen)]}
-    assert len(jobs) == 32 + len(speakers) * (1 + len(config.runs))
+    assert len(jobs) == 32 + len(speakers) * (1 + len(config.methods))
     committed = [json.loads(line) for line in (ROOT / "benchmarks/espeak_speaker/results.jsonl").open()]
-    assert committed and not any(record_key(r) in jobs for r in committed)
+    assert committed and not any(record_key(r, IDENTITY) in jobs for r in committed)
 
 
 def test_config_keeps_numbers_as_written_and_names_the_valid_keys():
     config = load_config("configs/espeak_speaker.yaml", ["model.window_s=8"])
-    assert config.unlearning.stop_wer == 75 and isinstance(config.unlearning.stop_wer, int)  # keys hash it as 75
+    assert config.protocol.stop == 75 and isinstance(config.protocol.stop, int)  # keys hash it as 75
     assert repr(config.model) == "ModelConfig(source='tiny.en-offline', window_s=8, max_new_tokens=30, device=None)"
     assert config.run_dir() == Path("runs/espeak_speaker")
-    with pytest.raises(ValueError, match=r"unknown key 'protocol.nonsense'; valid keys here: heldout_fraction"):
-        load_config("configs/espeak_speaker.yaml", ["protocol.nonsense=1"])
+    with pytest.raises(ValueError, match=r"unknown key 'scenario.nonsense'; valid keys here: heldout_fraction"):
+        load_config("configs/espeak_speaker.yaml", ["scenario.nonsense=1"])
     with pytest.raises(ValueError, match=r"model.window_s must be in \(0, 30\]"):
         load_config("configs/espeak_speaker.yaml", ["model.window_s=31"])
 

@@ -38,11 +38,11 @@ def _overrides(out: Path, cache: Path) -> list[str]:
         f"output={out}",
         f"corpus.cache_dir={cache}",
         "corpus.train_voices=2", "corpus.test_voices=1", "corpus.sentences_per_voice=4",
-        "corpus.test_sentences_per_voice=2", "protocol.retain_fraction=0.9",
+        "corpus.test_sentences_per_voice=2", "scenario.retain_fraction=0.9",
         "model.window_s=6.0", "model.max_new_tokens=20",
-        "original.steps=1", "original.batch_size=2", "unlearning.max_epochs=2",
-        "unlearning.defaults={forget_batch_size: 3, retain_batch_size: 3}",  # 3 forget, 4 retain utterances
-        "runs=[{label: OrthoGrad, method: orthograd, tables: [1, 2], params: {}}]",
+        "original.steps=1", "original.batch_size=2", "protocol.max_epochs=2",
+        "protocol.defaults={forget_batch_size: 3, retain_batch_size: 3}",  # 3 forget, 4 retain utterances
+        "methods={OrthoGrad: {tables: [1, 2]}}",
     ]
 
 

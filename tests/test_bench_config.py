@@ -40,16 +40,16 @@ def test_shipped_llm_config_validates_with_its_schema() -> None:
     from orthograd.methods import make_config
 
     config = llm_bench.load_config(CONFIGS / "authors_llm.yaml")
-    assert config.task == "causal_lm" and config.protocol.forget_fractions == (0.01, 0.05, 0.1)
-    assert len(config.unlearning.seeds) >= 5 and set(config.unlearning.lora["targets"]) == set(
+    assert config.task == "causal_lm" and config.scenario.forget_fractions == (0.01, 0.05, 0.1)
+    assert len(config.protocol.seeds) >= 5 and set(config.protocol.lora["targets"]) == set(
         llm_bench.config.LLAMA_PROJECTIONS)  # attention and MLP projections, one LoRA for every method
-    methods = {run.method for run in config.runs}
+    methods = {run.method for run in config.methods.values()}
     assert {"orthograd", "orthograd-fixed", "neggrad", "neggrad+", "npo", "graddiff", "simnpo", "rmu", "finetune",
             "scrub"} <= methods
-    for run in config.runs:  # every grid point is a valid config; only the tuning-free default has no grid
+    for run in config.methods.values():  # every grid point is a valid config; only the tuning-free default has no grid
         assert bool(run.grid) == (run.method != "orthograd")
         for point in grid_points(run.grid):
-            make_config(run.method, {**config.unlearning.defaults, **run.params, **point})
+            make_config(run.method, {**config.params(run), **point})
     assert "authors_llm.yaml" not in image_configs()
 
 
@@ -76,32 +76,33 @@ def test_bad_values_and_unknown_hyperparameters_are_errors() -> None:
     with pytest.raises(ConfigError, match="scenario.forget_size is required"):
         validate_config(apply_overrides(demo_raw(), ["scenario.forget_size=null"]))
     with pytest.raises(ConfigError, match=r"unknown hyperparameter\(s\) \['alhpa'\].*valid: .*'alpha'"):
-        validate_config(apply_overrides(demo_raw(), ["methods.orthograd.alhpa=0.5"]))
-    with pytest.raises(ConfigError, match="unknown method 'orthgrad'"):
+        validate_config(apply_overrides(demo_raw(), ["methods.orthograd.params.alhpa=0.5"]))
+    with pytest.raises(ConfigError, match="'orthgrad' is not a registered method"):
         validate_config(apply_overrides(demo_raw(), ["methods.orthgrad={}"]))
     with pytest.raises(ConfigError, match="data.validation_size > 0"):
-        validate_config(apply_overrides(demo_raw(), ["sweep={grid: {neggrad: {lr: [0.1]}}}"]))
+        validate_config(apply_overrides(demo_raw(), ["methods.neggrad.grid={lr: [0.1]}"]))
     with pytest.raises(ConfigError, match="model.weights is not set"):
         validate_config(apply_overrides(demo_raw(), ["train.epochs=0"]))
-    with pytest.raises(ConfigError, match=r"sweep.retain_size is 50, which is not one of scenario.retain_size"):
+    with pytest.raises(ConfigError, match=r"tuning.retain_size is 50, which is not one of scenario.retain_size"):
         validate_config(apply_overrides(demo_raw(), [
             "data.validation_size=100", "scenario.retain_size=[100, 200]",
-            "sweep={grid: {neggrad: {lr: [0.1]}}, retain_size: 50}",
+            "methods.neggrad.grid={lr: [0.1]}", "tuning.retain_size=50",
         ]))
 
 
 def test_set_overrides_parse_yaml_values_into_nested_keys() -> None:
     raw = apply_overrides(
-        demo_raw(), ["unlearn.max_epochs=5", "scenario.seeds=[3, 4]", "data.train_size=null", "methods.neggrad.lr=0.5"]
+        demo_raw(), ["protocol.max_epochs=5", "protocol.seeds=[3, 4]", "data.train_size=null",
+                     "methods.neggrad.params.lr=0.5"]
     )
     config = validate_config(raw)
-    assert config.unlearn.max_epochs == 5
-    assert config.scenario.seeds == [3, 4]
+    assert config.protocol.max_epochs == 5
+    assert config.protocol.seeds == (3, 4)
     assert config.data.train_size is None
-    assert config.methods["neggrad"] == {"lr": 0.5}
-    assert demo_raw()["unlearn"]["max_epochs"] == 30  # the source dict is not modified
+    assert config.methods["neggrad"].params == {"lr": 0.5}
+    assert demo_raw()["protocol"]["max_epochs"] == 30  # the source dict is not modified
     with pytest.raises(ConfigError, match="key=value"):
-        apply_overrides(demo_raw(), ["unlearn.max_epochs"])
+        apply_overrides(demo_raw(), ["protocol.max_epochs"])
     with pytest.raises(ConfigError, match="is a value"):
         apply_overrides(demo_raw(), ["name.inner=1"])
 
@@ -109,7 +110,7 @@ def test_set_overrides_parse_yaml_values_into_nested_keys() -> None:
 def test_original_hash_follows_data_model_and_training_only() -> None:
     base = validate_config(demo_raw())
     assert (
-        validate_config(apply_overrides(demo_raw(), ["unlearn.max_epochs=3"])).original_hash() == base.original_hash()
+        validate_config(apply_overrides(demo_raw(), ["protocol.max_epochs=3"])).original_hash() == base.original_hash()
     )
     assert validate_config(apply_overrides(demo_raw(), ["train.epochs=3"])).original_hash() != base.original_hash()
 
@@ -127,10 +128,10 @@ def test_missing_data_folders_name_the_expected_layout(tmp_path: Path) -> None:
 
 
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["bench", str(CONFIGS / "demo.yaml"), "--set", "unlearn.max_epoch=3",
+    result = CliRunner().invoke(app, ["bench", str(CONFIGS / "demo.yaml"), "--set", "protocol.max_epoch=3",
                                       "--out", str(tmp_path)])
     assert result.exit_code == 2
-    assert "unknown key 'unlearn.max_epoch'" in result.output and "max_epochs" in result.output
+    assert "unknown key 'protocol.max_epoch'" in result.output and "max_epochs" in result.output
 
 
 def test_paper_configs_carry_the_appendix_a_grids_and_every_point_is_a_valid_config() -> None:
@@ -144,8 +145,8 @@ def test_paper_configs_carry_the_appendix_a_grids_and_every_point_is_a_valid_con
     for path in paper:
         config, _ = load_config(path)
         tuned = set(config.methods) - {"finetune", "orthograd"}  # FT: the reference row; adaptive OrthoGrad: no grid
-        assert config.sweep is not None and set(config.sweep.grid) == tuned
-        assert config.sweep.grid["orthograd-fixed"]["alpha"] == [0.9, 0.8]  # Appendix A.1
-        for method, grid in config.sweep.grid.items():
-            for values in itertools.product(*grid.values()):
-                make_config(method, {**config.methods[method], **dict(zip(grid, values, strict=True))})
+        assert {row.label for row in config.gridded()} == tuned
+        assert config.methods["orthograd-fixed"].grid["alpha"] == [0.9, 0.8]  # Appendix A.1
+        for row in config.gridded():
+            for values in itertools.product(*row.grid.values()):
+                make_config(row.method, {**config.params(row), **dict(zip(row.grid, values, strict=True))})

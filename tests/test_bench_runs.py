@@ -25,9 +25,9 @@ from orthograd.io import ResultsLog
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_PROTOCOL = [
-    "unlearn.max_epochs=1",
-    "unlearn.stop=false",
-    "unlearn.eval_every=null",
+    "protocol.max_epochs=1",
+    "protocol.stop=false",
+    "protocol.eval_every=null",
     "train.epochs=1",
     "train.batch_size=16",
 ]
@@ -70,9 +70,8 @@ def test_cifar10_resnet18_config_runs_on_generated_batches(tmp_path: Path) -> No
     config, raw = load_config(
         CONFIGS / "cifar10_resnet18_class.yaml",
         overrides=[f"data.root={tmp_path / 'cifar'}", "data.verify_checksums=false", "data.validation_size=0",
-                   "sweep=null",
                    "scenario.classes=[3]", "scenario.retain_size=8", "device=cpu", f"cache_dir={tmp_path / 'cache'}",
-                   "methods={neggrad: {lr: 1.0e-5, forget_batch_size: 8}}", *TINY_PROTOCOL],
+                   "methods={neggrad: {params: {lr: 1.0e-5, forget_batch_size: 8}}}", *TINY_PROTOCOL],
     )
     records = run_test_phase(config, raw, out_dir=tmp_path / "run")
     (record,) = records
@@ -105,15 +104,14 @@ def test_imagenet_configs_run_on_a_generated_imagefolder(tmp_path: Path, name: s
             f"data.root={tmp_path / 'imagenet'}",
             "data.image_size=32",
             "data.validation_size=0",
-            "sweep=null",
             "model.weights=null",
             "train.lr=1.0e-3",
             "scenario.forget_size=6",
             "scenario.retain_size=6",
-            "scenario.seeds=[0]",
+            "protocol.seeds=[0]",
             "device=cpu",
             f"cache_dir={tmp_path / 'cache'}",
-            "methods={orthograd: {lr: 1.0e-3, forget_batch_size: 6, retain_batch_size: 6}}",
+            "methods={orthograd: {params: {lr: 1.0e-3, forget_batch_size: 6, retain_batch_size: 6}}}",
             *TINY_PROTOCOL,
             "train.batch_size=32",
             *model_overrides,
@@ -128,14 +126,14 @@ def tiny_digits(tmp_path: Path, *extra: str):
     return load_config(
         CONFIGS / "demo.yaml",
         overrides=["train.epochs=2", "scenario.retrain=false", "scenario.forget_size=40", "scenario.retain_size=60",
-                   "unlearn.max_epochs=2", f"cache_dir={tmp_path / 'cache'}", *extra],
+                   "protocol.max_epochs=2", f"cache_dir={tmp_path / 'cache'}", *extra],
         variant="random",
     )
 
 
 def test_original_model_is_trained_once_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    methods = "methods={neggrad: {lr: 5.0e-3, forget_batch_size: 32}}"
-    config, raw = tiny_digits(tmp_path, "scenario.seeds=[0]", methods)
+    methods = "methods={neggrad: {params: {lr: 5.0e-3, forget_batch_size: 32}}}"
+    config, raw = tiny_digits(tmp_path, "protocol.seeds=[0]", methods)
     first = run_test_phase(config, raw, out_dir=tmp_path / "a")
     image._CONTEXTS.clear()
 
@@ -151,8 +149,9 @@ def test_original_model_is_trained_once_and_reused(tmp_path: Path, monkeypatch: 
 
 def test_sweep_selects_on_validation_and_evaluates_the_choice_on_test(tmp_path: Path) -> None:
     config, raw = tiny_digits(
-        tmp_path, "scenario.seeds=[0, 1]", "data.validation_size=200",
-        "methods={neggrad: {forget_batch_size: 32}}", "sweep={grid: {neggrad: {lr: [1.0e-7, 5.0e-2]}}, splits: 1}",
+        tmp_path, "protocol.seeds=[0, 1]", "data.validation_size=200",
+        "methods={neggrad: {params: {forget_batch_size: 32}}}", "methods.neggrad.grid={lr: [1.0e-7, 5.0e-2]}",
+        "tuning.splits=1",
     )
     records = run_test_phase(config, raw, out_dir=tmp_path / "run")
     log = ResultsLog(tmp_path / "run" / "results.jsonl").records()
@@ -169,9 +168,9 @@ def test_sweep_selects_on_validation_and_evaluates_the_choice_on_test(tmp_path: 
 
 def test_sweep_scores_the_grid_at_the_chosen_retain_size(tmp_path: Path) -> None:
     config, raw = tiny_digits(
-        tmp_path, "scenario.seeds=[0]", "scenario.retain_size=[40, 80]", "data.validation_size=200",
-        "methods={neggrad: {forget_batch_size: 32}}",
-        "sweep={grid: {neggrad: {lr: [1.0e-7, 5.0e-2]}}, retain_size: 80}",
+        tmp_path, "protocol.seeds=[0]", "scenario.retain_size=[40, 80]", "data.validation_size=200",
+        "methods={neggrad: {params: {forget_batch_size: 32}}}",
+        "methods.neggrad.grid={lr: [1.0e-7, 5.0e-2]}", "tuning.retain_size=80",
     )
     records = run_test_phase(config, raw, out_dir=tmp_path / "run")
     sweep = [r for r in ResultsLog(tmp_path / "run" / "results.jsonl").records() if r["phase"] == "sweep"]
@@ -181,26 +180,27 @@ def test_sweep_scores_the_grid_at_the_chosen_retain_size(tmp_path: Path) -> None
 
 def test_track_stop_gives_the_same_records_with_forget_only_rows_between(tmp_path: Path) -> None:
     overrides = ["scenario.kind=class", "scenario.classes=[1]", "scenario.forget_size=null",
-                 "methods={neggrad: {lr: 1.0e-5, forget_batch_size: 32}}", "unlearn.max_epochs=3"]
+                 "methods={neggrad: {params: {lr: 1.0e-5, forget_batch_size: 32}}}", "protocol.max_epochs=3"]
     config, raw = tiny_digits(tmp_path, *overrides)
-    lean_config, lean_raw = tiny_digits(tmp_path, *overrides, "unlearn.track=stop")
+    lean_config, lean_raw = tiny_digits(tmp_path, *overrides, "protocol.track=stop")
     full = run_test_phase(config, raw, out_dir=tmp_path / "full")[0]
     lean = run_test_phase(lean_config, lean_raw, out_dir=tmp_path / "lean")[0]
     assert lean["key"] != full["key"] and lean["steps"] == full["steps"] and lean["uis"] == pytest.approx(full["uis"])
     assert {k: v for k, v in lean["final"].items() if k != "time_s"} == pytest.approx(
         {k: v for k, v in full["final"].items() if k != "time_s"})
     assert len(lean["history"]) == 4 and all("test" not in row for row in lean["history"][1:-1])
-    with pytest.raises(ConfigError, match="set unlearn.stop true"):
-        tiny_digits(tmp_path, "unlearn.stop=false", "unlearn.track=stop")
+    with pytest.raises(ConfigError, match="set protocol.stop true"):
+        tiny_digits(tmp_path, "protocol.stop=false", "protocol.track=stop")
 
 
 def _bench_command(tmp_path: Path, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "orthograd.cli", "bench", str(CONFIGS / "demo.yaml"), "--out", str(out),
         "--set", "variants=null",  # the demo's random-forgetting config alone
-        "--set", "train.epochs=2", "--set", "scenario.retrain=false", "--set", "scenario.seeds=[0, 1, 2]",
-        "--set", "methods={neggrad: {lr: 1.0e-4, forget_batch_size: 16}, finetune: {forget_batch_size: 16}}",
-        "--set", "unlearn.max_epochs=3", "--set", f"cache_dir={tmp_path / 'cache'}",
+        "--set", "train.epochs=2", "--set", "scenario.retrain=false", "--set", "protocol.seeds=[0, 1, 2]",
+        "--set",
+        "methods={neggrad: {params: {lr: 1.0e-4, forget_batch_size: 16}}, finetune: {params: {forget_batch_size: 16}}}",
+        "--set", "protocol.max_epochs=3", "--set", f"cache_dir={tmp_path / 'cache'}",
     ]
 
 

@@ -29,6 +29,7 @@ from torch.utils.data import TensorDataset
 from orthograd import unlearn
 from orthograd.bench.executors.torchrun import DataParallel
 from orthograd.bench.experiments import run_experiment
+from orthograd.bench.jobs import Job
 from orthograd.distributed import unlearn_distributed
 from orthograd.distributed.collectives import gather_counts, global_combination, global_gram_and_product
 from orthograd.distributed.ghost import data_parallel_ghost_span, pair_owner
@@ -39,7 +40,7 @@ from orthograd.grads.ghost import ghost_span
 from orthograd.grads.ghost_math import Outer
 from orthograd.image_bench.config import validate_config
 from orthograd.image_bench.experiment import execute
-from orthograd.image_bench.jobs import Job, job_key
+from orthograd.image_bench.jobs import job_key
 from orthograd.methods.orthograd.direction import orthograd_direction
 from orthograd.models import SmallCNN
 
@@ -86,8 +87,9 @@ def _bench_raw(cache: str) -> dict[str, Any]:
     return {
         "name": "ddp_bench", "data": {"name": "digits", "train_size": 300, "test_size": 100},
         "model": {"arch": "small_cnn", "width": 4}, "train": {"epochs": 2, "lr": 3e-3, "batch_size": 64},
-        "scenario": {"kind": "random", "forget_size": 40, "retain_size": 60, "seeds": [0]},
-        "unlearn": {"max_epochs": 2, "stop": False}, "methods": {"orthograd": ORTHOGRAD}, "device": "cpu",
+        "scenario": {"kind": "random", "forget_size": 40, "retain_size": 60},
+        "protocol": {"seeds": [0], "max_epochs": 2, "stop": False}, "methods": {"orthograd": {"params": ORTHOGRAD}},
+        "device": "cpu",
         "cache_dir": cache,
     }
 
@@ -283,7 +285,9 @@ def test_unlearn_ddp_bench_records_match_the_single_process_bench(ranks: list[di
     written = ResultsLog(ranks[0]["dir"] / "bench" / "results.jsonl").records()
     assert [(r["key"], r["world_size"], r["evaluated_on"]) for r in written] == [(key, WORLD, "test")]
     assert ranks[0]["starts"] == [("test", 1), ("test", 0)] and ranks[1]["starts"] == []  # rank 0 reports alone
-    single = execute(config, Job("test", "orthograd", ORTHOGRAD, 0, 60, key))  # what `orthograd bench` runs
+    job = Job(phase="test", label="orthograd", method="orthograd", hyperparameters=ORTHOGRAD, seed=0, digest=key,
+              split={"split_index": 0, "retain_size": 60})
+    single = execute(config, job)  # what `orthograd bench` runs
     assert written[0]["steps"] == single["steps"] == 4
     # the weights agree to ~1e-5 relative (reduction order differs), so at most a near-tie sample may flip
     sizes = {"forget": 40, "retain": 60, "test": 100}

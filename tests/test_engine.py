@@ -189,20 +189,24 @@ def test_init_seed_makes_the_original_reproducible() -> None:
 
 
 def test_variants_merge_section_by_section_and_overrides_apply_to_every_variant() -> None:
-    raw = {"name": "x", "scenario": {"kind": "random", "forget_size": 5}, "methods": {"neggrad": {"lr": 1.0}},
+    raw = {"name": "x", "scenario": {"kind": "random", "forget_size": 5},
+           "methods": {"neggrad": {"params": {"lr": 1.0}, "grid": {"lr": [1.0, 2.0]}}},
            "variants": {"random": {}, "class": {"scenario": {"kind": "class", "forget_size": None},
-                                                "methods": {"neggrad": {"lr": 2.0}}}}}
-    variants = variants_of(raw, overrides=["methods.neggrad.forget_batch_size=8"])
-    assert variants["random"]["methods"] == {"neggrad": {"lr": 1.0, "forget_batch_size": 8}}
+                                                "methods": {"neggrad": {"params": {"lr": 2.0}}}}}}
+    variants = variants_of(raw, overrides=["methods.neggrad.params.forget_batch_size=8"])
+    assert variants["random"]["methods"] == {"neggrad": {"params": {"lr": 1.0, "forget_batch_size": 8},
+                                                         "grid": {"lr": [1.0, 2.0]}}}
     assert variants["class"]["scenario"] == {"kind": "class", "forget_size": None}
-    assert variants["class"]["methods"] == {"neggrad": {"lr": 2.0, "forget_batch_size": 8}}
+    assert variants["class"]["methods"] == {"neggrad": {"params": {"lr": 2.0, "forget_batch_size": 8},
+                                                        "grid": {"lr": [1.0, 2.0]}}}
     assert list(variants_of({"name": "y"})) == [""]
 
 
 def test_the_demo_is_two_variants_and_variants_null_keeps_its_base(tmp_path: Path) -> None:
     configs, raw = load_experiment(CONFIGS / "demo.yaml")
     assert [c.scenario.kind for c in configs] == ["random", "class"]
-    assert configs[1].methods["neggrad"] == {"lr": 3.0e-3} and configs[0].methods["neggrad"] == {"lr": 5.0e-3}
+    assert configs[1].methods["neggrad"].params == {"lr": 3.0e-3}
+    assert configs[0].methods["neggrad"].params == {"lr": 5.0e-3}
     (base,), _ = load_experiment(CONFIGS / "demo.yaml", overrides=["variants=null"])
     assert base.scenario.kind == "random"
     with pytest.raises(ConfigError, match="has variants"):
@@ -213,8 +217,8 @@ def test_one_loader_tells_tasks_apart_and_names_the_valid_keys() -> None:
     with pytest.raises(ConfigError, match="tasks: classification, asr, causal_lm"):
         validate_experiment({"task": "vision", "name": "x"})
     with pytest.raises(ConfigError, match=r"unknown key 'corpus.voices'; valid keys here: .*train_voices"):
-        validate_experiment({"task": "asr", "name": "x", "corpus": {"voices": 3}, "runs": [{"label": "a",
-                                                                                             "method": "finetune"}]})
+        validate_experiment({"task": "asr", "name": "x", "corpus": {"voices": 3},
+                             "methods": {"a": {"method": "finetune"}}})
     (llm,), _ = load_experiment(CONFIGS / "authors_llm.yaml")
     assert llm.task == "causal_lm" and llm.run_dir() == Path("runs/authors_llm")
 
@@ -277,10 +281,10 @@ def _tiny_image(cache: Path) -> dict[str, Any]:
         "data": {"name": "digits", "train_size": 200, "test_size": 60},
         "model": {"arch": "small_cnn", "width": 4},
         "train": {"epochs": 1, "lr": 3.0e-3, "batch_size": 64},
-        "scenario": {"kind": "random", "forget_size": 20, "retain_size": 40, "seeds": [3], "retrain": False},
-        "unlearn": {"max_epochs": 1, "stop": False, "privacy": False},
-        "methods": {"orthograd": {"schedule": "fixed", "lr": 1.0e-3, "forget_batch_size": 10,
-                                  "retain_batch_size": 20, "lora": {"r": 4, "lora_alpha": 16}}},
+        "scenario": {"kind": "random", "forget_size": 20, "retain_size": 40, "retrain": False},
+        "protocol": {"seeds": [3], "max_epochs": 1, "stop": False, "privacy": False},
+        "methods": {"orthograd": {"params": {"schedule": "fixed", "lr": 1.0e-3, "forget_batch_size": 10,
+                                             "retain_batch_size": 20, "lora": {"r": 4, "lora_alpha": 16}}}},
         "device": "cpu",
         "cache_dir": str(cache),
     }
@@ -327,7 +331,8 @@ def test_an_old_image_record_is_rekeyed_and_renamed_by_upgrade_log_then_resumes_
 def test_upgrade_log_rekeys_speech_and_language_model_records_by_the_jobs_their_configs_plan(tmp_path: Path) -> None:
     """Format-2 keys (computed by the code of format 2) of a speech test run, a speech validation run, and a
     language-model reference and run, each found again under its job's current key."""
-    from orthograd.asr_bench.experiment import record_key
+    from orthograd.asr_bench.experiment import IDENTITY
+    from orthograd.bench.jobs import record_key
     from orthograd.llm_bench.experiment import AuthorsExperiment
 
     shipped = Path(__file__).resolve().parents[1] / "src" / "orthograd" / "configs"
@@ -358,7 +363,7 @@ def test_upgrade_log_rekeys_speech_and_language_model_records_by_the_jobs_their_
         assert (done.rewritten, done.rekeyed, done.kept_key) == (2, 2, 0)
         upgraded[name] = current_records(log)
     assert [r["key"] for r in upgraded["speech"]] == ["dfb10fc24957f002", "855d9da4c4be60ab-validation"]
-    assert record_key(upgraded["speech"][0]) == json.dumps(["lanc_f1", "OrthoGrad Mean", "dfb10fc24957f002"])
+    assert record_key(upgraded["speech"][0], IDENTITY) == json.dumps(["lanc_f1", "OrthoGrad Mean", "dfb10fc24957f002"])
     (config,), _ = load_experiment(tmp_path / "lm" / "config.yaml")
     experiment = AuthorsExperiment(config)
     first = next(iter(experiment.plan(FinishedRuns(ResultsLog(tmp_path / "none.jsonl"), experiment.record_key))))

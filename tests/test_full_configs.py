@@ -24,17 +24,17 @@ def test_full_fashion_mnist_config_is_the_real_size_protocol(kind: str) -> None:
     training = FASHION_MNIST_TRAIN - config.data.validation_size
     assert config.data.name == "fashion_mnist" and config.data.train_size is None and config.data.test_size is None
     scenario = config.scenario
-    assert scenario.kind == kind and scenario.retrain and config.unlearn.privacy and config.unlearn.stop
+    assert scenario.kind == kind and scenario.retrain and config.protocol.privacy and config.protocol.stop
     if kind == "random":
-        assert scenario.forget_size == training // 10 and len(scenario.seeds) >= 5
+        assert scenario.forget_size == training // 10 and len(config.protocol.seeds) >= 5
     else:
         assert len(scenario.classes) >= 5
     assert all(0.01 * training <= size <= 0.05 * training for size in scenario.retain_size)
-    assert config.unlearn.eval_every is None and config.unlearn.checks_per_epoch == 4
+    assert config.protocol.eval_every is None and config.protocol.checks_per_epoch == 4
     tuned = set(config.methods) - UNTUNED
-    assert set(config.sweep.grid) == tuned and len(tuned) == 8
-    size = max(grid_size(grid) for grid in config.sweep.grid.values())
-    assert size == 12 and all(len(trials(grid, size=size, seed=name)) == 12 for name, grid in config.sweep.grid.items())
+    assert {row.label for row in config.gridded()} == tuned and len(tuned) == 8
+    size = max(grid_size(row.grid) for row in config.gridded())
+    assert size == 12 and all(len(trials(row.grid, size=size, seed=row.label)) == 12 for row in config.gridded())
 
 
 @pytest.mark.parametrize("kind", ["random", "class"])

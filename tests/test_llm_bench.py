@@ -39,20 +39,21 @@ TINY = {
     "model": {"hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64, "device": "cpu"},
     "pretraining": {"epochs": 1, "batch_size": 64},
     "training": {"epochs": 2, "batch_size": 16},
-    "protocol": {"forget_fractions": [0.25], "eval_size": 8},
+    "scenario": {"forget_fractions": [0.25], "eval_size": 8},
     "evaluation": {"max_new_tokens": 6, "relearn_steps": 2},
-    "unlearning": {"stop": "never", "max_epochs": 1, "seeds": [0],
-                   "lora": {"r": 2, "targets": ["q_proj", "v_proj", "down_proj"]}},
-    "runs": [
-        {"label": "OrthoGrad", "method": "orthograd", "params": {"lr": 0.05, "forget_batch_size": 8}},
-        {"label": "NPO", "method": "npo", "params": {"lr": 0.01, "forget_batch_size": 8}},
-    ],
+    "protocol": {"stop": "never", "max_epochs": 1, "seeds": [0],
+                 "lora": {"r": 2, "targets": ["q_proj", "v_proj", "down_proj"]}},
+    "methods": {
+        "OrthoGrad": {"params": {"lr": 0.05, "forget_batch_size": 8}},
+        "NPO": {"params": {"lr": 0.01, "forget_batch_size": 8}},
+    },
 }
+NPO_ONLY = {"NPO": TINY["methods"]["NPO"]}
 
 
 def test_tiny_benchmark_writes_records_and_tables_and_resumes(tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "output": str(tmp_path / "out")}))
+    config.write_text(yaml.safe_dump({**TINY, "output": str(tmp_path / "out")}, sort_keys=False))
     records = run_experiment(config)
     assert [(r["label"], r["seed"]) for r in records] == [("Original", None), ("Retrain", None), ("OrthoGrad", 0),
                                                           ("NPO", 0)]
@@ -83,11 +84,11 @@ def test_tiny_benchmark_writes_records_and_tables_and_resumes(tmp_path):
 
 def test_config_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({**TINY, "protocol": {"forget_fractions": [1.5]}}))
+    bad.write_text(yaml.safe_dump({**TINY, "scenario": {"forget_fractions": [1.5]}}))
     with pytest.raises(ValueError, match="forget_fractions"):
         llm_bench.load_config(bad)
-    bad.write_text(yaml.safe_dump({**TINY, "runs": []}))
-    with pytest.raises(ValueError, match="runs"):
+    bad.write_text(yaml.safe_dump({**TINY, "methods": {}}))
+    with pytest.raises(ValueError, match="methods"):
         llm_bench.load_config(bad)
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(TINY))
@@ -96,8 +97,8 @@ def test_config_errors_are_clear(tmp_path):
 
 def test_gridded_runs_are_tuned_on_validation_authors_outside_the_test_forget_sets(tmp_path):
     grid = {"lr": [0.01, 0.001]}
-    runs = [TINY["runs"][0], {**TINY["runs"][1], "grid": grid}]
-    raw = {**TINY, "runs": runs, "output": str(tmp_path / "out"), "tuning": {"seed": 3}}
+    runs = {**TINY["methods"], "NPO": {**TINY["methods"]["NPO"], "grid": grid}}
+    raw = {**TINY, "methods": runs, "output": str(tmp_path / "out"), "tuning": {"seed": 3}}
     config = llm_bench.AuthorsBenchConfig.model_validate(raw)
     tested = set(forget_authors(4, fraction=0.25, seed=0))
     assert len(validation_authors(config, fraction=0.25)) == 1
@@ -141,7 +142,7 @@ def test_holdout_authors_are_never_trained_on():
 
 def test_cli_bench_dispatches_causal_lm_configs_and_prints_the_tables(tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "runs": TINY["runs"][1:]}))
+    config.write_text(yaml.safe_dump({**TINY, "methods": NPO_ONLY}))
     result = CliRunner().invoke(app, ["bench", str(config), "--out", str(tmp_path / "cli"), "--set", "corpus.seed=1"])
     assert result.exit_code == 0, result.output
     assert "forget 25% NPO seed 0: forget quality" in result.output  # a line per finished run
@@ -196,30 +197,29 @@ def test_the_shipped_config_is_a_5m_llama_with_a_bpe_and_equal_tuning_trials():
                                       pad_token_id=encoder.pad_token_id, eos_token_id=encoder.eos_token_id)
     with torch.device("meta"):
         assert sum(p.numel() for p in LlamaForCausalLM(llama).parameters()) >= 5e6
-    assert config.corpus.tokenizer == "bpe" and config.pretraining.epochs > 0 and len(config.unlearning.seeds) >= 5
-    trials = {len(list(grid_points(run.grid))) for run in config.runs if run.grid}
+    assert config.corpus.tokenizer == "bpe" and config.pretraining.epochs > 0 and len(config.protocol.seeds) >= 5
+    trials = {len(list(grid_points(run.grid))) for run in config.gridded()}
     assert len(trials) == 1, f"every tuned method gets as many validation trials, got {trials}"
-    setup = config.unlearning
+    setup = config.protocol
     assert setup.stop == "never_seen" and setup.max_steps is not None  # one stop rule and step budget for all
-    assert not any("max_steps" in run.params or "max_epochs" in run.params for run in config.runs)
+    assert not any("max_steps" in run.params or "max_epochs" in run.params for run in config.methods.values())
 
 
 def test_every_method_stops_on_the_never_seen_level_within_one_step_budget(tmp_path):
-    runs = [{"label": "NegGrad", "method": "neggrad", "params": {"lr": 0.5, "forget_batch_size": 4}},
-            {"label": "Finetune", "method": "finetune", "params": {"lr": 1e-4}}]
-    raw = {**TINY, "output": str(tmp_path / "out"), "runs": runs, "evaluation": {"max_new_tokens": 4},
+    runs = {"NegGrad": {"params": {"lr": 0.5, "forget_batch_size": 4}}, "Finetune": {"params": {"lr": 1e-4}}}
+    raw = {**TINY, "output": str(tmp_path / "out"), "methods": runs, "evaluation": {"max_new_tokens": 4},
            "training": {"epochs": 40, "batch_size": 16, "lr": 1e-2},  # memorised: the forget set starts above
-           "unlearning": {**TINY["unlearning"], "stop": "never_seen", "max_steps": 3, "max_epochs": None,
-                          "checks_per_epoch": 3}}
+           "protocol": {**TINY["protocol"], "stop": "never_seen", "max_steps": 3, "max_epochs": None,
+                        "checks_per_epoch": 3}}
     config = llm_bench.AuthorsBenchConfig.model_validate(raw)
     bench = Workbench(config)
     split = bench.split(tuple(forget_authors(4, fraction=0.25, seed=0)))
-    neggrad = bench.unlearn(split, method="neggrad", params=runs[0]["params"], seed=0)
+    neggrad = bench.unlearn(split, method="neggrad", params=runs["NegGrad"]["params"], seed=0)
     level = neggrad.original["test"] + 0.5  # the holdout authors' answer probability under the original
     assert neggrad.original["forget"] > level + 5
     assert neggrad.stop_reason == "target_reached" and neggrad.final["forget"] <= level
     assert neggrad.steps <= 3 and neggrad.stop_checks >= 1 and neggrad.missed_target is None
-    finetune = bench.unlearn(split, method="finetune", params=runs[1]["params"], seed=0)
+    finetune = bench.unlearn(split, method="finetune", params=runs["Finetune"]["params"], seed=0)
     assert finetune.steps == 3 and finetune.stop_reason == "max_steps"  # Finetune too: the same step budget
     assert finetune.missed_target and finetune.stop_checks >= 3  # kept as data, checked as often
 
@@ -283,7 +283,7 @@ def test_a_local_hugging_face_folder_is_the_base_model(tmp_path):
     encoder.tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "[EOS]", "pad_token": "[PAD]"}))
     raw = {**TINY, "model": {"source": str(folder), "device": "cpu"}, "pretraining": {"epochs": 0},
-           "runs": TINY["runs"][1:], "output": str(tmp_path / "out")}
+           "methods": NPO_ONLY, "output": str(tmp_path / "out")}
     loaded = llm_bench.AuthorsBenchConfig.model_validate(raw)
     bench = Workbench(loaded)
     pairs = zip(bench.base.state_dict().values(), saved.state_dict().values(), strict=True)

@@ -84,7 +84,7 @@ def test_a_choice_on_an_edge_shifts_that_knob_once_within_what_the_method_accept
 
 
 def _config(*overrides: str, variant: str = "random"):
-    random = ["scenario.forget_size=40", "scenario.seeds=[0, 1, 2, 3, 4]"] if variant == "random" else []
+    random = ["scenario.forget_size=40", "protocol.seeds=[0, 1, 2, 3, 4]"] if variant == "random" else []
     config, _ = load_config(CONFIGS / "demo.yaml", variant=variant, overrides=[
         "data.validation_size=100", "scenario.retain_size=[60, 200]", *random, *overrides])
     return config
@@ -93,8 +93,8 @@ def _config(*overrides: str, variant: str = "random"):
 @pytest.mark.parametrize("variant", ["random", "class"])
 def test_validation_splits_share_no_sample_with_any_test_split(variant: str) -> None:
     labels = np.repeat(np.arange(10), 100)
-    grid = "sweep={grid: {neggrad: {lr: [0.1]}}, splits: 2}"
-    config = _config(grid, *(["scenario.classes=[1, 4, 7, 2, 5]"] if variant == "class" else []), variant=variant)
+    grid = ["methods.neggrad.grid={lr: [0.1]}", "tuning.splits=2"]
+    config = _config(*grid, *(["scenario.classes=[1, 4, 7, 2, 5]"] if variant == "class" else []), variant=variant)
     tested: set[int] = set()
     for retain_size in config.scenario.retain_size:
         for index in range(jobs.n_splits(config)):
@@ -111,7 +111,7 @@ def test_validation_splits_share_no_sample_with_any_test_split(variant: str) -> 
 
 def test_validation_on_a_test_split_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     labels = np.repeat(np.arange(10), 100)
-    config = _config("sweep={grid: {neggrad: {lr: [0.1]}}}")
+    config = _config("methods.neggrad.grid={lr: [0.1]}")
     make_split = jobs.make_split
 
     def as_before(config, labels, *, split_index, retain_size, phase="test"):  # validation = test seed 0's split
@@ -124,12 +124,12 @@ def test_validation_on_a_test_split_is_refused(monkeypatch: pytest.MonkeyPatch) 
 
 def test_class_validation_needs_untested_classes_and_never_a_tested_one() -> None:
     labels = np.repeat(np.arange(10), 50)
-    config = _config("sweep={grid: {neggrad: {lr: [0.1]}}}", f"scenario.classes={list(range(10))}",
+    config = _config("methods.neggrad.grid={lr: [0.1]}", f"scenario.classes={list(range(10))}",
                      variant="class")
     with pytest.raises(ConfigError, match="need 2 untested classes"):
         jobs.make_split(config, labels, split_index=0, retain_size=60, phase=jobs.SWEEP)
-    with pytest.raises(ConfigError, match=r"sweep.classes \[4\] are tested classes"):
-        _config("sweep={grid: {neggrad: {lr: [0.1]}}, classes: [4]}", variant="class")
+    with pytest.raises(ConfigError, match=r"tuning.classes \[4\] are tested classes"):
+        _config("methods.neggrad.grid={lr: [0.1]}", "tuning.classes=[4]", variant="class")
 
 
 # ------------------------------------------------------------------------------ a sweep end to end, with an edge
@@ -138,9 +138,9 @@ def test_class_validation_needs_untested_classes_and_never_a_tested_one() -> Non
 def test_a_sweep_with_an_edge_choice_searches_once_more_and_logs_every_trial_with_provenance(tmp_path: Path) -> None:
     config, raw = load_config(CONFIGS / "demo.yaml", variant="random", overrides=[
         "train.epochs=2", "scenario.retrain=false", "scenario.forget_size=40", "scenario.retain_size=60",
-        "scenario.seeds=[0]", "unlearn.max_epochs=1", f"cache_dir={tmp_path / 'cache'}", "data.validation_size=200",
-        "methods={neggrad: {forget_batch_size: 8}, neggrad+: {forget_batch_size: 8}}",
-        "sweep={grid: {neggrad: {lr: [1.0e-6, 1.0e-5, 3.0e-2]}, neggrad+: {lr: [1.0e-3, 1.0e-2]}}}",
+        "protocol.seeds=[0]", "protocol.max_epochs=1", f"cache_dir={tmp_path / 'cache'}", "data.validation_size=200",
+        "methods={neggrad: {params: {forget_batch_size: 8}, grid: {lr: [1.0e-6, 1.0e-5, 3.0e-2]}},"
+        " neggrad+: {params: {forget_batch_size: 8}, grid: {lr: [1.0e-3, 1.0e-2]}}}",
     ])
     phases: list[tuple[str, int]] = []
     records = run_test_phase(config, raw, out_dir=tmp_path / "run", on_start=lambda p, n: phases.append((p, n)))
@@ -221,7 +221,7 @@ def test_shipped_image_configs_have_the_power_the_protocol_asks_for() -> None:
         for config in configs:
             if getattr(config, "task", None) != "classification":
                 continue
-            splits = config.scenario.seeds if config.scenario.kind == "random" else config.scenario.classes
+            splits = config.protocol.seeds if config.scenario.kind == "random" else config.scenario.classes
             if "retain_size" in path.parent.name and path.parent.name != "configs":
                 continue  # the committed log of the earlier protocol's run, kept with the config that made it
             assert len(splits) >= 5, path
@@ -245,8 +245,9 @@ def test_a_missed_target_in_a_benchmark_is_a_record_field_a_run_line_and_a_mark_
 
     config, raw = load_config(CONFIGS / "demo.yaml", variant="class", overrides=[
         "train.epochs=2", "scenario.retrain=false", "scenario.classes=[1, 4]", "scenario.retain_size=60",
-        "unlearn.max_epochs=1", f"cache_dir={tmp_path / 'cache'}",
-        "methods={neggrad: {lr: 1.0e-7, forget_batch_size: 32}}",  # far too small to forget a class in an epoch
+        "protocol.max_epochs=1", f"cache_dir={tmp_path / 'cache'}",
+        # far too small to forget a class in an epoch
+        "methods={neggrad: {params: {lr: 1.0e-7, forget_batch_size: 32}}}",
     ])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -21,10 +21,10 @@ def _config(tmp_path: Path) -> Path:
         "data": {"name": "digits", "train_size": 300, "test_size": 100},
         "model": {"arch": "small_cnn", "width": 4},
         "train": {"epochs": 1, "lr": 3.0e-3, "batch_size": 64},
-        "scenario": {"kind": "random", "forget_size": 40, "retain_size": 60, "seeds": [0]},
-        "unlearn": {"max_epochs": 1, "stop": False, "privacy": False},
-        "methods": {"orthograd": {"schedule": "fixed", "lr": 1.0e-3, "forget_batch_size": 20},
-                    "neggrad": {"lr": 1.0e-3, "forget_batch_size": 20}},
+        "scenario": {"kind": "random", "forget_size": 40, "retain_size": 60},
+        "protocol": {"seeds": [0], "max_epochs": 1, "stop": False, "privacy": False},
+        "methods": {"orthograd": {"params": {"schedule": "fixed", "lr": 1.0e-3, "forget_batch_size": 20}},
+                    "neggrad": {"params": {"lr": 1.0e-3, "forget_batch_size": 20}}},
         "device": "cpu",
     }
     path = tmp_path / "tiny.yaml"

@@ -72,8 +72,8 @@ def test_the_image_bench_runs_unlearn_quietly_with_its_fixed_budget(tmp_path, ca
 
     from orthograd.image_bench import experiment as image
 
-    config, raw = tiny_digits(tmp_path, "scenario.seeds=[0]", "unlearn.stop=false",
-                              "methods={neggrad: {lr: 1.0e-4, forget_batch_size: 32}}")
+    config, raw = tiny_digits(tmp_path, "protocol.seeds=[0]", "protocol.stop=false",
+                              "methods={neggrad: {params: {lr: 1.0e-4, forget_batch_size: 32}}}")
     image._CONTEXTS.clear()
     try:
         (record,) = run_test_phase(config, raw, out_dir=tmp_path / "run")

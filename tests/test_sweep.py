@@ -24,21 +24,21 @@ LRS = [1.0e-4, 3.0e-2]
 
 
 def _raw(cache: Path, *, failing_point: bool) -> dict[str, Any]:
-    grid: dict[str, Any] = {"orthograd": {"lr": LRS}}
+    neggrad: dict[str, Any] = {"params": {"lr": 5.0e-3}}
     if failing_point:
-        grid["neggrad"] = {"lora": [{"targets": ["no_such_module"]}]}
+        neggrad["grid"] = {"lora": [{"targets": ["no_such_module"]}]}
     return {
         "name": "tiny_sweep",
         "data": {"name": "digits", "validation_size": 100, "train_size": 500, "test_size": 200},
         "model": {"arch": "small_cnn", "width": 4},
         "train": {"epochs": 2, "lr": 3.0e-3, "batch_size": 64},
-        "scenario": {"kind": "random", "forget_size": 40, "retain_size": 60, "seeds": [0]},
-        "unlearn": {"max_epochs": 2, "stop": False},
+        "scenario": {"kind": "random", "forget_size": 40, "retain_size": 60},
+        "protocol": {"seeds": [0], "max_epochs": 2, "stop": False},
         "methods": {
-            "orthograd": {"optimizer": "adam", "forget_batch_size": 20, "retain_batch_size": 30},
-            "neggrad": {"lr": 5.0e-3},
+            "orthograd": {"params": {"optimizer": "adam", "forget_batch_size": 20, "retain_batch_size": 30},
+                          "grid": {"lr": LRS}},
+            "neggrad": neggrad,
         },
-        "sweep": {"grid": grid},
         "device": "cpu",
         "cache_dir": str(cache),
     }

@@ -178,17 +178,29 @@ def _saved_config(folder: Path) -> dict[str, Any]:
 
 @app.command("upgrade-log")
 def upgrade_log(
-    path: Annotated[Path, typer.Argument(help="A results.jsonl written by an older orthograd.")],
+    path: Annotated[Path, typer.Argument(
+        help="A results.jsonl written by an older orthograd, or a config file (.yaml) in the older dialect.")],
     config: Annotated[Path | None, typer.Option(
         help="The config whose jobs re-key the records (default: config.yaml beside the log).")] = None,
 ) -> None:
     """Rewrite a results log in the current record format, in place and atomically: current field names, and each
-    record its config's current key, so the run resumes and reports; the model store beside it (models/) renamed
-    to the current names (bench/upgrade.py)."""
+    record its config's current key, so the run resumes and reports; the config.yaml beside it in the current
+    config dialect; the model store beside it (models/) renamed to the current names (bench/upgrade.py). A .yaml
+    PATH is a config file to rewrite in the current dialect (its comments are not kept)."""
     from orthograd.bench.records import FORMAT
-    from orthograd.bench.upgrade import rename_stored_models
+    from orthograd.bench.upgrade import rename_stored_models, upgrade_config_file
     from orthograd.bench.upgrade import upgrade_log as upgrade
 
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise typer.BadParameter(f"{path} does not exist")
+        done_config = upgrade_config_file(path)
+        console.print(f"{path}: " + ("rewritten in the current config dialect" if done_config
+                                     else "already in the current config dialect"))
+        return
+    beside = path.parent / "config.yaml"
+    if config is None and beside.is_file() and upgrade_config_file(beside):
+        console.print(f"{beside}: rewritten in the current config dialect")
     models = path.parent / "models"
     if models.is_dir() and (renamed := rename_stored_models(models)):
         console.print(f"{models}: {renamed} stored model(s) renamed to their current names")

@@ -1,6 +1,7 @@
 """Config of the speaker-unlearning benchmark (a YAML file with ``task: asr``), validated by pydantic.
 
-Schema (every section optional except ``runs``; unknown keys are errors):
+Schema (every section optional except ``methods``; unknown keys are errors); ``methods``, ``protocol`` and
+``tuning`` are every task's (``bench.config``):
 
     task: asr                      # lets ``orthograd bench`` dispatch here
     name: espeak_speaker           # the run folder is runs/<name> unless ``output`` names another
@@ -9,33 +10,43 @@ Schema (every section optional except ``runs``; unknown keys are errors):
     corpus:   {kind: espeak | librispeech, ...}           see CorpusConfig
     model:    {source, window_s, max_new_tokens, device}   see ModelConfig
     original: {steps, batch_size, lr, seed}                fine-tune before unlearning (0 steps: use as loaded)
-    speakers: {count, seed, names, validation_count}       which speakers are unlearned (one run each); validation
-                                                           speakers are unlearned in their own runs to choose a grid
-    protocol: {heldout_fraction, retain_fraction, split_seed}
-    unlearning: {max_epochs, stop_wer, eval_every, checks_per_epoch, track, seed, defaults}   defaults: params
-                                                           shared by every run; the stop-rule cadence of every run
-    runs:     [{label, method, params, tables, grid}]      tables: [1] ablation, [2] comparison; grid: lists
+    speakers: {count, seed, names}                         which speakers are unlearned (one run each)
+    scenario: {heldout_fraction, retain_fraction, split_seed}   each speaker's split
+    protocol: {stop, max_epochs, max_steps, eval_every, checks_per_epoch, track, seeds, defaults}   stop: the
+                                                           W_unlearn target (null: the whole budget); seeds: one;
+                                                           defaults: params shared by every row
+    tuning:   {splits, seed, search, extend_edges}         splits: validation speakers (other training speakers,
+                                                           drawn with seed), unlearned in their own runs to choose
+                                                           a grid's variant
+    methods:  {LABEL: {method, params, grid, tables}}      tables: [1] ablation, [2] comparison; grid: lists
 
-``grid`` expands a run into one run per combination (e.g. the paper's alpha x lr grid), padded to the size of the
+``grid`` expands a row into one run per combination (e.g. the paper's alpha x lr grid), padded to the size of the
 config's largest grid (``bench.protocol.trials``); each combination unlearns the validation speakers (training
 speakers never tested) in its own runs, and the combination with the lowest mean W_val (the unseen validation
 voices) among those that reach the WER target on every validation speaker then runs on the test speakers.
 
-Record keys hash the sections' ``repr`` and some values as written (``experiment.settings_key``), so the numeric
-fields keep an int given in the YAML an int (``Number``): a key made before these models were pydantic stays the
-same.
+Record keys hash some values as written (``experiment.settings_key``), so the numeric fields keep an int given in
+the YAML an int (``Number``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from orthograd.bench.config import ConfigSection, ExperimentConfig, RunRow, read_config, unique_labels, validate_as
-from orthograd.bench.protocol import DEFAULT_CHECKS_PER_EPOCH, grid_size, trials
+from orthograd.bench.config import (
+    ConfigSection,
+    ExperimentConfig,
+    MethodRow,
+    ProtocolConfig,
+    TuningConfig,
+    read_config,
+    validate_as,
+)
+from orthograd.bench.protocol import grid_size, trials
 
 Number = int | float  # an int stays an int (pydantic's float would make 75 into 75.0 and change record keys)
 
@@ -109,14 +120,11 @@ class OriginalConfig(ConfigSection):
 
 
 class SpeakersConfig(ConfigSection):
-    """``names`` (explicit speakers) or ``count`` random training speakers drawn with ``seed``; ``validation_count``
-    other training speakers (drawn with ``seed + 1``) are unlearned in the validation runs that choose a grid's
-    variant, and their utterances are in no test run's retain set."""
+    """``names`` (explicit speakers) or ``count`` random training speakers drawn with ``seed``."""
 
     count: int = 5
     seed: int = 0
     names: list[str] | None = None
-    validation_count: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> SpeakersConfig:
@@ -125,7 +133,7 @@ class SpeakersConfig(ConfigSection):
         return self
 
 
-class ProtocolConfig(ConfigSection):
+class ScenarioConfig(ConfigSection):
     """How each speaker's utterances split into unlearn / held-out, and how large the retain set is."""
 
     heldout_fraction: Number = 0.1
@@ -133,27 +141,32 @@ class ProtocolConfig(ConfigSection):
     split_seed: int = 0
 
 
-class UnlearningConfig(ConfigSection):
-    """The protocol every run shares: epoch cap, stopping rule (W_unlearn >= stop_wer), evaluation, seed."""
+class SpeechProtocol(ProtocolConfig):
+    """The protocol every run shares: the stopping rule (W_unlearn >= ``stop``), budget, cadence, what is decoded
+    between checks, the run seed."""
 
-    max_epochs: int = 30
-    stop_wer: Number | None = 75.0
-    eval_every: int | None = None  # check the stop rule every n steps, for every method
-    checks_per_epoch: int = Field(default=DEFAULT_CHECKS_PER_EPOCH, ge=1)  # else: per pass over the forget set
+    seeds: tuple[int, ...] = (0,)
+    stop: Number | None = 75.0
     track: Literal["all", "stop"] = "all"  # "stop": decode only the forget set until the last row (see unlearn)
-    seed: int = 0
-    defaults: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _consistent(self) -> UnlearningConfig:
-        if self.max_epochs < 1:
-            raise ValueError("unlearning.max_epochs must be >= 1")
-        if self.track == "stop" and self.stop_wer is None:
-            raise ValueError("unlearning.track 'stop' needs unlearning.stop_wer (the rule decides what is decoded)")
+    def _consistent(self) -> SpeechProtocol:
+        if len(self.seeds) != 1:
+            raise ValueError(f"protocol.seeds: a speaker is unlearned with one seed, got {list(self.seeds)}")
+        if self.track == "stop" and self.stop is None:
+            raise ValueError("protocol.track 'stop' needs protocol.stop (the rule decides what is decoded)")
         return self
 
 
-class RunSpec(RunRow):
+class SpeechTuning(TuningConfig):
+    """``splits`` other training speakers (drawn with ``seed``) are unlearned in the validation runs that choose a
+    grid's variant; their utterances are in no test run's retain set."""
+
+    seed: int = 1
+    splits: int = Field(default=0, ge=0)
+
+
+class RunSpec(MethodRow):
     """One table row: a method with its hyperparameters (``grid``: lists of values to try), in Table 1 and/or 2."""
 
     tables: list[int] = Field(default_factory=lambda: [2])
@@ -161,57 +174,66 @@ class RunSpec(RunRow):
     @model_validator(mode="after")
     def _tables(self) -> RunSpec:
         if not set(self.tables) <= {1, 2}:
-            raise ValueError(f"run {self.label!r}: tables must be a subset of [1, 2], got {self.tables}")
+            raise ValueError(f"row {self.label!r}: tables must be a subset of [1, 2], got {self.tables}")
         return self
+
+    def sorted_grid(self) -> dict[str, list[Any]]:
+        """The grid with its names sorted, as the variants name them (and their record keys hash them)."""
+        return {name: self.grid[name] for name in sorted(self.grid)}
+
+    def variant(self, point: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """``(variant name, params)`` of one grid point."""
+        return self.label + " (" + ", ".join(f"{k}={v}" for k, v in point.items()) + ")", {**self.params, **point}
 
     def expand(self, *, size: int = 0) -> list[tuple[str, dict[str, Any]]]:
         """``(variant name, params)`` for every grid combination, padded to ``size`` (``bench.protocol.trials``;
-        just the run itself without a grid)."""
+        just the run itself without a grid): the first round of its search."""
         if not self.grid:
             return [(self.label, dict(self.params))]
-        out = []
-        grid = {name: self.grid[name] for name in sorted(self.grid)}  # names sorted, as written
-        for chosen in trials(grid, size=size, seed=self.label):
-            variant = self.label + " (" + ", ".join(f"{k}={v}" for k, v in chosen.items()) + ")"
-            out.append((variant, {**self.params, **chosen}))
-        return out
+        return [self.variant(point) for point in trials(self.sorted_grid(), size=size, seed=self.label)]
 
 
 class SpeakerBenchConfig(ExperimentConfig):
-    """A speaker-unlearning benchmark: corpus, Whisper, original fine-tune, speakers, protocol, table rows."""
+    """A speaker-unlearning benchmark: corpus, Whisper, original fine-tune, speakers, their splits, the rows."""
 
     task: Literal["asr"] = "asr"
     name: str = "speaker_unlearning"
-    runs: list[RunSpec]
+    methods: Mapping[str, RunSpec]
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     original: OriginalConfig = Field(default_factory=OriginalConfig)
     speakers: SpeakersConfig = Field(default_factory=SpeakersConfig)
-    protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
-    unlearning: UnlearningConfig = Field(default_factory=UnlearningConfig)
+    scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
+    protocol: SpeechProtocol = Field(default_factory=SpeechProtocol)
+    tuning: SpeechTuning = Field(default_factory=SpeechTuning)
 
     @model_validator(mode="after")
     def _consistent(self) -> SpeakerBenchConfig:
-        if not self.runs:
-            raise ValueError("runs must list at least one method")
-        unique_labels(self.runs)
         has_validation = self.corpus.validation_voices > 0 if self.corpus.kind == "espeak" \
             else self.corpus.validation_dir is not None
-        gridded = [r.label for r in self.runs if r.grid]
+        gridded = [r.label for r in self.gridded()]
         if gridded and not has_validation:
             raise ValueError(
-                f"runs {gridded} have a grid, whose variant is chosen on validation speakers: set "
+                f"rows {gridded} have a grid, whose variant is chosen on validation speakers: set "
                 + ("corpus.validation_voices (e.g. 2)" if self.corpus.kind == "espeak"
                    else "corpus.validation_dir (your dev-clean folder)")
             )
-        if gridded and self.speakers.validation_count < 1:
-            raise ValueError(f"runs {gridded} have a grid, whose variant is chosen by unlearning validation speakers "
-                             "in their own runs: set speakers.validation_count (e.g. 2)")
+        if gridded and self.tuning.splits < 1:
+            raise ValueError(f"rows {gridded} have a grid, whose variant is chosen by unlearning validation speakers "
+                             "in their own runs: set tuning.splits (e.g. 2)")
         return self
 
+    def rows(self) -> list[RunSpec]:
+        """The table rows, in config order."""
+        return list(self.methods.values())
+
+    def tuned_rows(self) -> list[RunSpec]:
+        """The rows whose variant is chosen on the validation speakers (``gridded``)."""
+        return [row for row in self.rows() if row.grid and self.tuning.search]
+
     def grid_size(self) -> int:
-        """The trials every gridded run gets: the size of the largest grid."""
-        return max((grid_size(r.grid) for r in self.runs if r.grid), default=0)
+        """The trials every gridded row gets: the size of the largest grid."""
+        return max((grid_size(r.grid) for r in self.rows() if r.grid), default=0)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SpeakerBenchConfig:

@@ -16,7 +16,6 @@ rule (W_unlearn >= target). ``run`` hands the experiment to the engine (``bench.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,8 +31,9 @@ from orthograd.asr_bench.corpus import SpeakerCorpus, build_corpus
 from orthograd.asr_bench.tables import speaker_tables
 from orthograd.bench.config import content_hash
 from orthograd.bench.engine import FinishedRuns, Phase
+from orthograd.bench.jobs import Job, ProcessCache, record_key
 from orthograd.bench.model_store import ModelStore
-from orthograd.bench.protocol import UnlearnRun, bench_unlearn, eval_every_for
+from orthograd.bench.protocol import Search, UnlearnRun, bench_unlearn, method_accepts, run_schedule, select, trials
 from orthograd.bench.records import record_envelope
 from orthograd.bench.upgrade import hash_format2, lora_named
 from orthograd.data.audio import SpeechDataset
@@ -53,131 +53,150 @@ VALIDATION = "validation"  # the phase that chooses a grid's variant, on the val
 ORIGINAL = "Original"
 
 
-@dataclass(frozen=True)
-class SpeakerJob:
-    """One record to make: a speaker and one variant of a table row (the Original row measures the original)."""
-
-    key: str  # the record's identity in the log (``record_key``)
-    settings_key: str  # the record's stored ``key``: what determines it besides the speaker (``settings_key``)
-    speaker: str
-    label: str
-    variant: str
-    method: str  # "original" for the Original row
-    hyperparameters: Mapping[str, Any]
-    tables: tuple[int, ...]
-    phase: str = PHASE
+IDENTITY = ("speaker", "variant", "key")  # a record's key hashes everything but its speaker
 
 
 def settings_key(config: SpeakerBenchConfig, variant: str, params: Mapping[str, Any]) -> str:
     """What determines a record besides its speaker: the data, model and protocol settings (not where it runs:
     ``model.device``), the variant and the run's hyperparameters. ``checks_per_epoch`` only when it acts (a stop
-    rule and no ``eval_every``)."""
-    unlearning = config.unlearning.model_dump(mode="json", exclude={"defaults"})  # the defaults are in ``params``
-    if unlearning["eval_every"] is not None or unlearning["stop_wer"] is None:
-        unlearning.pop("checks_per_epoch")
+    rule and no ``eval_every``), ``max_steps`` and the validation speakers' seed only when set (and other than
+    ``speakers.seed + 1``); the payload's names (``protocol`` for the scenario, ``unlearning``, ``stop_wer``) are
+    those of the keys already logged, so they stay valid."""
+    protocol = config.protocol
+    unlearning: dict[str, Any] = {"max_epochs": protocol.max_epochs, "stop_wer": protocol.stop,
+                                  "eval_every": protocol.eval_every, "track": protocol.track, "seed": run_seed(config)}
+    if protocol.eval_every is None and protocol.stop is not None:
+        unlearning["checks_per_epoch"] = protocol.checks_per_epoch
+    if protocol.max_steps is not None:
+        unlearning["max_steps"] = protocol.max_steps
     payload = {
         "corpus": config.corpus.model_dump(mode="json"),
         "model": config.model.model_dump(mode="json", exclude={"device"}),
         "original": config.original.model_dump(mode="json"),
-        "protocol": config.protocol.model_dump(mode="json"),
+        "protocol": config.scenario.model_dump(mode="json"),
         "unlearning": unlearning,
-        "validation_speakers": config.speakers.validation_count,  # the test runs' retain sets leave them out
+        "validation_speakers": config.tuning.splits,  # the test runs' retain sets leave them out
         "variant": variant,
         "params": dict(params),
     }
+    if config.tuning.splits and config.tuning.seed != config.speakers.seed + 1:
+        payload["validation_seed"] = config.tuning.seed
     return content_hash(payload)
 
 
-def _identity(speaker: str, variant: str, key: str) -> str:
-    return json.dumps([speaker, variant, key])
-
-
-def record_key(record: Mapping[str, Any]) -> str:
-    """A record's identity in the results log: its speaker, variant and settings key."""
-    return _identity(record["speaker"], record["variant"], record["key"])
+def run_seed(config: SpeakerBenchConfig) -> int:
+    """The seed every run unlearns with (``protocol.seeds``' one)."""
+    return config.protocol.seeds[0]
 
 
 def rekey_format2(config: SpeakerBenchConfig, record: Mapping[str, Any], old_key: str) -> dict[str, Any] | None:
     """``bench.upgrade``'s rule for speech records: the current key of the config's job of the record's variant when
     that job's format-2 key is ``old_key``, else None. Format 2 hashed a list (the sections' ``repr``, the protocol,
     the variant, the sorted params; ``track`` only when not "all") as unsorted JSON with spaces, 12 hex digits."""
-    unlearning = config.unlearning
+    protocol = config.protocol
     jobs: list[tuple[str, dict[str, Any]]] = [(ORIGINAL, {})]
-    for spec in config.runs:
+    for spec in config.rows():
         variants = spec.expand(size=config.grid_size()) if spec.grid else spec.expand()
-        jobs += [(variant, {**unlearning.defaults, **params}) for variant, params in variants]
+        jobs += [(variant, {**protocol.defaults, **params}) for variant, params in variants]
     base = old_key.removesuffix("-validation")
     suffix = old_key[len(base):]
     for variant, params in jobs:
         if variant != record.get("variant"):
             continue
-        payload = [
-            repr(config.corpus), repr(config.model), repr(config.original), repr(config.protocol),
-            unlearning.max_epochs, unlearning.stop_wer, unlearning.eval_every, unlearning.seed, variant,
-            sorted(params.items(), key=lambda kv: kv[0]),
+        payload: list[Any] = [
+            *_format2_reprs(config), protocol.max_epochs, protocol.stop, protocol.eval_every, run_seed(config),
+            variant, sorted(params.items(), key=lambda kv: kv[0]),
         ]
-        if unlearning.track != "all":
-            payload.append(unlearning.track)
-        if unlearning.eval_every is None and unlearning.stop_wer is not None:
-            payload.append({"checks_per_epoch": unlearning.checks_per_epoch})
-        if config.speakers.validation_count:
-            payload.append({"validation_speakers": config.speakers.validation_count})
+        if protocol.track != "all":
+            payload.append(protocol.track)
+        if protocol.eval_every is None and protocol.stop is not None:
+            payload.append({"checks_per_epoch": protocol.checks_per_epoch})
+        if config.tuning.splits:
+            payload.append({"validation_speakers": config.tuning.splits})
         if hash_format2(payload, length=12, sort_keys=False) == base:
             return {"key": settings_key(config, variant, lora_named(params, "lora_alpha")) + suffix}
     return None
+
+
+def _format2_reprs(config: SpeakerBenchConfig) -> list[str]:
+    """The ``repr`` of the corpus, model, original and split sections as format 2 hashed them (the split section
+    was named ``ProtocolConfig`` then)."""
+    scenario = repr(config.scenario).replace("ScenarioConfig(", "ProtocolConfig(", 1)
+    return [repr(config.corpus), repr(config.model), repr(config.original), scenario]
 
 
 Chosen = Mapping[str, tuple[str, Mapping[str, Any]]]  # label -> (variant, params) of each gridded run
 
 
 def _job(config: SpeakerBenchConfig, speaker: str, spec: RunSpec | None, variant: str, params: Mapping[str, Any],
-         *, phase: str = PHASE) -> SpeakerJob:
+         *, phase: str = PHASE) -> Job:
+    """The job of one variant of a row (``spec``; None: the Original row, which measures the original model) for
+    ``speaker``; its digest is ``settings_key`` (validation runs: with a ``-validation`` suffix)."""
     label, method, tables = (spec.label, spec.method, spec.tables) if spec else (ORIGINAL, "original", [1, 2])
-    params = {**config.unlearning.defaults, **params} if spec else {}
+    params = {**config.protocol.defaults, **params} if spec else {}
     key = settings_key(config, variant, params) + ("-validation" if phase == VALIDATION else "")
-    return SpeakerJob(_identity(speaker, variant, key), key, speaker, label, variant, method, params, tuple(tables),
-                      phase)
+    return Job(phase=phase, label=label, method=method, hyperparameters=params,
+               seed=run_seed(config) if spec else None, digest=key, split={"speaker": speaker, "variant": variant},
+               identity=IDENTITY, extra={"tables": tuple(tables)})
 
 
-def plan_jobs(config: SpeakerBenchConfig, speakers: Sequence[str], chosen: Chosen) -> list[SpeakerJob]:
+def plan_jobs(config: SpeakerBenchConfig, speakers: Sequence[str], chosen: Chosen) -> list[Job]:
     """Per test speaker, the Original row and then every run in config order, a gridded one with its ``chosen``
     variant (needs no corpus or model)."""
     jobs = []
     for speaker in speakers:
         jobs.append(_job(config, speaker, None, ORIGINAL, {}))
-        for spec in config.runs:
-            variant, params = chosen[spec.label] if spec.grid else spec.expand()[0]
+        for spec in config.rows():
+            variant, params = chosen.get(spec.label, (spec.label, spec.params))
             jobs.append(_job(config, speaker, spec, variant, params))
     return jobs
 
 
-def plan_validation_jobs(config: SpeakerBenchConfig, speakers: Sequence[str]) -> list[SpeakerJob]:
-    """Every variant of every gridded run on every validation speaker."""
+Points = Mapping[str, Sequence[tuple[int, Mapping[str, Any]]]]  # label -> (round, grid point) of each trial
+
+
+def searches(config: SpeakerBenchConfig) -> dict[str, Search]:
+    """Every tuned row's search (``bench.protocol.Search``) over its grid, names sorted as its variants name them."""
+    return {spec.label: Search(spec.label, spec.sorted_grid(), size=config.grid_size(),
+                               extend=config.tuning.extend_edges,
+                               accepts=method_accepts(spec.method, {**config.protocol.defaults, **spec.params}))
+            for spec in config.tuned_rows()}
+
+
+def plan_validation_jobs(config: SpeakerBenchConfig, speakers: Sequence[str],
+                         points: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> list[Job]:
+    """Every variant of every gridded run on every validation speaker (``points``: these grid points per row;
+    default: every row's first round)."""
     return [_job(config, speaker, spec, variant, params, phase=VALIDATION)
-            for spec in config.runs if spec.grid for variant, params in spec.expand(size=config.grid_size())
+            for spec in config.tuned_rows()
+            for variant, params in ([spec.variant(p) for p in points.get(spec.label, [])] if points is not None
+                                    else spec.expand(size=config.grid_size()))
             for speaker in speakers]
 
 
-def choose_variants(config: SpeakerBenchConfig, records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per gridded run, from its validation records: the variant with the lowest mean W_val among those whose
-    W_unlearn reached the target on every validation speaker, else (``fallback``) the highest mean W_unlearn; with
-    every variant's figures (what ``selection.json`` holds)."""
-    target = config.unlearning.stop_wer
+def choose_variants(config: SpeakerBenchConfig, records: Sequence[Mapping[str, Any]],
+                    tried: Points | None = None) -> dict[str, dict[str, Any]]:
+    """Per gridded run, from its validation records of the ``tried`` points (default: the first round's): the
+    variant with the lowest mean W_val among those whose W_unlearn reached the target on every validation speaker,
+    else (``fallback``) the highest mean W_unlearn; with every variant's figures (what ``selection.json`` holds)."""
+    target = config.protocol.stop
     out: dict[str, dict[str, Any]] = {}
-    for spec in (s for s in config.runs if s.grid):
-        trials: list[dict[str, Any]] = []
-        for variant, params in spec.expand(size=config.grid_size()):
+    for spec in config.tuned_rows():
+        points = tried[spec.label] if tried is not None else [
+            (1, point) for point in trials(spec.sorted_grid(), size=config.grid_size(), seed=spec.label)]
+        trials_out: list[dict[str, Any]] = []
+        for index, point in points:
+            variant, params = spec.variant(point)
             rows = [r for r in records if r["label"] == spec.label and r["variant"] == variant]
-            trials.append({
-                "variant": variant, "params": params,
+            trials_out.append({
+                "variant": variant, "params": params, "point": dict(point), "round": index,
                 "W_val": statistics.fmean(r["W_val"] for r in rows),
                 "W_unlearn": statistics.fmean(r["W_unlearn"] for r in rows),
                 "reached": target is not None and all(r["W_unlearn"] >= target for r in rows),
                 "speakers": sorted(r["speaker"] for r in rows),
             })
-        reached = [t for t in trials if t["reached"]]
-        best = min(reached, key=lambda t: t["W_val"]) if reached else max(trials, key=lambda t: t["W_unlearn"])
-        out[spec.label] = {**best, "fallback": not reached, "trials": trials}
+        best = select(trials_out, score=lambda t: (0, t["W_val"]) if t["reached"] else (1, -t["W_unlearn"]))
+        out[spec.label] = {**best, "fallback": not best["reached"], "trials": trials_out}
     return out
 
 
@@ -196,35 +215,36 @@ class _Context:
     validation_speakers: list[str]
 
 
-_CONTEXT: dict[str, _Context] = {}  # this process's context, by the config's content hash (the latest config only)
+def _build_context(config: SpeakerBenchConfig) -> _Context:
+    """Corpus synthesis and the original model (fine-tuned and stored on first use)."""
+    device = resolve_device(config.model.device)
+    model, text = load_whisper(config.model.source)
+    set_input_window(model, seconds=config.model.window_s)
+    task = ASRTask(text=text, max_new_tokens=config.model.max_new_tokens)
+    corpus = build_corpus(config.corpus, window_s=config.model.window_s)
+    speakers = config.speakers.names or pick_speakers(
+        corpus.train, count=config.speakers.count, seed=config.speakers.seed
+    )
+    original = _original_model(config, model, task, corpus, device=device)
+    return _Context(task, corpus, original, device, list(speakers), validation_speakers(config, corpus.train, speakers))
+
+
+# one config at a time: a Whisper per config would pile up in a long-lived process
+_CONTEXT: ProcessCache[_Context] = ProcessCache(_build_context, keep=1)
 
 
 def _context(config: SpeakerBenchConfig) -> _Context:
-    """The config's context in this process (built on first use: corpus synthesis, original model training)."""
-    key = content_hash(config.model_dump(mode="json"))
-    if key not in _CONTEXT:
-        _CONTEXT.clear()  # one config at a time: a model per config would pile up in a long-lived process
-        device = resolve_device(config.model.device)
-        model, text = load_whisper(config.model.source)
-        set_input_window(model, seconds=config.model.window_s)
-        task = ASRTask(text=text, max_new_tokens=config.model.max_new_tokens)
-        corpus = build_corpus(config.corpus, window_s=config.model.window_s)
-        speakers = config.speakers.names or pick_speakers(
-            corpus.train, count=config.speakers.count, seed=config.speakers.seed
-        )
-        original = _original_model(config, model, task, corpus, device=device)
-        _CONTEXT[key] = _Context(task, corpus, original, device, list(speakers),
-                                 validation_speakers(config, corpus.train, speakers))
-    return _CONTEXT[key]
+    """The config's context in this process (built on first use)."""
+    return _CONTEXT.get(config)
 
 
 def validation_speakers(config: SpeakerBenchConfig, train: Sequence[Utterance], tested: Sequence[str]) -> list[str]:
-    """``speakers.validation_count`` training speakers that are not tested (drawn with ``speakers.seed + 1``)."""
-    count = config.speakers.validation_count
+    """``tuning.splits`` training speakers that are not tested (drawn with ``tuning.seed``)."""
+    count = config.tuning.splits
     if count == 0:
         return []
     others = [u for u in train if u.speaker not in set(tested)]
-    return pick_speakers(others, count=count, seed=config.speakers.seed + 1)
+    return pick_speakers(others, count=count, seed=config.tuning.seed)
 
 
 def _original_model(
@@ -257,7 +277,7 @@ def _original_model(
 def _split(config: SpeakerBenchConfig, corpus: SpeakerCorpus, speaker: str,
            train: Sequence[Utterance] | None = None) -> SpeakerSplit:
     """The speaker's split; ``train`` (default: every training utterance) is what its retain set is drawn from."""
-    protocol = config.protocol
+    protocol = config.scenario
     return speaker_unlearning_split(
         corpus.train if train is None else train,
         corpus.test,
@@ -280,7 +300,7 @@ def split_for(config: SpeakerBenchConfig, corpus: SpeakerCorpus, speaker: str, *
     shared = used & {u.id for u in [*split.unlearn, *split.speaker_heldout, *split.retain]}
     if shared:
         raise ValueError(f"validation speaker {speaker} shares {len(shared)} utterances with the test runs: choose "
-                         "speakers.names / speakers.validation_count so that no validation speaker is tested")
+                         "speakers.names / tuning.splits so that no validation speaker is tested")
     return split
 
 
@@ -312,20 +332,33 @@ class SpeakerExperiment:
         """The validation runs of the gridded runs (when any), then the test runs with each one's chosen variant."""
         ctx = _context(self.config)
         chosen: dict[str, dict[str, Any]] = {}
-        if any(spec.grid for spec in self.config.runs):
-            jobs = plan_validation_jobs(self.config, ctx.validation_speakers)
+        if self.config.tuned_rows():
+            rows = searches(self.config)
+            jobs = plan_validation_jobs(self.config, ctx.validation_speakers,
+                                        {label: search.rounds[0] for label, search in rows.items()})
             yield Phase(VALIDATION, jobs)
-            chosen = choose_variants(self.config, [finished[job.key] for job in jobs])
+            chosen = choose_variants(self.config, [finished[job.key] for job in jobs],
+                                     {label: search.tried() for label, search in rows.items()})
+            extended = plan_validation_jobs(self.config, ctx.validation_speakers, {
+                label: search.extension(chosen[label]["point"]) for label, search in rows.items()})
+            if extended:
+                yield Phase(f"{VALIDATION}, edges extended", extended)
+                jobs = [*jobs, *extended]
+                chosen = choose_variants(self.config, [finished[job.key] for job in jobs],
+                                         {label: search.tried() for label, search in rows.items()})
+            for label, search in rows.items():
+                chosen[label].update(search.summary(chosen[label]["point"]))
             self.selection = {"rule": "lowest mean W_val among the variants that reach the target on every validation "
                                       "speaker (else the highest mean W_unlearn: a fallback)",
                               "validation_speakers": ctx.validation_speakers, "runs": chosen}
         yield Phase(PHASE, plan_jobs(self.config, ctx.speakers,
                                      {label: (c["variant"], c["params"]) for label, c in chosen.items()}))
 
-    def run_job(self, job: SpeakerJob) -> Record:
+    def run_job(self, job: Job) -> Record:
         """Measure the original model (the Original row) or unlearn the speaker with the job's method."""
         config, ctx = self.config, _context(self.config)
-        split = split_for(config, ctx.corpus, job.speaker, phase=job.phase, tested=ctx.speakers,
+        speaker = job.split["speaker"]
+        split = split_for(config, ctx.corpus, speaker, phase=job.phase, tested=ctx.speakers,
                           validating=ctx.validation_speakers)
         sets = {name: _dataset(getattr(split, name), config)
                 for name in ("unlearn", "speaker_heldout", "retain", "test")}
@@ -335,30 +368,27 @@ class SpeakerExperiment:
         def wer(model: torch.nn.Module, name: str) -> float:
             return ctx.task.evaluate(model, _loader(sets[name], ctx.task), device=ctx.device)
 
-        envelope: dict[str, Any] = {"task": TASK, "bench": config.name, "key": job.settings_key, "phase": job.phase,
+        envelope: dict[str, Any] = {"task": TASK, "bench": config.name, "key": job.digest, "phase": job.phase,
                     "method": job.method,
                     "label": job.label, "hyperparameters": job.hyperparameters}
         if job.method == "original":
             metrics = {name: wer(ctx.original, name) for name in sets}
             return self._record(job, record_envelope(**envelope, seed=None), metrics)
-        log.info("speaker %s: %s", job.speaker, job.variant)
-        stop_wer = config.unlearning.stop_wer
+        log.info("speaker %s: %s", speaker, job.split["variant"])
+        protocol = config.protocol
         result = self.unlearn(
             ctx.original,
             sets["unlearn"],
             sets["retain"],
             method=job.method,
             task=ctx.task,
-            stop=wer_target_rule(threshold=stop_wer) if stop_wer is not None else "never",
+            stop=wer_target_rule(threshold=protocol.stop) if protocol.stop is not None else "never",
             test=sets["test"],
-            max_epochs=config.unlearning.max_epochs,
-            eval_every=eval_every_for(job.method, job.hyperparameters, forget_size=len(sets["unlearn"]),
-                                      eval_every=config.unlearning.eval_every,
-                                      checks_per_epoch=config.unlearning.checks_per_epoch)
-            if stop_wer is not None else config.unlearning.eval_every,
-            track=config.unlearning.track,
+            **run_schedule(protocol, method=job.method, hyperparameters=job.hyperparameters,
+                           forget_size=len(sets["unlearn"]), has_rule=protocol.stop is not None),
+            track=protocol.track,
             device=ctx.device,
-            seed=config.unlearning.seed,
+            seed=run_seed(config),
             verbose=False,
             **job.hyperparameters,
         )
@@ -368,15 +398,15 @@ class SpeakerExperiment:
             "test": result.final["test"],
             **{name: wer(result.model, name) for name in ("speaker_heldout", "validation") if name in sets},
         }
-        return self._record(job, record_envelope(**envelope, seed=config.unlearning.seed, result=result), metrics)
+        return self._record(job, record_envelope(**envelope, seed=run_seed(config), result=result), metrics)
 
     @staticmethod
-    def _record(job: SpeakerJob, envelope: Record, metrics: Mapping[str, float]) -> Record:
+    def _record(job: Job, envelope: Record, metrics: Mapping[str, float]) -> Record:
         return {
             **envelope,
-            "speaker": job.speaker,
-            "variant": job.variant,
-            "tables": list(job.tables),
+            "speaker": job.split["speaker"],
+            "variant": job.split["variant"],
+            "tables": list(job.extra["tables"]),
             "W_retain": metrics["retain"],
             "W_unlearn": metrics["unlearn"],
             "W_speaker": metrics["speaker_heldout"],
@@ -392,7 +422,7 @@ class SpeakerExperiment:
         return SpeakerExperiment(on_rank_device(self.config, device), unlearn=unlearn_on_ranks)
 
     def record_key(self, record: Mapping[str, Any]) -> str:
-        return record_key(record)
+        return record_key(record, IDENTITY)
 
     def describe(self, record: Mapping[str, Any]) -> str:
         return (f"{record['speaker']}: {record['variant']}  W_retain {record['W_retain']:.1f}  "

@@ -42,9 +42,9 @@ def speaker_tables(records: Sequence[Mapping[str, Any]], config: SpeakerBenchCon
     tested = [r for r in records if r["phase"] == "test"]
     validation = [r for r in records if r["phase"] == "validation"]
     speakers = sorted({r["speaker"] for r in tested})
-    labels = ["Original"] + [spec.label for spec in config.runs]
-    tables_of = {"Original": [2], **{spec.label: spec.tables for spec in config.runs}}
-    target = config.unlearning.stop_wer
+    labels = ["Original"] + [spec.label for spec in config.rows()]
+    tables_of = {"Original": [2], **{spec.label: spec.tables for spec in config.rows()}}
+    target = config.protocol.stop
     lines = [f"Speakers ({len(speakers)}): {', '.join(speakers)}. WER in %, clipped at 100.", ""]
     choices: list[str] = []
     missed: list[str] = []

@@ -1,9 +1,37 @@
-"""The config system every benchmark task shares: YAML, ``--set`` overrides, variants, validation, content hashes.
+"""The config system every benchmark task shares: one dialect, YAML, ``--set`` overrides, variants, validation,
+content hashes.
 
-A task's config is a pydantic ``ExperimentConfig`` made of ``ConfigSection``s, each forbidding unknown keys, so a typo
-is an error naming the valid keys instead of a silent default (``describe_errors``). ``variants:`` makes one file
-several configs (``variants_of``). ``content_hash`` keys caches and records; ``grid_points`` expands a grid. The
-image task's schema is ``image_bench.config``; the speech and language-model schemas live in their packages.
+One dialect for every task. A config names its ``task`` (``classification`` when absent, ``asr``, ``causal_lm``),
+its ``name``, its run folder (``output``, default ``runs/<name>``) and how its jobs run (``workers``,
+``threads_per_worker``); then three sections with the same names and meaning in every task, whose classes are here:
+
+    methods:                     # the table's rows, by label (MethodRow)
+      OrthoGrad: {}              #   method: the label lower-cased when that is a registered method
+      OrthoGrad (fixed):
+        method: orthograd-fixed  #   else named
+        params: {alpha: 0.9}     #   its hyperparameters (over protocol.defaults)
+        grid: {lr: [1.0e-3, 1.0e-2]}   # values tuned on validation splits (tuning:); optional
+    protocol:                    # what every method of the run shares (ProtocolConfig)
+      seeds: [0, 1, 2]           #   the runs' seeds (one run per seed and split)
+      stop: ...                  #   the stop rule (its values are the task's: see its config module)
+      max_epochs: 30             #   passes over the forget set; and/or
+      max_steps: null            #   optimizer steps, the same budget for every method
+      eval_every: null           #   check the stop rule every n steps, else
+      checks_per_epoch: 4        #   this many times per pass over the forget set (and after every epoch)
+      defaults: {}               #   hyperparameters every row starts from
+    tuning:                      # how gridded rows are tuned (TuningConfig): never on a test split
+      seed: ...                  #   draws the validation splits
+      splits: 1                  #   validation splits each grid point is scored on
+      search: true               #   false: every row runs its params (its grid unused)
+      extend_edges: true         #   a choice on the end of a knob's values: shift them once, search again
+
+Each task's module (``image_bench.config``, ``asr_bench.config``, ``llm_bench.config``) subclasses these three with
+the fields only it has (the stop rule's values; the image task's ``track`` and ``privacy``, ``extend_edges``...) and
+adds its own sections (its data, model, training, ``scenario``). Every section forbids unknown keys, so a typo is an
+error naming the valid keys instead of a silent default (``describe_errors``). ``variants:`` makes one file several
+configs (``variants_of``). ``content_hash`` keys caches and records; ``grid_points`` expands a grid. Configs of the
+dialect before this one (``runs:``, ``unlearning:``, ``unlearn:``, ``sweep:``) are rewritten by ``orthograd
+upgrade-log`` (``bench.upgrade``).
 """
 
 from __future__ import annotations
@@ -16,7 +44,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orthograd import methods
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -31,9 +61,16 @@ class ConfigSection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class RunRow(ConfigSection):
-    """A table row of the speech and language-model benchmarks: a labelled method with its hyperparameters, and
-    optionally a ``grid`` of values to try (``{name: [values]}``), chosen on the task's validation data."""
+DEFAULT_CHECKS_PER_EPOCH = 4  # the stop rule's checks per pass over the forget set (``bench.protocol``)
+ROW_FIELDS = frozenset({"label", "method", "params", "grid", "tables"})  # what a methods row may hold (tables: speech)
+# sections of the dialect before this one, and where their settings are now (``bench.upgrade`` rewrites them)
+FORMER_SECTIONS = {"runs": "methods", "unlearning": "protocol", "unlearn": "protocol",
+                   "sweep": "methods.<label>.grid and tuning"}
+
+
+class MethodRow(ConfigSection):
+    """A table row of any task: a labelled, registered method with its hyperparameters, and optionally a ``grid``
+    of values to try (``{name: [values]}``), chosen on the task's validation splits (``tuning``)."""
 
     label: str
     method: str
@@ -41,26 +78,72 @@ class RunRow(ConfigSection):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _grid_values(self) -> RunRow:
+    def _known(self) -> MethodRow:
+        available = methods.available()
+        if self.method not in available:
+            raise ValueError(f"row {self.label!r}: {self.method!r} is not a registered method; name one with "
+                             f"method: ({', '.join(available)})")
         empty = [name for name, values in self.grid.items() if not values]
         if empty:
-            raise ValueError(f"run {self.label!r}: grid values must be non-empty lists, got none for {empty}")
+            raise ValueError(f"row {self.label!r}: grid values must be non-empty lists, got none for {empty}")
         return self
 
 
-def unique_labels(runs: Sequence[RunRow]) -> None:
-    """Refuse two rows with one label (their records would share a name in the tables)."""
-    labels = [run.label for run in runs]
-    if len(labels) != len(set(labels)):
-        raise ValueError(f"run labels must be unique, got {labels}")
+def rows_by_label(value: Any) -> Any:
+    """A ``methods:`` mapping with each row's label (its key) and method (when it names none: the label lower-cased)
+    filled in, for ``MethodRow`` to validate."""
+    if not isinstance(value, Mapping):
+        return value  # not a mapping: pydantic names the type it wants
+    out = {}
+    for label, row in value.items():
+        row = {} if row is None else row
+        if not isinstance(row, Mapping):
+            raise ValueError(f"methods.{label} must be a mapping {{method, params, grid}}, got {row!r}")
+        if row.get("label", label) != label:
+            raise ValueError(f"methods.{label}: its label is its key; drop label: {row['label']!r}")
+        out[str(label)] = {**row, "label": str(label), "method": row.get("method", str(label).lower())}
+    return out
+
+
+class ProtocolConfig(ConfigSection):
+    """What every method of a benchmark shares: seeds, stop rule, budget, the stop rule's cadence, default
+    hyperparameters. A task's subclass types ``stop`` and adds what only it has."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    stop: Any = None
+    max_epochs: int | None = Field(default=30, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)  # the same optimizer-step budget for every method
+    eval_every: int | None = Field(default=None, ge=1)  # check the stop rule every n steps, for every method
+    checks_per_epoch: int = Field(default=DEFAULT_CHECKS_PER_EPOCH, ge=1)  # else: per pass over the forget set
+    defaults: dict[str, Any] = Field(default_factory=dict)  # hyperparameters every row starts from
+
+    @model_validator(mode="after")
+    def _budget(self) -> ProtocolConfig:
+        if not self.seeds:
+            raise ValueError("protocol.seeds must list at least one seed")
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("protocol needs a budget: set max_epochs, max_steps or both")
+        return self
+
+
+class TuningConfig(ConfigSection):
+    """How a gridded row is tuned: each grid point runs on ``splits`` validation splits drawn with ``seed`` (none
+    shares a sample with a test split), and the task's score picks one. A task's subclass adds what only it has."""
+
+    seed: int = 0
+    splits: int = Field(default=1, ge=1)
+    search: bool = True  # false: every row runs its params, its grid unused (e.g. a paper's optima without its search)
+    extend_edges: bool = True  # a choice at the end of a knob's values shifts them once and searches again
 
 
 class ExperimentConfig(ConfigSection):
-    """What every experiment config has, whatever its task: its name, its run folder and how its jobs run.
+    """What every experiment config has, whatever its task: its name, run folder and how its jobs run, its rows
+    (``methods``), the protocol they share and how gridded rows are tuned.
 
     Each task's config (``image_bench.config``, ``asr_bench.config``, ``llm_bench.config``) extends it with a
-    ``task`` tag; ``bench.experiments.load_experiment`` reads any of them. ``EXECUTION_FIELDS`` change where and
-    how fast jobs run, never what a record holds, so no record key includes them.
+    ``task`` tag, its own sections and its subclasses of the shared ones; ``bench.experiments.load_experiment``
+    reads any of them. ``EXECUTION_FIELDS`` change where and how fast jobs run, never what a record holds, so no
+    record key includes them.
     """
 
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"name", "output", "workers", "threads_per_worker"})
@@ -69,10 +152,34 @@ class ExperimentConfig(ConfigSection):
     output: Path | None = None  # the run folder (None: runs/<name>)
     workers: int = Field(default=1, ge=1)  # worker processes for the jobs (1: in this process)
     threads_per_worker: int | None = Field(default=None, ge=1)  # torch threads per worker (None: cores/workers)
+    methods: Mapping[str, MethodRow]
+    protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _labelled(cls, value: Any) -> Any:
+        return rows_by_label(value)
+
+    @field_validator("methods")
+    @classmethod
+    def _some_rows(cls, value: Mapping[str, MethodRow]) -> Mapping[str, MethodRow]:
+        if not value:
+            raise ValueError("methods must list at least one row")
+        return value
 
     def run_dir(self) -> Path:
         """Where the results log, tables and plots go."""
         return self.output if self.output is not None else Path("runs") / self.name
+
+    def params(self, row: MethodRow) -> dict[str, Any]:
+        """A row's hyperparameters: ``protocol.defaults``, then the row's own."""
+        return {**self.protocol.defaults, **row.params}
+
+    def gridded(self) -> list[MethodRow]:
+        """The rows with a grid, which are tuned on validation splits before they run on test (none when
+        ``tuning.search`` is false)."""
+        return [row for row in self.methods.values() if row.grid] if self.tuning.search else []
 
 
 def content_hash(value: Any, *, length: int = 16) -> str:
@@ -96,7 +203,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value (e.g. unlearn.max_epochs=5), got {item!r}")
+            raise ConfigError(f"--set expects key=value (e.g. protocol.max_epochs=5), got {item!r}")
         parts = key.strip().split(".")
         node: Any = out
         for depth, part in enumerate(parts[:-1]):
@@ -134,14 +241,17 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 def _valid_keys(loc: Sequence[Any], root: type[BaseModel]) -> str:
     """The keys accepted by the section of ``root`` that holds the unknown key at ``loc``."""
     candidates: list[type[BaseModel]] = [root]
+    keyed = False  # the part is a key of a mapping of sections (a methods row's label)
     for part in loc[:-1]:
-        if isinstance(part, int):  # an item of a list section: its model is already the candidate
+        if isinstance(part, int) or keyed:  # an item of a list or mapping: its model is already the candidate
+            keyed = False
             continue
         if len(candidates) > 1:  # a tagged union: pydantic puts the tag (e.g. model.arch's value) in the location
             candidates = [m for m in candidates if _has_tag(m, part)] or candidates
             continue
         field = candidates[0].model_fields.get(str(part))
         candidates = _models_in(field.annotation) if field is not None else []
+        keyed = field is not None and get_origin(field.annotation) in (dict, Mapping)
         if not candidates:
             return "(see the config reference)"
     return ", ".join(sorted(candidates[0].model_fields))

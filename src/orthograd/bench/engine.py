@@ -76,8 +76,9 @@ class FinishedRuns:
 
 
 class Experiment(Protocol):
-    """What a benchmark task gives the engine. Instances are pickled to worker processes: keep heavy state (data,
-    models) in a per-process cache that ``setup`` fills, not on the instance. A task whose jobs torchrun's ranks can
+    """What a benchmark task gives the engine. Its jobs are ``bench.jobs.Job``s. Instances are pickled to worker
+    processes: keep heavy state (data, models) in a ``bench.jobs.ProcessCache`` that ``setup`` fills, not on the
+    instance. A task whose jobs torchrun's ranks can
     run together adds ``data_parallel(device) -> Experiment`` (the ``ddp`` backend asks for it)."""
 
     def setup(self) -> None:

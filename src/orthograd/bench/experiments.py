@@ -22,7 +22,7 @@ from typing import Annotated, Any, Union
 from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
 from orthograd import methods
-from orthograd.bench.config import ConfigError, ExperimentConfig, describe_errors, expand_config
+from orthograd.bench.config import FORMER_SECTIONS, ConfigError, ExperimentConfig, describe_errors, expand_config
 from orthograd.bench.engine import (
     RESULTS_FILE,
     Engine,
@@ -71,6 +71,12 @@ def validate_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
     task = task_of(raw)
     if task not in TASKS:
         raise ConfigError(f"task {task!r} is not a benchmark task; tasks: {', '.join(TASKS)}")
+    former = [name for name in FORMER_SECTIONS if name in raw]
+    if former:
+        moved = "; ".join(f"{name}: is now {FORMER_SECTIONS[name]}" for name in former)
+        raise ConfigError(f"this config is written in the older config dialect ({moved}): `orthograd upgrade-log "
+                          "FILE.yaml` rewrites a config file, `orthograd upgrade-log RUN_DIR/results.jsonl` a run "
+                          "folder (docs/reference.md, Benchmark configs)")
     try:
         return _schema().validate_python(dict(raw))
     except ValidationError as exc:
@@ -94,38 +100,33 @@ def canonical_methods(names: Sequence[str]) -> list[str]:
     return out
 
 
+def _row_method(label: str, row: Any) -> str:
+    """The method a ``methods:`` row runs (as ``bench.config.rows_by_label`` reads it)."""
+    named = row.get("method") if isinstance(row, Mapping) else None
+    return str(named if named is not None else label).lower()
+
+
+def _kept_rows(rows: Any, keep: set[str]) -> Any:
+    if not isinstance(rows, Mapping):
+        return rows
+    return {label: row for label, row in rows.items() if _row_method(label, row) in keep}
+
+
 def keep_methods(raw: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
-    """A config mapping with only the methods ``names`` (any case): an image config's ``methods`` and sweep grids,
-    a speech or language-model config's ``runs`` of those methods; none of them in the config is an error."""
+    """A config mapping with only the rows whose method is one of ``names`` (any case), in its base and in each
+    variant; none of them in the config is an error."""
     keep = set(canonical_methods(names))
-    out = dict(raw)
-    if task_of(raw) == "classification":
-        listed = list(raw.get("methods") or {})
-        out["methods"] = {m: h for m, h in (raw.get("methods") or {}).items() if m in keep}
-        sweep = raw.get("sweep")
-        if isinstance(sweep, Mapping):
-            grid = {m: g for m, g in (sweep.get("grid") or {}).items() if m in keep}
-            out["sweep"] = {**sweep, "grid": grid} if grid else None
-    else:
-        listed = [run.get("method") for run in raw.get("runs") or []]
-        out["runs"] = [run for run in raw.get("runs") or [] if run.get("method") in keep]
-    if not (out.get("methods") or out.get("runs")):
-        raise ConfigError(f"--method {', '.join(names)}: the config has none of them; its methods: "
-                          f"{', '.join(dict.fromkeys(str(m) for m in listed))}")
-    return out
-
-
-def _kept_in_file(raw: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
-    """The file's mapping (written to the run folder, hashed into the records) with only the kept methods, in its
-    base and in each variant."""
-    keep = set(canonical_methods(names))
-    out = keep_methods({k: v for k, v in raw.items() if k != "variants"}, names)
+    out = {**raw, "methods": _kept_rows(raw.get("methods"), keep)}
     if isinstance(raw.get("variants"), Mapping):
         out["variants"] = {
-            name: {**changes, "methods": {m: h for m, h in changes["methods"].items() if m in keep}}
-            if isinstance(changes, Mapping) and isinstance(changes.get("methods"), Mapping) else changes
+            name: {**changes, "methods": _kept_rows(changes["methods"], keep)}
+            if isinstance(changes, Mapping) and "methods" in changes else changes
             for name, changes in raw["variants"].items()
         }
+    if not out["methods"]:
+        listed = [_row_method(label, row) for label, row in (raw.get("methods") or {}).items()]
+        raise ConfigError(f"--method {', '.join(names)}: the config has none of them; its methods: "
+                          f"{', '.join(dict.fromkeys(listed))}")
     return out
 
 
@@ -137,7 +138,7 @@ def load_experiment(
     variants, raw = expand_config(path, overrides=overrides)
     if methods_kept:
         variants = {name: keep_methods(variant, methods_kept) for name, variant in variants.items()}
-        raw = _kept_in_file(raw, methods_kept)
+        raw = keep_methods(raw, methods_kept)
     configs = [validate_experiment(variant) for variant in variants.values()]
     if len(configs) > 1 and task_of(raw) != "classification":
         raise ConfigError(f"variants are for image-classification configs; {path} is a {task_of(raw)} config")

@@ -27,14 +27,14 @@ import math
 import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from orthograd import methods
 from orthograd.api import unlearn
-from orthograd.bench.config import content_hash, grid_points
+from orthograd.bench.config import ProtocolConfig, content_hash, grid_points
 from orthograd.results import UnlearnResult
 
-DEFAULT_CHECKS_PER_EPOCH = 4
+T = TypeVar("T")
 MIN_VALUES_TO_EXTEND = 3  # with fewer values a knob has no interior: every choice would be "on the edge"
 
 
@@ -49,6 +49,17 @@ def eval_every_for(
         return eval_every
     batch_size = getattr(methods.make_config(method, dict(hyperparameters)), "forget_batch_size", None) or 1
     return max(1, math.ceil(forget_size / batch_size) // checks_per_epoch)
+
+
+def run_schedule(
+    protocol: ProtocolConfig, *, method: str, hyperparameters: Mapping[str, Any], forget_size: int, has_rule: bool,
+) -> dict[str, int | None]:
+    """The budget and the stop rule's cadence of one run under ``protocol`` (``max_epochs``, ``max_steps``,
+    ``eval_every`` as ``unlearn`` takes them): every task's runs get theirs here. Without a stop rule there is
+    nothing to check: ``protocol.eval_every`` as given (None: every epoch's row only)."""
+    eval_every = eval_every_for(method, hyperparameters, forget_size=forget_size, eval_every=protocol.eval_every,
+                                checks_per_epoch=protocol.checks_per_epoch) if has_rule else protocol.eval_every
+    return {"max_epochs": protocol.max_epochs, "max_steps": protocol.max_steps, "eval_every": eval_every}
 
 
 def grid_size(grid: Mapping[str, Sequence[Any]]) -> int:
@@ -117,6 +128,61 @@ def _padding_value(values: Sequence[Any], rng: random.Random) -> Any:
     low, high = float(min(values)), float(max(values))
     value = math.exp(rng.uniform(math.log(low), math.log(high))) if low > 0 else rng.uniform(low, high)
     return float(f"{value:.3g}")
+
+
+class Search:
+    """One gridded row's validation search, the same for every task: its grid's trials padded to ``size``
+    (``trials``, seeded by the row's ``label``); once they are scored, when ``extend`` and the best point lies on
+    an end of a knob (``extend_edges``), the shifted grid's trials once more (the points both grids share are the
+    same jobs, not rerun); the choice by ``select`` over every trial, in the order tried."""
+
+    def __init__(self, label: str, grid: Mapping[str, Sequence[Any]], *, size: int, extend: bool,
+                 accepts: Callable[[dict[str, Any]], bool]) -> None:
+        self.label = label
+        self.grid = {name: list(values) for name, values in grid.items()}
+        self.size = size
+        self.extend = extend
+        self.accepts = accepts
+        self.rounds: list[list[dict[str, Any]]] = [trials(grid, size=size, seed=label)]
+        self.edges: dict[str, dict[str, Any]] = {}  # per knob on an end: what changed (``extend_edges``)
+
+    def tried(self) -> list[tuple[int, dict[str, Any]]]:
+        """Every point so far with the round (1 or 2) it was first tried in."""
+        out: dict[str, tuple[int, dict[str, Any]]] = {}
+        for index, points in enumerate(self.rounds, start=1):
+            for point in points:
+                out.setdefault(content_hash(point), (index, point))
+        return list(out.values())
+
+    def extension(self, best: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The second round's points when ``best`` (the choice after the first) lies on an end of a knob; none
+        otherwise, or when the search does not extend."""
+        if not self.extend or len(self.rounds) > 1:
+            return []
+        shifted, self.edges = extend_edges(self.grid, best, valid=self.accepts)
+        if not any(change["extended"] for change in self.edges.values()):
+            return []
+        self.rounds.append(trials(shifted, size=self.size, seed=f"{self.label} extended"))
+        return self.rounds[1]
+
+    def summary(self, best: Mapping[str, Any]) -> dict[str, Any]:
+        """What ``selection.json`` says of the search: short of the budget, the edges, whether the second round
+        ran, and the knobs the final choice still lies on an end of."""
+        extended = {k: v for k, v in self.edges.items() if v["extended"]}
+        final_grid = {name: sorted({*values, *extended.get(name, {}).get("to", [])})
+                      for name, values in self.grid.items()}
+        _, still = extend_edges(final_grid, best, valid=lambda point: True)
+        return {"short_of_budget": len(self.rounds[0]) < self.size, "edges": self.edges,
+                "edge_extended": bool(extended), "still_on_edge": sorted(still)}
+
+
+def select(scored: Sequence[T], *, score: Callable[[T], Any]) -> T:
+    """The selection rule of every task: the trial with the lowest ``score`` (the task's: image mean validation
+    UIS; speech mean W_val among the variants that reach the target; language models forget quality among the
+    points that keep utility), ties to the first trial in the order they were tried."""
+    if not scored:
+        raise ValueError("no trial to select from")
+    return min(scored, key=score)
 
 
 def trials(grid: Mapping[str, Sequence[Any]], *, size: int, seed: str) -> list[dict[str, Any]]:

@@ -14,6 +14,14 @@ task's rule for its format-2 keys (``rekey_format2`` in its experiment module, f
 - 3 (``FORMAT``): one key convention for every task (``bench.config.content_hash``), LoRA's scaling named
   ``lora_alpha`` (peft's name) in every record.
 
+The config dialect changed after format 3 without changing a key (each task hashes the same settings under the same
+names as before): the image task's ``methods: {method: hyperparameters}``, ``sweep: {grid: {method: {...}}, ...}``,
+``unlearn:`` and ``scenario.seeds``, and the speech and language-model tasks' ``runs: [{label, method, params,
+grid}]``, ``unlearning:`` and split section ``protocol:`` became every task's ``methods: {label: {method, params,
+grid}}``, ``protocol:`` (seeds, stop, budget, cadence, defaults), ``tuning:`` and ``scenario:``
+(``upgrade_config``). ``upgrade_log`` rewrites the run folder's ``config.yaml`` into it (atomically) before it reads
+the configs; ``orthograd upgrade-log FILE.yaml`` rewrites a config file (``upgrade_config_file``).
+
 An older record gets its current key when one of the run folder's configs (``RUN_DIR/config.yaml``, its variants, or
 the config passed instead) accounts for it: the job that made it, read off the record (image) or planned by the
 config (speech, language models), has the record's key under format 2's scheme; the record then gets that job's key
@@ -33,12 +41,15 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orthograd.bench.config import ConfigError, ExperimentConfig, content_hash
+import yaml
+
+from orthograd.bench.config import FORMER_SECTIONS, ROW_FIELDS, ConfigError, ExperimentConfig, content_hash
 from orthograd.bench.experiments import TASKS, load_experiment, task_of
 from orthograd.bench.records import FORMAT, Record, record_format
 from orthograd.io import ResultsLog, atomic_write_json, atomic_write_text
@@ -74,6 +85,8 @@ def upgrade_log(path: str | Path, *, config: str | Path | None = None) -> Upgrad
     if not source.is_file():
         raise FileNotFoundError(f"{source} does not exist: pass a results.jsonl written by `orthograd bench`")
     config_file = Path(config) if config is not None else source.parent / "config.yaml"
+    if config is None and config_file.is_file():
+        upgrade_config_file(config_file)
     configs = _configs(config_file, required=config is not None)
     records = ResultsLog(source).records()
     upgraded, rekeyed, kept = [], 0, 0
@@ -124,7 +137,14 @@ def _configs(path: Path, *, required: bool) -> list[ExperimentConfig]:
             raise ConfigError(f"config file {str(path)!r} does not exist: pass the config the log was written with")
         return []
     try:
-        configs, _ = load_experiment(path)
+        if older_dialect(yaml.safe_load(path.read_text(encoding="utf-8")) or {}):
+            with tempfile.TemporaryDirectory() as folder:  # the passed config is read, never rewritten
+                copy = Path(folder) / path.name
+                copy.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+                upgrade_config_file(copy)
+                configs, _ = load_experiment(copy)
+        else:
+            configs, _ = load_experiment(path)
     except ConfigError as exc:
         raise ConfigError(f"{path} does not load, so no record can be re-keyed with it: fix it (or pass --config a "
                           f"config that loads), then run upgrade-log again\n{exc}") from None
@@ -191,3 +211,125 @@ def lora_named(settings: Any, name: str) -> Any:
         return settings
     lora = {(name if key in ("alpha", "lora_alpha") else key): value for key, value in settings["lora"].items()}
     return {**settings, "lora": lora}
+
+
+# --------------------------------------------------------------------------------------------- the config dialect
+
+
+def older_dialect(raw: Mapping[str, Any]) -> bool:
+    """Whether a config mapping (or one of its variants) is written in the dialect before the one of
+    ``bench.config``: a former section, an image row that is a bare mapping of hyperparameters, or
+    ``scenario.seeds``."""
+    parts = [raw, *((raw.get("variants") or {}).values() if isinstance(raw.get("variants"), Mapping) else [])]
+    for part in parts:
+        if not isinstance(part, Mapping):
+            continue
+        if any(name in part for name in FORMER_SECTIONS):
+            return True
+        scenario = part.get("scenario")
+        if isinstance(scenario, Mapping) and "seeds" in scenario:
+            return True
+        rows = part.get("methods")
+        if isinstance(rows, Mapping) and any(isinstance(r, Mapping) and set(r) - ROW_FIELDS for r in rows.values()):
+            return True
+    return False
+
+
+def upgrade_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A config mapping of the older dialect in the current one, every value kept (a current one as it is)."""
+    if not older_dialect(raw):
+        return dict(raw)
+    image = raw.get("task", "classification") == "classification"
+    out = _upgraded_image(raw) if image else _upgraded_rows_config(raw)
+    if image and isinstance(raw.get("variants"), Mapping):
+        out["variants"] = {name: _upgraded_image(changes) if isinstance(changes, Mapping) else changes
+                           for name, changes in raw["variants"].items()}
+    return out
+
+
+def upgrade_config_file(path: str | Path) -> bool:
+    """Rewrite the config file at ``path`` in the current dialect, atomically (comments are not kept); whether it
+    was in the older one."""
+    source = Path(path)
+    raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    if not isinstance(raw, Mapping) or not older_dialect(raw):
+        return False
+    atomic_write_text(source, yaml.safe_dump(upgrade_config(raw), sort_keys=False))
+    return True
+
+
+def _put(out: dict[str, Any], name: str, values: Mapping[str, Any]) -> None:
+    """Merge ``values`` into section ``name`` of ``out`` (created where absent), keeping its place when it has one."""
+    if values:
+        out[name] = {**(out.get(name) or {}), **values}
+
+
+def _upgraded_image(part: Mapping[str, Any]) -> dict[str, Any]:
+    """An image config (or one variant's changes): rows wrap their hyperparameters in ``params`` and take their
+    grid from ``sweep.grid``; ``sweep``'s other settings are ``tuning``; ``unlearn`` and ``scenario.seeds`` are
+    ``protocol``."""
+    out: dict[str, Any] = {}
+    sweep = dict(part.get("sweep") or {})
+    grids = dict(sweep.pop("grid", None) or {})
+    for name, value in part.items():
+        if name == "methods" and isinstance(value, Mapping):
+            out["methods"] = {m: _image_row(hyper, grids.pop(m, None)) for m, hyper in value.items()}
+        elif name == "unlearn":
+            _put(out, "protocol", value or {})
+        elif name == "scenario" and isinstance(value, Mapping):
+            out["scenario"] = {k: v for k, v in value.items() if k != "seeds"}
+            if "seeds" in value:
+                _put(out, "protocol", {"seeds": value["seeds"]})
+        elif name == "sweep":
+            _put(out, "tuning", sweep)
+        else:
+            out[name] = value
+    if grids:  # grids of methods the part does not list (a variant's): rows of their own, merged with the base's
+        out.setdefault("methods", {}).update({m: {"grid": g} for m, g in grids.items()})
+    return out
+
+
+def _image_row(hyper: Any, grid: Any) -> dict[str, Any]:
+    if isinstance(hyper, Mapping) and not set(hyper) - ROW_FIELDS and grid is None:
+        return dict(hyper)  # already a row (an empty one: no hyperparameters)
+    row: dict[str, Any] = {"params": dict(hyper)} if hyper else {}
+    return {**row, "grid": grid} if grid else row
+
+
+def _upgraded_rows_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A speech or language-model config: ``runs`` are ``methods`` by label, ``unlearning`` is ``protocol`` (the
+    speech ``stop_wer`` its ``stop``, its ``seed`` its ``seeds``), the split section ``protocol`` is ``scenario``,
+    the speech ``speakers.validation_count`` is ``tuning.splits`` (drawn with ``speakers.seed + 1``, as before);
+    ``tuning.extend_edges`` is false, as these tasks searched then."""
+    speech = raw.get("task") == "asr"
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name == "runs":
+            out["methods"] = {str(run["label"]): _labelled_row(run) for run in value or []}
+        elif name == "unlearning":
+            protocol = dict(value or {})
+            if "stop_wer" in protocol:
+                protocol = {("stop" if k == "stop_wer" else k): v for k, v in protocol.items()}
+            if "seed" in protocol:
+                protocol = {("seeds" if k == "seed" else k): ([v] if k == "seed" else v) for k, v in protocol.items()}
+            _put(out, "protocol", protocol)
+        elif name == "protocol":
+            out["scenario"] = value
+        elif name == "speakers" and speech and isinstance(value, Mapping) and "validation_count" in value:
+            out["speakers"] = {k: v for k, v in value.items() if k != "validation_count"}
+            tuning = {"splits": value["validation_count"]}
+            if value.get("seed", 0) != 0:
+                tuning["seed"] = value["seed"] + 1
+            _put(out, "tuning", tuning)
+        else:
+            out[name] = value
+    _put(out, "tuning", {"extend_edges": False})
+    return out
+
+
+def _labelled_row(run: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``runs`` item as a row under its label: ``method`` only where the label does not name it."""
+    row = {k: v for k, v in run.items() if k != "label" and v not in ({}, None)}
+    if str(run.get("method")) == str(run["label"]).lower():
+        row.pop("method")
+    return row

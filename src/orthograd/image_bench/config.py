@@ -1,7 +1,9 @@
-"""The image-classification benchmark's config: data, model, original training, scenario, methods, protocol, sweep.
+"""The image-classification benchmark's config: data, model, original training, scenario, and the shared ``methods``,
+``protocol`` and ``tuning`` sections of every task (``bench.config``).
 
-Method hyperparameters are checked against the method's own config class when the file is loaded, so a bad learning
-rate fails before any model is trained. The hash of the parts that determine the original model (data, model,
+Method hyperparameters (and every grid value) are checked against the method's own config class when the file is
+loaded, so a bad learning rate fails before any model is trained. Each row names a different method (the tables
+have a row per method). The hash of the parts that determine the original model (data, model,
 training) keys its cache; the hash of the run protocol and a job's identity keys its record (``image_bench.jobs``).
 """
 
@@ -18,11 +20,13 @@ from orthograd.bench.config import (
     ConfigError,
     ConfigSection,
     ExperimentConfig,
+    MethodRow,
+    ProtocolConfig,
+    TuningConfig,
     content_hash,
     expand_config,
     validate_as,
 )
-from orthograd.bench.protocol import DEFAULT_CHECKS_PER_EPOCH
 
 
 class DataConfig(ConfigSection):
@@ -96,12 +100,12 @@ class TrainConfig(ConfigSection):
 
 
 class ScenarioConfig(ConfigSection):
-    """What is forgotten: ``random`` samples (one split per seed) or a whole ``class`` (one split per class)."""
+    """What is forgotten: ``random`` samples (one split per seed of ``protocol.seeds``) or a whole ``class`` (one
+    split per class)."""
 
     kind: Literal["random", "class"]
     forget_size: int | None = Field(default=None, ge=1)
     retain_size: list[int]
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     classes: list[int] = Field(default_factory=list)
     retrain: bool = False
 
@@ -117,10 +121,8 @@ class ScenarioConfig(ConfigSection):
         if self.kind == "random":
             if self.forget_size is None:
                 raise ValueError("scenario.forget_size is required when scenario.kind is 'random'")
-            if not self.seeds:
-                raise ValueError("scenario.seeds must list at least one seed")
             if self.classes:
-                raise ValueError("scenario.classes is for kind 'class'; random forgetting uses scenario.seeds")
+                raise ValueError("scenario.classes is for kind 'class'; random forgetting uses protocol.seeds")
         else:
             if not self.classes:
                 raise ValueError("scenario.classes must list the classes to forget when scenario.kind is 'class'")
@@ -129,16 +131,10 @@ class ScenarioConfig(ConfigSection):
         return self
 
 
-class UnlearnConfig(ConfigSection):
-    """The run protocol shared by every method: epoch cap, stop-rule cadence and the paper's stopping rule.
+class ImageProtocol(ProtocolConfig):
+    """The run protocol shared by every method: seeds (random forgetting: one split each), the paper's stopping
+    rule, the budget and the stop rule's cadence (``bench.protocol``), and what is evaluated."""
 
-    Every iterative method's stop rule is checked on the same cadence (``bench.protocol``): every ``eval_every``
-    optimizer steps when set, else ``checks_per_epoch`` times per pass over the forget set; and after every epoch.
-    """
-
-    max_epochs: int = Field(default=30, ge=1)
-    eval_every: int | None = Field(default=None, ge=1)  # check every n steps, for every method
-    checks_per_epoch: int = Field(default=DEFAULT_CHECKS_PER_EPOCH, ge=1)  # when eval_every is None
     stop: bool = True  # the paper's rule for the scenario (random: A_u <= A_test^p + 0.5; class: A_u < 1%)
     # "stop": rows between the first and the last evaluate only the forget set (what the rule reads), the last row
     # every set; evaluation is ~40-80% of an iterative method's time here (benchmarks/bench_profile.py), at the cost
@@ -147,72 +143,62 @@ class UnlearnConfig(ConfigSection):
     privacy: bool = True  # membership-inference metrics of every test run (the MIA columns of the tables)
 
 
-class SweepConfig(ConfigSection):
-    """A grid per method, scored by UIS on validation splits that share no sample with a test split
-    (``image_bench.jobs``); the best point then runs on test. Every method gets the same number of trials and one
-    edge extension (``bench.protocol``)."""
+class ImageTuning(TuningConfig):
+    """The gridded rows' tuning: each point scored by UIS on validation splits that share no sample with a test
+    split (``image_bench.jobs``); the best point then runs on test. Every method gets the same number of trials and
+    one edge extension (``bench.protocol``)."""
 
-    grid: dict[str, dict[str, list[Any]]]
-    splits: int = Field(default=1, ge=1)  # validation splits each point is scored on
+    seed: int = 1000  # draws the validation pool and splits (split i: seed + 1 + i, never a test seed)
     retain_size: int | None = Field(default=None, ge=1)  # validation retain size: one of the test ones (None: first)
     classes: list[int] = Field(default_factory=list)  # class forgetting: the validation classes (none: first untested)
-    seed: int = 1000  # draws the validation pool and splits (split i: seed + 1 + i, never a test seed)
-    extend_edges: bool = True  # a choice at the end of a knob's values shifts them once and searches again
 
 
 class BenchConfig(ExperimentConfig):
-    """An image-classification benchmark: data, model, original training, scenario, methods, protocol."""
+    """An image-classification benchmark: data, model, original training, scenario, methods, protocol, tuning."""
 
     task: Literal["classification"] = "classification"
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
     scenario: ScenarioConfig
-    methods: dict[str, dict[str, Any]]
-    unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
-    sweep: SweepConfig | None = None
+    methods: Mapping[str, MethodRow]
+    protocol: ImageProtocol = Field(default_factory=ImageProtocol)
+    tuning: ImageTuning = Field(default_factory=ImageTuning)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_dir: Path | None = None  # trained models (None: the run folder's cache/, so the run folder holds all)
 
-    @field_validator("methods")
-    @classmethod
-    def _methods_known(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        if not value:
-            raise ValueError("methods must name at least one method")
-        for name, hyper in value.items():
-            methods.make_config(name, hyper or {})  # unknown method or hyperparameter: the method's own error
-        return {name: dict(hyper or {}) for name, hyper in value.items()}
-
     @model_validator(mode="after")
     def _cross_checks(self) -> BenchConfig:
-        if self.unlearn.track == "stop" and not self.unlearn.stop:
-            raise ValueError("unlearn.track 'stop' evaluates what the stopping rule reads: set unlearn.stop true")
+        named = [row.method for row in self.methods.values()]
+        if len(named) != len(set(named)):
+            raise ValueError(f"each image row names a different method (the tables have a row per method), got "
+                             f"{named}")
+        for row in self.methods.values():
+            methods.make_config(row.method, self.params(row))  # unknown hyperparameter: the method's own error
+            for key, values in row.grid.items():
+                for value in values:
+                    methods.make_config(row.method, {**self.params(row), key: value})
+        if self.protocol.track == "stop" and not self.protocol.stop:
+            raise ValueError("protocol.track 'stop' evaluates what the stopping rule reads: set protocol.stop true")
         if self.train.epochs == 0 and self.model.weights is None:
             raise ValueError("train.epochs is 0 (use model.weights as the original model) but model.weights is not set")
-        if self.sweep is not None:
+        tuning = self.tuning
+        if self.gridded():
             if self.data.validation_size < 1:
-                raise ValueError("a sweep selects on the validation split: set data.validation_size > 0")
-            for name, grid in self.sweep.grid.items():
-                if name not in self.methods:
-                    raise ValueError(f"sweep.grid names {name!r}, which is not in methods {sorted(self.methods)}")
-                for key, values in grid.items():
-                    if not values:
-                        raise ValueError(f"sweep.grid.{name}.{key} is an empty list")
-                    for value in values:
-                        methods.make_config(name, {**self.methods[name], key: value})
-            if self.sweep.retain_size is not None and self.sweep.retain_size not in self.scenario.retain_size:
-                raise ValueError(f"sweep.retain_size is {self.sweep.retain_size}, which is not one of "
+                raise ValueError("a grid is tuned on the validation split: set data.validation_size > 0")
+            if tuning.retain_size is not None and tuning.retain_size not in self.scenario.retain_size:
+                raise ValueError(f"tuning.retain_size is {tuning.retain_size}, which is not one of "
                                  f"scenario.retain_size {self.scenario.retain_size}")
             if self.scenario.kind == "class":
-                if self.sweep.classes and len(self.sweep.classes) != self.sweep.splits:
-                    raise ValueError(f"sweep.classes lists {len(self.sweep.classes)} classes for "
-                                     f"{self.sweep.splits} validation splits (sweep.splits)")
-                tested = sorted(set(self.sweep.classes) & set(self.scenario.classes))
+                if tuning.classes and len(tuning.classes) != tuning.splits:
+                    raise ValueError(f"tuning.classes lists {len(tuning.classes)} classes for "
+                                     f"{tuning.splits} validation splits (tuning.splits)")
+                tested = sorted(set(tuning.classes) & set(self.scenario.classes))
                 if tested:
-                    raise ValueError(f"sweep.classes {tested} are tested classes: validation never forgets what a "
+                    raise ValueError(f"tuning.classes {tested} are tested classes: validation never forgets what a "
                                      "test split forgets")
-            elif self.sweep.classes:
-                raise ValueError("sweep.classes is for class forgetting; random forgetting draws its validation pool")
+            elif tuning.classes:
+                raise ValueError("tuning.classes is for class forgetting; random forgetting draws its validation pool")
         return self
 
     def model_cache(self) -> Path:

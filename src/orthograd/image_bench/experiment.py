@@ -21,13 +21,14 @@ from torch.utils.data import Subset
 
 from orthograd.bench.config import content_hash
 from orthograd.bench.engine import FinishedRuns, Phase
+from orthograd.bench.jobs import Job, ProcessCache, record_key
 from orthograd.bench.protocol import (
+    Search,
     bench_unlearn,
-    eval_every_for,
-    extend_edges,
     grid_size,
     method_accepts,
-    trials,
+    run_schedule,
+    select,
 )
 from orthograd.bench.records import record_envelope
 from orthograd.bench.upgrade import lora_named
@@ -37,7 +38,6 @@ from orthograd.image_bench.config import BenchConfig
 from orthograd.image_bench.data import BenchData, load_bench_data
 from orthograd.image_bench.jobs import (
     SWEEP,
-    Job,
     check_disjoint,
     job_key,
     job_payload,
@@ -59,6 +59,7 @@ from orthograd.runtime import resolve_device
 log = logging.getLogger(__name__)
 SELECTION_FILE = "selection.json"
 TASK = "classification"
+IDENTITY = ("key",)  # a record's key hashes its phase, method, hyperparameters, split and protocol
 
 
 # ----------------------------------------------------------------------------------------------------- records
@@ -123,18 +124,19 @@ class BenchContext:
     original_privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-_CONTEXTS: dict[str, BenchContext] = {}
+def _build_context(config: BenchConfig) -> BenchContext:
+    device = resolve_device(None if config.device == "auto" else config.device)
+    data = load_bench_data(config.data)
+    original = ModelCache(config, data, device=device).original().model
+    return BenchContext(config, data, original, device)
+
+
+_CONTEXTS: ProcessCache[BenchContext] = ProcessCache(_build_context)  # every variant's, in this process
 
 
 def bench_context(config: BenchConfig) -> BenchContext:
     """The data and the original model of ``config`` in this process (trained and cached on first use)."""
-    key = content_hash(config.model_dump(mode="json"))
-    if key not in _CONTEXTS:
-        device = resolve_device(None if config.device == "auto" else config.device)
-        data = load_bench_data(config.data)
-        original = ModelCache(config, data, device=device).original().model
-        _CONTEXTS[key] = BenchContext(config, data, original, device)
-    return _CONTEXTS[key]
+    return _CONTEXTS.get(config)
 
 
 @dataclass(frozen=True)
@@ -153,23 +155,20 @@ class JobInputs:
     @classmethod
     def of(cls, config: BenchConfig, job: Job) -> JobInputs:
         ctx = bench_context(config)
-        split = make_split(config, ctx.data.train_labels, split_index=job.split_index, retain_size=job.retain_size,
-                           phase=job.phase)
-        seed = split_seed(config, job.split_index, phase=job.phase)
+        split = make_split(config, ctx.data.train_labels, split_index=job.split["split_index"],
+                           retain_size=job.split["retain_size"], phase=job.phase)
+        seed = split_seed(config, job.split["split_index"], phase=job.phase)
         return cls(config, job, ctx, split, *split.datasets(ctx.data.train), seed)
 
     def unlearn_options(self, *, device: torch.device) -> dict[str, Any]:
         """Everything ``unlearn`` takes besides the model, the data and the evaluation set."""
-        config, job = self.config, self.job
+        job, protocol = self.job, self.config.protocol
         return {
             "method": job.method,
-            "stop": config.scenario.kind if config.unlearn.stop else "never",
-            "max_epochs": config.unlearn.max_epochs,
-            "eval_every": eval_every_for(job.method, job.hyperparameters, forget_size=len(self.split.forget),
-                                         eval_every=config.unlearn.eval_every,
-                                         checks_per_epoch=config.unlearn.checks_per_epoch)
-            if config.unlearn.stop else config.unlearn.eval_every,
-            "track": config.unlearn.track,
+            "stop": self.config.scenario.kind if protocol.stop else "never",
+            **run_schedule(protocol, method=job.method, hyperparameters=job.hyperparameters,
+                           forget_size=len(self.split.forget), has_rule=protocol.stop),
+            "track": protocol.track,
             "device": device,
             "seed": self.seed,
             "verbose": False,
@@ -186,15 +185,15 @@ class JobInputs:
             scenario=self.config.scenario.kind,
             seed=self.seed,
             forget_class=self.split.forget_classes[0] if self.split.forget_classes else None,
-            key=job.key,
+            key=job.digest,
             phase=job.phase,
             bench=self.config.name,
             hyperparameters=job.hyperparameters,
             evaluated_on="validation" if job.phase == "sweep" else "test",
-            retain_size=job.retain_size,
+            retain_size=job.split["retain_size"],
             forget_size=len(self.split.forget),
             target_reached=target_reached(self.config.scenario.kind, result.original, result.final)
-            if self.config.unlearn.stop else None,
+            if self.config.protocol.stop else None,
             original_hash=self.config.original_hash(),
             device=str(device),
             **extra,
@@ -217,7 +216,7 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
     with PeakMemory(ctx.device) as memory:
         result = bench_unlearn(ctx.original, inputs.forget, inputs.retain, test=evaluation, make_method=keep,
                                **options)
-    reference = job.reference or {}
+    reference = job.extra.get("reference") or {}
     retrain_time = reference.get("train_time_s")
     record = inputs.record(
         result,
@@ -234,7 +233,7 @@ def execute(config: BenchConfig, job: Job) -> dict[str, Any]:
         record["gap_to_retrained"] = {
             k: record["final"][k] - v for k, v in reference["accuracy"].items() if k in record["final"]
         }
-    if job.phase == "test" and config.unlearn.privacy:
+    if job.phase == "test" and config.protocol.privacy:
         record["privacy"] = privacy_metrics(
             result.model, forget=inputs.forget, retain=inputs.retain, test=evaluation, device=ctx.device, seed=seed,
             reference=reference.get("privacy"),
@@ -296,14 +295,15 @@ def _split_index(config: BenchConfig, record: Mapping[str, Any]) -> int | None:
     """The split index of the job that made an image record (from its phase and seed, or its class)."""
     seed, scenario = record.get("seed"), config.scenario
     if record.get("phase") == SWEEP:
-        if config.sweep is None or not isinstance(seed, int):
+        if not config.gridded() or not isinstance(seed, int):
             return None
-        index = seed - config.sweep.seed - 1
-        return index if 0 <= index < config.sweep.splits else None
+        index = seed - config.tuning.seed - 1
+        return index if 0 <= index < config.tuning.splits else None
     if record.get("phase") != "test":
         return None
     if scenario.kind == "random":
-        return scenario.seeds.index(seed) if seed in scenario.seeds else None
+        seeds = config.protocol.seeds
+        return seeds.index(seed) if seed in seeds else None
     forget_class = record.get("forget_class")
     return scenario.classes.index(forget_class) if forget_class in scenario.classes else None
 
@@ -335,8 +335,8 @@ class ImageExperiment:
         choice lies on the edge of a knob), then the test runs with the chosen hyperparameters."""
         for variant, config in enumerate(self.configs):
             references = self._references(config) if config.scenario.retrain else {}
-            chosen = {name: dict(hyper) for name, hyper in config.methods.items()}
-            if config.sweep is not None:
+            chosen = {label: (row.method, config.params(row)) for label, row in config.methods.items()}
+            if config.gridded():
                 check_disjoint(config, bench_context(config).data.train_labels)
                 sweep = _Sweep(config, partial(self._job, config, variant, SWEEP))
                 yield Phase(SWEEP, sweep.first_jobs())
@@ -344,21 +344,23 @@ class ImageExperiment:
                 if extended:
                     yield Phase("sweep, edges extended", extended)
                 self._selections[variant] = sweep.selection(finished)
-                chosen.update({m: self._selections[variant][m]["hyperparameters"] for m in config.sweep.grid})
+                chosen.update({row.label: (row.method, self._selections[variant][row.label]["hyperparameters"])
+                               for row in config.gridded()})
             yield Phase("test", self._test_jobs(config, variant, chosen, references))
 
     def run_job(self, job: Job) -> dict[str, Any]:
-        return self._run_job(self.configs[job.variant], job)
+        return self._run_job(self.configs[job.extra.get("variant", 0)], job)
 
     def data_parallel(self, device: torch.device) -> ImageExperiment:
         """The test runs as ``unlearn_distributed`` across torchrun's ranks, this rank on ``device``; without the
         sweep, the retrained reference and the privacy metrics (the other backends run those)."""
-        test_only = [config.model_copy(update={"sweep": None, "scenario": config.scenario.model_copy(
-            update={"retrain": False})}) for config in self.configs]
+        test_only = [config.model_copy(update={
+            "methods": {label: row.model_copy(update={"grid": {}}) for label, row in config.methods.items()},
+            "scenario": config.scenario.model_copy(update={"retrain": False})}) for config in self.configs]
         return ImageExperiment(test_only, run_job=partial(execute_data_parallel, device=device))
 
     def record_key(self, record: Mapping[str, Any]) -> str:
-        return str(record.get("key"))
+        return record_key(record, IDENTITY)
 
     def describe(self, record: Mapping[str, Any]) -> str:
         return run_line(record)
@@ -384,14 +386,18 @@ class ImageExperiment:
              retain_size: int, reference: dict[str, Any] | None = None) -> Job:
         key = job_key(config, phase=phase, method=method, hyperparameters=hyper, split_index=index,
                       retain_size=retain_size)
-        return Job(phase, method, hyper, index, retain_size, key, reference, variant)
+        return Job(phase=phase, label=method, method=method, hyperparameters=hyper,
+                   seed=split_seed(config, index, phase=phase), digest=key,
+                   split={"split_index": index, "retain_size": retain_size},
+                   extra={"variant": variant, "reference": reference})
 
-    def _test_jobs(self, config: BenchConfig, variant: int, chosen: Mapping[str, dict[str, Any]],
+    def _test_jobs(self, config: BenchConfig, variant: int, chosen: Mapping[str, tuple[str, dict[str, Any]]],
                    references: Mapping[tuple[int, int], Any]) -> list[Job]:
         return [
-            self._job(config, variant, "test", name, hyper, index, retain_size, references.get((index, retain_size)))
+            self._job(config, variant, "test", method, hyper, index, retain_size,
+                      references.get((index, retain_size)))
             for index, retain_size in self._splits(config)
-            for name, hyper in chosen.items()
+            for method, hyper in chosen.values()
         ]
 
     def _references(self, config: BenchConfig) -> dict[tuple[int, int], dict[str, Any]]:
@@ -415,84 +421,65 @@ class ImageExperiment:
 
 
 class _Sweep:
-    """One variant's tuning (``bench.protocol``): every tuned method's trials on the validation splits, the one edge
-    extension, and the choice (lowest mean validation UIS; ties: the first trial)."""
+    """One variant's tuning: every gridded row's search (``bench.protocol.Search``: its trials on the validation
+    splits, the one edge extension) and the choice (``select``: lowest mean validation UIS; ties: the first trial).
+    Keyed by row label."""
 
     def __init__(self, config: BenchConfig, job: Callable[..., Job]) -> None:
-        assert config.sweep is not None
         self.config = config
-        self.sweep = config.sweep
-        self.retain_size = config.sweep.retain_size or config.scenario.retain_size[0]
-        self.size = max(grid_size(grid) for grid in config.sweep.grid.values())
+        self.tuning = config.tuning
+        self.rows = {row.label: row for row in config.gridded()}
+        self.retain_size = config.tuning.retain_size or config.scenario.retain_size[0]
+        self.size = max(grid_size(row.grid) for row in self.rows.values())
         self._job = job
-        self.rounds: dict[str, list[list[dict[str, Any]]]] = {
-            name: [trials(grid, size=self.size, seed=name)] for name, grid in config.sweep.grid.items()
-        }
-        self.edges: dict[str, dict[str, Any]] = {}
+        self.searches = {label: Search(label, row.grid, size=self.size, extend=self.tuning.extend_edges,
+                                       accepts=method_accepts(row.method, config.params(row)))
+                         for label, row in self.rows.items()}
 
-    def _jobs(self, method: str, points: Sequence[Mapping[str, Any]]) -> list[Job]:
-        return [self._job(method, {**self.config.methods[method], **point}, index, self.retain_size)
-                for point in points for index in range(self.sweep.splits)]
+    def _jobs(self, label: str, points: Sequence[Mapping[str, Any]]) -> list[Job]:
+        row = self.rows[label]
+        return [self._job(row.method, {**self.config.params(row), **point}, index, self.retain_size)
+                for point in points for index in range(self.tuning.splits)]
 
     def first_jobs(self) -> list[Job]:
-        return [job for method, rounds in self.rounds.items() for job in self._jobs(method, rounds[0])]
+        return [job for label, search in self.searches.items() for job in self._jobs(label, search.rounds[0])]
 
-    def _scored(self, method: str, finished: FinishedRuns) -> list[dict[str, Any]]:
-        """Every trial of ``method`` so far: its point, round, per-split UIS and whether each split met the target."""
-        out: dict[str, dict[str, Any]] = {}
-        for round_index, points in enumerate(self.rounds[method], start=1):
-            for point in points:
-                hyper = {**self.config.methods[method], **point}
-                if content_hash(hyper) in out:
-                    continue
-                runs = [finished[job.key] for job in self._jobs(method, [point])]
-                values = [float("inf") if r["uis"] is None else r["uis"] for r in runs]
-                out[content_hash(hyper)] = {
-                    "hyperparameters": hyper, "round": round_index, "validation_uis": statistics.fmean(values),
-                    "per_split_uis": [r["uis"] for r in runs],
-                    "target_reached": all(r.get("target_reached") is not False for r in runs),
-                }
-        return list(out.values())
+    def _scored(self, label: str, finished: FinishedRuns) -> list[dict[str, Any]]:
+        """Every trial of ``label`` so far: its point, round, per-split UIS and whether each split met the target."""
+        out = []
+        for round_index, point in self.searches[label].tried():
+            runs = [finished[job.key] for job in self._jobs(label, [point])]
+            values = [float("inf") if r["uis"] is None else r["uis"] for r in runs]
+            out.append({
+                "hyperparameters": {**self.config.params(self.rows[label]), **point}, "round": round_index,
+                "validation_uis": statistics.fmean(values), "per_split_uis": [r["uis"] for r in runs],
+                "target_reached": all(r.get("target_reached") is not False for r in runs),
+            })
+        return out
 
-    def _best(self, method: str, finished: FinishedRuns) -> dict[str, Any]:
-        return min(self._scored(method, finished), key=lambda trial: trial["validation_uis"])
+    def _best(self, label: str, finished: FinishedRuns) -> dict[str, Any]:
+        return select(self._scored(label, finished), score=lambda trial: trial["validation_uis"])
 
     def extend(self, finished: FinishedRuns) -> list[Job]:
-        """The jobs of the shifted grids of the methods whose choice lies on an edge (none: no second round)."""
-        if not self.sweep.extend_edges:
-            return []
-        jobs: list[Job] = []
-        for method, grid in self.sweep.grid.items():
-            best = self._best(method, finished)["hyperparameters"]
-            shifted, changes = extend_edges(grid, best, valid=method_accepts(method, self.config.methods[method]))
-            self.edges[method] = changes
-            if any(change["extended"] for change in changes.values()):
-                self.rounds[method].append(trials(shifted, size=self.size, seed=f"{method} extended"))
-                jobs += self._jobs(method, self.rounds[method][1])
-        return jobs
+        """The jobs of the shifted grids of the rows whose choice lies on an edge (none: no second round)."""
+        return [job for label, search in self.searches.items()
+                for job in self._jobs(label, search.extension(self._best(label, finished)["hyperparameters"]))]
 
     def selection(self, finished: FinishedRuns) -> dict[str, Any]:
-        """What ``selection.json`` holds: per method its choice, every trial and its edges; the rule (``protocol``)."""
-        methods_out = {}
-        for method, grid in self.sweep.grid.items():
-            scored = self._scored(method, finished)
-            best = min(scored, key=lambda trial: trial["validation_uis"])
-            extended = {k: v for k, v in self.edges.get(method, {}).items() if v["extended"]}
-            final_grid = {name: sorted({*values, *extended.get(name, {}).get("to", [])})
-                          for name, values in grid.items()}
-            _, still = extend_edges(final_grid, best["hyperparameters"], valid=lambda point: True)
-            methods_out[method] = {
+        """What ``selection.json`` holds: per row its choice, every trial and its edges; the rule (``protocol``)."""
+        rows_out = {}
+        for label, search in self.searches.items():
+            best = self._best(label, finished)
+            rows_out[label] = {
                 "hyperparameters": best["hyperparameters"], "validation_uis": best["validation_uis"],
-                "target_reached": best["target_reached"], "trials": scored,
-                "short_of_budget": len(self.rounds[method][0]) < self.size, "edges": self.edges.get(method, {}),
-                "edge_extended": bool(extended), "still_on_edge": sorted(still),
+                "target_reached": best["target_reached"], "trials": self._scored(label, finished),
+                **search.summary(best["hyperparameters"]),
             }
         protocol = {
             "rule": f"grid padded to {self.size} trials per method, one edge extension (bench.protocol); lowest mean "
                     "validation UIS",
             "trials_per_method": self.size,
-            "validation_splits": self.sweep.splits,
+            "validation_splits": self.tuning.splits,
             "retain_size": self.retain_size,
         }
-        return {**methods_out, "protocol": protocol}
-
+        return {**rows_out, "protocol": protocol}

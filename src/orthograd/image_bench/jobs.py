@@ -1,19 +1,19 @@
-"""The image bench's job planner: a ``Job`` per run, its key, and its forget/retain split (test or validation).
+"""The image bench's job planner: each run's key (``job_key``) and its forget/retain split (test or validation).
 
-A job's key is its identity in the results log: the same config planned again gives the same keys, so finished
-runs are found and skipped whichever backend ran them (``bench.executors``).
+A run is the engine's ``bench.jobs.Job`` (split: ``split_index`` and ``retain_size``); its key hashes what changes
+its numbers, so the same config planned again gives the same keys, and finished runs are found and skipped
+whichever backend ran them (``bench.executors``).
 
-Validation splits never share a sample with a test split, by construction: with a sweep, a validation pool of
-training samples is set aside first (random forgetting: ``forget_size`` + the sweep's retain size samples; class
-forgetting: every sample of the validation classes, which no test split forgets, and the sweep's retain size samples
-of the classes that are neither tested nor validation classes) and the test splits are drawn from the rest.
+Validation splits never share a sample with a test split, by construction: when a row has a grid, a validation
+pool of training samples is set aside first (random forgetting: ``forget_size`` + the tuning retain size samples;
+class forgetting: every sample of the validation classes, which no test split forgets, and the tuning retain size
+samples of the classes that are neither tested nor validation classes) and the test splits are drawn from the rest.
 ``check_disjoint`` verifies it on the actual indices before any run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,44 +26,27 @@ from orthograd.image_bench.config import BenchConfig
 SWEEP = "sweep"  # the phase scored on the validation split
 
 
-@dataclass(frozen=True)
-class Job:
-    """One unlearning run: a method with hyperparameters on one split, scored on validation or test."""
-
-    phase: str  # "sweep" (a validation split, scored on the validation set) | "test"
-    method: str
-    hyperparameters: dict[str, Any]
-    split_index: int  # test: index into scenario.seeds (random) or scenario.classes (class); sweep: validation split
-    retain_size: int
-    key: str
-    reference: dict[str, Any] | None = field(default=None, compare=False)  # the retrained model's metrics
-    variant: int = field(default=0, compare=False)  # which of the config's variants (bench.config.variants_of)
-
-
 def validation_classes(config: BenchConfig, labels: np.ndarray) -> list[int]:
-    """Class forgetting: the classes the validation splits forget (``sweep.classes``, else the first untested)."""
-    assert config.sweep is not None
-    if config.sweep.classes:
-        return list(config.sweep.classes)
+    """Class forgetting: the classes the validation splits forget (``tuning.classes``, else the first untested)."""
+    if config.tuning.classes:
+        return list(config.tuning.classes)
     untested = [int(c) for c in np.unique(labels) if int(c) not in config.scenario.classes]
-    if len(untested) < config.sweep.splits + 1:
+    if len(untested) < config.tuning.splits + 1:
         raise ConfigError(
             f"class forgetting validates on classes no test split forgets, and its retain set on other untested "
-            f"classes: {config.sweep.splits} validation class(es) need {config.sweep.splits + 1} untested classes, "
+            f"classes: {config.tuning.splits} validation class(es) need {config.tuning.splits + 1} untested classes, "
             f"scenario.classes leaves {untested}; test fewer classes"
         )
-    return untested[: config.sweep.splits]
+    return untested[: config.tuning.splits]
 
 
 def _sweep_retain_size(config: BenchConfig) -> int:
-    assert config.sweep is not None
-    return config.sweep.retain_size or config.scenario.retain_size[0]
+    return config.tuning.retain_size or config.scenario.retain_size[0]
 
 
 def _validation_pool(config: BenchConfig, labels: np.ndarray) -> np.ndarray:
     """The training indices set aside for the validation splits (sorted)."""
-    assert config.sweep is not None
-    rng = np.random.default_rng(config.sweep.seed)
+    rng = np.random.default_rng(config.tuning.seed)
     retain_size = _sweep_retain_size(config)
     if config.scenario.kind == "random":
         assert config.scenario.forget_size is not None
@@ -74,7 +57,7 @@ def _validation_pool(config: BenchConfig, labels: np.ndarray) -> np.ndarray:
     classes = validation_classes(config, labels)
     others = np.flatnonzero(~np.isin(labels, [*config.scenario.classes, *classes]))
     if retain_size > len(others):
-        raise ConfigError(f"sweep retain size {retain_size} exceeds the {len(others)} samples of untested classes")
+        raise ConfigError(f"tuning retain size {retain_size} exceeds the {len(others)} samples of untested classes")
     forget = np.flatnonzero(np.isin(labels, classes))
     return np.sort(np.concatenate([forget, rng.choice(others, size=retain_size, replace=False)]))
 
@@ -94,9 +77,9 @@ def make_split(
     if phase == SWEEP:
         pool = _validation_pool(config, labels)
         if scenario.kind == "random":
-            assert scenario.forget_size is not None and config.sweep is not None
+            assert scenario.forget_size is not None
             split = random_forgetting_split(labels[pool], forget_size=scenario.forget_size, retain_size=retain_size,
-                                            seed=config.sweep.seed + 1 + split_index)
+                                            seed=config.tuning.seed + 1 + split_index)
             return _within(pool, split)
         forget_class = validation_classes(config, labels)[split_index]
         others = [int(c) for c in validation_classes(config, labels) if c != forget_class]
@@ -105,12 +88,12 @@ def make_split(
                                        seed=split_index)
         return _within(pool, split)
     rest = np.arange(len(labels))
-    if config.sweep is not None:
+    if config.gridded():
         rest = np.setdiff1d(rest, _validation_pool(config, labels))
     if scenario.kind == "random":
         assert scenario.forget_size is not None
         split = random_forgetting_split(labels[rest], forget_size=scenario.forget_size, retain_size=retain_size,
-                                        seed=scenario.seeds[split_index])
+                                        seed=config.protocol.seeds[split_index])
     else:
         split = class_forgetting_split(labels[rest], forget_class=scenario.classes[split_index],
                                        retain_size=retain_size, seed=split_index)
@@ -119,14 +102,14 @@ def make_split(
 
 def check_disjoint(config: BenchConfig, labels: np.ndarray) -> None:
     """Refuse a config whose validation splits share a training sample with any test split (forget or retain)."""
-    if config.sweep is None:
+    if not config.gridded():
         return
     tested: set[int] = set()
     for retain_size in config.scenario.retain_size:
         for index in range(n_splits(config)):
             split = make_split(config, labels, split_index=index, retain_size=retain_size)
             tested.update(split.forget.tolist(), split.retain.tolist())
-    for index in range(config.sweep.splits):
+    for index in range(config.tuning.splits):
         split = make_split(config, labels, split_index=index, retain_size=_sweep_retain_size(config), phase=SWEEP)
         shared = tested & {*split.forget.tolist(), *split.retain.tolist()}
         if shared:
@@ -135,16 +118,15 @@ def check_disjoint(config: BenchConfig, labels: np.ndarray) -> None:
 
 def split_seed(config: BenchConfig, split_index: int, *, phase: str = "test") -> int:
     """The run seed of a split: the scenario seed (random) or the class's position (class); a validation split's
-    seed is set apart from every test seed (``sweep.seed`` + 1 + its index)."""
+    seed is set apart from every test seed (``tuning.seed`` + 1 + its index)."""
     if phase == SWEEP:
-        assert config.sweep is not None
-        return config.sweep.seed + 1 + split_index
-    return config.scenario.seeds[split_index] if config.scenario.kind == "random" else split_index
+        return config.tuning.seed + 1 + split_index
+    return config.protocol.seeds[split_index] if config.scenario.kind == "random" else split_index
 
 
 def n_splits(config: BenchConfig) -> int:
     scenario = config.scenario
-    return len(scenario.seeds) if scenario.kind == "random" else len(scenario.classes)
+    return len(config.protocol.seeds) if scenario.kind == "random" else len(scenario.classes)
 
 
 def job_key(config: BenchConfig, *, phase: str, method: str, hyperparameters: Mapping[str, Any],
@@ -167,9 +149,9 @@ def job_payload(config: BenchConfig, *, phase: str, method: str, hyperparameters
         "split": _split_identity(config, phase=phase, split_index=split_index),
         "retain_size": retain_size,
         "original": config.original_hash(),
-        "unlearn": _effective_unlearn(config),
+        "unlearn": _effective_protocol(config),
     }
-    if config.sweep is not None:  # the test splits are drawn outside the validation pool
+    if config.gridded():  # the test splits are drawn outside the validation pool
         payload["validation_pool"] = _pool_settings(config)
     return payload
 
@@ -182,15 +164,18 @@ def _split_identity(config: BenchConfig, *, phase: str, split_index: int) -> Any
 
 
 def _pool_settings(config: BenchConfig) -> dict[str, Any]:
-    assert config.sweep is not None
-    return {"seed": config.sweep.seed, "retain_size": _sweep_retain_size(config), "classes": config.sweep.classes,
-            "splits": config.sweep.splits if config.scenario.kind == "class" else None}
+    tuning = config.tuning
+    return {"seed": tuning.seed, "retain_size": _sweep_retain_size(config), "classes": tuning.classes,
+            "splits": tuning.splits if config.scenario.kind == "class" else None}
 
 
-def _effective_unlearn(config: BenchConfig) -> dict[str, Any]:
+def _effective_protocol(config: BenchConfig) -> dict[str, Any]:
     """The run protocol as it acts: ``checks_per_epoch`` only when there is a stop rule to check and no
-    ``eval_every`` overrides it."""
-    values = config.unlearn.model_dump(mode="json")
+    ``eval_every`` overrides it; ``max_steps`` only when set. Not the seeds (the split says which) nor the defaults
+    (in the hyperparameters)."""
+    values = config.protocol.model_dump(mode="json", exclude={"seeds", "defaults"})
     if values["eval_every"] is not None or not values["stop"]:
         values.pop("checks_per_epoch")
+    if values["max_steps"] is None:
+        values.pop("max_steps")
     return values

@@ -1,6 +1,7 @@
 """Config of the offline TOFU-style benchmark (a YAML file with ``task: causal_lm``), validated by pydantic.
 
-Schema (every section optional except ``runs``; unknown keys are errors):
+Schema (every section optional except ``methods``; unknown keys are errors); ``methods``, ``protocol`` and
+``tuning`` are every task's (``bench.config``):
 
     task: causal_lm                  # lets ``orthograd bench`` dispatch here
     name: authors_llm
@@ -17,29 +18,37 @@ Schema (every section optional except ``runs``; unknown keys are errors):
     training: {epochs, batch_size, lr, seed, replay}   the second stage, from the pre-trained model: the authors
                                                        (replay: with the general knowledge mixed in), for the
                                                        original and every retrained model (cached)
-    protocol: {forget_fractions, split_seed, eval_size}  forget splits; eval_size caps each retained set
+    scenario: {forget_fractions, split_seed, eval_size}  forget splits; eval_size caps each retained set
                                                          evaluated (every forget sequence is evaluated)
     evaluation: {max_new_tokens, mia_k, relearn_steps, relearn_lr, relearn_batch_size, relearn_facts}
-    unlearning: {stop, max_steps, max_epochs, checks_per_epoch, seeds, lora, defaults}   the same LoRA, stop rule,
-              cadence, budget and evaluation for every method: ``stop`` "never_seen" (forget answers no more likely
-              than the never-trained holdout authors' answers, ``stop="random"`` with them as ``test``),
-              "truth_ratio" (TOFU's KS reading against the holdout, ``tasks.tofu.TruthRatioRule``) or "never" (a
-              fixed budget); ``max_steps`` optimizer steps for every method (Finetune and SCRUB included), with
-              ``max_epochs`` passes as a second cap; the rule checked ``checks_per_epoch`` times a forget pass
-    tuning:   {seed, keep_utility}                       per forget fraction, a validation split of other authors
-    runs:     [{label, method, params, grid}]             grid: {name: [values]} chosen on validation (optional)
+    protocol: {stop, max_steps, max_epochs, eval_every, checks_per_epoch, seeds, lora, defaults}   the same LoRA,
+              stop rule, cadence, budget and evaluation for every method: ``stop`` "never_seen" (forget answers no
+              more likely than the never-trained holdout authors' answers, ``stop="random"`` with them as
+              ``test``), "truth_ratio" (TOFU's KS reading against the holdout, ``tasks.tofu.TruthRatioRule``) or
+              "never" (a fixed budget); ``max_steps`` optimizer steps for every method (Finetune and SCRUB
+              included), with ``max_epochs`` passes as a second cap; the rule checked ``checks_per_epoch`` times a
+              forget pass (or every ``eval_every`` steps)
+    tuning:   {seed, keep_utility, search, extend_edges}  per forget fraction, a validation split of other authors
+    methods:  {LABEL: {method, params, grid}}            grid: {name: [values]} chosen on validation (optional)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from orthograd.bench.config import ConfigSection, ExperimentConfig, RunRow, read_config, unique_labels, validate_as
-from orthograd.bench.protocol import DEFAULT_CHECKS_PER_EPOCH
+from orthograd.bench.config import (
+    ConfigSection,
+    ExperimentConfig,
+    MethodRow,
+    ProtocolConfig,
+    TuningConfig,
+    read_config,
+    validate_as,
+)
 
 TASK: Final = "causal_lm"
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -120,7 +129,7 @@ class EvaluationConfig(ConfigSection):
         return value
 
 
-class ProtocolConfig(ConfigSection):
+class ScenarioConfig(ConfigSection):
     forget_fractions: tuple[float, ...] = (0.01, 0.05, 0.1)
     split_seed: int = 0
     eval_size: int = Field(200, ge=1)  # at most this many pairs of each retained set; the forget set is whole
@@ -136,49 +145,39 @@ class ProtocolConfig(ConfigSection):
 LMStop = Literal["never_seen", "truth_ratio", "never"]
 
 
-class UnlearningConfig(ConfigSection):
+class LMProtocol(ProtocolConfig):
+    """The protocol every method shares: stop rule, budget, cadence, seeds, the same LoRA, default params."""
+
     stop: LMStop = "never_seen"
-    max_steps: int | None = Field(None, ge=1)  # the same optimizer-step budget for every method
     max_epochs: int | None = Field(5, ge=1)  # passes over the forget set (Finetune: the retain set)
-    checks_per_epoch: int = Field(DEFAULT_CHECKS_PER_EPOCH, ge=1)  # the stop rule's cadence, every method's
-    seeds: tuple[int, ...] = (0, 1, 2)
     lora: dict[str, Any] | None = Field(
         default_factory=lambda: {"r": 8, "lora_alpha": 32, "targets": list(LLAMA_PROJECTIONS)}
     )
-    defaults: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _budget(self) -> UnlearningConfig:
-        if self.max_steps is None and self.max_epochs is None:
-            raise ValueError("unlearning needs a budget: set max_steps, max_epochs or both")
-        return self
 
 
-class TuningConfig(ConfigSection):
+class LMTuning(TuningConfig):
+    """Per forget fraction, one validation split of other authors drawn with ``seed``; the kept point has the best
+    forget quality among those keeping ``keep_utility`` of the original's model utility (``llm_bench.tuning``)."""
+
     seed: int = 1
+    splits: Literal[1] = 1  # one validation split per forget fraction
     keep_utility: float = Field(0.9, ge=0.0, le=1.0)
 
 
 class AuthorsBenchConfig(ExperimentConfig):
-    """The TOFU-style benchmark: corpus, model, its training, forget splits, the shared unlearning setup, runs."""
+    """The TOFU-style benchmark: corpus, model, its training, forget splits, evaluation, the shared protocol, rows."""
 
-    runs: tuple[RunRow, ...] = Field(min_length=1)
     task: Literal["causal_lm"] = TASK
     name: str = "authors_llm"
+    methods: Mapping[str, MethodRow]
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretraining: PretrainingConfig = Field(default_factory=PretrainingConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
+    scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    unlearning: UnlearningConfig = Field(default_factory=UnlearningConfig)
-    tuning: TuningConfig = Field(default_factory=TuningConfig)
-
-    @field_validator("runs")
-    @classmethod
-    def _unique_labels(cls, value: tuple[RunRow, ...]) -> tuple[RunRow, ...]:
-        unique_labels(value)
-        return value
+    protocol: LMProtocol = Field(default_factory=LMProtocol)
+    tuning: LMTuning = Field(default_factory=LMTuning)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> AuthorsBenchConfig:

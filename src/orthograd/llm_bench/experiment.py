@@ -8,18 +8,17 @@ and writes the results log; each job measures one model (``llm_bench.workbench``
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from orthograd.bench.config import ExperimentConfig, RunRow, content_hash, grid_points
+from orthograd.bench.config import MethodRow, content_hash
 from orthograd.bench.engine import FinishedRuns, Phase
-from orthograd.bench.protocol import UnlearnRun, bench_unlearn
+from orthograd.bench.jobs import Job, record_key
+from orthograd.bench.protocol import Search, UnlearnRun, bench_unlearn, grid_size, method_accepts
 from orthograd.bench.records import Record, record_envelope
 from orthograd.bench.upgrade import hash_format2, lora_named
 from orthograd.data.authors import forget_authors
@@ -35,22 +34,8 @@ log = logging.getLogger(__name__)
 REFERENCES = {"original": "Original", "retrain": "Retrain"}  # method -> label of the records that only measure
 
 
-@dataclass(frozen=True)
-class AuthorsJob:
-    """One record to make: the original, the retrained reference or one unlearning run, measured on a forget split."""
-
-    phase: str  # "validation" (tuning) or "test"
-    fraction: float
-    authors: tuple[int, ...]  # the forget authors
-    label: str
-    method: str
-    hyperparameters: dict[str, Any]
-    seed: int | None
-    digest: str  # the record's ``key`` field (``record_digest``), shared by a run's seeds
-
-    @property
-    def key(self) -> str:
-        return _identity(self.phase, self.fraction, self.label, self.seed, self.digest)
+# a record's key (``record_digest``) hashes its label, params and forget authors; its seeds share it
+IDENTITY = ("phase", "fraction", "label", "seed", "key")
 
 
 class AuthorsExperiment:
@@ -72,39 +57,73 @@ class AuthorsExperiment:
             bench.split(authors)
 
     def plan(self, finished: FinishedRuns) -> Iterator[Phase]:
-        """Per forget fraction: the validation phase (when any run has a grid), then the test phase with the values
-        each gridded run kept on validation."""
+        """Per forget fraction: the validation phase (when any run has a grid: every gridded row's search,
+        ``bench.protocol.Search``, once more for the rows whose choice lies on an edge), then the test phase with
+        the values each gridded row kept on validation."""
         config = self.config
         chosen: dict[str, dict[str, Any]] = {}
         for phase, fraction, authors in self.splits():
             references = [self._job(phase, fraction, authors, label, method, {}, None)
                           for method, label in REFERENCES.items()]
             if phase == "validation":
-                first = config.unlearning.seeds[0]
-                grids = {spec.label: [(point, self._run(phase, fraction, authors, spec, point, first))
-                                      for point in grid_points(spec.grid)] for spec in config.runs if spec.grid}
-                yield Phase(f"validation, forget {100 * fraction:g}%",
-                            [*references, *(job for scored in grids.values() for _, job in scored)])
-                utility = finished[references[0].key]["model_utility"]
-                chosen = {label: choose([(point, finished[job.key]) for point, job in scored],
-                                        original_utility=utility, keep_utility=config.tuning.keep_utility)
-                          for label, scored in grids.items()}
-                for label, values in chosen.items():
-                    log.info("validation: %s keeps %s", label, values)
-                self.selection[f"{fraction:g}"] = {
-                    label: {"chosen": chosen[label], "trials": [
-                        {"params": point, **{k: finished[job.key].get(k) for k in ("forget_quality", "model_utility")}}
-                        for point, job in scored]}
-                    for label, scored in grids.items()}
+                chosen = yield from self._validation(fraction, authors, references, finished)
             else:
                 runs = [self._run(phase, fraction, authors, spec, chosen.get(spec.label, {}), seed)
-                        for spec in config.runs for seed in config.unlearning.seeds]
+                        for spec in config.methods.values() for seed in config.protocol.seeds]
                 yield Phase(f"test, forget {100 * fraction:g}%", [*references, *runs])
 
-    def run_job(self, job: AuthorsJob) -> Record:
+    def _validation(self, fraction: float, authors: tuple[int, ...], references: Sequence[Job],
+                    finished: FinishedRuns) -> Generator[Phase, None, dict[str, dict[str, Any]]]:
+        """The validation phases of one forget fraction; returns each gridded row's kept values."""
+        config = self.config
+        rows = {spec.label: spec for spec in config.gridded()}
+        size = max(grid_size(spec.grid) for spec in rows.values())  # every tuned row: as many trials
+        searches = {label: Search(label, spec.grid, size=size, extend=config.tuning.extend_edges,
+                                  accepts=method_accepts(spec.method, config.params(spec)))
+                    for label, spec in rows.items()}
+
+        def jobs(label: str, points: Sequence[dict[str, Any]]) -> list[Job]:
+            return [self._run("validation", fraction, authors, rows[label], point, config.protocol.seeds[0])
+                    for point in points]
+
+        def scored(label: str) -> list[tuple[int, dict[str, Any], Record]]:
+            points = searches[label].tried()
+            runs = jobs(label, [point for _, point in points])
+            return [(index, point, finished[job.key]) for (index, point), job in zip(points, runs, strict=True)]
+
+        def best(label: str) -> dict[str, Any]:
+            return choose([(point, record) for _, point, record in scored(label)],
+                          original_utility=finished[references[0].key]["model_utility"],
+                          keep_utility=config.tuning.keep_utility)
+
+        first = [job for label, search in searches.items() for job in jobs(label, search.rounds[0])]
+        yield Phase(f"validation, forget {100 * fraction:g}%", [*references, *first])
+        extended = [job for label, search in searches.items() for job in jobs(label, search.extension(best(label)))]
+        if extended:
+            yield Phase(f"validation, edges extended, forget {100 * fraction:g}%", extended)
+        chosen = {label: best(label) for label in searches}
+        for label, values in chosen.items():
+            log.info("validation: %s keeps %s", label, values)
+        self.selection[f"{fraction:g}"] = {label: self._selected(searches[label], chosen[label], scored(label))
+                                           for label in searches}
+        return chosen
+
+    @staticmethod
+    def _selected(search: Search, chosen: dict[str, Any], scored: Sequence[tuple[int, dict[str, Any], Record]],
+                  ) -> dict[str, Any]:
+        """A row's ``selection.json`` entry: the kept values and every trial (with its round and the search's
+        edges when the search extends)."""
+        measured = ("forget_quality", "model_utility")
+        if not search.extend:
+            return {"chosen": chosen, "trials": [{"params": point, **{k: record.get(k) for k in measured}}
+                                                 for _, point, record in scored]}
+        return {"chosen": chosen, "trials": [{"params": point, "round": index, **{k: record.get(k) for k in measured}}
+                                             for index, point, record in scored], **search.summary(chosen)}
+
+    def run_job(self, job: Job) -> Record:
         """Measure the job's model on its split: the original, the retrained reference, or a run from the original."""
         bench = workbench(self.config)
-        split = bench.split(job.authors)
+        split = bench.split(job.split["authors"])
         result = None
         if job.method == "original":
             model = bench.original
@@ -112,14 +131,15 @@ class AuthorsExperiment:
             model = split.retrained
         else:
             assert job.seed is not None, "every unlearning run has a seed"
-            log.info("%s split, forget %.0f%%: %s, seed %d", job.phase, 100 * job.fraction, job.label, job.seed)
-            result = bench.unlearn(split, method=job.method, params=job.hyperparameters, seed=job.seed,
+            log.info("%s split, forget %.0f%%: %s, seed %d", job.phase, 100 * job.split["fraction"], job.label,
+                     job.seed)
+            result = bench.unlearn(split, method=job.method, params=dict(job.hyperparameters), seed=job.seed,
                                    run=self.unlearn)
             model = result.model
         envelope = record_envelope(task=TASK, bench=self.config.name, key=job.digest, phase=job.phase,
                                    method=job.method, label=job.label, hyperparameters=job.hyperparameters,
                                    seed=job.seed, result=result)
-        return {**envelope, "fraction": job.fraction, **bench.measure(model, split)}
+        return {**envelope, "fraction": job.split["fraction"], **bench.measure(model, split)}
 
     def data_parallel(self, device: torch.device) -> AuthorsExperiment:
         """Every job on torchrun's ranks, this rank's models on ``device``: each run as ``unlearn_distributed``, the
@@ -130,7 +150,7 @@ class AuthorsExperiment:
 
     def record_key(self, record: Mapping[str, Any]) -> str:
         """A record's identity: its phase, forget fraction, label, seed and ``key`` field."""
-        return _identity(record["phase"], record["fraction"], record["label"], record["seed"], record["key"])
+        return record_key(record, IDENTITY)
 
     def describe(self, record: Mapping[str, Any]) -> str:
         """``tables.record_line``: what the CLI prints as each record is logged."""
@@ -150,33 +170,49 @@ class AuthorsExperiment:
     def splits(self) -> Iterator[tuple[str, float, tuple[int, ...]]]:
         """(phase, fraction, forget authors) of every split, in plan order: per fraction its validation split (when
         any run has a grid), then its test split."""
-        config, protocol = self.config, self.config.protocol
-        for fraction in protocol.forget_fractions:
-            if any(spec.grid for spec in config.runs):
+        config, scenario = self.config, self.config.scenario
+        for fraction in scenario.forget_fractions:
+            if config.gridded():
                 yield "validation", fraction, tuple(sorted(validation_authors(config, fraction=fraction)))
-            tested = forget_authors(config.corpus.authors, fraction=fraction, seed=protocol.split_seed)
+            tested = forget_authors(config.corpus.authors, fraction=fraction, seed=scenario.split_seed)
             yield "test", fraction, tuple(sorted(tested))
 
-    def _run(self, phase: str, fraction: float, authors: tuple[int, ...], spec: RunRow, values: dict[str, Any],
-             seed: int) -> AuthorsJob:
+    def _run(self, phase: str, fraction: float, authors: tuple[int, ...], spec: MethodRow, values: dict[str, Any],
+             seed: int) -> Job:
         """The job of ``spec`` with ``values`` over its own and the shared defaults."""
-        params = {**self.config.unlearning.defaults, **spec.params, **values}
+        params = {**self.config.params(spec), **values}
         return self._job(phase, fraction, authors, spec.label, spec.method, params, seed)
 
     def _job(self, phase: str, fraction: float, authors: tuple[int, ...], label: str, method: str,
-             params: dict[str, Any], seed: int | None) -> AuthorsJob:
-        return AuthorsJob(phase=phase, fraction=fraction, authors=authors, label=label, method=method,
-                          hyperparameters=params, seed=seed,
-                          digest=record_digest(self.config, label=label, params=params, authors=authors))
+             params: dict[str, Any], seed: int | None) -> Job:
+        return Job(phase=phase, label=label, method=method, hyperparameters=params, seed=seed,
+                   digest=record_digest(self.config, label=label, params=params, authors=authors),
+                   split={"fraction": fraction, "authors": authors}, identity=IDENTITY)
 
 
 def record_digest(config: AuthorsBenchConfig, *, label: str, params: Mapping[str, Any], authors: Sequence[int]) -> str:
     """A record's ``key`` field: a hash of everything that changes its numbers (the config but how it runs, its runs
     and tuning, which only pick ``params``; the forget authors), so a rerun resumes and a changed grid reruns only
-    what it changes. Not the seed: the engine's key adds it (``AuthorsJob.key``)."""
-    spec = config.model_dump(exclude={*ExperimentConfig.EXECUTION_FIELDS, "runs", "tuning"})
-    spec["model"].pop("device")
-    return content_hash({"config": spec, "label": label, "params": dict(params), "forget": list(authors)})
+    what it changes. Not the seed: the engine's key adds it (``bench.jobs.Job.key``)."""
+    return content_hash({"config": _hashed_settings(config), "label": label, "params": dict(params),
+                         "forget": list(authors)})
+
+
+def _hashed_settings(config: AuthorsBenchConfig) -> dict[str, Any]:
+    """The settings a record's key hashes: every section but how the jobs run, the rows and the tuning, and the
+    model's device; under the names of the keys already logged (the scenario as ``protocol``, the protocol as
+    ``unlearning``; ``eval_every`` only when set), so they stay valid."""
+    unlearning = config.protocol.model_dump(exclude={"eval_every"} if config.protocol.eval_every is None else None)
+    return {
+        "task": config.task,
+        "corpus": config.corpus.model_dump(),
+        "model": config.model.model_dump(exclude={"device"}),
+        "pretraining": config.pretraining.model_dump(),
+        "training": config.training.model_dump(),
+        "protocol": config.scenario.model_dump(),
+        "evaluation": config.evaluation.model_dump(),
+        "unlearning": unlearning,
+    }
 
 
 def rekey_format2(config: AuthorsBenchConfig, record: Mapping[str, Any], old_key: str) -> dict[str, Any] | None:
@@ -189,8 +225,7 @@ def rekey_format2(config: AuthorsBenchConfig, record: Mapping[str, Any], old_key
     if authors is None:
         return None
     label, params = str(record.get("label")), dict(record.get("hyperparameters") or {})
-    spec = config.model_dump(exclude={*ExperimentConfig.EXECUTION_FIELDS, "runs", "tuning"})
-    spec["model"].pop("device")
+    spec = _hashed_settings(config)
     for written in (params, lora_named(params, "alpha")):
         payload = {"config": spec, "label": label, "params": written, "forget": list(authors)}
         if hash_format2(payload, length=16, sort_keys=True) == old_key:
@@ -214,7 +249,7 @@ def table_notes(config: AuthorsBenchConfig) -> list[str]:
 
 def budget_note(config: AuthorsBenchConfig) -> str:
     """The stop rule, cadence and budget every method of ``config`` ran under, in words."""
-    setup = config.unlearning
+    setup = config.protocol
     caps = [f"{setup.max_steps} optimizer steps" if setup.max_steps else "",
             f"{setup.max_epochs} epochs over the forget set (Finetune: the retain set)" if setup.max_epochs else ""]
     budget = " or ".join(cap for cap in caps if cap) + ", whichever ends first"
@@ -226,8 +261,4 @@ def budget_note(config: AuthorsBenchConfig) -> str:
     return (f"Every method stops once {rule[setup.stop]}, checked {setup.checks_per_epoch} times per pass over "
             f"the forget set and after every epoch, within a budget of {budget}. Reached counts the runs that "
             "reached that target; † marks a row where some did not (its numbers are the budget's end).")
-
-
-def _identity(phase: str, fraction: float, label: str, seed: int | None, key: str) -> str:
-    return json.dumps([phase, fraction, label, seed, key])
 

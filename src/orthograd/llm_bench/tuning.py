@@ -13,14 +13,15 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from orthograd.bench.protocol import select
 from orthograd.data.authors import forget_authors
 from orthograd.llm_bench.config import AuthorsBenchConfig
 
 
 def validation_authors(config: AuthorsBenchConfig, *, fraction: float) -> list[int]:
     """The validation forget authors: ``fraction`` of the authors, none of them in a test forget set."""
-    count, protocol = config.corpus.authors, config.protocol
-    tested = {a for f in protocol.forget_fractions for a in forget_authors(count, fraction=f, seed=protocol.split_seed)}
+    count, scenario = config.corpus.authors, config.scenario
+    tested = {a for f in scenario.forget_fractions for a in forget_authors(count, fraction=f, seed=scenario.split_seed)}
     pool = [a for a in range(count) if a not in tested]
     wanted = max(1, round(fraction * count))
     if len(pool) < wanted:
@@ -33,10 +34,12 @@ def choose(
 ) -> dict[str, Any]:
     """The point with the highest forget quality among those with model utility >= ``keep_utility`` x the
     original's (ties: the more useful); when none keeps that much utility, the most useful point."""
-    if not scored:
-        raise ValueError("no grid point to choose from")
     floor = keep_utility * original_utility
-    kept = [(p, m) for p, m in scored if m["model_utility"] >= floor]
-    if kept:
-        return max(kept, key=lambda pm: (pm[1]["forget_quality"], pm[1]["model_utility"]))[0]
-    return max(scored, key=lambda pm: pm[1]["model_utility"])[0]
+
+    def score(trial: tuple[dict[str, Any], Mapping[str, float]]) -> tuple[float, ...]:
+        metrics = trial[1]
+        if metrics["model_utility"] >= floor:
+            return (0, -metrics["forget_quality"], -metrics["model_utility"])
+        return (1, -metrics["model_utility"])
+
+    return select(scored, score=score)[0]

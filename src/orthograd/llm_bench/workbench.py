@@ -27,8 +27,9 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from orthograd import methods
 from orthograd.bench.config import content_hash
+from orthograd.bench.jobs import ProcessCache
 from orthograd.bench.model_store import ModelStore
-from orthograd.bench.protocol import UnlearnRun, bench_unlearn, eval_every_for
+from orthograd.bench.protocol import UnlearnRun, bench_unlearn, run_schedule
 from orthograd.data.authors import QAPair, generate_authors, qa_pairs
 from orthograd.data.world import Knowledge, general_knowledge
 from orthograd.llm_bench.config import AuthorsBenchConfig
@@ -164,10 +165,10 @@ class Workbench:
         """The split forgetting ``forget_ids``: its sets, evaluation samples and retrained reference (trained once)."""
         excluded = tuple(sorted(forget_ids))
         if excluded not in self._splits:
-            corpus, size = self.corpus, self.config.protocol.eval_size
+            corpus, size = self.corpus, self.config.scenario.eval_size
             forget = [p for p in corpus.training() if p.author in excluded]
             retain = corpus.training(excluded=excluded)
-            rng = random.Random(self.config.protocol.split_seed)
+            rng = random.Random(self.config.scenario.split_seed)
             retained_eval = {"retain": _sample(rng, retain, size),
                              "real_authors": _sample(rng, corpus.knowledge.real_authors, size),
                              "world_facts": _sample(rng, corpus.knowledge.world_facts, size)}
@@ -199,13 +200,12 @@ class Workbench:
         ``run`` (``bench_unlearn``, or ``unlearn_on_ranks`` under torchrun); a missed target is kept in the result.
         Between checks only what the rule reads is evaluated (``track="stop"``: the forget set; the retain and
         never-seen sets at each end; every set each epoch when there is no rule)."""
-        setup = self.config.unlearning
-        cadence = (eval_every_for(method, params, forget_size=len(split.forget), eval_every=None,
-                                  checks_per_epoch=setup.checks_per_epoch) if setup.stop != NO_RULE else None)
+        setup = self.config.protocol
+        schedule = run_schedule(setup, method=method, hyperparameters=params, forget_size=len(split.forget),
+                                has_rule=setup.stop != NO_RULE)
         return run(self.original, self.corpus.items(split.forget), self.corpus.items(split.retain),
-                   method=method, task=self.task, max_epochs=setup.max_epochs, max_steps=setup.max_steps,
-                   eval_every=cadence, seed=seed, device=self.device, stop=self.stop_rule(split),
-                   test=self.corpus.items(self.corpus.holdout()),
+                   method=method, task=self.task, **schedule, seed=seed, device=self.device,
+                   stop=self.stop_rule(split), test=self.corpus.items(self.corpus.holdout()),
                    track="stop" if setup.stop != NO_RULE else "all", verbose=False,
                    **_with_lora(method, params, setup.lora))
 
@@ -213,7 +213,7 @@ class Workbench:
         """The configured stop rule for ``split``. The never-trained holdout authors (every run's ``test`` set) are
         the level a forgotten answer falls to: "never_seen" is ``stop="random"`` (forget answer probability within
         half a point of theirs, or lower), "truth_ratio" TOFU's KS reading against them."""
-        kind = self.config.unlearning.stop
+        kind = self.config.protocol.stop
         if kind == "never_seen":
             return "random"
         if kind == "truth_ratio":
@@ -245,15 +245,12 @@ class Workbench:
         return longest + self.config.evaluation.max_new_tokens
 
 
-_WORKBENCHES: dict[str, Workbench] = {}
+_WORKBENCHES: ProcessCache[Workbench] = ProcessCache(Workbench)
 
 
 def workbench(config: AuthorsBenchConfig) -> Workbench:
     """This process's workbench for ``config`` (built on first use: the corpus and the original model)."""
-    key = content_hash(config.model_dump(mode="json"))
-    if key not in _WORKBENCHES:
-        _WORKBENCHES[key] = Workbench(config)
-    return _WORKBENCHES[key]
+    return _WORKBENCHES.get(config)
 
 
 def _sample(rng: random.Random, pairs: Sequence[QAPair], size: int) -> list[QAPair]:
