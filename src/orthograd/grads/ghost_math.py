@@ -23,7 +23,7 @@ where the float64 Gram stays within 1e-6 (``benchmarks/gram_precision.py``, test
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -164,15 +164,14 @@ class Outer:
         return self.rows(self.inputs[block]).to(_combine_dtype(self.grads))
 
     def _materialise(self, out_rows: slice, dtype: torch.dtype, unfolded: torch.Tensor | None) -> torch.Tensor:
-        """Per-sample gradients ``[n, r * d_in]`` of the weight rows ``out_rows`` in ``dtype``; the factors are cast
-        before the product when they are the smaller side (fewer positions than rows), else the product is."""
-        cast = dtype if self.positions < out_rows.stop - out_rows.start else _combine_dtype(self.grads)
-        b = self.grads[:, :, out_rows].to(cast).transpose(1, 2)  # [n, r, T]
+        """Per-sample gradients ``[n, r * d_in]`` of the weight rows ``out_rows``, formed in the working precision
+        (float32 as torch.func forms them; a float64 product is 3-7x slower on a CPU) and returned in ``dtype``."""
+        b = self.grads[:, :, out_rows].to(_combine_dtype(self.grads)).transpose(1, 2)  # [n, r, T]
         if unfolded is not None:
-            values = torch.bmm(b, unfolded.to(cast))
+            values = torch.bmm(b, unfolded)
         else:
             blocks = _blocks(self.n, self.positions * self.d_in, self.grads.device)
-            values = torch.cat([torch.bmm(b[block], self._a(block, None).to(cast)) for block in blocks])
+            values = torch.cat([torch.bmm(b[block], self._a(block, None)) for block in blocks])
         return values.flatten(1).to(dtype)
 
     def _row_chunks(self, n: int) -> Iterator[slice]:
@@ -244,6 +243,41 @@ class Outer:
             out = part if out is None else out.add_(part.view_as(out))
         assert out is not None, "_blocks yields at least one block"
         return out.view(m, *self.shape)
+
+
+def ghost_group_fits(pieces: Sequence[Outer]) -> bool:
+    """Whether ``ghost_grams`` may take these pieces at once: the stacked float64 factors and the pairwise products
+    ``[layers, n T, n T]`` (three of them at once) fit the workspace, as does each piece's rows."""
+    first = pieces[0]
+    rows = first.n * first.positions
+    each = rows * (first.d_in + first.d_out) + 3 * rows * rows
+    limit = workspace(first.grads.device)
+    return first.n * first.positions * first.d_in <= limit and len(pieces) * each <= limit
+
+
+def ghost_grams(pieces: Sequence[Outer], probes: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed Gram blocks ``sum_l G_l G_l^T`` and products ``sum_l G_l probe_l`` of ghost ``Outer`` pieces that
+    share their shapes (``n``, positions, ``d_in``, ``d_out``), in two batched products for all of them.
+
+    Each layer's rows and output gradients are copied into one float64 stack once (a piece alone casts both sides
+    of its products), and the layers' ``(a_t . a'_s)(b_t . b'_s)`` terms are summed in one reduction: fewer,
+    larger operations than a loop over the layers, the same float64 terms. ``G probe`` stays one product per
+    layer (its weights differ), in the working precision as ``Outer.dot``. The caller checks ``ghost_group_fits``.
+    """
+    first = pieces[0]
+    n, positions, device = first.n, first.positions, first.grads.device
+    a = torch.empty(len(pieces), n, positions, first.d_in, dtype=torch.float64, device=device)
+    b = torch.empty(len(pieces), n, positions, first.d_out, dtype=torch.float64, device=device)
+    dots = torch.zeros(n, dtype=torch.float64, device=device)
+    for layer, (piece, probe) in enumerate(zip(pieces, probes, strict=True)):
+        unfolded = piece._unfolded()
+        assert unfolded is not None, "ghost_group_fits checks that the rows fit"
+        a[layer].copy_(unfolded)
+        b[layer].copy_(piece.grads)
+        dots += piece._dot(probe, unfolded)
+    a, b = a.flatten(1, 2), b.flatten(1, 2)
+    pair = torch.bmm(a, a.transpose(1, 2)).mul_(torch.bmm(b, b.transpose(1, 2)))  # [layers, n T, n T]
+    return pair.view(-1, n, positions, n, positions).sum(dim=(0, 2, 4)), dots
 
 
 def prefer_ghost(*, positions: int, d_in: int, d_out: int) -> bool:
