@@ -4,8 +4,10 @@ Wraps the ghost engine's and the method's phase functions with timers (the CPU t
 nested phases) and runs ``step_cost.py``'s quick setups: the ghost pass's forward ("forward", what is left of the
 pass), the backward to the layers' outputs and the forget gradient ("backward"), the per-layer pieces ("pieces"),
 the forget rows' mean gradient from their pieces ("probe sum"), the Gram blocks and ``G g`` ("gram"), the k x k
-solve ("solve"), ``G^T w`` ("combine"), the optimizer step ("optimizer") and the rest of the step. Medians over
-``--steps`` interleaved steps after two warm-ups; run with one thread for figures that add up.
+solve ("solve"), ``G^T w`` ("combine"), the optimizer step ("optimizer") and the rest of the step; and the minor
+page faults of each step (fresh pages of large temporaries: glibc returns freed memory above its trim threshold
+to the system, and the next step faults it back in). Medians over ``--steps`` interleaved steps after two
+warm-ups; run with one thread for figures that add up.
 
     OMP_NUM_THREADS=1 python benchmarks/step_phases.py --setups smallcnn_8_full resnet18_32_lora --steps 9
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import resource
 import statistics
 import sys
 import time
@@ -88,8 +91,13 @@ def _step_cost() -> Any:
     return module
 
 
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+
 def profile(setup: Any, sc: Any, clock: PhaseClock, steps: int) -> tuple[dict[str, float], float, float]:
-    """Median phase times, OrthoGrad step and NegGrad+ step, in ms of CPU time."""
+    """Median phase times, OrthoGrad step and NegGrad+ step, in ms of CPU time; the steps' page faults are
+    ``faults`` and ``neg faults`` among the phases."""
     runner = sc._Steps(setup, "ghost", device=torch.device("cpu"), bf16=False, chunk_size=None)
     clock.wrap(runner.orthograd.optimizer, "step", "optimizer")
     for _ in range(2):
@@ -99,15 +107,17 @@ def profile(setup: Any, sc: Any, clock: PhaseClock, steps: int) -> tuple[dict[st
     totals, neg = [], []
     for _ in range(steps):
         clock.totals.clear()
-        start = time.thread_time()
+        start, faults = time.thread_time(), _faults()
         with clock.phase("rest"):
             runner.orthograd_step()
         totals.append(time.thread_time() - start)
+        per_step["faults"].append(1e-3 * (_faults() - faults))
         for name in PHASES:
             per_step[name].append(clock.totals.get(name, 0.0))
-        start = time.thread_time()
+        start, faults = time.thread_time(), _faults()
         runner.neggrad_plus_step()
         neg.append(time.thread_time() - start)
+        per_step["neg faults"].append(1e-3 * (_faults() - faults))
     medians = {name: 1e3 * statistics.median(values) for name, values in per_step.items()}
     return medians, 1e3 * statistics.median(totals), 1e3 * statistics.median(neg)
 
@@ -123,12 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     instrument(clock)
     setups = {s.name: s for s in sc.quick_setups()}
     print(f"torch threads {torch.get_num_threads()}; CPU ms per step, median of {args.steps}")
-    print("| setup | OrthoGrad / NegGrad+ ms | ratio | " + " | ".join(PHASES) + " |")
-    print("|---|---|---|" + "---|" * len(PHASES))
+    header = " | ".join(PHASES)
+    print(f"| setup | OrthoGrad / NegGrad+ ms | ratio | {header} | page faults (OrthoGrad / NegGrad+) |")
+    print("|---|---|---|" + "---|" * (len(PHASES) + 1))
     for name in args.setups:
         phases, total, neg = profile(setups[name], sc, clock, args.steps)
         cells = " | ".join(f"{phases.get(p, 0.0):.1f}" for p in PHASES)
-        print(f"| {name} | {total:.1f} / {neg:.1f} | {total / neg:.2f}x | {cells} |", flush=True)
+        faults = f"{phases['faults']:.0f} / {phases['neg faults']:.0f}"
+        print(f"| {name} | {total:.1f} / {neg:.1f} | {total / neg:.2f}x | {cells} | {faults} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -76,12 +76,24 @@ class GhostSpan:
         if self.pieces is None:
             raise RuntimeError("GhostSpan.combine frees the per-sample pieces: call it once, with every row needed")
         pieces, self.pieces = self.pieces, None
+        order = list(pieces)
         totals: dict[str, torch.Tensor] = {}
+
+        def add(name: str, part: torch.Tensor) -> None:
+            totals[name] = totals[name] + part if name in totals else part
+
+        dense = _dense_pieces(pieces)
+        for group in _column_groups(list(dense), dense, weights.device):  # one product per chunk for the group
+            for c, (start, first) in enumerate(dense[group[0]]):
+                members = {name: dense[name][c][1] for name in group}
+                for name, part in _dense_combine(weights[:, start : start + first.n], members).items():
+                    add(name, part)
+            for name in group:
+                del pieces[name]
         for name in list(pieces):
             for start, piece in pieces.pop(name):  # each layer's factors are freed once combined
-                part = piece.combine(weights[:, start : start + piece.n])
-                totals[name] = totals[name] + part if name in totals else part
-        return [{name: total[row] for name, total in totals.items()} for row in range(weights.shape[0])]
+                add(name, piece.combine(weights[:, start : start + piece.n]))
+        return [{name: totals[name][row] for name in order} for row in range(weights.shape[0])]
 
     def norms(self, coeffs: torch.Tensor, *, probe_norm: float) -> tuple[float, float]:
         """``|mean(G)|`` and ``|probe - G^T coeffs|`` from the k x k quantities alone (no pass over the layers).
@@ -205,7 +217,17 @@ def ghost_span_and_mean(
     if both is None:
         return None
     found = _ghost_pass(plan, loss_fn, both, batch_size_of(batch), chunk_size, autocast_dtype)
-    probe = {name: _summed(found.mean_pieces.pop(name), param) for name, param in plan.params.items()}
+    dense = {name: [(0, piece)] for name, piece in found.mean_pieces.items() if isinstance(piece, Dense)}
+    sums: dict[str, torch.Tensor] = {}
+    for group in _column_groups(list(dense), dense, found.losses.device):  # one product for a group's sums
+        members = {name: dense[name][0][1] for name in group}
+        ones = torch.ones(1, members[group[0]].n, device=found.losses.device)
+        sums.update({name: part[0] for name, part in _dense_combine(ones, members).items()})
+    probe = {
+        name: sums[name].to(param.dtype) if name in sums else _summed(found.mean_pieces[name], param)
+        for name, param in plan.params.items()
+    }
+    found.mean_pieces.clear()
     assert found.mean_loss is not None
     return found.span(probe), found.mean_loss, probe
 
@@ -412,11 +434,7 @@ def _accumulate(
     device = probe[next(iter(pieces))].device
     gram = torch.zeros(k, k, dtype=torch.float64, device=device)
     product = torch.zeros(k, dtype=torch.float64, device=device)
-    dense: dict[str, list[tuple[int, Dense]]] = {}
-    for name, chunks in pieces.items():
-        materialised = [(start, piece) for start, piece in chunks if isinstance(piece, Dense)]
-        if len(materialised) == len(chunks):
-            dense[name] = materialised
+    dense = _dense_pieces(pieces)
     done = set(dense)
     for group in _column_groups(list(dense), dense, device):
         _dense_blocks(gram, product, {name: dense[name] for name in group}, probe)
@@ -431,14 +449,35 @@ def _accumulate(
         for i, (start_i, piece_i) in enumerate(chunks):
             rows = slice(start_i, start_i + piece_i.n)
             block, dot = piece_i.gram_and_dot(probe[name])  # one pass over the chunk's per-sample gradients
-            gram[rows, rows] += block
-            product[rows] += dot
+            gram[rows, rows].add_(block)  # in place on the view (``+=`` on an index writes it back once more)
+            product[rows].add_(dot)
             for start_j, piece_j in chunks[:i]:
                 cols = slice(start_j, start_j + piece_j.n)
                 block = piece_i.gram(piece_j)
-                gram[rows, cols] += block
-                gram[cols, rows] += block.T
+                gram[rows, cols].add_(block)
+                gram[cols, rows].add_(block.T)
     return gram, product
+
+
+def _dense_pieces(pieces: Mapping[str, list[tuple[int, Piece]]]) -> dict[str, list[tuple[int, Dense]]]:
+    """The parameters whose pieces are all materialised (``Dense``), with their chunks."""
+    dense: dict[str, list[tuple[int, Dense]]] = {}
+    for name, chunks in pieces.items():
+        materialised = [(start, piece) for start, piece in chunks if isinstance(piece, Dense)]
+        if len(materialised) == len(chunks):
+            dense[name] = materialised
+    return dense
+
+
+def _dense_combine(weights: torch.Tensor, pieces: Mapping[str, Dense]) -> dict[str, torch.Tensor]:
+    """``weights @ values`` ([m, *shape]) of materialised pieces of the same samples, joined side by side: one
+    product for all of them (in float32, or float64 where a piece is) instead of one per parameter."""
+    values = [piece.values.flatten(1) for piece in pieces.values()]
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
+    flat = weights.to(dtype) @ torch.cat([v.to(dtype) for v in values], dim=1)
+    parts = flat.split([v.shape[1] for v in values], dim=1)
+    return {name: part.reshape(weights.shape[0], *piece.values.shape[1:])
+            for (name, piece), part in zip(pieces.items(), parts, strict=True)}
 
 
 def same_shape_ghosts(
@@ -502,10 +541,10 @@ def _dense_blocks(
     flat_probe = torch.cat([probe[name].reshape(-1) for name in names]).double()
     for i, (start_i, rows_i) in enumerate(zip(starts, joined, strict=True)):
         rows = slice(start_i, start_i + rows_i.shape[0])
-        gram[rows, rows] += rows_i @ rows_i.T
-        product[rows] += rows_i @ flat_probe
+        gram[rows, rows].add_(rows_i @ rows_i.T)
+        product[rows].add_(rows_i @ flat_probe)
         for start_j, rows_j in zip(starts[:i], joined[:i], strict=True):
             cols = slice(start_j, start_j + rows_j.shape[0])
             block = rows_i @ rows_j.T
-            gram[rows, cols] += block
-            gram[cols, rows] += block.T
+            gram[rows, cols].add_(block)
+            gram[cols, rows].add_(block.T)
