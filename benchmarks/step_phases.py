@@ -6,8 +6,9 @@ pass), the backward to the layers' outputs and the forget gradient ("backward"),
 the forget rows' mean gradient from their pieces ("probe sum"), the Gram blocks and ``G g`` ("gram"), the k x k
 solve ("solve"), ``G^T w`` ("combine"), the optimizer step ("optimizer") and the rest of the step; and the minor
 page faults of each step (fresh pages of large temporaries: glibc returns freed memory above its trim threshold
-to the system, and the next step faults it back in). Medians over ``--steps`` interleaved steps after two
-warm-ups; run with one thread for figures that add up.
+to the system, and the next step faults it back in); and the leaf operators of one step (``torch.profiler``
+events with no children, less the ones that only make views or allocate: about what a GPU would launch).
+Medians over ``--steps`` interleaved steps after two warm-ups; run with one thread for figures that add up.
 
     OMP_NUM_THREADS=1 python benchmarks/step_phases.py --setups smallcnn_8_full resnet18_32_lora --steps 9
 """
@@ -22,7 +23,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,15 @@ class PhaseClock:
             if self._stack:
                 self._stack[-1][2] += spent
 
-    def wrap(self, owner: Any, attribute: str, name: str) -> None:
-        """Replace ``owner.attribute`` by a timed call of it under phase ``name``."""
+    def wrap(self, owner: Any, attribute: str, name: str, *, except_within: tuple[str, ...] = ()) -> None:
+        """Replace ``owner.attribute`` by a timed call of it under phase ``name`` (left to the calling phase when
+        that is one of ``except_within``: a helper shared by two phases)."""
         original = getattr(owner, attribute)
 
         @functools.wraps(original)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            with self.phase(name):
+            caller = self._stack[-1][0] if self._stack else None
+            with self.phase(caller if caller in except_within else name):
                 return original(*args, **kwargs)
 
         setattr(owner, attribute, timed)
@@ -76,9 +79,8 @@ def instrument(clock: PhaseClock) -> None:
     clock.wrap(direction, "gram_coefficients", "solve")
     clock.wrap(ghost.GhostSpan, "combine", "combine")
     clock.wrap(torch.autograd, "grad", "backward")
-    for optional in ("_layer_pieces", "_all_pieces"):  # phase functions of versions that have them
-        if hasattr(ghost, optional):
-            clock.wrap(ghost, optional, "pieces")
+    if hasattr(ghost, "_dense_combine"):  # joined sums of materialised pieces (versions that have them)
+        clock.wrap(ghost, "_dense_combine", "probe sum", except_within=("combine",))
 
 
 def _step_cost() -> Any:
@@ -91,13 +93,29 @@ def _step_cost() -> Any:
     return module
 
 
+METADATA_OPS = frozenset(f"aten::{op}" for op in (
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "as_strided", "as_strided_", "slice", "select", "narrow",
+    "split", "split_with_sizes", "unbind", "transpose", "t", "permute", "expand", "unsqueeze", "squeeze", "flatten",
+    "unflatten", "unfold", "detach", "alias", "lift_fresh", "resolve_conj", "resolve_neg", "empty", "empty_like",
+    "empty_strided", "resize_", "set_", "result_type", "_local_scalar_dense",
+))
+
+
+def leaf_operators(step: Callable[[], None]) -> int:
+    """Operators of one step that do work (profiler events without children, less views and allocations)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and not e.cpu_children
+               and e.name not in METADATA_OPS)
+
+
 def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
 
 
 def profile(setup: Any, sc: Any, clock: PhaseClock, steps: int) -> tuple[dict[str, float], float, float]:
-    """Median phase times, OrthoGrad step and NegGrad+ step, in ms of CPU time; the steps' page faults are
-    ``faults`` and ``neg faults`` among the phases."""
+    """Median phase times, OrthoGrad step and NegGrad+ step, in ms of CPU time; among the phases also the steps'
+    page faults (``faults``, ``neg faults``) and leaf operators (``ops``, ``neg ops``), times 1000."""
     runner = sc._Steps(setup, "ghost", device=torch.device("cpu"), bf16=False, chunk_size=None)
     clock.wrap(runner.orthograd.optimizer, "step", "optimizer")
     for _ in range(2):
@@ -119,6 +137,8 @@ def profile(setup: Any, sc: Any, clock: PhaseClock, steps: int) -> tuple[dict[st
         neg.append(time.thread_time() - start)
         per_step["neg faults"].append(1e-3 * (_faults() - faults))
     medians = {name: 1e3 * statistics.median(values) for name, values in per_step.items()}
+    medians["ops"] = 1e3 * leaf_operators(runner.orthograd_step)
+    medians["neg ops"] = 1e3 * leaf_operators(runner.neggrad_plus_step)
     return medians, 1e3 * statistics.median(totals), 1e3 * statistics.median(neg)
 
 
@@ -134,13 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     setups = {s.name: s for s in sc.quick_setups()}
     print(f"torch threads {torch.get_num_threads()}; CPU ms per step, median of {args.steps}")
     header = " | ".join(PHASES)
-    print(f"| setup | OrthoGrad / NegGrad+ ms | ratio | {header} | page faults (OrthoGrad / NegGrad+) |")
-    print("|---|---|---|" + "---|" * (len(PHASES) + 1))
+    print(f"| setup | OrthoGrad / NegGrad+ ms | ratio | {header} | page faults | leaf operators |")
+    print("|---|---|---|" + "---|" * (len(PHASES) + 2))
     for name in args.setups:
         phases, total, neg = profile(setups[name], sc, clock, args.steps)
         cells = " | ".join(f"{phases.get(p, 0.0):.1f}" for p in PHASES)
         faults = f"{phases['faults']:.0f} / {phases['neg faults']:.0f}"
-        print(f"| {name} | {total:.1f} / {neg:.1f} | {total / neg:.2f}x | {cells} | {faults} |", flush=True)
+        ops = f"{phases['ops'] / 1e3:.0f} / {phases['neg ops'] / 1e3:.0f}"
+        print(f"| {name} | {total:.1f} / {neg:.1f} | {total / neg:.2f}x | {cells} | {faults} | {ops} |", flush=True)
 
 
 if __name__ == "__main__":
