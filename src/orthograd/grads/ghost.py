@@ -9,8 +9,11 @@ trainable parameters, capture both: the hook keeps the input and the output's gr
 full backward hooks, survive the in-place ReLU of torchvision's ResNet). ``ghost_layers`` turns them into pieces.
 
 ``chunk_size`` processes the retain batch in chunks of samples (bounding the autograd memory); Gram blocks between
-chunks are accumulated from the stored pieces. BatchNorm runs in eval mode (per-sample gradients of a batch-mixing
-layer do not exist), as in the torch.func engine. ``unsupported_reason`` says when a model needs that engine.
+chunks are accumulated from the stored pieces, with as few products as the pieces allow: materialised pieces
+joined side by side, ghost pieces of one shape in one batched product. ``ghost_plan`` checks a model once for a
+run's repeated passes (OrthoGrad's gradient source keeps one), so a step does not walk the model's modules.
+BatchNorm runs in eval mode (per-sample gradients of a batch-mixing layer do not exist), as in the torch.func
+engine. ``unsupported_reason`` says when a model needs that engine.
 
 ``ghost_span_and_mean`` also takes OrthoGrad's forget batch into the same forward and backward (appended to the
 last chunk) and forms its mean gradient, the probe, from its rows' pieces: one pass where two would run. Exact

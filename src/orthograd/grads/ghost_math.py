@@ -12,6 +12,7 @@ of the per-sample gradients ``G`` of one parameter for a block of samples, witho
 ``Outer`` covers Linear and Conv2d weights (a sum over positions of outer products ``b_t a_t^T``): the Gram block is
 either the "ghost" inner product ``sum_{t,s} (a_t . a'_s)(b_t . b'_s)`` or the product of materialised per-sample
 gradients, whichever costs fewer operations. ``Lookup`` covers Embedding weights, ``Dense`` everything small.
+``ghost_grams`` sums the ghost Gram blocks of several ``Outer`` pieces of one shape in one batched product.
 Working sets are bounded by ``workspace(device)`` elements (blocks of samples, or of weight rows, in turn).
 Convolutions weight their per-sample gradients by the layer's own weight-gradient kernel (``Outer.contract``).
 
@@ -23,6 +24,7 @@ where the float64 Gram stays within 1e-6 (``benchmarks/gram_precision.py``, test
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -116,6 +118,22 @@ class Dense:
 Contract = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class Scratch:
+    """Flat buffers, one per dtype, that a loop over blocks reuses: one allocation per loop instead of one per block
+    (on a CPU each fresh large temporary is page-faulted in again, as glibc returns freed large blocks)."""
+
+    def __init__(self) -> None:
+        self._flat: dict[torch.dtype, torch.Tensor] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous ``shape`` view of the ``dtype`` buffer (grown when too small); its previous view is stale."""
+        numel = math.prod(shape)
+        flat = self._flat.get(dtype)
+        if flat is None or flat.numel() < numel:
+            flat = self._flat[dtype] = torch.empty(numel, dtype=dtype, device=device)
+        return flat[:numel].view(shape)
+
+
 @dataclass
 class Outer:
     """A weight whose per-sample gradient is ``sum_t b[i, t] a[i, t]^T`` (shape ``[d_out, d_in]`` viewed as ``shape``).
@@ -163,16 +181,25 @@ class Outer:
             return unfolded[block]
         return self.rows(self.inputs[block]).to(_combine_dtype(self.grads))
 
-    def _materialise(self, out_rows: slice, dtype: torch.dtype, unfolded: torch.Tensor | None) -> torch.Tensor:
+    def _materialise(
+        self, out_rows: slice, dtype: torch.dtype, unfolded: torch.Tensor | None, scratch: Scratch | None = None
+    ) -> torch.Tensor:
         """Per-sample gradients ``[n, r * d_in]`` of the weight rows ``out_rows``, formed in the working precision
-        (float32 as torch.func forms them; a float64 product is 3-7x slower on a CPU) and returned in ``dtype``."""
-        b = self.grads[:, :, out_rows].to(_combine_dtype(self.grads)).transpose(1, 2)  # [n, r, T]
-        if unfolded is not None:
+        (float32 as torch.func forms them; a float64 product is 3-7x slower on a CPU) and returned in ``dtype``;
+        in ``scratch``'s memory when given (valid until the next call with it)."""
+        work, rows = _combine_dtype(self.grads), out_rows.stop - out_rows.start
+        b = self.grads[:, :, out_rows].to(work).transpose(1, 2)  # [n, r, T]
+        if unfolded is not None and scratch is not None:
+            values = torch.bmm(b, unfolded, out=scratch.take((self.n, rows, self.d_in), work, self.grads.device))
+        elif unfolded is not None:
             values = torch.bmm(b, unfolded)
         else:
             blocks = _blocks(self.n, self.positions * self.d_in, self.grads.device)
             values = torch.cat([torch.bmm(b[block], self._a(block, None)) for block in blocks])
-        return values.flatten(1).to(dtype)
+        flat = values.view(self.n, -1)
+        if scratch is None or dtype == work:
+            return flat.to(dtype)
+        return scratch.take(tuple(flat.shape), dtype, self.grads.device).copy_(flat)
 
     def _row_chunks(self, n: int) -> Iterator[slice]:
         """Slices of the weight's output rows whose per-sample gradients for ``n`` samples fit the workspace."""
@@ -211,8 +238,9 @@ class Outer:
         weight = probe.reshape(self.d_out, self.d_in)
         gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.grads.device)
         dot = torch.zeros(self.n, dtype=torch.float64, device=self.grads.device)
+        scratch = Scratch()
         for rows in self._row_chunks(self.n):
-            values = self._materialise(rows, torch.float64, unfolded)
+            values = self._materialise(rows, torch.float64, unfolded, scratch)
             gram += values @ values.T
             dot += values @ weight[rows].reshape(-1).double()
         return gram, dot
