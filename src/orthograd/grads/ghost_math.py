@@ -236,13 +236,17 @@ class Outer:
         if self.ghost:
             return self._gram(self, unfolded, unfolded), self._dot(probe, unfolded)
         weight = probe.reshape(self.d_out, self.d_in)
-        gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.grads.device)
-        dot = torch.zeros(self.n, dtype=torch.float64, device=self.grads.device)
         scratch = Scratch()
+        gram, dot = None, None
         for rows in self._row_chunks(self.n):
             values = self._materialise(rows, torch.float64, unfolded, scratch)
-            gram += values @ values.T
-            dot += values @ weight[rows].reshape(-1).double()
+            part = weight[rows].reshape(-1).double()
+            if gram is None or dot is None:
+                gram, dot = values @ values.T, values @ part
+            else:  # accumulated by the products themselves (no zeros, no separate sums)
+                gram.addmm_(values, values.T)
+                dot.addmv_(values, part)
+        assert gram is not None and dot is not None, "_row_chunks yields at least one block"
         return gram, dot
 
     def dot(self, probe: torch.Tensor) -> torch.Tensor:
