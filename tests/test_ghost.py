@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.models import VisionTransformer
 
 from orthograd.geometry import gram_coefficients
-from orthograd.grads import ghost_layers, ghost_math, per_sample_grads
+from orthograd.grads import ghost, ghost_layers, ghost_math, per_sample_grads
 from orthograd.grads.ghost import GhostUnsupportedError, ghost_span, ghost_span_and_mean, unsupported_reason
 from orthograd.lora import LoRAConfig, attach_lora
 
@@ -290,6 +290,75 @@ def test_one_pass_declines_when_samples_could_interact_or_batches_do_not_concate
     assert ghost_span_and_mean(model, _loss_fn, batch, (inputs.double(), labels)) is None
     assert ghost_span_and_mean(model, _loss_fn, batch, [inputs, labels]) is None  # another structure
     assert ghost_span_and_mean(model, _loss_fn, batch, batch) is not None
+
+
+class _SameShapeStack(nn.Module):
+    """Three Linear layers of one shape over a sequence, then a mean over positions and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(x.mean(dim=1))
+
+
+def _float64_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    inputs, labels = batch
+    return F.cross_entropy(model(inputs), labels, reduction="none")
+
+
+@pytest.mark.parametrize("workspace, sizes", [(1 << 21, [3, 1]), (6000, [2, 1, 1])], ids=["one_group", "cut"])
+def test_same_shape_ghost_layers_take_one_batched_gram_equal_to_the_layer_loop(workspace, sizes, monkeypatch):
+    """Ghost pieces of one shape share one batched Gram product (cut into groups the workspace holds); in float64
+    the summed Gram and ``G p`` equal each piece's own ``gram_and_dot`` summed, and the batch-size-1 loop, to 1e-10."""
+    monkeypatch.setattr(ghost_layers, "prefer_ghost", lambda **_: True)
+    monkeypatch.setattr(ghost_math, "CPU_WORKSPACE", workspace)
+    calls: list[int] = []
+
+    def spy(pieces, probes):
+        calls.append(len(pieces))
+        return ghost_math.ghost_grams(pieces, probes)
+
+    monkeypatch.setattr(ghost, "ghost_grams", spy)
+    torch.manual_seed(0)
+    model = _SameShapeStack().double()
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(K, 6, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (K,), generator=gen))
+    probe = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in model.named_parameters()}
+    span = ghost_span(model, _float64_loss, batch, probe=probe)
+    assert sorted(calls, reverse=True) == sizes  # the three layers' weights, then the head's
+    assert span.pieces is not None
+    loop_gram = torch.zeros(K, K, dtype=torch.float64)
+    loop_product = torch.zeros(K, dtype=torch.float64)
+    for name, [(_, piece)] in span.pieces.items():
+        gram, dot = piece.gram_and_dot(probe[name])
+        loop_gram, loop_product = loop_gram + gram, loop_product + dot
+    reference = per_sample_grads(model, _float64_loss, batch, engine="loop")
+    G = torch.cat([reference[n].reshape(K, -1) for n in probe], dim=1)
+    flat_probe = torch.cat([p.reshape(-1) for p in probe.values()])
+    for got, layer_loop, exact in ((span.gram, loop_gram, G @ G.T), (span.product, loop_product, G @ flat_probe)):
+        scale = exact.abs().max()
+        assert (got - layer_loop).abs().max() <= 1e-10 * scale
+        assert (got - exact).abs().max() <= 1e-10 * scale
+
+
+def test_a_plan_prepared_once_gives_the_same_span_and_belongs_to_its_model():
+    """``ghost_plan`` checks the model once for repeated passes: the same span as naming the parameters, and a plan
+    of another model is refused with the fix."""
+    model, batch = _build("conv2d")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    probe = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    plan = ghost.ghost_plan(model, names)
+    by_plan = ghost_span(model, _loss_fn, batch, probe=probe, params=plan)
+    by_name = ghost_span(model, _loss_fn, batch, probe=probe, params=names)
+    assert torch.equal(by_plan.gram, by_name.gram) and torch.equal(by_plan.product, by_name.product)
+    other, _ = _build("conv2d", seed=1)
+    with pytest.raises(ValueError, match="ghost_plan"):
+        ghost_span(other, _loss_fn, batch, probe=probe, params=plan)
 
 
 def test_automatic_gram_method_choice_follows_the_cost_model():

@@ -49,3 +49,27 @@ def test_every_full_shape_builds_and_runs_on_the_ghost_engine(step_cost):
     """The paper's shapes (ViT-B/16 with LoRA on nn.MultiheadAttention included) never fall off the ghost engine."""
     rows = step_cost.dry_run(step_cost.full_setups(), ["ghost"], device=torch.device("cpu"), bf16=False)
     assert [row["used"] for row in rows] == ["ghost"] * len(step_cost.full_setups())
+
+
+def test_step_phases_clock_charges_nested_time_to_the_inner_phase_only(monkeypatch):
+    """benchmarks/step_phases.py: a phase's time excludes its nested phases', and a helper shared by two phases
+    stays with the calling phase it is told to (``except_within``)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_phases.py"
+    spec = importlib.util.spec_from_file_location("step_phases", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ticks = iter([0.0, 1.0, 3.0, 4.0, 4.5, 10.0])
+    monkeypatch.setattr(module.time, "thread_time", lambda: next(ticks))
+    clock = module.PhaseClock()
+
+    class Owner:
+        @staticmethod
+        def helper() -> None:
+            pass
+
+    clock.wrap(Owner, "helper", "probe sum", except_within=("combine",))
+    with clock.phase("combine"):  # 0 .. 10
+        with clock.phase("gram"):  # 1 .. 3
+            pass
+        Owner.helper()  # 4 .. 4.5, charged to "combine"
+    assert clock.totals == {"gram": 2.0, "combine": 8.0}

@@ -148,9 +148,12 @@ class _LossModule(nn.Module):
 
 
 @contextmanager
-def batchnorm_in_eval(model: nn.Module) -> Iterator[None]:
-    """Put BatchNorm layers in eval mode for the duration (restoring each layer's mode afterwards)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def batchnorm_in_eval(model: nn.Module | Iterable[nn.Module]) -> Iterator[None]:
+    """Put BatchNorm layers in eval mode for the duration (restoring each layer's mode afterwards).
+
+    ``model`` may also be its modules listed once (``tuple(model.modules())``), for calls at every step."""
+    modules = model.modules() if isinstance(model, nn.Module) else model
+    norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     modes = [m.training for m in norms]
     for m in norms:
         m.eval()

@@ -9,8 +9,11 @@ trainable parameters, capture both: the hook keeps the input and the output's gr
 full backward hooks, survive the in-place ReLU of torchvision's ResNet). ``ghost_layers`` turns them into pieces.
 
 ``chunk_size`` processes the retain batch in chunks of samples (bounding the autograd memory); Gram blocks between
-chunks are accumulated from the stored pieces. BatchNorm runs in eval mode (per-sample gradients of a batch-mixing
-layer do not exist), as in the torch.func engine. ``unsupported_reason`` says when a model needs that engine.
+chunks are accumulated from the stored pieces, with as few products as the pieces allow: materialised pieces
+joined side by side, ghost pieces of one shape in one batched product. ``ghost_plan`` checks a model once for a
+run's repeated passes (OrthoGrad's gradient source keeps one), so a step does not walk the model's modules.
+BatchNorm runs in eval mode (per-sample gradients of a batch-mixing layer do not exist), as in the torch.func
+engine. ``unsupported_reason`` says when a model needs that engine.
 
 ``ghost_span_and_mean`` also takes OrthoGrad's forget batch into the same forward and backward (appended to the
 last chunk) and forms its mean gradient, the probe, from its rows' pieces: one pass where two would run. Exact
@@ -32,9 +35,9 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from orthograd.grads.functorch import PerSampleGradError, batch_size_of, batchnorm_in_eval
-from orthograd.grads.ghost_layers import layer_pieces
+from orthograd.grads.ghost_layers import _Transposed, layer_pieces
 from orthograd.grads.ghost_layers import unsupported_reason as layer_unsupported_reason
-from orthograd.grads.ghost_math import Dense, Piece, summed_only, workspace
+from orthograd.grads.ghost_math import Dense, Outer, Piece, ghost_grams, ghost_group_fits, summed_only, workspace
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -76,12 +79,24 @@ class GhostSpan:
         if self.pieces is None:
             raise RuntimeError("GhostSpan.combine frees the per-sample pieces: call it once, with every row needed")
         pieces, self.pieces = self.pieces, None
+        order = list(pieces)
         totals: dict[str, torch.Tensor] = {}
+
+        def add(name: str, part: torch.Tensor) -> None:
+            totals[name] = totals[name] + part if name in totals else part
+
+        dense = _dense_pieces(pieces)
+        for group in _column_groups(list(dense), dense, weights.device):  # one product per chunk for the group
+            for c, (start, first) in enumerate(dense[group[0]]):
+                members = {name: dense[name][c][1] for name in group}
+                for name, part in _dense_combine(weights[:, start : start + first.n], members).items():
+                    add(name, part)
+            for name in group:
+                del pieces[name]
         for name in list(pieces):
             for start, piece in pieces.pop(name):  # each layer's factors are freed once combined
-                part = piece.combine(weights[:, start : start + piece.n])
-                totals[name] = totals[name] + part if name in totals else part
-        return [{name: total[row] for name, total in totals.items()} for row in range(weights.shape[0])]
+                add(name, piece.combine(weights[:, start : start + piece.n]))
+        return [{name: totals[name][row] for name in order} for row in range(weights.shape[0])]
 
     def norms(self, coeffs: torch.Tensor, *, probe_norm: float) -> tuple[float, float]:
         """``|mean(G)|`` and ``|probe - G^T coeffs|`` from the k x k quantities alone (no pass over the layers).
@@ -131,28 +146,54 @@ def unsupported_reason(model: nn.Module, params: Iterable[str] | None = None) ->
     return None
 
 
+@dataclass(frozen=True)
+class GhostPlan:
+    """A model's chosen parameters and the modules that own them, checked once (``ghost_plan``) so that repeated
+    ghost passes over the same model skip the walk over its modules (a few ms a step on a small model)."""
+
+    model: nn.Module
+    names: list[str]
+    owners: dict[str, tuple[nn.Module, list[tuple[str, str]]]]
+    params: dict[str, nn.Parameter]
+    modules: tuple[nn.Module, ...]  # every submodule, for the train/eval checks of each pass
+
+
+def ghost_plan(model: nn.Module, params: Iterable[str] | None = None) -> GhostPlan:
+    """``model``'s chosen parameters (default: the trainable ones) checked for the ghost engine, for repeated passes
+    as ``params=``. Raises ``GhostUnsupportedError`` when a layer is unsupported. The model's structure and the
+    parameters' ``requires_grad`` must not change while it is in use."""
+    names = _resolve(model, params)
+    reason = unsupported_reason(model, names)
+    if reason is not None:
+        raise GhostUnsupportedError(reason)
+    named = dict(model.named_parameters())
+    return GhostPlan(model=model, names=names, owners=_owners(model, names),
+                       params={name: named[name] for name in names}, modules=tuple(model.modules()))
+
+
 def ghost_span(
     model: nn.Module,
     loss_fn: LossFn,
     batch: Any,
     *,
     probe: Mapping[str, torch.Tensor],
-    params: Iterable[str] | None = None,
+    params: Iterable[str] | GhostPlan | None = None,
     chunk_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> GhostSpan:
     """Gram matrix, product with ``probe`` and per-sample pieces of the per-sample gradients of ``loss_fn``.
 
     ``loss_fn(model, batch)`` returns ``k`` per-sample losses; ``probe`` maps every chosen parameter name to a tensor
-    of its shape (OrthoGrad passes the forget gradient). ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the
+    of its shape (OrthoGrad passes the forget gradient). ``params``: parameter names (default: the trainable ones),
+    or a ``GhostPlan`` of this model prepared once. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the
     forward and backward under autocast; Gram blocks and products are always accumulated in float64.
     Raises ``GhostUnsupportedError`` when a layer is unsupported or is not called exactly once per forward.
     """
-    names = _checked(model, params)
-    missing = [n for n in names if n not in probe]
+    plan = _prepared(model, params)
+    missing = [n for n in plan.names if n not in probe]
     if missing:
         raise KeyError(f"probe lacks parameters {missing[:5]}; pass a tensor for every differentiated parameter")
-    found = _ghost_pass(model, loss_fn, batch, batch_size_of(batch), names, chunk_size, autocast_dtype)
+    found = _ghost_pass(plan, loss_fn, batch, batch_size_of(batch), chunk_size, autocast_dtype)
     return found.span(probe)
 
 
@@ -162,7 +203,7 @@ def ghost_span_and_mean(
     batch: Any,
     mean_batch: Any,
     *,
-    params: Iterable[str] | None = None,
+    params: Iterable[str] | GhostPlan | None = None,
     chunk_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[GhostSpan, torch.Tensor, dict[str, torch.Tensor]] | None:
@@ -172,15 +213,24 @@ def ghost_span_and_mean(
     share a pass exactly (see the module docstring; the caller then runs them separately). The gradient is the
     sum of ``mean_batch``'s per-sample pieces, whose output gradients the backward already scaled by ``1/k``.
     """
-    names = _checked(model, params)
-    if any(module.training for module in model.modules()):
+    plan = _prepared(model, params)
+    if any(module.training for module in plan.modules):
         return None
     both = joined(batch, mean_batch)
     if both is None:
         return None
-    found = _ghost_pass(model, loss_fn, both, batch_size_of(batch), names, chunk_size, autocast_dtype)
-    named = dict(model.named_parameters())
-    probe = {name: _summed(found.mean_pieces.pop(name), named[name]) for name in names}
+    found = _ghost_pass(plan, loss_fn, both, batch_size_of(batch), chunk_size, autocast_dtype)
+    dense = {name: [(0, piece)] for name, piece in found.mean_pieces.items() if isinstance(piece, Dense)}
+    sums: dict[str, torch.Tensor] = {}
+    for group in _column_groups(list(dense), dense, found.losses.device):  # one product for a group's sums
+        members = {name: dense[name][0][1] for name in group}
+        ones = torch.ones(1, members[group[0]].n, device=found.losses.device)
+        sums.update({name: part[0] for name, part in _dense_combine(ones, members).items()})
+    probe = {
+        name: sums[name].to(param.dtype) if name in sums else _summed(found.mean_pieces[name], param)
+        for name, param in plan.params.items()
+    }
+    found.mean_pieces.clear()
     assert found.mean_loss is not None
     return found.span(probe), found.mean_loss, probe
 
@@ -208,13 +258,13 @@ def _row_shape(t: torch.Tensor) -> tuple[Any, ...]:
     return t.shape[1:], t.dtype, t.device
 
 
-def _checked(model: nn.Module, params: Iterable[str] | None) -> list[str]:
-    """The chosen parameter names; raises ``GhostUnsupportedError`` when the engine cannot handle them."""
-    names = _resolve(model, params)
-    reason = unsupported_reason(model, names)
-    if reason is not None:
-        raise GhostUnsupportedError(reason)
-    return names
+def _prepared(model: nn.Module, params: Iterable[str] | GhostPlan | None) -> GhostPlan:
+    """``params`` as a ``GhostPlan`` of ``model`` (checked now unless it already is one)."""
+    if not isinstance(params, GhostPlan):
+        return ghost_plan(model, params)
+    if params.model is not model:
+        raise ValueError("params is a GhostPlan of another model; prepare one with ghost_plan(model)")
+    return params
 
 
 def _is_peft_attention(module: nn.Module) -> bool:
@@ -284,24 +334,23 @@ class _Pass:
 
 
 def _ghost_pass(
-    model: nn.Module,
+    plan: GhostPlan,
     loss_fn: LossFn,
     batch: Any,
     k: int,
-    names: list[str],
     chunk_size: int | None,
     autocast_dtype: torch.dtype | None,
 ) -> _Pass:
     """Pieces of the first ``k`` samples of ``batch`` in chunks of ``chunk_size``; any samples after them (the mean
     batch) join the last chunk, with their losses averaged instead of summed."""
-    modules = _owners(model, names)
+    model, names, modules = plan.model, plan.names, plan.owners
     step = k if chunk_size is None else chunk_size
     starts = list(range(0, k, step))
     ends = [*starts[1:], batch_size_of(batch)]
     pieces: dict[str, list[tuple[int, Piece]]] = {n: [] for n in names}
     mean_pieces: dict[str, Piece] = {}
     losses, mean_loss, captured = [], None, 0
-    with batchnorm_in_eval(model):
+    with batchnorm_in_eval(plan.modules):
         for start, end in zip(starts, ends, strict=True):
             rows = slice(start, end)
             chunk = tree_map(lambda t, rows=rows: t[rows] if isinstance(t, torch.Tensor) else t, batch)
@@ -382,33 +431,85 @@ def _accumulate(
     """Sum over parameters of the Gram blocks between every pair of chunks, and of the products with ``probe``.
 
     Materialised pieces (``Dense``: norm and bias parameters, small factors) are joined side by side per chunk and
-    take one float64 product per block for all of them (``_dense_blocks``) instead of one per parameter.
+    take one float64 product per block for all of them (``_dense_blocks``) instead of one per parameter; ghost
+    pieces of one chunk that share their shapes take one batched product per group (``ghost_grams``).
     """
     device = probe[next(iter(pieces))].device
     gram = torch.zeros(k, k, dtype=torch.float64, device=device)
     product = torch.zeros(k, dtype=torch.float64, device=device)
+    dense = _dense_pieces(pieces)
+    done = set(dense)
+    for group in _column_groups(list(dense), dense, device):
+        _dense_blocks(gram, product, {name: dense[name] for name in group}, probe)
+    for ghosts in same_shape_ghosts(pieces, probe):
+        block, dots = ghost_grams([piece for piece, _ in ghosts.values()], [p for _, p in ghosts.values()])
+        gram += block
+        product += dots
+        done.update(ghosts)
+    for name, chunks in pieces.items():
+        if name in done:
+            continue
+        for i, (start_i, piece_i) in enumerate(chunks):
+            rows = slice(start_i, start_i + piece_i.n)
+            block, dot = piece_i.gram_and_dot(probe[name])  # one pass over the chunk's per-sample gradients
+            gram[rows, rows].add_(block)  # in place on the view (``+=`` on an index writes it back once more)
+            product[rows].add_(dot)
+            for start_j, piece_j in chunks[:i]:
+                cols = slice(start_j, start_j + piece_j.n)
+                block = piece_i.gram(piece_j)
+                gram[rows, cols].add_(block)
+                gram[cols, rows].add_(block.T)
+    return gram, product
+
+
+def _dense_pieces(pieces: Mapping[str, list[tuple[int, Piece]]]) -> dict[str, list[tuple[int, Dense]]]:
+    """The parameters whose pieces are all materialised (``Dense``), with their chunks."""
     dense: dict[str, list[tuple[int, Dense]]] = {}
     for name, chunks in pieces.items():
         materialised = [(start, piece) for start, piece in chunks if isinstance(piece, Dense)]
         if len(materialised) == len(chunks):
             dense[name] = materialised
-    joined = set(dense)
-    for group in _column_groups(list(dense), dense, device):
-        _dense_blocks(gram, product, {name: dense[name] for name in group}, probe)
+    return dense
+
+
+def _dense_combine(weights: torch.Tensor, pieces: Mapping[str, Dense]) -> dict[str, torch.Tensor]:
+    """``weights @ values`` ([m, *shape]) of materialised pieces of the same samples, joined side by side: one
+    product for all of them (in float32, or float64 where a piece is) instead of one per parameter."""
+    values = [piece.values.flatten(1) for piece in pieces.values()]
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
+    flat = weights.to(dtype) @ torch.cat([v.to(dtype) for v in values], dim=1)
+    parts = flat.split([v.shape[1] for v in values], dim=1)
+    return {name: part.reshape(weights.shape[0], *piece.values.shape[1:])
+            for (name, piece), part in zip(pieces.items(), parts, strict=True)}
+
+
+def same_shape_ghosts(
+    pieces: Mapping[str, list[tuple[int, Piece]]], probe: Mapping[str, torch.Tensor]
+) -> list[dict[str, tuple[Outer, torch.Tensor]]]:
+    """The single-chunk ghost ``Outer`` pieces (a transposed one as its ``[out, in]`` form, with its probe
+    transposed) grouped by shape, each group cut to what ``ghost_grams`` takes at once: name -> (piece, probe)."""
+    by_shape: dict[tuple[Any, ...], list[tuple[str, Outer, torch.Tensor]]] = {}
     for name, chunks in pieces.items():
-        if name in joined:
+        if len(chunks) != 1:
             continue
-        for i, (start_i, piece_i) in enumerate(chunks):
-            rows = slice(start_i, start_i + piece_i.n)
-            block, dot = piece_i.gram_and_dot(probe[name])  # one pass over the chunk's per-sample gradients
-            gram[rows, rows] += block
-            product[rows] += dot
-            for start_j, piece_j in chunks[:i]:
-                cols = slice(start_j, start_j + piece_j.n)
-                block = piece_i.gram(piece_j)
-                gram[rows, cols] += block
-                gram[cols, rows] += block.T
-    return gram, product
+        piece, weight = chunks[0][1], probe[name]
+        if isinstance(piece, _Transposed):
+            piece, weight = piece.inner, weight.transpose(0, 1)
+        if isinstance(piece, Outer) and piece.ghost:
+            key = (piece.n, piece.positions, piece.d_in, piece.d_out, piece.grads.dtype, piece.grads.device)
+            by_shape.setdefault(key, []).append((name, piece, weight))
+    groups: list[dict[str, tuple[Outer, torch.Tensor]]] = []
+    for members in by_shape.values():
+        group: dict[str, tuple[Outer, torch.Tensor]] = {}
+        for name, piece, weight in members:
+            if group and not ghost_group_fits([p for p, _ in group.values()] + [piece]):
+                groups.append(group)
+                group = {}
+            if ghost_group_fits([piece]):
+                group[name] = (piece, weight)
+        if group:
+            groups.append(group)
+    return groups
 
 
 def _column_groups(
@@ -443,10 +544,10 @@ def _dense_blocks(
     flat_probe = torch.cat([probe[name].reshape(-1) for name in names]).double()
     for i, (start_i, rows_i) in enumerate(zip(starts, joined, strict=True)):
         rows = slice(start_i, start_i + rows_i.shape[0])
-        gram[rows, rows] += rows_i @ rows_i.T
-        product[rows] += rows_i @ flat_probe
+        gram[rows, rows].add_(rows_i @ rows_i.T)
+        product[rows].add_(rows_i @ flat_probe)
         for start_j, rows_j in zip(starts[:i], joined[:i], strict=True):
             cols = slice(start_j, start_j + rows_j.shape[0])
             block = rows_i @ rows_j.T
-            gram[rows, cols] += block
-            gram[cols, rows] += block.T
+            gram[rows, cols].add_(block)
+            gram[cols, rows].add_(block.T)

@@ -12,6 +12,7 @@ of the per-sample gradients ``G`` of one parameter for a block of samples, witho
 ``Outer`` covers Linear and Conv2d weights (a sum over positions of outer products ``b_t a_t^T``): the Gram block is
 either the "ghost" inner product ``sum_{t,s} (a_t . a'_s)(b_t . b'_s)`` or the product of materialised per-sample
 gradients, whichever costs fewer operations. ``Lookup`` covers Embedding weights, ``Dense`` everything small.
+``ghost_grams`` sums the ghost Gram blocks of several ``Outer`` pieces of one shape in one batched product.
 Working sets are bounded by ``workspace(device)`` elements (blocks of samples, or of weight rows, in turn).
 Convolutions weight their per-sample gradients by the layer's own weight-gradient kernel (``Outer.contract``).
 
@@ -23,7 +24,8 @@ where the float64 Gram stays within 1e-6 (``benchmarks/gram_precision.py``, test
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -116,6 +118,22 @@ class Dense:
 Contract = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class Scratch:
+    """Flat buffers, one per dtype, that a loop over blocks reuses: one allocation per loop instead of one per block
+    (on a CPU each fresh large temporary is page-faulted in again, as glibc returns freed large blocks)."""
+
+    def __init__(self) -> None:
+        self._flat: dict[torch.dtype, torch.Tensor] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous ``shape`` view of the ``dtype`` buffer (grown when too small); its previous view is stale."""
+        numel = math.prod(shape)
+        flat = self._flat.get(dtype)
+        if flat is None or flat.numel() < numel:
+            flat = self._flat[dtype] = torch.empty(numel, dtype=dtype, device=device)
+        return flat[:numel].view(shape)
+
+
 @dataclass
 class Outer:
     """A weight whose per-sample gradient is ``sum_t b[i, t] a[i, t]^T`` (shape ``[d_out, d_in]`` viewed as ``shape``).
@@ -163,17 +181,25 @@ class Outer:
             return unfolded[block]
         return self.rows(self.inputs[block]).to(_combine_dtype(self.grads))
 
-    def _materialise(self, out_rows: slice, dtype: torch.dtype, unfolded: torch.Tensor | None) -> torch.Tensor:
-        """Per-sample gradients ``[n, r * d_in]`` of the weight rows ``out_rows`` in ``dtype``; the factors are cast
-        before the product when they are the smaller side (fewer positions than rows), else the product is."""
-        cast = dtype if self.positions < out_rows.stop - out_rows.start else _combine_dtype(self.grads)
-        b = self.grads[:, :, out_rows].to(cast).transpose(1, 2)  # [n, r, T]
-        if unfolded is not None:
-            values = torch.bmm(b, unfolded.to(cast))
+    def _materialise(
+        self, out_rows: slice, dtype: torch.dtype, unfolded: torch.Tensor | None, scratch: Scratch | None = None
+    ) -> torch.Tensor:
+        """Per-sample gradients ``[n, r * d_in]`` of the weight rows ``out_rows``, formed in the working precision
+        (float32 as torch.func forms them; a float64 product is 3-7x slower on a CPU) and returned in ``dtype``;
+        in ``scratch``'s memory when given (valid until the next call with it)."""
+        work, rows = _combine_dtype(self.grads), out_rows.stop - out_rows.start
+        b = self.grads[:, :, out_rows].to(work).transpose(1, 2)  # [n, r, T]
+        if unfolded is not None and scratch is not None:
+            values = torch.bmm(b, unfolded, out=scratch.take((self.n, rows, self.d_in), work, self.grads.device))
+        elif unfolded is not None:
+            values = torch.bmm(b, unfolded)
         else:
             blocks = _blocks(self.n, self.positions * self.d_in, self.grads.device)
-            values = torch.cat([torch.bmm(b[block], self._a(block, None).to(cast)) for block in blocks])
-        return values.flatten(1).to(dtype)
+            values = torch.cat([torch.bmm(b[block], self._a(block, None)) for block in blocks])
+        flat = values.view(self.n, -1)
+        if scratch is None or dtype == work:
+            return flat.to(dtype)
+        return scratch.take(tuple(flat.shape), dtype, self.grads.device).copy_(flat)
 
     def _row_chunks(self, n: int) -> Iterator[slice]:
         """Slices of the weight's output rows whose per-sample gradients for ``n`` samples fit the workspace."""
@@ -210,12 +236,17 @@ class Outer:
         if self.ghost:
             return self._gram(self, unfolded, unfolded), self._dot(probe, unfolded)
         weight = probe.reshape(self.d_out, self.d_in)
-        gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.grads.device)
-        dot = torch.zeros(self.n, dtype=torch.float64, device=self.grads.device)
+        scratch = Scratch()
+        gram, dot = None, None
         for rows in self._row_chunks(self.n):
-            values = self._materialise(rows, torch.float64, unfolded)
-            gram += values @ values.T
-            dot += values @ weight[rows].reshape(-1).double()
+            values = self._materialise(rows, torch.float64, unfolded, scratch)
+            part = weight[rows].reshape(-1).double()
+            if gram is None or dot is None:
+                gram, dot = values @ values.T, values @ part
+            else:  # accumulated by the products themselves (no zeros, no separate sums)
+                gram.addmm_(values, values.T)
+                dot.addmv_(values, part)
+        assert gram is not None and dot is not None, "_row_chunks yields at least one block"
         return gram, dot
 
     def dot(self, probe: torch.Tensor) -> torch.Tensor:
@@ -244,6 +275,41 @@ class Outer:
             out = part if out is None else out.add_(part.view_as(out))
         assert out is not None, "_blocks yields at least one block"
         return out.view(m, *self.shape)
+
+
+def ghost_group_fits(pieces: Sequence[Outer]) -> bool:
+    """Whether ``ghost_grams`` may take these pieces at once: the stacked float64 factors and the pairwise products
+    ``[layers, n T, n T]`` (three of them at once) fit the workspace, as does each piece's rows."""
+    first = pieces[0]
+    rows = first.n * first.positions
+    each = rows * (first.d_in + first.d_out) + 3 * rows * rows
+    limit = workspace(first.grads.device)
+    return first.n * first.positions * first.d_in <= limit and len(pieces) * each <= limit
+
+
+def ghost_grams(pieces: Sequence[Outer], probes: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed Gram blocks ``sum_l G_l G_l^T`` and products ``sum_l G_l probe_l`` of ghost ``Outer`` pieces that
+    share their shapes (``n``, positions, ``d_in``, ``d_out``), in two batched products for all of them.
+
+    Each layer's rows and output gradients are copied into one float64 stack once (a piece alone casts both sides
+    of its products), and the layers' ``(a_t . a'_s)(b_t . b'_s)`` terms are summed in one reduction: fewer,
+    larger operations than a loop over the layers, the same float64 terms. ``G probe`` stays one product per
+    layer (its weights differ), in the working precision as ``Outer.dot``. The caller checks ``ghost_group_fits``.
+    """
+    first = pieces[0]
+    n, positions, device = first.n, first.positions, first.grads.device
+    a = torch.empty(len(pieces), n, positions, first.d_in, dtype=torch.float64, device=device)
+    b = torch.empty(len(pieces), n, positions, first.d_out, dtype=torch.float64, device=device)
+    dots = torch.zeros(n, dtype=torch.float64, device=device)
+    for layer, (piece, probe) in enumerate(zip(pieces, probes, strict=True)):
+        unfolded = piece._unfolded()
+        assert unfolded is not None, "ghost_group_fits checks that the rows fit"
+        a[layer].copy_(unfolded)
+        b[layer].copy_(piece.grads)
+        dots += piece._dot(probe, unfolded)
+    a, b = a.flatten(1, 2), b.flatten(1, 2)
+    pair = torch.bmm(a, a.transpose(1, 2)).mul_(torch.bmm(b, b.transpose(1, 2)))  # [layers, n T, n T]
+    return pair.view(-1, n, positions, n, positions).sum(dim=(0, 2, 4)), dots
 
 
 def prefer_ghost(*, positions: int, d_in: int, d_out: int) -> bool:

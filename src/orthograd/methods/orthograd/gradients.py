@@ -29,8 +29,10 @@ from torch import nn
 from orthograd.grads import batch_size_of, per_sample_grads_losses_and_engine
 from orthograd.grads.functorch import GradEngine
 from orthograd.grads.ghost import (
+    GhostPlan,
     GhostSpan,
     GhostUnsupportedError,
+    ghost_plan,
     ghost_span,
     ghost_span_and_mean,
     unsupported_reason,
@@ -97,6 +99,7 @@ class LocalGradients:
     chosen: ChosenEngine
     engine: str = field(init=False)
     row_bytes: float | None = field(init=False, default=None)  # bytes the last ghost pass captured per sample
+    _plan: GhostPlan | None = field(init=False, default=None)  # the ghost engine's layers, checked once
 
     def __post_init__(self) -> None:
         self.engine = self.chosen
@@ -177,9 +180,12 @@ class LocalGradients:
         return self.materialised(per_sample, probe, retain_loss=float(losses.mean()))
 
     def ghost_options(self) -> dict[str, Any]:
-        """The keyword options of the ghost engine's calls (parameters, chunk size, autocast dtype)."""
+        """The keyword options of the ghost engine's calls (its layers, checked on the first call; chunk size,
+        autocast dtype). Raises ``GhostUnsupportedError`` when a layer is unsupported."""
+        if self._plan is None:
+            self._plan = ghost_plan(self.context.model, list(self.params))
         return {
-            "params": list(self.params), "chunk_size": self.config.chunk_size,
+            "params": self._plan, "chunk_size": self.config.chunk_size,
             "autocast_dtype": torch.bfloat16 if self.config.bf16 else None,
         }
 

@@ -57,9 +57,14 @@ class RetainSpan(Protocol):
 def grad_norm(tensors: Mapping[str, torch.Tensor]) -> float:
     """Euclidean norm of all tensors together: a norm of per-tensor norms, with no float64 copy of the tensors.
 
-    NaN or inf exactly when some entry is (or when it overflows), so it doubles as a finiteness check.
+    NaN or inf exactly when some entry is (or when it overflows), so it doubles as a finiteness check. The
+    per-tensor norms are one ``torch._foreach_norm`` call per device and dtype (one fused kernel on a GPU, as
+    ``clip_grad_norm_`` does), not one norm and one cast per tensor.
     """
-    norms = torch.stack([torch.linalg.vector_norm(t.detach()).double() for t in tensors.values()])
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors.values():
+        groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    norms = torch.cat([torch.stack(torch._foreach_norm(group)).double() for group in groups.values()])
     return float(torch.linalg.vector_norm(norms))
 
 
