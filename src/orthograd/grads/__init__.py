@@ -6,6 +6,7 @@ from orthograd.grads.functorch import (
     batch_size_of,
     batchnorm_in_eval,
     per_sample_grads,
+    per_sample_grads_and_losses,
     per_sample_grads_losses_and_engine,
 )
 from orthograd.grads.ghost_layers import GhostCheck, GhostRule, register_ghost_matcher, register_ghost_rule
@@ -23,6 +24,7 @@ __all__ = [
     "batch_size_of",
     "batchnorm_in_eval",
     "per_sample_grads",
+    "per_sample_grads_and_losses",
     "per_sample_grads_losses_and_engine",
     "prefer_ghost",
     "register_ghost_matcher",

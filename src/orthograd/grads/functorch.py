@@ -58,6 +58,22 @@ def per_sample_grads(
     return grads
 
 
+def per_sample_grads_and_losses(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    params: Iterable[str] | None = None,
+    chunk_size: int | None = None,
+    engine: GradEngine = "vmap_or_loop",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``per_sample_grads`` that also returns the ``[k]`` per-sample losses (detached), at no extra cost."""
+    grads, losses, _ = per_sample_grads_losses_and_engine(
+        model, loss_fn, batch, params=params, chunk_size=chunk_size, engine=engine
+    )
+    return grads, losses
+
+
 def per_sample_grads_losses_and_engine(
     model: nn.Module,
     loss_fn: LossFn,
@@ -67,8 +83,8 @@ def per_sample_grads_losses_and_engine(
     chunk_size: int | None = None,
     engine: GradEngine = "vmap_or_loop",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:
-    """``per_sample_grads`` with the ``[k]`` per-sample losses (detached, at no extra cost) and the engine that ran:
-    "vmap" or "loop" (``"vmap_or_loop"`` runs vmap, and the loop where vmap rejects the model)."""
+    """``per_sample_grads_and_losses`` that also names the engine that ran: "vmap" or "loop" (``"vmap_or_loop"``
+    runs vmap, and the loop where vmap rejects the model)."""
     check_choice("engine", engine, GradEngine)
     names = _resolve_params(model, params)
     if engine == "loop":
