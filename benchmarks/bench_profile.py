@@ -83,7 +83,7 @@ def profile(config_path: str, overrides: list[str]) -> tuple[PhaseTimer, list[di
     timer = PhaseTimer()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as undo:
         config, raw = load_config(config_path, overrides=[
-            "sweep=null", "workers=1", f"cache_dir={Path(tmp) / 'cache'}", *overrides,
+            "tuning.search=false", "workers=1", f"cache_dir={Path(tmp) / 'cache'}", *overrides,
         ])
         for owner, attribute, name in (
             (runner, "load_bench_data", "data"),

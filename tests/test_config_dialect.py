@@ -11,9 +11,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from orthograd.bench.config import ConfigError, MethodRow, ProtocolConfig, TuningConfig
+from orthograd.bench.config import ConfigError, MethodRow, ProtocolConfig, TuningConfig, older_dialect
 from orthograd.bench.experiments import keep_methods, load_experiment, shipped_configs, validate_experiment
-from orthograd.bench.upgrade import older_dialect, upgrade_config
+from orthograd.bench.upgrade import upgrade_config
 from orthograd.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +74,33 @@ def test_the_shared_sections_refuse_what_a_task_cannot_do() -> None:
                              "protocol": {"max_epochs": None}})
     with pytest.raises(ConfigError, match="each image row names a different method"):
         validate_experiment({**upgrade_config(OLD_IMAGE), "methods": {"a": {"method": "npo"}, "b": {"method": "npo"}}})
+
+
+def test_an_image_row_is_labelled_by_its_method() -> None:
+    with pytest.raises(ConfigError, match=r"labelled by its method.*'OrthoGrad \(fixed\)'"):
+        validate_experiment({**upgrade_config(OLD_IMAGE),
+                             "methods": {"OrthoGrad (fixed)": {"method": "orthograd-fixed"}}})
+
+
+def test_an_older_name_in_a_set_override_is_an_error_giving_the_current_name() -> None:
+    with pytest.raises(ConfigError, match=r"sweep: is now .*--set tuning.search=false"):
+        load_experiment(ROOT / "configs" / "fashion_mnist_random.yaml", overrides=["sweep=null"])
+    with pytest.raises(ConfigError, match=r"scenario.seeds: is now protocol.seeds"):
+        load_experiment(ROOT / "configs" / "fashion_mnist_random.yaml", overrides=["scenario.seeds=[0]"])
+    bare = {**upgrade_config(OLD_IMAGE), "methods": {"neggrad": {"lr": 0.1}}}
+    with pytest.raises(ConfigError, match=r"methods.neggrad.lr: is now methods.neggrad.params.lr"):
+        validate_experiment(bare)
+    typo = {**upgrade_config(OLD_IMAGE), "methods": {"neggrad": {"parms": {"lr": 0.1}, "grid": {}}}}
+    with pytest.raises(ConfigError, match=r"unknown key.*parms"):  # a current row's typo: the schema's error
+        validate_experiment(typo)
+
+
+def test_upgrading_a_missing_log_touches_nothing(tmp_path: Path) -> None:
+    old = yaml.safe_dump(OLD_SPEECH)
+    (tmp_path / "config.yaml").write_text(old)
+    result = CliRunner().invoke(app, ["upgrade-log", str(tmp_path / "results.jsonl")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert (tmp_path / "config.yaml").read_text() == old
 
 
 def test_an_older_dialect_config_is_an_error_naming_the_upgrade(tmp_path: Path) -> None:

@@ -42,6 +42,12 @@ def test_the_controller_reads_each_checked_state_once(digits, digits_model, monk
     assert result.steps >= 2
     assert len(observed_steps) == result.steps == result.stop_checks - 1
     assert len(set(observed_steps)) == len(observed_steps)  # never the same step twice
+    # without a stop rule the schedule still steers on its rows: each state is read once there too
+    observed_steps.clear()
+    result = og.unlearn(digits_model, forget, retain, stop="never", retain_batch_size=64,
+                        forget_batch_size=(len(forget) + 1) // 2, eval_every=1, max_epochs=2, seed=0)
+    assert result.stop_checks == 0 and len(observed_steps) == result.steps == 4
+    assert len(set(observed_steps)) == len(observed_steps)
 
 
 def test_without_a_stop_rule_nothing_is_checked(digits, digits_model):

@@ -469,8 +469,10 @@ class _Run:
         return self._checked_step != self.steps
 
     def _count_check(self) -> None:
-        if self.stop_rule is not None and self._fresh_state():
-            self.stop_checks += 1
+        """Mark the current state as judged (with or without a rule: the controller reads it once either way) and
+        count it as a check of the stop rule."""
+        if self._fresh_state():
+            self.stop_checks += self.stop_rule is not None
             self._checked_step = self.steps
 
     def _reached(self, row: Mapping[str, Any]) -> bool:

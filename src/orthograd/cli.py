@@ -198,6 +198,8 @@ def upgrade_log(
         console.print(f"{path}: " + ("rewritten in the current config dialect" if done_config
                                      else "already in the current config dialect"))
         return
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} does not exist (a run folder's results log is RUN_DIR/results.jsonl)")
     beside = path.parent / "config.yaml"
     if config is None and beside.is_file() and upgrade_config_file(beside):
         console.print(f"{beside}: rewritten in the current config dialect")

@@ -68,6 +68,34 @@ FORMER_SECTIONS = {"runs": "methods", "unlearning": "protocol", "unlearn": "prot
                    "sweep": "methods.<label>.grid and tuning"}
 
 
+
+def older_dialect_parts(raw: Mapping[str, Any]) -> list[str]:
+    """What a config mapping (or one of its variants) writes in the dialect before this one, each with its current
+    spelling: a former section, ``scenario.seeds``, an image row that is a bare mapping of hyperparameters (the
+    older image dialect's; a row with any of a row's own keys is current: a wrong key in it is the schema's error,
+    with the valid keys)."""
+    found: list[str] = []
+    parts = [raw, *((raw.get("variants") or {}).values() if isinstance(raw.get("variants"), Mapping) else [])]
+    for part in parts:
+        if not isinstance(part, Mapping):
+            continue
+        found += [f"{name}: is now {FORMER_SECTIONS[name]}" for name in FORMER_SECTIONS if name in part]
+        scenario = part.get("scenario")
+        if isinstance(scenario, Mapping) and "seeds" in scenario:
+            found.append("scenario.seeds: is now protocol.seeds")
+        rows = part.get("methods")
+        if isinstance(rows, Mapping) and raw.get("task", "classification") == "classification":
+            bare = [label for label, row in rows.items()
+                    if isinstance(row, Mapping) and row and not set(row) & ROW_FIELDS]
+            found += [f"methods.{label}.{key}: is now methods.{label}.params.{key}"
+                      for label in bare for key in rows[label]]
+    return list(dict.fromkeys(found))
+
+
+def older_dialect(raw: Mapping[str, Any]) -> bool:
+    """Whether a config mapping (or one of its variants) is written in the dialect before this one."""
+    return bool(older_dialect_parts(raw))
+
 class MethodRow(ConfigSection):
     """A table row of any task: a labelled, registered method with its hyperparameters, and optionally a ``grid``
     of values to try (``{name: [values]}``), chosen on the task's validation splits (``tuning``)."""

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Union
 from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
 from orthograd import methods
-from orthograd.bench.config import FORMER_SECTIONS, ConfigError, ExperimentConfig, describe_errors, expand_config
+from orthograd.bench.config import ConfigError, ExperimentConfig, describe_errors, expand_config, older_dialect_parts
 from orthograd.bench.engine import (
     RESULTS_FILE,
     Engine,
@@ -71,12 +71,12 @@ def validate_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
     task = task_of(raw)
     if task not in TASKS:
         raise ConfigError(f"task {task!r} is not a benchmark task; tasks: {', '.join(TASKS)}")
-    former = [name for name in FORMER_SECTIONS if name in raw]
-    if former:
-        moved = "; ".join(f"{name}: is now {FORMER_SECTIONS[name]}" for name in former)
-        raise ConfigError(f"this config is written in the older config dialect ({moved}): `orthograd upgrade-log "
-                          "FILE.yaml` rewrites a config file, `orthograd upgrade-log RUN_DIR/results.jsonl` a run "
-                          "folder (docs/reference.md, Benchmark configs)")
+    moved = older_dialect_parts(raw)
+    if moved:
+        raise ConfigError(f"this config uses names of the older config dialect ({'; '.join(moved)}): in a --set "
+                          "override, write the current name (e.g. --set tuning.search=false for sweep=null); a config "
+                          "file is rewritten by `orthograd upgrade-log FILE.yaml`, a run folder by `orthograd "
+                          "upgrade-log RUN_DIR/results.jsonl` (docs/reference.md, Benchmark configs)")
     try:
         return _schema().validate_python(dict(raw))
     except ValidationError as exc:

@@ -56,7 +56,8 @@ def run_schedule(
 ) -> dict[str, int | None]:
     """The budget and the stop rule's cadence of one run under ``protocol`` (``max_epochs``, ``max_steps``,
     ``eval_every`` as ``unlearn`` takes them): every task's runs get theirs here. Without a stop rule there is
-    nothing to check: ``protocol.eval_every`` as given (None: every epoch's row only)."""
+    nothing to check: ``protocol.eval_every`` as given (None: ``unlearn`` chooses, as for any user: an epoch's row,
+    and four rows an epoch for OrthoGrad's adaptive schedule, which steers on them)."""
     eval_every = eval_every_for(method, hyperparameters, forget_size=forget_size, eval_every=protocol.eval_every,
                                 checks_per_epoch=protocol.checks_per_epoch) if has_rule else protocol.eval_every
     return {"max_epochs": protocol.max_epochs, "max_steps": protocol.max_steps, "eval_every": eval_every}

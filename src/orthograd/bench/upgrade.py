@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from orthograd.bench.config import FORMER_SECTIONS, ROW_FIELDS, ConfigError, ExperimentConfig, content_hash
+from orthograd.bench.config import ROW_FIELDS, ConfigError, ExperimentConfig, content_hash, older_dialect
 from orthograd.bench.experiments import TASKS, load_experiment, task_of
 from orthograd.bench.records import FORMAT, Record, record_format
 from orthograd.io import ResultsLog, atomic_write_json, atomic_write_text
@@ -214,25 +214,6 @@ def lora_named(settings: Any, name: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- the config dialect
-
-
-def older_dialect(raw: Mapping[str, Any]) -> bool:
-    """Whether a config mapping (or one of its variants) is written in the dialect before the one of
-    ``bench.config``: a former section, an image row that is a bare mapping of hyperparameters, or
-    ``scenario.seeds``."""
-    parts = [raw, *((raw.get("variants") or {}).values() if isinstance(raw.get("variants"), Mapping) else [])]
-    for part in parts:
-        if not isinstance(part, Mapping):
-            continue
-        if any(name in part for name in FORMER_SECTIONS):
-            return True
-        scenario = part.get("scenario")
-        if isinstance(scenario, Mapping) and "seeds" in scenario:
-            return True
-        rows = part.get("methods")
-        if isinstance(rows, Mapping) and any(isinstance(r, Mapping) and set(r) - ROW_FIELDS for r in rows.values()):
-            return True
-    return False
 
 
 def upgrade_config(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -173,6 +173,10 @@ class BenchConfig(ExperimentConfig):
         if len(named) != len(set(named)):
             raise ValueError(f"each image row names a different method (the tables have a row per method), got "
                              f"{named}")
+        relabelled = [label for label, row in self.methods.items() if label.lower() != row.method]
+        if relabelled:
+            raise ValueError(f"an image row is labelled by its method (the tables name each row by it), got "
+                             f"{relabelled}: write each as `METHOD: {{params: ..., grid: ...}}`")
         for row in self.methods.values():
             methods.make_config(row.method, self.params(row))  # unknown hyperparameter: the method's own error
             for key, values in row.grid.items():
