@@ -132,6 +132,18 @@ def test_choose_keeps_utility_then_maximises_forget_quality():
     assert choose(scored, original_utility=1.0, keep_utility=0.9) == {"lr": 3}  # none keeps 0.9: the most useful
 
 
+def test_choose_prefers_a_run_that_reached_its_target_undamaged_when_forget_quality_ties():
+    missed = "missed the never-seen level"
+    scored = [({"lr": 1}, {"forget_quality": 0.5, "model_utility": 0.46, "missed_target": missed}),
+              ({"lr": 2}, {"forget_quality": 0.5, "model_utility": 0.45, "damaged": True}),
+              ({"lr": 3}, {"forget_quality": 0.5, "model_utility": 0.44, "missed_target": None, "damaged": False})]
+    assert choose(scored, original_utility=0.47, keep_utility=0.9) == {"lr": 3}  # not the most useful: it missed
+    assert choose(scored[:2], original_utility=0.47, keep_utility=0.9) == {"lr": 1}  # none reached: the tie rule
+    # forget quality still ranks within the runs that reached: a better-forgetting one wins over a more useful one
+    better = ({"lr": 4}, {"forget_quality": 0.9, "model_utility": 0.43})
+    assert choose([*scored, better], original_utility=0.47, keep_utility=0.9) == {"lr": 4}
+
+
 def test_holdout_authors_are_never_trained_on():
     corpus = llm_bench.build_corpus(llm_bench.AuthorsBenchConfig.model_validate(TINY))
     assert {p.author for p in corpus.training()} == {0, 1, 2, 3}

@@ -157,7 +157,8 @@ class LMProtocol(ProtocolConfig):
 
 class LMTuning(TuningConfig):
     """Per forget fraction, one validation split of other authors drawn with ``seed``; the kept point has the best
-    forget quality among those keeping ``keep_utility`` of the original's model utility (``llm_bench.tuning``)."""
+    forget quality among those keeping ``keep_utility`` of the original's model utility, first among the runs that
+    reached the stop target undamaged (``llm_bench.tuning``)."""
 
     seed: int = 1
     splits: Literal[1] = 1  # one validation split per forget fraction

@@ -113,7 +113,7 @@ class AuthorsExperiment:
                   ) -> dict[str, Any]:
         """A row's ``selection.json`` entry: the kept values and every trial (with its round and the search's
         edges when the search extends)."""
-        measured = ("forget_quality", "model_utility")
+        measured = ("forget_quality", "model_utility", "missed_target", "damaged")
         if not search.extend:
             return {"chosen": chosen, "trials": [{"params": point, **{k: record.get(k) for k in measured}}
                                                  for _, point, record in scored]}

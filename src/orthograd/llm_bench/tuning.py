@@ -4,7 +4,8 @@ For each forget fraction, as many validation forget authors are drawn (with thei
 outside every test forget set (a run's best values depend on how much it forgets); each run's ``grid`` is tried
 once (the first seed) on that split against its own retrained reference, and the point kept
 is the one with the best forget quality among those that keep model utility within ``keep_utility`` of the
-original model's (the most useful point when none does).
+original model's, first among the runs that reached the stop target undamaged (the most useful point when none
+keeps that utility).
 """
 
 from __future__ import annotations
@@ -30,16 +31,27 @@ def validation_authors(config: AuthorsBenchConfig, *, fraction: float) -> list[i
 
 
 def choose(
-    scored: Sequence[tuple[dict[str, Any], Mapping[str, float]]], *, original_utility: float, keep_utility: float
+    scored: Sequence[tuple[dict[str, Any], Mapping[str, Any]]], *, original_utility: float, keep_utility: float
 ) -> dict[str, Any]:
     """The point with the highest forget quality among those with model utility >= ``keep_utility`` x the
-    original's (ties: the more useful); when none keeps that much utility, the most useful point."""
+    original's (ties: the more useful), first among the runs that reached the stop target undamaged, then among
+    the others; when none keeps that much utility, the most useful point.
+
+    Reaching the target comes first because forget quality (a KS test on a small forget set) often ties: the ties
+    would go to the most useful point, the one that changed the model least, which on the test seeds then misses
+    the target the other methods reach."""
     floor = keep_utility * original_utility
 
-    def score(trial: tuple[dict[str, Any], Mapping[str, float]]) -> tuple[float, ...]:
+    def score(trial: tuple[dict[str, Any], Mapping[str, Any]]) -> tuple[float, ...]:
         metrics = trial[1]
         if metrics["model_utility"] >= floor:
-            return (0, -metrics["forget_quality"], -metrics["model_utility"])
-        return (1, -metrics["model_utility"])
+            return (0 if reached_undamaged(metrics) else 1, -metrics["forget_quality"], -metrics["model_utility"])
+        return (2, -metrics["model_utility"])
 
     return select(scored, score=score)[0]
+
+
+def reached_undamaged(record: Mapping[str, Any]) -> bool:
+    """Whether a run's record says it reached its stop target (or had none) with the retain set within the damage
+    tolerance."""
+    return record.get("missed_target") is None and not record.get("damaged")
