@@ -4,6 +4,8 @@ the one config loader, the record envelope and the executors' thread settings.""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -388,3 +390,12 @@ def test_upgrade_renames_stored_models_named_by_the_format2_hash_of_their_spec(t
     assert json.loads((tmp_path / f"{new}.json").read_text())["name"] == new
     assert not (tmp_path / f"{old}.json").exists() and (tmp_path / f"{current}.json").exists()
     assert rename_stored_models(tmp_path) == 0
+
+
+def test_each_task_package_declares_its_benchmark_task_and_declaring_loads_no_pipeline():
+    code = ("import sys; from orthograd.bench.experiments import benchmark_tasks; tasks = benchmark_tasks(); "
+            "assert set(tasks) == {'classification', 'asr', 'causal_lm'}, tasks; "
+            "assert tasks['causal_lm'] == ('orthograd.llm_bench.config', 'AuthorsBenchConfig', "
+            "'orthograd.llm_bench.experiment', 'AuthorsExperiment'); "
+            "assert 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

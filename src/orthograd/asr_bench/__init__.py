@@ -26,3 +26,8 @@ def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+# the task ``orthograd bench`` runs from this package (``bench.experiments.benchmark_tasks``)
+BENCHMARK_TASK = (
+    "asr", "orthograd.asr_bench.config:SpeakerBenchConfig", "orthograd.asr_bench.experiment:SpeakerExperiment"
+)

@@ -1,18 +1,21 @@
 """Any task's config file -> its validated config(s) and its ``Experiment``, and the one way to run it
 (``run_experiment``, which ``orthograd bench`` calls).
 
-The tasks and their config classes are one table (``TASKS``): a config's ``task:`` (image classification when
-absent) selects its schema in one pydantic discriminated union, so a config is read, overridden and checked the same
-way whatever its task, and a typo is an error naming the valid keys. A task's pipeline (transformers for speech and
-language models) is imported only when its config is run. A new task is one row here plus its package.
+Each task package declares its task, config class and experiment class (``benchmark_tasks``): a config's
+``task:`` (image classification when absent) selects its schema in one pydantic discriminated union, so a config is
+read, overridden and checked the same way whatever its task, and a typo is an error naming the valid keys. A task's
+pipeline (transformers for speech and language models) is imported only when its config is run. A new task is its
+package alone.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import json
 import logging
+import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from importlib import resources
@@ -37,15 +40,33 @@ from orthograd.bench.executors import Executor, OnNote, executor_for
 from orthograd.io import ResultsLog
 
 log = logging.getLogger(__name__)
-# task -> (module and class of its config, module and class of its experiment)
-TASKS: dict[str, tuple[str, str, str, str]] = {
-    "classification": ("orthograd.image_bench.config", "BenchConfig", "orthograd.image_bench.experiment",
-                       "ImageExperiment"),
-    "asr": ("orthograd.asr_bench.config", "SpeakerBenchConfig", "orthograd.asr_bench.experiment",
-            "SpeakerExperiment"),
-    "causal_lm": ("orthograd.llm_bench.config", "AuthorsBenchConfig", "orthograd.llm_bench.experiment",
-                  "AuthorsExperiment"),
-}
+TASK_PACKAGE_SUFFIX = "_bench"  # orthograd's subpackages with this suffix are searched for benchmark tasks
+
+
+@functools.cache
+def benchmark_tasks() -> dict[str, tuple[str, str, str, str]]:
+    """Every benchmark task by its ``task:`` name -> (module and class of its config, module and class of its
+    experiment).
+
+    Each ``orthograd.*_bench`` package declares its task in its ``__init__`` as ``BENCHMARK_TASK = (name,
+    "module:ConfigClass", "module:ExperimentClass")``, so a new task is its package alone. Only those light
+    ``__init__`` modules are imported here; a task's pipeline loads when one of its configs runs.
+    """
+    tasks: dict[str, tuple[str, str, str, str]] = {}
+    root = str(Path(__file__).resolve().parents[1])
+    for package in pkgutil.iter_modules([root]):
+        if not (package.ispkg and package.name.endswith(TASK_PACKAGE_SUFFIX)):
+            continue
+        declared = getattr(importlib.import_module(f"orthograd.{package.name}"), "BENCHMARK_TASK", None)
+        if declared is None:
+            continue
+        name, config, experiment = declared
+        if name in tasks:
+            raise ConfigError(f"two packages declare the benchmark task {name!r}; the second is {package.name}")
+        (config_module, config_class), (experiment_module, experiment_class) = (
+            config.split(":"), experiment.split(":"))
+        tasks[name] = (config_module, config_class, experiment_module, experiment_class)
+    return tasks
 
 
 def _attribute(module: str, name: str) -> Any:
@@ -61,7 +82,8 @@ def task_of(raw: Mapping[str, Any] | ExperimentConfig) -> str:
 
 def _schema() -> TypeAdapter[Any]:
     """One union of every task's config class, told apart by ``task``."""
-    members = tuple(Annotated[_attribute(module, cls), Tag(task)] for task, (module, cls, _, _) in TASKS.items())
+    members = tuple(Annotated[_attribute(module, cls), Tag(task)]
+                    for task, (module, cls, _, _) in benchmark_tasks().items())
     # Union[...] of a tuple built at run time: the | operator has no spelling for it
     return TypeAdapter(Annotated[Union[members], Discriminator(task_of)])  # type: ignore[arg-type]  # noqa: UP007
 
@@ -69,8 +91,8 @@ def _schema() -> TypeAdapter[Any]:
 def validate_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
     """A config of any task from its mapping, or a ``ConfigError`` listing every problem."""
     task = task_of(raw)
-    if task not in TASKS:
-        raise ConfigError(f"task {task!r} is not a benchmark task; tasks: {', '.join(TASKS)}")
+    if task not in benchmark_tasks():
+        raise ConfigError(f"task {task!r} is not a benchmark task; tasks: {', '.join(benchmark_tasks())}")
     moved = older_dialect_parts(raw)
     if moved:
         raise ConfigError(f"this config uses names of the older config dialect ({'; '.join(moved)}): in a --set "
@@ -80,7 +102,7 @@ def validate_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
     try:
         return _schema().validate_python(dict(raw))
     except ValidationError as exc:
-        module, cls, _, _ = TASKS[task]
+        module, cls, _, _ = benchmark_tasks()[task]
         lines = describe_errors(exc, root=_attribute(module, cls), tag=task)
         raise ConfigError(f"invalid {task} config:\n  " + "\n  ".join(lines)) from None
 
@@ -147,7 +169,7 @@ def load_experiment(
 
 def experiment_for(configs: Sequence[ExperimentConfig]) -> Experiment:
     """The experiment that runs ``configs`` (the variants of one config file)."""
-    _, _, module, cls = TASKS[task_of(configs[0])]
+    _, _, module, cls = benchmark_tasks()[task_of(configs[0])]
     experiment_class = _attribute(module, cls)
     return experiment_class(list(configs)) if len(configs) > 1 else experiment_class(configs[0])
 

@@ -1,5 +1,6 @@
 """Older results logs in the current record format: what knows the formats before ``records.FORMAT``, with each
-task's rule for its format-2 keys (``rekey_format2`` in its experiment module, found through its ``TASKS`` row).
+task's rule for its format-2 keys (``rekey_format2`` in its experiment module, found through
+``bench.experiments.benchmark_tasks``).
 
 ``orthograd upgrade-log RUN_DIR/results.jsonl`` (``upgrade_log``) rewrites a log in place, atomically. The formats:
 
@@ -50,7 +51,7 @@ from typing import Any
 import yaml
 
 from orthograd.bench.config import ROW_FIELDS, ConfigError, ExperimentConfig, content_hash, older_dialect
-from orthograd.bench.experiments import TASKS, load_experiment, task_of
+from orthograd.bench.experiments import benchmark_tasks, load_experiment, task_of
 from orthograd.bench.records import FORMAT, Record, record_format
 from orthograd.io import ResultsLog, atomic_write_json, atomic_write_text
 
@@ -59,9 +60,9 @@ _RENAMED: dict[str, dict[str, str]] = {
     "asr": {"params": "hyperparameters"},
     "causal_lm": {"params": "hyperparameters", "wall_s": "wall_time_s", "split": "phase"},
 }
-# A task's rule for its format-2 keys: ``rekey_format2(config, record, old_key)`` in its experiment module (the
-# ``TASKS`` row), the fields that give the record its current key when the config made it under ``old_key``, else
-# None.
+# A task's rule for its format-2 keys: ``rekey_format2(config, record, old_key)`` in its experiment module (its
+# ``benchmark_tasks`` entry), the fields that give the record its current key when the config made it under
+# ``old_key``, else None.
 Rekey = Callable[[Any, Record, str], dict[str, Any] | None]
 
 
@@ -187,9 +188,9 @@ def _current_key(configs: Sequence[ExperimentConfig], *, record: Record, old_key
     """The fields that give ``record`` (fields renamed, key as logged: ``old_key``) its current key under the first
     of ``configs`` that accounts for it; None when none does."""
     task = record.get("task")
-    if task not in TASKS or not isinstance(old_key, str):
+    if task not in benchmark_tasks() or not isinstance(old_key, str):
         return None
-    rekey: Rekey = importlib.import_module(TASKS[task][2]).rekey_format2
+    rekey: Rekey = importlib.import_module(benchmark_tasks()[task][2]).rekey_format2
     for config in configs:
         if task_of(config) == task:
             fields = rekey(config, record, old_key)

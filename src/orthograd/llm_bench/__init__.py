@@ -27,3 +27,8 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# the task ``orthograd bench`` runs from this package (``bench.experiments.benchmark_tasks``)
+BENCHMARK_TASK = (
+    "causal_lm", "orthograd.llm_bench.config:AuthorsBenchConfig", "orthograd.llm_bench.experiment:AuthorsExperiment"
+)
