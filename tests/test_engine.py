@@ -216,7 +216,7 @@ def test_the_demo_is_two_variants_and_variants_null_keeps_its_base(tmp_path: Pat
 
 
 def test_one_loader_tells_tasks_apart_and_names_the_valid_keys() -> None:
-    with pytest.raises(ConfigError, match="tasks: classification, asr, causal_lm"):
+    with pytest.raises(ConfigError, match="tasks: asr, classification, causal_lm"):
         validate_experiment({"task": "vision", "name": "x"})
     with pytest.raises(ConfigError, match=r"unknown key 'corpus.voices'; valid keys here: .*train_voices"):
         validate_experiment({"task": "asr", "name": "x", "corpus": {"voices": 3},
