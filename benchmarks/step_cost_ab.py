@@ -13,7 +13,6 @@ the peak memory (``step_cost.py``'s measurement, median of 3). Ratios are OrthoG
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -22,23 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent / "step_cost.py"
-
-
-def _load_step_cost():
-    spec = importlib.util.spec_from_file_location("step_cost", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["step_cost"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
 
 def worker() -> None:
     """Serve requests on stdin, one JSON line each: build a setup, time a step, or measure a step's peak memory."""
+    import step_cost as sc  # a script's own folder is on sys.path
     import torch
-
-    sc = _load_step_cost()
     device, steps = torch.device("cpu"), None
     for line in sys.stdin:
         request = json.loads(line)

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import resource
 import statistics
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,16 +80,6 @@ def instrument(clock: PhaseClock) -> None:
         clock.wrap(ghost, "_dense_combine", "probe sum", except_within=("combine",))
 
 
-def _step_cost() -> Any:
-    path = Path(__file__).resolve().parent / "step_cost.py"
-    spec = importlib.util.spec_from_file_location("step_cost", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["step_cost"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 METADATA_OPS = frozenset(f"aten::{op}" for op in (
     "view", "_unsafe_view", "reshape", "_reshape_alias", "as_strided", "as_strided_", "slice", "select", "narrow",
     "split", "split_with_sizes", "unbind", "transpose", "t", "permute", "expand", "unsqueeze", "squeeze", "flatten",
@@ -148,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setups", nargs="*", default=quick, help="step_cost.py quick setups")
     parser.add_argument("--steps", type=int, default=9)
     args = parser.parse_args(argv)
-    sc = _step_cost()
+    import step_cost as sc  # a script's own folder is on sys.path
     clock = PhaseClock()
     instrument(clock)
     setups = {s.name: s for s in sc.quick_setups()}

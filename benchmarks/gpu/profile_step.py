@@ -12,7 +12,6 @@ bounded by launches and synchronisations, not arithmetic.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -25,13 +24,11 @@ SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", 
 
 
 def _step_cost():
-    path = Path(__file__).resolve().parents[1] / "step_cost.py"
-    spec = importlib.util.spec_from_file_location("step_cost", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["step_cost"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    """``benchmarks/step_cost.py``, imported from this script's parent folder."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import step_cost
+
+    return step_cost
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
