@@ -137,7 +137,7 @@ def test_upgraded_configs_give_their_jobs_the_keys_the_older_dialect_gave_them()
 def test_an_older_dialect_run_folder_is_upgraded_and_reports_its_committed_tables_byte_for_byte(
     tmp_path: Path,
 ) -> None:
-    committed = ROOT / "benchmarks" / "authors_llm"
+    committed = OLD / "authors_llm_run"  # a run folder the older dialect wrote: its log, tables and upgraded config
     (tmp_path / "config.yaml").write_bytes((OLD / "authors_llm.yaml").read_bytes())
     (tmp_path / "results.jsonl").write_bytes((committed / "results.jsonl").read_bytes())
     refused = CliRunner().invoke(app, ["report", str(tmp_path)])
