@@ -18,6 +18,7 @@ from bench_helpers import run_test_phase
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from orthograd.bench import model_store
 from orthograd.bench.config import ConfigError, apply_overrides, variants_of
 from orthograd.bench.engine import Engine, FinishedRuns, Phase
 from orthograd.bench.executors.local import ProcessPool
@@ -139,6 +140,27 @@ def test_the_store_trains_once_keeps_tied_weights_tied_and_leaves_no_partial_fil
     assert trained == [1] and not first.cache_hit and second.cache_hit
     assert torch.equal(first.model.embed.weight, second.model.embed.weight)
     assert second.model.head.weight.data_ptr() == second.model.embed.weight.data_ptr()  # still one tensor
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tied-abc.json", "tied-abc.safetensors"]
+
+
+def test_two_writers_of_one_entry_each_store_it_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two benchmarks sharing a store train the same original at once: the second writes the entry while the
+    first is between writing its weights and putting them in place; both finish and the entry loads."""
+    store = ModelStore(tmp_path)
+    real_save = model_store.save_model
+    other: list[Any] = []
+
+    def save_then_other_writer(model: nn.Module, path: str) -> None:
+        real_save(model, path)
+        if not other:  # once: the other process trains and stores the same entry now
+            other.append(None)
+            other[0] = store.get("tied-abc", build=Tied, train=lambda m: None)
+
+    monkeypatch.setattr(model_store, "save_model", save_then_other_writer)
+    first = store.get("tied-abc", build=Tied, train=lambda m: None)
+    assert not first.cache_hit and not other[0].cache_hit
+    loaded = store.get("tied-abc", build=Tied, train=lambda model: pytest.fail("should load, not train"))
+    assert loaded.cache_hit and torch.equal(loaded.model.embed.weight, first.model.embed.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tied-abc.json", "tied-abc.safetensors"]
 
 

@@ -2,7 +2,8 @@
 
 A model is trained once and stored as safetensors (tied weights, as Whisper's, stored once) next to a JSON sidecar
 (training time, what it was trained on); both are written atomically and the sidecar last, so a crash never leaves
-an entry that loads. The name carries the content hash of whatever determines the model, so a changed setting
+an entry that loads, and two processes that train the same entry at once (two benchmarks sharing a store) each
+write it whole. The name carries the content hash of whatever determines the model, so a changed setting
 trains a new model instead of loading a stale one.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from orthograd.io import atomic_write_json
+from orthograd.io import atomic_write_json, new_file_mode
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +73,22 @@ class ModelStore:
             )
         model = model.cpu().eval()
         self.root.mkdir(parents=True, exist_ok=True)
-        partial = weights.with_name(f".{weights.name}.partial")
-        save_model(model, str(partial))
-        with partial.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, weights)
+        _save_atomically(model, weights)
         atomic_write_json(sidecar, {**dict(meta or {}), "name": name, "train_time_s": elapsed})
         return TrainedModel(model, elapsed, False, weights)
+
+
+def _save_atomically(model: nn.Module, weights: Path) -> None:
+    """Write ``model``'s weights to ``weights`` through a temporary file of this writer's own, so that two runs
+    sharing a store (two benchmarks that train the same original at once) each replace the entry whole."""
+    fd, partial = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".partial", dir=weights.parent)
+    os.close(fd)
+    try:
+        save_model(model, partial)
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(partial, new_file_mode())
+        os.replace(partial, weights)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
