@@ -16,6 +16,7 @@ from orthograd.models import ResNet18
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "orthograd" / "configs"
 FASHION_MNIST_TRAIN = 60_000
 UNTUNED = {"finetune", "orthograd"}  # the reference row and the tuning-free default
+TRIALS = 6  # validation trials per tuned method: the configs' headers say why not the issue's 12
 
 
 @pytest.mark.parametrize("kind", ["random", "class"])
@@ -30,11 +31,26 @@ def test_full_fashion_mnist_config_is_the_real_size_protocol(kind: str) -> None:
     else:
         assert len(scenario.classes) >= 5
     assert all(0.01 * training <= size <= 0.05 * training for size in scenario.retain_size)
-    assert config.protocol.eval_every is None and config.protocol.checks_per_epoch == 4
+    protocol = config.protocol
+    assert protocol.eval_every is None and protocol.checks_per_epoch == 4 and protocol.track == "stop"
+    # the budget is optimizer steps, the same for every method (no epoch cap under it)
+    assert protocol.max_steps is not None and protocol.max_epochs is None
     tuned = set(config.methods) - UNTUNED
     assert {row.label for row in config.gridded()} == tuned and len(tuned) == 8
     size = max(grid_size(row.grid) for row in config.gridded())
-    assert size == 12 and all(len(trials(row.grid, size=size, seed=row.label)) == 12 for row in config.gridded())
+    assert size == TRIALS
+    assert all(len(trials(row.grid, size=size, seed=row.label)) == TRIALS for row in config.gridded())
+    assert config.tuning.extend_edges
+
+
+def test_the_two_full_configs_share_their_original_and_each_runs_on_one_core() -> None:
+    """Run side by side (the configs' command), each config trains its references and runs its jobs on one core,
+    and both read the one original model from the shared cache."""
+    (random,), _ = load_experiment(CONFIGS / "fashion_mnist_full_random.yaml")
+    (klass,), _ = load_experiment(CONFIGS / "fashion_mnist_full_class.yaml")
+    assert random.original_hash() == klass.original_hash() and random.model_cache() == klass.model_cache()
+    assert all(c.workers == 1 and c.threads_per_worker == 1 for c in (random, klass))
+    assert random.protocol.model_dump(exclude={"seeds"}) == klass.protocol.model_dump(exclude={"seeds"})
 
 
 @pytest.mark.parametrize("kind", ["random", "class"])
