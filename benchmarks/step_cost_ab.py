@@ -5,13 +5,12 @@ one worker process per version (``PYTHONPATH`` = that version's ``src``) builds 
 driver asks them in turn for one OrthoGrad step and one NegGrad+ step, in an order that rotates every repeat, and
 reports medians of the wall time and of the worker thread's CPU time (which other jobs' load inflates less), then
 the peak memory (``step_cost.py``'s measurement, median of 3). Ratios are OrthoGrad / NegGrad+ of the same worker.
-``--base-engine`` gives the base worker another engine (e.g. one version, eager against compiled); the first two
-OrthoGrad steps of each worker (warm-up: engine choice, the fused pass's first step, any compiling) are reported
-apart, in seconds.
+``--base-engine`` gives the base worker another engine (e.g. one version's two engines side by side); the first two
+OrthoGrad steps of each worker (warm-up: engine choice, the fused pass's first step) are reported apart, in seconds.
 
     git archive BASE src | tar -x -C /tmp/base
     python benchmarks/step_cost_ab.py --base /tmp/base/src --new src --engine ghost --repeats 15
-    python benchmarks/step_cost_ab.py --base src --new src --base-engine ghost --engine ghost_compiled
+    python benchmarks/step_cost_ab.py --base src --new src --base-engine ghost_two_pass --engine ghost
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ def worker() -> None:
             setup = next(s for s in sc.quick_setups() if s.name == request["setup"])
             steps = sc._Steps(setup, request["engine"], device=device, bf16=False, chunk_size=None)
             warm_up = 0.0
-            for _ in range(2):  # warm-up (engine choice; "auto" fusion measures on its first step; compiling)
+            for _ in range(2):  # warm-up (engine choice; "auto" fusion measures on its first step)
                 start = time.perf_counter()
                 steps.orthograd_step()
                 warm_up += time.perf_counter() - start

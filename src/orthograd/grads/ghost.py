@@ -35,7 +35,6 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from orthograd.grads.functorch import PerSampleGradError, batch_size_of, batchnorm_in_eval
-from orthograd.grads.ghost_compile import compiled_if
 from orthograd.grads.ghost_layers import _Transposed, layer_pieces
 from orthograd.grads.ghost_layers import unsupported_reason as layer_unsupported_reason
 from orthograd.grads.ghost_math import Dense, Outer, Piece, ghost_grams, ghost_group_fits, summed_only, workspace
@@ -53,7 +52,6 @@ class GhostSpan:
 
     gram: ``G G^T`` [k, k] float64; product: ``G probe`` [k] float64; losses: the k per-sample losses.
     row_bytes: bytes the pass captured per sample (layer inputs and output gradients), for memory estimates.
-    compiled: ``combine`` runs compiled (``grads/ghost_compile.py``), as the pass's Gram blocks did.
     A ``RetainSpan`` (``methods/orthograd/span.py``): ``norms`` and ``update`` give OrthoGrad's terms from the k x k
     system alone and from one contraction.
     ``combine(weights)`` returns ``weights @ G`` per parameter for ``[m, k]`` weights (e.g. ``1/k`` for the mean);
@@ -66,7 +64,6 @@ class GhostSpan:
     losses: torch.Tensor
     pieces: dict[str, list[tuple[int, Piece]]] | None
     row_bytes: float = 0.0
-    compiled: bool = False
 
     @property
     def retain_loss(self) -> float:
@@ -82,7 +79,24 @@ class GhostSpan:
         if self.pieces is None:
             raise RuntimeError("GhostSpan.combine frees the per-sample pieces: call it once, with every row needed")
         pieces, self.pieces = self.pieces, None
-        return compiled_if(_combined, self.compiled)(pieces, weights)
+        order = list(pieces)
+        totals: dict[str, torch.Tensor] = {}
+
+        def add(name: str, part: torch.Tensor) -> None:
+            totals[name] = totals[name] + part if name in totals else part
+
+        dense = _dense_pieces(pieces)
+        for group in _column_groups(list(dense), dense, weights.device):  # one product per chunk for the group
+            for c, (start, first) in enumerate(dense[group[0]]):
+                members = {name: dense[name][c][1] for name in group}
+                for name, part in _dense_combine(weights[:, start : start + first.n], members).items():
+                    add(name, part)
+            for name in group:
+                del pieces[name]
+        for name in list(pieces):
+            for start, piece in pieces.pop(name):  # each layer's factors are freed once combined
+                add(name, piece.combine(weights[:, start : start + piece.n]))
+        return [{name: totals[name][row] for name in order} for row in range(weights.shape[0])]
 
     def norms(self, coeffs: torch.Tensor, *, probe_norm: float) -> tuple[float, float]:
         """``|mean(G)|`` and ``|probe - G^T coeffs|`` from the k x k quantities alone (no pass over the layers).
@@ -166,7 +180,6 @@ def ghost_span(
     params: Iterable[str] | GhostPlan | None = None,
     chunk_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
-    compiled: bool = False,
 ) -> GhostSpan:
     """Gram matrix, product with ``probe`` and per-sample pieces of the per-sample gradients of ``loss_fn``.
 
@@ -174,7 +187,6 @@ def ghost_span(
     of its shape (OrthoGrad passes the forget gradient). ``params``: parameter names (default: the trainable ones),
     or a ``GhostPlan`` of this model prepared once. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the
     forward and backward under autocast; Gram blocks and products are always accumulated in float64.
-    ``compiled``: the Gram blocks and ``combine`` run through ``torch.compile`` (``grads/ghost_compile.py``).
     Raises ``GhostUnsupportedError`` when a layer is unsupported or is not called exactly once per forward.
     """
     plan = _prepared(model, params)
@@ -182,7 +194,7 @@ def ghost_span(
     if missing:
         raise KeyError(f"probe lacks parameters {missing[:5]}; pass a tensor for every differentiated parameter")
     found = _ghost_pass(plan, loss_fn, batch, batch_size_of(batch), chunk_size, autocast_dtype)
-    return found.span(probe, compiled=compiled)
+    return found.span(probe)
 
 
 def ghost_span_and_mean(
@@ -194,14 +206,12 @@ def ghost_span_and_mean(
     params: Iterable[str] | GhostPlan | None = None,
     chunk_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
-    compiled: bool = False,
 ) -> tuple[GhostSpan, torch.Tensor, dict[str, torch.Tensor]] | None:
     """``ghost_span`` of ``batch`` probed with the gradient of ``mean_batch``'s mean loss, both from one pass.
 
     Returns the span, that mean loss and its gradient (in the parameters' dtypes), or None when the batches cannot
     share a pass exactly (see the module docstring; the caller then runs them separately). The gradient is the
     sum of ``mean_batch``'s per-sample pieces, whose output gradients the backward already scaled by ``1/k``.
-    ``compiled`` as for ``ghost_span``; the sum too runs compiled.
     """
     plan = _prepared(model, params)
     if any(module.training for module in plan.modules):
@@ -210,26 +220,19 @@ def ghost_span_and_mean(
     if both is None:
         return None
     found = _ghost_pass(plan, loss_fn, both, batch_size_of(batch), chunk_size, autocast_dtype)
-    probe = compiled_if(_summed_pieces, compiled)(found.mean_pieces, plan.params)
+    dense = {name: [(0, piece)] for name, piece in found.mean_pieces.items() if isinstance(piece, Dense)}
+    sums: dict[str, torch.Tensor] = {}
+    for group in _column_groups(list(dense), dense, found.losses.device):  # one product for a group's sums
+        members = {name: dense[name][0][1] for name in group}
+        ones = torch.ones(1, members[group[0]].n, device=found.losses.device)
+        sums.update({name: part[0] for name, part in _dense_combine(ones, members).items()})
+    probe = {
+        name: sums[name].to(param.dtype) if name in sums else _summed(found.mean_pieces[name], param)
+        for name, param in plan.params.items()
+    }
     found.mean_pieces.clear()
     assert found.mean_loss is not None
-    return found.span(probe, compiled=compiled), found.mean_loss, probe
-
-
-def _summed_pieces(pieces: Mapping[str, Piece], params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """The sum of each parameter's per-sample gradients (its piece's rows) in the parameter's dtype: one product for
-    the materialised pieces of a column group, one weight-gradient contraction for each other piece."""
-    device = next(iter(params.values())).device
-    dense = {name: [(0, piece)] for name, piece in pieces.items() if isinstance(piece, Dense)}
-    sums: dict[str, torch.Tensor] = {}
-    for group in _column_groups(list(dense), dense, device):
-        members = {name: dense[name][0][1] for name in group}
-        ones = torch.ones(1, members[group[0]].n, device=device)
-        sums.update({name: part[0] for name, part in _dense_combine(ones, members).items()})
-    return {
-        name: sums[name].to(param.dtype) if name in sums else _summed(pieces[name], param)
-        for name, param in params.items()
-    }
+    return found.span(probe), found.mean_loss, probe
 
 
 def joined(batch: Any, extra: Any) -> Any | None:
@@ -325,10 +328,9 @@ class _Pass:
     mean_pieces: dict[str, Piece]
     row_bytes: float
 
-    def span(self, probe: Mapping[str, torch.Tensor], *, compiled: bool) -> GhostSpan:
-        gram, product = compiled_if(_accumulate, compiled)(self.pieces, probe, self.k)
-        return GhostSpan(gram=gram, product=product, losses=self.losses, pieces=self.pieces, row_bytes=self.row_bytes,
-                         compiled=compiled)
+    def span(self, probe: Mapping[str, torch.Tensor]) -> GhostSpan:
+        gram, product = _accumulate(self.pieces, probe, self.k)
+        return GhostSpan(gram=gram, product=product, losses=self.losses, pieces=self.pieces, row_bytes=self.row_bytes)
 
 
 def _ghost_pass(
@@ -458,29 +460,6 @@ def _accumulate(
                 gram[rows, cols].add_(block)
                 gram[cols, rows].add_(block.T)
     return gram, product
-
-
-def _combined(pieces: dict[str, list[tuple[int, Piece]]], weights: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """``GhostSpan.combine`` of ``pieces``, emptying the dict as it goes (each layer's factors are freed once
-    combined): one product per chunk for a column group of materialised pieces, one contraction per other piece."""
-    order = list(pieces)
-    totals: dict[str, torch.Tensor] = {}
-
-    def add(name: str, part: torch.Tensor) -> None:
-        totals[name] = totals[name] + part if name in totals else part
-
-    dense = _dense_pieces(pieces)
-    for group in _column_groups(list(dense), dense, weights.device):
-        for c, (start, first) in enumerate(dense[group[0]]):
-            members = {name: dense[name][c][1] for name in group}
-            for name, part in _dense_combine(weights[:, start : start + first.n], members).items():
-                add(name, part)
-        for name in group:
-            del pieces[name]
-    for name in list(pieces):
-        for start, piece in pieces.pop(name):
-            add(name, piece.combine(weights[:, start : start + piece.n]))
-    return [{name: totals[name][row] for name in order} for row in range(weights.shape[0])]
 
 
 def _dense_pieces(pieces: Mapping[str, list[tuple[int, Piece]]]) -> dict[str, list[tuple[int, Dense]]]:

@@ -26,7 +26,6 @@ from orthograd.lora import LoRAConfig
 from orthograd.tasks.base import Task
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
-KEYED_WHEN_SET = "keyed_when_set"  # field metadata: left out of MethodConfig.to_dict at its default
 
 
 _Config = TypeVar("_Config", bound="MethodConfig")
@@ -42,14 +41,9 @@ class MethodConfig:
         check_literal_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, except one marked ``KEYED_WHEN_SET`` while at its default (so that adding such a setting,
-        which changes how a step is computed but not its result, leaves the job keys hashed from this dict as
-        they were); ``from_dict`` restores the default."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.metadata.get(KEYED_WHEN_SET) and value == f.default:
-                continue
             out[f.name] = value.to_dict() if isinstance(value, LoRAConfig) else value
         return out
 

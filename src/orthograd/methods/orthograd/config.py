@@ -7,10 +7,10 @@ adaptive default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from orthograd.methods.base import KEYED_WHEN_SET, IterativeConfig, OptimizerName
+from orthograd.methods.base import IterativeConfig, OptimizerName
 
 # What ``None`` resolves to under each schedule (see OrthoGradConfig).
 SCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -48,12 +48,6 @@ class OrthoGradConfig(IterativeConfig):
         activations are alive at once. "auto" (default) fuses when the device's free memory holds the forget rows'
         activations with a 2x margin (estimated from the previous step's pass; the first step and steps with a
         chunk_size run two passes); True always, False never.
-    compile: ghost engine only: run the per-step math after the pass (Gram blocks and ``G g``, the forget rows' sum,
-        ``G^T w``) through ``torch.compile`` (inductor; a C++ compiler on a CPU, triton on a GPU). Same float64 Gram
-        and solve; 4-5% off a CPU step once compiled, at 20-90 s of compiling. "auto" (default) compiles when the
-        run's step budget is at least 30,000 steps; True always (refused where inductor is unavailable); False
-        never. A step whose batch sizes differ from the first compiled one's (a partial last batch) runs eagerly.
-        Left out of ``to_dict`` at its default: it changes how a step is computed, not its result.
     """
 
     schedule: Schedule = "adaptive"
@@ -72,7 +66,6 @@ class OrthoGradConfig(IterativeConfig):
     engine: Literal["auto", "ghost", "vmap_or_loop", "vmap", "loop"] = "auto"
     bf16: bool = False
     fuse_passes: Literal[True, False, "auto"] = "auto"
-    compile: Literal[True, False, "auto"] = field(default="auto", metadata={KEYED_WHEN_SET: True})
 
     def __post_init__(self) -> None:
         self._forget_batch_defaulted = self.forget_batch_size is None

@@ -13,13 +13,6 @@ On the ghost engine the forget batch can join the retain batch's pass (``fuse_pa
 allows it, else two passes): always with ``True``, never with ``False``, and with ``"auto"`` whenever the forget
 rows' extra activations fit the device's free memory (``grads/headroom.py``), estimated from the bytes the previous
 pass captured per sample (so the first step, and every step with a ``chunk_size``, runs two passes).
-
-``compile`` runs the ghost engine's per-step math (Gram blocks and ``G g``, the forget rows' sum, ``G^T w``) through
-``torch.compile`` (``grads/ghost_compile.py``): always with ``True`` (refused where inductor cannot compile for the
-device), never with ``False``, and with ``"auto"`` when the run's step budget (``OrthoGrad.plan``: ``max_epochs``
-times the forget batches of an epoch, or ``max_steps``) is at least ``COMPILE_MIN_STEPS``, the steps it takes to
-earn back the compile time. Only steps whose batch sizes are those of the first compiled step run compiled (an
-epoch's last, partial batch runs eagerly rather than compile again).
 """
 
 from __future__ import annotations
@@ -44,7 +37,6 @@ from orthograd.grads.ghost import (
     ghost_span_and_mean,
     unsupported_reason,
 )
-from orthograd.grads.ghost_compile import unavailable_reason as compile_unavailable_reason
 from orthograd.grads.headroom import ACTIVATIONS_PER_CAPTURE, fits
 from orthograd.methods.base import MethodContext
 from orthograd.methods.orthograd.config import OrthoGradConfig
@@ -53,9 +45,6 @@ from orthograd.methods.orthograd.span import MaterialisedSpan, RetainSpan
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 ChosenEngine = Literal["ghost"] | GradEngine  # what LocalGradients runs: ghost, or a torch.func engine
-# compile="auto" compiles for runs of at least this many steps: on a 2-core CPU compiling took 20-90 s and saved
-# 4-5% of a 16-220 ms step (benchmarks/RESULTS.md, "Step tax, round 4"): 10,000-26,000 steps to break even
-COMPILE_MIN_STEPS = 30_000
 
 
 @dataclass(frozen=True)
@@ -110,25 +99,18 @@ class LocalGradients:
     chosen: ChosenEngine
     engine: str = field(init=False)
     row_bytes: float | None = field(init=False, default=None)  # bytes the last ghost pass captured per sample
-    step_budget: int | None = field(init=False, default=None)  # the run's steps at most, when told (compile="auto")
     _plan: GhostPlan | None = field(init=False, default=None)  # the ghost engine's layers, checked once
-    _compiled_sizes: tuple[int, int] | None = field(init=False, default=None)  # batch sizes compiled for
 
     def __post_init__(self) -> None:
         self.engine = self.chosen
-        if self.config.compile is True and self.chosen == "ghost":
-            reason = compile_unavailable_reason(self.context.device)
-            if reason is not None:
-                raise ValueError(f"compile=True: {reason}; pass compile=False or 'auto'")
 
     def compute(self, forget_batch: Any, retain_batch: Any) -> StepGradients:
         grads = None
-        compiled = self.compiling(forget_batch, retain_batch)
         if self.chosen == "ghost" and self.fusing(forget_batch):
-            grads = self._fused(forget_batch, retain_batch, compiled=compiled)
+            grads = self._fused(forget_batch, retain_batch)
         if grads is None:
             forget_loss, forget_grad = self.mean_gradient(forget_batch)
-            span = self._retain_span(retain_batch, probe=forget_grad, compiled=compiled)
+            span = self._retain_span(retain_batch, probe=forget_grad)
             grads = StepGradients(forget_loss=float(forget_loss.detach()), forget_grad=forget_grad, span=span)
         if isinstance(grads.span, GhostSpan):
             self.row_bytes = grads.span.row_bytes
@@ -143,20 +125,6 @@ class LocalGradients:
             return False
         extra = ACTIVATIONS_PER_CAPTURE * self.row_bytes * batch_size_of(forget_batch)
         return fits(extra, self.context.device)
-
-    def compiling(self, forget_batch: Any, retain_batch: Any) -> bool:
-        """Whether this step's ghost math runs compiled (see the module docstring)."""
-        setting = self.config.compile
-        if self.chosen != "ghost" or setting is False:
-            return False
-        if setting == "auto":
-            budget = self.step_budget
-            if budget is None or budget < COMPILE_MIN_STEPS or compile_unavailable_reason(self.context.device):
-                return False
-        sizes = batch_size_of(retain_batch), batch_size_of(forget_batch)
-        if self._compiled_sizes is None:
-            self._compiled_sizes = sizes
-        return sizes == self._compiled_sizes
 
     def mean_gradient(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The mean loss of ``batch`` and its gradient (the forget gradient; the retain row of ``"mean"`` mode)."""
@@ -183,26 +151,24 @@ class LocalGradients:
             rows, probe, retain_loss=retain_loss, projection=self.config.projection, scope=self.config.projection_scope
         )
 
-    def _fused(self, forget_batch: Any, retain_batch: Any, *, compiled: bool) -> StepGradients | None:
+    def _fused(self, forget_batch: Any, retain_batch: Any) -> StepGradients | None:
         """Both batches in one ghost pass (``ghost_span_and_mean``) where that is exact: the task's mean loss must be
         the mean of its per-sample losses. None when they need separate passes (or the ghost engine refused)."""
         task = self.context.task
         if not task.mean_is_mean_of_per_sample(forget_batch):
             return None
         found = self._ghost(lambda: ghost_span_and_mean(
-            self.context.model, task.per_sample_loss, retain_batch, forget_batch, **self.ghost_options(),
-            compiled=compiled,
+            self.context.model, task.per_sample_loss, retain_batch, forget_batch, **self.ghost_options()
         ))
         if found is None:
             return None
         span, forget_loss, forget_grad = found
         return StepGradients(forget_loss=float(forget_loss), forget_grad=forget_grad, span=span)
 
-    def _retain_span(self, batch: Any, *, probe: dict[str, torch.Tensor], compiled: bool) -> RetainSpan:
+    def _retain_span(self, batch: Any, *, probe: dict[str, torch.Tensor]) -> RetainSpan:
         if self.chosen == "ghost":
             span = self._ghost(lambda: ghost_span(
-                self.context.model, self.context.task.per_sample_loss, batch, probe=probe, **self.ghost_options(),
-                compiled=compiled,
+                self.context.model, self.context.task.per_sample_loss, batch, probe=probe, **self.ghost_options()
             ))
             if span is not None:
                 return span

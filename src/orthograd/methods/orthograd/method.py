@@ -113,19 +113,17 @@ class OrthoGrad(UnlearningMethod[OrthoGradConfig]):
 
     def plan(self, *, target: float | None, max_epochs: int | None, max_steps: int | None = None) -> None:
         """Give the controller the stop rule's target and the run's step budget, so that it raises the pressure
-        when forgetting is too slow to arrive in time (adaptive schedule); the gradient source gets the budget too
-        (``compile="auto"`` compiles for long runs)."""
+        when forgetting is too slow to arrive in time (adaptive schedule)."""
+        if self.controller is None:
+            return
         loader = self.context.loader("forget", batch_size=self.forget_batch_size)
         try:
             steps: int | None = None if max_epochs is None else max_epochs * len(loader)
         except TypeError:  # an iterable-style loader has no length: pace on max_steps alone, if given
             steps = None
         budgets = [b for b in (steps, max_steps) if b is not None]
-        budget = min(budgets) if budgets else None
-        if isinstance(self.gradients, LocalGradients):
-            self.gradients.step_budget = budget
-        if self.controller is not None and budget is not None:
-            self.controller.pace(target=target, budget=budget)
+        if budgets:
+            self.controller.pace(target=target, budget=min(budgets))
 
     @property
     def controller_actions(self) -> dict[str, int]:
