@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -177,6 +178,8 @@ def test_tradeoff_figure_has_a_panel_per_tested_fraction_and_one_entry_per_label
     figure = tradeoff_figure(records, title="t")
     assert [ax.get_title() for ax in figure.axes] == ["forget 10%", "forget 30%"]
     assert [text.get_text() for text in figure.legends[0].get_texts()] == ["Original", "Retrain", "NPO"]
+    npo_bar = figure.axes[0].containers[-1].lines[2][1]  # the vertical bar of NPO's point: its seeds' range
+    assert np.allclose(npo_bar.get_segments()[0][:, 1], [1e-12, 0.2])
 
 
 def _planned(config: llm_bench.AuthorsBenchConfig, log: ResultsLog) -> list:

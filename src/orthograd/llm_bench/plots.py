@@ -1,7 +1,9 @@
 """TOFU's trade-off figure: forget quality (log scale) against model utility, one panel per forget fraction.
 
-Each method is its mean over seeds with 95% confidence intervals (Student t) as error bars; the original model is a
-black point and the retrained reference a black star (forget quality 1 by construction). Built on
+Each method is its mean over seeds: the horizontal bar is model utility's 95% confidence interval (Student t), the
+vertical bar the range of forget quality over the seeds (a t interval of a p-value runs below zero, which a log
+axis cannot draw). The original model is a black point and the retrained reference a black star (forget quality 1
+by construction). Built on
 ``matplotlib.figure.Figure`` (Agg canvas), as ``orthograd.plots``, so no display or pyplot state is touched.
 """
 
@@ -40,8 +42,8 @@ def tradeoff_figure(records: Sequence[Mapping[str, Any]], *, title: str) -> Figu
         for label in dict.fromkeys(r["label"] for r in rows):
             utility = np.array([r["model_utility"] for r in rows if r["label"] == label])
             quality = np.maximum([r["forget_quality"] for r in rows if r["label"] == label], FLOOR)
-            (u_mean, u_half), (q_mean, q_half) = confidence_interval(utility), confidence_interval(quality)
-            ax.errorbar(u_mean, q_mean, xerr=u_half, yerr=[[min(q_half, q_mean - FLOOR / 2)], [q_half]],
+            (u_mean, u_half), q_mean = confidence_interval(utility), float(quality.mean())
+            ax.errorbar(u_mean, q_mean, xerr=u_half, yerr=[[q_mean - quality.min()], [quality.max() - q_mean]],
                         label=label,
                         fmt=MARKERS.get(label, "s"), color=colours.get(label, "black"), markersize=7, capsize=3,
                         zorder=3 if label in MARKERS else 2)  # the references stay visible under a method's point
