@@ -425,3 +425,35 @@ def test_image_patches_equal_unfold_for_every_window_setting(size, kernel, strid
     x = torch.randn(3, 4, *size, generator=torch.Generator().manual_seed(0))
     expected = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
     assert torch.equal(image_patches(x, kernel=kernel, stride=stride, padding=padding, dilation=dilation), expected)
+
+
+def test_materialised_gram_casts_to_float64_a_block_of_columns_at_a_time(monkeypatch):
+    """A materialised convolution's float32 per-sample gradients are cast to float64 for their Gram and ``G p``
+    in column blocks of at most ``CPU_CAST_BLOCK`` elements (no whole float64 copy), with the same float64 sums as
+    one whole copy and the float64 per-sample gradients."""
+    monkeypatch.setattr(ghost_layers, "prefer_ghost", lambda **_: False)
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3)
+    inputs, output_grads = torch.randn(K, 4, 4, 4, generator=gen), torch.randn(K, 6, 2, 2, generator=gen)
+    probe = torch.randn(conv.weight.shape, generator=gen)
+    whole = ghost_layers.layer_pieces(conv, inputs, output_grads)["weight"]
+    assert isinstance(whole, ghost_math.Outer)  # kept factored: its per-sample gradients outgrow the factors
+    whole_gram, whole_dot = whole.gram_and_dot(probe)
+    taken: list[int] = []
+    take = ghost_math.Scratch.take
+
+    def spy(self, shape, dtype, device):
+        if dtype == torch.float64:
+            taken.append(torch.Size(shape).numel())
+        return take(self, shape, dtype, device)
+
+    monkeypatch.setattr(ghost_math.Scratch, "take", spy)
+    monkeypatch.setattr(ghost_math, "CPU_CAST_BLOCK", 8 * K)
+    gram, dot = ghost_layers.layer_pieces(conv, inputs, output_grads)["weight"].gram_and_dot(probe)
+    assert len(taken) == 27 and max(taken) <= 8 * K  # 216 columns, 8 at a time
+    rows = F.unfold(inputs.double(), 3).transpose(1, 2)  # [K, positions, 36]
+    G = torch.einsum("npo,npi->noi", output_grads.double().flatten(2).transpose(1, 2), rows).reshape(K, -1)
+    for got, same_sums, exact in ((gram, whole_gram, G @ G.T), (dot, whole_dot, G @ probe.double().reshape(-1))):
+        scale = exact.abs().max()
+        assert (got - same_sums).abs().max() <= 1e-12 * scale
+        assert (got - exact).abs().max() <= 1e-6 * scale

@@ -36,6 +36,7 @@ import torch
 KERNEL_POSITIONS = 16  # fewer positions: one GEMM on the (small) rows beats a conv weight-gradient kernel (CPU)
 WORKSPACE = 1 << 25  # elements of the largest temporary a piece builds at once (e.g. a block of per-sample grads)
 CPU_WORKSPACE = 1 << 21  # on a CPU: float64 temporaries under glibc's 32 MiB mmap ceiling, reused, not page-faulted
+CPU_CAST_BLOCK = 1 << 18  # on a CPU: elements of a float64 copy of float32 per-sample gradients made at once
 _SUMMED_ONLY: ContextVar[bool] = ContextVar("summed_only", default=False)
 
 
@@ -81,9 +82,21 @@ def workspace(device: torch.device) -> int:
     return min(WORKSPACE, CPU_WORKSPACE) if device.type == "cpu" else WORKSPACE
 
 
-def _blocks(n: int, per_sample: int, device: torch.device) -> Iterator[slice]:
-    """Consecutive slices of ``range(n)`` whose working set (``per_sample`` elements each) fits the workspace."""
-    step = max(1, workspace(device) // max(per_sample, 1))
+def cast_block(device: torch.device) -> int:
+    """Elements of a float64 copy of working-precision per-sample gradients that a Gram product casts at once.
+
+    On a CPU the bound is ``CPU_CAST_BLOCK`` (2 MiB of float64): the whole copy would take twice the memory of the
+    float32 gradients it is cast from (SmallCNN's 64 x 4,608 convolution: 2.4 MB, a quarter of its step's peak),
+    and a block the size of a core's L2 cache is multiplied while it is cached (ResNet18's 32 x 147k convolution
+    gradients: 22 ms in such blocks, 25 ms copied whole). GPUs take ``workspace``: fewer, larger kernels.
+    """
+    return min(workspace(device), CPU_CAST_BLOCK) if device.type == "cpu" else workspace(device)
+
+
+def _blocks(n: int, per_sample: int, device: torch.device, limit: int | None = None) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)`` whose working set (``per_sample`` elements each) fits ``limit`` elements
+    (the workspace by default)."""
+    step = max(1, (workspace(device) if limit is None else limit) // max(per_sample, 1))
     for start in range(0, n, step):
         yield slice(start, min(start + step, n))
 
@@ -132,6 +145,19 @@ class Scratch:
         if flat is None or flat.numel() < numel:
             flat = self._flat[dtype] = torch.empty(numel, dtype=dtype, device=device)
         return flat[:numel].view(shape)
+
+
+def _float64_columns(values: torch.Tensor, scratch: Scratch) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Blocks of columns of ``values`` (``[n, width]``) in float64, each cast into ``scratch`` (valid until the next
+    block) and at most ``cast_block`` elements: the whole float64 copy never exists at once. Float64 values as they
+    are."""
+    if values.dtype == torch.float64:
+        yield slice(None), values
+        return
+    n, device = values.shape[0], values.device
+    for columns in _blocks(values.shape[1], n, device, cast_block(device)):
+        part = values[:, columns]
+        yield columns, scratch.take(tuple(part.shape), torch.float64, device).copy_(part)
 
 
 @dataclass
@@ -238,14 +264,18 @@ class Outer:
         weight = probe.reshape(self.d_out, self.d_in)
         scratch = Scratch()
         gram, dot = None, None
-        for rows in self._row_chunks(self.n):
-            values = self._materialise(rows, torch.float64, unfolded, scratch)
-            part = weight[rows].reshape(-1).double()
-            if gram is None or dot is None:
-                gram, dot = values @ values.T, values @ part
-            else:  # accumulated by the products themselves (no zeros, no separate sums)
-                gram.addmm_(values, values.T)
-                dot.addmv_(values, part)
+        chunks = list(self._row_chunks(self.n))
+        for rows in chunks:
+            values = self._materialise(rows, _combine_dtype(self.grads), unfolded, scratch)
+            if rows is chunks[-1]:
+                unfolded = None  # not needed again: its memory is free before the float64 blocks are formed
+            part = weight[rows].reshape(-1)
+            for columns, block in _float64_columns(values, scratch):
+                if gram is None or dot is None:
+                    gram, dot = block @ block.T, block @ part[columns].double()
+                else:  # accumulated by the products themselves (no zeros, no separate sums)
+                    gram.addmm_(block, block.T)
+                    dot.addmv_(block, part[columns].double())
         assert gram is not None and dot is not None, "_row_chunks yields at least one block"
         return gram, dot
 
