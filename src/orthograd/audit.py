@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from orthograd.io import atomic_write_json, new_file_mode
+from orthograd.io import atomic_write_file, atomic_write_json
 
 
 def sidecar_path(weights: str | Path) -> Path:
@@ -42,18 +40,14 @@ def save_weights(
     existing = [p for p in (weights, sidecar) if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass overwrite=True or choose another path (nothing was written)")
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)
-    os.close(fd)
-    try:
-        save_model(model, tmp, metadata={"format": "pt", "orthograd_method": str(account["method"])})
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, weights)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    atomic_write_json(sidecar, {"weights_file": weights.name, "weights_sha256": digest, **account})
+    digests: list[str] = []
+
+    def write(tmp: Path) -> None:
+        save_model(model, str(tmp), metadata={"format": "pt", "orthograd_method": str(account["method"])})
+        digests.append(hashlib.sha256(tmp.read_bytes()).hexdigest())
+
+    atomic_write_file(weights, write)
+    atomic_write_json(sidecar, {"weights_file": weights.name, "weights_sha256": digests[0], **account})
     return weights, sidecar
 
 

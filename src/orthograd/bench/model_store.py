@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from orthograd.io import atomic_write_json, new_file_mode
+from orthograd.io import atomic_write_file, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +71,6 @@ class ModelStore:
             )
         model = model.cpu().eval()
         self.root.mkdir(parents=True, exist_ok=True)
-        _save_atomically(model, weights)
+        atomic_write_file(weights, lambda tmp: save_model(model, str(tmp)))
         atomic_write_json(sidecar, {**dict(meta or {}), "name": name, "train_time_s": elapsed})
         return TrainedModel(model, elapsed, False, weights)
-
-
-def _save_atomically(model: nn.Module, weights: Path) -> None:
-    """Write ``model``'s weights to ``weights`` through a temporary file of this writer's own, so that two runs
-    sharing a store (two benchmarks that train the same original at once) each replace the entry whole."""
-    fd, partial = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".partial", dir=weights.parent)
-    os.close(fd)
-    try:
-        save_model(model, partial)
-        with open(partial, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(partial, new_file_mode())
-        os.replace(partial, weights)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
